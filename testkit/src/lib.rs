@@ -1,0 +1,120 @@
+//! Test harness shared by every crate's integration tests: where the real
+//! services are.
+//!
+//! Owns finding the stack: when the `INVGW_REDIS_URL`, `INVGW_POSTGRES_URL` and
+//! `INVGW_KAFKA_BROKERS` variables are set (as `scripts/test` does with
+//! `scripts/stack env`), those are used; otherwise `scripts/stack up` is run once
+//! per test process and its settings are read. It does not create test data:
+//! each test isolates itself (its own ids, database schema or topic).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Connection settings of the running stack.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// `redis://127.0.0.1:PORT`.
+    pub redis_url: String,
+    /// `postgres://postgres@127.0.0.1:PORT/inventory`.
+    pub postgres_url: String,
+    /// `127.0.0.1:PORT` of the Kafka-protocol broker.
+    pub kafka_brokers: String,
+}
+
+/// The repository root (where `scripts/` lives).
+pub fn repository_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit sits one level below the root")
+        .to_owned()
+}
+
+/// The running stack, started on first use if the environment does not name one.
+///
+/// Panics with the script's output if the stack cannot be started: a test that
+/// needs the real services cannot do anything useful without them.
+pub fn stack() -> &'static Stack {
+    static STACK: OnceLock<Stack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        let from_env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        if let (Some(redis_url), Some(postgres_url), Some(kafka_brokers)) = (
+            from_env("INVGW_REDIS_URL"),
+            from_env("INVGW_POSTGRES_URL"),
+            from_env("INVGW_KAFKA_BROKERS"),
+        ) {
+            return Stack {
+                redis_url,
+                postgres_url,
+                kafka_brokers,
+            };
+        }
+        let script = repository_root().join("scripts/stack");
+        let output = Command::new(&script)
+            .arg("up")
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run {}: {error}", script.display()));
+        assert!(
+            output.status.success(),
+            "scripts/stack up failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        parse_exports(&String::from_utf8_lossy(&output.stdout))
+    })
+}
+
+fn parse_exports(text: &str) -> Stack {
+    let value = |name: &str| {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("export "))
+            .find_map(|line| line.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("scripts/stack printed no {name}"))
+            .to_owned()
+    };
+    Stack {
+        redis_url: value("INVGW_REDIS_URL"),
+        postgres_url: value("INVGW_POSTGRES_URL"),
+        kafka_brokers: value("INVGW_KAFKA_BROKERS"),
+    }
+}
+
+/// An id no other test (in this run or an earlier one) has used: a prefix for
+/// merchants, SKUs, schemas or topics so tests never see each other's data.
+pub fn unique_id(label: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{label}-{}-{nanos:x}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_are_read_from_the_stack_script_output() {
+        let stack = parse_exports(
+            "export INVGW_REDIS_URL=redis://127.0.0.1:1\n\
+             export INVGW_POSTGRES_URL=postgres://postgres@127.0.0.1:2/inventory\n\
+             export INVGW_KAFKA_BROKERS=127.0.0.1:3\n",
+        );
+        assert_eq!(stack.redis_url, "redis://127.0.0.1:1");
+        assert_eq!(
+            stack.postgres_url,
+            "postgres://postgres@127.0.0.1:2/inventory"
+        );
+        assert_eq!(stack.kafka_brokers, "127.0.0.1:3");
+    }
+
+    #[test]
+    fn unique_ids_differ() {
+        assert_ne!(unique_id("t"), unique_id("t"));
+    }
+}
