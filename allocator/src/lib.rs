@@ -1,5 +1,552 @@
-//! The stock model: Redis keys, Lua scripts (from `lua/`) and typed results.
+//! The stock model of shared/DESIGN.md: Redis keys, Lua scripts (from `lua/`)
+//! and typed results.
 //!
-//! The only code that builds Redis keys or calls the scripts; the gateway and
-//! the ledger writer use it through a typed Rust API. Built in the stock-engine
-//! issue; this crate is the home the workspace layout reserves for it.
+//! This crate is the only code that builds Redis keys or calls the scripts; the
+//! gateway and the ledger writer use it through [`Allocator`]. Every stock
+//! change is one script call that checks its arguments, releases the
+//! partition's due holds (lazy expiry), decides, writes, appends its ledger
+//! entry to the partition's stream and publishes a change notification, in one
+//! atomic step. All time is Redis `TIME`. The key layout is in [`keys`].
+//!
+//! # Ledger entry schema, version 1
+//!
+//! Each partition's stream `inv:{p}:ledger` holds entries with one field `e`,
+//! a JSON object. The entry id is `<partition>-<stream id>` (for example
+//! `17-1732000000000-0`): unique, and ordered within a partition, so every
+//! consumer can be idempotent on it.
+//!
+//! | field | type | meaning |
+//! |---|---|---|
+//! | `v` | int | schema version, 1 |
+//! | `op` | string | `reserve`, `commit`, `release`, `expire`, `extend`, `adjust`, `settings` |
+//! | `partition` | int | the stream's partition |
+//! | `cell` | string | cell id, `merchant\|sku\|location\|pool` or `…\|bucket\|node` |
+//! | `merchant`, `sku`, `location` | string | the stock key |
+//! | `on_hand_before`, `on_hand_after` | int | the cell's on_hand around the change |
+//! | `reserved_before`, `reserved_after` | int | the cell's reserved around the change |
+//! | `version` | int | the cell's version after the change |
+//! | `qty` | int | units the op moved (for `adjust`, the applied delta) |
+//! | `reservation_id` | string? | reserve, commit, release, expire, extend |
+//! | `cart_id` | string? | the cart a reservation line belongs to |
+//! | `idempotency_key` | string? | the request's key, scoped as `op\|merchant\|key` |
+//! | `backordered` | int? | reserve: units beyond sellable |
+//! | `kind`, `source`, `source_event_id`, `source_seq` | ? | adjust: its origin |
+//! | `shortfall` | bool? | adjust: sellable fell below −backorder_limit |
+//! | `safety_stock`, `backorder_limit` | int? | settings |
+//! | `expires_at_ms` | int? | extend: the new expiry |
+//! | `node` | string | the node that made the call |
+//! | `at_ms` | int | Redis time of the change, ms since the epoch |
+//!
+//! No PII: a `customer_ref` is kept only as a keyed hash (HMAC-SHA-256 with
+//! `auth.customer_ref_key`) on the reservation record, and never in the ledger.
+//!
+//! # Choices the design left open
+//!
+//! * Script replies are JSON objects `{"v":1,"status":…}` decoded into typed
+//!   values here; an unknown status or version is a protocol error, never
+//!   guessed at.
+//! * A reservation id carries its partition (`r17.…`) and is derived from the
+//!   merchant and the idempotency key, so the same request sent to two nodes
+//!   at once lands on the same record and holds stock once.
+//! * A physical loss may take a cell below what backorders allow (API.md: a
+//!   loss is a fact); the entry is flagged `shortfall`, and reserve refuses
+//!   until stock is restored. Every change a request makes keeps the invariant
+//!   `sellable ≥ −backorder_limit`, asserted in the script before writing and
+//!   again here on the reply.
+
+pub mod keys;
+mod model;
+mod scripts;
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tracing::warn;
+
+pub use keys::{CellRef, StockKey};
+pub use model::*;
+use scripts::{Op, Scripts};
+
+/// Why an allocator call did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocatorError {
+    /// Not enough sellable units; nothing was held.
+    #[error("insufficient stock")]
+    InsufficientStock {
+        /// Every line that was short.
+        lines: Vec<ShortLine>,
+    },
+    /// The reservation is not held (committed, released or expired).
+    #[error("reservation is {}", status.as_str())]
+    NotHeld {
+        /// Its status now.
+        status: ReservationStatus,
+    },
+    /// Unknown reservation or stock key (or another merchant's).
+    #[error("not found")]
+    NotFound,
+    /// The idempotency key was used before with a different request.
+    #[error("idempotency key reused with a different request")]
+    IdempotencyKeyReused,
+    /// The request breaks a rule the scripts check (id, quantity, ttl).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Redis did not answer in time or at all; nothing may be assumed changed
+    /// for a refused connection, and callers fail closed.
+    #[error("stock store unavailable: {0}")]
+    StoreUnavailable(String),
+    /// A reply broke the schema or an invariant: a bug, reported loudly.
+    #[error("stock store protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Result of allocator calls.
+pub type Result<T, E = AllocatorError> = std::result::Result<T, E>;
+
+/// Settings the allocator takes from the config.
+#[derive(Debug, Clone)]
+pub struct AllocatorSettings {
+    /// This node's id, written into every ledger entry.
+    pub node: String,
+    /// P: the number of partitions.
+    pub partitions: u32,
+    /// Bound on every Redis call.
+    pub command_timeout: Duration,
+    /// Hold lifetime when none is asked for.
+    pub ttl_default: Duration,
+    /// Longest hold or extension allowed.
+    pub ttl_max: Duration,
+    /// Secret of the keyed hash of customer references.
+    pub customer_ref_key: String,
+}
+
+impl AllocatorSettings {
+    /// The settings of a process running `config`.
+    pub fn from_config(config: &config::Config) -> Self {
+        Self {
+            node: config.node.id.clone(),
+            partitions: config.stock.partitions,
+            command_timeout: Duration::from_millis(config.redis.command_timeout_ms),
+            ttl_default: Duration::from_secs(config.stock.reservation_ttl_seconds_default),
+            ttl_max: Duration::from_secs(config.stock.reservation_ttl_seconds_max),
+            customer_ref_key: config.auth.customer_ref_key.clone(),
+        }
+    }
+}
+
+/// A request to hold units of one stock key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveRequest {
+    /// The stock key.
+    pub key: StockKey,
+    /// Units to hold, 1..=1,000,000.
+    pub qty: u32,
+    /// Hold lifetime; the configured default when `None`, at most the maximum.
+    pub ttl: Option<Duration>,
+    /// The client's idempotency key: a retry with the same key and request gets
+    /// the same answer and changes nothing.
+    pub idempotency_key: String,
+    /// Opaque customer reference; stored only as a keyed hash.
+    pub customer_ref: Option<String>,
+}
+
+/// The stock engine's client.
+#[derive(Clone)]
+pub struct Allocator {
+    /// Connections to Redis.
+    pool: Pool,
+    /// The loaded scripts.
+    scripts: Scripts,
+    /// Node id, partitions, timeouts.
+    settings: AllocatorSettings,
+}
+
+impl Allocator {
+    /// Connects to `redis_url` and loads the scripts.
+    pub async fn connect(
+        redis_url: &str,
+        settings: AllocatorSettings,
+        pool_size: usize,
+    ) -> Result<Self> {
+        let config = fred::types::config::Config::from_url(redis_url)
+            .map_err(|error| AllocatorError::InvalidRequest(format!("redis url: {error}")))?;
+        let timeout = settings.command_timeout;
+        let pool = Builder::from_config(config)
+            .with_performance_config(|performance| {
+                performance.default_command_timeout = timeout;
+            })
+            .with_connection_config(|connection| {
+                connection.connection_timeout = Duration::from_secs(1).max(timeout);
+                connection.internal_command_timeout = Duration::from_secs(1).max(timeout);
+            })
+            .set_policy(ReconnectPolicy::new_constant(0, 200))
+            .build_pool(pool_size.max(1))
+            .map_err(unavailable)?;
+        pool.init().await.map_err(unavailable)?;
+        let scripts = Scripts::new();
+        scripts.load(&pool).await.map_err(unavailable)?;
+        Ok(Self {
+            pool,
+            scripts,
+            settings,
+        })
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &AllocatorSettings {
+        &self.settings
+    }
+
+    /// The Redis connection pool (for pub/sub subscribers and the writer).
+    pub fn redis(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Whether Redis answers now.
+    pub async fn ping(&self) -> Result<()> {
+        let _: String = self.with_timeout(self.pool.next().ping(None)).await?;
+        Ok(())
+    }
+
+    async fn with_timeout<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.settings.command_timeout, call).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(AllocatorError::StoreUnavailable(format!(
+                "no answer within {} ms",
+                self.settings.command_timeout.as_millis()
+            ))),
+        }
+    }
+
+    async fn call(&self, op: Op, partition: u32, mut args: Value) -> Result<Value> {
+        strip_nulls(&mut args);
+        args["partition"] = json!(partition);
+        args["node"] = json!(self.settings.node);
+        let keys = keys::partition_keys(partition);
+        let argv = vec![args.to_string(), scripts::REPLY_VERSION.to_string()];
+        let text: String = self
+            .with_timeout(self.scripts.run(op, self.pool.next(), keys, argv))
+            .await?;
+        let reply: Value = serde_json::from_str(&text).map_err(|error| {
+            AllocatorError::Protocol(format!("{op:?} reply is not JSON: {error}: {text}"))
+        })?;
+        if reply["v"] != json!(scripts::REPLY_VERSION) {
+            return Err(AllocatorError::Protocol(format!(
+                "{op:?} reply version: {text}"
+            )));
+        }
+        Ok(reply)
+    }
+
+    fn ttl_ms(&self, ttl: Option<Duration>) -> Result<u64> {
+        let ttl = ttl.unwrap_or(self.settings.ttl_default);
+        if ttl.is_zero() || ttl > self.settings.ttl_max {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "ttl must be between 1 and {} seconds",
+                self.settings.ttl_max.as_secs()
+            )));
+        }
+        Ok(ttl.as_millis() as u64)
+    }
+
+    /// The keyed hash of a customer reference (HMAC-SHA-256, hex).
+    pub fn customer_hash(&self, customer_ref: &str) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.settings.customer_ref_key.as_bytes())
+            .expect("HMAC takes keys of any length");
+        mac.update(customer_ref.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Holds units of one stock key's pool.
+    pub async fn reserve(&self, request: &ReserveRequest) -> Result<Hold> {
+        let cell = request.key.pool(self.settings.partitions);
+        self.reserve_in(request, &cell).await
+    }
+
+    /// Holds units in a given cell (a pool, or this node's bucket).
+    pub async fn reserve_in(&self, request: &ReserveRequest, cell: &CellRef) -> Result<Hold> {
+        let args = self.reserve_args(request, cell)?;
+        let reply = self.call(Op::Reserve, cell.partition, args).await?;
+        decode_hold(&request.key, request.qty, reply)
+    }
+
+    fn reserve_args(&self, request: &ReserveRequest, cell: &CellRef) -> Result<Value> {
+        let ttl_ms = self.ttl_ms(request.ttl)?;
+        let key = &request.key;
+        let fingerprint = fingerprint(&json!({
+            "merchant": key.merchant, "sku": key.sku, "location": key.location,
+            "qty": request.qty, "ttl_ms": ttl_ms,
+        }));
+        let scoped_key = format!("reserve|{}|{}", key.merchant, request.idempotency_key);
+        let reservation_id = keys::reservation_id(cell.partition, derive_random(&scoped_key));
+        Ok(json!({
+            "reservation_id": reservation_id,
+            "merchant": key.merchant, "sku": key.sku, "location": key.location,
+            "cell": cell.id, "qty": request.qty, "ttl_ms": ttl_ms, "grace_ms": 0,
+            "idempotency_key": scoped_key, "fingerprint": fingerprint,
+            "customer_hash": request.customer_ref.as_deref().map(|r| self.customer_hash(r)),
+        }))
+    }
+
+    fn reservation_partition(&self, reservation_id: &str) -> Result<u32> {
+        keys::reservation_partition(reservation_id, self.settings.partitions)
+            .ok_or(AllocatorError::NotFound)
+    }
+
+    /// Commits a held reservation: its units are sold. `merchant` is the
+    /// caller's merchant (`None` for the platform).
+    pub async fn commit(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Reservation> {
+        self.finish(Op::Commit, merchant, reservation_id, idempotency_key)
+            .await
+    }
+
+    /// Releases a held reservation; a released or expired one is answered as it
+    /// is, a committed one is refused.
+    pub async fn release(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Reservation> {
+        self.finish(Op::Release, merchant, reservation_id, idempotency_key)
+            .await
+    }
+
+    async fn finish(
+        &self,
+        op: Op,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Reservation> {
+        let partition = self.reservation_partition(reservation_id)?;
+        let name = if op == Op::Commit {
+            "commit"
+        } else {
+            "release"
+        };
+        let args = json!({
+            "reservation_id": reservation_id, "merchant": merchant,
+            "idempotency_key": format!("{name}|{}|{idempotency_key}", merchant.unwrap_or("*")),
+            "fingerprint": fingerprint(&json!({ "op": name, "reservation_id": reservation_id })),
+        });
+        let reply = self.call(op, partition, args).await?;
+        decode_reservation(reply)
+    }
+
+    /// Gives a held reservation a new lifetime from now.
+    pub async fn extend(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        ttl: Duration,
+    ) -> Result<Reservation> {
+        let partition = self.reservation_partition(reservation_id)?;
+        let ttl_ms = self.ttl_ms(Some(ttl))?;
+        let args = json!({
+            "reservation_id": reservation_id, "merchant": merchant, "ttl_ms": ttl_ms, "grace_ms": 0,
+        });
+        decode_reservation(self.call(Op::Extend, partition, args).await?)
+    }
+
+    /// The reservation as it stands (a due hold is expired first).
+    pub async fn reservation(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+    ) -> Result<Reservation> {
+        let partition = self.reservation_partition(reservation_id)?;
+        let args = json!({ "reservation_id": reservation_id, "merchant": merchant });
+        decode_reservation(self.call(Op::GetReservation, partition, args).await?)
+    }
+
+    /// The sweeper's call: expires up to `limit` due holds of `partition`.
+    pub async fn expire_due(&self, partition: u32, limit: u32) -> Result<SweepOutcome> {
+        let reply = self
+            .call(Op::ExpireDue, partition, json!({ "limit": limit }))
+            .await?;
+        check_refusal(&reply)?;
+        serde_json::from_value(reply).map_err(protocol)
+    }
+
+    /// Applies a physical stock change (deduplicated, ordered by `source_seq`).
+    pub async fn adjust(&self, adjustment: &Adjustment) -> Result<AdjustmentOutcome> {
+        let key = StockKey::new(&adjustment.merchant, &adjustment.sku, &adjustment.location);
+        let cell = key.pool(self.settings.partitions);
+        let mut args = serde_json::to_value(adjustment).map_err(protocol)?;
+        args["cell"] = json!(cell.id);
+        let reply = self.call(Op::Adjust, cell.partition, args).await?;
+        check_refusal(&reply)?;
+        if reply["applied"] == json!(true) {
+            let cell: Cell = serde_json::from_value(reply["cell"].clone()).map_err(protocol)?;
+            let shortfall = reply["shortfall"] == json!(true);
+            if shortfall != cell.is_short() {
+                return Err(AllocatorError::Protocol(format!(
+                    "shortfall flag disagrees with cell: {reply}"
+                )));
+            }
+            return Ok(AdjustmentOutcome::Applied { shortfall, cell });
+        }
+        match reply["reason"].as_str() {
+            Some("duplicate") => Ok(AdjustmentOutcome::Duplicate),
+            Some("stale") => Ok(AdjustmentOutcome::Stale {
+                last_source_seq: reply["last_source_seq"].as_u64().unwrap_or_default(),
+            }),
+            _ => Err(AllocatorError::Protocol(format!("adjust reply: {reply}"))),
+        }
+    }
+
+    /// Sets safety stock, backorder limit and low-stock threshold of a key's pool.
+    pub async fn settings_of(&self, key: &StockKey, settings: StockSettings) -> Result<Cell> {
+        let cell = key.pool(self.settings.partitions);
+        let threshold = settings.low_stock_threshold.map_or(-1, |t| t as i64);
+        let args = json!({
+            "merchant": key.merchant, "sku": key.sku, "location": key.location, "cell": cell.id,
+            "safety_stock": settings.safety_stock, "backorder_limit": settings.backorder_limit,
+            "low_stock_threshold": threshold,
+        });
+        let reply = self.call(Op::Settings, cell.partition, args).await?;
+        check_refusal(&reply)?;
+        serde_json::from_value(reply["cell"].clone()).map_err(protocol)
+    }
+
+    /// A cell as stored now (no script: reads never decide anything).
+    pub async fn cell(&self, cell: &CellRef) -> Result<Option<Cell>> {
+        let raw: Option<String> = self
+            .with_timeout(
+                self.pool
+                    .next()
+                    .hget(keys::cells_hash(cell.partition), &cell.id),
+            )
+            .await?;
+        raw.map(|text| serde_json::from_str(&text).map_err(protocol))
+            .transpose()
+    }
+
+    /// The ledger entries of `partition` with their entry ids, oldest first
+    /// (for audits and tests; the writer reads with a consumer group).
+    pub async fn ledger_entries(&self, partition: u32) -> Result<Vec<(String, Value)>> {
+        let raw: Vec<(String, Vec<(String, String)>)> = self
+            .with_timeout(
+                self.pool
+                    .next()
+                    .xrange(keys::ledger_stream(partition), "-", "+", None),
+            )
+            .await?;
+        raw.into_iter()
+            .map(|(id, fields)| {
+                let entry = fields
+                    .into_iter()
+                    .find(|(name, _)| name == "e")
+                    .ok_or_else(|| {
+                        AllocatorError::Protocol(format!("ledger entry {id} has no e field"))
+                    })?;
+                let value = serde_json::from_str(&entry.1).map_err(protocol)?;
+                Ok((format!("{partition}-{id}"), value))
+            })
+            .collect()
+    }
+}
+
+/// Removes null fields: Lua's cjson turns null into a sentinel that is not
+/// `nil`, so an absent optional must be absent from the JSON.
+fn strip_nulls(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|_, field| !field.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+fn unavailable(error: fred::error::Error) -> AllocatorError {
+    AllocatorError::StoreUnavailable(error.to_string())
+}
+
+fn protocol(error: serde_json::Error) -> AllocatorError {
+    AllocatorError::Protocol(error.to_string())
+}
+
+/// SHA-256 of the canonical JSON of a request (serde_json keeps key order).
+fn fingerprint(request: &Value) -> String {
+    hex::encode(Sha256::digest(request.to_string().as_bytes()))
+}
+
+/// 96 bits derived from a scoped idempotency key: the same request gets the
+/// same reservation id on every node.
+fn derive_random(scoped_key: &str) -> [u8; 12] {
+    let digest = Sha256::digest(scoped_key.as_bytes());
+    let mut out = [0u8; 12];
+    out.copy_from_slice(&digest[..12]);
+    out
+}
+
+/// Maps the scripts' refusals to errors; `Ok` for anything else.
+fn check_refusal(reply: &Value) -> Result<()> {
+    match reply["status"].as_str() {
+        Some("not_found") => Err(AllocatorError::NotFound),
+        Some("idempotency_key_reused") => Err(AllocatorError::IdempotencyKeyReused),
+        Some("bad_argument") => Err(AllocatorError::InvalidRequest(
+            reply["reason"]
+                .as_str()
+                .unwrap_or("bad argument")
+                .to_owned(),
+        )),
+        Some("not_held") => {
+            let status =
+                ReservationStatus::deserialize(&reply["reservation_status"]).map_err(protocol)?;
+            Err(AllocatorError::NotHeld { status })
+        }
+        Some(_) => Ok(()),
+        None => Err(AllocatorError::Protocol(format!(
+            "reply without status: {reply}"
+        ))),
+    }
+}
+
+fn decode_reservation(reply: Value) -> Result<Reservation> {
+    check_refusal(&reply)?;
+    serde_json::from_value(reply).map_err(protocol)
+}
+
+fn decode_hold(key: &StockKey, qty: u32, reply: Value) -> Result<Hold> {
+    if reply["status"] == json!("insufficient_stock") {
+        return Err(AllocatorError::InsufficientStock {
+            lines: vec![ShortLine {
+                sku: key.sku.clone(),
+                location: key.location.clone(),
+                requested: qty,
+                available: reply["available"].as_i64().unwrap_or_default(),
+            }],
+        });
+    }
+    let replayed = reply["replayed"] == json!(true);
+    let reservation = decode_reservation(reply)?;
+    if reservation.qty != qty || reservation.status != ReservationStatus::Held && !replayed {
+        warn!(
+            ?reservation,
+            qty, "reserve reply does not match the request"
+        );
+        return Err(AllocatorError::Protocol(format!(
+            "reserve of {qty} answered with {reservation:?}"
+        )));
+    }
+    Ok(Hold {
+        reservation,
+        replayed,
+    })
+}

@@ -23,7 +23,10 @@ async fn redis_answers_and_runs_lua() {
         .await
         .expect("eval");
     assert_eq!(answer, 42);
-    let info: String = client.info(Some(InfoKind::Server)).await.expect("info");
+    let info: String = client
+        .info(Some(fred::types::InfoKind::Server))
+        .await
+        .expect("info");
     assert!(info.contains("redis_version:7"), "redis 7 expected: {info}");
     client.quit().await.expect("quit");
 }

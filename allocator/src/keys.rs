@@ -1,0 +1,215 @@
+//! Where a stock key's data lives in Redis: partitions, hash tags, cell ids.
+//!
+//! Owns the key layout; nothing outside this crate builds a Redis key. Every
+//! partition `p` has the same eight keys, all under the hash tag `{p}` so one
+//! script can touch them together on a Redis Cluster:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `inv:{p}:cells` | hash | cell id → cell JSON (`on_hand`, `reserved`, `version`, settings) |
+//! | `inv:{p}:res` | hash | reservation id → reservation JSON |
+//! | `inv:{p}:due` | zset | held reservation ids by the time their hold ends (ms) |
+//! | `inv:{p}:idem` | hash | idempotency key → fingerprint and stored reply; `e|…` adjustment event ids |
+//! | `inv:{p}:seq` | hash | `stock key|source` → last applied `source_seq` |
+//! | `inv:{p}:ledger` | stream | the partition's ledger entries: the outbox the writer relays |
+//! | `inv:{p}:gc` | zset | retained records to delete, by time (24 h after they end) |
+//! | `inv:{p}:xfer` | hash | transfers between cells of different partitions |
+//!
+//! A stock key `(merchant, sku, location)` lives in partition
+//! `fnv1a64(merchant 0x1F sku 0x1F location) mod P`; its pool cell id is
+//! `merchant|sku|location|pool`. A hot key's bucket for node `n` lives in
+//! partition `fnv1a64(merchant 0x1F sku 0x1F location 0x1F n) mod P` with cell id
+//! `merchant|sku|location|bucket|n`, so one hot SKU spreads over several slots.
+//! `|` cannot appear in an id, so cell ids are unambiguous. The hash is part of
+//! the deployment contract: changing it moves every key.
+
+use std::fmt;
+
+/// `(merchant, sku, location)`: the unit stock is counted in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StockKey {
+    /// Merchant id.
+    pub merchant: String,
+    /// SKU id.
+    pub sku: String,
+    /// Location id (warehouse, store).
+    pub location: String,
+}
+
+impl StockKey {
+    /// A stock key from its three ids (validated by the caller's API layer and
+    /// again by the scripts).
+    pub fn new(
+        merchant: impl Into<String>,
+        sku: impl Into<String>,
+        location: impl Into<String>,
+    ) -> Self {
+        Self {
+            merchant: merchant.into(),
+            sku: sku.into(),
+            location: location.into(),
+        }
+    }
+
+    fn hash_with(&self, node: Option<&str>) -> u64 {
+        let mut hash = Fnv1a64::new();
+        hash.write(self.merchant.as_bytes());
+        hash.write(&[0x1F]);
+        hash.write(self.sku.as_bytes());
+        hash.write(&[0x1F]);
+        hash.write(self.location.as_bytes());
+        if let Some(node) = node {
+            hash.write(&[0x1F]);
+            hash.write(node.as_bytes());
+        }
+        hash.finish()
+    }
+
+    /// The partition of this key's pool cell.
+    pub fn partition(&self, partitions: u32) -> u32 {
+        (self.hash_with(None) % u64::from(partitions)) as u32
+    }
+
+    /// The pool cell.
+    pub fn pool(&self, partitions: u32) -> CellRef {
+        CellRef {
+            partition: self.partition(partitions),
+            id: format!("{}|{}|{}|pool", self.merchant, self.sku, self.location),
+        }
+    }
+
+    /// Node `node`'s bucket cell for this key in flash-sale mode.
+    pub fn bucket(&self, node: &str, partitions: u32) -> CellRef {
+        CellRef {
+            partition: (self.hash_with(Some(node)) % u64::from(partitions)) as u32,
+            id: format!(
+                "{}|{}|{}|bucket|{}",
+                self.merchant, self.sku, self.location, node
+            ),
+        }
+    }
+}
+
+impl fmt::Display for StockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.merchant, self.sku, self.location)
+    }
+}
+
+/// A cell: where it lives and its id inside the partition's `cells` hash.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CellRef {
+    /// Partition of the cell.
+    pub partition: u32,
+    /// Cell id, `merchant|sku|location|pool` or `…|bucket|node`.
+    pub id: String,
+}
+
+/// The eight Redis keys of one partition, in the order every script expects.
+pub fn partition_keys(partition: u32) -> Vec<String> {
+    ["cells", "res", "due", "idem", "seq", "ledger", "gc", "xfer"]
+        .iter()
+        .map(|name| format!("inv:{{{partition}}}:{name}"))
+        .collect()
+}
+
+/// The partition's ledger stream (the outbox).
+pub fn ledger_stream(partition: u32) -> String {
+    format!("inv:{{{partition}}}:ledger")
+}
+
+/// The partition's cells hash.
+pub fn cells_hash(partition: u32) -> String {
+    format!("inv:{{{partition}}}:cells")
+}
+
+/// The channel the scripts publish cell changes on.
+pub const CHANGES_CHANNEL: &str = "inv:changes";
+
+/// Reservation ids carry their partition so any node finds the record from the
+/// id alone: `r<partition>.<24 hex digits>`.
+pub fn reservation_partition(reservation_id: &str, partitions: u32) -> Option<u32> {
+    let rest = reservation_id.strip_prefix('r')?;
+    let (partition, random) = rest.split_once('.')?;
+    if random.is_empty() || partition.is_empty() || partition.len() > 5 {
+        return None;
+    }
+    let partition: u32 = partition.parse().ok()?;
+    (partition < partitions).then_some(partition)
+}
+
+/// A new reservation id in `partition`, from 96 bits of `random`.
+pub fn reservation_id(partition: u32, random: [u8; 12]) -> String {
+    format!("r{partition}.{}", hex::encode(random))
+}
+
+/// FNV-1a, 64 bit: small, stable across versions and platforms, and good
+/// enough to spread keys over partitions.
+struct Fnv1a64(u64);
+
+impl Fnv1a64 {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        let hash = |text: &str| {
+            let mut h = Fnv1a64::new();
+            h.write(text.as_bytes());
+            h.finish()
+        };
+        assert_eq!(hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(hash("foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn keys_of_a_partition_share_one_hash_tag() {
+        let keys = partition_keys(17);
+        assert_eq!(keys.len(), 8);
+        assert!(keys.iter().all(|key| key.starts_with("inv:{17}:")));
+        assert_eq!(ledger_stream(17), keys[5]);
+        assert_eq!(cells_hash(17), keys[0]);
+    }
+
+    #[test]
+    fn buckets_of_a_hot_key_spread_over_partitions() {
+        let key = StockKey::new("m1", "console", "dc1");
+        let partitions: std::collections::HashSet<u32> = (0..8)
+            .map(|n| key.bucket(&format!("node-{n}"), 64).partition)
+            .collect();
+        assert!(partitions.len() >= 4, "{partitions:?}");
+        assert_eq!(key.pool(64).id, "m1|console|dc1|pool");
+        assert_eq!(key.bucket("node-a", 64).id, "m1|console|dc1|bucket|node-a");
+    }
+
+    #[test]
+    fn reservation_ids_carry_their_partition() {
+        let id = reservation_id(42, [7; 12]);
+        assert_eq!(id, "r42.070707070707070707070707");
+        assert_eq!(reservation_partition(&id, 64), Some(42));
+        assert_eq!(
+            reservation_partition(&id, 42),
+            None,
+            "partition out of range"
+        );
+        assert_eq!(reservation_partition("x42.abc", 64), None);
+        assert_eq!(reservation_partition("r.abc", 64), None);
+        assert_eq!(reservation_partition("r42.", 64), None);
+    }
+}

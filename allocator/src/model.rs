@@ -1,0 +1,194 @@
+//! Typed values the allocator hands out: cells, reservations, outcomes.
+//!
+//! Owns the Rust side of the scripts' reply schema (version 1). It does not
+//! talk to Redis.
+
+use serde::{Deserialize, Serialize};
+
+/// One cell of a stock key: its pool, or a node's bucket in a flash sale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cell {
+    /// Merchant of the stock key.
+    pub merchant: String,
+    /// SKU of the stock key.
+    pub sku: String,
+    /// Location of the stock key.
+    pub location: String,
+    /// `pool` or `bucket`.
+    pub kind: String,
+    /// The node owning a bucket.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Physical units counted in this cell.
+    pub on_hand: i64,
+    /// Units held by reservations.
+    pub reserved: i64,
+    /// Units never offered for sale (pool only).
+    pub safety_stock: i64,
+    /// How far sellable may go below zero for backorders (pool only).
+    pub backorder_limit: i64,
+    /// `low` status at or under this; -1 means the configured default.
+    pub low_stock_threshold: i64,
+    /// Increases with every change; ETags and notifications carry it.
+    pub version: u64,
+}
+
+impl Cell {
+    /// on_hand − reserved − safety_stock; negative while backordered or short.
+    pub fn sellable(&self) -> i64 {
+        self.on_hand - self.reserved - self.safety_stock
+    }
+
+    /// Whether a loss took the cell past what backorders allow; reservations
+    /// are refused until stock is restored.
+    pub fn is_short(&self) -> bool {
+        self.sellable() < -self.backorder_limit
+    }
+}
+
+/// Where a reservation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReservationStatus {
+    /// Units are held until `expires_at_ms`.
+    Held,
+    /// Units left on_hand: sold.
+    Committed,
+    /// Units returned to sellable on request.
+    Released,
+    /// Units returned to sellable when the hold ran out.
+    Expired,
+}
+
+impl ReservationStatus {
+    /// The lowercase name used in the API and the ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Held => "held",
+            ReservationStatus::Committed => "committed",
+            ReservationStatus::Released => "released",
+            ReservationStatus::Expired => "expired",
+        }
+    }
+}
+
+/// A reservation of units of one cell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// `r<partition>.<hex>`.
+    pub reservation_id: String,
+    /// Merchant that owns it.
+    pub merchant: String,
+    /// SKU held.
+    pub sku: String,
+    /// Location held at.
+    pub location: String,
+    /// Cell id the units are held in.
+    pub cell: String,
+    /// Units held.
+    pub qty: u32,
+    /// Part of `qty` beyond sellable, taken from the backorder allowance.
+    pub backordered: u32,
+    /// Where it is in its life.
+    pub status: ReservationStatus,
+    /// Advertised expiry, Redis time in ms since the epoch.
+    pub expires_at_ms: u64,
+    /// When the hold really ends (expiry plus a cart's grace).
+    pub hold_until_ms: u64,
+    /// The cart this is a line of, if any.
+    #[serde(default)]
+    pub cart_id: Option<String>,
+}
+
+/// A successful reserve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// The reservation now held.
+    pub reservation: Reservation,
+    /// True when this answers a retry with the same idempotency key.
+    pub replayed: bool,
+}
+
+/// A line a reservation could not get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShortLine {
+    /// SKU asked for.
+    pub sku: String,
+    /// Location asked at.
+    pub location: String,
+    /// Units asked for.
+    pub requested: u32,
+    /// Sellable units there were (never below 0).
+    pub available: i64,
+}
+
+/// What an adjustment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdjustmentOutcome {
+    /// The change is applied; `shortfall` when sellable fell past the backorder limit.
+    Applied {
+        /// Sellable went below −backorder_limit (a loss to make good).
+        shortfall: bool,
+        /// The pool cell after the change.
+        cell: Cell,
+    },
+    /// `(source, event_id)` was applied before; nothing changed.
+    Duplicate,
+    /// An absolute count with a `source_seq` not newer than the last applied one.
+    Stale {
+        /// The last applied sequence of that key and source.
+        last_source_seq: u64,
+    },
+}
+
+/// What the sweeper's call did in one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct SweepOutcome {
+    /// Holds released as expired by this call.
+    pub expired: u64,
+    /// Due holds left for the next call.
+    pub remaining: u64,
+}
+
+/// How an absolute count or a delta changes on_hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdjustmentKind {
+    /// Add `qty` (may be negative).
+    Delta,
+    /// Set on_hand to `qty` (a physical count), ordered by `source_seq`.
+    Absolute,
+}
+
+/// A physical stock change from WMS, POS, ERP or ops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adjustment {
+    /// Merchant of the stock key.
+    pub merchant: String,
+    /// SKU of the stock key.
+    pub sku: String,
+    /// Location of the stock key.
+    pub location: String,
+    /// Delta or absolute.
+    pub kind: AdjustmentKind,
+    /// The delta, or the counted units.
+    pub qty: i64,
+    /// The system that sent it (`pos-store-12`).
+    pub source: String,
+    /// The sender's id of this event: `(source, event_id)` applies once.
+    pub event_id: String,
+    /// The sender's sequence; required for absolute counts.
+    #[serde(default)]
+    pub source_seq: Option<u64>,
+}
+
+/// Settings of a stock key's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockSettings {
+    /// Units never offered for sale.
+    pub safety_stock: u64,
+    /// How far sellable may go below zero for backorders.
+    pub backorder_limit: u64,
+    /// `low` at or under this; `None` means the configured default.
+    pub low_stock_threshold: Option<u64>,
+}

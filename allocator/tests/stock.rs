@@ -1,0 +1,465 @@
+//! The stock engine against the real Redis of the stack: never oversell,
+//! idempotency, expiry exactly once, adjustments, and the ledger.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use allocator::{
+    Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, AllocatorSettings,
+    ReservationStatus, ReserveRequest, StockKey, StockSettings,
+};
+use serde_json::Value;
+
+const PARTITIONS: u32 = 64;
+
+async fn allocator() -> Allocator {
+    let settings = AllocatorSettings {
+        node: "test-node".to_owned(),
+        partitions: PARTITIONS,
+        command_timeout: Duration::from_secs(2),
+        ttl_default: Duration::from_secs(600),
+        ttl_max: Duration::from_secs(3600),
+        customer_ref_key: "test-customer-ref-key".to_owned(),
+    };
+    Allocator::connect(&testkit::stack().redis_url, settings, 4)
+        .await
+        .expect("connect to the stack's redis")
+}
+
+fn fresh_key() -> StockKey {
+    StockKey::new(testkit::unique_id("m"), "sku-1", "dc1")
+}
+
+fn delta(key: &StockKey, qty: i64, event_id: &str) -> Adjustment {
+    Adjustment {
+        merchant: key.merchant.clone(),
+        sku: key.sku.clone(),
+        location: key.location.clone(),
+        kind: AdjustmentKind::Delta,
+        qty,
+        source: "wms-1".to_owned(),
+        event_id: event_id.to_owned(),
+        source_seq: None,
+    }
+}
+
+fn count(key: &StockKey, qty: i64, seq: u64) -> Adjustment {
+    Adjustment {
+        kind: AdjustmentKind::Absolute,
+        source_seq: Some(seq),
+        ..delta(key, qty, &format!("count-{seq}"))
+    }
+}
+
+fn reserve(key: &StockKey, qty: u32, idempotency_key: &str) -> ReserveRequest {
+    ReserveRequest {
+        key: key.clone(),
+        qty,
+        ttl: None,
+        idempotency_key: idempotency_key.to_owned(),
+        customer_ref: None,
+    }
+}
+
+async fn stock(allocator: &Allocator, key: &StockKey, units: i64) {
+    let outcome = allocator
+        .adjust(&delta(key, units, &testkit::unique_id("restock")))
+        .await
+        .expect("restock");
+    assert!(matches!(
+        outcome,
+        AdjustmentOutcome::Applied {
+            shortfall: false,
+            ..
+        }
+    ));
+}
+
+async fn pool(allocator: &Allocator, key: &StockKey) -> allocator::Cell {
+    allocator
+        .cell(&key.pool(PARTITIONS))
+        .await
+        .expect("read cell")
+        .expect("cell exists")
+}
+
+/// Ledger entries of one stock key, oldest first.
+async fn entries_of(allocator: &Allocator, key: &StockKey) -> Vec<Value> {
+    let cell = key.pool(PARTITIONS);
+    allocator
+        .ledger_entries(cell.partition)
+        .await
+        .expect("read ledger")
+        .into_iter()
+        .map(|(_, entry)| entry)
+        .filter(|entry| entry["cell"] == cell.id.as_str())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_racers_for_fifty_units_get_exactly_fifty() {
+    let allocator = Arc::new(allocator().await);
+    let key = fresh_key();
+    stock(&allocator, &key, 50).await;
+
+    let racers: Vec<_> = (0..200)
+        .map(|i| {
+            let allocator = allocator.clone();
+            let request = reserve(&key, 1, &format!("racer-{i}"));
+            tokio::spawn(async move { allocator.reserve(&request).await })
+        })
+        .collect();
+    let (mut held, mut refused) = (0, 0);
+    for racer in racers {
+        match racer.await.expect("task") {
+            Ok(_) => held += 1,
+            Err(AllocatorError::InsufficientStock { lines }) => {
+                assert_eq!(lines[0].available, 0);
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((held, refused), (50, 150));
+    let cell = pool(&allocator, &key).await;
+    assert_eq!((cell.on_hand, cell.reserved, cell.sellable()), (50, 50, 0));
+    let reserves = entries_of(&allocator, &key)
+        .await
+        .into_iter()
+        .filter(|entry| entry["op"] == "reserve")
+        .count();
+    assert_eq!(reserves, 50, "one ledger entry per hold");
+}
+
+#[tokio::test]
+async fn a_retry_returns_the_same_hold_and_writes_one_entry() {
+    let allocator = allocator().await;
+    let key = fresh_key();
+    stock(&allocator, &key, 10).await;
+
+    let first = allocator
+        .reserve(&reserve(&key, 3, "cart-7"))
+        .await
+        .expect("hold");
+    let retry = allocator
+        .reserve(&reserve(&key, 3, "cart-7"))
+        .await
+        .expect("replay");
+    assert!(!first.replayed);
+    assert!(retry.replayed);
+    assert_eq!(first.reservation, retry.reservation);
+    assert_eq!(pool(&allocator, &key).await.reserved, 3);
+    let reserves = entries_of(&allocator, &key)
+        .await
+        .into_iter()
+        .filter(|entry| entry["op"] == "reserve")
+        .count();
+    assert_eq!(reserves, 1);
+
+    let other_body = allocator.reserve(&reserve(&key, 4, "cart-7")).await;
+    assert!(
+        matches!(other_body, Err(AllocatorError::IdempotencyKeyReused)),
+        "{other_body:?}"
+    );
+    assert_eq!(
+        pool(&allocator, &key).await.reserved,
+        3,
+        "refusal changed nothing"
+    );
+
+    let commit = allocator
+        .commit(None, &first.reservation.reservation_id, "commit-1")
+        .await
+        .expect("commit");
+    let commit_again = allocator
+        .commit(None, &first.reservation.reservation_id, "commit-1")
+        .await
+        .expect("commit replay");
+    assert_eq!(commit.status, ReservationStatus::Committed);
+    assert_eq!(commit_again.status, ReservationStatus::Committed);
+    let cell = pool(&allocator, &key).await;
+    assert_eq!((cell.on_hand, cell.reserved), (7, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_hold_is_released_once_and_never_committed() {
+    let allocator = Arc::new(allocator().await);
+    let key = fresh_key();
+    stock(&allocator, &key, 5).await;
+    let mut request = reserve(&key, 2, "short-lived");
+    request.ttl = Some(Duration::from_secs(1));
+    let hold = allocator.reserve(&request).await.expect("hold");
+    let id = hold.reservation.reservation_id.clone();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    // The sweeper and a reserve on the same partition race to expire it.
+    let partition = key.pool(PARTITIONS).partition;
+    let sweeper = {
+        let allocator = allocator.clone();
+        tokio::spawn(async move { allocator.expire_due(partition, 100).await })
+    };
+    let reserver = {
+        let allocator = allocator.clone();
+        let request = reserve(&key, 5, "after-expiry");
+        tokio::spawn(async move { allocator.reserve(&request).await })
+    };
+    sweeper.await.expect("task").expect("sweep");
+    let after = reserver
+        .await
+        .expect("task")
+        .expect("the expired units are sellable again");
+    assert_eq!(after.reservation.qty, 5);
+
+    let expiries = entries_of(&allocator, &key)
+        .await
+        .into_iter()
+        .filter(|entry| entry["op"] == "expire" && entry["reservation_id"] == id.as_str())
+        .count();
+    assert_eq!(expiries, 1, "released exactly once");
+
+    let commit = allocator.commit(None, &id, "late-commit").await;
+    assert!(
+        matches!(
+            commit,
+            Err(AllocatorError::NotHeld {
+                status: ReservationStatus::Expired
+            })
+        ),
+        "{commit:?}"
+    );
+    let release = allocator
+        .release(None, &id, "late-release")
+        .await
+        .expect("release is 200");
+    assert_eq!(release.status, ReservationStatus::Expired);
+    let cell = pool(&allocator, &key).await;
+    assert_eq!((cell.on_hand, cell.reserved), (5, 5));
+}
+
+#[tokio::test]
+async fn duplicates_and_stale_counts_are_ignored_and_counts_converge_to_the_newest() {
+    let allocator = allocator().await;
+    let key = fresh_key();
+    let first = allocator
+        .adjust(&delta(&key, 7, "evt-1"))
+        .await
+        .expect("apply");
+    assert!(matches!(first, AdjustmentOutcome::Applied { .. }));
+    let duplicate = allocator
+        .adjust(&delta(&key, 7, "evt-1"))
+        .await
+        .expect("dedupe");
+    assert_eq!(duplicate, AdjustmentOutcome::Duplicate);
+    assert_eq!(pool(&allocator, &key).await.on_hand, 7);
+
+    // Physical counts arrive out of order: 3, then 1 and 2 late.
+    let newest = allocator
+        .adjust(&count(&key, 30, 3))
+        .await
+        .expect("count 3");
+    assert!(matches!(newest, AdjustmentOutcome::Applied { .. }));
+    for (qty, seq) in [(10, 1), (20, 2), (99, 3)] {
+        let outcome = allocator
+            .adjust(&count(&key, qty, seq))
+            .await
+            .expect("late count");
+        let expected = if seq == 3 {
+            AdjustmentOutcome::Duplicate
+        } else {
+            AdjustmentOutcome::Stale { last_source_seq: 3 }
+        };
+        assert_eq!(outcome, expected, "seq {seq}");
+    }
+    assert_eq!(pool(&allocator, &key).await.on_hand, 30);
+    let mut newer = count(&key, 25, 4);
+    newer.event_id = "count-4".to_owned();
+    allocator.adjust(&newer).await.expect("count 4");
+    assert_eq!(pool(&allocator, &key).await.on_hand, 25);
+}
+
+#[tokio::test]
+async fn a_loss_below_the_held_units_is_a_shortfall_that_blocks_reservations() {
+    let allocator = allocator().await;
+    let key = fresh_key();
+    stock(&allocator, &key, 5).await;
+    allocator
+        .reserve(&reserve(&key, 3, "hold-3"))
+        .await
+        .expect("hold");
+
+    let loss = allocator
+        .adjust(&delta(&key, -4, "shrinkage-1"))
+        .await
+        .expect("loss");
+    let AdjustmentOutcome::Applied { shortfall, cell } = loss else {
+        panic!("loss applied: {loss:?}")
+    };
+    assert!(shortfall);
+    assert_eq!((cell.on_hand, cell.reserved, cell.sellable()), (1, 3, -2));
+    let shortfall_entries = entries_of(&allocator, &key)
+        .await
+        .into_iter()
+        .filter(|entry| entry["shortfall"] == true)
+        .count();
+    assert_eq!(shortfall_entries, 1, "the ledger flags the loss");
+
+    let refused = allocator
+        .reserve(&reserve(&key, 1, "during-shortfall"))
+        .await;
+    let Err(AllocatorError::InsufficientStock { lines }) = refused else {
+        panic!("refused while short: {refused:?}")
+    };
+    assert_eq!((lines[0].requested, lines[0].available), (1, 0));
+
+    stock(&allocator, &key, 3).await;
+    allocator
+        .reserve(&reserve(&key, 1, "after-restock"))
+        .await
+        .expect("restored");
+}
+
+#[tokio::test]
+async fn backorders_are_held_up_to_the_limit_and_reported() {
+    let allocator = allocator().await;
+    let key = fresh_key();
+    stock(&allocator, &key, 4).await;
+    let settings = StockSettings {
+        safety_stock: 1,
+        backorder_limit: 2,
+        low_stock_threshold: Some(2),
+    };
+    let cell = allocator
+        .settings_of(&key, settings)
+        .await
+        .expect("settings");
+    assert_eq!(cell.sellable(), 3);
+
+    let hold = allocator
+        .reserve(&reserve(&key, 5, "backorder"))
+        .await
+        .expect("hold");
+    assert_eq!(hold.reservation.backordered, 2);
+    let refused = allocator.reserve(&reserve(&key, 1, "past-limit")).await;
+    assert!(
+        matches!(refused, Err(AllocatorError::InsufficientStock { .. })),
+        "{refused:?}"
+    );
+    let cell = pool(&allocator, &key).await;
+    assert_eq!(cell.sellable(), -2);
+}
+
+#[tokio::test]
+async fn release_commit_and_extend_follow_the_lifecycle() {
+    let allocator = allocator().await;
+    let key = fresh_key();
+    stock(&allocator, &key, 10).await;
+    let hold = allocator
+        .reserve(&reserve(&key, 4, "life"))
+        .await
+        .expect("hold");
+    let id = hold.reservation.reservation_id;
+
+    let other_merchant = allocator.reservation(Some("someone-else"), &id).await;
+    assert!(
+        matches!(other_merchant, Err(AllocatorError::NotFound)),
+        "{other_merchant:?}"
+    );
+    let foreign_commit = allocator.commit(Some("someone-else"), &id, "steal").await;
+    assert!(matches!(foreign_commit, Err(AllocatorError::NotFound)));
+
+    let extended = allocator
+        .extend(Some(&key.merchant), &id, Duration::from_secs(1200))
+        .await
+        .expect("extend");
+    assert!(extended.expires_at_ms > hold.reservation.expires_at_ms);
+
+    let released = allocator
+        .release(Some(&key.merchant), &id, "rel-1")
+        .await
+        .expect("release");
+    assert_eq!(released.status, ReservationStatus::Released);
+    let again = allocator
+        .release(Some(&key.merchant), &id, "rel-2")
+        .await
+        .expect("release again");
+    assert_eq!(again.status, ReservationStatus::Released);
+    assert_eq!(pool(&allocator, &key).await.reserved, 0, "released once");
+    let commit = allocator.commit(Some(&key.merchant), &id, "too-late").await;
+    assert!(matches!(
+        commit,
+        Err(AllocatorError::NotHeld {
+            status: ReservationStatus::Released
+        })
+    ));
+    let extend = allocator.extend(None, &id, Duration::from_secs(60)).await;
+    assert!(matches!(extend, Err(AllocatorError::NotHeld { .. })));
+
+    let sold = allocator
+        .reserve(&reserve(&key, 2, "sold"))
+        .await
+        .expect("hold");
+    let sold_id = sold.reservation.reservation_id;
+    allocator.commit(None, &sold_id, "c").await.expect("commit");
+    let release_committed = allocator.release(None, &sold_id, "r").await;
+    assert!(matches!(
+        release_committed,
+        Err(AllocatorError::NotHeld {
+            status: ReservationStatus::Committed
+        })
+    ));
+    let unknown = allocator
+        .reservation(None, "r3.000000000000000000000000")
+        .await;
+    assert!(matches!(unknown, Err(AllocatorError::NotFound)));
+    let malformed = allocator.reservation(None, "not-an-id").await;
+    assert!(matches!(malformed, Err(AllocatorError::NotFound)));
+}
+
+#[tokio::test]
+async fn the_ledger_alone_proves_conservation() {
+    let allocator = allocator().await;
+    let key = fresh_key();
+    stock(&allocator, &key, 20).await;
+    let a = allocator.reserve(&reserve(&key, 5, "a")).await.expect("a");
+    let b = allocator.reserve(&reserve(&key, 3, "b")).await.expect("b");
+    allocator
+        .commit(None, &a.reservation.reservation_id, "ca")
+        .await
+        .expect("commit a");
+    allocator
+        .release(None, &b.reservation.reservation_id, "rb")
+        .await
+        .expect("release b");
+    allocator
+        .adjust(&delta(&key, -2, "damaged"))
+        .await
+        .expect("loss");
+
+    let entries = entries_of(&allocator, &key).await;
+    let sum = |op: &str| -> i64 {
+        entries
+            .iter()
+            .filter(|entry| entry["op"] == op)
+            .map(|entry| entry["qty"].as_i64().expect("qty"))
+            .sum()
+    };
+    let last = entries.last().expect("entries");
+    let on_hand = last["on_hand_after"].as_i64().expect("on_hand_after");
+    assert_eq!(on_hand, sum("adjust") - sum("commit"));
+    assert_eq!(on_hand, pool(&allocator, &key).await.on_hand);
+    assert_eq!(last["reserved_after"].as_i64(), Some(0));
+    for pair in entries.windows(2) {
+        assert_eq!(
+            pair[0]["on_hand_after"], pair[1]["on_hand_before"],
+            "entries chain"
+        );
+        assert_eq!(
+            pair[0]["reserved_after"], pair[1]["reserved_before"],
+            "entries chain"
+        );
+    }
+    for entry in &entries {
+        assert_eq!(entry["v"], 1);
+        assert!(entry.get("customer_ref").is_none() && entry.get("customer_hash").is_none());
+    }
+}

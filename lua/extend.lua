@@ -1,0 +1,22 @@
+-- extend: a held reservation gets a new expiry, ARGS.ttl_ms from now (the
+-- allocator bounds it by the configured maximum). Refused unless held.
+-- ARGS: reservation_id, ttl_ms, grace_ms.
+if not is_id(ARGS.reservation_id) or not is_int(ARGS.ttl_ms, 1, 7 * 24 * 3600 * 1000)
+  or not is_int(ARGS.grace_ms, 0, 3600 * 1000) then
+  return refuse('bad_argument', { reason = 'reservation_id, ttl_ms and grace_ms are required' })
+end
+housekeeping()
+local r = res_for_caller(ARGS.reservation_id)
+if not r then return refuse('not_found') end
+if r.status ~= 'held' then
+  return refuse('not_held', { reservation_status = r.status })
+end
+r.expires_at_ms = NOW + ARGS.ttl_ms
+r.hold_until_ms = r.expires_at_ms + ARGS.grace_ms
+res_put(r)
+redis.call('ZADD', K_DUE, r.hold_until_ms, r.reservation_id)
+local c = cell_get(r.cell)
+ledger('extend', r.cell, c.on_hand, c.reserved, c, {
+  reservation_id = r.reservation_id, qty = 0, expires_at_ms = r.expires_at_ms,
+})
+return reply(reservation_view(r))

@@ -1,0 +1,308 @@
+-- Shared by every stock script: the allocator prepends this file to each
+-- script in lua/ when it loads them, so each script Redis sees is whole.
+--
+-- Every script gets the same eight keys, all of one partition (one hash tag,
+-- so one Redis Cluster slot), and one JSON argument:
+--   KEYS[1] cells         HASH  cell id -> cell JSON
+--   KEYS[2] reservations  HASH  reservation id -> reservation JSON
+--   KEYS[3] due           ZSET  held reservation id, score = hold_until_ms
+--   KEYS[4] idempotency   HASH  record key -> {fp, reply} (and event dedupe)
+--   KEYS[5] sequences     HASH  "stock key|source" -> last applied source_seq
+--   KEYS[6] ledger        STREAM the partition's outbox
+--   KEYS[7] gc            ZSET  "r|id" / "i|key" to delete, score = delete at ms
+--   KEYS[8] transfers     HASH  transfer id -> transfer JSON
+--   ARGV[1] the request as JSON; ARGV[2] the reply schema version expected
+--
+-- Replies are JSON objects {"v":1,"status":...}; the allocator decodes them
+-- into typed results. Arguments are checked before the first write: Redis does
+-- not roll back a script that errors half way.
+
+local K_CELLS, K_RES, K_DUE, K_IDEM, K_SEQ, K_LEDGER, K_GC, K_XFER =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local REPLY_VERSION = 1
+local LEDGER_VERSION = 1
+local CHANGES_CHANNEL = 'inv:changes'
+-- Terminal reservations and idempotency records live this long, then go.
+local RETENTION_MS = 24 * 3600 * 1000
+-- Work a script does on behalf of others (expiry, gc) is bounded per call.
+local EXPIRE_PER_CALL = 64
+local GC_PER_CALL = 32
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local NOW = now_ms()
+
+local function reply(t)
+  t.v = REPLY_VERSION
+  return cjson.encode(t)
+end
+
+local function refuse(status, t)
+  t = t or {}
+  t.status = status
+  return reply(t)
+end
+
+local function is_id(s)
+  return type(s) == 'string' and #s >= 1 and #s <= 128 and not s:find('[^%w%._:%-]')
+end
+
+local function is_int(n, lo, hi)
+  return type(n) == 'number' and n == math.floor(n) and n >= lo and n <= hi
+end
+
+local function is_cell_id(s)
+  return type(s) == 'string' and #s >= 7 and #s <= 600 and not s:find('[^%w%._:%-|]')
+end
+
+if ARGV[2] ~= tostring(REPLY_VERSION) then
+  return refuse('bad_argument', { reason = 'reply version ' .. tostring(ARGV[2]) .. ' not supported' })
+end
+local ok_args, ARGS = pcall(cjson.decode, ARGV[1] or '')
+if not ok_args or type(ARGS) ~= 'table' then
+  return refuse('bad_argument', { reason = 'argument is not a JSON object' })
+end
+if not is_int(ARGS.partition, 0, 16383) or not is_id(ARGS.node) then
+  return refuse('bad_argument', { reason = 'partition and node are required' })
+end
+
+-- Cells -----------------------------------------------------------------
+
+local function cell_get(id)
+  local raw = redis.call('HGET', K_CELLS, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function cell_put(id, c)
+  redis.call('HSET', K_CELLS, id, cjson.encode(c))
+end
+
+local function sellable(c)
+  return c.on_hand - c.reserved - c.safety_stock
+end
+
+-- The invariant of DESIGN.md for every change a request makes: checked on the
+-- new values before they are written.
+local function assert_cell(c, id)
+  if c.reserved < 0 or sellable(c) < -c.backorder_limit then
+    error('invariant broken on ' .. id .. ': ' .. cjson.encode(c))
+  end
+end
+
+local function new_cell(a, kind)
+  return {
+    merchant = a.merchant, sku = a.sku, location = a.location, kind = kind,
+    node = a.bucket_node, on_hand = 0, reserved = 0, safety_stock = 0,
+    backorder_limit = 0, low_stock_threshold = -1, version = 0,
+  }
+end
+
+-- Ledger and notifications ----------------------------------------------
+
+-- Appends one ledger entry (schema in the allocator crate's docs) and returns
+-- its stream id. `before`/`after` are the cell's values around the change.
+local function ledger(op, cell_id, c_before_on_hand, c_before_reserved, c, extra)
+  local e = extra or {}
+  e.v = LEDGER_VERSION
+  e.op = op
+  e.partition = ARGS.partition
+  e.cell = cell_id
+  e.merchant = c.merchant
+  e.sku = c.sku
+  e.location = c.location
+  e.on_hand_before = c_before_on_hand
+  e.on_hand_after = c.on_hand
+  e.reserved_before = c_before_reserved
+  e.reserved_after = c.reserved
+  e.version = c.version
+  e.node = ARGS.node
+  e.at_ms = NOW
+  return redis.call('XADD', K_LEDGER, '*', 'e', cjson.encode(e))
+end
+
+local function notify(cell_id, c)
+  redis.call('PUBLISH', CHANGES_CHANNEL, cjson.encode({
+    partition = ARGS.partition, cell = cell_id, merchant = c.merchant, sku = c.sku,
+    location = c.location, version = c.version,
+  }))
+end
+
+-- Reservations ----------------------------------------------------------
+
+local function res_get(id)
+  local raw = redis.call('HGET', K_RES, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+-- The reservation as the caller may see it: another merchant's reservation
+-- does not exist for it (ARGS.merchant absent means the platform).
+local function res_for_caller(id)
+  local r = res_get(id)
+  if r and ARGS.merchant ~= nil and r.merchant ~= ARGS.merchant then return nil end
+  return r
+end
+
+local function res_put(r)
+  redis.call('HSET', K_RES, r.reservation_id, cjson.encode(r))
+end
+
+local function gc_later(member)
+  redis.call('ZADD', K_GC, NOW + RETENTION_MS, member)
+end
+
+-- Ends a held reservation: `op` is 'release' or 'expire' (units return to
+-- sellable) or 'commit' (units leave on_hand). Writes the ledger entry.
+local function finish_hold(r, op, extra)
+  local c = cell_get(r.cell)
+  if not c then error('reservation ' .. r.reservation_id .. ' points at missing cell ' .. r.cell) end
+  local on_hand_before, reserved_before = c.on_hand, c.reserved
+  c.reserved = c.reserved - r.qty
+  if op == 'commit' then c.on_hand = c.on_hand - r.qty end
+  c.version = c.version + 1
+  if c.reserved < 0 then error('reserved below zero on ' .. r.cell) end
+  cell_put(r.cell, c)
+  r.status = ({ release = 'released', expire = 'expired', commit = 'committed' })[op]
+  r.finished_at_ms = NOW
+  res_put(r)
+  redis.call('ZREM', K_DUE, r.reservation_id)
+  gc_later('r|' .. r.reservation_id)
+  local e = extra or {}
+  e.reservation_id = r.reservation_id
+  e.qty = r.qty
+  e.cart_id = r.cart_id
+  ledger(op, r.cell, on_hand_before, reserved_before, c, e)
+  notify(r.cell, c)
+  return c
+end
+
+-- Lazy expiry: every script releases the partition's due holds before it
+-- decides anything, so no decision sees a dead hold.
+local function expire_due(limit)
+  local ids = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', NOW, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local r = res_get(id)
+    if r and r.status == 'held' then
+      finish_hold(r, 'expire')
+    else
+      redis.call('ZREM', K_DUE, id)
+    end
+  end
+  return #ids
+end
+
+local function gc(limit)
+  local members = redis.call('ZRANGEBYSCORE', K_GC, '-inf', NOW, 'LIMIT', 0, limit)
+  for _, m in ipairs(members) do
+    local kind, id = m:sub(1, 1), m:sub(3)
+    if kind == 'r' then redis.call('HDEL', K_RES, id) else redis.call('HDEL', K_IDEM, id) end
+    redis.call('ZREM', K_GC, m)
+  end
+end
+
+-- Idempotency -----------------------------------------------------------
+
+-- The stored reply for `key` if the same request ran before (marked
+-- replayed), a refusal if the key came with another request, else nil.
+local function idem_replay(key, fingerprint)
+  if not key then return nil end
+  local raw = redis.call('HGET', K_IDEM, key)
+  if not raw then return nil end
+  local rec = cjson.decode(raw)
+  if rec.fp ~= fingerprint then
+    return refuse('idempotency_key_reused')
+  end
+  local r = cjson.decode(rec.reply)
+  r.replayed = true
+  return cjson.encode(r)
+end
+
+local function idem_store(key, fingerprint, reply_json)
+  if not key then return end
+  redis.call('HSET', K_IDEM, key, cjson.encode({ fp = fingerprint, reply = reply_json }))
+  gc_later('i|' .. key)
+end
+
+local function housekeeping()
+  gc(GC_PER_CALL)
+  expire_due(EXPIRE_PER_CALL)
+end
+
+local function reservation_view(r)
+  return {
+    status = r.status, reservation_id = r.reservation_id, merchant = r.merchant,
+    sku = r.sku, location = r.location, cell = r.cell, qty = r.qty,
+    backordered = r.backordered, expires_at_ms = r.expires_at_ms,
+    hold_until_ms = r.hold_until_ms, cart_id = r.cart_id,
+  }
+end
+
+-- Checks one reservation request; returns an error reason or nil.
+local function check_reserve_request(a)
+  if not is_id(a.reservation_id) then return 'reservation_id' end
+  if not is_id(a.merchant) or not is_id(a.sku) or not is_id(a.location) then return 'stock key' end
+  if not is_cell_id(a.cell) then return 'cell' end
+  if not is_int(a.qty, 1, 1000000) then return 'qty' end
+  if not is_int(a.ttl_ms, 1, 7 * 24 * 3600 * 1000) then return 'ttl_ms' end
+  if not is_int(a.grace_ms, 0, 3600 * 1000) then return 'grace_ms' end
+  if type(a.fingerprint) ~= 'string' or #a.fingerprint < 1 or #a.fingerprint > 128 then return 'fingerprint' end
+  if a.idempotency_key ~= nil and (type(a.idempotency_key) ~= 'string' or #a.idempotency_key > 300) then
+    return 'idempotency_key'
+  end
+  if a.cart_id ~= nil and not is_id(a.cart_id) then return 'cart_id' end
+  if a.customer_hash ~= nil and (type(a.customer_hash) ~= 'string' or #a.customer_hash > 128) then
+    return 'customer_hash'
+  end
+  return nil
+end
+
+-- Holds `a.qty` units of cell `a.cell` as reservation `a.reservation_id`,
+-- idempotent on `a.idempotency_key`. The caller ran housekeeping() already.
+local function reserve_one(a)
+  local bad = check_reserve_request(a)
+  if bad then return refuse('bad_argument', { reason = bad }) end
+  local replay = idem_replay(a.idempotency_key, a.fingerprint)
+  if replay then return replay end
+  if res_get(a.reservation_id) then
+    return refuse('bad_argument', { reason = 'reservation_id already used' })
+  end
+  local c = cell_get(a.cell)
+  if not c then return refuse('not_found') end
+  local available = sellable(c)
+  if available - a.qty < -c.backorder_limit then
+    local shown = available
+    if shown < 0 then shown = 0 end
+    return refuse('insufficient_stock', { requested = a.qty, available = shown, version = c.version })
+  end
+  local backordered = a.qty
+  if available > 0 then backordered = a.qty - available end
+  if backordered < 0 then backordered = 0 end
+  local on_hand_before, reserved_before = c.on_hand, c.reserved
+  c.reserved = c.reserved + a.qty
+  c.version = c.version + 1
+  assert_cell(c, a.cell)
+  local r = {
+    reservation_id = a.reservation_id, merchant = a.merchant, sku = a.sku,
+    location = a.location, cell = a.cell, partition = ARGS.partition, qty = a.qty,
+    backordered = backordered, status = 'held', created_at_ms = NOW,
+    expires_at_ms = NOW + a.ttl_ms, hold_until_ms = NOW + a.ttl_ms + a.grace_ms,
+    node = ARGS.node, cart_id = a.cart_id, customer_hash = a.customer_hash,
+    idempotency_key = a.idempotency_key,
+  }
+  cell_put(a.cell, c)
+  res_put(r)
+  redis.call('ZADD', K_DUE, r.hold_until_ms, r.reservation_id)
+  ledger('reserve', a.cell, on_hand_before, reserved_before, c, {
+    reservation_id = r.reservation_id, qty = a.qty, backordered = backordered,
+    idempotency_key = a.idempotency_key, cart_id = a.cart_id,
+  })
+  notify(a.cell, c)
+  local view = reservation_view(r)
+  view.version = c.version
+  local out = reply(view)
+  idem_store(a.idempotency_key, a.fingerprint, out)
+  return out
+end

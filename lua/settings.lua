@@ -1,0 +1,23 @@
+-- settings: safety stock, backorder limit and low-stock threshold of a pool
+-- cell (created if new). No units move; the entry is in the ledger because
+-- sellable changes.
+local a = ARGS
+if not is_id(a.merchant) or not is_id(a.sku) or not is_id(a.location) or not is_cell_id(a.cell) then
+  return refuse('bad_argument', { reason = 'stock key' })
+end
+if not is_int(a.safety_stock, 0, 1000000000) or not is_int(a.backorder_limit, 0, 1000000000)
+  or not is_int(a.low_stock_threshold, -1, 1000000000) then
+  return refuse('bad_argument', { reason = 'settings' })
+end
+housekeeping()
+local c = cell_get(a.cell) or new_cell(a, 'pool')
+c.safety_stock = a.safety_stock
+c.backorder_limit = a.backorder_limit
+c.low_stock_threshold = a.low_stock_threshold
+c.version = c.version + 1
+cell_put(a.cell, c)
+ledger('settings', a.cell, c.on_hand, c.reserved, c, {
+  qty = 0, safety_stock = a.safety_stock, backorder_limit = a.backorder_limit,
+})
+notify(a.cell, c)
+return reply({ status = 'ok', cell = c })

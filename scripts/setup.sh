@@ -1,0 +1,33 @@
+# Shared by scripts/run, scripts/test and .ci/run (sourced, not run): the
+# machine set-up every entry point needs before it builds anything.
+#
+# Build artefacts go to one target directory shared by every checkout of this
+# project on the machine (CARGO_TARGET_DIR, default under the cargo home), so a
+# second checkout or a CI run rebuilds only what changed.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CARGO_HOME/invgw-target}
+export PATH=$CARGO_HOME/bin:$PATH
+
+setup_say() { printf 'setup: %s\n' "$*" >&2; }
+
+setup_machine() {
+    command -v cargo >/dev/null || { setup_say "error: cargo not found; install Rust (rustup) first"; return 1; }
+    # Build tools for the crates that compile C (librdkafka, zlib): gcc, make,
+    # perl and pkg-config; curl's headers are not needed with the bundled build.
+    local missing=()
+    command -v cc >/dev/null || missing+=(gcc)
+    command -v make >/dev/null || missing+=(make)
+    command -v perl >/dev/null || missing+=(perl)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    command -v python3 >/dev/null || missing+=(python3)
+    command -v curl >/dev/null || missing+=(curl)
+    if [ ${#missing[@]} -gt 0 ]; then
+        setup_say "installing Debian packages: ${missing[*]}"
+        local sudo=()
+        [ "$(id -u)" = 0 ] || sudo=(sudo)
+        "${sudo[@]}" apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
