@@ -9,7 +9,7 @@
 --   KEYS[4] idempotency   HASH  record key -> {fp, reply} (and event dedupe)
 --   KEYS[5] sequences     HASH  "stock key|source" -> last applied source_seq
 --   KEYS[6] ledger        STREAM the partition's outbox
---   KEYS[7] gc            ZSET  "r|id" / "i|key" to delete, score = delete at ms
+--   KEYS[7] gc            ZSET  "r|id" / "i|key" / "x|id" to delete, score = delete at ms
 --   KEYS[8] transfers     HASH  transfer id -> transfer JSON
 --   ARGV[1] the request as JSON; ARGV[2] the reply schema version expected
 --
@@ -77,6 +77,7 @@ local function cell_get(id)
 end
 
 local function cell_put(id, c)
+  c.touched_ms = NOW
   redis.call('HSET', K_CELLS, id, cjson.encode(c))
 end
 
@@ -198,7 +199,13 @@ local function gc(limit)
   local members = redis.call('ZRANGEBYSCORE', K_GC, '-inf', NOW, 'LIMIT', 0, limit)
   for _, m in ipairs(members) do
     local kind, id = m:sub(1, 1), m:sub(3)
-    if kind == 'r' then redis.call('HDEL', K_RES, id) else redis.call('HDEL', K_IDEM, id) end
+    if kind == 'r' then
+      redis.call('HDEL', K_RES, id)
+    elseif kind == 'x' then
+      redis.call('HDEL', K_XFER, id)
+    else
+      redis.call('HDEL', K_IDEM, id)
+    end
     redis.call('ZREM', K_GC, m)
   end
 end
@@ -305,4 +312,51 @@ local function reserve_one(a)
   local out = reply(view)
   idem_store(a.idempotency_key, a.fingerprint, out)
   return out
+end
+
+-- Transfers ---------------------------------------------------------------
+
+-- Debits up to `want` sellable units of cell `from_id` for transfer `t`
+-- (`exact` refuses unless all of `want` can move). Records the transfer as
+-- debited in this partition, with the ledger entry. Returns the units moved
+-- (0: nothing recorded) or nil and a refusal.
+local function transfer_debit(t, want, exact)
+  local existing = redis.call('HGET', K_XFER, t.transfer_id)
+  if existing then return cjson.decode(existing).qty end
+  local c = cell_get(t.from_cell)
+  if not c then return nil, refuse('not_found') end
+  local free = sellable(c)
+  if free < 0 then free = 0 end
+  local moved = want
+  if moved > free then
+    if exact then return nil, refuse('insufficient_stock', { requested = want, available = free }) end
+    moved = free
+  end
+  if moved == 0 then return 0 end
+  local on_hand_before, reserved_before = c.on_hand, c.reserved
+  c.on_hand = c.on_hand - moved
+  c.version = c.version + 1
+  assert_cell(c, t.from_cell)
+  cell_put(t.from_cell, c)
+  local rec = {
+    transfer_id = t.transfer_id, side = 'out', status = 'debited', qty = moved,
+    from_cell = t.from_cell, to_cell = t.to_cell, to_partition = t.to_partition,
+    merchant = c.merchant, sku = c.sku, location = c.location, to_kind = t.to_kind,
+    to_node = t.to_node, reason = t.reason, debited_at_ms = NOW,
+  }
+  redis.call('HSET', K_XFER, t.transfer_id, cjson.encode(rec))
+  ledger('transfer_out', t.from_cell, on_hand_before, reserved_before, c, {
+    qty = moved, transfer_id = t.transfer_id, to_cell = t.to_cell, reason = t.reason,
+  })
+  notify(t.from_cell, c)
+  return moved
+end
+
+local function check_transfer(t)
+  if type(t) ~= 'table' or not is_id(t.transfer_id) then return 'transfer_id' end
+  if not is_cell_id(t.from_cell) or not is_cell_id(t.to_cell) then return 'cells' end
+  if not is_int(t.to_partition, 0, 16383) then return 'to_partition' end
+  if t.to_kind ~= 'pool' and t.to_kind ~= 'bucket' then return 'to_kind' end
+  if t.to_kind == 'bucket' and not is_id(t.to_node) then return 'to_node' end
+  return nil
 end

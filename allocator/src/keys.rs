@@ -123,6 +123,11 @@ pub fn cells_hash(partition: u32) -> String {
     format!("inv:{{{partition}}}:cells")
 }
 
+/// A node's heartbeat (a plain key with a TTL, outside the partitions).
+pub fn heartbeat_key(node: &str) -> String {
+    format!("inv:node:{node}:heartbeat")
+}
+
 /// The channel the scripts publish cell changes on.
 pub const CHANGES_CHANNEL: &str = "inv:changes";
 

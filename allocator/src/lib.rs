@@ -54,6 +54,7 @@
 //!   `sellable ≥ −backorder_limit`, asserted in the script before writing and
 //!   again here on the reply.
 
+mod hot;
 pub mod keys;
 mod model;
 mod scripts;
@@ -66,6 +67,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+pub use hot::{FlashSale, PendingTransfer, REFILL_HORIZON_SECONDS, RateMeter, StockView};
 pub use keys::{CellRef, StockKey};
 pub use model::*;
 use scripts::{Op, Scripts};
@@ -211,7 +213,7 @@ impl Allocator {
         Ok(())
     }
 
-    async fn with_timeout<T>(
+    pub(crate) async fn with_timeout<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T> {
@@ -224,7 +226,7 @@ impl Allocator {
         }
     }
 
-    async fn call(&self, op: Op, partition: u32, mut args: Value) -> Result<Value> {
+    pub(crate) async fn call(&self, op: Op, partition: u32, mut args: Value) -> Result<Value> {
         strip_nulls(&mut args);
         args["partition"] = json!(partition);
         args["node"] = json!(self.settings.node);
@@ -477,7 +479,7 @@ fn unavailable(error: fred::error::Error) -> AllocatorError {
     AllocatorError::StoreUnavailable(error.to_string())
 }
 
-fn protocol(error: serde_json::Error) -> AllocatorError {
+pub(crate) fn protocol(error: serde_json::Error) -> AllocatorError {
     AllocatorError::Protocol(error.to_string())
 }
 
@@ -496,7 +498,7 @@ fn derive_random(scoped_key: &str) -> [u8; 12] {
 }
 
 /// Maps the scripts' refusals to errors; `Ok` for anything else.
-fn check_refusal(reply: &Value) -> Result<()> {
+pub(crate) fn check_refusal(reply: &Value) -> Result<()> {
     match reply["status"].as_str() {
         Some("not_found") => Err(AllocatorError::NotFound),
         Some("idempotency_key_reused") => Err(AllocatorError::IdempotencyKeyReused),

@@ -35,9 +35,17 @@ pub enum Op {
     Adjust,
     /// `lua/settings.lua`
     Settings,
+    /// `lua/transfer_out.lua`
+    TransferOut,
+    /// `lua/transfer_in.lua`
+    TransferIn,
+    /// `lua/transfer_done.lua`
+    TransferDone,
+    /// `lua/pending_transfers.lua`
+    PendingTransfers,
 }
 
-const OPS: [(Op, &str); 9] = [
+const OPS: [(Op, &str); 13] = [
     (Op::Reserve, include_str!("../../lua/reserve.lua")),
     (
         Op::ReserveBatch,
@@ -53,6 +61,16 @@ const OPS: [(Op, &str); 9] = [
     (Op::ExpireDue, include_str!("../../lua/expire_due.lua")),
     (Op::Adjust, include_str!("../../lua/adjust.lua")),
     (Op::Settings, include_str!("../../lua/settings.lua")),
+    (Op::TransferOut, include_str!("../../lua/transfer_out.lua")),
+    (Op::TransferIn, include_str!("../../lua/transfer_in.lua")),
+    (
+        Op::TransferDone,
+        include_str!("../../lua/transfer_done.lua"),
+    ),
+    (
+        Op::PendingTransfers,
+        include_str!("../../lua/pending_transfers.lua"),
+    ),
 ];
 
 /// Every operation's script, ready to run.

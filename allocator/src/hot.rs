@@ -1,0 +1,528 @@
+//! Transfers between cells and the flash-sale buckets built on them.
+//!
+//! Owns moving units between cells in different partitions (debit the source
+//! with a transfer id, then credit the destination idempotently by that id),
+//! and the hot-SKU operations on top: activation (pre-split), refill, reclaim,
+//! heartbeats, and finishing transfers a crash left half done. It does not
+//! decide when a sale starts or which node serves a request: the gateway and
+//! the reconciler do, from the config.
+//!
+//! Refill chunks follow the node's recent reservation rate as the node itself
+//! measured it ([`RateMeter`]): sizing a chunk is a heuristic, not a stock
+//! decision, so it may use the node's clock; whether units exist to move is
+//! still decided inside the scripts, on Redis time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::keys::{self, CellRef, StockKey};
+use crate::scripts::Op;
+use crate::{
+    Allocator, AllocatorError, Cell, Hold, ReserveRequest, Result, check_refusal, protocol,
+};
+
+/// Most refill rounds one hot reservation makes; each round that finds no
+/// units anywhere ends it sooner.
+const HOT_ATTEMPTS_MAX: usize = 32;
+
+/// How many seconds of a node's recent demand one refill aims to cover.
+pub const REFILL_HORIZON_SECONDS: f64 = 1.0;
+
+/// A hot stock key in flash-sale mode, as the allocator needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlashSale {
+    /// The sale's name (from config); part of activation transfer ids.
+    pub name: String,
+    /// The hot stock key.
+    pub key: StockKey,
+    /// Nodes that get a bucket.
+    pub nodes: Vec<String>,
+    /// Share of the pool's sellable split into buckets on activation.
+    pub presplit_fraction: f64,
+    /// Smallest refill.
+    pub refill_chunk_units_min: u64,
+    /// Largest refill.
+    pub refill_chunk_units_max: u64,
+}
+
+impl FlashSale {
+    /// The allocator's view of a configured sale.
+    pub fn from_config(sale: &config::FlashSaleConfig) -> Self {
+        Self {
+            name: sale.name.clone(),
+            key: StockKey::new(&sale.merchant, &sale.sku, &sale.location),
+            nodes: sale.nodes.clone(),
+            presplit_fraction: sale.presplit_fraction,
+            refill_chunk_units_min: sale.refill_chunk_units_min,
+            refill_chunk_units_max: sale.refill_chunk_units_max,
+        }
+    }
+
+    /// Units one refill asks for at `units_per_second` of recent demand.
+    pub fn refill_chunk(&self, units_per_second: f64) -> u64 {
+        let wanted = (units_per_second.max(0.0) * REFILL_HORIZON_SECONDS).ceil() as u64;
+        wanted.clamp(self.refill_chunk_units_min, self.refill_chunk_units_max)
+    }
+}
+
+/// A transfer the source partition recorded as debited and not yet credited.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PendingTransfer {
+    /// Its id.
+    pub transfer_id: String,
+    /// Units debited.
+    pub qty: u64,
+    /// Source cell id.
+    pub from_cell: String,
+    /// Destination cell id.
+    pub to_cell: String,
+    /// Destination partition.
+    pub to_partition: u32,
+    /// Merchant of the stock key.
+    pub merchant: String,
+    /// SKU of the stock key.
+    pub sku: String,
+    /// Location of the stock key.
+    pub location: String,
+    /// `pool` or `bucket`.
+    pub to_kind: String,
+    /// The node of a bucket destination.
+    #[serde(default)]
+    pub to_node: Option<String>,
+    /// Why it was made (`activate`, `refill`, `reclaim`).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The cells of a stock key with their sellable units: the pool, and in a
+/// flash sale one bucket per node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StockView {
+    /// The pool cell, if the key exists.
+    pub pool: Option<Cell>,
+    /// `(node, bucket)` for every node of the sale that has a bucket.
+    pub buckets: Vec<(String, Cell)>,
+}
+
+impl StockView {
+    /// Sellable units of the whole key: the pool plus every bucket's free units.
+    pub fn sellable(&self) -> i64 {
+        let pool = self.pool.as_ref().map_or(0, Cell::sellable);
+        pool + self
+            .buckets
+            .iter()
+            .map(|(_, bucket)| bucket.sellable().max(0))
+            .sum::<i64>()
+    }
+}
+
+/// Exponentially weighted reservation rate of one node for one key, in units
+/// per second, measured on the node's clock.
+#[derive(Debug)]
+pub struct RateMeter {
+    /// Units counted since `window_start`.
+    units_in_window: AtomicU64,
+    /// Start of the current window and the last smoothed rate (f64 bits).
+    state: std::sync::Mutex<(Instant, f64)>,
+}
+
+impl Default for RateMeter {
+    fn default() -> Self {
+        Self {
+            units_in_window: AtomicU64::new(0),
+            state: std::sync::Mutex::new((Instant::now(), 0.0)),
+        }
+    }
+}
+
+impl RateMeter {
+    /// Window over which units are counted before they are folded in.
+    const WINDOW: Duration = Duration::from_millis(250);
+
+    /// Counts `units` reserved now.
+    pub fn record(&self, units: u64) {
+        self.units_in_window.fetch_add(units, Ordering::Relaxed);
+    }
+
+    /// The smoothed rate, folding in the window if it is complete.
+    pub fn units_per_second(&self) -> f64 {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let elapsed = state.0.elapsed();
+        let units = self.units_in_window.load(Ordering::Relaxed) as f64;
+        if elapsed >= Self::WINDOW {
+            let window_rate = units / elapsed.as_secs_f64();
+            state.1 = if state.1 == 0.0 {
+                window_rate
+            } else {
+                0.5 * state.1 + 0.5 * window_rate
+            };
+            state.0 = Instant::now();
+            self.units_in_window.store(0, Ordering::Relaxed);
+            state.1
+        } else {
+            state.1.max(units / Self::WINDOW.as_secs_f64())
+        }
+    }
+}
+
+/// A process-unique suffix for transfer ids of refills and reclaims.
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{nanos:x}.{}.{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Lua's cjson writes an empty list as `{}`: read either as a list.
+fn list<T: serde::de::DeserializeOwned>(value: &Value) -> Result<Vec<T>> {
+    match value {
+        Value::Object(map) if map.is_empty() => Ok(Vec::new()),
+        Value::Null => Ok(Vec::new()),
+        other => serde_json::from_value(other.clone()).map_err(protocol),
+    }
+}
+
+impl Allocator {
+    /// Moves up to `qty` sellable units (exactly `qty` or nothing when `exact`)
+    /// from `from` to `to`; returns the units moved. A crash between the
+    /// debit and the credit leaves the transfer for [`Allocator::finish_transfers`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn transfer(
+        &self,
+        transfer_id: &str,
+        key: &StockKey,
+        from: &CellRef,
+        to: &CellRef,
+        to_node: Option<&str>,
+        qty: u64,
+        exact: bool,
+        reason: &str,
+    ) -> Result<u64> {
+        let moved = self
+            .transfer_out(transfer_id, key, from, to, to_node, qty, exact, reason)
+            .await?;
+        if moved > 0 {
+            self.transfer_in(transfer_id, key, from, to, to_node, moved, reason)
+                .await?;
+            self.transfer_done(from.partition, transfer_id).await?;
+        }
+        Ok(moved)
+    }
+
+    fn transfer_args(
+        transfer_id: &str,
+        key: &StockKey,
+        from: &CellRef,
+        to: &CellRef,
+        to_node: Option<&str>,
+        qty: u64,
+        reason: &str,
+    ) -> Value {
+        json!({
+            "transfer_id": transfer_id, "from_cell": from.id, "to_cell": to.id,
+            "to_partition": to.partition, "to_kind": if to_node.is_some() { "bucket" } else { "pool" },
+            "to_node": to_node, "qty": qty, "reason": reason,
+            "merchant": key.merchant, "sku": key.sku, "location": key.location,
+        })
+    }
+
+    /// The debit half of a transfer (public so tests can stage a crash after it).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn transfer_out(
+        &self,
+        transfer_id: &str,
+        key: &StockKey,
+        from: &CellRef,
+        to: &CellRef,
+        to_node: Option<&str>,
+        qty: u64,
+        exact: bool,
+        reason: &str,
+    ) -> Result<u64> {
+        let mut args = Self::transfer_args(transfer_id, key, from, to, to_node, qty, reason);
+        args["exact"] = json!(exact);
+        let reply = self.call(Op::TransferOut, from.partition, args).await?;
+        if reply["status"] == json!("insufficient_stock") {
+            return Err(AllocatorError::InsufficientStock {
+                lines: vec![crate::ShortLine {
+                    sku: key.sku.clone(),
+                    location: key.location.clone(),
+                    requested: qty.min(u64::from(u32::MAX)) as u32,
+                    available: reply["available"].as_i64().unwrap_or_default(),
+                }],
+            });
+        }
+        check_refusal(&reply)?;
+        reply["qty"]
+            .as_u64()
+            .ok_or_else(|| AllocatorError::Protocol(format!("transfer_out reply: {reply}")))
+    }
+
+    /// The credit half; returns false when the transfer was credited before.
+    #[allow(clippy::too_many_arguments)]
+    async fn transfer_in(
+        &self,
+        transfer_id: &str,
+        key: &StockKey,
+        from: &CellRef,
+        to: &CellRef,
+        to_node: Option<&str>,
+        qty: u64,
+        reason: &str,
+    ) -> Result<bool> {
+        let args = Self::transfer_args(transfer_id, key, from, to, to_node, qty, reason);
+        let reply = self.call(Op::TransferIn, to.partition, args).await?;
+        check_refusal(&reply)?;
+        Ok(reply["replayed"] != json!(true))
+    }
+
+    async fn transfer_done(&self, partition: u32, transfer_id: &str) -> Result<()> {
+        let reply = self
+            .call(
+                Op::TransferDone,
+                partition,
+                json!({ "transfer_id": transfer_id }),
+            )
+            .await?;
+        check_refusal(&reply)
+    }
+
+    /// Credits every transfer of `partition` debited at least `older_than` ago
+    /// and not credited (the process that debited it died). Safe to run on
+    /// several reconcilers at once: each transfer is credited once. Returns how
+    /// many this call credited.
+    pub async fn finish_transfers(&self, partition: u32, older_than: Duration) -> Result<u64> {
+        let mut cursor = "0".to_owned();
+        let mut credited = 0;
+        loop {
+            let args = json!({
+                "older_than_ms": older_than.as_millis() as u64, "limit": 200, "cursor": cursor,
+            });
+            let reply = self.call(Op::PendingTransfers, partition, args).await?;
+            check_refusal(&reply)?;
+            for pending in list::<PendingTransfer>(&reply["transfers"])? {
+                let key = StockKey::new(&pending.merchant, &pending.sku, &pending.location);
+                let from = CellRef {
+                    partition,
+                    id: pending.from_cell.clone(),
+                };
+                let to = CellRef {
+                    partition: pending.to_partition,
+                    id: pending.to_cell.clone(),
+                };
+                let reason = pending.reason.as_deref().unwrap_or("finish");
+                if self
+                    .transfer_in(
+                        &pending.transfer_id,
+                        &key,
+                        &from,
+                        &to,
+                        pending.to_node.as_deref(),
+                        pending.qty,
+                        reason,
+                    )
+                    .await?
+                {
+                    credited += 1;
+                }
+                self.transfer_done(partition, &pending.transfer_id).await?;
+            }
+            cursor = reply["cursor"].as_str().unwrap_or("0").to_owned();
+            if cursor == "0" {
+                return Ok(credited);
+            }
+        }
+    }
+
+    /// Pre-splits `presplit_fraction` of the pool's sellable units across the
+    /// sale's nodes' buckets. Idempotent per `epoch` (one activation of the
+    /// sale): calling it again moves nothing more. Returns units per node.
+    pub async fn activate(&self, sale: &FlashSale, epoch: &str) -> Result<Vec<(String, u64)>> {
+        let pool = sale.key.pool(self.settings.partitions);
+        let sellable = self
+            .cell(&pool)
+            .await?
+            .ok_or(AllocatorError::NotFound)?
+            .sellable()
+            .max(0) as u64;
+        let total = (sellable as f64 * sale.presplit_fraction).floor() as u64;
+        let nodes = sale.nodes.len().max(1) as u64;
+        let mut moved = Vec::with_capacity(sale.nodes.len());
+        for (index, node) in sale.nodes.iter().enumerate() {
+            let share = total / nodes + u64::from((index as u64) < total % nodes);
+            let bucket = sale.key.bucket(node, self.settings.partitions);
+            let transfer_id = format!("activate.{}.{epoch}.{node}", sale.name);
+            let units = if share == 0 {
+                0
+            } else {
+                self.transfer(
+                    &transfer_id,
+                    &sale.key,
+                    &pool,
+                    &bucket,
+                    Some(node),
+                    share,
+                    false,
+                    "activate",
+                )
+                .await?
+            };
+            moved.push((node.clone(), units));
+        }
+        Ok(moved)
+    }
+
+    /// Moves a chunk sized from `units_per_second` from the pool to `node`'s
+    /// bucket; returns the units moved (0 when the pool has none).
+    pub async fn refill(&self, sale: &FlashSale, node: &str, units_per_second: f64) -> Result<u64> {
+        let pool = sale.key.pool(self.settings.partitions);
+        let bucket = sale.key.bucket(node, self.settings.partitions);
+        let chunk = sale.refill_chunk(units_per_second);
+        let transfer_id = format!("refill.{node}.{}", unique_suffix());
+        self.transfer(
+            &transfer_id,
+            &sale.key,
+            &pool,
+            &bucket,
+            Some(node),
+            chunk,
+            false,
+            "refill",
+        )
+        .await
+    }
+
+    /// Returns `node`'s unreserved bucket units above `keep_units` to the
+    /// pool; returns the units moved. Held units stay until their holds end.
+    pub async fn reclaim(&self, sale: &FlashSale, node: &str, keep_units: u64) -> Result<u64> {
+        let pool = sale.key.pool(self.settings.partitions);
+        let bucket = sale.key.bucket(node, self.settings.partitions);
+        let Some(cell) = self.cell(&bucket).await? else {
+            return Ok(0);
+        };
+        let surplus = (cell.sellable().max(0) as u64).saturating_sub(keep_units);
+        if surplus == 0 {
+            return Ok(0);
+        }
+        let transfer_id = format!("reclaim.{node}.{}", unique_suffix());
+        self.transfer(
+            &transfer_id,
+            &sale.key,
+            &bucket,
+            &pool,
+            None,
+            surplus,
+            false,
+            "reclaim",
+        )
+        .await
+    }
+
+    /// Reserves for a hot key from `node`'s bucket: on a short bucket it
+    /// refills from the pool (chunk sized from `meter`), and when the pool is
+    /// dry it first pulls the other buckets' free units back to the pool
+    /// ("a drained node may pull from the pool again"), so a refusal means the
+    /// whole key is sold out but for units held or in flight at that instant.
+    pub async fn reserve_hot(
+        &self,
+        sale: &FlashSale,
+        node: &str,
+        request: &ReserveRequest,
+        meter: &RateMeter,
+    ) -> Result<Hold> {
+        let bucket = sale.key.bucket(node, self.settings.partitions);
+        let mut last_refusal = None;
+        for _ in 0..HOT_ATTEMPTS_MAX {
+            match self.reserve_in(request, &bucket).await {
+                Ok(hold) => {
+                    if !hold.replayed {
+                        meter.record(u64::from(request.qty));
+                    }
+                    return Ok(hold);
+                }
+                Err(refusal @ AllocatorError::InsufficientStock { .. }) => {
+                    last_refusal = Some(refusal)
+                }
+                Err(other) => return Err(other),
+            }
+            let rate = meter.units_per_second().max(f64::from(request.qty));
+            if self.refill(sale, node, rate).await? > 0 {
+                continue;
+            }
+            let mut pulled = 0;
+            for other in sale.nodes.iter().filter(|other| other.as_str() != node) {
+                pulled += self.reclaim(sale, other, 0).await?;
+            }
+            if pulled > 0 {
+                continue;
+            }
+            // Pool and other buckets looked dry; units credited since (another
+            // node's refill landing) are still worth a round.
+            if self.stock_view(&sale.key, &sale.nodes).await?.sellable() <= 0 {
+                break;
+            }
+        }
+        Err(last_refusal.unwrap_or(AllocatorError::InsufficientStock { lines: Vec::new() }))
+    }
+
+    /// The pool and every bucket of a sale's key.
+    pub async fn stock_view(&self, key: &StockKey, nodes: &[String]) -> Result<StockView> {
+        let pool = self.cell(&key.pool(self.settings.partitions)).await?;
+        let mut buckets = Vec::new();
+        for node in nodes {
+            if let Some(cell) = self
+                .cell(&key.bucket(node, self.settings.partitions))
+                .await?
+            {
+                buckets.push((node.clone(), cell));
+            }
+        }
+        Ok(StockView { pool, buckets })
+    }
+
+    /// Announces this node alive for `ttl`.
+    pub async fn heartbeat(&self, ttl: Duration) -> Result<()> {
+        let key = keys::heartbeat_key(&self.settings.node);
+        let _: () = self
+            .with_timeout(self.pool.next().set(
+                key,
+                "alive",
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                None,
+                false,
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Whether `node`'s heartbeat is current.
+    pub async fn node_alive(&self, node: &str) -> Result<bool> {
+        let count: u64 = self
+            .with_timeout(self.pool.next().exists(keys::heartbeat_key(node)))
+            .await?;
+        Ok(count > 0)
+    }
+
+    /// Redis time in ms since the epoch (the one clock stock decisions use).
+    pub async fn redis_time_ms(&self) -> Result<u64> {
+        let time =
+            fred::types::CustomCommand::new_static("TIME", fred::types::ClusterHash::Random, false);
+        let (seconds, micros): (u64, u64) = self
+            .with_timeout(self.pool.next().custom(time, Vec::<String>::new()))
+            .await?;
+        Ok(seconds * 1000 + micros / 1000)
+    }
+}

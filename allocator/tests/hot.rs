@@ -1,0 +1,292 @@
+//! Transfers and flash-sale buckets against the real Redis of the stack.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use allocator::{
+    Adjustment, AdjustmentKind, Allocator, AllocatorError, AllocatorSettings, FlashSale, RateMeter,
+    ReserveRequest, StockKey,
+};
+use serde_json::Value;
+
+const PARTITIONS: u32 = 64;
+
+async fn allocator(node: &str) -> Allocator {
+    let settings = AllocatorSettings {
+        node: node.to_owned(),
+        partitions: PARTITIONS,
+        command_timeout: Duration::from_secs(2),
+        ttl_default: Duration::from_secs(600),
+        ttl_max: Duration::from_secs(3600),
+        customer_ref_key: "test-customer-ref-key".to_owned(),
+    };
+    Allocator::connect(&testkit::stack().redis_url, settings, 4)
+        .await
+        .expect("connect to the stack's redis")
+}
+
+fn sale(nodes: &[&str]) -> FlashSale {
+    FlashSale {
+        name: testkit::unique_id("sale"),
+        key: StockKey::new(testkit::unique_id("m"), "hot-sku", "dc1"),
+        nodes: nodes.iter().map(|node| (*node).to_owned()).collect(),
+        presplit_fraction: 0.5,
+        refill_chunk_units_min: 2,
+        refill_chunk_units_max: 10,
+    }
+}
+
+async fn stock(allocator: &Allocator, key: &StockKey, units: i64) {
+    allocator
+        .adjust(&Adjustment {
+            merchant: key.merchant.clone(),
+            sku: key.sku.clone(),
+            location: key.location.clone(),
+            kind: AdjustmentKind::Delta,
+            qty: units,
+            source: "test".to_owned(),
+            event_id: testkit::unique_id("restock"),
+            source_seq: None,
+        })
+        .await
+        .expect("restock");
+}
+
+fn one_unit(key: &StockKey, idempotency_key: String) -> ReserveRequest {
+    ReserveRequest {
+        key: key.clone(),
+        qty: 1,
+        ttl: None,
+        idempotency_key,
+        customer_ref: None,
+    }
+}
+
+/// Ledger entries of every cell of `key` (pool and buckets), any partition.
+async fn entries_of(allocator: &Allocator, key: &StockKey) -> Vec<Value> {
+    let prefix = format!("{}|{}|{}|", key.merchant, key.sku, key.location);
+    let mut all = Vec::new();
+    for partition in 0..PARTITIONS {
+        for (_, entry) in allocator.ledger_entries(partition).await.expect("ledger") {
+            if entry["cell"]
+                .as_str()
+                .is_some_and(|cell| cell.starts_with(&prefix))
+            {
+                all.push(entry);
+            }
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_without_its_credit_is_finished_once_by_racing_finishers() {
+    let allocator = allocator("node-a").await;
+    let sale = sale(&["node-a"]);
+    stock(&allocator, &sale.key, 30).await;
+    let pool = sale.key.pool(PARTITIONS);
+    let bucket = sale.key.bucket("node-a", PARTITIONS);
+
+    // The node debits the pool and dies before crediting its bucket.
+    let moved = allocator
+        .transfer_out(
+            "t-crash",
+            &sale.key,
+            &pool,
+            &bucket,
+            Some("node-a"),
+            12,
+            true,
+            "refill",
+        )
+        .await
+        .expect("debit");
+    assert_eq!(moved, 12);
+    let view = allocator
+        .stock_view(&sale.key, &sale.nodes)
+        .await
+        .expect("view");
+    assert_eq!(view.sellable(), 18, "12 units are in flight");
+
+    // Two reconcilers find it at the same time.
+    let a = Arc::new(allocator);
+    let b = Arc::new(self::allocator("reconciler-b").await);
+    let (first, second) = tokio::join!(
+        a.finish_transfers(pool.partition, Duration::ZERO),
+        b.finish_transfers(pool.partition, Duration::ZERO)
+    );
+    let credited = first.expect("finisher a") + second.expect("finisher b");
+    assert!(credited >= 1, "someone credited it");
+    let view = a.stock_view(&sale.key, &sale.nodes).await.expect("view");
+    assert_eq!(
+        view.sellable(),
+        30,
+        "conserved: nothing lost, nothing doubled"
+    );
+    assert_eq!(view.buckets[0].1.on_hand, 12);
+
+    let credits = entries_of(&a, &sale.key)
+        .await
+        .into_iter()
+        .filter(|entry| entry["op"] == "transfer_in" && entry["transfer_id"] == "t-crash")
+        .count();
+    assert_eq!(credits, 1, "credited exactly once");
+    assert_eq!(
+        a.finish_transfers(pool.partition, Duration::ZERO)
+            .await
+            .expect("again"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn activation_splits_the_pool_once_per_epoch() {
+    let allocator = allocator("node-a").await;
+    let sale = sale(&["node-a", "node-b", "node-c"]);
+    stock(&allocator, &sale.key, 91).await;
+
+    let split = allocator.activate(&sale, "e1").await.expect("activate");
+    assert_eq!(
+        split,
+        [
+            ("node-a".to_owned(), 15),
+            ("node-b".to_owned(), 15),
+            ("node-c".to_owned(), 15)
+        ]
+    );
+    let again = allocator
+        .activate(&sale, "e1")
+        .await
+        .expect("activate again");
+    assert_eq!(again, split, "the same epoch moves nothing more");
+    let view = allocator
+        .stock_view(&sale.key, &sale.nodes)
+        .await
+        .expect("view");
+    assert_eq!(view.pool.as_ref().map(|pool| pool.on_hand), Some(46));
+    assert_eq!(view.sellable(), 91);
+
+    let back = allocator
+        .reclaim(&sale, "node-b", 0)
+        .await
+        .expect("reclaim");
+    assert_eq!(back, 15);
+    let view = allocator
+        .stock_view(&sale.key, &sale.nodes)
+        .await
+        .expect("view");
+    assert_eq!(view.pool.as_ref().map(|pool| pool.on_hand), Some(61));
+    assert_eq!(view.sellable(), 91);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_racers_over_three_buckets_get_exactly_fifty_with_refills_and_reclaims() {
+    let nodes = ["node-a", "node-b", "node-c"];
+    let sale = Arc::new(sale(&nodes));
+    let mut allocators = Vec::new();
+    for node in nodes {
+        allocators.push(Arc::new(allocator(node).await));
+    }
+    stock(&allocators[0], &sale.key, 50).await;
+    allocators[0].activate(&sale, "e1").await.expect("activate");
+
+    // A reclaimer keeps pulling node-c's free units back while the race runs.
+    let racing = Arc::new(AtomicBool::new(true));
+    let reclaimer = {
+        let allocator = allocators[2].clone();
+        let sale = sale.clone();
+        let racing = racing.clone();
+        tokio::spawn(async move {
+            let mut reclaimed = 0;
+            while racing.load(Ordering::Relaxed) {
+                reclaimed += allocator
+                    .reclaim(&sale, "node-c", 0)
+                    .await
+                    .expect("reclaim");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            reclaimed
+        })
+    };
+
+    let meters: Arc<Vec<RateMeter>> =
+        Arc::new(nodes.iter().map(|_| RateMeter::default()).collect());
+    let racers: Vec<_> = (0..200)
+        .map(|i| {
+            let index = i % 3;
+            let allocator = allocators[index].clone();
+            let sale = sale.clone();
+            let meters = meters.clone();
+            tokio::spawn(async move {
+                let request = one_unit(&sale.key, format!("racer-{i}"));
+                allocator
+                    .reserve_hot(&sale, nodes[index], &request, &meters[index])
+                    .await
+            })
+        })
+        .collect();
+    let (mut held, mut refused) = (0, 0);
+    for racer in racers {
+        match racer.await.expect("task") {
+            Ok(_) => held += 1,
+            Err(AllocatorError::InsufficientStock { .. }) => refused += 1,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    racing.store(false, Ordering::Relaxed);
+    let reclaimed = reclaimer.await.expect("reclaimer");
+
+    assert_eq!(
+        (held, refused),
+        (50, 150),
+        "reclaimed {reclaimed} units along the way"
+    );
+    let view = allocators[0]
+        .stock_view(&sale.key, &sale.nodes)
+        .await
+        .expect("view");
+    let on_hand: i64 = view.pool.iter().map(|pool| pool.on_hand).sum::<i64>()
+        + view
+            .buckets
+            .iter()
+            .map(|(_, bucket)| bucket.on_hand)
+            .sum::<i64>();
+    let reserved: i64 = view.pool.iter().map(|pool| pool.reserved).sum::<i64>()
+        + view
+            .buckets
+            .iter()
+            .map(|(_, bucket)| bucket.reserved)
+            .sum::<i64>();
+    assert_eq!((on_hand, reserved, view.sellable()), (50, 50, 0));
+
+    let entries = entries_of(&allocators[0], &sale.key).await;
+    let count = |op: &str| entries.iter().filter(|entry| entry["op"] == op).count();
+    assert_eq!(count("reserve"), 50);
+    let qty = |op: &str| -> i64 {
+        entries
+            .iter()
+            .filter(|entry| entry["op"] == op)
+            .map(|entry| entry["qty"].as_i64().expect("qty"))
+            .sum()
+    };
+    assert_eq!(
+        qty("transfer_out"),
+        qty("transfer_in"),
+        "nothing left in flight"
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_lapse() {
+    let allocator = allocator(&testkit::unique_id("node")).await;
+    let node = allocator.settings().node.clone();
+    assert!(!allocator.node_alive(&node).await.expect("check"));
+    allocator
+        .heartbeat(Duration::from_millis(300))
+        .await
+        .expect("beat");
+    assert!(allocator.node_alive(&node).await.expect("check"));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(!allocator.node_alive(&node).await.expect("check"), "lapsed");
+}

@@ -1,0 +1,33 @@
+-- transfer_in: the second half of a transfer. Credits ARGS.qty units to
+-- ARGS.to_cell (creating a bucket cell if new) exactly once per transfer id:
+-- a second call, from a retry or a concurrent finisher, changes nothing.
+-- Replies: credited {qty, replayed}, bad_argument.
+local bad = check_transfer(ARGS)
+if bad then return refuse('bad_argument', { reason = bad }) end
+if not is_int(ARGS.qty, 1, 1000000000) or not is_id(ARGS.merchant) or not is_id(ARGS.sku)
+  or not is_id(ARGS.location) then
+  return refuse('bad_argument', { reason = 'qty and stock key' })
+end
+local done = redis.call('HGET', K_XFER, 'in|' .. ARGS.transfer_id)
+if done then
+  return reply({ status = 'credited', qty = cjson.decode(done).qty, replayed = true })
+end
+housekeeping()
+local c = cell_get(ARGS.to_cell)
+if not c then
+  c = new_cell({ merchant = ARGS.merchant, sku = ARGS.sku, location = ARGS.location,
+    bucket_node = ARGS.to_node }, ARGS.to_kind)
+end
+local on_hand_before, reserved_before = c.on_hand, c.reserved
+c.on_hand = c.on_hand + ARGS.qty
+c.version = c.version + 1
+cell_put(ARGS.to_cell, c)
+redis.call('HSET', K_XFER, 'in|' .. ARGS.transfer_id, cjson.encode({
+  qty = ARGS.qty, from_cell = ARGS.from_cell, credited_at_ms = NOW,
+}))
+gc_later('x|in|' .. ARGS.transfer_id)
+ledger('transfer_in', ARGS.to_cell, on_hand_before, reserved_before, c, {
+  qty = ARGS.qty, transfer_id = ARGS.transfer_id, from_cell = ARGS.from_cell, reason = ARGS.reason,
+})
+notify(ARGS.to_cell, c)
+return reply({ status = 'credited', qty = ARGS.qty, replayed = false, cell = c })
