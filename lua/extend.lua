@@ -7,14 +7,18 @@ if not is_id(ARGS.reservation_id) or not is_int(ARGS.ttl_ms, 1, 7 * 24 * 3600 * 
 end
 housekeeping()
 local r = res_for_caller(ARGS.reservation_id)
-if not r then return refuse('not_found') end
+if not r or (r.cart_id and not ARGS.cart_flow) then return refuse('not_found') end
 if r.status ~= 'held' then
   return refuse('not_held', { reservation_status = r.status })
+end
+if r.lines and NOW >= r.expires_at_ms then
+  return refuse('not_held', { reservation_status = 'expired' })
 end
 r.expires_at_ms = NOW + ARGS.ttl_ms
 r.hold_until_ms = r.expires_at_ms + ARGS.grace_ms
 res_put(r)
 redis.call('ZADD', K_DUE, r.hold_until_ms, r.reservation_id)
+if r.lines then return reply(reservation_view(r)) end
 local c = cell_get(r.cell)
 ledger('extend', r.cell, c.on_hand, c.reserved, c, {
   reservation_id = r.reservation_id, qty = 0, expires_at_ms = r.expires_at_ms,

@@ -186,7 +186,13 @@ local function expire_due(limit)
   local ids = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', NOW, 'LIMIT', 0, limit)
   for _, id in ipairs(ids) do
     local r = res_get(id)
-    if r and r.status == 'held' then
+    if r and r.status == 'held' and r.lines then
+      r.status = 'expired'
+      r.finished_at_ms = NOW
+      res_put(r)
+      redis.call('ZREM', K_DUE, id)
+      gc_later('r|' .. id)
+    elseif r and r.status == 'held' then
       finish_hold(r, 'expire')
     else
       redis.call('ZREM', K_DUE, id)
@@ -239,6 +245,12 @@ local function housekeeping()
 end
 
 local function reservation_view(r)
+  if r.lines then
+    return {
+      status = r.status, reservation_id = r.reservation_id, merchant = r.merchant,
+      expires_at_ms = r.expires_at_ms, lines = r.lines, kind = 'cart',
+    }
+  end
   return {
     status = r.status, reservation_id = r.reservation_id, merchant = r.merchant,
     sku = r.sku, location = r.location, cell = r.cell, qty = r.qty,
@@ -282,7 +294,9 @@ local function reserve_one(a)
   if available - a.qty < -c.backorder_limit then
     local shown = available
     if shown < 0 then shown = 0 end
-    return refuse('insufficient_stock', { requested = a.qty, available = shown, version = c.version })
+    local out = refuse('insufficient_stock', { requested = a.qty, available = shown, version = c.version })
+    if a.remember_refusal then idem_store(a.idempotency_key, a.fingerprint, out) end
+    return out
   end
   local backordered = a.qty
   if available > 0 then backordered = a.qty - available end

@@ -1,4 +1,5 @@
--- pending_transfers: transfers of this partition debited at least
+-- pending_transfers: transfers (and carts left half committed or released)
+-- of this partition debited at least
 -- ARGS.older_than_ms ago and not yet marked credited, for the finisher.
 -- Scans at most ARGS.limit records per call from cursor ARGS.cursor.
 if not is_int(ARGS.older_than_ms, 0, 86400000) or not is_int(ARGS.limit, 1, 10000)
@@ -7,14 +8,18 @@ if not is_int(ARGS.older_than_ms, 0, 86400000) or not is_int(ARGS.limit, 1, 1000
 end
 local scan = redis.call('HSCAN', K_XFER, ARGS.cursor, 'COUNT', ARGS.limit)
 local pending = {}
+local carts = {}
 local fields = scan[2]
 for i = 1, #fields, 2 do
   local id, raw = fields[i], fields[i + 1]
-  if id:sub(1, 3) ~= 'in|' then
+  if id:sub(1, 5) == 'cart|' then
+    local rec = cjson.decode(raw)
+    if rec.since_ms <= NOW - ARGS.older_than_ms then carts[#carts + 1] = rec end
+  elseif id:sub(1, 3) ~= 'in|' then
     local rec = cjson.decode(raw)
     if rec.status == 'debited' and rec.debited_at_ms <= NOW - ARGS.older_than_ms then
       pending[#pending + 1] = rec
     end
   end
 end
-return reply({ status = 'ok', cursor = scan[1], transfers = pending })
+return reply({ status = 'ok', cursor = scan[1], transfers = pending, carts = carts })

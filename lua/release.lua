@@ -9,7 +9,8 @@ local replay = idem_replay(ARGS.idempotency_key, ARGS.fingerprint)
 if replay then return replay end
 housekeeping()
 local r = res_for_caller(ARGS.reservation_id)
-if not r then return refuse('not_found') end
+if not r or (r.cart_id and not ARGS.cart_flow) then return refuse('not_found') end
+if r.lines then return refuse('bad_argument', { reason = 'carts move through the cart script' }) end
 if r.status == 'committed' then
   return refuse('not_held', { reservation_status = r.status })
 end

@@ -187,7 +187,7 @@ fn unique_suffix() -> String {
 }
 
 /// Lua's cjson writes an empty list as `{}`: read either as a list.
-fn list<T: serde::de::DeserializeOwned>(value: &Value) -> Result<Vec<T>> {
+pub(crate) fn list<T: serde::de::DeserializeOwned>(value: &Value) -> Result<Vec<T>> {
     match value {
         Value::Object(map) if map.is_empty() => Ok(Vec::new()),
         Value::Null => Ok(Vec::new()),

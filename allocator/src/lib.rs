@@ -54,6 +54,7 @@
 //!   `sellable ≥ −backorder_limit`, asserted in the script before writing and
 //!   again here on the reply.
 
+mod cart;
 mod hot;
 pub mod keys;
 mod model;
@@ -67,6 +68,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+pub use cart::{CART_LINES_MAX, CartHold, CartLine, CartLineView, CartRequest, CartView};
 pub use hot::{FlashSale, PendingTransfer, REFILL_HORIZON_SECONDS, RateMeter, StockView};
 pub use keys::{CellRef, StockKey};
 pub use model::*;
@@ -123,6 +125,8 @@ pub struct AllocatorSettings {
     pub ttl_max: Duration,
     /// Secret of the keyed hash of customer references.
     pub customer_ref_key: String,
+    /// How long a cart's line holds outlive the cart's advertised expiry.
+    pub cart_line_grace: Duration,
 }
 
 impl AllocatorSettings {
@@ -135,6 +139,7 @@ impl AllocatorSettings {
             ttl_default: Duration::from_secs(config.stock.reservation_ttl_seconds_default),
             ttl_max: Duration::from_secs(config.stock.reservation_ttl_seconds_max),
             customer_ref_key: config.auth.customer_ref_key.clone(),
+            cart_line_grace: Duration::from_secs(config.stock.cart_line_grace_seconds),
         }
     }
 }
@@ -246,7 +251,7 @@ impl Allocator {
         Ok(reply)
     }
 
-    fn ttl_ms(&self, ttl: Option<Duration>) -> Result<u64> {
+    pub(crate) fn ttl_ms(&self, ttl: Option<Duration>) -> Result<u64> {
         let ttl = ttl.unwrap_or(self.settings.ttl_default);
         if ttl.is_zero() || ttl > self.settings.ttl_max {
             return Err(AllocatorError::InvalidRequest(format!(
@@ -279,7 +284,7 @@ impl Allocator {
         decode_hold(&request.key, request.qty, reply)
     }
 
-    fn reserve_args(&self, request: &ReserveRequest, cell: &CellRef) -> Result<Value> {
+    pub(crate) fn reserve_args(&self, request: &ReserveRequest, cell: &CellRef) -> Result<Value> {
         let ttl_ms = self.ttl_ms(request.ttl)?;
         let key = &request.key;
         let fingerprint = fingerprint(&json!({
@@ -297,7 +302,7 @@ impl Allocator {
         }))
     }
 
-    fn reservation_partition(&self, reservation_id: &str) -> Result<u32> {
+    pub(crate) fn reservation_partition(&self, reservation_id: &str) -> Result<u32> {
         keys::reservation_partition(reservation_id, self.settings.partitions)
             .ok_or(AllocatorError::NotFound)
     }
@@ -484,13 +489,13 @@ pub(crate) fn protocol(error: serde_json::Error) -> AllocatorError {
 }
 
 /// SHA-256 of the canonical JSON of a request (serde_json keeps key order).
-fn fingerprint(request: &Value) -> String {
+pub(crate) fn fingerprint(request: &Value) -> String {
     hex::encode(Sha256::digest(request.to_string().as_bytes()))
 }
 
 /// 96 bits derived from a scoped idempotency key: the same request gets the
 /// same reservation id on every node.
-fn derive_random(scoped_key: &str) -> [u8; 12] {
+pub(crate) fn derive_random(scoped_key: &str) -> [u8; 12] {
     let digest = Sha256::digest(scoped_key.as_bytes());
     let mut out = [0u8; 12];
     out.copy_from_slice(&digest[..12]);
@@ -520,12 +525,12 @@ pub(crate) fn check_refusal(reply: &Value) -> Result<()> {
     }
 }
 
-fn decode_reservation(reply: Value) -> Result<Reservation> {
+pub(crate) fn decode_reservation(reply: Value) -> Result<Reservation> {
     check_refusal(&reply)?;
     serde_json::from_value(reply).map_err(protocol)
 }
 
-fn decode_hold(key: &StockKey, qty: u32, reply: Value) -> Result<Hold> {
+pub(crate) fn decode_hold(key: &StockKey, qty: u32, reply: Value) -> Result<Hold> {
     if reply["status"] == json!("insufficient_stock") {
         return Err(AllocatorError::InsufficientStock {
             lines: vec![ShortLine {

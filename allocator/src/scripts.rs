@@ -43,9 +43,11 @@ pub enum Op {
     TransferDone,
     /// `lua/pending_transfers.lua`
     PendingTransfers,
+    /// `lua/cart.lua`
+    Cart,
 }
 
-const OPS: [(Op, &str); 13] = [
+const OPS: [(Op, &str); 14] = [
     (Op::Reserve, include_str!("../../lua/reserve.lua")),
     (
         Op::ReserveBatch,
@@ -71,6 +73,7 @@ const OPS: [(Op, &str); 13] = [
         Op::PendingTransfers,
         include_str!("../../lua/pending_transfers.lua"),
     ),
+    (Op::Cart, include_str!("../../lua/cart.lua")),
 ];
 
 /// Every operation's script, ready to run.

@@ -20,6 +20,7 @@ async fn allocator() -> Allocator {
         ttl_default: Duration::from_secs(600),
         ttl_max: Duration::from_secs(3600),
         customer_ref_key: "test-customer-ref-key".to_owned(),
+        cart_line_grace: Duration::from_secs(2),
     };
     Allocator::connect(&testkit::stack().redis_url, settings, 4)
         .await

@@ -1,0 +1,564 @@
+//! Reservations as the API sees them: carts of one or more lines, all or
+//! nothing.
+//!
+//! Owns the cart protocol of shared/DESIGN.md. A one-line cart is a single
+//! reservation record (one script call). A multi-line cart's lines live in
+//! their own keys' partitions, so no script sees them all: the lines are held
+//! one by one (each idempotent, each holding past the cart's expiry by
+//! `cart_line_grace`), then one cart record in the partition of the cart's id
+//! is created, and that record alone decides the cart's status. Commit and
+//! release first flip the record (`held → committing | releasing`, refused once
+//! expired), then apply the lines, then mark it done; a crash in between is
+//! finished by [`Allocator::finish_carts`].
+//!
+//! A cart in `committing` is reported as `committed` (the decision is made and
+//! will be carried out), one in `releasing` as `released`.
+//!
+//! The idempotency key of a multi-line cart is checked in the cart's
+//! partition, of a one-line cart in its line's partition: a key first used
+//! for a one-line cart and then for a multi-line one is not detected as
+//! reused (each is still idempotent on its own).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::keys::{self, StockKey};
+use crate::scripts::Op;
+use crate::{
+    Allocator, AllocatorError, Reservation, ReservationStatus, ReserveRequest, Result, ShortLine,
+    check_refusal, derive_random, fingerprint, protocol,
+};
+
+/// Most lines in one cart the allocator accepts (the API's limit is lower).
+pub const CART_LINES_MAX: usize = 256;
+
+/// One line of a cart request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CartLine {
+    /// SKU to hold.
+    pub sku: String,
+    /// Location to hold at.
+    pub location: String,
+    /// Units, 1..=1,000,000.
+    pub qty: u32,
+}
+
+/// A reservation request of one merchant for one or more lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CartRequest {
+    /// The merchant the lines belong to.
+    pub merchant: String,
+    /// The lines; one (sku, location) at most once.
+    pub lines: Vec<CartLine>,
+    /// Hold lifetime; the configured default when `None`.
+    pub ttl: Option<Duration>,
+    /// The client's idempotency key.
+    pub idempotency_key: String,
+    /// Opaque customer reference; stored only as a keyed hash.
+    pub customer_ref: Option<String>,
+}
+
+/// A line of a reservation as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CartLineView {
+    /// SKU held.
+    pub sku: String,
+    /// Location held at.
+    pub location: String,
+    /// Units held.
+    pub qty: u32,
+    /// Units beyond sellable, on backorder.
+    pub backordered: u32,
+}
+
+/// A reservation as the API shows it, one line or many.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CartView {
+    /// The id clients use.
+    pub reservation_id: String,
+    /// Its merchant.
+    pub merchant: String,
+    /// Where it is in its life.
+    pub status: ReservationStatus,
+    /// Advertised expiry, Redis time in ms.
+    pub expires_at_ms: u64,
+    /// Its lines.
+    pub lines: Vec<CartLineView>,
+}
+
+/// A successful cart reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CartHold {
+    /// The held cart.
+    pub cart: CartView,
+    /// True when this answers a retry with the same idempotency key.
+    pub replayed: bool,
+}
+
+/// A cart record's line, with the ids the allocator needs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+struct StoredLine {
+    reservation_id: String,
+    partition: u32,
+    sku: String,
+    location: String,
+    qty: u32,
+    backordered: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct StoredCart {
+    reservation_id: String,
+    merchant: String,
+    status: String,
+    expires_at_ms: u64,
+    lines: Vec<StoredLine>,
+}
+
+impl StoredCart {
+    fn view(&self) -> Result<CartView> {
+        let status = match self.status.as_str() {
+            "held" => ReservationStatus::Held,
+            "committed" | "committing" => ReservationStatus::Committed,
+            "released" | "releasing" => ReservationStatus::Released,
+            "expired" => ReservationStatus::Expired,
+            other => return Err(AllocatorError::Protocol(format!("cart status {other}"))),
+        };
+        Ok(CartView {
+            reservation_id: self.reservation_id.clone(),
+            merchant: self.merchant.clone(),
+            status,
+            expires_at_ms: self.expires_at_ms,
+            lines: self
+                .lines
+                .iter()
+                .map(|line| CartLineView {
+                    sku: line.sku.clone(),
+                    location: line.location.clone(),
+                    qty: line.qty,
+                    backordered: line.backordered,
+                })
+                .collect(),
+        })
+    }
+}
+
+impl From<&Reservation> for CartView {
+    fn from(reservation: &Reservation) -> Self {
+        CartView {
+            reservation_id: reservation.reservation_id.clone(),
+            merchant: reservation.merchant.clone(),
+            status: reservation.status,
+            expires_at_ms: reservation.expires_at_ms,
+            lines: vec![CartLineView {
+                sku: reservation.sku.clone(),
+                location: reservation.location.clone(),
+                qty: reservation.qty,
+                backordered: reservation.backordered,
+            }],
+        }
+    }
+}
+
+/// A script reply that is either a cart record or a one-line reservation.
+enum Record {
+    Cart(StoredCart),
+    Line(Reservation),
+}
+
+fn record(reply: Value) -> Result<Record> {
+    check_refusal(&reply)?;
+    if reply["kind"] == json!("cart") {
+        serde_json::from_value(reply)
+            .map(Record::Cart)
+            .map_err(protocol)
+    } else {
+        serde_json::from_value(reply)
+            .map(Record::Line)
+            .map_err(protocol)
+    }
+}
+
+fn short_lines(value: &Value) -> Result<Vec<ShortLine>> {
+    match value {
+        Value::Array(_) => serde_json::from_value(value.clone()).map_err(protocol),
+        _ => Ok(Vec::new()),
+    }
+}
+
+impl Allocator {
+    /// Holds every line of `request` or none: on a short line the lines already
+    /// held are released and every short line is reported.
+    pub async fn reserve_cart(&self, request: &CartRequest) -> Result<CartHold> {
+        if request.lines.is_empty() || request.lines.len() > CART_LINES_MAX {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "a cart has 1 to {CART_LINES_MAX} lines"
+            )));
+        }
+        if let Some(line) = request
+            .lines
+            .iter()
+            .find(|line| !(1..=1_000_000).contains(&line.qty))
+        {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "qty of {} at {} must be between 1 and 1000000",
+                line.sku, line.location
+            )));
+        }
+        let mut seen = HashSet::new();
+        if !request
+            .lines
+            .iter()
+            .all(|line| seen.insert((&line.sku, &line.location)))
+        {
+            return Err(AllocatorError::InvalidRequest(
+                "a sku and location may appear once per cart".to_owned(),
+            ));
+        }
+        let line_request = |index: usize, line: &CartLine, key_suffix: &str| ReserveRequest {
+            key: StockKey::new(&request.merchant, &line.sku, &line.location),
+            qty: line.qty,
+            ttl: request.ttl,
+            idempotency_key: format!("{}{key_suffix}{index}", request.idempotency_key),
+            customer_ref: request.customer_ref.clone(),
+        };
+        if let [line] = request.lines.as_slice() {
+            let mut single = line_request(0, line, "");
+            single.idempotency_key = request.idempotency_key.clone();
+            let hold = self.reserve(&single).await?;
+            return Ok(CartHold {
+                cart: CartView::from(&hold.reservation),
+                replayed: hold.replayed,
+            });
+        }
+
+        let ttl_ms = self.ttl_ms(request.ttl)?;
+        let scoped_key = format!("cart|{}|{}", request.merchant, request.idempotency_key);
+        let partition = StockKey::new(&request.merchant, &scoped_key, "cart")
+            .partition(self.settings.partitions);
+        let cart_id = keys::reservation_id(partition, derive_random(&scoped_key));
+        let lines_json: Vec<Value> = request
+            .lines
+            .iter()
+            .map(|line| json!({ "sku": line.sku, "location": line.location, "qty": line.qty }))
+            .collect();
+        let cart_fingerprint = fingerprint(&json!({
+            "merchant": request.merchant, "lines": lines_json, "ttl_ms": ttl_ms,
+        }));
+        let cart_args = |action: &str| {
+            json!({
+                "action": action, "reservation_id": cart_id, "merchant": request.merchant,
+                "idempotency_key": scoped_key, "fingerprint": cart_fingerprint,
+            })
+        };
+        let peek = self.call(Op::Cart, partition, cart_args("peek")).await?;
+        if peek["status"] != json!("absent") {
+            return self.cart_reply(peek, true);
+        }
+
+        let grace_ms = self.settings.cart_line_grace.as_millis() as u64;
+        let mut held: Vec<(StoredLine, Reservation)> = Vec::new();
+        let mut short = Vec::new();
+        for (index, line) in request.lines.iter().enumerate() {
+            let line_request = line_request(index, line, "#");
+            let cell = line_request.key.pool(self.settings.partitions);
+            let mut args = self.reserve_args(&line_request, &cell)?;
+            args["cart_id"] = json!(cart_id);
+            args["grace_ms"] = json!(grace_ms);
+            args["remember_refusal"] = json!(true);
+            let reply = self.call(Op::Reserve, cell.partition, args).await?;
+            match crate::decode_hold(&line_request.key, line.qty, reply) {
+                Ok(hold) => held.push((
+                    StoredLine {
+                        reservation_id: hold.reservation.reservation_id.clone(),
+                        partition: cell.partition,
+                        sku: line.sku.clone(),
+                        location: line.location.clone(),
+                        qty: line.qty,
+                        backordered: hold.reservation.backordered,
+                    },
+                    hold.reservation,
+                )),
+                Err(AllocatorError::InsufficientStock { lines }) => short.extend(lines),
+                Err(other) => {
+                    self.release_lines(&cart_id, held.iter().map(|(line, _)| line))
+                        .await;
+                    return Err(other);
+                }
+            }
+        }
+        if !short.is_empty() {
+            self.release_lines(&cart_id, held.iter().map(|(line, _)| line))
+                .await;
+            let mut args = cart_args("fail");
+            args["short"] = serde_json::to_value(&short).map_err(protocol)?;
+            let reply = self.call(Op::Cart, partition, args).await?;
+            return self.cart_reply(reply, false);
+        }
+        let mut args = cart_args("create");
+        args["ttl_ms"] = json!(ttl_ms);
+        args["lines"] = serde_json::to_value(held.iter().map(|(line, _)| line).collect::<Vec<_>>())
+            .map_err(protocol)?;
+        args["customer_hash"] = json!(
+            request
+                .customer_ref
+                .as_deref()
+                .map(|r| self.customer_hash(r))
+        );
+        let reply = self.call(Op::Cart, partition, args).await?;
+        self.cart_reply(reply, false)
+    }
+
+    fn cart_reply(&self, reply: Value, replay: bool) -> Result<CartHold> {
+        if reply["status"] == json!("insufficient_stock") {
+            return Err(AllocatorError::InsufficientStock {
+                lines: short_lines(&reply["lines"])?,
+            });
+        }
+        let replayed = replay || reply["replayed"] == json!(true);
+        match record(reply)? {
+            Record::Cart(cart) => Ok(CartHold {
+                cart: cart.view()?,
+                replayed,
+            }),
+            Record::Line(line) => Err(AllocatorError::Protocol(format!(
+                "cart reply is a line: {line:?}"
+            ))),
+        }
+    }
+
+    /// Releases lines of a cart that will not be held (best effort: a line
+    /// not released here expires after its hold).
+    async fn release_lines<'a>(&self, cart_id: &str, lines: impl Iterator<Item = &'a StoredLine>) {
+        for line in lines {
+            if let Err(error) = self.move_line(Op::Release, cart_id, line).await {
+                tracing::warn!(cart_id, line = %line.reservation_id, %error, "cannot release cart line; it will expire");
+            }
+        }
+    }
+
+    async fn move_line(&self, op: Op, cart_id: &str, line: &StoredLine) -> Result<Reservation> {
+        let name = if op == Op::Commit {
+            "commit"
+        } else {
+            "release"
+        };
+        let args = json!({
+            "reservation_id": line.reservation_id, "cart_flow": true,
+            "idempotency_key": format!("cart{name}|{cart_id}|{}", line.reservation_id),
+            "fingerprint": fingerprint(&json!({ "op": name, "reservation_id": line.reservation_id })),
+        });
+        let reply = self.call(op, line.partition, args).await?;
+        crate::decode_reservation(reply)
+    }
+
+    async fn record_of(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+    ) -> Result<(u32, Record)> {
+        let partition = self.reservation_partition(reservation_id)?;
+        let args = json!({ "reservation_id": reservation_id, "merchant": merchant });
+        let reply = self.call(Op::GetReservation, partition, args).await?;
+        Ok((partition, record(reply)?))
+    }
+
+    /// A reservation (one line or a cart) as it stands.
+    pub async fn cart(&self, merchant: Option<&str>, reservation_id: &str) -> Result<CartView> {
+        match self.record_of(merchant, reservation_id).await?.1 {
+            Record::Cart(cart) => cart.view(),
+            Record::Line(line) => Ok(CartView::from(&line)),
+        }
+    }
+
+    /// Commits a reservation (one line or a cart).
+    pub async fn commit_cart(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        idempotency_key: &str,
+    ) -> Result<CartView> {
+        self.move_cart(Op::Commit, merchant, reservation_id, idempotency_key)
+            .await
+    }
+
+    /// Releases a reservation (one line or a cart); a released or expired one
+    /// is answered as it is, a committed one is refused.
+    pub async fn release_cart(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        idempotency_key: &str,
+    ) -> Result<CartView> {
+        self.move_cart(Op::Release, merchant, reservation_id, idempotency_key)
+            .await
+    }
+
+    async fn move_cart(
+        &self,
+        op: Op,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        idempotency_key: &str,
+    ) -> Result<CartView> {
+        let (partition, found) = self.record_of(merchant, reservation_id).await?;
+        if let Record::Line(_) = found {
+            let line = if op == Op::Commit {
+                self.commit(merchant, reservation_id, idempotency_key)
+                    .await?
+            } else {
+                self.release(merchant, reservation_id, idempotency_key)
+                    .await?
+            };
+            return Ok(CartView::from(&line));
+        }
+        let to = if op == Op::Commit {
+            "commit"
+        } else {
+            "release"
+        };
+        let args = json!({ "action": "begin", "reservation_id": reservation_id, "merchant": merchant, "to": to });
+        let begun = self.call(Op::Cart, partition, args).await;
+        let cart = match begun {
+            Err(error) => return Err(error),
+            Ok(reply) => match record(reply) {
+                Ok(Record::Cart(cart)) => cart,
+                Ok(Record::Line(_)) => {
+                    return Err(AllocatorError::Protocol(
+                        "cart begin answered a line".to_owned(),
+                    ));
+                }
+                Err(AllocatorError::NotHeld { status })
+                    if op == Op::Release && status != ReservationStatus::Committed =>
+                {
+                    return self.cart(merchant, reservation_id).await;
+                }
+                Err(error) => return Err(error),
+            },
+        };
+        self.carry_out(partition, op, &cart).await
+    }
+
+    /// Records a cart's decision (commit or release) without applying its
+    /// lines: what a node that dies right after deciding leaves behind.
+    /// [`Allocator::finish_carts`] or a repeated commit/release completes it.
+    pub async fn decide_cart(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        commit: bool,
+    ) -> Result<CartView> {
+        let partition = self.reservation_partition(reservation_id)?;
+        let to = if commit { "commit" } else { "release" };
+        let args = json!({ "action": "begin", "reservation_id": reservation_id, "merchant": merchant, "to": to });
+        match record(self.call(Op::Cart, partition, args).await?)? {
+            Record::Cart(cart) => cart.view(),
+            Record::Line(_) => Err(AllocatorError::InvalidRequest(
+                "not a multi-line cart".to_owned(),
+            )),
+        }
+    }
+
+    async fn carry_out(&self, partition: u32, op: Op, cart: &StoredCart) -> Result<CartView> {
+        if matches!(cart.status.as_str(), "committing" | "releasing") {
+            for line in &cart.lines {
+                match self.move_line(op, &cart.reservation_id, line).await {
+                    Ok(_) => {}
+                    Err(AllocatorError::NotHeld { status }) if op == Op::Release => {
+                        tracing::debug!(line = %line.reservation_id, ?status, "cart line already ended");
+                    }
+                    Err(error @ AllocatorError::NotHeld { .. }) => {
+                        return Err(AllocatorError::Protocol(format!(
+                            "cart {} line {} could not be committed within its grace: {error}",
+                            cart.reservation_id, line.reservation_id
+                        )));
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        let args = json!({ "action": "finish", "reservation_id": cart.reservation_id });
+        match record(self.call(Op::Cart, partition, args).await?)? {
+            Record::Cart(done) => done.view(),
+            Record::Line(_) => Err(AllocatorError::Protocol(
+                "cart finish answered a line".to_owned(),
+            )),
+        }
+    }
+
+    /// Gives a held reservation (one line or a cart) a new lifetime from now;
+    /// a cart's lines are extended first, so they always outlive it.
+    pub async fn extend_cart(
+        &self,
+        merchant: Option<&str>,
+        reservation_id: &str,
+        ttl: Duration,
+    ) -> Result<CartView> {
+        let (partition, found) = self.record_of(merchant, reservation_id).await?;
+        let cart = match found {
+            Record::Line(_) => {
+                return Ok(CartView::from(
+                    &self.extend(merchant, reservation_id, ttl).await?,
+                ));
+            }
+            Record::Cart(cart) => cart,
+        };
+        let view = cart.view()?;
+        if view.status != ReservationStatus::Held {
+            return Err(AllocatorError::NotHeld {
+                status: view.status,
+            });
+        }
+        let ttl_ms = self.ttl_ms(Some(ttl))?;
+        let grace_ms = self.settings.cart_line_grace.as_millis() as u64;
+        for line in &cart.lines {
+            let args = json!({
+                "reservation_id": line.reservation_id, "cart_flow": true, "ttl_ms": ttl_ms, "grace_ms": grace_ms,
+            });
+            crate::decode_reservation(self.call(Op::Extend, line.partition, args).await?)?;
+        }
+        let args = json!({ "reservation_id": reservation_id, "merchant": merchant, "ttl_ms": ttl_ms, "grace_ms": 0 });
+        match record(self.call(Op::Extend, partition, args).await?)? {
+            Record::Cart(cart) => cart.view(),
+            Record::Line(_) => Err(AllocatorError::Protocol(
+                "cart extend answered a line".to_owned(),
+            )),
+        }
+    }
+
+    /// Finishes carts of `partition` left committing or releasing for at
+    /// least `older_than` (their process died half way). Returns how many.
+    pub async fn finish_carts(&self, partition: u32, older_than: Duration) -> Result<u64> {
+        let mut cursor = "0".to_owned();
+        let mut finished = 0;
+        loop {
+            let args = json!({ "older_than_ms": older_than.as_millis() as u64, "limit": 200, "cursor": cursor });
+            let reply = self.call(Op::PendingTransfers, partition, args).await?;
+            check_refusal(&reply)?;
+            let carts: Vec<Value> = crate::hot::list(&reply["carts"])?;
+            for pending in carts {
+                let id = pending["reservation_id"].as_str().unwrap_or_default();
+                let args = json!({ "reservation_id": id });
+                let Ok(Record::Cart(cart)) =
+                    record(self.call(Op::GetReservation, partition, args).await?)
+                else {
+                    continue;
+                };
+                let op = if cart.status == "committing" {
+                    Op::Commit
+                } else {
+                    Op::Release
+                };
+                self.carry_out(partition, op, &cart).await?;
+                finished += 1;
+            }
+            cursor = reply["cursor"].as_str().unwrap_or("0").to_owned();
+            if cursor == "0" {
+                return Ok(finished);
+            }
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! Multi-line reservations, all or nothing, against the real Redis.
+
+use std::time::Duration;
+
+use allocator::{
+    Adjustment, AdjustmentKind, Allocator, AllocatorError, AllocatorSettings, CartLine,
+    CartRequest, ReservationStatus, StockKey,
+};
+
+const PARTITIONS: u32 = 64;
+
+async fn allocator() -> Allocator {
+    let settings = AllocatorSettings {
+        node: "cart-node".to_owned(),
+        partitions: PARTITIONS,
+        command_timeout: Duration::from_secs(2),
+        ttl_default: Duration::from_secs(600),
+        ttl_max: Duration::from_secs(3600),
+        customer_ref_key: "test-customer-ref-key".to_owned(),
+        cart_line_grace: Duration::from_secs(2),
+    };
+    Allocator::connect(&testkit::stack().redis_url, settings, 4)
+        .await
+        .expect("connect to the stack's redis")
+}
+
+async fn stock(allocator: &Allocator, key: &StockKey, units: i64) {
+    if units == 0 {
+        let settings = allocator::StockSettings {
+            safety_stock: 0,
+            backorder_limit: 0,
+            low_stock_threshold: None,
+        };
+        allocator
+            .settings_of(key, settings)
+            .await
+            .expect("create key");
+        return;
+    }
+    allocator
+        .adjust(&Adjustment {
+            merchant: key.merchant.clone(),
+            sku: key.sku.clone(),
+            location: key.location.clone(),
+            kind: AdjustmentKind::Delta,
+            qty: units,
+            source: "test".to_owned(),
+            event_id: testkit::unique_id("restock"),
+            source_seq: None,
+        })
+        .await
+        .expect("restock");
+}
+
+async fn reserved(allocator: &Allocator, key: &StockKey) -> (i64, i64) {
+    let cell = allocator
+        .cell(&key.pool(PARTITIONS))
+        .await
+        .expect("read")
+        .expect("cell");
+    (cell.on_hand, cell.reserved)
+}
+
+struct Shop {
+    merchant: String,
+    shirt: StockKey,
+    shoes: StockKey,
+    hat: StockKey,
+}
+
+async fn shop(allocator: &Allocator, shirts: i64, shoes: i64, hats: i64) -> Shop {
+    let merchant = testkit::unique_id("m");
+    let shop = Shop {
+        shirt: StockKey::new(&merchant, "shirt", "dc1"),
+        shoes: StockKey::new(&merchant, "shoes", "dc2"),
+        hat: StockKey::new(&merchant, "hat", "dc1"),
+        merchant,
+    };
+    stock(allocator, &shop.shirt, shirts).await;
+    stock(allocator, &shop.shoes, shoes).await;
+    stock(allocator, &shop.hat, hats).await;
+    shop
+}
+
+fn cart(shop: &Shop, lines: &[(&StockKey, u32)], key: &str) -> CartRequest {
+    CartRequest {
+        merchant: shop.merchant.clone(),
+        lines: lines
+            .iter()
+            .map(|(stock_key, qty)| CartLine {
+                sku: stock_key.sku.clone(),
+                location: stock_key.location.clone(),
+                qty: *qty,
+            })
+            .collect(),
+        ttl: None,
+        idempotency_key: key.to_owned(),
+        customer_ref: Some("customer-42".to_owned()),
+    }
+}
+
+#[tokio::test]
+async fn a_cart_with_short_lines_holds_nothing_and_names_every_short_line() {
+    let allocator = allocator().await;
+    let shop = shop(&allocator, 5, 1, 0).await;
+    let request = cart(
+        &shop,
+        &[(&shop.shirt, 2), (&shop.shoes, 3), (&shop.hat, 1)],
+        "k1",
+    );
+
+    let refused = allocator.reserve_cart(&request).await;
+    let Err(AllocatorError::InsufficientStock { lines }) = refused else {
+        panic!("refused: {refused:?}")
+    };
+    let short: Vec<_> = lines
+        .iter()
+        .map(|line| (line.sku.as_str(), line.requested, line.available))
+        .collect();
+    assert_eq!(short, [("shoes", 3, 1), ("hat", 1, 0)]);
+    assert_eq!(
+        reserved(&allocator, &shop.shirt).await,
+        (5, 0),
+        "the held line was released"
+    );
+
+    // A retry with the same key gets the same answer, even after a restock.
+    stock(&allocator, &shop.shoes, 10).await;
+    let retry = allocator.reserve_cart(&request).await;
+    assert!(
+        matches!(retry, Err(AllocatorError::InsufficientStock { .. })),
+        "{retry:?}"
+    );
+    assert_eq!(reserved(&allocator, &shop.shirt).await, (5, 0));
+}
+
+#[tokio::test]
+async fn a_cart_is_held_committed_and_replayed_as_one() {
+    let allocator = allocator().await;
+    let shop = shop(&allocator, 5, 4, 0).await;
+    let request = cart(&shop, &[(&shop.shirt, 2), (&shop.shoes, 3)], "k2");
+
+    let hold = allocator.reserve_cart(&request).await.expect("held");
+    assert!(!hold.replayed);
+    assert_eq!(hold.cart.status, ReservationStatus::Held);
+    assert_eq!(hold.cart.lines.len(), 2);
+    let replay = allocator.reserve_cart(&request).await.expect("replay");
+    assert!(replay.replayed);
+    assert_eq!(replay.cart, hold.cart);
+    assert_eq!(reserved(&allocator, &shop.shirt).await, (5, 2));
+    assert_eq!(reserved(&allocator, &shop.shoes).await, (4, 3));
+
+    let mut other_body = request.clone();
+    other_body.lines[0].qty = 1;
+    let reused = allocator.reserve_cart(&other_body).await;
+    assert!(
+        matches!(reused, Err(AllocatorError::IdempotencyKeyReused)),
+        "{reused:?}"
+    );
+
+    let id = hold.cart.reservation_id.clone();
+    let seen = allocator
+        .cart(Some(&shop.merchant), &id)
+        .await
+        .expect("get");
+    assert_eq!(seen, hold.cart);
+    assert!(matches!(
+        allocator.cart(Some("other-merchant"), &id).await,
+        Err(AllocatorError::NotFound)
+    ));
+
+    let committed = allocator
+        .commit_cart(Some(&shop.merchant), &id, "c1")
+        .await
+        .expect("commit");
+    assert_eq!(committed.status, ReservationStatus::Committed);
+    assert_eq!(reserved(&allocator, &shop.shirt).await, (3, 0));
+    assert_eq!(reserved(&allocator, &shop.shoes).await, (1, 0));
+    let again = allocator
+        .commit_cart(Some(&shop.merchant), &id, "c2")
+        .await
+        .expect("commit again");
+    assert_eq!(again.status, ReservationStatus::Committed);
+    assert_eq!(
+        reserved(&allocator, &shop.shirt).await,
+        (3, 0),
+        "committed once"
+    );
+    let release = allocator
+        .release_cart(Some(&shop.merchant), &id, "r1")
+        .await;
+    assert!(matches!(
+        release,
+        Err(AllocatorError::NotHeld {
+            status: ReservationStatus::Committed
+        })
+    ));
+}
+
+#[tokio::test]
+async fn a_released_cart_returns_every_line() {
+    let allocator = allocator().await;
+    let shop = shop(&allocator, 5, 4, 3).await;
+    let request = cart(
+        &shop,
+        &[(&shop.shirt, 1), (&shop.shoes, 1), (&shop.hat, 1)],
+        "k3",
+    );
+    let id = allocator
+        .reserve_cart(&request)
+        .await
+        .expect("held")
+        .cart
+        .reservation_id;
+    let extended = allocator
+        .extend_cart(None, &id, Duration::from_secs(1800))
+        .await
+        .expect("extend");
+    assert_eq!(extended.status, ReservationStatus::Held);
+
+    let released = allocator
+        .release_cart(None, &id, "r")
+        .await
+        .expect("release");
+    assert_eq!(released.status, ReservationStatus::Released);
+    for key in [&shop.shirt, &shop.shoes, &shop.hat] {
+        assert_eq!(reserved(&allocator, key).await.1, 0);
+    }
+    let again = allocator
+        .release_cart(None, &id, "r2")
+        .await
+        .expect("release again is fine");
+    assert_eq!(again.status, ReservationStatus::Released);
+    let commit = allocator.commit_cart(None, &id, "c").await;
+    assert!(matches!(
+        commit,
+        Err(AllocatorError::NotHeld {
+            status: ReservationStatus::Released
+        })
+    ));
+}
+
+#[tokio::test]
+async fn an_expired_cart_cannot_be_committed_and_its_lines_expire_after_the_grace() {
+    let allocator = allocator().await;
+    let shop = shop(&allocator, 5, 4, 0).await;
+    let mut request = cart(&shop, &[(&shop.shirt, 2), (&shop.shoes, 1)], "k4");
+    request.ttl = Some(Duration::from_secs(1));
+    let id = allocator
+        .reserve_cart(&request)
+        .await
+        .expect("held")
+        .cart
+        .reservation_id;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    let commit = allocator.commit_cart(None, &id, "late").await;
+    assert!(
+        matches!(
+            commit,
+            Err(AllocatorError::NotHeld {
+                status: ReservationStatus::Expired
+            })
+        ),
+        "{commit:?}"
+    );
+    assert_eq!(
+        allocator.cart(None, &id).await.expect("get").status,
+        ReservationStatus::Expired
+    );
+    assert_eq!(
+        reserved(&allocator, &shop.shirt).await.1,
+        2,
+        "lines hold through the grace"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    for key in [&shop.shirt, &shop.shoes] {
+        allocator
+            .expire_due(key.pool(PARTITIONS).partition, 1000)
+            .await
+            .expect("sweep");
+        assert_eq!(
+            reserved(&allocator, key).await,
+            (if key == &shop.shirt { 5 } else { 4 }, 0)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cart_decided_by_a_node_that_died_is_finished_by_the_reconciler() {
+    let allocator = allocator().await;
+    let shop = shop(&allocator, 5, 4, 0).await;
+    let request = cart(&shop, &[(&shop.shirt, 2), (&shop.shoes, 1)], "k5");
+    let id = allocator
+        .reserve_cart(&request)
+        .await
+        .expect("held")
+        .cart
+        .reservation_id;
+
+    let decided = allocator
+        .decide_cart(None, &id, true)
+        .await
+        .expect("decide");
+    assert_eq!(
+        decided.status,
+        ReservationStatus::Committed,
+        "the decision is final"
+    );
+    assert_eq!(
+        reserved(&allocator, &shop.shirt).await,
+        (5, 2),
+        "lines not applied yet"
+    );
+
+    let partition = allocator::keys::reservation_partition(&id, PARTITIONS).expect("partition");
+    let finished = allocator
+        .finish_carts(partition, Duration::ZERO)
+        .await
+        .expect("finish");
+    assert!(finished >= 1);
+    assert_eq!(reserved(&allocator, &shop.shirt).await, (3, 0));
+    assert_eq!(reserved(&allocator, &shop.shoes).await, (3, 0));
+    let again = allocator
+        .finish_carts(partition, Duration::ZERO)
+        .await
+        .expect("finish again");
+    assert_eq!(again, 0);
+    assert_eq!(
+        reserved(&allocator, &shop.shirt).await,
+        (3, 0),
+        "applied once"
+    );
+}
+
+#[tokio::test]
+async fn bad_carts_are_refused_before_anything_is_held() {
+    let allocator = allocator().await;
+    let shop = shop(&allocator, 5, 4, 0).await;
+    let empty = cart(&shop, &[], "k6");
+    assert!(matches!(
+        allocator.reserve_cart(&empty).await,
+        Err(AllocatorError::InvalidRequest(_))
+    ));
+    let twice = cart(&shop, &[(&shop.shirt, 1), (&shop.shirt, 2)], "k7");
+    assert!(matches!(
+        allocator.reserve_cart(&twice).await,
+        Err(AllocatorError::InvalidRequest(_))
+    ));
+    let zero = cart(&shop, &[(&shop.shirt, 0), (&shop.shoes, 1)], "k8");
+    assert!(matches!(
+        allocator.reserve_cart(&zero).await,
+        Err(AllocatorError::InvalidRequest(_))
+    ));
+    assert_eq!(
+        reserved(&allocator, &shop.shoes).await,
+        (4, 0),
+        "nothing held"
+    );
+}

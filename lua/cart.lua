@@ -1,0 +1,92 @@
+-- cart: the record of a multi-line reservation, in the partition of its id.
+-- It alone decides the cart's status; the allocator applies the lines one by
+-- one (each idempotent) around these steps. ARGS.action:
+--   peek     the stored reply of ARGS.idempotency_key, if the cart ran before
+--   create   store the held cart (ARGS.lines) and its reply; idempotent
+--   fail     store the refusal (ARGS.short) as the key's reply
+--   begin    held -> committing | releasing (ARGS.to); refuses if expired or
+--            finished otherwise; records the cart for the finisher
+--   finish   committing -> committed, releasing -> released; idempotent
+local a = ARGS
+if not is_id(a.reservation_id) then return refuse('bad_argument', { reason = 'reservation_id' }) end
+if a.idempotency_key ~= nil and (type(a.idempotency_key) ~= 'string' or #a.idempotency_key > 300) then
+  return refuse('bad_argument', { reason = 'idempotency_key' })
+end
+
+if a.action == 'peek' then
+  local replay = idem_replay(a.idempotency_key, a.fingerprint)
+  if replay then return replay end
+  return reply({ status = 'absent' })
+end
+
+if a.action == 'fail' then
+  local replay = idem_replay(a.idempotency_key, a.fingerprint)
+  if replay then return replay end
+  local out = refuse('insufficient_stock', { lines = a.short })
+  idem_store(a.idempotency_key, a.fingerprint, out)
+  return out
+end
+
+if a.action == 'create' then
+  local replay = idem_replay(a.idempotency_key, a.fingerprint)
+  if replay then return replay end
+  if type(a.lines) ~= 'table' or #a.lines < 2 or #a.lines > 256 or not is_id(a.merchant)
+    or not is_int(a.ttl_ms, 1, 7 * 24 * 3600 * 1000) then
+    return refuse('bad_argument', { reason = 'lines, merchant and ttl_ms' })
+  end
+  for _, line in ipairs(a.lines) do
+    if not is_id(line.reservation_id) or not is_int(line.partition, 0, 16383) or not is_int(line.qty, 1, 1000000) then
+      return refuse('bad_argument', { reason = 'line' })
+    end
+  end
+  housekeeping()
+  local r = {
+    reservation_id = a.reservation_id, merchant = a.merchant, status = 'held',
+    created_at_ms = NOW, expires_at_ms = NOW + a.ttl_ms, hold_until_ms = NOW + a.ttl_ms,
+    lines = a.lines, node = ARGS.node, customer_hash = a.customer_hash,
+  }
+  res_put(r)
+  redis.call('ZADD', K_DUE, r.expires_at_ms, r.reservation_id)
+  local out = reply(reservation_view(r))
+  idem_store(a.idempotency_key, a.fingerprint, out)
+  return out
+end
+
+local r = res_for_caller(a.reservation_id)
+if not r or not r.lines then return refuse('not_found') end
+
+if a.action == 'begin' then
+  local moving = ({ commit = 'committing', release = 'releasing' })[a.to]
+  if not moving then return refuse('bad_argument', { reason = 'to' }) end
+  if r.status == 'held' and NOW >= r.expires_at_ms then
+    housekeeping()
+    r = res_get(a.reservation_id)
+  end
+  if r.status == moving then return reply(reservation_view(r)) end
+  local done = ({ commit = 'committed', release = 'released' })[a.to]
+  if r.status == done then return reply(reservation_view(r)) end
+  if r.status ~= 'held' then
+    return refuse('not_held', { reservation_status = r.status })
+  end
+  r.status = moving
+  res_put(r)
+  redis.call('ZREM', K_DUE, r.reservation_id)
+  redis.call('HSET', K_XFER, 'cart|' .. r.reservation_id, cjson.encode({
+    reservation_id = r.reservation_id, to = a.to, since_ms = NOW, merchant = r.merchant,
+  }))
+  return reply(reservation_view(r))
+end
+
+if a.action == 'finish' then
+  local final = ({ committing = 'committed', releasing = 'released' })[r.status]
+  if final then
+    r.status = final
+    r.finished_at_ms = NOW
+    res_put(r)
+    redis.call('HDEL', K_XFER, 'cart|' .. r.reservation_id)
+    gc_later('r|' .. r.reservation_id)
+  end
+  return reply(reservation_view(r))
+end
+
+return refuse('bad_argument', { reason = 'action' })
