@@ -348,41 +348,52 @@ impl Allocator {
     }
 
     /// Pre-splits `presplit_fraction` of the pool's sellable units across the
-    /// sale's nodes' buckets. Idempotent per `epoch` (one activation of the
-    /// sale): calling it again moves nothing more. Returns units per node.
+    /// sale's nodes' buckets, decided in one script call. Idempotent per
+    /// `epoch` (one activation of the sale): a second call moves nothing more,
+    /// answers the first split, and completes credits a crash left undone.
     pub async fn activate(&self, sale: &FlashSale, epoch: &str) -> Result<Vec<(String, u64)>> {
         let pool = sale.key.pool(self.settings.partitions);
-        let sellable = self
-            .cell(&pool)
-            .await?
-            .ok_or(AllocatorError::NotFound)?
-            .sellable()
-            .max(0) as u64;
-        let total = (sellable as f64 * sale.presplit_fraction).floor() as u64;
-        let nodes = sale.nodes.len().max(1) as u64;
-        let mut moved = Vec::with_capacity(sale.nodes.len());
-        for (index, node) in sale.nodes.iter().enumerate() {
-            let share = total / nodes + u64::from((index as u64) < total % nodes);
-            let bucket = sale.key.bucket(node, self.settings.partitions);
-            let transfer_id = format!("activate.{}.{epoch}.{node}", sale.name);
-            let units = if share == 0 {
-                0
-            } else {
-                self.transfer(
-                    &transfer_id,
-                    &sale.key,
-                    &pool,
-                    &bucket,
-                    Some(node),
-                    share,
-                    false,
-                    "activate",
-                )
-                .await?
-            };
-            moved.push((node.clone(), units));
+        let targets: Vec<Value> = sale
+            .nodes
+            .iter()
+            .map(|node| {
+                let bucket = sale.key.bucket(node, self.settings.partitions);
+                json!({ "node": node, "to_cell": bucket.id, "to_partition": bucket.partition })
+            })
+            .collect();
+        let args = json!({
+            "sale": sale.name, "epoch": epoch, "from_cell": pool.id,
+            "fraction": sale.presplit_fraction, "targets": targets,
+            "merchant": sale.key.merchant, "sku": sale.key.sku, "location": sale.key.location,
+        });
+        let reply = self.call(Op::Activate, pool.partition, args).await?;
+        check_refusal(&reply)?;
+        #[derive(Deserialize)]
+        struct Share {
+            node: String,
+            qty: u64,
+            transfer_id: String,
         }
-        Ok(moved)
+        let split: Vec<Share> = list(&reply["split"])?;
+        for share in split.iter().filter(|share| share.qty > 0) {
+            let bucket = sale.key.bucket(&share.node, self.settings.partitions);
+            self.transfer_in(
+                &share.transfer_id,
+                &sale.key,
+                &pool,
+                &bucket,
+                Some(&share.node),
+                share.qty,
+                "activate",
+            )
+            .await?;
+            self.transfer_done(pool.partition, &share.transfer_id)
+                .await?;
+        }
+        Ok(split
+            .into_iter()
+            .map(|share| (share.node, share.qty))
+            .collect())
     }
 
     /// Moves a chunk sized from `units_per_second` from the pool to `node`'s

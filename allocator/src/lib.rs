@@ -28,7 +28,7 @@
 //! | `qty` | int | units the op moved (for `adjust`, the applied delta) |
 //! | `reservation_id` | string? | reserve, commit, release, expire, extend |
 //! | `cart_id` | string? | the cart a reservation line belongs to |
-//! | `idempotency_key` | string? | the request's key, scoped as `op\|merchant\|key` |
+//! | `idempotency_key` | string? | the request's key, scoped as `reserve\|merchant\|key` or `commit\|reservation id\|key` |
 //! | `backordered` | int? | reserve: units beyond sellable |
 //! | `kind`, `source`, `source_event_id`, `source_seq` | ? | adjust: its origin |
 //! | `shortfall` | bool? | adjust: sellable fell below −backorder_limit |
@@ -106,6 +106,9 @@ pub enum AllocatorError {
     #[error("stock store protocol error: {0}")]
     Protocol(String),
 }
+
+/// Most reservations in one `reserve_batch` call (the script's own bound).
+pub const RESERVE_BATCH_MAX: usize = 256;
 
 /// Result of allocator calls.
 pub type Result<T, E = AllocatorError> = std::result::Result<T, E>;
@@ -284,6 +287,43 @@ impl Allocator {
         decode_hold(&request.key, request.qty, reply)
     }
 
+    /// Several reservations on one cell in one script call (the gateway
+    /// coalesces concurrent requests on a hot cell). Each request gets the
+    /// answer `reserve_in` would have given it, in order; the call as a whole
+    /// fails only when Redis does.
+    pub async fn reserve_batch(
+        &self,
+        cell: &CellRef,
+        requests: &[ReserveRequest],
+    ) -> Result<Vec<Result<Hold>>> {
+        if requests.is_empty() || requests.len() > RESERVE_BATCH_MAX {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "a batch has 1 to {RESERVE_BATCH_MAX} requests"
+            )));
+        }
+        let mut prepared = Vec::with_capacity(requests.len());
+        for request in requests {
+            prepared.push(self.reserve_args(request, cell)?);
+        }
+        let reply = self
+            .call(
+                Op::ReserveBatch,
+                cell.partition,
+                json!({ "requests": prepared }),
+            )
+            .await?;
+        check_refusal(&reply)?;
+        let replies = reply["replies"]
+            .as_array()
+            .filter(|replies| replies.len() == requests.len())
+            .ok_or_else(|| AllocatorError::Protocol(format!("reserve_batch reply: {reply}")))?;
+        Ok(requests
+            .iter()
+            .zip(replies)
+            .map(|(request, reply)| decode_hold(&request.key, request.qty, reply.clone()))
+            .collect())
+    }
+
     pub(crate) fn reserve_args(&self, request: &ReserveRequest, cell: &CellRef) -> Result<Value> {
         let ttl_ms = self.ttl_ms(request.ttl)?;
         let key = &request.key;
@@ -346,7 +386,7 @@ impl Allocator {
         };
         let args = json!({
             "reservation_id": reservation_id, "merchant": merchant,
-            "idempotency_key": format!("{name}|{}|{idempotency_key}", merchant.unwrap_or("*")),
+            "idempotency_key": format!("{name}|{reservation_id}|{idempotency_key}"),
             "fingerprint": fingerprint(&json!({ "op": name, "reservation_id": reservation_id })),
         });
         let reply = self.call(op, partition, args).await?;
@@ -442,14 +482,24 @@ impl Allocator {
             .transpose()
     }
 
-    /// The ledger entries of `partition` with their entry ids, oldest first
-    /// (for audits and tests; the writer reads with a consumer group).
-    pub async fn ledger_entries(&self, partition: u32) -> Result<Vec<(String, Value)>> {
+    /// The ledger entries of `partition` written at or after Redis time
+    /// `since_ms` (0: all), with their entry ids, oldest first (for audits and
+    /// tests; the writer reads with a consumer group).
+    pub async fn ledger_entries(
+        &self,
+        partition: u32,
+        since_ms: u64,
+    ) -> Result<Vec<(String, Value)>> {
+        let start = if since_ms == 0 {
+            "-".to_owned()
+        } else {
+            format!("{since_ms}-0")
+        };
         let raw: Vec<(String, Vec<(String, String)>)> = self
             .with_timeout(
                 self.pool
                     .next()
-                    .xrange(keys::ledger_stream(partition), "-", "+", None),
+                    .xrange(keys::ledger_stream(partition), start, "+", None),
             )
             .await?;
         raw.into_iter()

@@ -45,9 +45,11 @@ pub enum Op {
     PendingTransfers,
     /// `lua/cart.lua`
     Cart,
+    /// `lua/activate.lua`
+    Activate,
 }
 
-const OPS: [(Op, &str); 14] = [
+const OPS: [(Op, &str); 15] = [
     (Op::Reserve, include_str!("../../lua/reserve.lua")),
     (
         Op::ReserveBatch,
@@ -74,6 +76,7 @@ const OPS: [(Op, &str); 14] = [
         include_str!("../../lua/pending_transfers.lua"),
     ),
     (Op::Cart, include_str!("../../lua/cart.lua")),
+    (Op::Activate, include_str!("../../lua/activate.lua")),
 ];
 
 /// Every operation's script, ready to run.

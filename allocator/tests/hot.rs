@@ -69,7 +69,11 @@ async fn entries_of(allocator: &Allocator, key: &StockKey) -> Vec<Value> {
     let prefix = format!("{}|{}|{}|", key.merchant, key.sku, key.location);
     let mut all = Vec::new();
     for partition in 0..PARTITIONS {
-        for (_, entry) in allocator.ledger_entries(partition).await.expect("ledger") {
+        for (_, entry) in allocator
+            .ledger_entries(partition, 0)
+            .await
+            .expect("ledger")
+        {
             if entry["cell"]
                 .as_str()
                 .is_some_and(|cell| cell.starts_with(&prefix))

@@ -88,7 +88,7 @@ async fn pool(allocator: &Allocator, key: &StockKey) -> allocator::Cell {
 async fn entries_of(allocator: &Allocator, key: &StockKey) -> Vec<Value> {
     let cell = key.pool(PARTITIONS);
     allocator
-        .ledger_entries(cell.partition)
+        .ledger_entries(cell.partition, 0)
         .await
         .expect("read ledger")
         .into_iter()
@@ -463,4 +463,40 @@ async fn the_ledger_alone_proves_conservation() {
         assert_eq!(entry["v"], 1);
         assert!(entry.get("customer_ref").is_none() && entry.get("customer_hash").is_none());
     }
+}
+
+#[tokio::test]
+async fn a_batch_answers_each_request_as_a_single_call_would() {
+    let allocator = allocator().await;
+    let key = fresh_key();
+    stock(&allocator, &key, 5).await;
+    let mut requests: Vec<_> = (0..8)
+        .map(|i| reserve(&key, 1, &format!("batch-{i}")))
+        .collect();
+    requests.push(reserve(&key, 1, "batch-0"));
+    let answers = allocator
+        .reserve_batch(&key.pool(PARTITIONS), &requests)
+        .await
+        .expect("batch");
+    let held = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(hold) if !hold.replayed))
+        .count();
+    let short = answers
+        .iter()
+        .filter(|answer| matches!(answer, Err(AllocatorError::InsufficientStock { .. })))
+        .count();
+    assert_eq!((held, short), (5, 3));
+    let replay = answers
+        .last()
+        .expect("nine answers")
+        .as_ref()
+        .expect("replay of batch-0");
+    assert!(replay.replayed);
+    assert_eq!(
+        replay.reservation,
+        answers[0].as_ref().expect("first held").reservation
+    );
+    let cell = pool(&allocator, &key).await;
+    assert_eq!((cell.reserved, cell.sellable()), (5, 0));
 }
