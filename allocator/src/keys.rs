@@ -13,7 +13,12 @@
 //! | `inv:{p}:seq` | hash | `stock key|source` → last applied `source_seq` |
 //! | `inv:{p}:ledger` | stream | the partition's ledger entries: the outbox the writer relays |
 //! | `inv:{p}:gc` | zset | retained records to delete, by time (24 h after they end) |
-//! | `inv:{p}:xfer` | hash | transfers between cells of different partitions |
+//! | `inv:{p}:xfer` | hash | transfers debited here (`id`), credited here (`in|id`), flash-sale activations (`activation|sale|epoch`), carts being committed or released (`cart|id`) |
+//!
+//! Reservation records in `inv:{p}:res` are either one line (a hold in one
+//! cell of this partition) or a cart (its lines' ids and partitions; the
+//! lines live in their own keys' partitions). Node heartbeats are plain keys
+//! `inv:node:<node>:heartbeat` with a TTL, outside the partitions.
 //!
 //! A stock key `(merchant, sku, location)` lives in partition
 //! `fnv1a64(merchant 0x1F sku 0x1F location) mod P`; its pool cell id is

@@ -18,7 +18,7 @@
 //! | field | type | meaning |
 //! |---|---|---|
 //! | `v` | int | schema version, 1 |
-//! | `op` | string | `reserve`, `commit`, `release`, `expire`, `extend`, `adjust`, `settings` |
+//! | `op` | string | `reserve`, `commit`, `release`, `expire`, `extend`, `adjust`, `settings`, `transfer_out`, `transfer_in` |
 //! | `partition` | int | the stream's partition |
 //! | `cell` | string | cell id, `merchant\|sku\|location\|pool` or `…\|bucket\|node` |
 //! | `merchant`, `sku`, `location` | string | the stock key |
@@ -34,8 +34,17 @@
 //! | `shortfall` | bool? | adjust: sellable fell below −backorder_limit |
 //! | `safety_stock`, `backorder_limit` | int? | settings |
 //! | `expires_at_ms` | int? | extend: the new expiry |
+//! | `transfer_id` | string? | transfer_out, transfer_in: the transfer both halves share |
+//! | `to_cell`, `from_cell` | string? | transfer_out names its destination, transfer_in its source |
+//! | `reason` | string? | transfers: `activate`, `refill` or `reclaim` |
 //! | `node` | string | the node that made the call |
 //! | `at_ms` | int | Redis time of the change, ms since the epoch |
+//!
+//! Conservation, from the ledger alone: for a stock key, the sum over its
+//! cells of the last `on_hand_after`, plus units in flight (Σ `transfer_out`
+//! qty − Σ `transfer_in` qty), equals Σ `adjust` qty − Σ `commit` qty. A
+//! reservation's units never leave their cell until `commit`; `expire` and
+//! `release` only lower `reserved`.
 //!
 //! No PII: a `customer_ref` is kept only as a keyed hash (HMAC-SHA-256 with
 //! `auth.customer_ref_key`) on the reservation record, and never in the ledger.
@@ -53,6 +62,17 @@
 //!   until stock is restored. Every change a request makes keeps the invariant
 //!   `sellable ≥ −backorder_limit`, asserted in the script before writing and
 //!   again here on the reply.
+//! * Idempotency records, event dedupe records and finished reservations are
+//!   kept 24 hours, then dropped by the scripts' own housekeeping (bounded
+//!   work per call). A refusal (`insufficient_stock`) is remembered only for
+//!   cart lines and carts, so every node's retry of a cart gets the same
+//!   answer; a one-line reservation refused for stock may be retried with the
+//!   same key once stock arrives.
+//! * Refill chunks are sized from the node's own measured rate
+//!   ([`RateMeter`]); whether units exist to move is decided in the script.
+//! * A hot reservation is refused only when no cell of the key has free
+//!   units: the node refills from the pool and, if the pool is dry, pulls the
+//!   other buckets' free units back first ([`Allocator::reserve_hot`]).
 
 mod cart;
 mod hot;
