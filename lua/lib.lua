@@ -349,6 +349,9 @@ local function transfer_debit(t, want, exact)
   if moved == 0 then return 0 end
   local on_hand_before, reserved_before = c.on_hand, c.reserved
   c.on_hand = c.on_hand - moved
+  -- Units debited here and not yet known credited: a hot reservation does not
+  -- answer "sold out" while any are on their way to another cell.
+  c.out_in_flight = (c.out_in_flight or 0) + moved
   c.version = c.version + 1
   assert_cell(c, t.from_cell)
   cell_put(t.from_cell, c)

@@ -29,6 +29,12 @@ use crate::{
 /// units anywhere ends it sooner.
 const HOT_ATTEMPTS_MAX: usize = 32;
 
+/// Double reads a stable view tries before settling for the last one.
+const STABLE_VIEW_ROUNDS: usize = 4;
+
+/// Pause before looking again when units are in flight between cells.
+const IN_FLIGHT_WAIT: Duration = Duration::from_millis(1);
+
 /// How many seconds of a node's recent demand one refill aims to cover.
 pub const REFILL_HORIZON_SECONDS: f64 = 1.0;
 
@@ -117,6 +123,16 @@ impl StockView {
             .iter()
             .map(|(_, bucket)| bucket.sellable().max(0))
             .sum::<i64>()
+    }
+
+    /// Units debited from one of these cells and not yet known credited.
+    pub fn in_flight(&self) -> i64 {
+        self.pool.iter().map(|pool| pool.out_in_flight).sum::<i64>()
+            + self
+                .buckets
+                .iter()
+                .map(|(_, bucket)| bucket.out_in_flight)
+                .sum::<i64>()
     }
 }
 
@@ -480,11 +496,16 @@ impl Allocator {
             if pulled > 0 {
                 continue;
             }
-            // Pool and other buckets looked dry; units credited since (another
-            // node's refill landing) are still worth a round.
-            if self.stock_view(&sale.key, &sale.nodes).await?.sellable() <= 0 {
+            // Pool and other buckets looked dry. Refuse only if nothing is
+            // free now and nothing is on its way between cells (another
+            // node's refill or pull still landing); else wait for it.
+            if let Some(view) = self.stable_view(&sale.key, &sale.nodes).await?
+                && view.sellable() <= 0
+                && view.in_flight() <= 0
+            {
                 break;
             }
+            tokio::time::sleep(IN_FLIGHT_WAIT).await;
         }
         Err(last_refusal.unwrap_or(AllocatorError::InsufficientStock { lines: Vec::new() }))
     }
@@ -502,6 +523,34 @@ impl Allocator {
             }
         }
         Ok(StockView { pool, buckets })
+    }
+
+    /// A view of the pool and buckets as they all were at one instant: the
+    /// cells live in different partitions and are read one by one, so the
+    /// view is read twice and kept only when no cell's version moved between
+    /// the two reads (every change bumps the version). `None` when the cells
+    /// kept changing for a few rounds: no conclusion may be drawn then.
+    pub async fn stable_view(&self, key: &StockKey, nodes: &[String]) -> Result<Option<StockView>> {
+        let versions = |view: &StockView| -> Vec<(String, u64)> {
+            view.pool
+                .iter()
+                .map(|pool| ("pool".to_owned(), pool.version))
+                .chain(
+                    view.buckets
+                        .iter()
+                        .map(|(node, bucket)| (node.clone(), bucket.version)),
+                )
+                .collect()
+        };
+        let mut previous = self.stock_view(key, nodes).await?;
+        for _ in 0..STABLE_VIEW_ROUNDS {
+            let current = self.stock_view(key, nodes).await?;
+            if versions(&current) == versions(&previous) {
+                return Ok(Some(current));
+            }
+            previous = current;
+        }
+        Ok(None)
     }
 
     /// Announces this node alive for `ttl`.

@@ -31,6 +31,9 @@ pub struct Cell {
     pub low_stock_threshold: i64,
     /// Increases with every change; ETags and notifications carry it.
     pub version: u64,
+    /// Units this cell debited for transfers not yet marked credited.
+    #[serde(default)]
+    pub out_in_flight: i64,
     /// Redis time of the last change, ms (idle buckets are reclaimed by it).
     #[serde(default)]
     pub touched_ms: u64,

@@ -127,12 +127,7 @@ async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
                         }
                         Err(AllocatorError::InsufficientStock { .. }) => {
                             figures.refused.fetch_add(1, Ordering::Relaxed);
-                            let left = allocator
-                                .stock_view(&sale.key, &sale.nodes)
-                                .await
-                                .expect("view")
-                                .sellable();
-                            if left > 0 {
+                            if free_units(allocator, &sale).await > 0 {
                                 figures.stranded_refusals.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -151,6 +146,20 @@ async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
         .expect("view")
         .sellable();
     (figures, left)
+}
+
+/// Free units of the sale's key at one instant (a stable double read).
+async fn free_units(allocator: &Allocator, sale: &FlashSale) -> i64 {
+    loop {
+        if let Some(view) = allocator
+            .stable_view(&sale.key, &sale.nodes)
+            .await
+            .expect("view")
+        {
+            return view.sellable();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// The baseline strategy: the node's bucket, refilled from the pool, nothing more.
