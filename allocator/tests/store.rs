@@ -1,0 +1,176 @@
+//! The allocator's contract with the store itself: change notifications, and
+//! failing closed when Redis is gone, then recovering (scripts reloaded on
+//! NOSCRIPT) without a restart.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use allocator::{
+    Adjustment, AdjustmentKind, Allocator, AllocatorError, AllocatorSettings, ReserveRequest,
+    StockKey,
+};
+use fred::prelude::*;
+
+const PARTITIONS: u32 = 64;
+
+fn settings() -> AllocatorSettings {
+    AllocatorSettings {
+        node: "store-node".to_owned(),
+        partitions: PARTITIONS,
+        command_timeout: Duration::from_millis(300),
+        ttl_default: Duration::from_secs(600),
+        ttl_max: Duration::from_secs(3600),
+        customer_ref_key: "store-customer-ref-key".to_owned(),
+        cart_line_grace: Duration::from_secs(2),
+    }
+}
+
+fn restock(key: &StockKey, units: i64) -> Adjustment {
+    Adjustment {
+        merchant: key.merchant.clone(),
+        sku: key.sku.clone(),
+        location: key.location.clone(),
+        kind: AdjustmentKind::Delta,
+        qty: units,
+        source: "test".to_owned(),
+        event_id: testkit::unique_id("restock"),
+        source_seq: None,
+    }
+}
+
+fn one_unit(key: &StockKey, idempotency_key: &str) -> ReserveRequest {
+    ReserveRequest {
+        key: key.clone(),
+        qty: 1,
+        ttl: None,
+        idempotency_key: idempotency_key.to_owned(),
+        customer_ref: None,
+    }
+}
+
+#[tokio::test]
+async fn every_change_publishes_the_cell_and_its_version() {
+    let stack = testkit::stack();
+    let subscriber = Builder::from_config(Config::from_url(&stack.redis_url).expect("url"))
+        .build()
+        .expect("client");
+    subscriber.init().await.expect("connect");
+    let mut messages = subscriber.message_rx();
+    subscriber
+        .subscribe(allocator::keys::CHANGES_CHANNEL)
+        .await
+        .expect("subscribe");
+
+    let allocator = Allocator::connect(&stack.redis_url, settings(), 1)
+        .await
+        .expect("connect");
+    let key = StockKey::new(testkit::unique_id("m"), "sku", "dc1");
+    allocator.adjust(&restock(&key, 3)).await.expect("restock");
+    allocator
+        .reserve(&one_unit(&key, "n1"))
+        .await
+        .expect("reserve");
+
+    let mut versions = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while versions.len() < 2 && Instant::now() < deadline {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.recv())
+            .await
+            .expect("a notification within 5 s")
+            .expect("channel open");
+        let text: String = message.value.convert().expect("text payload");
+        let change: serde_json::Value = serde_json::from_str(&text).expect("json payload");
+        if change["merchant"] == key.merchant.as_str() {
+            assert_eq!(change["cell"], key.pool(PARTITIONS).id.as_str());
+            assert_eq!(change["partition"], key.partition(PARTITIONS));
+            versions.push(change["version"].as_u64().expect("version"));
+        }
+    }
+    assert_eq!(versions, [1, 2], "one notification per change, in order");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// A Redis of this test's own, so stopping it disturbs no other test.
+fn private_redis(port: u16) -> Child {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed by scripts/stack");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "private redis did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[tokio::test]
+async fn redis_gone_fails_closed_and_recovery_needs_no_restart() {
+    testkit::stack();
+    let port = free_port();
+    let mut redis = private_redis(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let allocator = Allocator::connect(&url, settings(), 1)
+        .await
+        .expect("connect");
+    let key = StockKey::new("m-outage", "sku", "dc1");
+    allocator.adjust(&restock(&key, 5)).await.expect("restock");
+    allocator
+        .reserve(&one_unit(&key, "before"))
+        .await
+        .expect("reserve");
+
+    redis.kill().expect("stop redis");
+    redis.wait().expect("reap redis");
+    let started = Instant::now();
+    let refused = allocator.reserve(&one_unit(&key, "during")).await;
+    assert!(
+        matches!(refused, Err(AllocatorError::StoreUnavailable(_))),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "fails within its timeout"
+    );
+    assert!(matches!(
+        allocator.ping().await,
+        Err(AllocatorError::StoreUnavailable(_))
+    ));
+
+    // A new, empty Redis on the same port: no data and no scripts loaded.
+    let mut redis = private_redis(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match allocator.adjust(&restock(&key, 2)).await {
+            Ok(_) => break,
+            Err(AllocatorError::StoreUnavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(other) => panic!("after recovery: {other}"),
+        }
+    }
+    let hold = allocator
+        .reserve(&one_unit(&key, "after"))
+        .await
+        .expect("reserve after recovery, scripts reloaded on NOSCRIPT");
+    assert_eq!(hold.reservation.qty, 1);
+    redis.kill().expect("stop redis");
+    redis.wait().expect("reap redis");
+}
