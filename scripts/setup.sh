@@ -14,13 +14,15 @@ setup_say() { printf 'setup: %s\n' "$*" >&2; }
 
 setup_machine() {
     command -v cargo >/dev/null || { setup_say "error: cargo not found; install Rust (rustup) first"; return 1; }
-    # Build tools for the crates that compile C (librdkafka, zlib): gcc, make,
-    # perl and pkg-config; curl's headers are not needed with the bundled build.
+    # Build tools for the crates that compile C: gcc, make, perl and pkg-config
+    # (librdkafka, bundled), cmake (zlib-ng under pingora's compression).
     local missing=()
     command -v cc >/dev/null || missing+=(gcc)
     command -v make >/dev/null || missing+=(make)
     command -v perl >/dev/null || missing+=(perl)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
+    command -v cmake >/dev/null || missing+=(cmake)
+    command -v g++ >/dev/null || missing+=(g++)
     command -v python3 >/dev/null || missing+=(python3)
     command -v curl >/dev/null || missing+=(curl)
     if [ ${#missing[@]} -gt 0 ]; then

@@ -483,6 +483,8 @@ impl Allocator {
                 Err(refusal @ AllocatorError::InsufficientStock { .. }) => {
                     last_refusal = Some(refusal)
                 }
+                // No bucket yet (nothing was split to this node): a refill makes it.
+                Err(AllocatorError::NotFound) => {}
                 Err(other) => return Err(other),
             }
             let rate = meter.units_per_second().max(f64::from(request.qty));

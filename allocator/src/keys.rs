@@ -128,6 +128,22 @@ pub fn cells_hash(partition: u32) -> String {
     format!("inv:{{{partition}}}:cells")
 }
 
+/// The set of locations a `(merchant, sku)` has stock keys at. Kept by the
+/// allocator after each adjustment or settings call (an idempotent SADD after
+/// the script: the key is in another slot than the cell); a crash between the
+/// two leaves the location out of the index only until the key's next change.
+pub fn locations_key(merchant: &str, sku: &str) -> String {
+    format!("inv:locations:{{{merchant}|{sku}}}")
+}
+
+/// The claim of a reservation request's idempotency key, in the partition of
+/// `(merchant, key)`: holds the request's fingerprint for 24 hours, so the
+/// same key sent with another body is refused whatever stock keys it names.
+pub fn idempotency_claim_key(merchant: &str, idempotency_key: &str, partitions: u32) -> String {
+    let partition = StockKey::new(merchant, idempotency_key, "claim").partition(partitions);
+    format!("inv:{{{partition}}}:claim:{merchant}|{idempotency_key}")
+}
+
 /// A node's heartbeat (a plain key with a TTL, outside the partitions).
 pub fn heartbeat_key(node: &str) -> String {
     format!("inv:node:{node}:heartbeat")

@@ -127,6 +127,9 @@ pub enum AllocatorError {
     Protocol(String),
 }
 
+/// How long idempotency records and claims are kept.
+pub const IDEMPOTENCY_RETENTION_SECONDS: i64 = 24 * 3600;
+
 /// Most reservations in one `reserve_batch` call (the script's own bound).
 pub const RESERVE_BATCH_MAX: usize = 256;
 
@@ -457,6 +460,7 @@ impl Allocator {
         let reply = self.call(Op::Adjust, cell.partition, args).await?;
         check_refusal(&reply)?;
         if reply["applied"] == json!(true) {
+            self.index_location(&key).await?;
             let cell: Cell = serde_json::from_value(reply["cell"].clone()).map_err(protocol)?;
             let shortfall = reply["shortfall"] == json!(true);
             if shortfall != cell.is_short() {
@@ -486,7 +490,64 @@ impl Allocator {
         });
         let reply = self.call(Op::Settings, cell.partition, args).await?;
         check_refusal(&reply)?;
+        self.index_location(key).await?;
         serde_json::from_value(reply["cell"].clone()).map_err(protocol)
+    }
+
+    /// Claims a reservation request's idempotency key for `fingerprint`
+    /// (a hash of the whole request). The first claim wins for 24 hours; the
+    /// same fingerprint again is fine (a retry), another one is refused with
+    /// [`AllocatorError::IdempotencyKeyReused`]. Needed because a request's
+    /// own records live in its lines' partitions, which another body may not
+    /// share.
+    pub async fn claim_idempotency_key(
+        &self,
+        merchant: &str,
+        idempotency_key: &str,
+        fingerprint: &str,
+    ) -> Result<()> {
+        let key = keys::idempotency_claim_key(merchant, idempotency_key, self.settings.partitions);
+        let client = self.pool.next();
+        let set: Option<String> = self
+            .with_timeout(client.set(
+                &key,
+                fingerprint,
+                Some(Expiration::EX(IDEMPOTENCY_RETENTION_SECONDS)),
+                Some(SetOptions::NX),
+                false,
+            ))
+            .await?;
+        if set.is_some() {
+            return Ok(());
+        }
+        let existing: Option<String> = self.with_timeout(client.get(&key)).await?;
+        match existing {
+            Some(claimed) if claimed != fingerprint => Err(AllocatorError::IdempotencyKeyReused),
+            _ => Ok(()),
+        }
+    }
+
+    async fn index_location(&self, key: &StockKey) -> Result<()> {
+        let _: i64 = self
+            .with_timeout(self.pool.next().sadd(
+                keys::locations_key(&key.merchant, &key.sku),
+                key.location.as_str(),
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Every location `(merchant, sku)` has stock at, sorted.
+    pub async fn locations(&self, merchant: &str, sku: &str) -> Result<Vec<String>> {
+        let mut locations: Vec<String> = self
+            .with_timeout(
+                self.pool
+                    .next()
+                    .smembers(keys::locations_key(merchant, sku)),
+            )
+            .await?;
+        locations.sort();
+        Ok(locations)
     }
 
     /// A cell as stored now (no script: reads never decide anything).

@@ -51,6 +51,10 @@ pub struct NodeConfig {
     /// Node id (`[A-Za-z0-9._:-]{1,64}`); must be listed in a sale's `nodes` for
     /// this node to get a bucket. Env override: `INVGW_NODE_ID`.
     pub id: String,
+    /// Gateway nodes in the fleet: each node enforces `1 / fleet_size` of an
+    /// API key's `requests_per_second`.
+    #[serde(default = "default_fleet_size")]
+    pub fleet_size: u32,
 }
 
 /// The gateway's listener.
@@ -356,6 +360,9 @@ impl FlashSaleConfig {
     }
 }
 
+fn default_fleet_size() -> u32 {
+    1
+}
 fn default_true() -> bool {
     true
 }

@@ -76,6 +76,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
     let mut c = Checker { errors: Vec::new() };
 
     c.id("node.id", &config.node.id);
+    c.range("node.fleet_size", config.node.fleet_size, 1, 10_000);
     c.check(
         config.node.id.len() <= 64,
         "node.id",

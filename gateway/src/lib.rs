@@ -1,8 +1,97 @@
 //! The gateway node: a Pingora HTTP service that answers `/v1/*`, `/health`,
 //! `/ready` and `/metrics` locally and proxies every other path to the origin.
 //!
-//! It will own routing, authentication, request validation, the availability
-//! cache, request coalescing and the mapping of `allocator` errors to the HTTP
-//! error codes of shared/API.md. It owns no stock decision: every stock change
-//! goes through the `allocator` crate. Its service is built in the gateway issue;
-//! this crate is the home the workspace layout reserves for it.
+//! It owns routing, authentication, rate limits, request validation, the
+//! availability cache, request coalescing, server-sent events, flash-sale
+//! activation from config, and the mapping of `allocator` errors to the HTTP
+//! error codes of shared/API.md (in one place: [`api::ApiError`]). It owns no
+//! stock decision: every stock change goes through the `allocator` crate.
+//!
+//! Runtime layout: Pingora runs the HTTP service on its own runtime; one more
+//! tokio runtime (`io`) owns the Redis connections and the background tasks
+//! (config reload, change notifications, heartbeats, flash-sale activation).
+//! Handlers call the allocator from Pingora's runtime; fred's connections
+//! live on `io` and are reached through channels.
+//!
+//! Choices the API left open, written down here:
+//! * Reservations addressed by id (get, commit, release, extend) answer 404
+//!   for another merchant's reservation, so ids cannot be probed; routes
+//!   naming a merchant (availability, create, adjustments, settings) answer
+//!   403 when the key belongs to another merchant.
+//! * Too many SSE streams on a node is 429 `rate_limited` with Retry-After.
+//! * A flash sale's activation epoch is a hash of its configuration, the same
+//!   on every node: activation is idempotent per epoch, and editing the sale
+//!   starts a new one.
+//! * Rate limits are token buckets per API key, each node enforcing
+//!   `requests_per_second / node.fleet_size`.
+
+pub mod api;
+pub mod app;
+mod auth;
+mod availability;
+mod coalesce;
+mod flash;
+mod metrics;
+mod proxy;
+mod routes;
+mod sse;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignalWatch};
+
+pub use app::App;
+
+/// Runs a gateway node with the config at `config_path` until `shutdown`
+/// fires (SIGTERM/SIGINT/SIGQUIT with [`unix_shutdown`]). Blocks the calling
+/// thread; in-flight requests drain for `listen.shutdown_grace_seconds`.
+pub fn run(config_path: &Path, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow::Result<()> {
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gateway-io")
+        .enable_all()
+        .build()
+        .context("starting the io runtime")?;
+    let app = io
+        .block_on(App::start(config_path))
+        .with_context(|| format!("starting gateway with {}", config_path.display()))?;
+    let config = app.config();
+
+    let mut server_conf = ServerConf {
+        threads: config.listen.threads,
+        grace_period_seconds: Some(config.listen.shutdown_grace_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.listen.shutdown_grace_seconds),
+        ..ServerConf::default()
+    };
+    server_conf.work_stealing = true;
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+    let mut service = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy::Gateway::new(Arc::clone(&app)),
+        "inventory gateway",
+    );
+    let address = config.listen.http.to_string();
+    match (&config.listen.tls_cert_path, &config.listen.tls_key_path) {
+        (Some(cert), Some(key)) => service
+            .add_tls(&address, &cert.to_string_lossy(), &key.to_string_lossy())
+            .context("loading the TLS certificate and key")?,
+        _ => service.add_tcp(&address),
+    }
+    server.add_service(service);
+    tracing::info!(node = %config.node.id, %address, "gateway listening");
+    server.run(RunArgs {
+        shutdown_signal: shutdown,
+    });
+    app.stop();
+    drop(io);
+    Ok(())
+}
+
+/// The standard shutdown signals: SIGTERM drains gracefully, SIGINT fast.
+pub fn unix_shutdown() -> Box<dyn ShutdownSignalWatch> {
+    Box::new(pingora::server::UnixShutdownSignalWatch)
+}

@@ -1,0 +1,297 @@
+//! The HTTP contract's vocabulary: replies, errors and request bodies.
+//!
+//! Owns the one mapping from every failure to one status and one JSON error
+//! code of shared/API.md ([`ApiError::reply`]), and the validation of request
+//! bodies. Handlers build [`Reply`] values; they never write status codes for
+//! errors themselves.
+
+use allocator::{AllocatorError, ReservationStatus, ShortLine};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Largest quantity a request may carry.
+pub const QTY_MAX: u64 = 1_000_000;
+
+/// A response the gateway writes itself.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra headers (content type is set from the body kind).
+    pub headers: Vec<(&'static str, String)>,
+    /// The body; JSON unless a header says otherwise.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// A JSON reply.
+    pub fn json(status: u16, value: &Value) -> Self {
+        Self {
+            status,
+            headers: vec![("content-type", "application/json".to_owned())],
+            body: Bytes::from(value.to_string()),
+        }
+    }
+
+    /// A reply with a header added.
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// Every way a request fails, each with one status and one error code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, bad id, quantity out of range, too many lines.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or unknown API key.
+    #[error("missing or unknown api key")]
+    Unauthorized,
+    /// The key lacks the scope or belongs to another merchant.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Unknown reservation or stock key.
+    #[error("{0}")]
+    NotFound(String),
+    /// Not enough sellable units; nothing was held.
+    #[error("not enough sellable units")]
+    InsufficientStock(Vec<ShortLine>),
+    /// Commit or extend of a reservation that is not held.
+    #[error("reservation is {}", .0.as_str())]
+    NotHeld(ReservationStatus),
+    /// Body over the configured limit.
+    #[error("request body is over {0} bytes")]
+    PayloadTooLarge(usize),
+    /// Mutating call without JSON.
+    #[error("a mutating call takes Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// Same Idempotency-Key with a different body.
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    /// Mutating call without Idempotency-Key.
+    #[error("this call needs an Idempotency-Key header")]
+    IdempotencyKeyRequired,
+    /// Per-key or per-node limit.
+    #[error("{0}")]
+    RateLimited(String),
+    /// Redis unreachable; nothing was changed.
+    #[error("the stock store is unavailable; nothing was changed")]
+    StoreUnavailable,
+    /// A path under /v1 that does not exist.
+    #[error("no route for {0}")]
+    NoRoute(String),
+    /// A known path with a method it does not take.
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(String),
+    /// A bug; logged, never shown in detail.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The status, error code and body of this error.
+    pub fn reply(&self) -> Reply {
+        let message = self.to_string();
+        let (status, code, mut body) = match self {
+            ApiError::BadRequest(_) => (400, "bad_request", json!({})),
+            ApiError::Unauthorized => (401, "unauthorized", json!({})),
+            ApiError::Forbidden(_) => (403, "forbidden", json!({})),
+            ApiError::NotFound(_) | ApiError::NoRoute(_) => (404, "not_found", json!({})),
+            ApiError::InsufficientStock(lines) => (
+                409,
+                "insufficient_stock",
+                json!({ "lines": lines.iter().map(|line| json!({
+                    "sku": line.sku, "location": line.location,
+                    "requested": line.requested, "available": line.available.max(0),
+                })).collect::<Vec<_>>() }),
+            ),
+            ApiError::NotHeld(status) => (
+                409,
+                "reservation_not_held",
+                json!({ "status": status.as_str() }),
+            ),
+            ApiError::MethodNotAllowed(_) => (405, "method_not_allowed", json!({})),
+            ApiError::PayloadTooLarge(_) => (413, "payload_too_large", json!({})),
+            ApiError::UnsupportedMediaType => (415, "unsupported_media_type", json!({})),
+            ApiError::IdempotencyKeyReused => (422, "idempotency_key_reused", json!({})),
+            ApiError::IdempotencyKeyRequired => (428, "idempotency_key_required", json!({})),
+            ApiError::RateLimited(_) => (429, "rate_limited", json!({})),
+            ApiError::StoreUnavailable => (503, "store_unavailable", json!({})),
+            ApiError::Internal(_) => (500, "internal", json!({})),
+        };
+        body["error"] = json!(code);
+        body["message"] = json!(message);
+        let reply = Reply::json(status, &body);
+        match self {
+            ApiError::RateLimited(_) | ApiError::StoreUnavailable => {
+                reply.with_header("retry-after", "1")
+            }
+            _ => reply,
+        }
+    }
+
+    /// The error code alone (for metrics).
+    pub fn status(&self) -> u16 {
+        self.reply().status
+    }
+}
+
+impl From<AllocatorError> for ApiError {
+    fn from(error: AllocatorError) -> Self {
+        match error {
+            AllocatorError::InsufficientStock { lines } => ApiError::InsufficientStock(lines),
+            AllocatorError::NotHeld { status } => ApiError::NotHeld(status),
+            AllocatorError::NotFound => {
+                ApiError::NotFound("no such reservation or stock key".to_owned())
+            }
+            AllocatorError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            AllocatorError::InvalidRequest(reason) => ApiError::BadRequest(reason),
+            AllocatorError::StoreUnavailable(reason) => {
+                tracing::warn!(%reason, "redis unavailable");
+                ApiError::StoreUnavailable
+            }
+            AllocatorError::Protocol(reason) => {
+                tracing::error!(%reason, "stock store protocol error");
+                ApiError::Internal(reason)
+            }
+        }
+    }
+}
+
+/// Checks an id against `[A-Za-z0-9._:-]{1,128}`.
+pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
+    if config::is_valid_id(value) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{field} must match [A-Za-z0-9._:-]{{1,128}}"
+        )))
+    }
+}
+
+/// Checks a requested quantity against 1..=1,000,000.
+pub fn check_qty(field: &str, value: i64) -> Result<u32, ApiError> {
+    if (1..=QTY_MAX as i64).contains(&value) {
+        Ok(value as u32)
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "{field} must be between 1 and {QTY_MAX}"
+        )))
+    }
+}
+
+/// Parses a JSON body into `T`, naming what is wrong.
+pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::BadRequest(format!("malformed JSON body: {error}")))
+}
+
+/// `POST /v1/reservations` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationBody {
+    /// Merchant of every line.
+    pub merchant: String,
+    /// The lines.
+    pub lines: Vec<LineBody>,
+    /// Hold lifetime; config default and maximum.
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+    /// Opaque customer reference, used only hashed.
+    #[serde(default)]
+    pub customer_ref: Option<String>,
+}
+
+/// One reservation line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineBody {
+    /// SKU.
+    pub sku: String,
+    /// Location.
+    pub location: String,
+    /// Units.
+    pub qty: i64,
+}
+
+/// `POST /v1/reservations/{id}/extend` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendBody {
+    /// New lifetime from now.
+    pub ttl_seconds: i64,
+}
+
+/// `POST /v1/stock/adjustments` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustmentBody {
+    /// Merchant.
+    pub merchant: String,
+    /// SKU.
+    pub sku: String,
+    /// Location.
+    pub location: String,
+    /// `delta` or `absolute`.
+    pub kind: String,
+    /// The delta, or the counted units.
+    pub qty: i64,
+    /// The system that sent it.
+    pub source: String,
+    /// The sender's event id.
+    pub event_id: String,
+    /// The sender's sequence (required for `absolute`).
+    #[serde(default)]
+    pub source_seq: Option<u64>,
+}
+
+/// `PUT /v1/stock/{merchant}/{sku}/{location}/settings` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsBody {
+    /// Units never offered for sale.
+    #[serde(default)]
+    pub safety_stock: u64,
+    /// How far sellable may go below zero.
+    #[serde(default)]
+    pub backorder_limit: u64,
+    /// `low` at or under this.
+    #[serde(default)]
+    pub low_stock_threshold: Option<u64>,
+}
+
+/// `POST /v1/availability/batch` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// The keys to read.
+    pub items: Vec<BatchItem>,
+}
+
+/// One batch read.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    /// Merchant.
+    pub merchant: String,
+    /// SKU.
+    pub sku: String,
+    /// Only this location, if given.
+    #[serde(default)]
+    pub location: Option<String>,
+}
+
+/// RFC 3339 of a Redis time in ms.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,289 @@
+//! The node's shared state and its background tasks.
+//!
+//! Owns what every request handler reads: the config in force (swapped
+//! atomically on reload), the allocator, the availability cache, the change
+//! fan-out for SSE, rate limiters, flash-sale state and metrics. Background
+//! tasks on the io runtime keep them current: the config watcher, the Redis
+//! change subscriber (cache invalidation and SSE), heartbeats and flash-sale
+//! activation. It does not serve HTTP.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use allocator::{Allocator, AllocatorSettings, StockKey};
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use config::{Config, ConfigWatcher};
+use fred::prelude::*;
+use tokio::sync::{Notify, broadcast};
+use tracing::{info, warn};
+
+use crate::auth::RateLimiter;
+use crate::availability::AvailabilityCache;
+use crate::coalesce::Coalescer;
+use crate::flash::FlashSales;
+use crate::metrics::Metrics;
+
+/// Capacity of the change fan-out to SSE streams; a stream that falls this far
+/// behind is dropped as too slow.
+const CHANGES_CAPACITY: usize = 4096;
+
+/// A change notification from the scripts: one cell of a stock key moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Merchant of the changed key.
+    pub merchant: String,
+    /// SKU of the changed key.
+    pub sku: String,
+    /// Location of the changed key.
+    pub location: String,
+    /// The cell's version after the change.
+    pub version: u64,
+}
+
+/// Everything a request handler needs.
+pub struct App {
+    /// The config in force; replaced whole on an accepted reload.
+    config: ArcSwap<Config>,
+    /// Keeps the config file watched; dropping it stops reloads.
+    watcher: ConfigWatcher,
+    /// Origin upstreams resolved to addresses, per config generation.
+    origins: ArcSwap<Vec<SocketAddr>>,
+    /// The stock engine.
+    pub allocator: Allocator,
+    /// The edge cache of availability.
+    pub cache: AvailabilityCache,
+    /// Change notifications for SSE streams.
+    pub changes: broadcast::Sender<Change>,
+    /// Per-API-key token buckets.
+    pub limiter: RateLimiter,
+    /// Coalesces concurrent reservations on one cell into batches.
+    pub coalescer: Coalescer,
+    /// Flash sales in force on this node.
+    pub flash: FlashSales,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Whether the change subscription is live (the cache hears changes).
+    subscribed: AtomicBool,
+    /// Set when the node stops; background tasks end.
+    stopping: AtomicBool,
+    /// Wakes background tasks on stop.
+    stop: Notify,
+}
+
+impl App {
+    /// Loads the config, connects to Redis, and starts the background tasks
+    /// on the current (io) runtime.
+    pub async fn start(config_path: &Path) -> anyhow::Result<Arc<Self>> {
+        let watcher = ConfigWatcher::start(config_path)?;
+        let config = watcher.current();
+        let settings = AllocatorSettings::from_config(&config);
+        let allocator = Allocator::connect(&config.redis.url, settings, config.redis.pool_size)
+            .await
+            .context("connecting to redis")?;
+        let origins = resolve_origins(&config.origin.upstreams).await;
+        let metrics = Metrics::new(&config.node.id);
+        let app = Arc::new(Self {
+            cache: AvailabilityCache::new(&config),
+            limiter: RateLimiter::default(),
+            coalescer: Coalescer::default(),
+            flash: FlashSales::default(),
+            changes: broadcast::channel(CHANGES_CAPACITY).0,
+            origins: ArcSwap::from_pointee(origins),
+            config: ArcSwap::new(config),
+            watcher,
+            allocator,
+            metrics,
+            subscribed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
+        });
+        tokio::spawn(Arc::clone(&app).follow_config());
+        tokio::spawn(Arc::clone(&app).follow_changes());
+        tokio::spawn(Arc::clone(&app).heartbeat());
+        tokio::spawn(Arc::clone(&app).run_flash_sales());
+        Ok(app)
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Origin addresses, in the configured order.
+    pub fn origins(&self) -> Arc<Vec<SocketAddr>> {
+        self.origins.load_full()
+    }
+
+    /// Whether the config watcher is alive (the config is loaded).
+    pub fn config_loaded(&self) -> bool {
+        self.watcher.current().node.id == self.config().node.id
+    }
+
+    /// Whether change notifications reach this node's cache.
+    pub fn hears_changes(&self) -> bool {
+        self.subscribed.load(Ordering::SeqCst)
+    }
+
+    /// Ends the background tasks.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_waiters();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps `duration` or until the node stops; false when stopping.
+    async fn pause(&self, duration: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => !self.stopping(),
+            _ = self.stop.notified() => false,
+        }
+    }
+
+    async fn follow_config(self: Arc<Self>) {
+        let mut updates = self.watcher.subscribe();
+        while updates.changed().await.is_ok() && !self.stopping() {
+            let update = updates.borrow_and_update().clone();
+            let config = Arc::clone(&update.config);
+            if update.touches("origin") {
+                self.origins
+                    .store(Arc::new(resolve_origins(&config.origin.upstreams).await));
+            }
+            if update.touches("cache") {
+                self.cache.reconfigure(&config);
+            }
+            self.config.store(config);
+            self.metrics.config_reloads.inc();
+            info!(generation = update.generation, changed = ?update.changed, "config in force");
+            self.flash.wake();
+        }
+    }
+
+    /// Subscribes to the scripts' change notifications: invalidates the cache
+    /// and feeds SSE streams. Reconnects by itself when Redis comes back.
+    async fn follow_changes(self: Arc<Self>) {
+        while !self.stopping() {
+            let outcome = self.subscribe_changes().await;
+            self.subscribed.store(false, Ordering::SeqCst);
+            if let Err(error) = outcome {
+                warn!(%error, "change subscription lost; retrying");
+                self.metrics.redis_errors.inc();
+                self.cache.mark_all_dirty();
+            }
+            if !self.pause(Duration::from_millis(500)).await {
+                return;
+            }
+        }
+    }
+
+    async fn subscribe_changes(&self) -> anyhow::Result<()> {
+        let config = self.config();
+        let subscriber =
+            Builder::from_config(fred::types::config::Config::from_url(&config.redis.url)?)
+                .with_performance_config(|performance| {
+                    performance.broadcast_channel_capacity = CHANGES_CAPACITY;
+                })
+                .set_policy(ReconnectPolicy::new_constant(0, 200))
+                .build()?;
+        subscriber.init().await?;
+        let mut messages = subscriber.message_rx();
+        let mut reconnects = subscriber.reconnect_rx();
+        subscriber
+            .subscribe(allocator::keys::CHANGES_CHANNEL)
+            .await?;
+        // Anything cached may have changed while we were not listening.
+        self.cache.mark_all_dirty();
+        self.subscribed.store(true, Ordering::SeqCst);
+        loop {
+            tokio::select! {
+                message = messages.recv() => {
+                    let message = match message {
+                        Ok(message) => message,
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            // A burst (lazy expiry releasing many holds) outran
+                            // us: whatever is cached may be stale now.
+                            warn!(missed, "change notifications missed; cache marked dirty");
+                            self.cache.mark_all_dirty();
+                            continue;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    };
+                    let Ok(text) = message.value.convert::<String>() else { continue };
+                    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+                    let field = |name: &str| value[name].as_str().unwrap_or_default().to_owned();
+                    let change = Change {
+                        merchant: field("merchant"),
+                        sku: field("sku"),
+                        location: field("location"),
+                        version: value["version"].as_u64().unwrap_or_default(),
+                    };
+                    self.cache.invalidate(&change.merchant, &change.sku);
+                    // No receivers is fine: nobody is streaming.
+                    let _ = self.changes.send(change);
+                }
+                _ = reconnects.recv() => {
+                    // Notifications published while disconnected are lost, and
+                    // a new connection has no subscriptions.
+                    subscriber.subscribe(allocator::keys::CHANGES_CHANNEL).await?;
+                    self.cache.mark_all_dirty();
+                }
+                _ = self.stop.notified() => break,
+            }
+        }
+        let _ = subscriber.quit().await;
+        Ok(())
+    }
+
+    async fn heartbeat(self: Arc<Self>) {
+        loop {
+            let ttl = Duration::from_secs(self.config().stock.node_heartbeat_ttl_seconds);
+            if let Err(error) = self.allocator.heartbeat(ttl).await {
+                warn!(%error, "heartbeat failed");
+                self.metrics.redis_errors.inc();
+            }
+            if !self.pause(ttl / 3).await {
+                return;
+            }
+        }
+    }
+
+    async fn run_flash_sales(self: Arc<Self>) {
+        loop {
+            let config = self.config();
+            crate::flash::reconcile(&self, &config).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.flash.woken() => {}
+                _ = self.stop.notified() => return,
+            }
+            if self.stopping() {
+                return;
+            }
+        }
+    }
+
+    /// The stock key a request names, checked against the id alphabet.
+    pub fn stock_key(merchant: &str, sku: &str, location: &str) -> StockKey {
+        StockKey::new(merchant, sku, location)
+    }
+}
+
+async fn resolve_origins(upstreams: &[String]) -> Vec<SocketAddr> {
+    let mut addresses = Vec::new();
+    for upstream in upstreams {
+        match tokio::net::lookup_host(upstream.as_str()).await {
+            Ok(mut resolved) => match resolved.next() {
+                Some(address) => addresses.push(address),
+                None => warn!(upstream, "origin resolves to no address"),
+            },
+            Err(error) => warn!(upstream, %error, "cannot resolve origin"),
+        }
+    }
+    addresses
+}

@@ -1,0 +1,25 @@
+//! `gateway --config PATH`: one gateway node.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// An edge node of the inventory availability gateway.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The TOML config (see config/dev.toml); reloaded on change or SIGHUP.
+    #[arg(long, env = "INVGW_CONFIG", default_value = "config/dev.toml")]
+    config: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    gateway::run(&cli.config, gateway::unix_shutdown())
+}

@@ -1,0 +1,151 @@
+//! The node's Prometheus metrics, served at `/metrics`.
+//!
+//! Owns the registry and every series; handlers and background tasks update
+//! them through the typed fields. Route labels are route templates, never raw
+//! paths, so the label set stays bounded.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every series of the node.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered locally, by route template and status.
+    pub requests: IntCounterVec,
+    /// Latency of locally answered requests, by route template.
+    pub latency: HistogramVec,
+    /// Requests proxied to the origin, by status.
+    pub proxied: IntCounterVec,
+    /// Reservation outcomes: held, replayed, insufficient, refused, error.
+    pub reservations: IntCounterVec,
+    /// Availability cache lookups: hit, miss, stale.
+    pub cache: IntCounterVec,
+    /// Reservations per coalesced `reserve_batch` call.
+    pub batch_size: Histogram,
+    /// Bucket free units per sale and node, as last seen.
+    pub bucket_level: IntGaugeVec,
+    /// Refills this node made.
+    pub refills: IntCounter,
+    /// Reclaims this node made.
+    pub reclaims: IntCounter,
+    /// Redis calls that failed.
+    pub redis_errors: IntCounter,
+    /// Open SSE streams.
+    pub streams: IntGauge,
+    /// SSE streams dropped for being too slow.
+    pub streams_dropped: IntCounter,
+    /// Accepted config reloads.
+    pub config_reloads: IntCounter,
+}
+
+impl Metrics {
+    /// A fresh registry with every series, labelled with the node id.
+    pub fn new(node: &str) -> Self {
+        let registry = Registry::new_custom(
+            Some("invgw".to_owned()),
+            Some([("node".to_owned(), node.to_owned())].into()),
+        )
+        .expect("static registry settings are valid");
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let requests = counter_vec(
+            "requests_total",
+            "Requests answered by the gateway",
+            &["route", "status"],
+        );
+        let proxied = counter_vec(
+            "proxied_requests_total",
+            "Requests proxied to the origin",
+            &["status"],
+        );
+        let reservations = counter_vec("reservations_total", "Reservation outcomes", &["outcome"]);
+        let cache = counter_vec(
+            "availability_cache_total",
+            "Availability cache lookups",
+            &["result"],
+        );
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Latency of requests answered by the gateway",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["route"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("unique metric");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "coalesced_batch_size",
+                "Reservations per reserve_batch call",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(batch_size.clone()))
+            .expect("unique metric");
+        let bucket_level = IntGaugeVec::new(
+            Opts::new("bucket_free_units", "Free units in a flash-sale bucket"),
+            &["sale", "bucket_node"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(bucket_level.clone()))
+            .expect("unique metric");
+        let streams =
+            IntGauge::new("sse_streams", "Open server-sent event streams").expect("valid metric");
+        registry
+            .register(Box::new(streams.clone()))
+            .expect("unique metric");
+        Self {
+            requests,
+            latency,
+            proxied,
+            reservations,
+            cache,
+            batch_size,
+            bucket_level,
+            refills: counter("bucket_refills_total", "Bucket refills made by this node"),
+            reclaims: counter("bucket_reclaims_total", "Bucket reclaims made by this node"),
+            redis_errors: counter("redis_errors_total", "Redis calls that failed"),
+            streams,
+            streams_dropped: counter(
+                "sse_streams_dropped_total",
+                "SSE streams dropped as too slow",
+            ),
+            config_reloads: counter("config_reloads_total", "Accepted config reloads"),
+            registry,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,676 @@
+//! The HTTP contract of shared/API.md against a real gateway process: every
+//! row of the error table (status, code, and nothing changed), the happy
+//! paths, proxying, and merchant isolation on every route.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn assert_error(response: (u16, Value), status: u16, code: &str) {
+    assert_eq!(response.0, status, "{}", response.1);
+    assert_eq!(response.1["error"], code, "{}", response.1);
+    assert!(
+        response.1["message"]
+            .as_str()
+            .is_some_and(|message| !message.is_empty())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_of_the_table_is_answered_and_changes_nothing() {
+    let run = testkit::unique_id("run");
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("tee");
+    restock(&node, "m1", &sku, "dc1", 5).await;
+    let url = node.url("/v1/reservations");
+    let good = reservation("m1", &sku, "dc1", 1);
+
+    // 400: malformed JSON, bad id, qty out of range, too many lines.
+    let raw = client()
+        .post(&url)
+        .bearer_auth(CHECKOUT)
+        .header("Idempotency-Key", format!("{run}-bad-json"))
+        .header("Content-Type", "application/json")
+        .body("{\"merchant\":")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(raw.status().as_u16(), 400);
+    assert_error(
+        post(
+            &url,
+            CHECKOUT,
+            Some("bad-id"),
+            &reservation("m1", "a b", "dc1", 1),
+        )
+        .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert_error(
+        post(
+            &url,
+            CHECKOUT,
+            Some("qty0"),
+            &reservation("m1", &sku, "dc1", 0),
+        )
+        .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert_error(
+        post(
+            &url,
+            CHECKOUT,
+            Some("qtybig"),
+            &reservation("m1", &sku, "dc1", 1_000_001),
+        )
+        .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    let lines: Vec<Value> = (0..51)
+        .map(|i| json!({ "sku": format!("s{i}"), "location": "dc1", "qty": 1 }))
+        .collect();
+    assert_error(
+        post(
+            &url,
+            CHECKOUT,
+            Some("lines"),
+            &json!({ "merchant": "m1", "lines": lines }),
+        )
+        .await,
+        400,
+        "bad_request",
+    )
+    .await;
+
+    // 401 and 403.
+    assert_error(
+        post(&url, "no-such-key", Some("k"), &good).await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    let anonymous = client()
+        .post(&url)
+        .json(&good)
+        .header("Idempotency-Key", format!("{run}-k"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(anonymous.status().as_u16(), 401);
+    assert_error(post(&url, READ, Some("k"), &good).await, 403, "forbidden").await;
+    assert_error(
+        post(&url, OTHER_MERCHANT, Some("k"), &good).await,
+        403,
+        "forbidden",
+    )
+    .await;
+
+    // 404.
+    assert_error(
+        get(
+            &node.url("/v1/reservations/r3.000000000000000000000000"),
+            Some(CHECKOUT),
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        get(
+            &node.url(&format!(
+                "/v1/availability/m1/{}",
+                testkit::unique_id("nothing")
+            )),
+            Some(READ),
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+
+    // 409 insufficient_stock lists each short line.
+    let (status, body) = post(
+        &url,
+        CHECKOUT,
+        Some(&format!("{run}-too-many")),
+        &reservation("m1", &sku, "dc1", 6),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert_eq!(body["error"], "insufficient_stock");
+    assert_eq!(
+        body["lines"],
+        json!([{ "sku": sku, "location": "dc1", "requested": 6, "available": 5 }])
+    );
+
+    // 413 over the body limit (the tests' config: 4096 bytes).
+    let huge = json!({ "merchant": "m1", "lines": [{ "sku": "x".repeat(5000), "location": "dc1", "qty": 1 }] });
+    assert_error(
+        post(&url, CHECKOUT, Some("huge"), &huge).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
+
+    // 415 without JSON.
+    let text = client()
+        .post(&url)
+        .bearer_auth(CHECKOUT)
+        .header("Idempotency-Key", format!("{run}-text"))
+        .header("Content-Type", "text/plain")
+        .body(good.to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(text.status().as_u16(), 415);
+
+    // 428 without Idempotency-Key.
+    assert_error(
+        post(&url, CHECKOUT, None, &good).await,
+        428,
+        "idempotency_key_required",
+    )
+    .await;
+
+    // 422: the same key with another body.
+    let (status, first) = post(&url, CHECKOUT, Some(&format!("{run}-reuse")), &good).await;
+    assert_eq!(status, 201, "{first}");
+    assert_error(
+        post(
+            &url,
+            CHECKOUT,
+            Some(&format!("{run}-reuse")),
+            &reservation("m1", &sku, "dc1", 2),
+        )
+        .await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    // The same key naming another SKU is a different body too.
+    let other_sku = reservation("m1", &testkit::unique_id("other"), "dc1", 1);
+    assert_error(
+        post(&url, CHECKOUT, Some(&format!("{run}-reuse")), &other_sku).await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+
+    // 409 reservation_not_held: commit after release.
+    let id = first["reservation_id"].as_str().expect("id").to_owned();
+    let (status, released) = post(
+        &node.url(&format!("/v1/reservations/{id}/release")),
+        CHECKOUT,
+        Some(&format!("{run}-rel")),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(
+        (status, released["status"].as_str()),
+        (200, Some("released"))
+    );
+    let (status, body) = post(
+        &node.url(&format!("/v1/reservations/{id}/commit")),
+        CHECKOUT,
+        Some(&format!("{run}-com")),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str(), body["status"].as_str()),
+        (409, Some("reservation_not_held"), Some("released"))
+    );
+
+    // 429 with Retry-After: the slow key admits one request per second.
+    let mut limited = None;
+    for _ in 0..5 {
+        let response = client()
+            .get(node.url(&format!("/v1/availability/m1/{sku}")))
+            .bearer_auth(SLOW)
+            .send()
+            .await
+            .expect("send");
+        if response.status().as_u16() == 429 {
+            limited = Some(response);
+            break;
+        }
+    }
+    let limited = limited.expect("the slow key is limited");
+    assert_eq!(
+        limited
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: Value = limited.json().await.expect("json");
+    assert_eq!(body["error"], "rate_limited");
+
+    // Nothing above changed the stock.
+    assert_eq!(available(&node, "m1", &sku).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn availability_has_etags_bands_and_batches() {
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("hoodie");
+    restock(&node, "m1", &sku, "dc1", 40).await;
+    restock(&node, "m1", &sku, "store-12", 3).await;
+    let url = node.url(&format!("/v1/availability/m1/{sku}"));
+
+    let response = client().get(&url).send().await.expect("public read");
+    assert_eq!(response.status().as_u16(), 200);
+    let etag = response
+        .headers()
+        .get("etag")
+        .expect("etag")
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert_eq!(
+        response
+            .headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok()),
+        Some("max-age=1")
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["available"], 43);
+    assert_eq!(body["stale"], false);
+    let statuses: Vec<&str> = body["locations"]
+        .as_array()
+        .expect("locations")
+        .iter()
+        .map(|l| l["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(statuses, ["in_stock", "low"]);
+
+    let not_modified = client()
+        .get(&url)
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(not_modified.status().as_u16(), 304);
+
+    let (status, one) = get(&format!("{url}?location=store-12"), None).await;
+    assert_eq!((status, one["available"].as_i64()), (200, Some(3)));
+
+    let (status, batch) = post(
+        &node.url("/v1/availability/batch"),
+        READ,
+        None,
+        &json!({ "items": [{ "merchant": "m1", "sku": sku }, { "merchant": "m1", "sku": "never-stocked-sku" }] }),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(batch["items"][0]["available"], 43);
+    assert_eq!(batch["items"][1]["error"], "not_found");
+
+    // A change moves the ETag.
+    restock(&node, "m1", &sku, "dc1", 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let changed = client()
+        .get(&url)
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(changed.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cart_is_held_committed_and_read_back_through_the_api() {
+    let run = testkit::unique_id("run");
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let (shirt, shoes) = (testkit::unique_id("shirt"), testkit::unique_id("shoes"));
+    restock(&node, "m1", &shirt, "dc1", 5).await;
+    restock(&node, "m1", &shoes, "dc2", 2).await;
+    let cart = json!({ "merchant": "m1", "ttl_seconds": 300, "customer_ref": "customer-9",
+        "lines": [{ "sku": shirt, "location": "dc1", "qty": 2 }, { "sku": shoes, "location": "dc2", "qty": 2 }] });
+    let url = node.url("/v1/reservations");
+    let (status, held) = post(&url, CHECKOUT, Some(&format!("{run}-cart-1")), &cart).await;
+    assert_eq!(status, 201, "{held}");
+    assert_eq!(held["status"], "held");
+    assert_eq!(held["lines"].as_array().map(Vec::len), Some(2));
+
+    let replay = client()
+        .post(&url)
+        .bearer_auth(CHECKOUT)
+        .header("Idempotency-Key", format!("{run}-cart-1"))
+        .json(&cart)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(replay.status().as_u16(), 201);
+    assert_eq!(
+        replay
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+
+    let id = held["reservation_id"].as_str().expect("id");
+    let (status, extended) = post(
+        &node.url(&format!("/v1/reservations/{id}/extend")),
+        CHECKOUT,
+        None,
+        &json!({ "ttl_seconds": 900 }),
+    )
+    .await;
+    assert_eq!(status, 200, "{extended}");
+    assert!(extended["expires_at"].as_str() > held["expires_at"].as_str());
+    let (status, committed) = post(
+        &node.url(&format!("/v1/reservations/{id}/commit")),
+        CHECKOUT,
+        Some(&format!("{run}-c")),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(
+        (status, committed["status"].as_str()),
+        (200, Some("committed"))
+    );
+    let (status, read) = get(&node.url(&format!("/v1/reservations/{id}")), Some(CHECKOUT)).await;
+    assert_eq!(
+        (status, read["status"].as_str(), read["merchant"].as_str()),
+        (200, Some("committed"), Some("m1"))
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(available(&node, "m1", &shirt).await, 3);
+    assert_eq!(available(&node, "m1", &shoes).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjustments_dedupe_order_and_flag_shortfalls_and_settings_apply() {
+    let run = testkit::unique_id("run");
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("count");
+    let url = node.url("/v1/stock/adjustments");
+    let count = |qty: i64, seq: u64| {
+        json!({ "merchant": "m1", "sku": sku, "location": "dc1", "kind": "absolute",
+        "qty": qty, "source": "pos-12", "event_id": format!("c{seq}"), "source_seq": seq })
+    };
+    let (status, body) = post(&url, ADMIN, None, &count(30, 3)).await;
+    assert_eq!(
+        (status, body["applied"].as_bool(), body["on_hand"].as_i64()),
+        (200, Some(true), Some(30))
+    );
+    let (_, duplicate) = post(&url, ADMIN, None, &count(30, 3)).await;
+    assert_eq!(
+        duplicate,
+        json!({ "applied": false, "reason": "duplicate" })
+    );
+    let (_, stale) = post(&url, ADMIN, None, &count(10, 2)).await;
+    assert_eq!(
+        (stale["applied"].as_bool(), stale["reason"].as_str()),
+        (Some(false), Some("stale"))
+    );
+
+    let (status, reserve) = post(
+        &node.url("/v1/reservations"),
+        CHECKOUT,
+        Some(&format!("{run}-hold-20")),
+        &reservation("m1", &sku, "dc1", 20),
+    )
+    .await;
+    assert_eq!(status, 201, "{reserve}");
+    let loss = json!({ "merchant": "m1", "sku": sku, "location": "dc1", "kind": "delta", "qty": -15,
+        "source": "pos-12", "event_id": "shrink-1" });
+    let (status, short) = post(&url, ADMIN, None, &loss).await;
+    assert_eq!(
+        (
+            status,
+            short["shortfall"].as_bool(),
+            short["available"].as_i64()
+        ),
+        (200, Some(true), Some(0))
+    );
+    let (status, _) = post(
+        &node.url("/v1/reservations"),
+        CHECKOUT,
+        Some(&format!("{run}-during-shortfall")),
+        &reservation("m1", &sku, "dc1", 1),
+    )
+    .await;
+    assert_eq!(status, 409);
+
+    let settings = client()
+        .put(node.url(&format!("/v1/stock/m1/{sku}/dc1/settings")))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "safety_stock": 0, "backorder_limit": 10, "low_stock_threshold": 2 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(settings.status().as_u16(), 200);
+    let (status, backorder) = post(
+        &node.url("/v1/reservations"),
+        CHECKOUT,
+        Some(&format!("{run}-backorder")),
+        &reservation("m1", &sku, "dc1", 4),
+    )
+    .await;
+    assert_eq!(status, 201, "{backorder}");
+    assert_eq!(backorder["lines"][0]["backordered"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_paths_reach_the_origin_intact_with_failover_and_a_502_when_none_answers() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let fleet = Fleet::on_stack("");
+    // First upstream refuses connections; the gateway retries the next one.
+    let text = fleet.config_text().replace(
+        "upstreams = [\"127.0.0.1:8090\"]",
+        &format!("upstreams = [\"{dead}\", \"{}\"]", fleet.origin),
+    );
+    fleet.write_config(&text);
+    let port = free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&fleet.config)
+        .env("INVGW_LISTEN_HTTP", format!("127.0.0.1:{port}"))
+        .env("INVGW_REDIS_URL", &fleet.redis_url)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start gateway");
+    let _guard = Process(child);
+    wait_for_port(port);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = format!("http://127.0.0.1:{port}");
+
+    let body = "{\"order\":42,\"note\":\"ünïcode\"}";
+    let response = client()
+        .post(format!("{base}/shop/cart/items?page=2&sort=asc"))
+        .header("X-Custom-Header", "kept-as-is")
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("proxied");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("demo")
+    );
+    let echo: Value = response.json().await.expect("echo");
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/shop/cart/items");
+    assert_eq!(echo["query"], "page=2&sort=asc");
+    assert_eq!(echo["headers"]["x-custom-header"], "kept-as-is");
+    assert_eq!(echo["body"], body);
+    assert_eq!(echo["body_bytes"], body.len());
+
+    // No upstream answers: 502 with a JSON error.
+    let text = fleet
+        .config_text()
+        .replace(&format!(", \"{}\"", fleet.origin), "");
+    fleet.write_config(&text);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = client()
+            .get(format!("{base}/anything"))
+            .send()
+            .await
+            .expect("send");
+        if response.status().as_u16() == 502 {
+            let body: Value = response.json().await.expect("json");
+            assert_eq!(body["error"], "bad_gateway");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the origin edit was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_merchant_can_never_read_or_touch_anothers_stock_or_reservations() {
+    let run = testkit::unique_id("run");
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("private");
+    restock(&node, "m1", &sku, "dc1", 10).await;
+    let (status, held) = post(
+        &node.url("/v1/reservations"),
+        CHECKOUT,
+        Some(&format!("{run}-mine")),
+        &reservation("m1", &sku, "dc1", 1),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let id = held["reservation_id"].as_str().expect("id");
+    let m2 = OTHER_MERCHANT;
+
+    assert_eq!(
+        get(&node.url(&format!("/v1/availability/m1/{sku}")), Some(m2))
+            .await
+            .0,
+        403
+    );
+    let batch = json!({ "items": [{ "merchant": "m1", "sku": sku }] });
+    assert_eq!(
+        post(&node.url("/v1/availability/batch"), m2, None, &batch)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        post(
+            &node.url("/v1/reservations"),
+            m2,
+            Some("theirs"),
+            &reservation("m1", &sku, "dc1", 1)
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        get(&node.url(&format!("/v1/reservations/{id}")), Some(m2))
+            .await
+            .0,
+        404
+    );
+    for action in ["commit", "release"] {
+        assert_eq!(
+            post(
+                &node.url(&format!("/v1/reservations/{id}/{action}")),
+                m2,
+                Some("x"),
+                &json!({})
+            )
+            .await
+            .0,
+            404
+        );
+    }
+    assert_eq!(
+        post(
+            &node.url(&format!("/v1/reservations/{id}/extend")),
+            m2,
+            None,
+            &json!({ "ttl_seconds": 60 })
+        )
+        .await
+        .0,
+        404
+    );
+    let adjustment = json!({ "merchant": "m1", "sku": sku, "location": "dc1", "kind": "delta", "qty": -10, "source": "x", "event_id": "x" });
+    assert_eq!(
+        post(&node.url("/v1/stock/adjustments"), m2, None, &adjustment)
+            .await
+            .0,
+        403
+    );
+    let settings = client()
+        .put(node.url(&format!("/v1/stock/m1/{sku}/dc1/settings")))
+        .bearer_auth(m2)
+        .json(&json!({ "safety_stock": 10 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(settings.status().as_u16(), 403);
+    let stream = client()
+        .get(node.url(&format!("/v1/stream?merchant=m1&sku={sku}")))
+        .bearer_auth(m2)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(stream.status().as_u16(), 403);
+
+    let (_, mine) = get(&node.url(&format!("/v1/reservations/{id}")), Some(CHECKOUT)).await;
+    assert_eq!(mine["status"], "held", "untouched");
+    assert_eq!(available(&node, "m1", &sku).await, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_endpoints_answer() {
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    assert_eq!(get(&node.url("/health"), None).await.0, 200);
+    assert_eq!(get(&node.url("/ready"), None).await.0, 200);
+    let (status, openapi) = get(&node.url("/v1/openapi.json"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(openapi["openapi"], "3.0.3");
+    for path in [
+        "/v1/reservations",
+        "/v1/availability/{merchant}/{sku}",
+        "/v1/stream",
+        "/v1/flash-sales",
+    ] {
+        assert!(openapi["paths"].get(path).is_some(), "{path} documented");
+    }
+    let _ = get(&node.url("/v1/availability/m1/anything"), None).await;
+    let metrics = client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("invgw_requests_total"), "{metrics}");
+    assert!(metrics.contains("route=\"/v1/availability/{merchant}/{sku}\""));
+    assert!(metrics.contains("invgw_request_duration_seconds_bucket"));
+}

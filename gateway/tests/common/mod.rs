@@ -1,0 +1,264 @@
+//! Harness for the gateway's tests: real gateway and demo-origin processes
+//! against the stack's Redis (or a private one), each test with its own
+//! ports, merchants and config file.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const ADMIN: &str = "dev-admin-key";
+pub const CHECKOUT: &str = "dev-checkout-key";
+pub const READ: &str = "dev-read-key";
+pub const OTHER_MERCHANT: &str = "dev-m2-key";
+pub const PLATFORM: &str = "dev-platform-key";
+/// A key added by the tests' config with one request per second.
+pub const SLOW: &str = "test-slow-key";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// A child process killed when dropped.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A config file for a test's fleet: dev.toml plus `extra` TOML appended.
+pub struct Fleet {
+    pub directory: tempfile::TempDir,
+    pub config: PathBuf,
+    pub redis_url: String,
+    pub origin: String,
+    _origin: Option<Process>,
+}
+
+pub fn dev_config_text() -> String {
+    std::fs::read_to_string(testkit::repository_root().join("config/dev.toml")).expect("dev.toml")
+}
+
+/// The extra API key with a tiny rate limit, as TOML.
+pub fn slow_key_toml() -> String {
+    format!(
+        "\n[[auth.api_keys]]\nname = \"slow\"\nkey_sha256 = \"{}\"\nmerchant = \"*\"\nscopes = [\"read\", \"checkout\"]\nrequests_per_second = 1\n",
+        config::hash_api_key(SLOW)
+    )
+}
+
+impl Fleet {
+    /// A fleet config against `redis_url`, with a demo origin started.
+    pub fn new(redis_url: &str, extra: &str) -> Self {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let config = directory.path().join("gateway.toml");
+        let text = dev_config_text().replace(
+            "limits]\nbody_bytes_max = 65536",
+            "limits]\nbody_bytes_max = 4096",
+        ) + &slow_key_toml()
+            + extra;
+        std::fs::write(&config, text).expect("write config");
+        let origin_port = free_port();
+        let origin = format!("127.0.0.1:{origin_port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_demo-origin"))
+            .arg(&origin)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start demo origin");
+        wait_for_port(origin_port);
+        Self {
+            directory,
+            config,
+            redis_url: redis_url.to_owned(),
+            origin,
+            _origin: Some(Process(child)),
+        }
+    }
+
+    /// A fleet on the stack's Redis.
+    pub fn on_stack(extra: &str) -> Self {
+        Self::new(&testkit::stack().redis_url, extra)
+    }
+
+    /// Rewrites the config file (as ops would), atomically.
+    pub fn write_config(&self, text: &str) {
+        let staging = self.directory.path().join("staging.toml");
+        std::fs::write(&staging, text).expect("write");
+        std::fs::rename(&staging, &self.config).expect("rename");
+    }
+
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
+    }
+
+    /// Starts node `id` and waits until it is ready.
+    pub fn node(&self, id: &str) -> Node {
+        let port = free_port();
+        let log = self.directory.path().join(format!("{id}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("INVGW_NODE_ID", id)
+            .env("INVGW_LISTEN_HTTP", format!("127.0.0.1:{port}"))
+            .env("INVGW_ORIGIN_UPSTREAMS", &self.origin)
+            .env("INVGW_REDIS_URL", &self.redis_url)
+            .env("RUST_LOG", "info,pingora=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start gateway");
+        let node = Node {
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            process: Process(child),
+        };
+        node.wait_ready();
+        node
+    }
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} did not open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running gateway node.
+pub struct Node {
+    pub base: String,
+    pub log: PathBuf,
+    pub process: Process,
+}
+
+impl Node {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = raw::status_of_get(&self.url("/ready"));
+            if ready == Some(200) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "node {} not ready; log:\n{}",
+                    self.base,
+                    log_tail(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .rev()
+        .take(30)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A plain blocking GET for readiness polling, usable outside a runtime.
+mod raw {
+    use std::io::{Read, Write};
+    pub fn status_of_get(url: &str) -> Option<u16> {
+        let rest = url.strip_prefix("http://")?;
+        let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
+        let mut stream = std::net::TcpStream::connect(host).ok()?;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
+/// An HTTP client for the tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// POST JSON with a bearer key and optional idempotency key.
+pub async fn post(
+    url: &str,
+    key: &str,
+    idempotency_key: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
+    let mut request = client().post(url).bearer_auth(key).json(body);
+    if let Some(idempotency_key) = idempotency_key {
+        request = request.header("Idempotency-Key", idempotency_key);
+    }
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn get(url: &str, key: Option<&str>) -> (u16, Value) {
+    let mut request = client().get(url);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Restocks through the API (admin key).
+pub async fn restock(node: &Node, merchant: &str, sku: &str, location: &str, qty: i64) {
+    let (status, body) = post(
+        &node.url("/v1/stock/adjustments"),
+        PLATFORM,
+        None,
+        &json!({
+            "merchant": merchant, "sku": sku, "location": location, "kind": "delta", "qty": qty,
+            "source": "test", "event_id": testkit::unique_id("restock"),
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "restock: {body}");
+}
+
+pub async fn available(node: &Node, merchant: &str, sku: &str) -> i64 {
+    let (status, body) = get(
+        &node.url(&format!("/v1/availability/{merchant}/{sku}")),
+        Some(PLATFORM),
+    )
+    .await;
+    assert_eq!(status, 200, "availability: {body}");
+    body["available"].as_i64().expect("available")
+}
+
+pub fn reservation(merchant: &str, sku: &str, location: &str, qty: i64) -> Value {
+    json!({ "merchant": merchant, "lines": [{ "sku": sku, "location": location, "qty": qty }] })
+}
