@@ -28,6 +28,7 @@ if done then
   return reply({ status = 'activated', replayed = true, split = rec.split })
 end
 housekeeping()
+expire_cell_due(a.from_cell)
 local c = cell_get(a.from_cell)
 if not c then return refuse('not_found') end
 local free = sellable(c)

@@ -43,6 +43,7 @@ if a.source_seq ~= nil then
 end
 
 housekeeping()
+expire_cell_due(a.cell)
 local c = cell_get(a.cell) or new_cell(a, 'pool')
 local on_hand_before, reserved_before = c.on_hand, c.reserved
 if a.kind == 'delta' then

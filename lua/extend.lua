@@ -14,10 +14,11 @@ end
 if r.lines and NOW >= r.expires_at_ms then
   return refuse('not_held', { reservation_status = 'expired' })
 end
+due_remove(r)
 r.expires_at_ms = NOW + ARGS.ttl_ms
 r.hold_until_ms = r.expires_at_ms + ARGS.grace_ms
 res_put(r)
-redis.call('ZADD', K_DUE, r.hold_until_ms, r.reservation_id)
+due_add(r)
 if r.lines then return reply(reservation_view(r)) end
 local c = cell_get(r.cell)
 ledger('extend', r.cell, c.on_hand, c.reserved, c, {

@@ -1,7 +1,7 @@
 -- Shared by every stock script: the allocator prepends this file to each
 -- script in lua/ when it loads them, so each script Redis sees is whole.
 --
--- Every script gets the same eight keys, all of one partition (one hash tag,
+-- Every script gets the same nine keys, all of one partition (one hash tag,
 -- so one Redis Cluster slot), and one JSON argument:
 --   KEYS[1] cells         HASH  cell id -> cell JSON
 --   KEYS[2] reservations  HASH  reservation id -> reservation JSON
@@ -11,14 +11,16 @@
 --   KEYS[6] ledger        STREAM the partition's outbox
 --   KEYS[7] gc            ZSET  "r|id" / "i|key" / "x|id" to delete, score = delete at ms
 --   KEYS[8] transfers     HASH  transfer id -> transfer JSON
+--   KEYS[9] due by cell   ZSET  "cell|hold_until_ms (15 digits)|id", score 0:
+--                               a cell's due holds in time order (ZRANGEBYLEX)
 --   ARGV[1] the request as JSON; ARGV[2] the reply schema version expected
 --
 -- Replies are JSON objects {"v":1,"status":...}; the allocator decodes them
 -- into typed results. Arguments are checked before the first write: Redis does
 -- not roll back a script that errors half way.
 
-local K_CELLS, K_RES, K_DUE, K_IDEM, K_SEQ, K_LEDGER, K_GC, K_XFER =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_CELLS, K_RES, K_DUE, K_IDEM, K_SEQ, K_LEDGER, K_GC, K_XFER, K_DUE_CELL =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local REPLY_VERSION = 1
 local LEDGER_VERSION = 1
 local CHANGES_CHANNEL = 'inv:changes'
@@ -26,6 +28,9 @@ local CHANGES_CHANNEL = 'inv:changes'
 local RETENTION_MS = 24 * 3600 * 1000
 -- Work a script does on behalf of others (expiry, gc) is bounded per call.
 local EXPIRE_PER_CALL = 64
+-- Due holds of the cell a script decides on are all released first; this
+-- bounds one call's work (a backlog this deep is the sweeper's to clear).
+local EXPIRE_CELL_MAX = 5000
 local GC_PER_CALL = 32
 
 local function now_ms()
@@ -151,6 +156,22 @@ local function res_put(r)
   redis.call('HSET', K_RES, r.reservation_id, cjson.encode(r))
 end
 
+local function due_member(r)
+  return r.cell .. '|' .. string.format('%015d', r.hold_until_ms) .. '|' .. r.reservation_id
+end
+
+-- Indexes a held reservation as due at r.hold_until_ms (partition-wide, and
+-- per cell for line holds).
+local function due_add(r)
+  redis.call('ZADD', K_DUE, r.hold_until_ms, r.reservation_id)
+  if r.cell then redis.call('ZADD', K_DUE_CELL, 0, due_member(r)) end
+end
+
+local function due_remove(r)
+  redis.call('ZREM', K_DUE, r.reservation_id)
+  if r.cell then redis.call('ZREM', K_DUE_CELL, due_member(r)) end
+end
+
 local function gc_later(member)
   redis.call('ZADD', K_GC, NOW + RETENTION_MS, member)
 end
@@ -169,7 +190,7 @@ local function finish_hold(r, op, extra)
   r.status = ({ release = 'released', expire = 'expired', commit = 'committed' })[op]
   r.finished_at_ms = NOW
   res_put(r)
-  redis.call('ZREM', K_DUE, r.reservation_id)
+  due_remove(r)
   gc_later('r|' .. r.reservation_id)
   local e = extra or {}
   e.reservation_id = r.reservation_id
@@ -194,11 +215,30 @@ local function expire_due(limit)
       gc_later('r|' .. id)
     elseif r and r.status == 'held' then
       finish_hold(r, 'expire')
+    elseif r then
+      due_remove(r)
     else
       redis.call('ZREM', K_DUE, id)
     end
   end
   return #ids
+end
+
+-- Releases every due hold of one cell (up to EXPIRE_CELL_MAX), so a decision
+-- on that cell never counts a dead hold, whatever backlog the partition has.
+local function expire_cell_due(cell_id)
+  local members = redis.call('ZRANGEBYLEX', K_DUE_CELL, '[' .. cell_id .. '|',
+    '(' .. cell_id .. '|' .. string.format('%015d', NOW + 1), 'LIMIT', 0, EXPIRE_CELL_MAX)
+  for _, member in ipairs(members) do
+    local id = member:match('|([^|]+)$')
+    local r = id and res_get(id)
+    if r and r.status == 'held' then
+      finish_hold(r, 'expire')
+    else
+      redis.call('ZREM', K_DUE_CELL, member)
+      if id then redis.call('ZREM', K_DUE, id) end
+    end
+  end
 end
 
 local function gc(limit)
@@ -288,6 +328,7 @@ local function reserve_one(a)
   if res_get(a.reservation_id) then
     return refuse('bad_argument', { reason = 'reservation_id already used' })
   end
+  expire_cell_due(a.cell)
   local c = cell_get(a.cell)
   if not c then return refuse('not_found') end
   local available = sellable(c)
@@ -315,7 +356,7 @@ local function reserve_one(a)
   }
   cell_put(a.cell, c)
   res_put(r)
-  redis.call('ZADD', K_DUE, r.hold_until_ms, r.reservation_id)
+  due_add(r)
   ledger('reserve', a.cell, on_hand_before, reserved_before, c, {
     reservation_id = r.reservation_id, qty = a.qty, backordered = backordered,
     idempotency_key = a.idempotency_key, cart_id = a.cart_id,
@@ -337,6 +378,7 @@ end
 local function transfer_debit(t, want, exact)
   local existing = redis.call('HGET', K_XFER, t.transfer_id)
   if existing then return cjson.decode(existing).qty end
+  expire_cell_due(t.from_cell)
   local c = cell_get(t.from_cell)
   if not c then return nil, refuse('not_found') end
   local free = sellable(c)

@@ -1,7 +1,7 @@
 //! Where a stock key's data lives in Redis: partitions, hash tags, cell ids.
 //!
 //! Owns the key layout; nothing outside this crate builds a Redis key. Every
-//! partition `p` has the same eight keys, all under the hash tag `{p}` so one
+//! partition `p` has the same nine keys, all under the hash tag `{p}` so one
 //! script can touch them together on a Redis Cluster:
 //!
 //! | key | type | holds |
@@ -13,6 +13,7 @@
 //! | `inv:{p}:seq` | hash | `stock key|source` → last applied `source_seq` |
 //! | `inv:{p}:ledger` | stream | the partition's ledger entries: the outbox the writer relays |
 //! | `inv:{p}:gc` | zset | retained records to delete, by time (24 h after they end) |
+//! | `inv:{p}:duecell` | zset | `cell|hold_until_ms|id` (score 0, ordered by name): a cell's due holds, so a decision on a cell releases exactly that cell's dead holds first |
 //! | `inv:{p}:xfer` | hash | transfers debited here (`id`), credited here (`in|id`), flash-sale activations (`activation|sale|epoch`), carts being committed or released (`cart|id`) |
 //!
 //! Reservation records in `inv:{p}:res` are either one line (a hold in one
@@ -110,12 +111,14 @@ pub struct CellRef {
     pub id: String,
 }
 
-/// The eight Redis keys of one partition, in the order every script expects.
+/// The nine Redis keys of one partition, in the order every script expects.
 pub fn partition_keys(partition: u32) -> Vec<String> {
-    ["cells", "res", "due", "idem", "seq", "ledger", "gc", "xfer"]
-        .iter()
-        .map(|name| format!("inv:{{{partition}}}:{name}"))
-        .collect()
+    [
+        "cells", "res", "due", "idem", "seq", "ledger", "gc", "xfer", "duecell",
+    ]
+    .iter()
+    .map(|name| format!("inv:{{{partition}}}:{name}"))
+    .collect()
 }
 
 /// The partition's ledger stream (the outbox).
@@ -207,7 +210,7 @@ mod tests {
     #[test]
     fn keys_of_a_partition_share_one_hash_tag() {
         let keys = partition_keys(17);
-        assert_eq!(keys.len(), 8);
+        assert_eq!(keys.len(), 9);
         assert!(keys.iter().all(|key| key.starts_with("inv:{17}:")));
         assert_eq!(ledger_stream(17), keys[5]);
         assert_eq!(cells_hash(17), keys[0]);

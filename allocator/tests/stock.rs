@@ -503,3 +503,44 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
     let cell = pool(&allocator, &key).await;
     assert_eq!((cell.reserved, cell.sellable()), (5, 0));
 }
+
+#[tokio::test]
+async fn a_cells_own_dead_holds_are_released_before_deciding_whatever_the_backlog() {
+    let allocator = allocator().await;
+    let key = fresh_key();
+    let partition = key.partition(PARTITIONS);
+    // 70 other keys of the same partition, each with a short hold.
+    let mut others = Vec::new();
+    let mut n = 0;
+    while others.len() < 70 {
+        n += 1;
+        let other = StockKey::new(&key.merchant, format!("other-{n}"), "dc1");
+        if other.partition(PARTITIONS) == partition {
+            others.push(other);
+        }
+    }
+    let short = |key: &StockKey, name: String| ReserveRequest {
+        ttl: Some(Duration::from_secs(1)),
+        ..reserve(key, 1, &name)
+    };
+    for (index, other) in others.iter().enumerate() {
+        stock(&allocator, other, 1).await;
+        allocator
+            .reserve(&short(other, format!("backlog-{index}")))
+            .await
+            .expect("hold");
+    }
+    // Our key's only unit is held last, so it is the newest due hold.
+    stock(&allocator, &key, 1).await;
+    allocator
+        .reserve(&short(&key, "mine".to_owned()))
+        .await
+        .expect("hold");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    let again = allocator.reserve(&reserve(&key, 1, "after")).await;
+    assert!(
+        again.is_ok(),
+        "the cell's dead hold was released first: {again:?}"
+    );
+}

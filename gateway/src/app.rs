@@ -194,6 +194,7 @@ impl App {
         subscriber.init().await?;
         let mut messages = subscriber.message_rx();
         let mut reconnects = subscriber.reconnect_rx();
+        let mut errors = subscriber.error_rx();
         subscriber
             .subscribe(allocator::keys::CHANGES_CHANNEL)
             .await?;
@@ -227,11 +228,18 @@ impl App {
                     // No receivers is fine: nobody is streaming.
                     let _ = self.changes.send(change);
                 }
+                _ = errors.recv() => {
+                    // Disconnected: until the subscription is back, no cached
+                    // answer counts as fresh.
+                    self.subscribed.store(false, Ordering::SeqCst);
+                    self.cache.mark_all_dirty();
+                }
                 _ = reconnects.recv() => {
                     // Notifications published while disconnected are lost, and
                     // a new connection has no subscriptions.
                     subscriber.subscribe(allocator::keys::CHANGES_CHANNEL).await?;
                     self.cache.mark_all_dirty();
+                    self.subscribed.store(true, Ordering::SeqCst);
                 }
                 _ = self.stop.notified() => break,
             }

@@ -1,0 +1,125 @@
+//! Redis gone mid-run: reservations fail closed with 503 and change nothing,
+//! reads serve the cached value marked stale, /ready says not ready, and the
+//! node recovers by itself when Redis returns.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn start_redis(port: u16, directory: &std::path::Path) -> Process {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+        ])
+        .arg("--dir")
+        .arg(directory)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed by scripts/stack");
+    wait_for_port(port);
+    Process(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_serves_stale_reads_and_recovers_without_a_restart() {
+    testkit::stack();
+    let data = tempfile::tempdir().expect("redis dir");
+    let port = free_port();
+    let redis = start_redis(port, data.path());
+    let fleet = Fleet::new(&format!("redis://127.0.0.1:{port}"), "");
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("outage");
+    restock(&node, "m1", &sku, "dc1", 10).await;
+    let url = node.url("/v1/reservations");
+    let run = testkit::unique_id("run");
+    let (status, _) = post(
+        &url,
+        CHECKOUT,
+        Some(&format!("{run}-1")),
+        &reservation("m1", &sku, "dc1", 2),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(available(&node, "m1", &sku).await, 8, "cached now");
+
+    drop(redis); // killed
+
+    let response = client()
+        .post(&url)
+        .bearer_auth(CHECKOUT)
+        .header("Idempotency-Key", format!("{run}-2"))
+        .json(&reservation("m1", &sku, "dc1", 1))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "store_unavailable");
+
+    let (status, stale) = get(
+        &node.url(&format!("/v1/availability/m1/{sku}")),
+        Some(PLATFORM),
+    )
+    .await;
+    assert_eq!(
+        (
+            status,
+            stale["stale"].as_bool(),
+            stale["available"].as_i64()
+        ),
+        (200, Some(true), Some(8))
+    );
+    assert_eq!(get(&node.url("/ready"), None).await.0, 503);
+    assert_eq!(get(&node.url("/health"), None).await.0, 200);
+
+    // Redis returns with its data (append-only file): the node recovers.
+    let _redis = start_redis(port, data.path());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(&node.url("/ready"), None).await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again: {}",
+            log_tail(&node.log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, fresh) = get(
+        &node.url(&format!("/v1/availability/m1/{sku}")),
+        Some(PLATFORM),
+    )
+    .await;
+    assert_eq!(
+        (
+            status,
+            fresh["stale"].as_bool(),
+            fresh["available"].as_i64()
+        ),
+        (200, Some(false), Some(8)),
+        "nothing changed while down"
+    );
+    let (status, body) = post(
+        &url,
+        CHECKOUT,
+        Some(&format!("{run}-3")),
+        &reservation("m1", &sku, "dc1", 1),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
