@@ -212,9 +212,14 @@ pub struct LimitsConfig {
     /// Most concurrent SSE streams per node.
     #[serde(default = "default_sse_streams_max")]
     pub sse_streams_max: usize,
-    /// Events buffered per SSE client before it is dropped as too slow.
+    /// How far (in change events of the whole node) one SSE stream may fall
+    /// behind before it is dropped as too slow; applies from restart.
     #[serde(default = "default_sse_client_buffer_events")]
     pub sse_client_buffer_events: usize,
+    /// Reservations one customer (by `customer_ref`) may create per second on
+    /// one node; 0 turns the limit off.
+    #[serde(default = "default_customer_reservations_per_second")]
+    pub customer_reservations_per_second: u32,
 }
 
 impl Default for LimitsConfig {
@@ -227,6 +232,7 @@ impl Default for LimitsConfig {
             coalesce_wait_us: default_coalesce_wait_us(),
             sse_streams_max: default_sse_streams_max(),
             sse_client_buffer_events: default_sse_client_buffer_events(),
+            customer_reservations_per_second: default_customer_reservations_per_second(),
         }
     }
 }
@@ -360,6 +366,9 @@ impl FlashSaleConfig {
     }
 }
 
+fn default_customer_reservations_per_second() -> u32 {
+    5
+}
 fn default_fleet_size() -> u32 {
     1
 }
@@ -448,7 +457,7 @@ fn default_sse_streams_max() -> usize {
     1_000
 }
 fn default_sse_client_buffer_events() -> usize {
-    64
+    4096
 }
 fn default_ledger_metrics_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9310))

@@ -292,6 +292,13 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         100_000,
     );
 
+    c.range(
+        "limits.customer_reservations_per_second",
+        limits.customer_reservations_per_second,
+        0,
+        100_000,
+    );
+
     let auth = &config.auth;
     c.check(
         auth.customer_ref_key.len() >= 16,

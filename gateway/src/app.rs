@@ -27,9 +27,9 @@ use crate::coalesce::Coalescer;
 use crate::flash::FlashSales;
 use crate::metrics::Metrics;
 
-/// Capacity of the change fan-out to SSE streams; a stream that falls this far
-/// behind is dropped as too slow.
-const CHANGES_CAPACITY: usize = 4096;
+/// Depth of fred's pub/sub channel: a burst of notifications (lazy expiry
+/// releasing many holds) must not outrun the subscriber.
+const NOTIFICATIONS_CAPACITY: usize = 4096;
 
 /// A change notification from the scripts: one cell of a stock key moved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +91,7 @@ impl App {
             limiter: RateLimiter::default(),
             coalescer: Coalescer::default(),
             flash: FlashSales::default(),
-            changes: broadcast::channel(CHANGES_CAPACITY).0,
+            changes: broadcast::channel(config.limits.sse_client_buffer_events.max(1)).0,
             origins: ArcSwap::from_pointee(origins),
             config: ArcSwap::new(config),
             watcher,
@@ -187,7 +187,7 @@ impl App {
         let subscriber =
             Builder::from_config(fred::types::config::Config::from_url(&config.redis.url)?)
                 .with_performance_config(|performance| {
-                    performance.broadcast_channel_capacity = CHANGES_CAPACITY;
+                    performance.broadcast_channel_capacity = NOTIFICATIONS_CAPACITY;
                 })
                 .set_policy(ReconnectPolicy::new_constant(0, 200))
                 .build()?;

@@ -93,16 +93,36 @@ fn scope_name(scope: Scope) -> &'static str {
     }
 }
 
-/// Token buckets per API key name: each node admits `requests_per_second /
-/// fleet_size` per key, with one second of burst.
+/// Most customers tracked for the per-customer limit; past it the ones idle
+/// for 10 s are forgotten (they start again with a full bucket).
+const CUSTOMERS_TRACKED_MAX: usize = 100_000;
+
+/// Token buckets per API key name (each node admits `requests_per_second /
+/// fleet_size` per key, with one second of burst) and per customer (by the
+/// keyed hash of `customer_ref`, never the reference itself).
 #[derive(Default)]
 pub struct RateLimiter {
     /// Key name → (tokens, last refill).
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// Customer hash → (tokens, last refill).
+    customers: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+/// Takes a token from `bucket`, refilled at `rate` per second up to `burst`.
+fn take(bucket: &mut (f64, Instant), rate: f64, burst: f64) -> bool {
+    let now = Instant::now();
+    bucket.0 = (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * rate).min(burst);
+    bucket.1 = now;
+    if bucket.0 >= 1.0 {
+        bucket.0 -= 1.0;
+        true
+    } else {
+        false
+    }
 }
 
 impl RateLimiter {
-    /// Takes one token for the caller, or refuses with 429.
+    /// Takes one token for the caller's API key, or refuses with 429.
     pub fn admit(&self, caller: &Caller, config: &Config) -> Result<(), ApiError> {
         let Some(key) = &caller.key else {
             return Ok(());
@@ -111,22 +131,45 @@ impl RateLimiter {
             return Ok(());
         };
         let rate = f64::from(per_second) / f64::from(config.node.fleet_size.max(1));
-        let burst = rate.max(1.0);
         let mut buckets = self
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        let (tokens, last) = buckets.entry(key.name.clone()).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        let bucket = buckets
+            .entry(key.name.clone())
+            .or_insert((rate.max(1.0), Instant::now()));
+        if take(bucket, rate, rate.max(1.0)) {
             Ok(())
         } else {
             Err(ApiError::RateLimited(format!(
                 "api key {} is over its {per_second} requests per second",
                 key.name
+            )))
+        }
+    }
+
+    /// Takes one reservation token for a customer, or refuses with 429.
+    pub fn admit_customer(&self, customer_hash: &str, per_second: u32) -> Result<(), ApiError> {
+        if per_second == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(per_second);
+        let mut customers = self
+            .customers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if customers.len() >= CUSTOMERS_TRACKED_MAX {
+            let idle = std::time::Duration::from_secs(10);
+            customers.retain(|_, (_, last)| last.elapsed() < idle);
+        }
+        let bucket = customers
+            .entry(customer_hash.to_owned())
+            .or_insert((rate, Instant::now()));
+        if take(bucket, rate, rate) {
+            Ok(())
+        } else {
+            Err(ApiError::RateLimited(format!(
+                "this customer is over {per_second} reservations per second"
             )))
         }
     }

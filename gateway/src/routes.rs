@@ -417,6 +417,11 @@ async fn create_reservation(app: &App, session: &mut Session) -> Result<Reply, A
         ));
     }
     caller.require_merchant(&body.merchant)?;
+    if let Some(reference) = &body.customer_ref {
+        let customer = app.allocator.customer_hash(reference);
+        app.limiter
+            .admit_customer(&customer, config.limits.customer_reservations_per_second)?;
+    }
     let fingerprint = hex::encode(Sha256::digest(
         json!({
             "merchant": body.merchant, "ttl_seconds": body.ttl_seconds, "customer_ref": body.customer_ref,

@@ -4,7 +4,8 @@
 //! (also on reconnect with `Last-Event-ID`), then an event whenever a change
 //! notification names one of them. Fed by the same notifications that keep
 //! the cache fresh. Limits: `limits.sse_streams_max` streams per node (429
-//! past it); a client that falls `CHANGES_CAPACITY` changes behind, or whose
+//! past it); a client that falls `limits.sse_client_buffer_events` changes
+//! behind, or whose
 //! socket does not take an event within the write timeout, is dropped; it
 //! never backs up the node.
 

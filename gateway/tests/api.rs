@@ -674,3 +674,42 @@ async fn operations_endpoints_answer() {
     assert!(metrics.contains("route=\"/v1/availability/{merchant}/{sku}\""));
     assert!(metrics.contains("invgw_request_duration_seconds_bucket"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_customer_is_limited_without_limiting_others() {
+    let run = testkit::unique_id("run");
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("limited");
+    restock(&node, "m1", &sku, "dc1", 100).await;
+    let url = node.url("/v1/reservations");
+    let body = |customer: &str| json!({ "merchant": "m1", "customer_ref": customer, "lines": [{ "sku": sku, "location": "dc1", "qty": 1 }] });
+    // The dev config allows 5 per second per customer; 20 at once overrun it.
+    let requests: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, body, key) = (
+                url.clone(),
+                body("greedy-customer"),
+                format!("{run}-greedy-{i}"),
+            );
+            tokio::spawn(async move { post(&url, CHECKOUT, Some(&key), &body).await.0 })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for request in requests {
+        statuses.push(request.await.expect("request"));
+    }
+    assert!(
+        statuses.iter().all(|status| [201, 429].contains(status)),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let (status, other) = post(
+        &url,
+        CHECKOUT,
+        Some(&format!("{run}-polite")),
+        &body("polite-customer"),
+    )
+    .await;
+    assert_eq!(status, 201, "another customer is not limited: {other}");
+}
