@@ -1,56 +1,12 @@
 //! Multi-line reservations, all or nothing, against the real Redis.
 
+mod common;
+
+use common::*;
+
 use std::time::Duration;
 
-use allocator::{
-    Adjustment, AdjustmentKind, Allocator, AllocatorError, AllocatorSettings, CartLine,
-    CartRequest, ReservationStatus, StockKey,
-};
-
-const PARTITIONS: u32 = 64;
-
-async fn allocator() -> Allocator {
-    let settings = AllocatorSettings {
-        node: "cart-node".to_owned(),
-        partitions: PARTITIONS,
-        command_timeout: Duration::from_secs(2),
-        ttl_default: Duration::from_secs(600),
-        ttl_max: Duration::from_secs(3600),
-        customer_ref_key: "test-customer-ref-key".to_owned(),
-        cart_line_grace: Duration::from_secs(2),
-    };
-    Allocator::connect(&testkit::stack().redis_url, settings, 4)
-        .await
-        .expect("connect to the stack's redis")
-}
-
-async fn stock(allocator: &Allocator, key: &StockKey, units: i64) {
-    if units == 0 {
-        let settings = allocator::StockSettings {
-            safety_stock: 0,
-            backorder_limit: 0,
-            low_stock_threshold: None,
-        };
-        allocator
-            .settings_of(key, settings)
-            .await
-            .expect("create key");
-        return;
-    }
-    allocator
-        .adjust(&Adjustment {
-            merchant: key.merchant.clone(),
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            kind: AdjustmentKind::Delta,
-            qty: units,
-            source: "test".to_owned(),
-            event_id: testkit::unique_id("restock"),
-            source_seq: None,
-        })
-        .await
-        .expect("restock");
-}
+use allocator::{Allocator, AllocatorError, CartLine, CartRequest, ReservationStatus, StockKey};
 
 async fn reserved(allocator: &Allocator, key: &StockKey) -> (i64, i64) {
     let cell = allocator
@@ -101,7 +57,7 @@ fn cart(shop: &Shop, lines: &[(&StockKey, u32)], key: &str) -> CartRequest {
 
 #[tokio::test]
 async fn a_cart_with_short_lines_holds_nothing_and_names_every_short_line() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("cart-node").await;
     let shop = shop(&allocator, 5, 1, 0).await;
     let request = cart(
         &shop,
@@ -136,7 +92,7 @@ async fn a_cart_with_short_lines_holds_nothing_and_names_every_short_line() {
 
 #[tokio::test]
 async fn a_cart_is_held_committed_and_replayed_as_one() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("cart-node").await;
     let shop = shop(&allocator, 5, 4, 0).await;
     let request = cart(&shop, &[(&shop.shirt, 2), (&shop.shoes, 3)], "k2");
 
@@ -199,7 +155,7 @@ async fn a_cart_is_held_committed_and_replayed_as_one() {
 
 #[tokio::test]
 async fn a_released_cart_returns_every_line() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("cart-node").await;
     let shop = shop(&allocator, 5, 4, 3).await;
     let request = cart(
         &shop,
@@ -242,7 +198,7 @@ async fn a_released_cart_returns_every_line() {
 
 #[tokio::test]
 async fn an_expired_cart_cannot_be_committed_and_its_lines_expire_after_the_grace() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("cart-node").await;
     let shop = shop(&allocator, 5, 4, 0).await;
     let mut request = cart(&shop, &[(&shop.shirt, 2), (&shop.shoes, 1)], "k4");
     request.ttl = Some(Duration::from_secs(1));
@@ -289,7 +245,7 @@ async fn an_expired_cart_cannot_be_committed_and_its_lines_expire_after_the_grac
 
 #[tokio::test]
 async fn a_cart_decided_by_a_node_that_died_is_finished_by_the_reconciler() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("cart-node").await;
     let shop = shop(&allocator, 5, 4, 0).await;
     let request = cart(&shop, &[(&shop.shirt, 2), (&shop.shoes, 1)], "k5");
     let id = allocator
@@ -336,7 +292,7 @@ async fn a_cart_decided_by_a_node_that_died_is_finished_by_the_reconciler() {
 
 #[tokio::test]
 async fn bad_carts_are_refused_before_anything_is_held() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("cart-node").await;
     let shop = shop(&allocator, 5, 4, 0).await;
     let empty = cart(&shop, &[], "k6");
     assert!(matches!(

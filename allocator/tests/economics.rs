@@ -10,17 +10,20 @@
 //!
 //! The assertion is on the second: under 1% of the sale's stock.
 
+mod common;
+
+use common::*;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use allocator::{
-    Adjustment, AdjustmentKind, Allocator, AllocatorError, AllocatorSettings, FlashSale, RateMeter,
-    ReserveRequest, StockKey,
+    Adjustment, AdjustmentKind, Allocator, AllocatorError, FlashSale, RateMeter, ReserveRequest,
+    StockKey,
 };
 
-const PARTITIONS: u32 = 64;
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 const SALE_UNITS: i64 = 600;
 const REQUESTS: u64 = 900;
@@ -31,21 +34,6 @@ struct Figures {
     held: AtomicU64,
     refused: AtomicU64,
     stranded_refusals: AtomicU64,
-}
-
-async fn allocator(node: &str) -> Allocator {
-    let settings = AllocatorSettings {
-        node: node.to_owned(),
-        partitions: PARTITIONS,
-        command_timeout: Duration::from_secs(5),
-        ttl_default: Duration::from_secs(600),
-        ttl_max: Duration::from_secs(3600),
-        customer_ref_key: "economics-customer-ref-key".to_owned(),
-        cart_line_grace: Duration::from_secs(2),
-    };
-    Allocator::connect(&testkit::stack().redis_url, settings, 2)
-        .await
-        .expect("connect to the stack's redis")
 }
 
 /// Node of the i-th request: 90% node-a, 5% each for the others, in a fixed
@@ -61,7 +49,7 @@ fn node_of(request: u64) -> usize {
 async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
     let mut allocators = Vec::new();
     for node in NODES {
-        allocators.push(Arc::new(allocator(node).await));
+        allocators.push(Arc::new(allocator_for(node).await));
     }
     let sale = Arc::new(FlashSale {
         name: testkit::unique_id("econ"),

@@ -1,31 +1,15 @@
 //! Transfers and flash-sale buckets against the real Redis of the stack.
 
+mod common;
+
+use common::*;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use allocator::{
-    Adjustment, AdjustmentKind, Allocator, AllocatorError, AllocatorSettings, FlashSale, RateMeter,
-    ReserveRequest, StockKey,
-};
+use allocator::{Allocator, AllocatorError, FlashSale, RateMeter, StockKey};
 use serde_json::Value;
-
-const PARTITIONS: u32 = 64;
-
-async fn allocator(node: &str) -> Allocator {
-    let settings = AllocatorSettings {
-        node: node.to_owned(),
-        partitions: PARTITIONS,
-        command_timeout: Duration::from_secs(2),
-        ttl_default: Duration::from_secs(600),
-        ttl_max: Duration::from_secs(3600),
-        customer_ref_key: "test-customer-ref-key".to_owned(),
-        cart_line_grace: Duration::from_secs(2),
-    };
-    Allocator::connect(&testkit::stack().redis_url, settings, 4)
-        .await
-        .expect("connect to the stack's redis")
-}
 
 fn sale(nodes: &[&str]) -> FlashSale {
     FlashSale {
@@ -35,32 +19,6 @@ fn sale(nodes: &[&str]) -> FlashSale {
         presplit_fraction: 0.5,
         refill_chunk_units_min: 2,
         refill_chunk_units_max: 10,
-    }
-}
-
-async fn stock(allocator: &Allocator, key: &StockKey, units: i64) {
-    allocator
-        .adjust(&Adjustment {
-            merchant: key.merchant.clone(),
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            kind: AdjustmentKind::Delta,
-            qty: units,
-            source: "test".to_owned(),
-            event_id: testkit::unique_id("restock"),
-            source_seq: None,
-        })
-        .await
-        .expect("restock");
-}
-
-fn one_unit(key: &StockKey, idempotency_key: String) -> ReserveRequest {
-    ReserveRequest {
-        key: key.clone(),
-        qty: 1,
-        ttl: None,
-        idempotency_key,
-        customer_ref: None,
     }
 }
 
@@ -90,7 +48,7 @@ async fn entries_of(allocator: &Allocator, key: &StockKey) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debit_without_its_credit_is_finished_once_by_racing_finishers() {
-    let allocator = allocator("node-a").await;
+    let allocator = allocator_for("node-a").await;
     let sale = sale(&["node-a"]);
     stock(&allocator, &sale.key, 30).await;
     let pool = sale.key.pool(PARTITIONS);
@@ -121,7 +79,7 @@ async fn a_debit_without_its_credit_is_finished_once_by_racing_finishers() {
 
     // Two reconcilers find it at the same time.
     let a = Arc::new(allocator);
-    let b = Arc::new(self::allocator("reconciler-b").await);
+    let b = Arc::new(allocator_for("reconciler-b").await);
     let (first, second) = tokio::join!(
         a.finish_transfers(pool.partition, Duration::ZERO),
         b.finish_transfers(pool.partition, Duration::ZERO)
@@ -154,7 +112,7 @@ async fn a_debit_without_its_credit_is_finished_once_by_racing_finishers() {
 
 #[tokio::test]
 async fn activation_splits_the_pool_once_per_epoch() {
-    let allocator = allocator("node-a").await;
+    let allocator = allocator_for("node-a").await;
     let sale = sale(&["node-a", "node-b", "node-c"]);
     stock(&allocator, &sale.key, 91).await;
 
@@ -198,7 +156,7 @@ async fn two_hundred_racers_over_three_buckets_get_exactly_fifty_with_refills_an
     let sale = Arc::new(sale(&nodes));
     let mut allocators = Vec::new();
     for node in nodes {
-        allocators.push(Arc::new(allocator(node).await));
+        allocators.push(Arc::new(allocator_for(node).await));
     }
     stock(&allocators[0], &sale.key, 50).await;
     allocators[0].activate(&sale, "e1").await.expect("activate");
@@ -231,7 +189,7 @@ async fn two_hundred_racers_over_three_buckets_get_exactly_fifty_with_refills_an
             let sale = sale.clone();
             let meters = meters.clone();
             tokio::spawn(async move {
-                let request = one_unit(&sale.key, format!("racer-{i}"));
+                let request = reserve(&sale.key, 1, &format!("racer-{i}"));
                 allocator
                     .reserve_hot(&sale, nodes[index], &request, &meters[index])
                     .await
@@ -291,7 +249,7 @@ async fn two_hundred_racers_over_three_buckets_get_exactly_fifty_with_refills_an
 
 #[tokio::test]
 async fn heartbeats_lapse() {
-    let allocator = allocator(&testkit::unique_id("node")).await;
+    let allocator = allocator_for(&testkit::unique_id("node")).await;
     let node = allocator.settings().node.clone();
     assert!(!allocator.node_alive(&node).await.expect("check"));
     allocator

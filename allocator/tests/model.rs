@@ -8,6 +8,10 @@
 //! Expiry is real: short holds live 1 s and a `Wait` step sleeps past them,
 //! then sweeps, so the model and Redis agree on which holds expired.
 
+mod common;
+
+use common::PARTITIONS;
+
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
@@ -18,7 +22,6 @@ use allocator::{
 use proptest::prelude::*;
 use serde_json::Value;
 
-const PARTITIONS: u32 = 64;
 const NODES: [&str; 2] = ["node-a", "node-b"];
 const SHORT_TTL: Duration = Duration::from_secs(1);
 

@@ -1,47 +1,21 @@
 //! The stock engine against the real Redis of the stack: never oversell,
 //! idempotency, expiry exactly once, adjustments, and the ledger.
 
+mod common;
+
+use common::*;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use allocator::{
-    Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, AllocatorSettings,
-    ReservationStatus, ReserveRequest, StockKey, StockSettings,
+    Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, ReservationStatus,
+    ReserveRequest, StockKey, StockSettings,
 };
 use serde_json::Value;
 
-const PARTITIONS: u32 = 64;
-
-async fn allocator() -> Allocator {
-    let settings = AllocatorSettings {
-        node: "test-node".to_owned(),
-        partitions: PARTITIONS,
-        command_timeout: Duration::from_secs(2),
-        ttl_default: Duration::from_secs(600),
-        ttl_max: Duration::from_secs(3600),
-        customer_ref_key: "test-customer-ref-key".to_owned(),
-        cart_line_grace: Duration::from_secs(2),
-    };
-    Allocator::connect(&testkit::stack().redis_url, settings, 4)
-        .await
-        .expect("connect to the stack's redis")
-}
-
 fn fresh_key() -> StockKey {
     StockKey::new(testkit::unique_id("m"), "sku-1", "dc1")
-}
-
-fn delta(key: &StockKey, qty: i64, event_id: &str) -> Adjustment {
-    Adjustment {
-        merchant: key.merchant.clone(),
-        sku: key.sku.clone(),
-        location: key.location.clone(),
-        kind: AdjustmentKind::Delta,
-        qty,
-        source: "wms-1".to_owned(),
-        event_id: event_id.to_owned(),
-        source_seq: None,
-    }
 }
 
 fn count(key: &StockKey, qty: i64, seq: u64) -> Adjustment {
@@ -50,30 +24,6 @@ fn count(key: &StockKey, qty: i64, seq: u64) -> Adjustment {
         source_seq: Some(seq),
         ..delta(key, qty, &format!("count-{seq}"))
     }
-}
-
-fn reserve(key: &StockKey, qty: u32, idempotency_key: &str) -> ReserveRequest {
-    ReserveRequest {
-        key: key.clone(),
-        qty,
-        ttl: None,
-        idempotency_key: idempotency_key.to_owned(),
-        customer_ref: None,
-    }
-}
-
-async fn stock(allocator: &Allocator, key: &StockKey, units: i64) {
-    let outcome = allocator
-        .adjust(&delta(key, units, &testkit::unique_id("restock")))
-        .await
-        .expect("restock");
-    assert!(matches!(
-        outcome,
-        AdjustmentOutcome::Applied {
-            shortfall: false,
-            ..
-        }
-    ));
 }
 
 async fn pool(allocator: &Allocator, key: &StockKey) -> allocator::Cell {
@@ -102,7 +52,7 @@ async fn entries_of(allocator: &Allocator, key: &StockKey) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_racers_for_fifty_units_get_exactly_fifty() {
-    let allocator = Arc::new(allocator().await);
+    let allocator = Arc::new(allocator_for("test-node").await);
     let key = fresh_key();
     stock(&allocator, &key, 50).await;
 
@@ -137,7 +87,7 @@ async fn two_hundred_racers_for_fifty_units_get_exactly_fifty() {
 
 #[tokio::test]
 async fn a_retry_returns_the_same_hold_and_writes_one_entry() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 10).await;
 
@@ -187,7 +137,7 @@ async fn a_retry_returns_the_same_hold_and_writes_one_entry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_hold_is_released_once_and_never_committed() {
-    let allocator = Arc::new(allocator().await);
+    let allocator = Arc::new(allocator_for("test-node").await);
     let key = fresh_key();
     stock(&allocator, &key, 5).await;
     let mut request = reserve(&key, 2, "short-lived");
@@ -242,7 +192,7 @@ async fn an_expired_hold_is_released_once_and_never_committed() {
 
 #[tokio::test]
 async fn duplicates_and_stale_counts_are_ignored_and_counts_converge_to_the_newest() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     let first = allocator
         .adjust(&delta(&key, 7, "evt-1"))
@@ -283,7 +233,7 @@ async fn duplicates_and_stale_counts_are_ignored_and_counts_converge_to_the_newe
 
 #[tokio::test]
 async fn a_loss_below_the_held_units_is_a_shortfall_that_blocks_reservations() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 5).await;
     allocator
@@ -324,7 +274,7 @@ async fn a_loss_below_the_held_units_is_a_shortfall_that_blocks_reservations() {
 
 #[tokio::test]
 async fn backorders_are_held_up_to_the_limit_and_reported() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 4).await;
     let settings = StockSettings {
@@ -354,7 +304,7 @@ async fn backorders_are_held_up_to_the_limit_and_reported() {
 
 #[tokio::test]
 async fn release_commit_and_extend_follow_the_lifecycle() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 10).await;
     let hold = allocator
@@ -421,7 +371,7 @@ async fn release_commit_and_extend_follow_the_lifecycle() {
 
 #[tokio::test]
 async fn the_ledger_alone_proves_conservation() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 20).await;
     let a = allocator.reserve(&reserve(&key, 5, "a")).await.expect("a");
@@ -470,7 +420,7 @@ async fn the_ledger_alone_proves_conservation() {
 
 #[tokio::test]
 async fn a_batch_answers_each_request_as_a_single_call_would() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 5).await;
     let mut requests: Vec<_> = (0..8)
@@ -506,7 +456,7 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
 
 #[tokio::test]
 async fn a_cells_own_dead_holds_are_released_before_deciding_whatever_the_backlog() {
-    let allocator = allocator().await;
+    let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     let partition = key.partition(PARTITIONS);
     // 70 other keys of the same partition, each with a short hold.

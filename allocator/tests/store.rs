@@ -2,17 +2,18 @@
 //! failing closed when Redis is gone, then recovering (scripts reloaded on
 //! NOSCRIPT) without a restart.
 
+mod common;
+
+use common::{PARTITIONS, reserve};
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use allocator::{
-    Adjustment, AdjustmentKind, Allocator, AllocatorError, AllocatorSettings, ReserveRequest,
-    StockKey,
+    Adjustment, AdjustmentKind, Allocator, AllocatorError, AllocatorSettings, StockKey,
 };
 use fred::prelude::*;
-
-const PARTITIONS: u32 = 64;
 
 fn settings() -> AllocatorSettings {
     AllocatorSettings {
@@ -39,16 +40,6 @@ fn restock(key: &StockKey, units: i64) -> Adjustment {
     }
 }
 
-fn one_unit(key: &StockKey, idempotency_key: &str) -> ReserveRequest {
-    ReserveRequest {
-        key: key.clone(),
-        qty: 1,
-        ttl: None,
-        idempotency_key: idempotency_key.to_owned(),
-        customer_ref: None,
-    }
-}
-
 #[tokio::test]
 async fn every_change_publishes_the_cell_and_its_version() {
     let stack = testkit::stack();
@@ -70,7 +61,7 @@ async fn every_change_publishes_the_cell_and_its_version() {
     let key = StockKey::new(testkit::unique_id("m"), "sku", "dc1");
     allocator.adjust(&restock(&key, 3)).await.expect("restock");
     allocator
-        .reserve(&one_unit(&key, "n1"))
+        .reserve(&reserve(&key, 1, "n1"))
         .await
         .expect("reserve");
 
@@ -139,14 +130,14 @@ async fn redis_gone_fails_closed_and_recovery_needs_no_restart() {
     let key = StockKey::new("m-outage", "sku", "dc1");
     allocator.adjust(&restock(&key, 5)).await.expect("restock");
     allocator
-        .reserve(&one_unit(&key, "before"))
+        .reserve(&reserve(&key, 1, "before"))
         .await
         .expect("reserve");
 
     redis.kill().expect("stop redis");
     redis.wait().expect("reap redis");
     let started = Instant::now();
-    let refused = allocator.reserve(&one_unit(&key, "during")).await;
+    let refused = allocator.reserve(&reserve(&key, 1, "during")).await;
     assert!(
         matches!(refused, Err(AllocatorError::StoreUnavailable(_))),
         "{refused:?}"
@@ -173,7 +164,7 @@ async fn redis_gone_fails_closed_and_recovery_needs_no_restart() {
         }
     }
     let hold = allocator
-        .reserve(&one_unit(&key, "after"))
+        .reserve(&reserve(&key, 1, "after"))
         .await
         .expect("reserve after recovery, scripts reloaded on NOSCRIPT");
     assert_eq!(hold.reservation.qty, 1);
