@@ -58,10 +58,7 @@ if not r or not r.lines then return refuse('not_found') end
 if a.action == 'begin' then
   local moving = ({ commit = 'committing', release = 'releasing' })[a.to]
   if not moving then return refuse('bad_argument', { reason = 'to' }) end
-  if r.status == 'held' and NOW >= r.expires_at_ms then
-    housekeeping()
-    r = res_get(a.reservation_id)
-  end
+  expire_if_due(r)
   if r.status == moving then return reply(reservation_view(r)) end
   local done = ({ commit = 'committed', release = 'released' })[a.to]
   if r.status == done then return reply(reservation_view(r)) end

@@ -1,6 +1,6 @@
 -- commit: the held units leave the cell's on_hand and reserved. Refused with
--- the reservation's status unless it is held and not expired (fencing: lazy
--- expiry runs first, so an expired hold is never committed).
+-- the reservation's status unless it is held and not expired (fencing: a
+-- reservation whose time is up is expired first, so it is never committed).
 -- ARGS: reservation_id, idempotency_key?, fingerprint, cart_flow (a cart's
 -- line, committed after its cart record accepted the commit before expiry: the
 -- line's grace period still holds it).
@@ -9,12 +9,9 @@ if not is_id(ARGS.reservation_id) or type(ARGS.fingerprint) ~= 'string' then
 end
 local replay = idem_replay(ARGS.idempotency_key, ARGS.fingerprint)
 if replay then return replay end
-local r = res_for_caller(ARGS.reservation_id)
-if r and not r.lines and not r.cart_id and r.status == 'held' and NOW >= r.expires_at_ms then
-  finish_hold(r, 'expire')
-end
+expire_if_due(res_for_caller(ARGS.reservation_id))
 housekeeping()
-r = res_for_caller(ARGS.reservation_id)
+local r = res_for_caller(ARGS.reservation_id)
 if not r or (r.cart_id and not ARGS.cart_flow) then return refuse('not_found') end
 if r.lines then return refuse('bad_argument', { reason = 'carts move through the cart script' }) end
 if r.status == 'committed' then

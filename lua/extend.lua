@@ -5,6 +5,7 @@ if not is_id(ARGS.reservation_id) or not is_int(ARGS.ttl_ms, 1, 7 * 24 * 3600 * 
   or not is_int(ARGS.grace_ms, 0, 3600 * 1000) then
   return refuse('bad_argument', { reason = 'reservation_id, ttl_ms and grace_ms are required' })
 end
+expire_if_due(res_for_caller(ARGS.reservation_id))
 housekeeping()
 local r = res_for_caller(ARGS.reservation_id)
 if not r or (r.cart_id and not ARGS.cart_flow) then return refuse('not_found') end

@@ -201,20 +201,44 @@ local function finish_hold(r, op, extra)
   return c
 end
 
--- Lazy expiry: every script releases the partition's due holds before it
--- decides anything, so no decision sees a dead hold.
+-- Ends a held reservation whose time is up: a cart record is marked expired
+-- (its lines expire on their own after their grace); a line's units return.
+local function expire_record(r)
+  if r.lines then
+    r.status = 'expired'
+    r.finished_at_ms = NOW
+    res_put(r)
+    redis.call('ZREM', K_DUE, r.reservation_id)
+    gc_later('r|' .. r.reservation_id)
+  else
+    finish_hold(r, 'expire')
+  end
+end
+
+-- Fencing for operations on one reservation: if its time is up it is expired
+-- now, whatever backlog of due holds the partition has. A cart is due at its
+-- advertised expiry, a line at the end of its hold (expiry plus grace).
+local function expire_if_due(r)
+  if r and r.status == 'held' then
+    local due_at = r.hold_until_ms
+    if r.lines then due_at = r.expires_at_ms end
+    if NOW >= due_at then
+      expire_record(r)
+      return true
+    end
+  end
+  return false
+end
+
+-- Lazy expiry: every script releases the partition's oldest due holds (a
+-- bounded number) before it decides anything; decisions on one cell or one
+-- reservation also release exactly theirs (expire_cell_due, expire_if_due).
 local function expire_due(limit)
   local ids = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', NOW, 'LIMIT', 0, limit)
   for _, id in ipairs(ids) do
     local r = res_get(id)
-    if r and r.status == 'held' and r.lines then
-      r.status = 'expired'
-      r.finished_at_ms = NOW
-      res_put(r)
-      redis.call('ZREM', K_DUE, id)
-      gc_later('r|' .. id)
-    elseif r and r.status == 'held' then
-      finish_hold(r, 'expire')
+    if r and r.status == 'held' then
+      expire_record(r)
     elseif r then
       due_remove(r)
     else

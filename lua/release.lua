@@ -7,6 +7,7 @@ if not is_id(ARGS.reservation_id) or type(ARGS.fingerprint) ~= 'string' then
 end
 local replay = idem_replay(ARGS.idempotency_key, ARGS.fingerprint)
 if replay then return replay end
+expire_if_due(res_for_caller(ARGS.reservation_id))
 housekeeping()
 local r = res_for_caller(ARGS.reservation_id)
 if not r or (r.cart_id and not ARGS.cart_flow) then return refuse('not_found') end

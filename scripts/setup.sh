@@ -1,13 +1,15 @@
 # Shared by scripts/run, scripts/test and .ci/run (sourced, not run): the
 # machine set-up every entry point needs before it builds anything.
 #
-# Build artefacts go to one target directory shared by every checkout of this
-# project on the machine (CARGO_TARGET_DIR, default under the cargo home), so a
-# second checkout or a CI run rebuilds only what changed.
+# Build artefacts go to the checkout's own target/ unless CARGO_TARGET_DIR says
+# otherwise. Not shared between checkouts on purpose: cargo names a workspace
+# crate's artefacts the same in every checkout, and their freshness is judged
+# by the sources of whichever checkout built them last, so a shared directory
+# can run one checkout's tests on another checkout's code.
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CARGO_HOME/invgw-target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 export PATH=$CARGO_HOME/bin:$PATH
 
 setup_say() { printf 'setup: %s\n' "$*" >&2; }

@@ -315,3 +315,50 @@ async fn bad_carts_are_refused_before_anything_is_held() {
         "nothing held"
     );
 }
+
+#[tokio::test]
+async fn an_expired_cart_is_refused_even_behind_a_backlog_of_due_holds() {
+    let allocator = allocator_for("cart-node").await;
+    let shop = shop(&allocator, 5, 4, 0).await;
+    let mut request = cart(&shop, &[(&shop.shirt, 1), (&shop.shoes, 1)], "backlog-cart");
+    request.ttl = Some(Duration::from_secs(1));
+    // The cart record's partition (see allocator::cart): fill it first with 200
+    // short holds, so they all fall due before the cart does.
+    let scoped = format!("cart|{}|{}", shop.merchant, request.idempotency_key);
+    let partition = StockKey::new(&shop.merchant, &scoped, "cart").partition(PARTITIONS);
+    let mut made = 0;
+    let mut n = 0;
+    while made < 200 {
+        n += 1;
+        let key = StockKey::new(&shop.merchant, format!("filler-{n}"), "dc1");
+        if key.partition(PARTITIONS) != partition {
+            continue;
+        }
+        stock(&allocator, &key, 1).await;
+        let mut hold = reserve(&key, 1, &format!("filler-{n}"));
+        hold.ttl = Some(Duration::from_secs(1));
+        allocator.reserve(&hold).await.expect("filler hold");
+        made += 1;
+    }
+    let id = allocator
+        .reserve_cart(&request)
+        .await
+        .expect("held")
+        .cart
+        .reservation_id;
+    assert_eq!(
+        allocator::keys::reservation_partition(&id, PARTITIONS),
+        Some(partition)
+    );
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let commit = allocator.commit_cart(None, &id, "late").await;
+    assert!(
+        matches!(
+            commit,
+            Err(AllocatorError::NotHeld {
+                status: ReservationStatus::Expired
+            })
+        ),
+        "{commit:?}"
+    );
+}
