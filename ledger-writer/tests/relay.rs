@@ -15,6 +15,7 @@ use allocator::{
     Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, AllocatorSettings,
     ReserveRequest, StockKey,
 };
+use fred::prelude::*;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -129,21 +130,39 @@ async fn setup(redis_url: &str) -> Setup {
     }
 }
 
-fn start_writer(setup: &Setup) -> Killed {
+fn writer_command(setup: &Setup, subcommand: &str) -> Command {
     let stack = testkit::stack();
-    let child = Command::new(env!("CARGO_BIN_EXE_ledger-writer"))
-        .arg("run")
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ledger-writer"));
+    command
+        .arg(subcommand)
         .arg("--config")
         .arg(&setup.config_path)
         .env("INVGW_NODE_ID", "writer-1")
         .env("INVGW_REDIS_URL", &setup.redis_url)
         .env("INVGW_POSTGRES_URL", &setup.postgres_url)
         .env("INVGW_KAFKA_BROKERS", &stack.kafka_brokers)
+        .stderr(Stdio::null());
+    command
+}
+
+fn start_writer(setup: &Setup) -> Killed {
+    let child = writer_command(setup, "run")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("start ledger-writer");
     Killed(child)
+}
+
+/// Runs `ledger-writer audit`; its exit success and what it printed.
+fn audit(setup: &Setup) -> (bool, String) {
+    let output = writer_command(setup, "audit")
+        .arg("--count-kafka")
+        .output()
+        .expect("run audit");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
 }
 
 fn settings() -> AllocatorSettings {
@@ -159,7 +178,7 @@ fn settings() -> AllocatorSettings {
 }
 
 /// Runs mixed operations; returns how many ledger entries they wrote.
-async fn operations(allocator: Arc<Allocator>, rounds: u64) -> u64 {
+async fn operations(allocator: Arc<Allocator>, rounds: u64, batch: &'static str) -> u64 {
     let written = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..4u64)
         .map(|worker| {
@@ -178,7 +197,7 @@ async fn operations(allocator: Arc<Allocator>, rounds: u64) -> u64 {
                         kind: AdjustmentKind::Delta,
                         qty: 3,
                         source: "test".to_owned(),
-                        event_id: format!("e-{worker}-{round}"),
+                        event_id: format!("e-{batch}-{worker}-{round}"),
                         source_seq: None,
                     };
                     if matches!(
@@ -191,7 +210,7 @@ async fn operations(allocator: Arc<Allocator>, rounds: u64) -> u64 {
                         key: key.clone(),
                         qty: 2,
                         ttl: None,
-                        idempotency_key: format!("r-{worker}-{round}"),
+                        idempotency_key: format!("r-{batch}-{worker}-{round}"),
                         customer_ref: None,
                     };
                     match allocator.reserve(&request).await {
@@ -261,7 +280,7 @@ async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
     );
 
     let mut writer = start_writer(&setup);
-    let ops = tokio::spawn(operations(Arc::clone(&allocator), 300));
+    let ops = tokio::spawn(operations(Arc::clone(&allocator), 300, "a"));
     for pause_ms in [700, 900] {
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         let _ = writer.0.kill(); // SIGKILL, mid-batch as likely as not
@@ -345,4 +364,62 @@ async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
         );
     }
     drop(writer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
+    let port = free_port();
+    let _redis = private_redis(port);
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let setup = setup(&redis_url).await;
+    let allocator = Arc::new(
+        Allocator::connect(&redis_url, settings(), 4)
+            .await
+            .expect("allocator"),
+    );
+
+    // Part of the ledger relayed to PostgreSQL, part still in the outbox.
+    let mut writer = start_writer(&setup);
+    operations(Arc::clone(&allocator), 20, "a").await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let _ = writer.0.kill();
+    let _ = writer.0.wait();
+    operations(Arc::clone(&allocator), 5, "b").await;
+
+    let (balanced, printed) = audit(&setup);
+    assert!(balanced, "{printed}");
+    assert!(printed.contains("the books balance"), "{printed}");
+    assert!(printed.contains("distinct entry ids in kafka"), "{printed}");
+    assert!(
+        !printed.contains(" 0 not yet relayed"),
+        "some entries were left in the outbox: {printed}"
+    );
+
+    // Someone writes Redis behind the ledger's back.
+    let key = StockKey::new("m-ledger", "sku-3", "dc1");
+    let cell = key.pool(PARTITIONS);
+    let mut live = allocator.cell(&cell).await.expect("read").expect("cell");
+    live.on_hand += 5;
+    let _: i64 = allocator
+        .redis()
+        .next()
+        .hset(
+            allocator::keys::cells_hash(cell.partition),
+            (
+                cell.id.as_str(),
+                serde_json::to_string(&live).expect("json"),
+            ),
+        )
+        .await
+        .expect("tamper");
+    let (balanced, printed) = audit(&setup);
+    assert!(!balanced, "the drift fails the audit: {printed}");
+    assert!(
+        printed.contains(&format!("drift: {}", cell.id)),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("audit: 1 drifts"),
+        "only the tampered cell: {printed}"
+    );
 }

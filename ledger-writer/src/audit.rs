@@ -1,0 +1,224 @@
+//! `ledger-writer audit`: do the books balance?
+//!
+//! Owns checking Redis against the ledger. The ledger is the PostgreSQL
+//! `ledger` table plus whatever is still in the outbox streams (written but
+//! not yet relayed), merged by entry id. For every cell it checks that the
+//! entries chain (each entry's "before" is the previous entry's "after") and
+//! that the last entry's quantities are what Redis holds now; for every stock
+//! key it checks the conservation law of DESIGN.md:
+//!
+//!   Σ cells' on_hand + units in flight = Σ adjust − Σ commit
+//!
+//! On request it also counts the distinct entry ids in the Kafka ledger topic
+//! ([`kafka_entry_ids`]; the topic may hold duplicates after a crash, never
+//! fewer ids than PostgreSQL has rows). It changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use allocator::{Allocator, CellRef};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::Value;
+use tokio_postgres::Client;
+
+/// One problem the audit found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    /// The cell or stock key it concerns.
+    pub subject: String,
+    /// What does not add up.
+    pub problem: String,
+}
+
+/// What the audit saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Entries in PostgreSQL.
+    pub entries_in_postgres: usize,
+    /// Entries still in the outbox streams and not in PostgreSQL.
+    pub entries_not_relayed: usize,
+    /// Cells checked.
+    pub cells: usize,
+    /// Stock keys checked.
+    pub keys: usize,
+    /// Everything that does not add up; empty when the books balance.
+    pub drifts: Vec<Drift>,
+}
+
+fn int(entry: &Value, field: &str) -> i64 {
+    entry[field].as_i64().unwrap_or_default()
+}
+
+/// Audits every cell (or only `merchant`'s).
+pub async fn audit(
+    postgres: &Client,
+    allocator: &Allocator,
+    config: &config::Config,
+    merchant: Option<&str>,
+) -> anyhow::Result<Report> {
+    let mut entries: HashMap<String, Value> = HashMap::new();
+    for row in postgres
+        .query(
+            "SELECT entry_id, entry::text FROM ledger WHERE $1::text IS NULL OR merchant = $1",
+            &[&merchant],
+        )
+        .await?
+    {
+        let entry: Value = serde_json::from_str(row.get::<_, &str>(1))?;
+        entries.insert(row.get(0), entry);
+    }
+    let mut report = Report {
+        entries_in_postgres: entries.len(),
+        ..Report::default()
+    };
+    for partition in 0..config.stock.partitions {
+        for (entry_id, entry) in allocator.ledger_entries(partition, 0).await? {
+            if merchant.is_some_and(|wanted| entry["merchant"].as_str() != Some(wanted)) {
+                continue;
+            }
+            if !entries.contains_key(&entry_id) {
+                report.entries_not_relayed += 1;
+                entries.insert(entry_id, entry);
+            }
+        }
+    }
+
+    // Per cell, in version order.
+    let mut cells: BTreeMap<(u32, String), Vec<&Value>> = BTreeMap::new();
+    for entry in entries.values() {
+        let partition = entry["partition"].as_u64().unwrap_or_default() as u32;
+        let cell = entry["cell"].as_str().unwrap_or_default().to_owned();
+        cells.entry((partition, cell)).or_default().push(entry);
+    }
+    #[derive(Default)]
+    struct Books {
+        on_hand: i64,
+        adjusted: i64,
+        committed: i64,
+        sent: i64,
+        received: i64,
+    }
+    let mut keys: BTreeMap<String, Books> = BTreeMap::new();
+    for ((partition, cell), mut history) in cells {
+        history.sort_by_key(|entry| int(entry, "version"));
+        for pair in history.windows(2) {
+            if int(pair[0], "on_hand_after") != int(pair[1], "on_hand_before")
+                || int(pair[0], "reserved_after") != int(pair[1], "reserved_before")
+            {
+                report.drifts.push(Drift {
+                    subject: cell.clone(),
+                    problem: format!(
+                        "entries do not chain between versions {} and {}",
+                        int(pair[0], "version"),
+                        int(pair[1], "version")
+                    ),
+                });
+            }
+        }
+        let last = history.last().expect("a cell has at least one entry");
+        let live = allocator
+            .cell(&CellRef {
+                partition,
+                id: cell.clone(),
+            })
+            .await?;
+        let (on_hand, reserved) = (int(last, "on_hand_after"), int(last, "reserved_after"));
+        match live {
+            Some(live) if (live.on_hand, live.reserved) == (on_hand, reserved) => {}
+            Some(live) => report.drifts.push(Drift {
+                subject: cell.clone(),
+                problem: format!(
+                    "redis has on_hand {} reserved {}, the ledger says on_hand {on_hand} reserved {reserved}",
+                    live.on_hand, live.reserved
+                ),
+            }),
+            None => report.drifts.push(Drift {
+                subject: cell.clone(),
+                problem: format!("missing in redis; the ledger says on_hand {on_hand} reserved {reserved}"),
+            }),
+        }
+        let key = format!(
+            "{}/{}/{}",
+            last["merchant"].as_str().unwrap_or_default(),
+            last["sku"].as_str().unwrap_or_default(),
+            last["location"].as_str().unwrap_or_default()
+        );
+        let books = keys.entry(key).or_default();
+        books.on_hand += on_hand;
+        for entry in &history {
+            let qty = int(entry, "qty");
+            match entry["op"].as_str().unwrap_or_default() {
+                "adjust" => books.adjusted += qty,
+                "commit" => books.committed += qty,
+                "transfer_out" => books.sent += qty,
+                "transfer_in" => books.received += qty,
+                _ => {}
+            }
+        }
+        report.cells += 1;
+    }
+    for (key, books) in &keys {
+        let in_flight = books.sent - books.received;
+        if books.on_hand + in_flight != books.adjusted - books.committed {
+            report.drifts.push(Drift {
+                subject: key.clone(),
+                problem: format!(
+                    "on_hand {} + in flight {in_flight} != adjusted {} - committed {}",
+                    books.on_hand, books.adjusted, books.committed
+                ),
+            });
+        }
+    }
+    report.keys = keys.len();
+    Ok(report)
+}
+
+/// Distinct entry ids in the ledger topic, read from the beginning with a
+/// throwaway consumer group until the topic is quiet for a second (or
+/// `limit` passes). Watermarks are not used: offsets are not entries.
+pub async fn kafka_entry_ids(config: &config::Config, limit: Duration) -> anyhow::Result<usize> {
+    use rdkafka::message::Message;
+    let brokers = config.kafka.brokers.clone();
+    let topic = config.kafka.ledger_topic.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let group = format!(
+            "ledger-audit-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos())
+                .unwrap_or_default()
+        );
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        consumer.subscribe(&[topic.as_str()])?;
+        let started = std::time::Instant::now();
+        let mut quiet_since = std::time::Instant::now();
+        let mut ids = std::collections::HashSet::new();
+        while started.elapsed() < limit && quiet_since.elapsed() < Duration::from_secs(1) {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    let payload: Value =
+                        serde_json::from_slice(message.payload().unwrap_or_default())?;
+                    if let Some(id) = payload["entry_id"].as_str() {
+                        ids.insert(id.to_owned());
+                    }
+                    quiet_since = std::time::Instant::now();
+                }
+                Some(Err(error)) => anyhow::bail!("reading {topic}: {error}"),
+                None if ids.is_empty() && started.elapsed() < Duration::from_secs(10) => {
+                    // Joining the group takes a moment before the first message.
+                    quiet_since = std::time::Instant::now();
+                }
+                None => {}
+            }
+        }
+        Ok(ids.len())
+    })
+    .await?
+}
