@@ -77,9 +77,9 @@ pub async fn audit(
             if merchant.is_some_and(|wanted| entry["merchant"].as_str() != Some(wanted)) {
                 continue;
             }
-            if !entries.contains_key(&entry_id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = entries.entry(entry_id) {
                 report.entries_not_relayed += 1;
-                entries.insert(entry_id, entry);
+                slot.insert(entry);
             }
         }
     }
