@@ -11,8 +11,8 @@
 //! What this version does not do yet (issue 5 lists it): partition leases
 //! between several writer instances (run one relay per deployment for now;
 //! PostgreSQL stays exact with several, but Kafka per-key order is only kept
-//! with one), ingestion of `inventory.events`, the `rebuild` command, SQL
-//! views and a `/metrics` listener.
+//! with one), ingestion of `inventory.events`, the `rebuild` command and a
+//! `/metrics` listener.
 
 pub mod audit;
 pub mod migrate;

@@ -8,8 +8,10 @@
 use tokio_postgres::Client;
 
 /// `(version, name, sql)` in order.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "ledger", include_str!("../migrations/001_ledger.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "ledger", include_str!("../migrations/001_ledger.sql")),
+    (2, "views", include_str!("../migrations/002_views.sql")),
+];
 
 /// An arbitrary constant: the advisory lock all writers take to migrate.
 const MIGRATION_LOCK: i64 = 0x001e_d9e7;

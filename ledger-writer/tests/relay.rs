@@ -381,6 +381,31 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
     // Part of the ledger relayed to PostgreSQL, part still in the outbox.
     let mut writer = start_writer(&setup);
     operations(Arc::clone(&allocator), 20, "a").await;
+    // One key goes out of stock and comes back: one closed stockout episode.
+    let scarce = StockKey::new("m-ledger", "scarce", "dc1");
+    let restock = Adjustment {
+        merchant: scarce.merchant.clone(),
+        sku: scarce.sku.clone(),
+        location: scarce.location.clone(),
+        kind: AdjustmentKind::Delta,
+        qty: 2,
+        source: "test".to_owned(),
+        event_id: "scarce-1".to_owned(),
+        source_seq: None,
+    };
+    allocator.adjust(&restock).await.expect("restock");
+    let all = ReserveRequest {
+        key: scarce.clone(),
+        qty: 2,
+        ttl: None,
+        idempotency_key: "scarce-all".to_owned(),
+        customer_ref: None,
+    };
+    let hold = allocator.reserve(&all).await.expect("hold all");
+    allocator
+        .release(None, &hold.reservation.reservation_id, "scarce-back")
+        .await
+        .expect("release");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let _ = writer.0.kill();
     let _ = writer.0.wait();
@@ -394,6 +419,34 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
         !printed.contains(" 0 not yet relayed"),
         "some entries were left in the outbox: {printed}"
     );
+
+    // The analytics views agree with the ledger.
+    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
+        .await
+        .expect("postgresql");
+    tokio::spawn(connection);
+    let stockouts = client
+        .query(
+            "SELECT ended_at IS NOT NULL FROM stockouts WHERE sku = 'scarce'",
+            &[],
+        )
+        .await
+        .expect("stockouts view");
+    assert_eq!(stockouts.len(), 1, "one stockout episode");
+    assert!(stockouts[0].get::<_, bool>(0), "and it ended");
+    let sold = client
+        .query_one(
+            "SELECT (SELECT COALESCE(SUM(sold), 0)::bigint FROM stock_movements_daily),
+                    (SELECT COALESCE(SUM(qty), 0)::bigint FROM ledger WHERE op = 'commit')",
+            &[],
+        )
+        .await
+        .expect("movements view");
+    assert_eq!(sold.get::<_, i64>(0), sold.get::<_, i64>(1));
+    client
+        .query("SELECT * FROM flash_sale_postmortem", &[])
+        .await
+        .expect("postmortem view");
 
     // Someone writes Redis behind the ledger's back.
     let key = StockKey::new("m-ledger", "sku-3", "dc1");
