@@ -32,8 +32,9 @@ pub const GROUP: &str = "ledger-writer";
 /// One stream entry: its stream id and its decoded JSON.
 type Entry = (String, Value);
 
-/// A stream entry as read: its id and its fields.
-type RawEntry = (String, HashMap<String, String>);
+/// A stream entry as read: its id and its fields (none when the entry was
+/// deleted from the stream while pending).
+type RawEntry = (String, Option<HashMap<String, String>>);
 
 /// Where one writer instance relays.
 pub struct Relay {
@@ -111,9 +112,31 @@ impl Relay {
         if batch.is_empty() {
             return Ok(Pass::default());
         }
+        let (batch, vanished): (Vec<RawEntry>, Vec<RawEntry>) =
+            batch.into_iter().partition(|(_, fields)| fields.is_some());
+        if !vanished.is_empty() {
+            // Deleted from the stream while pending (someone trimmed or
+            // XDELed past the writer): nothing left to relay; acknowledge so
+            // the partition moves on, and say so loudly.
+            let ids: Vec<String> = vanished.into_iter().map(|(id, _)| id).collect();
+            tracing::error!(
+                partition,
+                ?ids,
+                "pending ledger entries were deleted before they were relayed"
+            );
+            let _: i64 = self
+                .redis
+                .next()
+                .xack(ledger_stream(partition), GROUP, ids)
+                .await?;
+        }
+        if batch.is_empty() {
+            return Ok(Pass::default());
+        }
         let entries = batch
             .into_iter()
             .map(|(id, fields)| {
+                let fields = fields.unwrap_or_default();
                 let text = fields.get("e").ok_or_else(|| RelayError::Malformed {
                     id: id.clone(),
                     reason: "no e field".to_owned(),
@@ -140,16 +163,13 @@ impl Relay {
         })
     }
 
-    async fn read(
-        &self,
-        partition: u32,
-        from: &str,
-    ) -> Result<Vec<(String, HashMap<String, String>)>, RelayError> {
+    async fn read(&self, partition: u32, from: &str) -> Result<Vec<RawEntry>, RelayError> {
         let stream = ledger_stream(partition);
-        let mut reply: HashMap<String, Vec<RawEntry>> = self
+        // Nil when nothing is new; an empty list when nothing is pending.
+        let reply: fred::types::Value = self
             .redis
             .next()
-            .xreadgroup_map(
+            .xreadgroup(
                 GROUP,
                 &self.consumer,
                 Some(self.batch_max as u64),
@@ -159,7 +179,7 @@ impl Relay {
                 from,
             )
             .await?;
-        Ok(reply.remove(&stream).unwrap_or_default())
+        Ok(parse_read(reply, &stream))
     }
 
     async fn publish(&self, partition: u32, entries: &[Entry]) -> Result<(), RelayError> {
@@ -254,6 +274,71 @@ impl Relay {
     }
 }
 
+/// The entries of `stream` in an XREADGROUP reply (RESP2 arrays or RESP3
+/// maps): `[[stream, [[id, [field, value, ...] | nil], ...]], ...]`.
+fn parse_read(reply: fred::types::Value, stream: &str) -> Vec<RawEntry> {
+    use fred::types::Value as V;
+    let streams: Vec<(V, V)> = match reply {
+        V::Array(items) => items
+            .into_iter()
+            .filter_map(|item| match item {
+                V::Array(mut pair) if pair.len() == 2 => {
+                    let entries = pair.pop()?;
+                    Some((pair.pop()?, entries))
+                }
+                _ => None,
+            })
+            .collect(),
+        V::Map(map) => map
+            .inner()
+            .into_iter()
+            .map(|(key, value)| (V::from(key), value))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let Some((_, entries)) = streams
+        .into_iter()
+        .find(|(name, _)| name.as_str().as_deref() == Some(stream))
+    else {
+        return Vec::new();
+    };
+    let V::Array(entries) = entries else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let V::Array(mut parts) = entry else {
+                return None;
+            };
+            if parts.len() != 2 {
+                return None;
+            }
+            let fields = parts.pop()?;
+            let id = parts.pop()?.as_string()?;
+            let fields = match fields {
+                V::Array(flat) => Some(
+                    flat.chunks(2)
+                        .filter_map(|pair| {
+                            Some((pair.first()?.as_string()?, pair.get(1)?.as_string()?))
+                        })
+                        .collect(),
+                ),
+                V::Map(map) => Some(
+                    map.inner()
+                        .into_iter()
+                        .filter_map(|(key, value)| {
+                            Some((key.as_str()?.to_string(), value.as_string()?))
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+            Some((id, fields))
+        })
+        .collect()
+}
+
 fn value_to_json(value: fred::types::Value) -> Value {
     match value {
         fred::types::Value::Array(items) => {
@@ -267,4 +352,43 @@ fn value_to_json(value: fred::types::Value) -> Value {
 /// Logs a failed pass with the partition; the caller retries after a pause.
 pub fn report(partition: u32, error: &RelayError) {
     warn!(partition, %error, "relay pass failed; retrying");
+}
+
+#[cfg(test)]
+mod tests {
+    use fred::types::Value as V;
+
+    use super::parse_read;
+
+    fn text(value: &str) -> V {
+        V::String(value.to_owned().into())
+    }
+
+    #[test]
+    fn a_nil_reply_is_no_entries() {
+        assert!(parse_read(V::Null, "inv:{1}:ledger").is_empty());
+    }
+
+    #[test]
+    fn entries_and_entries_deleted_while_pending_are_read() {
+        let reply = V::Array(vec![V::Array(vec![
+            text("inv:{1}:ledger"),
+            V::Array(vec![
+                V::Array(vec![text("5-0"), V::Array(vec![text("e"), text("{}")])]),
+                V::Array(vec![text("6-0"), V::Null]),
+            ]),
+        ])]);
+        let entries = parse_read(reply, "inv:{1}:ledger");
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].0, "5-0");
+        assert_eq!(
+            entries[0]
+                .1
+                .as_ref()
+                .and_then(|fields| fields.get("e"))
+                .map(String::as_str),
+            Some("{}")
+        );
+        assert_eq!(entries[1], ("6-0".to_owned(), None));
+    }
 }

@@ -146,11 +146,24 @@ fn writer_command(setup: &Setup, subcommand: &str) -> Command {
 }
 
 fn start_writer(setup: &Setup) -> Killed {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(setup._directory.path().join("writer.log"))
+        .expect("writer log");
     let child = writer_command(setup, "run")
         .stdout(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start ledger-writer");
     Killed(child)
+}
+
+/// The writer must not have logged failed passes (an idle stream is not a failure).
+fn assert_no_failed_passes(setup: &Setup) {
+    let log =
+        std::fs::read_to_string(setup._directory.path().join("writer.log")).unwrap_or_default();
+    assert!(!log.contains("relay pass failed"), "{log}");
 }
 
 /// Runs `ledger-writer audit`; its exit success and what it printed.
@@ -312,6 +325,7 @@ async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
         rows as u64, written,
         "one row per entry written, no duplicate"
     );
+    assert_no_failed_passes(&setup);
 
     // Kafka has every entry id (duplicates, if any, carry the same id).
     let pg_ids: HashSet<String> = client
