@@ -46,6 +46,23 @@ pub struct Report {
     pub drifts: Vec<Drift>,
 }
 
+/// `(ms, seq)` of an entry's stream id (`stream_id`, or the tail of `entry_id`).
+fn stream_order(entry: &Value) -> (u64, u64) {
+    let id = entry["stream_id"]
+        .as_str()
+        .or_else(|| {
+            entry["entry_id"]
+                .as_str()
+                .and_then(|id| id.split_once('-').map(|(_, rest)| rest))
+        })
+        .unwrap_or_default();
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (
+        ms.parse().unwrap_or_default(),
+        seq.parse().unwrap_or_default(),
+    )
+}
+
 fn int(entry: &Value, field: &str) -> i64 {
     entry[field].as_i64().unwrap_or_default()
 }
@@ -101,7 +118,9 @@ pub async fn audit(
     }
     let mut keys: BTreeMap<String, Books> = BTreeMap::new();
     for ((partition, cell), mut history) in cells {
-        history.sort_by_key(|entry| int(entry, "version"));
+        // A cell's entries are all in one partition's stream, whose ids are
+        // their true order (versions can repeat: extend moves no units).
+        history.sort_by_key(|entry| stream_order(entry));
         for pair in history.windows(2) {
             if int(pair[0], "on_hand_after") != int(pair[1], "on_hand_before")
                 || int(pair[0], "reserved_after") != int(pair[1], "reserved_before")
@@ -109,9 +128,11 @@ pub async fn audit(
                 report.drifts.push(Drift {
                     subject: cell.clone(),
                     problem: format!(
-                        "entries do not chain between versions {} and {}",
-                        int(pair[0], "version"),
-                        int(pair[1], "version")
+                        "entries do not chain between stream ids {:?} and {:?} ({} then {})",
+                        stream_order(pair[0]),
+                        stream_order(pair[1]),
+                        pair[0]["op"].as_str().unwrap_or_default(),
+                        pair[1]["op"].as_str().unwrap_or_default()
                     ),
                 });
             }
