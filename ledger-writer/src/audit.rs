@@ -90,7 +90,8 @@ pub async fn audit(
         ..Report::default()
     };
     for partition in 0..config.stock.partitions {
-        for (entry_id, entry) in allocator.ledger_entries(partition, 0).await? {
+        for (entry_id, mut entry) in allocator.ledger_entries(partition, 0).await? {
+            entry["entry_id"] = Value::String(entry_id.clone());
             if merchant.is_some_and(|wanted| entry["merchant"].as_str() != Some(wanted)) {
                 continue;
             }
