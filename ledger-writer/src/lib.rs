@@ -2,8 +2,9 @@
 //! `inventory.ledger` and the PostgreSQL ledger, and runs the reconciler that
 //! keeps stock tidy.
 //!
-//! Owns the relay ([`relay`]), the schema migrations ([`migrate`]) and the
-//! reconciler loop. It never decides stock: everything the reconciler does
+//! Owns the relay ([`relay`]), ingestion of stock events ([`ingest`]), the
+//! schema migrations ([`migrate`]), the audit ([`audit`]) and the reconciler
+//! loop. It never decides stock: everything the reconciler does
 //! is an idempotent allocator call (expire due holds, credit debited
 //! transfers, finish carts left half way, reclaim buckets), so several
 //! instances may run it at once.
@@ -11,15 +12,16 @@
 //! What this version does not do yet (issue 5 lists it): partition leases
 //! between several writer instances (run one relay per deployment for now;
 //! PostgreSQL stays exact with several, but Kafka per-key order is only kept
-//! with one), ingestion of `inventory.events`, the `rebuild` command and a
-//! `/metrics` listener.
+//! with one), the `rebuild` command and a `/metrics` listener.
 
 pub mod audit;
+pub mod ingest;
 pub mod migrate;
 pub mod relay;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use allocator::{Allocator, AllocatorSettings, FlashSale};
@@ -103,6 +105,26 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
     info!(partitions, consumer = %relay.consumer, topic = %relay.topic, "ledger writer running");
 
     let reconciler = tokio::spawn(reconcile_forever(allocator.clone(), Arc::clone(&config)));
+    let stop_ingesting = Arc::new(AtomicBool::new(false));
+    let ingestion = {
+        let (config, allocator, stop) = (
+            Arc::clone(&config),
+            allocator.clone(),
+            Arc::clone(&stop_ingesting),
+        );
+        let dead_letters = producer(&config)?;
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("ingest".to_owned())
+            .spawn(move || {
+                if let Err(error) =
+                    ingest::consume(&config, &allocator, &dead_letters, &runtime, &stop)
+                {
+                    warn!(%error, "ingestion stopped");
+                }
+            })
+            .context("starting ingestion")?
+    };
     let relaying = async {
         loop {
             let mut relayed = 0;
@@ -128,6 +150,13 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         () = shutdown => info!("ledger writer stopping"),
     }
     reconciler.abort();
+    stop_ingesting.store(true, Ordering::Relaxed);
+    if tokio::task::spawn_blocking(move || ingestion.join())
+        .await
+        .is_err()
+    {
+        warn!("ingestion thread did not stop cleanly");
+    }
     Ok(())
 }
 

@@ -69,6 +69,8 @@ struct Setup {
     redis_url: String,
     postgres_url: String,
     topic: String,
+    events_topic: String,
+    dlq_topic: String,
     _directory: tempfile::TempDir,
 }
 
@@ -87,17 +89,19 @@ async fn setup(redis_url: &str) -> Setup {
     let postgres_url = format!("{}?options=-c%20search_path%3D{schema}", stack.postgres_url);
 
     let topic = format!("ledger.{id}");
+    let events_topic = format!("events.{id}");
+    let dlq_topic = format!("events.dlq.{id}");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &stack.kafka_brokers)
         .create()
         .expect("admin client");
     let created = admin
         .create_topics(
-            &[NewTopic::new(
-                &topic,
-                TOPIC_PARTITIONS,
-                TopicReplication::Fixed(1),
-            )],
+            &[
+                NewTopic::new(&topic, TOPIC_PARTITIONS, TopicReplication::Fixed(1)),
+                NewTopic::new(&events_topic, 2, TopicReplication::Fixed(1)),
+                NewTopic::new(&dlq_topic, 1, TopicReplication::Fixed(1)),
+            ],
             &AdminOptions::new(),
         )
         .await
@@ -113,6 +117,14 @@ async fn setup(redis_url: &str) -> Setup {
             &format!("ledger_topic = \"{topic}\""),
         )
         .replace(
+            "events_topic = \"inventory.events\"",
+            &format!("events_topic = \"{events_topic}\""),
+        )
+        .replace(
+            "dlq_topic = \"inventory.events.dlq\"",
+            &format!("dlq_topic = \"{dlq_topic}\""),
+        )
+        .replace(
             "topic_partitions = 8",
             &format!("topic_partitions = {TOPIC_PARTITIONS}"),
         )
@@ -126,6 +138,8 @@ async fn setup(redis_url: &str) -> Setup {
         redis_url: redis_url.to_owned(),
         postgres_url,
         topic,
+        events_topic,
+        dlq_topic,
         _directory: directory,
     }
 }
@@ -489,4 +503,139 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
         printed.contains("audit: 1 drifts"),
         "only the tampered cell: {printed}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_events_are_applied_once_in_order_and_malformed_ones_are_dead_lettered() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let port = free_port();
+    let _redis = private_redis(port);
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let setup = setup(&redis_url).await;
+    let allocator = Allocator::connect(&redis_url, settings(), 2)
+        .await
+        .expect("allocator");
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &testkit::stack().kafka_brokers)
+        .create()
+        .expect("producer");
+    let sale = r#"{"merchant":"m-pos","sku":"tee","location":"store-1","kind":"delta","qty":10,"source":"pos-1","event_id":"sale-1"}"#;
+    let count = |qty: u32, seq: u32| {
+        format!(
+            r#"{{"merchant":"m-pos","sku":"mug","location":"store-1","kind":"absolute","qty":{qty},"source":"wms-1","event_id":"count-{seq}","source_seq":{seq}}}"#
+        )
+    };
+    let messages = [
+        (sale.to_owned(), "tee"),
+        (sale.to_owned(), "tee"),
+        (count(30, 3), "mug"),
+        (count(5, 1), "mug"),
+        (count(9, 2), "mug"),
+        ("{this is not json".to_owned(), "junk"),
+        (
+            r#"{"merchant":"m-pos","sku":"tee","location":"store-1","kind":"teleport","qty":1,"source":"pos-1","event_id":"x"}"#.to_owned(),
+            "tee",
+        ),
+        (
+            r#"{"merchant":"m pos","sku":"tee","location":"store-1","kind":"delta","qty":1,"source":"pos-1","event_id":"y"}"#.to_owned(),
+            "tee",
+        ),
+    ];
+    for (payload, key) in &messages {
+        producer
+            .send(
+                FutureRecord::to(&setup.events_topic)
+                    .key(*key)
+                    .payload(payload.as_str()),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("produce event");
+    }
+
+    let _writer = start_writer(&setup);
+    let tee = StockKey::new("m-pos", "tee", "store-1");
+    let mug = StockKey::new("m-pos", "mug", "store-1");
+    let on_hand = |key: StockKey| {
+        let allocator = &allocator;
+        async move {
+            allocator
+                .cell(&key.pool(PARTITIONS))
+                .await
+                .expect("read")
+                .map(|cell| cell.on_hand)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while on_hand(tee.clone()).await.is_none() || on_hand(mug.clone()).await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "events not applied; writer log:\n{}",
+            std::fs::read_to_string(setup._directory.path().join("writer.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Give a late duplicate or a stale count the time to do harm, if it could.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        on_hand(tee.clone()).await,
+        Some(10),
+        "the duplicate sale event applied once"
+    );
+    assert_eq!(
+        on_hand(mug.clone()).await,
+        Some(30),
+        "late counts 1 and 2 did not undo count 3"
+    );
+
+    let dlq = setup.dlq_topic.clone();
+    let letters = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &testkit::stack().kafka_brokers)
+            .set("group.id", testkit::unique_id("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[dlq.as_str()]).expect("subscribe");
+        let mut letters = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while letters.len() < 3 && Instant::now() < deadline {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(300)) {
+                let letter: serde_json::Value =
+                    serde_json::from_slice(message.payload().unwrap_or_default())
+                        .expect("letter json");
+                letters.push(letter);
+            }
+        }
+        letters
+    })
+    .await
+    .expect("dlq reader");
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let reasons: Vec<&str> = letters
+        .iter()
+        .map(|letter| letter["reason"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|reason| reason.contains("malformed JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|reason| reason.contains("unknown kind")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|reason| reason.contains("merchant")),
+        "{reasons:?}"
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|letter| letter["topic"] == setup.events_topic.as_str())
+    );
+    assert_no_failed_passes(&setup);
 }

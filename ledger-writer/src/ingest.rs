@@ -1,0 +1,213 @@
+//! Ingestion: stock events from POS, WMS, ERP and suppliers on Kafka
+//! `inventory.events`, applied through the allocator.
+//!
+//! Owns reading the topic (consumer group `ingest.<topic>`), checking each
+//! message (the adjustment body of shared/API.md, the same rules as the HTTP
+//! endpoint), applying it with the same dedupe on `(source, event_id)` and
+//! ordering on `source_seq`, and committing the message's offset only after
+//! its effect is stored in Redis. A malformed or unknown message goes to the
+//! dead-letter topic with its reason and its origin, and the partition moves
+//! on; a store that cannot be reached is retried, never skipped.
+//!
+//! The consumer runs on a thread of its own (rdkafka's poll can block during
+//! rebalances) and calls the async allocator through the runtime's handle.
+
+use std::time::Duration;
+
+use allocator::{Adjustment, AdjustmentKind, Allocator, AllocatorError};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, TopicPartitionList};
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+/// The consumer group of the writers ingesting `events_topic`: named after
+/// the topic, so one deployment's writers share it and nothing else does.
+pub fn group(events_topic: &str) -> String {
+    format!("ingest.{events_topic}")
+}
+
+/// How long a writer that died keeps its partitions before the group hands
+/// them on (the broker's usual minimum).
+const SESSION_TIMEOUT_MS: &str = "6000";
+
+/// Pause before retrying a message whose effect could not be stored.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// The adjustment body, as on `POST /v1/stock/adjustments`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventBody {
+    merchant: String,
+    sku: String,
+    location: String,
+    kind: String,
+    qty: i64,
+    source: String,
+    event_id: String,
+    #[serde(default)]
+    source_seq: Option<u64>,
+}
+
+/// Checks a message into an adjustment, or says why it is refused.
+pub fn parse_event(payload: &[u8]) -> Result<Adjustment, String> {
+    let body: EventBody =
+        serde_json::from_slice(payload).map_err(|error| format!("malformed JSON: {error}"))?;
+    for (field, value) in [
+        ("merchant", &body.merchant),
+        ("sku", &body.sku),
+        ("location", &body.location),
+        ("source", &body.source),
+        ("event_id", &body.event_id),
+    ] {
+        if !config::is_valid_id(value) {
+            return Err(format!("{field} must match [A-Za-z0-9._:-]{{1,128}}"));
+        }
+    }
+    let kind = match body.kind.as_str() {
+        "delta" if body.qty != 0 && body.qty.unsigned_abs() <= 1_000_000 => AdjustmentKind::Delta,
+        "delta" => {
+            return Err("a delta qty must be non-zero, at most 1000000 either way".to_owned());
+        }
+        "absolute" if !(0..=1_000_000_000).contains(&body.qty) => {
+            return Err("an absolute qty must be between 0 and 1000000000".to_owned());
+        }
+        "absolute" if body.source_seq.is_none() => {
+            return Err("an absolute count needs source_seq".to_owned());
+        }
+        "absolute" => AdjustmentKind::Absolute,
+        other => return Err(format!("unknown kind {other:?}")),
+    };
+    Ok(Adjustment {
+        merchant: body.merchant,
+        sku: body.sku,
+        location: body.location,
+        kind,
+        qty: body.qty,
+        source: body.source,
+        event_id: body.event_id,
+        source_seq: body.source_seq,
+    })
+}
+
+/// Consumes the events topic until `stop` is set. Blocking: run it on its own
+/// thread with a handle of the runtime the allocator lives on.
+pub fn consume(
+    config: &config::Config,
+    allocator: &Allocator,
+    producer: &FutureProducer,
+    runtime: &tokio::runtime::Handle,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", group(&config.kafka.events_topic))
+        .set("session.timeout.ms", SESSION_TIMEOUT_MS)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[config.kafka.events_topic.as_str()])?;
+    info!(topic = %config.kafka.events_topic, dlq = %config.kafka.dlq_topic, "ingesting stock events");
+    let timeout = Duration::from_millis(config.kafka.request_timeout_ms);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                warn!(%error, "events topic read failed");
+                std::thread::sleep(RETRY_PAUSE);
+                continue;
+            }
+        };
+        loop {
+            match handle(&message, config, allocator, producer, runtime, timeout) {
+                Ok(()) => break,
+                Err(error) => {
+                    warn!(%error, partition = message.partition(), offset = message.offset(), "event not applied; retrying");
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+            }
+        }
+        // Committed only now: the effect (or the dead letter) is stored.
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset(
+            message.topic(),
+            message.partition(),
+            rdkafka::Offset::Offset(message.offset() + 1),
+        )?;
+        consumer.commit(&offsets, CommitMode::Sync)?;
+    }
+    Ok(())
+}
+
+/// Applies one message, or sends it to the dead-letter topic; an error means
+/// nothing may be committed yet (the store or the broker did not answer).
+fn handle(
+    message: &BorrowedMessage<'_>,
+    config: &config::Config,
+    allocator: &Allocator,
+    producer: &FutureProducer,
+    runtime: &tokio::runtime::Handle,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let payload = message.payload().unwrap_or_default();
+    let reason = match parse_event(payload) {
+        Ok(adjustment) => match runtime.block_on(allocator.adjust(&adjustment)) {
+            Ok(_) => return Ok(()),
+            Err(AllocatorError::InvalidRequest(reason)) => reason,
+            Err(error) => return Err(error.into()),
+        },
+        Err(reason) => reason,
+    };
+    let letter = json!({
+        "reason": reason,
+        "topic": message.topic(),
+        "partition": message.partition(),
+        "offset": message.offset(),
+        "payload": String::from_utf8_lossy(payload),
+    })
+    .to_string();
+    let key = message
+        .key()
+        .map(|key| String::from_utf8_lossy(key).into_owned())
+        .unwrap_or_default();
+    let record = FutureRecord::to(&config.kafka.dlq_topic)
+        .key(&key)
+        .payload(&letter);
+    runtime
+        .block_on(producer.send(record, timeout))
+        .map_err(|(error, _)| anyhow::anyhow!("dead-letter topic: {error}"))?;
+    warn!(%reason, partition = message.partition(), offset = message.offset(), "event sent to the dead-letter topic");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_event;
+
+    #[test]
+    fn events_are_checked_like_the_http_body() {
+        let good = br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":-3,"source":"pos-1","event_id":"e1"}"#;
+        assert!(parse_event(good).is_ok());
+        let count = br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"absolute","qty":7,"source":"pos-1","event_id":"e2","source_seq":4}"#;
+        assert_eq!(parse_event(count).map(|a| a.source_seq), Ok(Some(4)));
+        for (bad, why) in [
+            (&b"{not json"[..], "malformed JSON"),
+            (br#"{"merchant":"m 1","sku":"s1","location":"dc1","kind":"delta","qty":1,"source":"p","event_id":"e"}"#, "merchant"),
+            (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"teleport","qty":1,"source":"p","event_id":"e"}"#, "unknown kind"),
+            (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":0,"source":"p","event_id":"e"}"#, "non-zero"),
+            (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"absolute","qty":1,"source":"p","event_id":"e"}"#, "source_seq"),
+            (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":1,"source":"p","event_id":"e","extra":1}"#, "unknown field"),
+        ] {
+            let reason = parse_event(bad).expect_err("refused");
+            assert!(reason.contains(why), "{reason} should mention {why}");
+        }
+    }
+}
