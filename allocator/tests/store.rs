@@ -6,8 +6,6 @@ mod common;
 
 use common::{PARTITIONS, reserve};
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use allocator::{
@@ -87,42 +85,11 @@ async fn every_change_publishes_the_cell_and_its_version() {
     assert_eq!(versions, [1, 2], "one notification per change, in order");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
-
-/// A Redis of this test's own, so stopping it disturbs no other test.
-fn private_redis(port: u16) -> Child {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is installed by scripts/stack");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "private redis did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
 #[tokio::test]
 async fn redis_gone_fails_closed_and_recovery_needs_no_restart() {
     testkit::stack();
-    let port = free_port();
-    let mut redis = private_redis(port);
+    let port = testkit::free_port();
+    let redis = testkit::private_redis(port, None);
     let url = format!("redis://127.0.0.1:{port}");
     let allocator = Allocator::connect(&url, settings(), 1)
         .await
@@ -134,8 +101,7 @@ async fn redis_gone_fails_closed_and_recovery_needs_no_restart() {
         .await
         .expect("reserve");
 
-    redis.kill().expect("stop redis");
-    redis.wait().expect("reap redis");
+    drop(redis);
     let started = Instant::now();
     let refused = allocator.reserve(&reserve(&key, 1, "during")).await;
     assert!(
@@ -152,7 +118,7 @@ async fn redis_gone_fails_closed_and_recovery_needs_no_restart() {
     ));
 
     // A new, empty Redis on the same port: no data and no scripts loaded.
-    let mut redis = private_redis(port);
+    let redis = testkit::private_redis(port, None);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match allocator.adjust(&restock(&key, 2)).await {
@@ -168,6 +134,5 @@ async fn redis_gone_fails_closed_and_recovery_needs_no_restart() {
         .await
         .expect("reserve after recovery, scripts reloaded on NOSCRIPT");
     assert_eq!(hold.reservation.qty, 1);
-    redis.kill().expect("stop redis");
-    redis.wait().expect("reap redis");
+    drop(redis);
 }

@@ -4,38 +4,16 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn start_redis(port: u16, directory: &std::path::Path) -> Process {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-        ])
-        .arg("--dir")
-        .arg(directory)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is installed by scripts/stack");
-    wait_for_port(port);
-    Process(child)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_fails_closed_serves_stale_reads_and_recovers_without_a_restart() {
     testkit::stack();
     let data = tempfile::tempdir().expect("redis dir");
     let port = free_port();
-    let redis = start_redis(port, data.path());
+    let redis = testkit::private_redis(port, Some(data.path()));
     let fleet = Fleet::new(&format!("redis://127.0.0.1:{port}"), "");
     let node = fleet.node("node-a");
     let sku = testkit::unique_id("outage");
@@ -90,7 +68,7 @@ async fn redis_down_fails_closed_serves_stale_reads_and_recovers_without_a_resta
     assert_eq!(get(&node.url("/health"), None).await.0, 200);
 
     // Redis returns with its data (append-only file): the node recovers.
-    let _redis = start_redis(port, data.path());
+    let _redis = testkit::private_redis(port, Some(data.path()));
     let deadline = Instant::now() + Duration::from_secs(15);
     while get(&node.url("/ready"), None).await.0 != 200 {
         assert!(

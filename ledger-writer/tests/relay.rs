@@ -5,8 +5,7 @@
 //! the snapshot agrees with Redis.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,48 +20,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use testkit::KillOnDrop;
 
 const PARTITIONS: u32 = 64;
 const TOPIC_PARTITIONS: i32 = 4;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("free port")
-}
-
-fn private_redis(port: u16) -> Killed {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is installed by scripts/stack");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "private redis did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Killed(child)
-}
 
 struct Setup {
     config_path: std::path::PathBuf,
@@ -159,7 +120,7 @@ fn writer_command(setup: &Setup, subcommand: &str) -> Command {
     command
 }
 
-fn start_writer(setup: &Setup) -> Killed {
+fn start_writer(setup: &Setup) -> KillOnDrop {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -170,7 +131,7 @@ fn start_writer(setup: &Setup) -> Killed {
         .stderr(log)
         .spawn()
         .expect("start ledger-writer");
-    Killed(child)
+    KillOnDrop(child)
 }
 
 /// The writer must not have logged failed passes (an idle stream is not a failure).
@@ -184,11 +145,16 @@ fn assert_no_failed_passes(setup: &Setup) {
 fn audit(setup: &Setup) -> (bool, String) {
     let output = writer_command(setup, "audit")
         .arg("--count-kafka")
+        .stderr(Stdio::piped())
         .output()
         .expect("run audit");
     (
         output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
     )
 }
 
@@ -296,8 +262,8 @@ fn kafka_entry_ids(topic: &str, expected: usize) -> HashSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
-    let port = free_port();
-    let _redis = private_redis(port);
+    let port = testkit::free_port();
+    let _redis = testkit::private_redis(port, None);
     let redis_url = format!("redis://127.0.0.1:{port}");
     let setup = setup(&redis_url).await;
     let allocator = Arc::new(
@@ -396,8 +362,8 @@ async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
-    let port = free_port();
-    let _redis = private_redis(port);
+    let port = testkit::free_port();
+    let _redis = testkit::private_redis(port, None);
     let redis_url = format!("redis://127.0.0.1:{port}");
     let setup = setup(&redis_url).await;
     let allocator = Arc::new(
@@ -434,7 +400,27 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
         .release(None, &hold.reservation.reservation_id, "scarce-back")
         .await
         .expect("release");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Kill the writer once it has relayed something (start-up takes longer
+    // on a loaded machine than any fixed pause).
+    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
+        .await
+        .expect("postgresql");
+    tokio::spawn(connection);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let relayed: i64 = client
+            .query_opt("SELECT count(*) FROM ledger", &[])
+            .await
+            .ok()
+            .flatten()
+            .map(|row| row.get(0))
+            .unwrap_or(0);
+        if relayed > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writer relayed nothing in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = writer.0.kill();
     let _ = writer.0.wait();
     operations(Arc::clone(&allocator), 5, "b").await;
@@ -509,8 +495,8 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
 async fn stock_events_are_applied_once_in_order_and_malformed_ones_are_dead_lettered() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    let port = free_port();
-    let _redis = private_redis(port);
+    let port = testkit::free_port();
+    let _redis = testkit::private_redis(port, None);
     let redis_url = format!("redis://127.0.0.1:{port}");
     let setup = setup(&redis_url).await;
     let allocator = Allocator::connect(&redis_url, settings(), 2)

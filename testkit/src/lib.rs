@@ -94,6 +94,69 @@ pub fn unique_id(label: &str) -> String {
     )
 }
 
+/// A loopback TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
+
+/// Waits (up to 10 s) until something listens on `port`.
+pub fn wait_for_port(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "port {port} did not open"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A Redis of one test's own on `port` (so the test may stop it without
+/// disturbing others), with its data in `directory` (append-only, so a
+/// restart on the same directory keeps it) or nowhere. Killed when dropped.
+/// `redis-server` comes from `scripts/stack`'s install.
+pub fn private_redis(port: u16, directory: Option<&Path>) -> KillOnDrop {
+    stack();
+    let mut command = Command::new("redis-server");
+    command.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ]);
+    match directory {
+        Some(directory) => {
+            command
+                .args(["--appendonly", "yes", "--dir"])
+                .arg(directory);
+        }
+        None => {
+            command.args(["--appendonly", "no"]);
+        }
+    }
+    let child = command
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server is installed by scripts/stack");
+    wait_for_port(port);
+    KillOnDrop(child)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

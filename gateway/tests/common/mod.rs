@@ -4,9 +4,8 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -19,22 +18,7 @@ pub const PLATFORM: &str = "dev-platform-key";
 /// A key added by the tests' config with one request per second.
 pub const SLOW: &str = "test-slow-key";
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
-
-/// A child process killed when dropped.
-pub struct Process(pub Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use testkit::{KillOnDrop as Process, free_port, wait_for_port};
 
 /// A config file for a test's fleet: dev.toml plus `extra` TOML appended.
 pub struct Fleet {
@@ -125,14 +109,6 @@ impl Fleet {
         };
         node.wait_ready();
         node
-    }
-}
-
-pub fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} did not open");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
