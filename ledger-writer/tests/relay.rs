@@ -418,7 +418,10 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
         if relayed > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the writer relayed nothing in 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "the writer relayed nothing in 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = writer.0.kill();
