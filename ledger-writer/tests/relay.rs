@@ -400,8 +400,8 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
         .release(None, &hold.reservation.reservation_id, "scarce-back")
         .await
         .expect("release");
-    // Kill the writer once it has relayed something (start-up takes longer
-    // on a loaded machine than any fixed pause).
+    // Kill the writer once it has relayed the scarce key's three entries
+    // (start-up takes longer on a loaded machine than any fixed pause).
     let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
         .await
         .expect("postgresql");
@@ -409,18 +409,18 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let relayed: i64 = client
-            .query_opt("SELECT count(*) FROM ledger", &[])
+            .query_opt("SELECT count(*) FROM ledger WHERE sku = 'scarce'", &[])
             .await
             .ok()
             .flatten()
             .map(|row| row.get(0))
             .unwrap_or(0);
-        if relayed > 0 {
+        if relayed >= 3 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the writer relayed nothing in 60 s"
+            "the writer did not relay the scarce key in 60 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
