@@ -211,71 +211,68 @@ pub(crate) fn list<T: serde::de::DeserializeOwned>(value: &Value) -> Result<Vec<
     }
 }
 
+/// One movement of units between two cells of a stock key (the parts both
+/// halves of a transfer and its finisher share).
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer<'a> {
+    /// Unique for ever: a reused id is a replay.
+    pub id: &'a str,
+    /// The stock key both cells belong to.
+    pub key: &'a StockKey,
+    /// The cell debited.
+    pub from: &'a CellRef,
+    /// The cell credited.
+    pub to: &'a CellRef,
+    /// The node of a bucket destination; `None` for the pool.
+    pub to_node: Option<&'a str>,
+    /// Why (`activate`, `refill`, `reclaim`), written into the ledger.
+    pub reason: &'a str,
+}
+
+impl Transfer<'_> {
+    fn args(&self, qty: u64) -> Value {
+        json!({
+            "transfer_id": self.id, "from_cell": self.from.id, "to_cell": self.to.id,
+            "to_partition": self.to.partition,
+            "to_kind": if self.to_node.is_some() { "bucket" } else { "pool" },
+            "to_node": self.to_node, "qty": qty, "reason": self.reason,
+            "merchant": self.key.merchant, "sku": self.key.sku, "location": self.key.location,
+        })
+    }
+}
+
 impl Allocator {
-    /// Moves up to `qty` sellable units (exactly `qty` or nothing when `exact`)
-    /// from `from` to `to`; returns the units moved. A crash between the
-    /// debit and the credit leaves the transfer for [`Allocator::finish_transfers`].
-    #[allow(clippy::too_many_arguments)]
-    pub async fn transfer(
-        &self,
-        transfer_id: &str,
-        key: &StockKey,
-        from: &CellRef,
-        to: &CellRef,
-        to_node: Option<&str>,
-        qty: u64,
-        exact: bool,
-        reason: &str,
-    ) -> Result<u64> {
-        let moved = self
-            .transfer_out(transfer_id, key, from, to, to_node, qty, exact, reason)
-            .await?;
+    /// Moves up to `qty` sellable units of `transfer.from` (exactly `qty` or
+    /// nothing when `exact`) to `transfer.to`; returns the units moved. A
+    /// crash between the debit and the credit leaves the transfer for
+    /// [`Allocator::finish_transfers`].
+    pub async fn transfer(&self, transfer: &Transfer<'_>, qty: u64, exact: bool) -> Result<u64> {
+        let moved = self.transfer_out(transfer, qty, exact).await?;
         if moved > 0 {
-            self.transfer_in(transfer_id, key, from, to, to_node, moved, reason)
+            self.transfer_in(transfer, moved).await?;
+            self.transfer_done(transfer.from.partition, transfer.id)
                 .await?;
-            self.transfer_done(from.partition, transfer_id).await?;
         }
         Ok(moved)
     }
 
-    fn transfer_args(
-        transfer_id: &str,
-        key: &StockKey,
-        from: &CellRef,
-        to: &CellRef,
-        to_node: Option<&str>,
-        qty: u64,
-        reason: &str,
-    ) -> Value {
-        json!({
-            "transfer_id": transfer_id, "from_cell": from.id, "to_cell": to.id,
-            "to_partition": to.partition, "to_kind": if to_node.is_some() { "bucket" } else { "pool" },
-            "to_node": to_node, "qty": qty, "reason": reason,
-            "merchant": key.merchant, "sku": key.sku, "location": key.location,
-        })
-    }
-
     /// The debit half of a transfer (public so tests can stage a crash after it).
-    #[allow(clippy::too_many_arguments)]
     pub async fn transfer_out(
         &self,
-        transfer_id: &str,
-        key: &StockKey,
-        from: &CellRef,
-        to: &CellRef,
-        to_node: Option<&str>,
+        transfer: &Transfer<'_>,
         qty: u64,
         exact: bool,
-        reason: &str,
     ) -> Result<u64> {
-        let mut args = Self::transfer_args(transfer_id, key, from, to, to_node, qty, reason);
+        let mut args = transfer.args(qty);
         args["exact"] = json!(exact);
-        let reply = self.call(Op::TransferOut, from.partition, args).await?;
+        let reply = self
+            .call(Op::TransferOut, transfer.from.partition, args)
+            .await?;
         if reply["status"] == json!("insufficient_stock") {
             return Err(AllocatorError::InsufficientStock {
                 lines: vec![crate::ShortLine {
-                    sku: key.sku.clone(),
-                    location: key.location.clone(),
+                    sku: transfer.key.sku.clone(),
+                    location: transfer.key.location.clone(),
                     requested: qty.min(u64::from(u32::MAX)) as u32,
                     available: reply["available"].as_i64().unwrap_or_default(),
                 }],
@@ -288,19 +285,10 @@ impl Allocator {
     }
 
     /// The credit half; returns false when the transfer was credited before.
-    #[allow(clippy::too_many_arguments)]
-    async fn transfer_in(
-        &self,
-        transfer_id: &str,
-        key: &StockKey,
-        from: &CellRef,
-        to: &CellRef,
-        to_node: Option<&str>,
-        qty: u64,
-        reason: &str,
-    ) -> Result<bool> {
-        let args = Self::transfer_args(transfer_id, key, from, to, to_node, qty, reason);
-        let reply = self.call(Op::TransferIn, to.partition, args).await?;
+    async fn transfer_in(&self, transfer: &Transfer<'_>, qty: u64) -> Result<bool> {
+        let reply = self
+            .call(Op::TransferIn, transfer.to.partition, transfer.args(qty))
+            .await?;
         check_refusal(&reply)?;
         Ok(reply["replayed"] != json!(true))
     }
@@ -340,18 +328,15 @@ impl Allocator {
                     id: pending.to_cell.clone(),
                 };
                 let reason = pending.reason.as_deref().unwrap_or("finish");
-                if self
-                    .transfer_in(
-                        &pending.transfer_id,
-                        &key,
-                        &from,
-                        &to,
-                        pending.to_node.as_deref(),
-                        pending.qty,
-                        reason,
-                    )
-                    .await?
-                {
+                let transfer = Transfer {
+                    id: &pending.transfer_id,
+                    key: &key,
+                    from: &from,
+                    to: &to,
+                    to_node: pending.to_node.as_deref(),
+                    reason,
+                };
+                if self.transfer_in(&transfer, pending.qty).await? {
                     credited += 1;
                 }
                 self.transfer_done(partition, &pending.transfer_id).await?;
@@ -393,16 +378,15 @@ impl Allocator {
         let split: Vec<Share> = list(&reply["split"])?;
         for share in split.iter().filter(|share| share.qty > 0) {
             let bucket = sale.key.bucket(&share.node, self.settings.partitions);
-            self.transfer_in(
-                &share.transfer_id,
-                &sale.key,
-                &pool,
-                &bucket,
-                Some(&share.node),
-                share.qty,
-                "activate",
-            )
-            .await?;
+            let transfer = Transfer {
+                id: &share.transfer_id,
+                key: &sale.key,
+                from: &pool,
+                to: &bucket,
+                to_node: Some(&share.node),
+                reason: "activate",
+            };
+            self.transfer_in(&transfer, share.qty).await?;
             self.transfer_done(pool.partition, &share.transfer_id)
                 .await?;
         }
@@ -419,17 +403,15 @@ impl Allocator {
         let bucket = sale.key.bucket(node, self.settings.partitions);
         let chunk = sale.refill_chunk(units_per_second);
         let transfer_id = format!("refill.{node}.{}", unique_suffix());
-        self.transfer(
-            &transfer_id,
-            &sale.key,
-            &pool,
-            &bucket,
-            Some(node),
-            chunk,
-            false,
-            "refill",
-        )
-        .await
+        let transfer = Transfer {
+            id: &transfer_id,
+            key: &sale.key,
+            from: &pool,
+            to: &bucket,
+            to_node: Some(node),
+            reason: "refill",
+        };
+        self.transfer(&transfer, chunk, false).await
     }
 
     /// Returns `node`'s unreserved bucket units above `keep_units` to the
@@ -445,17 +427,15 @@ impl Allocator {
             return Ok(0);
         }
         let transfer_id = format!("reclaim.{node}.{}", unique_suffix());
-        self.transfer(
-            &transfer_id,
-            &sale.key,
-            &bucket,
-            &pool,
-            None,
-            surplus,
-            false,
-            "reclaim",
-        )
-        .await
+        let transfer = Transfer {
+            id: &transfer_id,
+            key: &sale.key,
+            from: &bucket,
+            to: &pool,
+            to_node: None,
+            reason: "reclaim",
+        };
+        self.transfer(&transfer, surplus, false).await
     }
 
     /// Reserves for a hot key from `node`'s bucket: on a short bucket it

@@ -89,7 +89,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use cart::{CART_LINES_MAX, CartHold, CartLine, CartLineView, CartRequest, CartView};
-pub use hot::{FlashSale, PendingTransfer, REFILL_HORIZON_SECONDS, RateMeter, StockView};
+pub use hot::{FlashSale, PendingTransfer, REFILL_HORIZON_SECONDS, RateMeter, StockView, Transfer};
 pub use keys::{CellRef, StockKey};
 pub use model::*;
 use scripts::{Op, Scripts};

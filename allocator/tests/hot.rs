@@ -59,14 +59,16 @@ async fn a_debit_without_its_credit_is_finished_once_by_racing_finishers() {
     // The node debits the pool and dies before crediting its bucket.
     let moved = allocator
         .transfer_out(
-            transfer_id.as_str(),
-            &sale.key,
-            &pool,
-            &bucket,
-            Some("node-a"),
+            &allocator::Transfer {
+                id: &transfer_id,
+                key: &sale.key,
+                from: &pool,
+                to: &bucket,
+                to_node: Some("node-a"),
+                reason: "refill",
+            },
             12,
             true,
-            "refill",
         )
         .await
         .expect("debit");

@@ -132,11 +132,6 @@ impl ApiError {
             _ => reply,
         }
     }
-
-    /// The error code alone (for metrics).
-    pub fn status(&self) -> u16 {
-        self.reply().status
-    }
 }
 
 impl From<AllocatorError> for ApiError {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use allocator::{Allocator, AllocatorSettings, StockKey};
+use allocator::{Allocator, AllocatorSettings};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use config::{Config, ConfigWatcher};
@@ -116,11 +116,6 @@ impl App {
     /// Origin addresses, in the configured order.
     pub fn origins(&self) -> Arc<Vec<SocketAddr>> {
         self.origins.load_full()
-    }
-
-    /// Whether the config watcher is alive (the config is loaded).
-    pub fn config_loaded(&self) -> bool {
-        self.watcher.current().node.id == self.config().node.id
     }
 
     /// Whether change notifications reach this node's cache.
@@ -274,11 +269,6 @@ impl App {
                 return;
             }
         }
-    }
-
-    /// The stock key a request names, checked against the id alphabet.
-    pub fn stock_key(merchant: &str, sku: &str, location: &str) -> StockKey {
-        StockKey::new(merchant, sku, location)
     }
 }
 
