@@ -18,6 +18,7 @@ c.version = c.version + 1
 cell_put(a.cell, c)
 ledger('settings', a.cell, c.on_hand, c.reserved, c, {
   qty = 0, safety_stock = a.safety_stock, backorder_limit = a.backorder_limit,
+  low_stock_threshold = a.low_stock_threshold,
 })
 notify(a.cell, c)
 return reply({ status = 'ok', cell = c })

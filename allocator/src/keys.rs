@@ -16,6 +16,10 @@
 //! | `inv:{p}:duecell` | zset | `cell|hold_until_ms|id` (score 0, ordered by name): a cell's due holds, so a decision on a cell releases exactly that cell's dead holds first |
 //! | `inv:{p}:xfer` | hash | transfers debited here (`id`), credited here (`in|id`), flash-sale activations (`activation|sale|epoch`), carts being committed or released (`cart|id`) |
 //!
+//! The ledger writers add two keys per partition, `inv:{p}:lease` and
+//! `inv:{p}:lease_token` ([`relay_lease_key`], [`relay_lease_token_key`]),
+//! and one registry, [`WRITERS_KEY`].
+//!
 //! Reservation records in `inv:{p}:res` are either one line (a hold in one
 //! cell of this partition) or a cart (its lines' ids and partitions; the
 //! lines live in their own keys' partitions). Node heartbeats are plain keys
@@ -125,6 +129,23 @@ pub fn partition_keys(partition: u32) -> Vec<String> {
 pub fn ledger_stream(partition: u32) -> String {
     format!("inv:{{{partition}}}:ledger")
 }
+
+/// The ledger writers' lease on the partition's outbox (`owner token`, with
+/// a TTL), in the partition's slot so the relay's fenced reads and
+/// acknowledgements check it atomically with the stream.
+pub fn relay_lease_key(partition: u32) -> String {
+    format!("inv:{{{partition}}}:lease")
+}
+
+/// The partition's lease token counter: every new lease gets a larger token,
+/// which PostgreSQL checks too (a writer with an older token is fenced out).
+pub fn relay_lease_token_key(partition: u32) -> String {
+    format!("inv:{{{partition}}}:lease_token")
+}
+
+/// The running ledger writers: a sorted set of writer ids scored by the Redis
+/// time (ms) their membership lapses unless renewed.
+pub const WRITERS_KEY: &str = "inv:writers";
 
 /// The partition's cells hash.
 pub fn cells_hash(partition: u32) -> String {

@@ -18,7 +18,7 @@
 //! | field | type | meaning |
 //! |---|---|---|
 //! | `v` | int | schema version, 1 |
-//! | `op` | string | `reserve`, `commit`, `release`, `expire`, `extend`, `adjust`, `settings`, `transfer_out`, `transfer_in` |
+//! | `op` | string | `reserve`, `commit`, `release`, `expire`, `extend`, `adjust`, `settings`, `transfer_out`, `transfer_in`, `rebuild` |
 //! | `partition` | int | the stream's partition |
 //! | `cell` | string | cell id, `merchant\|sku\|location\|pool` or `…\|bucket\|node` |
 //! | `merchant`, `sku`, `location` | string | the stock key |
@@ -32,7 +32,9 @@
 //! | `backordered` | int? | reserve: units beyond sellable |
 //! | `kind`, `source`, `source_event_id`, `source_seq` | ? | adjust: its origin |
 //! | `shortfall` | bool? | adjust: sellable fell below −backorder_limit |
-//! | `safety_stock`, `backorder_limit` | int? | settings |
+//! | `safety_stock`, `backorder_limit`, `low_stock_threshold` | int? | settings (`low_stock_threshold` since the rebuild command; older entries lack it) |
+//! | `released` | [string]? | rebuild: open holds whose records Redis had lost, released (their units are `qty`) |
+//! | `found_on_hand`, `found_reserved`, `found_version` | int? | rebuild: what Redis held before (absent when the cell was missing) |
 //! | `expires_at_ms` | int? | extend: the new expiry |
 //! | `transfer_id` | string? | transfer_out, transfer_in: the transfer both halves share |
 //! | `to_cell`, `from_cell` | string? | transfer_out names its destination, transfer_in its source |
@@ -125,6 +127,10 @@ pub enum AllocatorError {
     /// A reply broke the schema or an invariant: a bug, reported loudly.
     #[error("stock store protocol error: {0}")]
     Protocol(String),
+    /// A compare-and-set refused: the data changed since the caller looked
+    /// (only `rebuild_cell` asks for one).
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 /// How long idempotency records and claims are kept.
@@ -494,6 +500,33 @@ impl Allocator {
         serde_json::from_value(reply["cell"].clone()).map_err(protocol)
     }
 
+    /// Sets one cell to what the ledger says (`ledger-writer rebuild`): the
+    /// quantities, version and settings of its last entry, keeping the open
+    /// holds Redis still has and releasing those it lost, with a `rebuild`
+    /// ledger entry. Refused with [`AllocatorError::Conflict`] when the cell
+    /// is no longer as `cell.expect_version` says (it took a write).
+    pub async fn rebuild_cell(&self, cell: &CellRebuild) -> Result<RebuildOutcome> {
+        let args = serde_json::to_value(cell).map_err(protocol)?;
+        let reply = self
+            .call(
+                Op::Rebuild,
+                cell.cell.partition,
+                args_with_cell(args, &cell.cell),
+            )
+            .await?;
+        if reply["status"] == json!("conflict") {
+            return Err(AllocatorError::Conflict(
+                reply["reason"].as_str().unwrap_or("conflict").to_owned(),
+            ));
+        }
+        check_refusal(&reply)?;
+        if cell.kind == "pool" {
+            self.index_location(&StockKey::new(&cell.merchant, &cell.sku, &cell.location))
+                .await?;
+        }
+        serde_json::from_value(reply).map_err(protocol)
+    }
+
     /// Claims a reservation request's idempotency key for `fingerprint`
     /// (a hash of the whole request). The first claim wins for 24 hours; the
     /// same fingerprint again is fine (a retry), another one is refused with
@@ -634,6 +667,11 @@ pub(crate) fn derive_random(scoped_key: &str) -> [u8; 12] {
 }
 
 /// Maps the scripts' refusals to errors; `Ok` for anything else.
+fn args_with_cell(mut args: Value, cell: &CellRef) -> Value {
+    args["cell"] = json!(cell.id);
+    args
+}
+
 pub(crate) fn check_refusal(reply: &Value) -> Result<()> {
     match reply["status"].as_str() {
         Some("not_found") => Err(AllocatorError::NotFound),

@@ -198,3 +198,53 @@ pub struct StockSettings {
     /// `low` at or under this; `None` means the configured default.
     pub low_stock_threshold: Option<u64>,
 }
+
+/// One cell as the ledger says it should be, for [`crate::Allocator::rebuild_cell`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CellRebuild {
+    /// The cell (its partition and id).
+    #[serde(skip)]
+    pub cell: crate::CellRef,
+    /// Merchant of the stock key.
+    pub merchant: String,
+    /// SKU of the stock key.
+    pub sku: String,
+    /// Location of the stock key.
+    pub location: String,
+    /// `pool` or `bucket`.
+    pub kind: String,
+    /// The node owning a bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket_node: Option<String>,
+    /// The cell's version in Redis when the caller checked it was quiet; -1
+    /// when it was missing. The rebuild is refused if it is no longer so.
+    pub expect_version: i64,
+    /// on_hand after the last ledger entry.
+    pub on_hand: i64,
+    /// reserved after the last ledger entry.
+    pub reserved: i64,
+    /// version of the last ledger entry (the rebuilt cell gets one more).
+    pub version: u64,
+    /// Units this cell debited for transfers the ledger has not seen credited.
+    pub out_in_flight: i64,
+    /// From the last `settings` entry (0 without one).
+    pub safety_stock: i64,
+    /// From the last `settings` entry (0 without one).
+    pub backorder_limit: i64,
+    /// From the last `settings` entry (-1, the configured default, without one).
+    pub low_stock_threshold: i64,
+    /// Reservation ids the ledger has reserved on this cell and not yet
+    /// committed, released, expired or rebuilt away.
+    pub open_holds: Vec<String>,
+}
+
+/// What a rebuild did to one cell.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RebuildOutcome {
+    /// The cell as now stored.
+    pub cell: Cell,
+    /// Units of open holds Redis had lost, released.
+    pub released_units: i64,
+    /// How many such holds.
+    pub released_holds: u64,
+}

@@ -47,9 +47,11 @@ pub enum Op {
     Cart,
     /// `lua/activate.lua`
     Activate,
+    /// `lua/rebuild.lua`
+    Rebuild,
 }
 
-const OPS: [(Op, &str); 15] = [
+const OPS: [(Op, &str); 16] = [
     (Op::Reserve, include_str!("../../lua/reserve.lua")),
     (
         Op::ReserveBatch,
@@ -77,6 +79,7 @@ const OPS: [(Op, &str); 15] = [
     ),
     (Op::Cart, include_str!("../../lua/cart.lua")),
     (Op::Activate, include_str!("../../lua/activate.lua")),
+    (Op::Rebuild, include_str!("../../lua/rebuild.lua")),
 ];
 
 /// Every operation's script, ready to run.

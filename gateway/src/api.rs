@@ -152,6 +152,11 @@ impl From<AllocatorError> for ApiError {
                 tracing::error!(%reason, "stock store protocol error");
                 ApiError::Internal(reason)
             }
+            // Only the ledger writer's rebuild asks for a compare-and-set.
+            AllocatorError::Conflict(reason) => {
+                tracing::error!(%reason, "unexpected stock store conflict");
+                ApiError::Internal(reason)
+            }
         }
     }
 }

@@ -63,8 +63,113 @@ fn stream_order(entry: &Value) -> (u64, u64) {
     )
 }
 
-fn int(entry: &Value, field: &str) -> i64 {
+pub(crate) fn int(entry: &Value, field: &str) -> i64 {
     entry[field].as_i64().unwrap_or_default()
+}
+
+/// Which stock keys a ledger read covers.
+#[derive(Debug, Clone, Default)]
+pub enum Scope {
+    /// Every key.
+    #[default]
+    All,
+    /// One merchant's keys.
+    Merchant(String),
+    /// One stock key.
+    Key(allocator::StockKey),
+}
+
+impl Scope {
+    fn covers(&self, entry: &Value) -> bool {
+        match self {
+            Self::All => true,
+            Self::Merchant(merchant) => entry["merchant"].as_str() == Some(merchant),
+            Self::Key(key) => {
+                entry["merchant"].as_str() == Some(&key.merchant)
+                    && entry["sku"].as_str() == Some(&key.sku)
+                    && entry["location"].as_str() == Some(&key.location)
+            }
+        }
+    }
+}
+
+/// The ledger as it stands: the PostgreSQL rows plus the outbox entries not
+/// yet relayed, by entry id.
+pub struct Ledger {
+    /// Every entry in scope, by entry id.
+    pub entries: HashMap<String, Value>,
+    /// How many came from PostgreSQL.
+    pub in_postgres: usize,
+    /// How many are only in the outbox.
+    pub not_relayed: usize,
+}
+
+impl Ledger {
+    /// Reads the ledger of `scope`.
+    pub async fn read(
+        postgres: &Client,
+        allocator: &Allocator,
+        config: &config::Config,
+        scope: &Scope,
+    ) -> anyhow::Result<Self> {
+        let (merchant, sku, location) = match scope {
+            Scope::All => (None, None, None),
+            Scope::Merchant(merchant) => (Some(merchant.as_str()), None, None),
+            Scope::Key(key) => (
+                Some(key.merchant.as_str()),
+                Some(key.sku.as_str()),
+                Some(key.location.as_str()),
+            ),
+        };
+        let mut entries: HashMap<String, Value> = HashMap::new();
+        for row in postgres
+            .query(
+                "SELECT entry_id, entry::text FROM ledger
+                 WHERE ($1::text IS NULL OR merchant = $1) AND ($2::text IS NULL OR sku = $2)
+                   AND ($3::text IS NULL OR location = $3)",
+                &[&merchant, &sku, &location],
+            )
+            .await?
+        {
+            let entry: Value = serde_json::from_str(row.get::<_, &str>(1))?;
+            entries.insert(row.get(0), entry);
+        }
+        let in_postgres = entries.len();
+        let mut not_relayed = 0;
+        for partition in 0..config.stock.partitions {
+            for (entry_id, mut entry) in allocator.ledger_entries(partition, 0).await? {
+                entry["entry_id"] = Value::String(entry_id.clone());
+                if !scope.covers(&entry) {
+                    continue;
+                }
+                if let std::collections::hash_map::Entry::Vacant(slot) = entries.entry(entry_id) {
+                    not_relayed += 1;
+                    slot.insert(entry);
+                }
+            }
+        }
+        Ok(Self {
+            entries,
+            in_postgres,
+            not_relayed,
+        })
+    }
+
+    /// Each cell's entries in their true order. A cell's entries are all in
+    /// one partition's stream, whose ids order them (versions can repeat:
+    /// extend moves no units).
+    pub fn cell_histories(&self) -> BTreeMap<(u32, String), Vec<&Value>> {
+        let mut cells: BTreeMap<(u32, String), Vec<&Value>> = BTreeMap::new();
+        for entry in self.entries.values() {
+            let partition = entry["partition"].as_u64().unwrap_or_default() as u32;
+            let cell = entry["cell"].as_str().unwrap_or_default().to_owned();
+            cells.entry((partition, cell)).or_default().push(entry);
+        }
+        for history in cells.values_mut() {
+            history.sort_by_key(|entry| stream_order(entry));
+        }
+        cells
+    }
 }
 
 /// Audits every cell (or only `merchant`'s).
@@ -74,41 +179,15 @@ pub async fn audit(
     config: &config::Config,
     merchant: Option<&str>,
 ) -> anyhow::Result<Report> {
-    let mut entries: HashMap<String, Value> = HashMap::new();
-    for row in postgres
-        .query(
-            "SELECT entry_id, entry::text FROM ledger WHERE $1::text IS NULL OR merchant = $1",
-            &[&merchant],
-        )
-        .await?
-    {
-        let entry: Value = serde_json::from_str(row.get::<_, &str>(1))?;
-        entries.insert(row.get(0), entry);
-    }
+    let scope = merchant.map_or(Scope::All, |merchant| Scope::Merchant(merchant.to_owned()));
+    let ledger = Ledger::read(postgres, allocator, config, &scope).await?;
     let mut report = Report {
-        entries_in_postgres: entries.len(),
+        entries_in_postgres: ledger.in_postgres,
+        entries_not_relayed: ledger.not_relayed,
         ..Report::default()
     };
-    for partition in 0..config.stock.partitions {
-        for (entry_id, mut entry) in allocator.ledger_entries(partition, 0).await? {
-            entry["entry_id"] = Value::String(entry_id.clone());
-            if merchant.is_some_and(|wanted| entry["merchant"].as_str() != Some(wanted)) {
-                continue;
-            }
-            if let std::collections::hash_map::Entry::Vacant(slot) = entries.entry(entry_id) {
-                report.entries_not_relayed += 1;
-                slot.insert(entry);
-            }
-        }
-    }
 
-    // Per cell, in version order.
-    let mut cells: BTreeMap<(u32, String), Vec<&Value>> = BTreeMap::new();
-    for entry in entries.values() {
-        let partition = entry["partition"].as_u64().unwrap_or_default() as u32;
-        let cell = entry["cell"].as_str().unwrap_or_default().to_owned();
-        cells.entry((partition, cell)).or_default().push(entry);
-    }
+    let cells = ledger.cell_histories();
     #[derive(Default)]
     struct Books {
         on_hand: i64,
@@ -118,10 +197,7 @@ pub async fn audit(
         received: i64,
     }
     let mut keys: BTreeMap<String, Books> = BTreeMap::new();
-    for ((partition, cell), mut history) in cells {
-        // A cell's entries are all in one partition's stream, whose ids are
-        // their true order (versions can repeat: extend moves no units).
-        history.sort_by_key(|entry| stream_order(entry));
+    for ((partition, cell), history) in cells {
         for pair in history.windows(2) {
             if int(pair[0], "on_hand_after") != int(pair[1], "on_hand_before")
                 || int(pair[0], "reserved_after") != int(pair[1], "reserved_before")

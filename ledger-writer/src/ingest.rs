@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use allocator::{Adjustment, AdjustmentKind, Allocator, AllocatorError};
+use allocator::{Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -22,6 +22,8 @@ use rdkafka::{ClientConfig, TopicPartitionList};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
+
+use crate::metrics::Metrics;
 
 /// The consumer group of the writers ingesting `events_topic`: named after
 /// the topic, so one deployment's writers share it and nothing else does.
@@ -100,6 +102,7 @@ pub fn consume(
     producer: &FutureProducer,
     runtime: &tokio::runtime::Handle,
     stop: &std::sync::atomic::AtomicBool,
+    metrics: &Metrics,
 ) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
@@ -125,7 +128,13 @@ pub fn consume(
         };
         loop {
             match handle(&message, config, allocator, producer, runtime, timeout) {
-                Ok(()) => break,
+                Ok(outcome) => {
+                    metrics.events.with_label_values(&[outcome]).inc();
+                    if outcome == "dead_lettered" {
+                        metrics.dead_letters.inc();
+                    }
+                    break;
+                }
                 Err(error) => {
                     warn!(%error, partition = message.partition(), offset = message.offset(), "event not applied; retrying");
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -147,8 +156,9 @@ pub fn consume(
     Ok(())
 }
 
-/// Applies one message, or sends it to the dead-letter topic; an error means
-/// nothing may be committed yet (the store or the broker did not answer).
+/// Applies one message, or sends it to the dead-letter topic, and says which
+/// (`applied`, `shortfall`, `duplicate`, `stale`, `dead_lettered`); an error
+/// means nothing may be committed yet (the store or the broker did not answer).
 fn handle(
     message: &BorrowedMessage<'_>,
     config: &config::Config,
@@ -156,11 +166,15 @@ fn handle(
     producer: &FutureProducer,
     runtime: &tokio::runtime::Handle,
     timeout: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<&'static str> {
     let payload = message.payload().unwrap_or_default();
     let reason = match parse_event(payload) {
         Ok(adjustment) => match runtime.block_on(allocator.adjust(&adjustment)) {
-            Ok(_) => return Ok(()),
+            Ok(AdjustmentOutcome::Applied { shortfall, .. }) => {
+                return Ok(if shortfall { "shortfall" } else { "applied" });
+            }
+            Ok(AdjustmentOutcome::Duplicate) => return Ok("duplicate"),
+            Ok(AdjustmentOutcome::Stale { .. }) => return Ok("stale"),
             Err(AllocatorError::InvalidRequest(reason)) => reason,
             Err(error) => return Err(error.into()),
         },
@@ -185,7 +199,7 @@ fn handle(
         .block_on(producer.send(record, timeout))
         .map_err(|(error, _)| anyhow::anyhow!("dead-letter topic: {error}"))?;
     warn!(%reason, partition = message.partition(), offset = message.offset(), "event sent to the dead-letter topic");
-    Ok(())
+    Ok("dead_lettered")
 }
 
 #[cfg(test)]

@@ -2,21 +2,22 @@
 //! `inventory.ledger` and the PostgreSQL ledger, and runs the reconciler that
 //! keeps stock tidy.
 //!
-//! Owns the relay ([`relay`]), ingestion of stock events ([`ingest`]), the
-//! schema migrations ([`migrate`]), the audit ([`audit`]) and the reconciler
-//! loop. It never decides stock: everything the reconciler does
-//! is an idempotent allocator call (expire due holds, credit debited
-//! transfers, finish carts left half way, reclaim buckets), so several
-//! instances may run it at once.
-//!
-//! What this version does not do yet (issue 5 lists it): partition leases
-//! between several writer instances (run one relay per deployment for now;
-//! PostgreSQL stays exact with several, but Kafka per-key order is only kept
-//! with one), the `rebuild` command and a `/metrics` listener.
+//! Owns the relay ([`relay`]), the partition leases that divide the relay
+//! between writer instances ([`lease`]), ingestion of stock events
+//! ([`ingest`]), the schema migrations ([`migrate`]), the audit ([`audit`]),
+//! the rebuild of Redis from the ledger ([`rebuild`]), the writer's metrics
+//! ([`metrics`]) and the reconciler loop. It never decides stock: everything
+//! the reconciler does is an idempotent allocator call (expire due holds,
+//! credit debited transfers, finish carts left half way, reclaim buckets),
+//! so every instance runs it at once, while each partition's outbox is
+//! relayed by the one instance holding its lease.
 
 pub mod audit;
 pub mod ingest;
+pub mod lease;
+pub mod metrics;
 pub mod migrate;
+pub mod rebuild;
 pub mod relay;
 
 use std::future::Future;
@@ -31,7 +32,9 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 use tracing::{info, warn};
 
-use crate::relay::{Relay, report};
+use crate::lease::Leases;
+use crate::metrics::Metrics;
+use crate::relay::{Relay, RelayError, report};
 
 /// How long the relay rests when every stream was empty.
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
@@ -78,7 +81,9 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
         .context("creating the kafka producer")
 }
 
-/// Runs the relay and the reconciler until `shutdown` resolves.
+/// Runs the relay, the leases, ingestion, the reconciler and the metrics
+/// listener until `shutdown` resolves; then gives up its leases so another
+/// writer takes over at once.
 pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let mut postgres = connect_postgres(&config).await?;
     migrate::migrate(&mut postgres)
@@ -88,54 +93,121 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
     let allocator = Allocator::connect(&config.redis.url, settings, config.redis.pool_size)
         .await
         .context("connecting to redis")?;
-    let relay = Relay {
-        redis: allocator.redis().clone(),
-        producer: producer(&config)?,
-        postgres,
-        topic: config.kafka.ledger_topic.clone(),
-        topic_partitions: config.kafka.topic_partitions,
-        consumer: config.node.id.clone(),
-        batch_max: config.ledger_writer.relay_batch_entries_max,
-        kafka_timeout: Duration::from_millis(config.kafka.request_timeout_ms),
-    };
+    let metrics = Arc::new(Metrics::new(&config.node.id));
+    let listener = metrics::bind(config.ledger_writer.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding ledger_writer.metrics_listen {}",
+                config.ledger_writer.metrics_listen
+            )
+        })?;
+    let mut relay = Relay::new(
+        Arc::clone(&config),
+        allocator.redis().clone(),
+        Arc::clone(&metrics),
+    )?;
+    relay.postgres = Some(postgres);
     let partitions = config.stock.partitions;
     for partition in 0..partitions {
         relay.ensure_group(partition).await?;
     }
-    info!(partitions, consumer = %relay.consumer, topic = %relay.topic, "ledger writer running");
+    let mut leases = Leases::new(
+        allocator.redis().clone(),
+        config.node.id.clone(),
+        Duration::from_millis(config.ledger_writer.partition_lease_ttl_ms),
+        partitions,
+    );
+    info!(
+        partitions,
+        writer = %config.node.id,
+        topic = %config.kafka.ledger_topic,
+        metrics = %config.ledger_writer.metrics_listen,
+        "ledger writer running"
+    );
 
-    let reconciler = tokio::spawn(reconcile_forever(allocator.clone(), Arc::clone(&config)));
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(metrics::serve(listener, Arc::clone(&metrics)));
+    background.spawn(reconcile_forever(
+        allocator.clone(),
+        Arc::clone(&config),
+        Arc::clone(&metrics),
+    ));
+    background.spawn(measure_lag_forever(
+        Relay::new(
+            Arc::clone(&config),
+            allocator.redis().clone(),
+            Arc::clone(&metrics),
+        )?,
+        config.ledger_writer.lag_alert_entries,
+    ));
     let stop_ingesting = Arc::new(AtomicBool::new(false));
     let ingestion = {
-        let (config, allocator, stop) = (
+        let (config, allocator, stop, metrics) = (
             Arc::clone(&config),
             allocator.clone(),
             Arc::clone(&stop_ingesting),
+            Arc::clone(&metrics),
         );
         let dead_letters = producer(&config)?;
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("ingest".to_owned())
             .spawn(move || {
-                if let Err(error) =
-                    ingest::consume(&config, &allocator, &dead_letters, &runtime, &stop)
-                {
+                if let Err(error) = ingest::consume(
+                    &config,
+                    &allocator,
+                    &dead_letters,
+                    &runtime,
+                    &stop,
+                    &metrics,
+                ) {
                     warn!(%error, "ingestion stopped");
                 }
             })
             .context("starting ingestion")?
     };
     let relaying = async {
+        let mut next_tick = tokio::time::Instant::now();
         loop {
+            if tokio::time::Instant::now() >= next_tick {
+                match leases.tick().await {
+                    Ok(changes) => {
+                        for (change, count) in [
+                            ("acquired", changes.acquired),
+                            ("released", changes.released),
+                            ("lost", changes.lost),
+                        ] {
+                            metrics
+                                .lease_changes
+                                .with_label_values(&[change])
+                                .inc_by(count as u64);
+                        }
+                    }
+                    Err(error) => warn!(%error, "partition lease renewal failed; retrying"),
+                }
+                metrics.leases_held.set(leases.held().len() as i64);
+                next_tick = tokio::time::Instant::now() + leases.tick_interval();
+            }
             let mut relayed = 0;
             let mut failed = false;
-            for partition in 0..partitions {
-                match relay.pass(partition).await {
+            for lease in leases.held() {
+                match relay.pass(&lease).await {
                     Ok(pass) => relayed += pass.relayed,
+                    Err(RelayError::Fenced) => {
+                        metrics.fenced.inc();
+                        report(lease.partition, &RelayError::Fenced);
+                        // Ask Redis what is ours now rather than at the next tick.
+                        next_tick = tokio::time::Instant::now();
+                    }
                     Err(error) => {
-                        report(partition, &error);
+                        metrics.errors.with_label_values(&[error.sink()]).inc();
+                        report(lease.partition, &error);
                         failed = true;
                     }
+                }
+                if tokio::time::Instant::now() >= next_tick {
+                    break;
                 }
             }
             if failed {
@@ -149,8 +221,11 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         () = relaying => {}
         () = shutdown => info!("ledger writer stopping"),
     }
-    reconciler.abort();
+    background.abort_all();
     stop_ingesting.store(true, Ordering::Relaxed);
+    if let Err(error) = leases.release_all().await {
+        warn!(%error, "releasing partition leases failed; they lapse after the lease time");
+    }
     if tokio::task::spawn_blocking(move || ingestion.join())
         .await
         .is_err()
@@ -160,31 +235,88 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
     Ok(())
 }
 
+/// How often the outbox lag of every partition is measured.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Measures every partition's outbox lag into the metrics, and warns while
+/// the total is over `alert_entries`.
+async fn measure_lag_forever(relay: Relay, alert_entries: u64) {
+    let partitions = relay.config.stock.partitions;
+    loop {
+        let mut total = 0;
+        for partition in 0..partitions {
+            match relay.lag(partition).await {
+                Ok(lag) => {
+                    let label = partition.to_string();
+                    relay
+                        .metrics
+                        .lag_entries
+                        .with_label_values(&[label.as_str()])
+                        .set(lag.entries as i64);
+                    relay
+                        .metrics
+                        .lag_oldest_ms
+                        .with_label_values(&[label.as_str()])
+                        .set(lag.oldest_age_ms() as i64);
+                    total += lag.entries;
+                }
+                Err(error) => warn!(partition, %error, "measuring outbox lag failed"),
+            }
+        }
+        relay.metrics.lag_entries_total.set(total as i64);
+        let over = total > alert_entries;
+        if over {
+            warn!(
+                lag_entries = total,
+                alert_entries, "outbox lag over threshold"
+            );
+        }
+        relay.metrics.lag_alert.set(i64::from(over));
+        tokio::time::sleep(LAG_INTERVAL).await;
+    }
+}
+
 /// The reconciler: sweeps expired holds, credits transfers and finishes carts
 /// a crash left half done, and reclaims buckets of sales that ended, of nodes
 /// whose heartbeat lapsed, and of buckets idle too long.
-async fn reconcile_forever(allocator: Allocator, config: Arc<Config>) {
+async fn reconcile_forever(allocator: Allocator, config: Arc<Config>, metrics: Arc<Metrics>) {
     let interval = Duration::from_millis(config.ledger_writer.reconcile_interval_ms);
     loop {
-        if let Err(error) = reconcile_once(&allocator, &config).await {
+        if let Err(error) = reconcile_once(&allocator, &config, Some(&metrics)).await {
             warn!(%error, "reconciler pass failed; retrying");
         }
         tokio::time::sleep(interval).await;
     }
 }
 
-/// One reconciler pass over every partition and flash sale.
+/// One reconciler pass over every partition and flash sale; what it did is
+/// counted in `metrics` when given.
 pub async fn reconcile_once(
     allocator: &Allocator,
     config: &Config,
+    metrics: Option<&Metrics>,
 ) -> Result<(), allocator::AllocatorError> {
+    let count = |action: &str, by: u64| {
+        if let Some(metrics) = metrics {
+            metrics.reconciler.with_label_values(&[action]).inc_by(by);
+        }
+    };
     let transfer_after = Duration::from_secs(config.stock.transfer_finish_after_seconds);
     for partition in 0..config.stock.partitions {
-        allocator.expire_due(partition, 1000).await?;
-        allocator
-            .finish_transfers(partition, transfer_after)
-            .await?;
-        allocator.finish_carts(partition, CART_FINISH_AFTER).await?;
+        count(
+            "expired",
+            allocator.expire_due(partition, 1000).await?.expired,
+        );
+        count(
+            "transfers_finished",
+            allocator
+                .finish_transfers(partition, transfer_after)
+                .await?,
+        );
+        count(
+            "carts_finished",
+            allocator.finish_carts(partition, CART_FINISH_AFTER).await?,
+        );
     }
     let now_ms = allocator.redis_time_ms().await?;
     let idle_ms = config.ledger_writer.bucket_idle_reclaim_seconds * 1000;
@@ -201,6 +333,8 @@ pub async fn reconcile_once(
             let lapsed = !allocator.node_alive(node).await?;
             if !in_force || lapsed || idle {
                 let units = allocator.reclaim(&sale, node, 0).await?;
+                count("buckets_reclaimed", 1);
+                count("units_reclaimed", units);
                 info!(sale = %sale.name, %node, units, in_force, lapsed, idle, "bucket reclaimed");
             }
         }

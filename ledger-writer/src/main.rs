@@ -1,4 +1,4 @@
-//! `ledger-writer run|migrate --config PATH`.
+//! `ledger-writer run|migrate|audit|rebuild --config PATH`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +39,25 @@ enum Command {
         #[arg(long)]
         count_kafka: bool,
     },
+    /// Recompute Redis cells from the ledger (PostgreSQL plus unrelayed
+    /// outbox entries) after Redis lost or corrupted them. Refuses a key that
+    /// took writes within the quiet window unless forced. Exits 1 when
+    /// anything was refused.
+    Rebuild {
+        /// The stock key, as merchant/sku/location.
+        #[arg(long, value_name = "MERCHANT/SKU/LOCATION", conflicts_with = "all")]
+        key: Option<String>,
+        /// Every stock key the ledger knows.
+        #[arg(long, required_unless_present = "key")]
+        all: bool,
+        /// Rebuild keys that took writes within the quiet window too (each
+        /// cell is still refused if it changes while being rebuilt).
+        #[arg(long)]
+        force: bool,
+        /// How long a key must have been without writes, in seconds.
+        #[arg(long, default_value_t = 10)]
+        quiet_seconds: u64,
+    },
 }
 
 async fn shutdown_signal() {
@@ -74,6 +93,53 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             let applied = ledger_writer::migrate::migrate(&mut client).await?;
             eprintln!("ledger-writer: {applied} migrations applied");
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Rebuild {
+            key,
+            all: _,
+            force,
+            quiet_seconds,
+        } => {
+            let scope = match key {
+                None => ledger_writer::audit::Scope::All,
+                Some(text) => match text.split('/').collect::<Vec<_>>().as_slice() {
+                    [merchant, sku, location]
+                        if !merchant.is_empty() && !sku.is_empty() && !location.is_empty() =>
+                    {
+                        ledger_writer::audit::Scope::Key(allocator::StockKey::new(
+                            *merchant, *sku, *location,
+                        ))
+                    }
+                    _ => {
+                        eprintln!(
+                            "ledger-writer: --key must be merchant/sku/location, not {text:?}"
+                        );
+                        return Ok(std::process::ExitCode::from(2));
+                    }
+                },
+            };
+            let client = ledger_writer::connect_postgres(&config).await?;
+            let settings = allocator::AllocatorSettings::from_config(&config);
+            let allocator = allocator::Allocator::connect(&config.redis.url, settings, 2).await?;
+            let options = ledger_writer::rebuild::Options {
+                scope,
+                force,
+                quiet: std::time::Duration::from_secs(quiet_seconds),
+            };
+            let report =
+                ledger_writer::rebuild::rebuild(&client, &allocator, &config, &options).await?;
+            println!(
+                "rebuild: {} cells of {} stock keys rebuilt; {} lost holds released ({} units)",
+                report.cells, report.keys, report.released_holds, report.released_units
+            );
+            for (subject, reason) in &report.refused {
+                println!("refused: {subject}: {reason}");
+            }
+            if report.refused.is_empty() {
+                Ok(std::process::ExitCode::SUCCESS)
+            } else {
+                Ok(std::process::ExitCode::FAILURE)
+            }
         }
         Command::Audit {
             merchant,

@@ -11,6 +11,11 @@ use tokio_postgres::Client;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "ledger", include_str!("../migrations/001_ledger.sql")),
     (2, "views", include_str!("../migrations/002_views.sql")),
+    (
+        3,
+        "relay_fence",
+        include_str!("../migrations/003_relay_fence.sql"),
+    ),
 ];
 
 /// An arbitrary constant: the advisory lock all writers take to migrate.
@@ -18,7 +23,13 @@ const MIGRATION_LOCK: i64 = 0x001e_d9e7;
 
 /// Applies every migration the database does not have yet; returns how many.
 pub async fn migrate(client: &mut Client) -> Result<usize, tokio_postgres::Error> {
-    client
+    // Under the lock too: two writers starting together both "create if not
+    // exists", and one of them fails on the catalog's unique index otherwise.
+    let transaction = client.transaction().await?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    transaction
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                  version integer PRIMARY KEY,
@@ -26,6 +37,7 @@ pub async fn migrate(client: &mut Client) -> Result<usize, tokio_postgres::Error
                  applied_at timestamptz NOT NULL DEFAULT now())",
         )
         .await?;
+    transaction.commit().await?;
     let mut applied = 0;
     for (version, name, sql) in MIGRATIONS {
         let transaction = client.transaction().await?;

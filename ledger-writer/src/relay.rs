@@ -4,30 +4,46 @@
 //! topic (keyed by stock key, ledger partition `p` onto Kafka partition
 //! `p mod K`, so per-key order holds) and to the PostgreSQL `ledger` and
 //! `stock_snapshot` tables, and only then acknowledging and trimming them.
+//! It relays only partitions whose lease this writer holds ([`crate::lease`]).
 //!
 //! Exactly-once in effect, at-least-once in delivery: a batch is read with
-//! `XREADGROUP`; published to Kafka (idempotent producer, `acks=all`) and
-//! awaited; inserted into PostgreSQL in one transaction (`ON CONFLICT
-//! (entry_id) DO NOTHING`, the snapshot moved only by a newer version); then
-//! `XACK`ed; then the stream is trimmed below its oldest unacknowledged
-//! entry. A crash anywhere before the ack re-delivers the batch to the same
-//! consumer (it reads its pending entries first on start): PostgreSQL keeps
-//! one row per entry; Kafka may carry a duplicate, with the same `entry_id`,
-//! which consumers drop. Reads are non-blocking and per stream, so the relay
-//! works on Redis Cluster too. Nothing here decides stock.
+//! `XREADGROUP` (inside `lua/relay_read.lua`, which checks the lease);
+//! published to Kafka (idempotent producer, `acks=all`) and awaited;
+//! inserted into PostgreSQL in one transaction (`ON CONFLICT (entry_id) DO
+//! NOTHING`, the snapshot moved only by a newer version, the lease token
+//! checked against `relay_fence`); then acknowledged and the stream trimmed
+//! below its oldest unacknowledged entry (`lua/relay_ack.lua`, which checks
+//! the lease again). Every writer reads as the one consumer [`CONSUMER`], so
+//! a crash anywhere before the acknowledgement leaves the batch pending for
+//! whichever writer holds the lease next, and it reads pending entries
+//! first: PostgreSQL keeps one row per entry; Kafka may carry a duplicate,
+//! with the same `entry_id`, which consumers drop. Reads are non-blocking
+//! and per stream, so the relay works on Redis Cluster too. Nothing here
+//! decides stock.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use allocator::keys::ledger_stream;
+use allocator::keys::{ledger_stream, relay_lease_key};
 use fred::prelude::*;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use fred::types::scripts::Script;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde::Deserialize;
 use serde_json::Value;
 use tokio_postgres::Client;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use crate::lease::Lease;
+use crate::metrics::Metrics;
 
 /// The consumer group every writer of a deployment shares.
 pub const GROUP: &str = "ledger-writer";
+
+/// The one consumer name every writer reads as: only the lease holder reads,
+/// and what a dead holder left pending is the next holder's to relay.
+pub const CONSUMER: &str = "relay";
 
 /// One stream entry: its stream id and its decoded JSON.
 type Entry = (String, Value);
@@ -38,22 +54,24 @@ type RawEntry = (String, Option<HashMap<String, String>>);
 
 /// Where one writer instance relays.
 pub struct Relay {
+    /// The deployment's config (Kafka topic and partitions, PostgreSQL, limits).
+    pub config: Arc<config::Config>,
     /// Redis, for the streams.
     pub redis: Pool,
-    /// The idempotent producer.
+    /// The idempotent producer; replaced after a fatal producer error.
     pub producer: FutureProducer,
-    /// PostgreSQL, for the ledger tables.
-    pub postgres: Client,
-    /// Kafka topic of the ledger.
-    pub topic: String,
-    /// Partitions of that topic.
-    pub topic_partitions: u32,
-    /// This writer's consumer name (its pending entries are its own).
-    pub consumer: String,
-    /// Most entries per batch.
-    pub batch_max: usize,
-    /// Bound on awaiting Kafka deliveries of one batch.
-    pub kafka_timeout: Duration,
+    /// PostgreSQL, for the ledger tables; reconnected when it drops.
+    pub postgres: Option<Client>,
+    /// This writer's series.
+    pub metrics: Arc<Metrics>,
+    /// `lua/relay_read.lua`, `lua/relay_ack.lua`, `lua/relay_lag.lua`.
+    scripts: RelayScripts,
+}
+
+struct RelayScripts {
+    read: Script,
+    ack: Script,
+    lag: Script,
 }
 
 /// What one pass over a partition did.
@@ -61,6 +79,28 @@ pub struct Relay {
 pub struct Pass {
     /// Entries relayed and acknowledged.
     pub relayed: usize,
+}
+
+/// How far behind one partition's outbox is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Lag {
+    /// Entries not yet acknowledged (pending or never read).
+    pub entries: u64,
+    /// Redis time (ms) of the oldest of them; 0 when there is none.
+    pub oldest_ms: u64,
+    /// Redis time (ms) when measured.
+    pub now_ms: u64,
+}
+
+impl Lag {
+    /// Age of the oldest unrelayed entry, in ms (0 when there is none).
+    pub fn oldest_age_ms(&self) -> u64 {
+        if self.oldest_ms == 0 {
+            0
+        } else {
+            self.now_ms.saturating_sub(self.oldest_ms)
+        }
+    }
 }
 
 /// Why a pass did not relay its batch (it is retried; nothing was acknowledged).
@@ -74,7 +114,11 @@ pub enum RelayError {
     Kafka(String),
     /// Writing the ledger rows failed.
     #[error("postgresql: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(String),
+    /// This writer no longer holds the partition's lease (another writer
+    /// took it, or it lapsed): nothing was acknowledged; the holder relays.
+    #[error("partition lease lost")]
+    Fenced,
     /// An entry the scripts wrote is not valid JSON: a bug, never skipped.
     #[error("malformed ledger entry {id}: {reason}")]
     Malformed {
@@ -85,7 +129,57 @@ pub enum RelayError {
     },
 }
 
+impl RelayError {
+    /// The sink a failed pass is counted under in `errors_total`.
+    pub fn sink(&self) -> &'static str {
+        match self {
+            Self::Redis(_) | Self::Malformed { .. } => "redis",
+            Self::Kafka(_) => "kafka",
+            Self::Postgres(_) => "postgresql",
+            Self::Fenced => "fenced",
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for RelayError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        // The Display of a server error is just "db error"; its details say why.
+        let text = match error.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => error.to_string(),
+        };
+        Self::Postgres(text)
+    }
+}
+
+#[derive(Deserialize)]
+struct ScriptReply {
+    status: String,
+    #[serde(default)]
+    entries: Vec<(String, Option<String>)>,
+}
+
 impl Relay {
+    /// A relay with its producer; PostgreSQL connects on first use.
+    pub fn new(
+        config: Arc<config::Config>,
+        redis: Pool,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            producer: crate::producer(&config)?,
+            config,
+            redis,
+            postgres: None,
+            metrics,
+            scripts: RelayScripts {
+                read: Script::from_lua(include_str!("../../lua/relay_read.lua")),
+                ack: Script::from_lua(include_str!("../../lua/relay_ack.lua")),
+                lag: Script::from_lua(include_str!("../../lua/relay_lag.lua")),
+            },
+        })
+    }
+
     /// Creates the consumer group on `partition`'s stream if it is missing
     /// (reading from the very first entry).
     pub async fn ensure_group(&self, partition: u32) -> Result<(), RelayError> {
@@ -100,15 +194,29 @@ impl Relay {
         }
     }
 
-    /// Relays one batch of `partition`: this consumer's pending entries first
-    /// (a previous run died before acknowledging them), then new ones.
-    pub async fn pass(&self, partition: u32) -> Result<Pass, RelayError> {
-        let pending = self.read(partition, "0").await?;
-        let batch = if pending.is_empty() {
-            self.read(partition, ">").await?
-        } else {
-            pending
-        };
+    /// How far behind `partition`'s outbox is.
+    pub async fn lag(&self, partition: u32) -> Result<Lag, RelayError> {
+        let text: String = self
+            .scripts
+            .lag
+            .evalsha_with_reload(
+                self.redis.next(),
+                vec![ledger_stream(partition)],
+                vec![GROUP.to_owned()],
+            )
+            .await?;
+        serde_json::from_str(&text).map_err(|error| RelayError::Malformed {
+            id: format!("relay_lag reply of partition {partition}"),
+            reason: error.to_string(),
+        })
+    }
+
+    /// Relays one batch of the leased partition: entries left pending first
+    /// (a writer died before acknowledging them), then new ones.
+    pub async fn pass(&mut self, lease: &Lease) -> Result<Pass, RelayError> {
+        let partition = lease.partition;
+        let started = Instant::now();
+        let batch = self.read(lease).await?;
         if batch.is_empty() {
             return Ok(Pass::default());
         }
@@ -124,11 +232,7 @@ impl Relay {
                 ?ids,
                 "pending ledger entries were deleted before they were relayed"
             );
-            let _: i64 = self
-                .redis
-                .next()
-                .xack(ledger_stream(partition), GROUP, ids)
-                .await?;
+            self.acknowledge(lease, ids).await?;
         }
         if batch.is_empty() {
             return Ok(Pass::default());
@@ -152,38 +256,112 @@ impl Relay {
             })
             .collect::<Result<Vec<Entry>, RelayError>>()?;
         self.publish(partition, &entries).await?;
-        self.store(&entries).await?;
+        self.store(lease, &entries).await?;
         let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-        let stream = ledger_stream(partition);
-        let _: i64 = self.redis.next().xack(&stream, GROUP, ids.clone()).await?;
-        self.trim(partition, ids.last().map(String::as_str)).await?;
+        self.acknowledge(lease, ids).await?;
+        self.metrics.relayed.inc_by(entries.len() as u64);
+        self.metrics.batch_entries.observe(entries.len() as f64);
+        self.metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         debug!(partition, relayed = entries.len(), "batch relayed");
         Ok(Pass {
             relayed: entries.len(),
         })
     }
 
-    async fn read(&self, partition: u32, from: &str) -> Result<Vec<RawEntry>, RelayError> {
-        let stream = ledger_stream(partition);
-        // Nil when nothing is new; an empty list when nothing is pending.
-        let reply: fred::types::Value = self
-            .redis
-            .next()
-            .xreadgroup(
-                GROUP,
-                &self.consumer,
-                Some(self.batch_max as u64),
-                None,
-                false,
-                stream.clone(),
-                from,
+    async fn read(&self, lease: &Lease) -> Result<Vec<RawEntry>, RelayError> {
+        let text: String = self
+            .scripts
+            .read
+            .evalsha_with_reload(
+                self.redis.next(),
+                vec![
+                    relay_lease_key(lease.partition),
+                    ledger_stream(lease.partition),
+                ],
+                vec![
+                    lease.value.clone(),
+                    GROUP.to_owned(),
+                    CONSUMER.to_owned(),
+                    self.config
+                        .ledger_writer
+                        .relay_batch_entries_max
+                        .to_string(),
+                ],
             )
             .await?;
-        Ok(parse_read(reply, &stream))
+        let reply = self.script_reply(&text, lease.partition)?;
+        Ok(reply
+            .entries
+            .into_iter()
+            .map(|(id, e)| (id, e.map(|e| HashMap::from([("e".to_owned(), e)]))))
+            .collect())
     }
 
-    async fn publish(&self, partition: u32, entries: &[Entry]) -> Result<(), RelayError> {
-        let kafka_partition = (partition % self.topic_partitions.max(1)) as i32;
+    async fn acknowledge(&self, lease: &Lease, ids: Vec<String>) -> Result<(), RelayError> {
+        let mut args = vec![lease.value.clone(), GROUP.to_owned()];
+        args.extend(ids);
+        let text: String = self
+            .scripts
+            .ack
+            .evalsha_with_reload(
+                self.redis.next(),
+                vec![
+                    relay_lease_key(lease.partition),
+                    ledger_stream(lease.partition),
+                ],
+                args,
+            )
+            .await?;
+        self.script_reply(&text, lease.partition).map(|_| ())
+    }
+
+    fn script_reply(&self, text: &str, partition: u32) -> Result<ScriptReply, RelayError> {
+        let reply: ScriptReply =
+            serde_json::from_str(text).map_err(|error| RelayError::Malformed {
+                id: format!("relay script reply of partition {partition}"),
+                reason: format!("{error}: {text}"),
+            })?;
+        match reply.status.as_str() {
+            "ok" => Ok(reply),
+            "fenced" => Err(RelayError::Fenced),
+            other => Err(RelayError::Malformed {
+                id: format!("relay script reply of partition {partition}"),
+                reason: format!("status {other}"),
+            }),
+        }
+    }
+
+    async fn publish(&mut self, partition: u32, entries: &[Entry]) -> Result<(), RelayError> {
+        let Err(error) = self.publish_once(partition, entries).await else {
+            return Ok(());
+        };
+        // An idempotent producer whose deliveries timed out bumps its epoch,
+        // and a broker may then fence the old one for good (or librdkafka
+        // calls the state fatal): only a new producer recovers.
+        let fatal = self.producer.client().fatal_error();
+        let fenced = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::Fatal
+            )
+        );
+        if fatal.is_some() || fenced {
+            warn!(%error, ?fatal, "kafka producer unusable; creating a new one");
+            self.producer = crate::producer(&self.config)
+                .map_err(|error| RelayError::Kafka(error.to_string()))?;
+        }
+        Err(RelayError::Kafka(error.to_string()))
+    }
+
+    async fn publish_once(&self, partition: u32, entries: &[Entry]) -> Result<(), KafkaError> {
+        let kafka_partition = (partition % self.config.kafka.topic_partitions.max(1)) as i32;
+        let timeout = Duration::from_millis(self.config.kafka.request_timeout_ms);
         let mut deliveries = Vec::with_capacity(entries.len());
         for (_, entry) in entries {
             let key = format!(
@@ -193,31 +371,65 @@ impl Relay {
                 entry["location"].as_str().unwrap_or_default()
             );
             let payload = entry.to_string();
-            let record = FutureRecord::to(&self.topic)
+            let record = FutureRecord::to(&self.config.kafka.ledger_topic)
                 .key(&key)
                 .payload(&payload)
                 .partition(kafka_partition);
             let delivery = self
                 .producer
                 .send_result(record)
-                .map_err(|(error, _)| RelayError::Kafka(error.to_string()))?;
+                .map_err(|(error, _)| error)?;
             deliveries.push(delivery);
         }
         for delivery in deliveries {
-            match tokio::time::timeout(self.kafka_timeout, delivery).await {
+            match tokio::time::timeout(timeout, delivery).await {
                 Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err((error, _)))) => return Err(RelayError::Kafka(error.to_string())),
-                Ok(Err(_)) => return Err(RelayError::Kafka("delivery canceled".to_owned())),
-                Err(_) => return Err(RelayError::Kafka("delivery timed out".to_owned())),
+                Ok(Ok(Err((error, _)))) => return Err(error),
+                Ok(Err(_)) => return Err(KafkaError::Canceled),
+                Err(_) => {
+                    return Err(KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageTimedOut,
+                    ));
+                }
             }
         }
         Ok(())
     }
 
-    async fn store(&self, entries: &[Entry]) -> Result<(), RelayError> {
+    /// Writes the batch in one transaction, after checking the lease token
+    /// is the newest PostgreSQL has seen for the partition.
+    async fn store(&mut self, lease: &Lease, entries: &[Entry]) -> Result<(), RelayError> {
+        if self.postgres.as_ref().is_none_or(Client::is_closed) {
+            self.postgres = None;
+            let client = crate::connect_postgres(&self.config)
+                .await
+                .map_err(|error| RelayError::Postgres(format!("{error:#}")))?;
+            info!("connected to postgresql");
+            self.postgres = Some(client);
+        }
+        let client = self.postgres.as_mut().expect("connected above");
         let batch =
             Value::Array(entries.iter().map(|(_, entry)| entry.clone()).collect()).to_string();
-        self.postgres
+        let transaction = client.transaction().await?;
+        let fenced_in = transaction
+            .execute(
+                "INSERT INTO relay_fence (partition, token, owner, updated_at)
+                 VALUES ($1, $2, $3, now())
+                 ON CONFLICT (partition) DO UPDATE
+                     SET token = EXCLUDED.token, owner = EXCLUDED.owner, updated_at = now()
+                     WHERE relay_fence.token <= EXCLUDED.token",
+                &[
+                    &(lease.partition as i32),
+                    &(lease.token as i64),
+                    &self.config.node.id,
+                ],
+            )
+            .await?;
+        if fenced_in == 0 {
+            transaction.rollback().await?;
+            return Err(RelayError::Fenced);
+        }
+        transaction
             .execute(
                 "INSERT INTO ledger (entry_id, partition, stream_id, op, merchant, sku, location, cell, qty,
                      on_hand_before, on_hand_after, reserved_before, reserved_after, version,
@@ -235,7 +447,7 @@ impl Relay {
                 &[&batch],
             )
             .await?;
-        self.postgres
+        transaction
             .execute(
                 "INSERT INTO stock_snapshot (cell, merchant, sku, location, on_hand, reserved, version, updated_at)
                  SELECT DISTINCT ON (e->>'cell') e->>'cell', e->>'merchant', e->>'sku', e->>'location',
@@ -249,146 +461,46 @@ impl Relay {
                 &[&batch],
             )
             .await?;
+        transaction.commit().await?;
         Ok(())
-    }
-
-    /// Trims the stream below its oldest unacknowledged entry (or below the
-    /// last acknowledged one when nothing is pending): relayed entries go,
-    /// unrelayed ones never do.
-    async fn trim(&self, partition: u32, last_acked: Option<&str>) -> Result<(), RelayError> {
-        let stream = ledger_stream(partition);
-        let summary: Value = self
-            .redis
-            .next()
-            .xpending::<fred::types::Value, _, _, _>(&stream, GROUP, ())
-            .await
-            .map(value_to_json)?;
-        let oldest_pending = summary.get(1).and_then(Value::as_str).map(str::to_owned);
-        let Some(min_id) = oldest_pending.or_else(|| last_acked.map(str::to_owned)) else {
-            return Ok(());
-        };
-        let trim = fred::types::streams::XCap::try_from(("MINID", "=", min_id.as_str()))
-            .map_err(RelayError::Redis)?;
-        let _: i64 = self.redis.next().xtrim(&stream, trim).await?;
-        Ok(())
-    }
-}
-
-/// The entries of `stream` in an XREADGROUP reply (RESP2 arrays or RESP3
-/// maps): `[[stream, [[id, [field, value, ...] | nil], ...]], ...]`.
-fn parse_read(reply: fred::types::Value, stream: &str) -> Vec<RawEntry> {
-    use fred::types::Value as V;
-    let streams: Vec<(V, V)> = match reply {
-        V::Array(items) => items
-            .into_iter()
-            .filter_map(|item| match item {
-                V::Array(mut pair) if pair.len() == 2 => {
-                    let entries = pair.pop()?;
-                    Some((pair.pop()?, entries))
-                }
-                _ => None,
-            })
-            .collect(),
-        V::Map(map) => map
-            .inner()
-            .into_iter()
-            .map(|(key, value)| (V::from(key), value))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let Some((_, entries)) = streams
-        .into_iter()
-        .find(|(name, _)| name.as_str().as_deref() == Some(stream))
-    else {
-        return Vec::new();
-    };
-    let V::Array(entries) = entries else {
-        return Vec::new();
-    };
-    entries
-        .into_iter()
-        .filter_map(|entry| {
-            let V::Array(mut parts) = entry else {
-                return None;
-            };
-            if parts.len() != 2 {
-                return None;
-            }
-            let fields = parts.pop()?;
-            let id = parts.pop()?.as_string()?;
-            let fields = match fields {
-                V::Array(flat) => Some(
-                    flat.chunks(2)
-                        .filter_map(|pair| {
-                            Some((pair.first()?.as_string()?, pair.get(1)?.as_string()?))
-                        })
-                        .collect(),
-                ),
-                V::Map(map) => Some(
-                    map.inner()
-                        .into_iter()
-                        .filter_map(|(key, value)| {
-                            Some((key.as_str()?.to_string(), value.as_string()?))
-                        })
-                        .collect(),
-                ),
-                _ => None,
-            };
-            Some((id, fields))
-        })
-        .collect()
-}
-
-fn value_to_json(value: fred::types::Value) -> Value {
-    match value {
-        fred::types::Value::Array(items) => {
-            Value::Array(items.into_iter().map(value_to_json).collect())
-        }
-        fred::types::Value::Null => Value::Null,
-        other => other.as_string().map(Value::String).unwrap_or(Value::Null),
     }
 }
 
 /// Logs a failed pass with the partition; the caller retries after a pause.
 pub fn report(partition: u32, error: &RelayError) {
-    warn!(partition, %error, "relay pass failed; retrying");
+    match error {
+        RelayError::Fenced => info!(
+            partition,
+            "partition lease lost mid-batch; the new holder relays it"
+        ),
+        error => warn!(partition, %error, "relay pass failed; retrying"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use fred::types::Value as V;
-
-    use super::parse_read;
-
-    fn text(value: &str) -> V {
-        V::String(value.to_owned().into())
-    }
-
-    #[test]
-    fn a_nil_reply_is_no_entries() {
-        assert!(parse_read(V::Null, "inv:{1}:ledger").is_empty());
-    }
+    use super::ScriptReply;
 
     #[test]
     fn entries_and_entries_deleted_while_pending_are_read() {
-        let reply = V::Array(vec![V::Array(vec![
-            text("inv:{1}:ledger"),
-            V::Array(vec![
-                V::Array(vec![text("5-0"), V::Array(vec![text("e"), text("{}")])]),
-                V::Array(vec![text("6-0"), V::Null]),
-            ]),
-        ])]);
-        let entries = parse_read(reply, "inv:{1}:ledger");
-        assert_eq!(entries.len(), 2);
-        assert_eq!(entries[0].0, "5-0");
+        let reply: ScriptReply =
+            serde_json::from_str(r#"{"v":1,"status":"ok","entries":[["5-0","{}"],["6-0",null]]}"#)
+                .expect("a read reply");
+        assert_eq!(reply.status, "ok");
         assert_eq!(
-            entries[0]
-                .1
-                .as_ref()
-                .and_then(|fields| fields.get("e"))
-                .map(String::as_str),
-            Some("{}")
+            reply.entries,
+            vec![
+                ("5-0".to_owned(), Some("{}".to_owned())),
+                ("6-0".to_owned(), None)
+            ]
         );
-        assert_eq!(entries[1], ("6-0".to_owned(), None));
+    }
+
+    #[test]
+    fn a_fenced_reply_has_no_entries() {
+        let reply: ScriptReply =
+            serde_json::from_str(r#"{"v":1,"status":"fenced"}"#).expect("a fenced reply");
+        assert_eq!(reply.status, "fenced");
+        assert!(reply.entries.is_empty());
     }
 }

@@ -4,261 +4,18 @@
 //! duplicate after a crash has the same id), the streams are trimmed, and
 //! the snapshot agrees with Redis.
 
+mod common;
+
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use allocator::{
-    Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, AllocatorSettings,
-    ReserveRequest, StockKey,
-};
+use allocator::{Adjustment, AdjustmentKind, Allocator, ReserveRequest, StockKey};
+use common::*;
 use fred::prelude::*;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use testkit::KillOnDrop;
-
-const PARTITIONS: u32 = 64;
-const TOPIC_PARTITIONS: i32 = 4;
-
-struct Setup {
-    config_path: std::path::PathBuf,
-    redis_url: String,
-    postgres_url: String,
-    topic: String,
-    events_topic: String,
-    dlq_topic: String,
-    _directory: tempfile::TempDir,
-}
-
-async fn setup(redis_url: &str) -> Setup {
-    let stack = testkit::stack();
-    let id = testkit::unique_id("w").replace('-', "_");
-    let schema = format!("t_{id}");
-    let (client, connection) = tokio_postgres::connect(&stack.postgres_url, tokio_postgres::NoTls)
-        .await
-        .expect("postgresql");
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .expect("schema");
-    let postgres_url = format!("{}?options=-c%20search_path%3D{schema}", stack.postgres_url);
-
-    let topic = format!("ledger.{id}");
-    let events_topic = format!("events.{id}");
-    let dlq_topic = format!("events.dlq.{id}");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka_brokers)
-        .create()
-        .expect("admin client");
-    let created = admin
-        .create_topics(
-            &[
-                NewTopic::new(&topic, TOPIC_PARTITIONS, TopicReplication::Fixed(1)),
-                NewTopic::new(&events_topic, 2, TopicReplication::Fixed(1)),
-                NewTopic::new(&dlq_topic, 1, TopicReplication::Fixed(1)),
-            ],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topic");
-    assert!(created.iter().all(Result::is_ok), "{created:?}");
-
-    let directory = tempfile::tempdir().expect("temp dir");
-    let config_path = directory.path().join("writer.toml");
-    let text = std::fs::read_to_string(testkit::repository_root().join("config/dev.toml"))
-        .expect("dev.toml")
-        .replace(
-            "ledger_topic = \"inventory.ledger\"",
-            &format!("ledger_topic = \"{topic}\""),
-        )
-        .replace(
-            "events_topic = \"inventory.events\"",
-            &format!("events_topic = \"{events_topic}\""),
-        )
-        .replace(
-            "dlq_topic = \"inventory.events.dlq\"",
-            &format!("dlq_topic = \"{dlq_topic}\""),
-        )
-        .replace(
-            "topic_partitions = 8",
-            &format!("topic_partitions = {TOPIC_PARTITIONS}"),
-        )
-        .replace(
-            "relay_batch_entries_max = 500",
-            "relay_batch_entries_max = 50",
-        );
-    std::fs::write(&config_path, text).expect("write config");
-    Setup {
-        config_path,
-        redis_url: redis_url.to_owned(),
-        postgres_url,
-        topic,
-        events_topic,
-        dlq_topic,
-        _directory: directory,
-    }
-}
-
-fn writer_command(setup: &Setup, subcommand: &str) -> Command {
-    let stack = testkit::stack();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ledger-writer"));
-    command
-        .arg(subcommand)
-        .arg("--config")
-        .arg(&setup.config_path)
-        .env("INVGW_NODE_ID", "writer-1")
-        .env("INVGW_REDIS_URL", &setup.redis_url)
-        .env("INVGW_POSTGRES_URL", &setup.postgres_url)
-        .env("INVGW_KAFKA_BROKERS", &stack.kafka_brokers)
-        .stderr(Stdio::null());
-    command
-}
-
-fn start_writer(setup: &Setup) -> KillOnDrop {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(setup._directory.path().join("writer.log"))
-        .expect("writer log");
-    let child = writer_command(setup, "run")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start ledger-writer");
-    KillOnDrop(child)
-}
-
-/// The writer must not have logged failed passes (an idle stream is not a failure).
-fn assert_no_failed_passes(setup: &Setup) {
-    let log =
-        std::fs::read_to_string(setup._directory.path().join("writer.log")).unwrap_or_default();
-    assert!(!log.contains("relay pass failed"), "{log}");
-}
-
-/// Runs `ledger-writer audit`; its exit success and what it printed.
-fn audit(setup: &Setup) -> (bool, String) {
-    let output = writer_command(setup, "audit")
-        .arg("--count-kafka")
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run audit");
-    (
-        output.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    )
-}
-
-fn settings() -> AllocatorSettings {
-    AllocatorSettings {
-        node: "ops".to_owned(),
-        partitions: PARTITIONS,
-        command_timeout: Duration::from_secs(5),
-        ttl_default: Duration::from_secs(600),
-        ttl_max: Duration::from_secs(3600),
-        customer_ref_key: "writer-test-customer-key".to_owned(),
-        cart_line_grace: Duration::from_secs(2),
-    }
-}
-
-/// Runs mixed operations; returns how many ledger entries they wrote.
-async fn operations(allocator: Arc<Allocator>, rounds: u64, batch: &'static str) -> u64 {
-    let written = Arc::new(AtomicU64::new(0));
-    let workers: Vec<_> = (0..4u64)
-        .map(|worker| {
-            let (allocator, written) = (Arc::clone(&allocator), Arc::clone(&written));
-            tokio::spawn(async move {
-                for round in 0..rounds {
-                    let key = StockKey::new(
-                        "m-ledger",
-                        format!("sku-{}", (worker * 7 + round) % 40),
-                        "dc1",
-                    );
-                    let adjustment = Adjustment {
-                        merchant: key.merchant.clone(),
-                        sku: key.sku.clone(),
-                        location: key.location.clone(),
-                        kind: AdjustmentKind::Delta,
-                        qty: 3,
-                        source: "test".to_owned(),
-                        event_id: format!("e-{batch}-{worker}-{round}"),
-                        source_seq: None,
-                    };
-                    if matches!(
-                        allocator.adjust(&adjustment).await,
-                        Ok(AdjustmentOutcome::Applied { .. })
-                    ) {
-                        written.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let request = ReserveRequest {
-                        key: key.clone(),
-                        qty: 2,
-                        ttl: None,
-                        idempotency_key: format!("r-{batch}-{worker}-{round}"),
-                        customer_ref: None,
-                    };
-                    match allocator.reserve(&request).await {
-                        Ok(hold) => {
-                            written.fetch_add(1, Ordering::Relaxed);
-                            let id = hold.reservation.reservation_id;
-                            let finished = if round % 3 == 0 {
-                                allocator.release(None, &id, "rel").await
-                            } else {
-                                allocator.commit(None, &id, "com").await
-                            };
-                            if finished.is_ok() {
-                                written.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Err(AllocatorError::InsufficientStock { .. }) => {}
-                        Err(other) => panic!("reserve: {other}"),
-                    }
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.await.expect("worker");
-    }
-    written.load(Ordering::Relaxed)
-}
-
-fn kafka_entry_ids(topic: &str, expected: usize) -> HashSet<String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &testkit::stack().kafka_brokers)
-        .set("group.id", testkit::unique_id("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[topic]).expect("subscribe");
-    let mut ids = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ids.len() < expected && Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(500)) {
-            let payload: serde_json::Value =
-                serde_json::from_slice(message.payload().unwrap_or_default())
-                    .expect("json payload");
-            let partition = payload["partition"].as_u64().expect("partition") as i32;
-            assert_eq!(
-                message.partition(),
-                partition % TOPIC_PARTITIONS,
-                "ledger partition maps onto kafka"
-            );
-            ids.insert(payload["entry_id"].as_str().expect("entry_id").to_owned());
-        }
-    }
-    ids
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
@@ -273,15 +30,16 @@ async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
     );
 
     let mut writer = start_writer(&setup);
-    let ops = tokio::spawn(operations(Arc::clone(&allocator), 300, "a"));
-    for pause_ms in [700, 900] {
+    // 4 workers x 900 rounds x (adjust, reserve, commit or release).
+    let ops = tokio::spawn(operations(Arc::clone(&allocator), 900, "a"));
+    for pause_ms in [1500, 2500] {
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         let _ = writer.0.kill(); // SIGKILL, mid-batch as likely as not
         let _ = writer.0.wait();
         writer = start_writer(&setup);
     }
     let written = ops.await.expect("operations");
-    assert!(written > 1000, "enough traffic: {written}");
+    assert!(written >= 10_000, "10,000 mixed operations: {written}");
 
     let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
         .await
@@ -627,4 +385,243 @@ async fn stock_events_are_applied_once_in_order_and_malformed_ones_are_dead_lett
             .all(|letter| letter["topic"] == setup.events_topic.as_str())
     );
     assert_no_failed_passes(&setup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_split_the_partitions_and_the_survivor_takes_over_within_the_lease_time() {
+    const LEASE_MS: u64 = 2000;
+    let port = testkit::free_port();
+    let _redis = testkit::private_redis(port, None);
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let setup = setup_with(
+        &redis_url,
+        &[(
+            "partition_lease_ttl_ms = 5000",
+            &format!("partition_lease_ttl_ms = {LEASE_MS}"),
+        )],
+    )
+    .await;
+    let allocator = Arc::new(
+        Allocator::connect(&redis_url, settings(), 4)
+            .await
+            .expect("allocator"),
+    );
+    let (port_1, port_2) = (testkit::free_port(), testkit::free_port());
+    let _writer_1 = start_writer_as(&setup, "writer-1", port_1);
+    let mut writer_2 = start_writer_as(&setup, "writer-2", port_2);
+
+    // Both hold a share of the partitions, and every partition is held.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let split = loop {
+        let holders = lease_holders(&allocator).await;
+        let count = |id: &str| {
+            holders
+                .iter()
+                .filter(|holder| holder.as_deref() == Some(id))
+                .count()
+        };
+        let split = (count("writer-1"), count("writer-2"));
+        if split.0 + split.1 == PARTITIONS as usize && split.0 > 0 && split.1 > 0 {
+            break split;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leases not split: {holders:?}\n{}",
+            writer_logs(&setup)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        split.0 >= 16 && split.1 >= 16,
+        "an even enough split: {split:?}"
+    );
+    let held_1 = metric(port_1, "invgw_writer_leases_held").await;
+    let held_2 = metric(port_2, "invgw_writer_leases_held").await;
+    assert_eq!(
+        held_1.unwrap_or_default() + held_2.unwrap_or_default(),
+        f64::from(PARTITIONS),
+        "each writer's metrics say what it holds"
+    );
+
+    // Both relay; together nothing is lost or doubled.
+    let mut written = operations(Arc::clone(&allocator), 30, "a").await;
+    let rows = wait_for_rows(&setup, written, Duration::from_secs(60)).await;
+    assert_eq!(rows as u64, written, "one row per entry");
+    let relayed_1 = metric(port_1, "invgw_writer_relayed_entries_total")
+        .await
+        .unwrap_or_default();
+    let relayed_2 = metric(port_2, "invgw_writer_relayed_entries_total")
+        .await
+        .unwrap_or_default();
+    assert!(
+        relayed_1 > 0.0 && relayed_2 > 0.0,
+        "both relayed: {relayed_1} and {relayed_2}"
+    );
+
+    // Writer 2 dies; writer 1 takes every partition within the lease time
+    // (plus one renewal tick and this loop's polling).
+    let _ = writer_2.0.kill();
+    let _ = writer_2.0.wait();
+    let killed = Instant::now();
+    loop {
+        let holders = lease_holders(&allocator).await;
+        if holders
+            .iter()
+            .all(|holder| holder.as_deref() == Some("writer-1"))
+        {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_millis(3 * LEASE_MS),
+            "no takeover within the lease time: {holders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "takeover after {} ms (lease {LEASE_MS} ms)",
+        killed.elapsed().as_millis()
+    );
+
+    // The dead writer's lease cannot read or acknowledge any more.
+    let stale = format!("writer-2 {}", u64::MAX);
+    let reply: String = allocator
+        .redis()
+        .next()
+        .eval(
+            include_str!("../../lua/relay_read.lua"),
+            vec![
+                allocator::keys::relay_lease_key(0),
+                allocator::keys::ledger_stream(0),
+            ],
+            vec![stale.as_str(), "ledger-writer", "relay", "10"],
+        )
+        .await
+        .expect("relay_read");
+    assert!(reply.contains("\"fenced\""), "{reply}");
+
+    written += operations(Arc::clone(&allocator), 30, "b").await;
+    let rows = wait_for_rows(&setup, written, Duration::from_secs(60)).await;
+    assert_eq!(rows as u64, written, "the survivor relays everything");
+    let (balanced, printed) = audit(&setup);
+    assert!(balanced, "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_repairs_a_wiped_key_and_refuses_one_taking_writes() {
+    let port = testkit::free_port();
+    let _redis = testkit::private_redis(port, None);
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let setup = setup(&redis_url).await;
+    let allocator = Allocator::connect(&redis_url, settings(), 4)
+        .await
+        .expect("allocator");
+    let _writer = start_writer(&setup);
+
+    let key = StockKey::new("m-rebuild", "lamp", "dc1");
+    let adjustment = Adjustment {
+        merchant: key.merchant.clone(),
+        sku: key.sku.clone(),
+        location: key.location.clone(),
+        kind: AdjustmentKind::Delta,
+        qty: 10,
+        source: "test".to_owned(),
+        event_id: "lamp-1".to_owned(),
+        source_seq: None,
+    };
+    allocator.adjust(&adjustment).await.expect("stock");
+    allocator
+        .settings_of(
+            &key,
+            allocator::StockSettings {
+                safety_stock: 1,
+                backorder_limit: 0,
+                low_stock_threshold: Some(2),
+            },
+        )
+        .await
+        .expect("settings");
+    let reserve = |qty: u32, name: &str| ReserveRequest {
+        key: key.clone(),
+        qty,
+        ttl: None,
+        idempotency_key: name.to_owned(),
+        customer_ref: None,
+    };
+    let kept = allocator.reserve(&reserve(2, "kept")).await.expect("hold");
+    let sold = allocator.reserve(&reserve(3, "sold")).await.expect("hold");
+    allocator
+        .commit(None, &sold.reservation.reservation_id, "sold-commit")
+        .await
+        .expect("commit");
+    let lost = allocator.reserve(&reserve(1, "lost")).await.expect("hold");
+
+    let rebuild = |extra: &[&str]| {
+        let output = writer_command(&setup, "rebuild")
+            .args(["--key", "m-rebuild/lamp/dc1"])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run rebuild");
+        (
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
+    };
+    // Just written to: refused, and nothing changes.
+    let (ok, printed) = rebuild(&["--quiet-seconds", "60"]);
+    assert!(!ok, "{printed}");
+    assert!(printed.contains("refused: m-rebuild/lamp/dc1"), "{printed}");
+    assert!(printed.contains("--force"), "{printed}");
+
+    // Redis loses the cell and one hold's record.
+    let pool = key.pool(PARTITIONS);
+    let redis = allocator.redis().next();
+    let _: i64 = redis
+        .hdel(
+            allocator::keys::cells_hash(pool.partition),
+            pool.id.as_str(),
+        )
+        .await
+        .expect("wipe cell");
+    let _: i64 = redis
+        .hdel(
+            allocator::keys::partition_keys(pool.partition)[1].clone(),
+            lost.reservation.reservation_id.as_str(),
+        )
+        .await
+        .expect("wipe hold");
+    let (balanced, printed) = audit(&setup);
+    assert!(!balanced, "{printed}");
+    assert!(printed.contains("missing in redis"), "{printed}");
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (ok, printed) = rebuild(&["--quiet-seconds", "1"]);
+    assert!(ok, "{printed}");
+    assert!(
+        printed.contains("1 cells of 1 stock keys rebuilt; 1 lost holds released (1 units)"),
+        "{printed}"
+    );
+    let cell = allocator.cell(&pool).await.expect("read").expect("cell");
+    assert_eq!((cell.on_hand, cell.reserved), (7, 2), "{cell:?}");
+    assert_eq!(
+        (cell.safety_stock, cell.low_stock_threshold),
+        (1, 2),
+        "settings come back too"
+    );
+    let (balanced, printed) = audit(&setup);
+    assert!(balanced, "{printed}");
+
+    // The kept hold is still a hold: it commits.
+    allocator
+        .commit(None, &kept.reservation.reservation_id, "kept-commit")
+        .await
+        .expect("commit after rebuild");
+    let cell = allocator.cell(&pool).await.expect("read").expect("cell");
+    assert_eq!((cell.on_hand, cell.reserved), (5, 0));
+    let (balanced, printed) = audit(&setup);
+    assert!(balanced, "{printed}");
 }

@@ -1,0 +1,233 @@
+//! The writer's Prometheus metrics, served at `/metrics` on
+//! `ledger_writer.metrics_listen`.
+//!
+//! Owns the registry, every series, and the small HTTP listener that serves
+//! them (`GET /metrics`, and `GET /health` for process supervisors). The
+//! relay, ingestion and reconciler update the typed fields; the outbox lag
+//! is measured from Redis for every partition, whoever holds its lease, so
+//! a partition nobody relays shows its lag too.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tracing::warn;
+
+/// Every series of one writer.
+pub struct Metrics {
+    registry: Registry,
+    /// Outbox entries not yet acknowledged (pending or unread), per partition.
+    pub lag_entries: IntGaugeVec,
+    /// Age of the oldest unacknowledged outbox entry (ms), per partition.
+    pub lag_oldest_ms: IntGaugeVec,
+    /// Unacknowledged entries over all partitions.
+    pub lag_entries_total: IntGauge,
+    /// 1 while the total lag is over `ledger_writer.lag_alert_entries`.
+    pub lag_alert: IntGauge,
+    /// Entries relayed and acknowledged by this writer.
+    pub relayed: IntCounter,
+    /// Entries per relayed batch.
+    pub batch_entries: Histogram,
+    /// Seconds from reading a batch to acknowledging it.
+    pub batch_seconds: Histogram,
+    /// Failed relay passes by the sink that failed: kafka, postgresql, redis.
+    pub errors: IntCounterVec,
+    /// Batches refused because this writer had lost the partition's lease.
+    pub fenced: IntCounter,
+    /// Partition leases held now.
+    pub leases_held: IntGauge,
+    /// Lease changes: acquired, released, lost.
+    pub lease_changes: IntCounterVec,
+    /// Stock events applied by ingestion, by outcome (applied, duplicate,
+    /// stale, ...).
+    pub events: IntCounterVec,
+    /// Messages sent to the dead-letter topic.
+    pub dead_letters: IntCounter,
+    /// Reconciler actions: expired, transfers_finished, carts_finished,
+    /// buckets_reclaimed, units_reclaimed.
+    pub reconciler: IntCounterVec,
+}
+
+impl Metrics {
+    /// A fresh registry with every series, labelled with the writer id.
+    pub fn new(writer: &str) -> Self {
+        let registry = Registry::new_custom(
+            Some("invgw_writer".to_owned()),
+            Some([("writer".to_owned(), writer.to_owned())].into()),
+        )
+        .expect("static registry settings are valid");
+        let register = |metric: Box<dyn prometheus::core::Collector>| {
+            registry.register(metric).expect("unique metric");
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            register(Box::new(metric.clone()));
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            register(Box::new(metric.clone()));
+            metric
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            register(Box::new(metric.clone()));
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            register(Box::new(metric.clone()));
+            metric
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid");
+            register(Box::new(metric.clone()));
+            metric
+        };
+        Self {
+            lag_entries: gauge_vec(
+                "lag_entries",
+                "outbox entries not yet relayed, per partition",
+                &["partition"],
+            ),
+            lag_oldest_ms: gauge_vec(
+                "lag_oldest_ms",
+                "age of the oldest outbox entry not yet relayed, per partition",
+                &["partition"],
+            ),
+            lag_entries_total: gauge(
+                "lag_entries_total",
+                "outbox entries not yet relayed, all partitions",
+            ),
+            lag_alert: gauge(
+                "lag_alert",
+                "1 while the outbox lag is over ledger_writer.lag_alert_entries",
+            ),
+            relayed: counter(
+                "relayed_entries_total",
+                "entries relayed to kafka and postgresql and acknowledged",
+            ),
+            batch_entries: histogram(
+                "batch_entries",
+                "entries per relayed batch",
+                vec![1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
+            ),
+            batch_seconds: histogram(
+                "batch_seconds",
+                "seconds from reading a batch to acknowledging it",
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            ),
+            errors: counter_vec(
+                "errors_total",
+                "failed relay passes, by the sink that failed",
+                &["sink"],
+            ),
+            fenced: counter(
+                "fenced_batches_total",
+                "batches refused because this writer had lost the partition lease",
+            ),
+            leases_held: gauge("leases_held", "partition leases this writer holds"),
+            lease_changes: counter_vec(
+                "lease_changes_total",
+                "partition leases acquired, released or lost",
+                &["change"],
+            ),
+            events: counter_vec(
+                "events_total",
+                "stock events ingested from kafka, by outcome",
+                &["outcome"],
+            ),
+            dead_letters: counter(
+                "dead_letters_total",
+                "stock events sent to the dead-letter topic",
+            ),
+            reconciler: counter_vec(
+                "reconciler_actions_total",
+                "reconciler actions: expired holds, finished transfers and carts, reclaimed buckets and units",
+                &["action"],
+            ),
+            registry,
+        }
+    }
+
+    /// The text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("encoding into a Vec cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// Serves `/metrics` and `/health` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "metrics listener accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let metrics = Arc::clone(&metrics);
+                    async move { Ok::<_, Infallible>(answer(&request, &metrics)) }
+                });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // Bounded: a scraper that stalls does not hold a task forever.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), connection).await;
+        });
+    }
+}
+
+/// Binds the metrics listener (so a taken port fails the start, loudly).
+pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address).await
+}
+
+fn answer(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method().as_str(), request.uri().path()) {
+        ("GET", "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        ("GET", "/health") => (
+            StatusCode::OK,
+            "application/json",
+            r#"{"status":"ok"}"#.to_owned(),
+        ),
+        (_, "/metrics" | "/health") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "application/json",
+            r#"{"error":"method_not_allowed","message":"only GET is allowed here"}"#.to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "application/json",
+            r#"{"error":"not_found","message":"the writer serves /metrics and /health"}"#
+                .to_owned(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,170 @@
+//! The failure stance of DESIGN.md for the ledger: PostgreSQL stopped for
+//! 10 s, then the broker frozen (SIGSTOP) for 10 s, under load. Stock
+//! operations go on; the outbox grows and the writer's lag metric shows it;
+//! afterwards it drains to zero and nothing is lost.
+//!
+//! Its own test binary: it stops the shared PostgreSQL and freezes the shared
+//! broker, and cargo runs test binaries one at a time.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use allocator::Allocator;
+use common::*;
+
+/// Lag that counts as drained while the load goes on: well under a second
+/// of it.
+const IN_FLIGHT: f64 = 100.0;
+
+fn stack(arguments: &[&str]) {
+    let status = Command::new(testkit::repository_root().join("scripts/stack"))
+        .args(arguments)
+        .status()
+        .expect("run scripts/stack");
+    assert!(status.success(), "scripts/stack {arguments:?} failed");
+}
+
+/// Puts a stopped or frozen service back even when the test fails half way.
+struct Restore;
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = Command::new(testkit::repository_root().join("scripts/stack"))
+            .arg("up")
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The writer's total lag, sampled while a service is down: it must grow.
+async fn lag_grows_while_down(port: u16, what: &str) -> (f64, f64) {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let early = metric(port, "invgw_writer_lag_entries_total")
+        .await
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let late = metric(port, "invgw_writer_lag_entries_total")
+        .await
+        .unwrap_or_default();
+    let oldest_ms = metric(port, "invgw_writer_lag_oldest_ms")
+        .await
+        .unwrap_or_default();
+    assert!(
+        late > early && early > 0.0,
+        "{what}: the lag metric grows while it is down: {early} then {late}"
+    );
+    assert!(oldest_ms > 0.0, "{what}: the oldest entry ages");
+    (early, late)
+}
+
+/// Waits until the writer's lag is at most `entries` (under continuing load
+/// a few entries are always in flight; 0 once the load stopped).
+async fn wait_drained(setup: &Setup, what: &str, entries: f64) -> Duration {
+    let port = setup.metrics_port;
+    let started = Instant::now();
+    loop {
+        let lag = metric(port, "invgw_writer_lag_entries_total").await;
+        if lag.is_some_and(|lag| lag <= entries) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{what}: the outbox did not drain: lag {lag:?}\n{}",
+            tail(&writer_logs(setup), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_absorbs_a_postgresql_and_a_broker_outage_and_drains_with_nothing_lost() {
+    let port = testkit::free_port();
+    let _redis = testkit::private_redis(port, None);
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let setup = setup(&redis_url).await;
+    let allocator = Arc::new(
+        Allocator::connect(&redis_url, settings(), 4)
+            .await
+            .expect("allocator"),
+    );
+    let _writer = start_writer(&setup);
+    let metrics_port = setup.metrics_port;
+    wait_drained(&setup, "start", 0.0).await;
+
+    // Steady load for the whole test (about 200 entries a second: a debug
+    // build of the writer drains well faster than that); stock operations
+    // never wait for the ledger.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (allocator, stop, written) = (
+            Arc::clone(&allocator),
+            Arc::clone(&stop),
+            Arc::clone(&written),
+        );
+        tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let batch: &'static str = Box::leak(format!("o{round}").into_boxed_str());
+                written.fetch_add(
+                    operations(Arc::clone(&allocator), 1, batch).await,
+                    Ordering::Relaxed,
+                );
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let _restore = Restore;
+
+    // PostgreSQL stopped for 10 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack(&["stop", "postgresql"]);
+    let stopped = Instant::now();
+    let postgres_lag = lag_grows_while_down(metrics_port, "postgresql").await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
+    stack(&["up"]);
+    let postgres_drain = wait_drained(&setup, "after postgresql", IN_FLIGHT).await;
+
+    // The broker frozen for 10 s.
+    stack(&["pause", "kafka"]);
+    let paused = Instant::now();
+    let kafka_lag = lag_grows_while_down(metrics_port, "kafka").await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(paused.elapsed())).await;
+    stack(&["resume", "kafka"]);
+    let kafka_drain = wait_drained(&setup, "after kafka", IN_FLIGHT).await;
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load");
+    let written = written.load(Ordering::Relaxed);
+    wait_drained(&setup, "at the end", 0.0).await;
+    eprintln!(
+        "written {written}; postgresql down: lag {postgres_lag:?}, drained in {postgres_drain:?}; \
+         kafka down: lag {kafka_lag:?}, drained in {kafka_drain:?}"
+    );
+
+    let rows = wait_for_rows(&setup, written, Duration::from_secs(60)).await;
+    assert_eq!(rows as u64, written, "one row per entry written");
+    for (sink, name) in [("postgresql", "postgresql"), ("kafka", "kafka")] {
+        let errors = metric(
+            metrics_port,
+            &format!("invgw_writer_errors_total{{sink=\"{sink}\""),
+        )
+        .await;
+        assert!(
+            errors.unwrap_or_default() > 0.0,
+            "the {name} outage shows in errors_total"
+        );
+    }
+    let (balanced, printed) = audit(&setup);
+    assert!(balanced, "{printed}");
+}
