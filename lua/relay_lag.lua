@@ -26,13 +26,14 @@ if not group then
   return cjson.encode({ v = 1, status = 'ok', entries = length, oldest_ms = first_after('-'), now_ms = now_ms })
 end
 local pending = group['pending']
-local unread = group['lag']
-if type(unread) ~= 'number' then
-  -- Redis cannot tell after some deletions; the trimmed stream holds at most
-  -- one acknowledged entry besides the unacknowledged ones.
-  unread = length - pending
-  if unread < 0 then unread = 0 end
-end
+-- Not XINFO's own `lag`: it is computed from counters that trimming and
+-- claiming leave stale (it reported 178,427 for a stream of one entry). The
+-- relay trims below its oldest pending entry, so few entries are at or
+-- before the last delivered one; the rest are unread. Counted up to a bound
+-- (past it, unread is over-reported, never under).
+local delivered = redis.call('XRANGE', KEYS[1], '-', group['last-delivered-id'], 'COUNT', 10000)
+local unread = length - #delivered
+if unread < 0 then unread = 0 end
 local oldest_ms = 0
 if pending > 0 then
   oldest_ms = id_ms(redis.call('XPENDING', KEYS[1], ARGV[1])[2])
