@@ -33,7 +33,7 @@
 //! | `kind`, `source`, `source_event_id`, `source_seq` | ? | adjust: its origin |
 //! | `shortfall` | bool? | adjust: sellable fell below −backorder_limit |
 //! | `safety_stock`, `backorder_limit`, `low_stock_threshold` | int? | settings (`low_stock_threshold` since the rebuild command; older entries lack it) |
-//! | `released` | [string]? | rebuild: open holds whose records Redis had lost, released (their units are `qty`) |
+//! | `released` | array of strings? | rebuild: open holds whose records Redis had lost, released (their units are `qty`) |
 //! | `found_on_hand`, `found_reserved`, `found_version` | int? | rebuild: what Redis held before (absent when the cell was missing) |
 //! | `expires_at_ms` | int? | extend: the new expiry |
 //! | `transfer_id` | string? | transfer_out, transfer_in: the transfer both halves share |
