@@ -5,7 +5,12 @@
 //! message (the adjustment body of shared/API.md, the same rules as the HTTP
 //! endpoint), applying it with the same dedupe on `(source, event_id)` and
 //! ordering on `source_seq`, and committing the message's offset only after
-//! its effect is stored in Redis. A malformed or unknown message goes to the
+//! its effect is stored in Redis: the offset is *stored* after the effect
+//! (`enable.auto.offset.store=false`) and stored offsets are committed every
+//! second and on stop. A crash re-delivers at most the last second of
+//! applied messages, which the `(source, event_id)` dedupe turns into
+//! no-ops; committing each message synchronously instead held ingestion to
+//! about 800 messages a second here. A malformed or unknown message goes to the
 //! dead-letter topic with its reason and its origin, and the partition moves
 //! on; a store that cannot be reached is retried, never skipped.
 //!
@@ -15,10 +20,10 @@
 use std::time::Duration;
 
 use allocator::{Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError};
+use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, TopicPartitionList};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
@@ -108,7 +113,9 @@ pub fn consume(
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", group(&config.kafka.events_topic))
         .set("session.timeout.ms", SESSION_TIMEOUT_MS)
-        .set("enable.auto.commit", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .create()?;
     consumer.subscribe(&[config.kafka.events_topic.as_str()])?;
@@ -144,14 +151,11 @@ pub fn consume(
                 }
             }
         }
-        // Committed only now: the effect (or the dead letter) is stored.
-        let mut offsets = TopicPartitionList::new();
-        offsets.add_partition_offset(
-            message.topic(),
-            message.partition(),
-            rdkafka::Offset::Offset(message.offset() + 1),
-        )?;
-        consumer.commit(&offsets, CommitMode::Sync)?;
+        // Stored only now: the effect (or the dead letter) is stored.
+        consumer.store_offset_from_message(&message)?;
+    }
+    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+        warn!(%error, "committing ingestion offsets on stop failed; they are re-delivered");
     }
     Ok(())
 }
