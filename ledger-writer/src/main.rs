@@ -60,6 +60,14 @@ enum Command {
     },
 }
 
+/// PostgreSQL for the offline commands: they read whole ledgers, so the
+/// relay's statement timeout does not apply to them.
+async fn offline_postgres(config: &config::Config) -> anyhow::Result<tokio_postgres::Client> {
+    let client = ledger_writer::connect_postgres(config).await?;
+    client.batch_execute("SET statement_timeout = 0").await?;
+    Ok(client)
+}
+
 async fn shutdown_signal() {
     let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -118,7 +126,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                     }
                 },
             };
-            let client = ledger_writer::connect_postgres(&config).await?;
+            let client = offline_postgres(&config).await?;
             let settings = allocator::AllocatorSettings::from_config(&config);
             let allocator = allocator::Allocator::connect(&config.redis.url, settings, 2).await?;
             let options = ledger_writer::rebuild::Options {
@@ -145,7 +153,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             merchant,
             count_kafka,
         } => {
-            let client = ledger_writer::connect_postgres(&config).await?;
+            let client = offline_postgres(&config).await?;
             let settings = allocator::AllocatorSettings::from_config(&config);
             let allocator = allocator::Allocator::connect(&config.redis.url, settings, 2).await?;
             let mut report =
