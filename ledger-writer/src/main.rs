@@ -60,10 +60,12 @@ enum Command {
     },
 }
 
-/// PostgreSQL for the offline commands: they read whole ledgers, so the
-/// relay's statement timeout does not apply to them.
+/// PostgreSQL for the offline commands, migrated (an audit of a database no
+/// writer has touched yet finds an empty ledger rather than no table). They
+/// read whole ledgers, so the relay's statement timeout does not apply.
 async fn offline_postgres(config: &config::Config) -> anyhow::Result<tokio_postgres::Client> {
-    let client = ledger_writer::connect_postgres(config).await?;
+    let mut client = ledger_writer::connect_postgres(config).await?;
+    ledger_writer::migrate::migrate(&mut client).await?;
     client.batch_execute("SET statement_timeout = 0").await?;
     Ok(client)
 }
