@@ -180,7 +180,7 @@ pub struct Summary {
     pub scenario: String,
     /// Gateway nodes it spread users over.
     pub hosts: Vec<String>,
-    /// Users, run time (s), request rate cap (0: none) and seed.
+    /// Users goose ran.
     pub users: usize,
     /// Seconds the load ran.
     pub duration_seconds: usize,
