@@ -27,6 +27,8 @@ local function read(from)
   for _, item in ipairs(reply[1][2]) do
     local fields, e = item[2], cjson.null
     if fields then
+      -- An entry without an `e` field is malformed, not gone: '' fails to parse.
+      e = ''
       for i = 1, #fields, 2 do
         if fields[i] == 'e' then e = fields[i + 1] end
       end

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::lease::{Lease, Leases};
 use crate::metrics::Metrics;
-use crate::relay::{Relay, RelayError, report};
+use crate::relay::{OutboxLag, Relay, RelayError, report};
 
 /// How long the relay rests when every stream was empty.
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
@@ -138,11 +138,9 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         Arc::clone(&metrics),
     ));
     background.spawn(measure_lag_forever(
-        Relay::new(
-            Arc::clone(&config),
-            allocator.redis().clone(),
-            Arc::clone(&metrics),
-        )?,
+        OutboxLag::new(allocator.redis().clone()),
+        Arc::clone(&metrics),
+        partitions,
         config.ledger_writer.lag_alert_entries,
     ));
     let stop_ingesting = Arc::new(AtomicBool::new(false));
@@ -279,21 +277,23 @@ const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Measures every partition's outbox lag into the metrics, and warns while
 /// the total is over `alert_entries`.
-async fn measure_lag_forever(relay: Relay, alert_entries: u64) {
-    let partitions = relay.config.stock.partitions;
+async fn measure_lag_forever(
+    outbox: OutboxLag,
+    metrics: Arc<Metrics>,
+    partitions: u32,
+    alert_entries: u64,
+) {
     loop {
         let mut total = 0;
         for partition in 0..partitions {
-            match relay.lag(partition).await {
+            match outbox.measure(partition).await {
                 Ok(lag) => {
                     let label = partition.to_string();
-                    relay
-                        .metrics
+                    metrics
                         .lag_entries
                         .with_label_values(&[label.as_str()])
                         .set(lag.entries as i64);
-                    relay
-                        .metrics
+                    metrics
                         .lag_oldest_ms
                         .with_label_values(&[label.as_str()])
                         .set(lag.oldest_age_ms() as i64);
@@ -302,7 +302,7 @@ async fn measure_lag_forever(relay: Relay, alert_entries: u64) {
                 Err(error) => warn!(partition, %error, "measuring outbox lag failed"),
             }
         }
-        relay.metrics.lag_entries_total.set(total as i64);
+        metrics.lag_entries_total.set(total as i64);
         let over = total > alert_entries;
         if over {
             warn!(
@@ -310,7 +310,7 @@ async fn measure_lag_forever(relay: Relay, alert_entries: u64) {
                 alert_entries, "outbox lag over threshold"
             );
         }
-        relay.metrics.lag_alert.set(i64::from(over));
+        metrics.lag_alert.set(i64::from(over));
         tokio::time::sleep(LAG_INTERVAL).await;
     }
 }

@@ -21,7 +21,6 @@
 //! and per stream, so the relay works on Redis Cluster too. Nothing here
 //! decides stock.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,9 +47,9 @@ pub const CONSUMER: &str = "relay";
 /// One stream entry: its stream id and its decoded JSON.
 type Entry = (String, Value);
 
-/// A stream entry as read: its id and its fields (none when the entry was
+/// A stream entry as read: its id and its `e` field (none when the entry was
 /// deleted from the stream while pending).
-type RawEntry = (String, Option<HashMap<String, String>>);
+type RawEntry = (String, Option<String>);
 
 /// Where one writer instance relays.
 pub struct Relay {
@@ -64,14 +63,48 @@ pub struct Relay {
     pub postgres: Option<Client>,
     /// This writer's series.
     pub metrics: Arc<Metrics>,
-    /// `lua/relay_read.lua`, `lua/relay_ack.lua`, `lua/relay_lag.lua`.
+    /// `lua/relay_read.lua`, `lua/relay_ack.lua`.
     scripts: RelayScripts,
 }
 
 struct RelayScripts {
     read: Script,
     ack: Script,
-    lag: Script,
+}
+
+/// Measures how far behind the outbox streams are (`lua/relay_lag.lua`);
+/// read only, so it needs neither Kafka nor PostgreSQL.
+pub struct OutboxLag {
+    /// Redis, for the streams.
+    redis: Pool,
+    /// `lua/relay_lag.lua`.
+    script: Script,
+}
+
+impl OutboxLag {
+    /// A probe over `redis`.
+    pub fn new(redis: Pool) -> Self {
+        Self {
+            redis,
+            script: Script::from_lua(include_str!("../../lua/relay_lag.lua")),
+        }
+    }
+
+    /// How far behind `partition`'s outbox is.
+    pub async fn measure(&self, partition: u32) -> Result<Lag, RelayError> {
+        let text: String = self
+            .script
+            .evalsha_with_reload(
+                self.redis.next(),
+                vec![ledger_stream(partition)],
+                vec![GROUP.to_owned()],
+            )
+            .await?;
+        serde_json::from_str(&text).map_err(|error| RelayError::Malformed {
+            id: format!("relay_lag reply of partition {partition}"),
+            reason: error.to_string(),
+        })
+    }
 }
 
 /// What one pass over a partition did.
@@ -175,7 +208,6 @@ impl Relay {
             scripts: RelayScripts {
                 read: Script::from_lua(include_str!("../../lua/relay_read.lua")),
                 ack: Script::from_lua(include_str!("../../lua/relay_ack.lua")),
-                lag: Script::from_lua(include_str!("../../lua/relay_lag.lua")),
             },
         })
     }
@@ -194,23 +226,6 @@ impl Relay {
         }
     }
 
-    /// How far behind `partition`'s outbox is.
-    pub async fn lag(&self, partition: u32) -> Result<Lag, RelayError> {
-        let text: String = self
-            .scripts
-            .lag
-            .evalsha_with_reload(
-                self.redis.next(),
-                vec![ledger_stream(partition)],
-                vec![GROUP.to_owned()],
-            )
-            .await?;
-        serde_json::from_str(&text).map_err(|error| RelayError::Malformed {
-            id: format!("relay_lag reply of partition {partition}"),
-            reason: error.to_string(),
-        })
-    }
-
     /// Relays one batch of the leased partition: entries left pending first
     /// (a writer died before acknowledging them), then new ones.
     pub async fn pass(&mut self, lease: &Lease) -> Result<Pass, RelayError> {
@@ -221,7 +236,7 @@ impl Relay {
             return Ok(Pass::default());
         }
         let (batch, vanished): (Vec<RawEntry>, Vec<RawEntry>) =
-            batch.into_iter().partition(|(_, fields)| fields.is_some());
+            batch.into_iter().partition(|(_, text)| text.is_some());
         if !vanished.is_empty() {
             // Deleted from the stream while pending (someone trimmed or
             // XDELed past the writer): nothing left to relay; acknowledge so
@@ -239,14 +254,10 @@ impl Relay {
         }
         let entries = batch
             .into_iter()
-            .map(|(id, fields)| {
-                let fields = fields.unwrap_or_default();
-                let text = fields.get("e").ok_or_else(|| RelayError::Malformed {
-                    id: id.clone(),
-                    reason: "no e field".to_owned(),
-                })?;
+            .map(|(id, text)| {
+                let text = text.unwrap_or_default();
                 let mut entry: Value =
-                    serde_json::from_str(text).map_err(|error| RelayError::Malformed {
+                    serde_json::from_str(&text).map_err(|error| RelayError::Malformed {
                         id: id.clone(),
                         reason: error.to_string(),
                     })?;
@@ -292,11 +303,7 @@ impl Relay {
             )
             .await?;
         let reply = self.script_reply(&text, lease.partition)?;
-        Ok(reply
-            .entries
-            .into_iter()
-            .map(|(id, e)| (id, e.map(|e| HashMap::from([("e".to_owned(), e)]))))
-            .collect())
+        Ok(reply.entries)
     }
 
     async fn acknowledge(&self, lease: &Lease, ids: Vec<String>) -> Result<(), RelayError> {

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use allocator::Allocator;
 use common::*;
 
 /// Lag that counts as drained while the load goes on: well under a second
@@ -87,15 +86,7 @@ fn tail(text: &str, lines: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_absorbs_a_postgresql_and_a_broker_outage_and_drains_with_nothing_lost() {
-    let port = testkit::free_port();
-    let _redis = testkit::private_redis(port, None);
-    let redis_url = format!("redis://127.0.0.1:{port}");
-    let setup = setup(&redis_url).await;
-    let allocator = Arc::new(
-        Allocator::connect(&redis_url, settings(), 4)
-            .await
-            .expect("allocator"),
-    );
+    let (_redis, setup, allocator) = harness(&[]).await;
     let _writer = start_writer(&setup);
     let metrics_port = setup.metrics_port;
     wait_drained(&setup, "start", 0.0).await;

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allocator::{Adjustment, AdjustmentKind, Allocator, ReserveRequest, StockKey};
+use allocator::{Adjustment, AdjustmentKind, ReserveRequest, StockKey};
 use common::*;
 use fred::prelude::*;
 use rdkafka::ClientConfig;
@@ -19,15 +19,7 @@ use rdkafka::message::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
-    let port = testkit::free_port();
-    let _redis = testkit::private_redis(port, None);
-    let redis_url = format!("redis://127.0.0.1:{port}");
-    let setup = setup(&redis_url).await;
-    let allocator = Arc::new(
-        Allocator::connect(&redis_url, settings(), 4)
-            .await
-            .expect("allocator"),
-    );
+    let (_redis, setup, allocator) = harness(&[]).await;
 
     let mut writer = start_writer(&setup);
     // 4 workers x 900 rounds x (adjust, reserve, commit or release).
@@ -120,15 +112,7 @@ async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
-    let port = testkit::free_port();
-    let _redis = testkit::private_redis(port, None);
-    let redis_url = format!("redis://127.0.0.1:{port}");
-    let setup = setup(&redis_url).await;
-    let allocator = Arc::new(
-        Allocator::connect(&redis_url, settings(), 4)
-            .await
-            .expect("allocator"),
-    );
+    let (_redis, setup, allocator) = harness(&[]).await;
 
     // Part of the ledger relayed to PostgreSQL, part still in the outbox.
     let mut writer = start_writer(&setup);
@@ -256,13 +240,7 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
 async fn stock_events_are_applied_once_in_order_and_malformed_ones_are_dead_lettered() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    let port = testkit::free_port();
-    let _redis = testkit::private_redis(port, None);
-    let redis_url = format!("redis://127.0.0.1:{port}");
-    let setup = setup(&redis_url).await;
-    let allocator = Allocator::connect(&redis_url, settings(), 2)
-        .await
-        .expect("allocator");
+    let (_redis, setup, allocator) = harness(&[]).await;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &testkit::stack().kafka_brokers)
@@ -390,22 +368,11 @@ async fn stock_events_are_applied_once_in_order_and_malformed_ones_are_dead_lett
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_split_the_partitions_and_the_survivor_takes_over_within_the_lease_time() {
     const LEASE_MS: u64 = 2000;
-    let port = testkit::free_port();
-    let _redis = testkit::private_redis(port, None);
-    let redis_url = format!("redis://127.0.0.1:{port}");
-    let setup = setup_with(
-        &redis_url,
-        &[(
-            "partition_lease_ttl_ms = 5000",
-            &format!("partition_lease_ttl_ms = {LEASE_MS}"),
-        )],
-    )
+    let (_redis, setup, allocator) = harness(&[(
+        "partition_lease_ttl_ms = 5000",
+        &format!("partition_lease_ttl_ms = {LEASE_MS}"),
+    )])
     .await;
-    let allocator = Arc::new(
-        Allocator::connect(&redis_url, settings(), 4)
-            .await
-            .expect("allocator"),
-    );
     let (port_1, port_2) = (testkit::free_port(), testkit::free_port());
     let _writer_1 = start_writer_as(&setup, "writer-1", port_1);
     let mut writer_2 = start_writer_as(&setup, "writer-2", port_2);
@@ -516,13 +483,7 @@ async fn two_writers_split_the_partitions_and_the_survivor_takes_over_within_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_repairs_a_wiped_key_and_refuses_one_taking_writes() {
-    let port = testkit::free_port();
-    let _redis = testkit::private_redis(port, None);
-    let redis_url = format!("redis://127.0.0.1:{port}");
-    let setup = setup(&redis_url).await;
-    let allocator = Allocator::connect(&redis_url, settings(), 4)
-        .await
-        .expect("allocator");
+    let (_redis, setup, allocator) = harness(&[]).await;
     let _writer = start_writer(&setup);
 
     let key = StockKey::new("m-rebuild", "lamp", "dc1");

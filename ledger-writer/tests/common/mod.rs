@@ -41,6 +41,23 @@ pub async fn setup(redis_url: &str) -> Setup {
     setup_with(redis_url, &[]).await
 }
 
+/// What every writer test starts from: a private Redis (kept running while
+/// the first value lives), the per-test PostgreSQL schema, Kafka topics and
+/// config ([`setup_with`] and its `replacements`), and an allocator on that
+/// Redis.
+pub async fn harness(replacements: &[(&str, &str)]) -> (KillOnDrop, Setup, Arc<Allocator>) {
+    let port = testkit::free_port();
+    let redis = testkit::private_redis(port, None);
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let setup = setup_with(&redis_url, replacements).await;
+    let allocator = Arc::new(
+        Allocator::connect(&redis_url, settings(), 4)
+            .await
+            .expect("allocator"),
+    );
+    (redis, setup, allocator)
+}
+
 /// [`setup`], with more `(from, to)` replacements in the config text.
 pub async fn setup_with(redis_url: &str, replacements: &[(&str, &str)]) -> Setup {
     let stack = testkit::stack();
