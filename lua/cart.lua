@@ -63,7 +63,10 @@ if a.action == 'begin' then
   local done = ({ commit = 'committed', release = 'released' })[a.to]
   if r.status == done then return reply(reservation_view(r)) end
   if r.status ~= 'held' then
-    return refuse('not_held', { reservation_status = r.status })
+    -- A cart on its way to the other end reports where it is going: a
+    -- commit racing a release is refused as released, and the other way.
+    local shown = ({ committing = 'committed', releasing = 'released' })[r.status] or r.status
+    return refuse('not_held', { reservation_status = shown })
   end
   r.status = moving
   res_put(r)

@@ -32,6 +32,16 @@ local EXPIRE_PER_CALL = 64
 -- bounds one call's work (a backlog this deep is the sweeper's to clear).
 local EXPIRE_CELL_MAX = 5000
 local GC_PER_CALL = 32
+-- A transfer is credited only this long after its debit. Credit records
+-- (`in|id`) are kept RETENTION_MS after the credit, which is after the debit,
+-- so every credit attempt either finds the record (and changes nothing) or
+-- comes too late and is refused: no credit ever outlives its dedupe record.
+local CREDIT_WINDOW_MS = 12 * 3600 * 1000
+-- Lua's cjson writes at most 14 significant digits: integers that may be
+-- larger (source sequences) leave a script as decimal strings.
+local function int_text(n)
+  return string.format('%d', n)
+end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -88,6 +98,16 @@ end
 
 local function sellable(c)
   return c.on_hand - c.reserved - c.safety_stock
+end
+
+-- Whether a drain of the key's buckets is under way (the pool's lease).
+local function drain_live(c)
+  return (c.drain_until_ms or 0) > NOW
+end
+
+-- Whether a pool has lent units to buckets (it keeps their node -> partition).
+local function has_buckets(c)
+  return type(c.buckets) == 'table' and next(c.buckets) ~= nil
 end
 
 -- The invariant of DESIGN.md for every change a request makes: checked on the
@@ -355,6 +375,9 @@ local function reserve_one(a)
   expire_cell_due(a.cell)
   local c = cell_get(a.cell)
   if not c then return refuse('not_found') end
+  -- A fenced bucket sells nothing: its key is being counted, is short, or
+  -- its units were taken back; the pool decides until a refill reopens it.
+  if c.fenced then return refuse('fenced', { version = c.version }) end
   local available = sellable(c)
   if available - a.qty < -c.backorder_limit then
     local shown = available
@@ -398,13 +421,25 @@ end
 -- Debits up to `want` sellable units of cell `from_id` for transfer `t`
 -- (`exact` refuses unless all of `want` can move). Records the transfer as
 -- debited in this partition, with the ledger entry. Returns the units moved
--- (0: nothing recorded) or nil and a refusal.
+-- and the transfer record (0 and no record: nothing moved, with why), or nil
+-- and a refusal.
+--
+-- A pool lends nothing while a drain of its buckets is under way (the drain
+-- counts what the buckets hold and must not see them grow), and a fenced
+-- bucket gives units back only to a drain (`t.fence`). Each record carries the
+-- pool's drain epoch at the debit: a bucket credited by a debit made after its
+-- fence opens again (transfer_in).
 local function transfer_debit(t, want, exact)
   local existing = redis.call('HGET', K_XFER, t.transfer_id)
-  if existing then return cjson.decode(existing).qty end
+  if existing then
+    local rec = cjson.decode(existing)
+    return rec.qty, nil, rec
+  end
   expire_cell_due(t.from_cell)
   local c = cell_get(t.from_cell)
   if not c then return nil, refuse('not_found') end
+  if c.kind == 'pool' and drain_live(c) then return 0, nil, nil, 'draining' end
+  if c.kind == 'bucket' and c.fenced and not t.fence then return 0, nil, nil, 'fenced' end
   local free = sellable(c)
   if free < 0 then free = 0 end
   local moved = want
@@ -412,13 +447,19 @@ local function transfer_debit(t, want, exact)
     if exact then return nil, refuse('insufficient_stock', { requested = want, available = free }) end
     moved = free
   end
-  if moved == 0 then return 0 end
+  if moved == 0 then return 0, nil, nil, 'empty' end
   local on_hand_before, reserved_before = c.on_hand, c.reserved
   c.on_hand = c.on_hand - moved
   -- Units debited here and not yet known credited: a hot reservation does not
   -- answer "sold out" while any are on their way to another cell.
   c.out_in_flight = (c.out_in_flight or 0) + moved
   c.version = c.version + 1
+  if c.kind == 'pool' and t.to_kind == 'bucket' then
+    -- The pool is the one home of the list of its key's buckets: drains,
+    -- reads and the reconciler find them here, whatever the config says now.
+    if type(c.buckets) ~= 'table' then c.buckets = {} end
+    c.buckets[t.to_node] = t.to_partition
+  end
   assert_cell(c, t.from_cell)
   cell_put(t.from_cell, c)
   local rec = {
@@ -426,13 +467,14 @@ local function transfer_debit(t, want, exact)
     from_cell = t.from_cell, to_cell = t.to_cell, to_partition = t.to_partition,
     merchant = c.merchant, sku = c.sku, location = c.location, to_kind = t.to_kind,
     to_node = t.to_node, reason = t.reason, debited_at_ms = NOW,
+    epoch = (c.kind == 'pool') and (c.drain_epoch or 0) or nil,
   }
   redis.call('HSET', K_XFER, t.transfer_id, cjson.encode(rec))
   ledger('transfer_out', t.from_cell, on_hand_before, reserved_before, c, {
     qty = moved, transfer_id = t.transfer_id, to_cell = t.to_cell, reason = t.reason,
   })
   notify(t.from_cell, c)
-  return moved
+  return moved, nil, rec
 end
 
 local function check_transfer(t)

@@ -15,7 +15,7 @@ for i = 1, #fields, 2 do
   if id:sub(1, 5) == 'cart|' then
     local rec = cjson.decode(raw)
     if rec.since_ms <= NOW - ARGS.older_than_ms then carts[#carts + 1] = rec end
-  elseif id:sub(1, 3) ~= 'in|' and id:sub(1, 11) ~= 'activation|' then
+  elseif id:sub(1, 3) ~= 'in|' and id:sub(1, 10) ~= 'activation' then
     local rec = cjson.decode(raw)
     if rec.status == 'debited' and rec.debited_at_ms <= NOW - ARGS.older_than_ms then
       pending[#pending + 1] = rec

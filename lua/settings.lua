@@ -1,6 +1,9 @@
 -- settings: safety stock, backorder limit and low-stock threshold of a pool
 -- cell (created if new). No units move; the entry is in the ledger because
--- sellable changes.
+-- sellable changes. While the pool has lent units to buckets, settings that
+-- would leave the pool short are answered needs_drain (nothing written)
+-- unless they come inside the key's live drain (ARGS.drain_epoch): the
+-- buckets are fenced first, so the key stops selling what it no longer may.
 local a = ARGS
 if not is_id(a.merchant) or not is_id(a.sku) or not is_id(a.location) or not is_cell_id(a.cell) then
   return refuse('bad_argument', { reason = 'stock key' })
@@ -9,8 +12,21 @@ if not is_int(a.safety_stock, 0, 1000000000) or not is_int(a.backorder_limit, 0,
   or not is_int(a.low_stock_threshold, -1, 1000000000) then
   return refuse('bad_argument', { reason = 'settings' })
 end
+if a.drain_epoch ~= nil and not is_int(a.drain_epoch, 1, 99999999999999) then
+  return refuse('bad_argument', { reason = 'drain_epoch' })
+end
 housekeeping()
 local c = cell_get(a.cell) or new_cell(a, 'pool')
+if has_buckets(c) then
+  if a.drain_epoch ~= nil then
+    if c.drain_epoch ~= a.drain_epoch or not drain_live(c) then
+      return refuse('drain_lost', { reason = 'the drain lease lapsed or another drain took it' })
+    end
+    c.drain_until_ms = 0
+  elseif c.on_hand - c.reserved - a.safety_stock < -a.backorder_limit then
+    return reply({ status = 'needs_drain' })
+  end
+end
 c.safety_stock = a.safety_stock
 c.backorder_limit = a.backorder_limit
 c.low_stock_threshold = a.low_stock_threshold

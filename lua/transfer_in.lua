@@ -1,16 +1,30 @@
 -- transfer_in: the second half of a transfer. Credits ARGS.qty units to
 -- ARGS.to_cell (creating a bucket cell if new) exactly once per transfer id:
 -- a second call, from a retry or a concurrent finisher, changes nothing.
--- Replies: credited {qty, replayed}, bad_argument.
+-- ARGS.debited_at_ms is the debit's Redis time: a credit more than
+-- CREDIT_WINDOW_MS after it is refused (too_old), because the dedupe record of
+-- an earlier credit may be gone by then. ARGS.epoch is the source pool's
+-- drain epoch at the debit: a fenced bucket credited by a debit made at or
+-- after its fence's epoch opens again.
+-- Replies: credited {qty, replayed}, too_old, bad_argument.
 local bad = check_transfer(ARGS)
 if bad then return refuse('bad_argument', { reason = bad }) end
 if not is_int(ARGS.qty, 1, 1000000000) or not is_id(ARGS.merchant) or not is_id(ARGS.sku)
   or not is_id(ARGS.location) then
   return refuse('bad_argument', { reason = 'qty and stock key' })
 end
+if not is_int(ARGS.debited_at_ms, 0, 99999999999999) then
+  return refuse('bad_argument', { reason = 'debited_at_ms' })
+end
+if ARGS.epoch ~= nil and not is_int(ARGS.epoch, 0, 99999999999999) then
+  return refuse('bad_argument', { reason = 'epoch' })
+end
 local done = redis.call('HGET', K_XFER, 'in|' .. ARGS.transfer_id)
 if done then
   return reply({ status = 'credited', qty = cjson.decode(done).qty, replayed = true })
+end
+if NOW - ARGS.debited_at_ms > CREDIT_WINDOW_MS then
+  return reply({ status = 'too_old', transfer_id = ARGS.transfer_id })
 end
 housekeeping()
 local c = cell_get(ARGS.to_cell)
@@ -21,6 +35,9 @@ end
 local on_hand_before, reserved_before = c.on_hand, c.reserved
 c.on_hand = c.on_hand + ARGS.qty
 c.version = c.version + 1
+if c.fenced and ARGS.epoch ~= nil and ARGS.epoch >= (c.fence_epoch or 0) then
+  c.fenced = false
+end
 cell_put(ARGS.to_cell, c)
 redis.call('HSET', K_XFER, 'in|' .. ARGS.transfer_id, cjson.encode({
   qty = ARGS.qty, from_cell = ARGS.from_cell, credited_at_ms = NOW,

@@ -532,6 +532,27 @@ impl Allocator {
     /// Finishes carts of `partition` left committing or releasing for at
     /// least `older_than` (their process died half way). Returns how many.
     pub async fn finish_carts(&self, partition: u32, older_than: Duration) -> Result<u64> {
+        let mut failed = Vec::new();
+        let finished = self
+            .finish_carts_reporting(partition, older_than, &|_| false, &mut failed)
+            .await?;
+        match failed.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(finished),
+        }
+    }
+
+    /// [`Allocator::finish_carts`] for the reconciler: carts for which `skip`
+    /// says so are left alone (they are backing off), and a cart that cannot
+    /// be finished is reported in `failed` with its id while the others go on.
+    /// Only an unreachable store stops the pass.
+    pub async fn finish_carts_reporting(
+        &self,
+        partition: u32,
+        older_than: Duration,
+        skip: &(dyn Fn(&str) -> bool + Sync),
+        failed: &mut Vec<(String, AllocatorError)>,
+    ) -> Result<u64> {
         let mut cursor = "0".to_owned();
         let mut finished = 0;
         loop {
@@ -541,24 +562,35 @@ impl Allocator {
             let carts: Vec<Value> = crate::hot::list(&reply["carts"])?;
             for pending in carts {
                 let id = pending["reservation_id"].as_str().unwrap_or_default();
-                let args = json!({ "reservation_id": id });
-                let Ok(Record::Cart(cart)) =
-                    record(self.call(Op::GetReservation, partition, args).await?)
-                else {
+                if skip(id) {
                     continue;
-                };
-                let op = if cart.status == "committing" {
-                    Op::Commit
-                } else {
-                    Op::Release
-                };
-                self.carry_out(partition, op, &cart).await?;
-                finished += 1;
+                }
+                match self.finish_cart(partition, id).await {
+                    Ok(true) => finished += 1,
+                    Ok(false) => {}
+                    Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
+                    Err(error) => failed.push((id.to_owned(), error)),
+                }
             }
             cursor = reply["cursor"].as_str().unwrap_or("0").to_owned();
             if cursor == "0" {
                 return Ok(finished);
             }
         }
+    }
+
+    async fn finish_cart(&self, partition: u32, id: &str) -> Result<bool> {
+        let args = json!({ "reservation_id": id });
+        let Record::Cart(cart) = record(self.call(Op::GetReservation, partition, args).await?)?
+        else {
+            return Ok(false);
+        };
+        let op = match cart.status.as_str() {
+            "committing" => Op::Commit,
+            "releasing" => Op::Release,
+            _ => return Ok(false),
+        };
+        self.carry_out(partition, op, &cart).await?;
+        Ok(true)
     }
 }

@@ -99,10 +99,48 @@ pub struct PendingTransfer {
     /// The node of a bucket destination.
     #[serde(default)]
     pub to_node: Option<String>,
-    /// Why it was made (`activate`, `refill`, `reclaim`).
+    /// Why it was made (`activate`, `refill`, `reclaim`, `drain`).
     #[serde(default)]
     pub reason: Option<String>,
+    /// Redis time of the debit: the credit is refused past the credit window.
+    pub debited_at_ms: u64,
+    /// The source pool's drain epoch at the debit (none from a bucket).
+    #[serde(default)]
+    pub epoch: Option<u64>,
 }
+
+/// What a debit recorded, which its credit must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Debit {
+    /// Units debited.
+    pub qty: u64,
+    /// Redis time of the debit.
+    pub debited_at_ms: u64,
+    /// The source pool's drain epoch at the debit.
+    pub epoch: Option<u64>,
+}
+
+/// What a drain of a key's buckets found and did ([`Allocator::drain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// The drain lease's epoch (the pool's); adjustments inside it carry it.
+    pub epoch: u64,
+    /// Free units taken back from the buckets to the pool.
+    pub moved: u64,
+    /// What the fenced buckets still hold (held units only, plus what a
+    /// release freed since), read when nothing was in flight.
+    pub buckets_on_hand: i64,
+}
+
+/// How long a drain holds the key's lease: the pool lends nothing meanwhile.
+const DRAIN_LEASE: Duration = Duration::from_millis(2000);
+
+/// How often a drain that finds the lease taken tries again, and how long.
+const DRAIN_BUSY_PAUSE: Duration = Duration::from_millis(5);
+const DRAIN_BUSY_TRIES: usize = 600;
+
+/// Rounds of finishing in-flight transfers a drain makes before giving up.
+const DRAIN_SETTLE_ROUNDS: usize = 20;
 
 /// The cells of a stock key with their sellable units: the pool, and in a
 /// flash sale one bucket per node.
@@ -115,6 +153,16 @@ pub struct StockView {
 }
 
 impl StockView {
+    /// Units every cell of the key holds (physical units, pool and buckets).
+    pub fn on_hand(&self) -> i64 {
+        self.pool.as_ref().map_or(0, |pool| pool.on_hand)
+            + self
+                .buckets
+                .iter()
+                .map(|(_, bucket)| bucket.on_hand)
+                .sum::<i64>()
+    }
+
     /// Sellable units of the whole key: the pool plus every bucket's free units.
     pub fn sellable(&self) -> i64 {
         let pool = self.pool.as_ref().map_or(0, Cell::sellable);
@@ -202,6 +250,10 @@ fn unique_suffix() -> String {
     )
 }
 
+fn hot_key_member(key: &StockKey) -> String {
+    format!("{}|{}|{}", key.merchant, key.sku, key.location)
+}
+
 /// Lua's cjson writes an empty list as `{}`: read either as a list.
 pub(crate) fn list<T: serde::de::DeserializeOwned>(value: &Value) -> Result<Vec<T>> {
     match value {
@@ -241,28 +293,47 @@ impl Transfer<'_> {
     }
 }
 
+fn debit_of(reply: &Value) -> Result<Debit> {
+    let qty = reply["qty"]
+        .as_u64()
+        .ok_or_else(|| AllocatorError::Protocol(format!("debit reply: {reply}")))?;
+    Ok(Debit {
+        qty,
+        debited_at_ms: reply["debited_at_ms"].as_u64().unwrap_or_default(),
+        epoch: reply["epoch"].as_u64(),
+    })
+}
+
 impl Allocator {
     /// Moves up to `qty` sellable units of `transfer.from` (exactly `qty` or
     /// nothing when `exact`) to `transfer.to`; returns the units moved. A
     /// crash between the debit and the credit leaves the transfer for
     /// [`Allocator::finish_transfers`].
     pub async fn transfer(&self, transfer: &Transfer<'_>, qty: u64, exact: bool) -> Result<u64> {
-        let moved = self.transfer_out(transfer, qty, exact).await?;
-        if moved > 0 {
-            self.transfer_in(transfer, moved).await?;
+        let debit = self.transfer_out(transfer, qty, exact).await?;
+        self.complete(transfer, &debit).await?;
+        Ok(debit.qty)
+    }
+
+    /// Credits a debit and marks it done at its source.
+    async fn complete(&self, transfer: &Transfer<'_>, debit: &Debit) -> Result<()> {
+        if debit.qty > 0 {
+            self.transfer_in(transfer, debit).await?;
             self.transfer_done(transfer.from.partition, transfer.id)
                 .await?;
         }
-        Ok(moved)
+        Ok(())
     }
 
-    /// The debit half of a transfer (public so tests can stage a crash after it).
+    /// The debit half of a transfer (public so tests can stage a crash after
+    /// it). Moves nothing (qty 0) from a pool whose buckets are being drained
+    /// or from a fenced bucket.
     pub async fn transfer_out(
         &self,
         transfer: &Transfer<'_>,
         qty: u64,
         exact: bool,
-    ) -> Result<u64> {
+    ) -> Result<Debit> {
         let mut args = transfer.args(qty);
         args["exact"] = json!(exact);
         let reply = self
@@ -279,16 +350,25 @@ impl Allocator {
             });
         }
         check_refusal(&reply)?;
-        reply["qty"]
-            .as_u64()
-            .ok_or_else(|| AllocatorError::Protocol(format!("transfer_out reply: {reply}")))
+        debit_of(&reply)
     }
 
     /// The credit half; returns false when the transfer was credited before.
-    async fn transfer_in(&self, transfer: &Transfer<'_>, qty: u64) -> Result<bool> {
+    /// A credit past the credit window is refused ([`AllocatorError::Conflict`]):
+    /// the transfer stays in flight for an operator, the audit shows it.
+    async fn transfer_in(&self, transfer: &Transfer<'_>, debit: &Debit) -> Result<bool> {
+        let mut args = transfer.args(debit.qty);
+        args["debited_at_ms"] = json!(debit.debited_at_ms);
+        args["epoch"] = json!(debit.epoch);
         let reply = self
-            .call(Op::TransferIn, transfer.to.partition, transfer.args(qty))
+            .call(Op::TransferIn, transfer.to.partition, args)
             .await?;
+        if reply["status"] == json!("too_old") {
+            return Err(AllocatorError::Conflict(format!(
+                "transfer {} was debited too long ago to be credited safely",
+                transfer.id
+            )));
+        }
         check_refusal(&reply)?;
         Ok(reply["replayed"] != json!(true))
     }
@@ -307,8 +387,27 @@ impl Allocator {
     /// Credits every transfer of `partition` debited at least `older_than` ago
     /// and not credited (the process that debited it died). Safe to run on
     /// several reconcilers at once: each transfer is credited once. Returns how
-    /// many this call credited.
+    /// many this call credited; a transfer that cannot be credited is reported
+    /// in `failed` with its id and the error, and the others go on.
     pub async fn finish_transfers(&self, partition: u32, older_than: Duration) -> Result<u64> {
+        let mut failed = Vec::new();
+        let credited = self
+            .finish_transfers_reporting(partition, older_than, &mut failed)
+            .await?;
+        match failed.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(credited),
+        }
+    }
+
+    /// [`Allocator::finish_transfers`] that records per-transfer failures in
+    /// `failed` instead of stopping at the first (the reconciler's form).
+    pub async fn finish_transfers_reporting(
+        &self,
+        partition: u32,
+        older_than: Duration,
+        failed: &mut Vec<(String, AllocatorError)>,
+    ) -> Result<u64> {
         let mut cursor = "0".to_owned();
         let mut credited = 0;
         loop {
@@ -336,10 +435,23 @@ impl Allocator {
                     to_node: pending.to_node.as_deref(),
                     reason,
                 };
-                if self.transfer_in(&transfer, pending.qty).await? {
-                    credited += 1;
+                let debit = Debit {
+                    qty: pending.qty,
+                    debited_at_ms: pending.debited_at_ms,
+                    epoch: pending.epoch,
+                };
+                match self.transfer_in(&transfer, &debit).await {
+                    Ok(fresh) => {
+                        credited += u64::from(fresh);
+                        if let Err(error) =
+                            self.transfer_done(partition, &pending.transfer_id).await
+                        {
+                            failed.push((pending.transfer_id.clone(), error));
+                        }
+                    }
+                    Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
+                    Err(error) => failed.push((pending.transfer_id.clone(), error)),
                 }
-                self.transfer_done(partition, &pending.transfer_id).await?;
             }
             cursor = reply["cursor"].as_str().unwrap_or("0").to_owned();
             if cursor == "0" {
@@ -351,7 +463,10 @@ impl Allocator {
     /// Pre-splits `presplit_fraction` of the pool's sellable units across the
     /// sale's nodes' buckets, decided in one script call. Idempotent per
     /// `epoch` (one activation of the sale): a second call moves nothing more,
-    /// answers the first split, and completes credits a crash left undone.
+    /// answers the first split, and credits only the shares whose debits are
+    /// still waiting for their credit, so a replay at any later time never
+    /// credits what was not debited. While the key's buckets are being
+    /// drained it is refused with [`AllocatorError::Conflict`] (try later).
     pub async fn activate(&self, sale: &FlashSale, epoch: &str) -> Result<Vec<(String, u64)>> {
         let pool = sale.key.pool(self.settings.partitions);
         let targets: Vec<Value> = sale
@@ -363,20 +478,40 @@ impl Allocator {
             })
             .collect();
         let args = json!({
+            "action": "split",
             "sale": sale.name, "epoch": epoch, "from_cell": pool.id,
             "fraction": sale.presplit_fraction, "targets": targets,
             "merchant": sale.key.merchant, "sku": sale.key.sku, "location": sale.key.location,
         });
+        // Registered before the split: a key with buckets is always found.
+        let _: i64 = self
+            .with_timeout(
+                self.pool
+                    .next()
+                    .sadd(keys::HOT_KEYS, hot_key_member(&sale.key)),
+            )
+            .await?;
         let reply = self.call(Op::Activate, pool.partition, args).await?;
+        if reply["status"] == json!("draining") {
+            return Err(AllocatorError::Conflict(
+                "the key's buckets are being drained; activate later".to_owned(),
+            ));
+        }
         check_refusal(&reply)?;
         #[derive(Deserialize)]
         struct Share {
             node: String,
             qty: u64,
             transfer_id: String,
+            #[serde(default)]
+            pending: bool,
+            #[serde(default)]
+            debited_at_ms: u64,
+            #[serde(default)]
+            epoch: Option<u64>,
         }
         let split: Vec<Share> = list(&reply["split"])?;
-        for share in split.iter().filter(|share| share.qty > 0) {
+        for share in split.iter().filter(|share| share.pending && share.qty > 0) {
             let bucket = sale.key.bucket(&share.node, self.settings.partitions);
             let transfer = Transfer {
                 id: &share.transfer_id,
@@ -386,9 +521,12 @@ impl Allocator {
                 to_node: Some(&share.node),
                 reason: "activate",
             };
-            self.transfer_in(&transfer, share.qty).await?;
-            self.transfer_done(pool.partition, &share.transfer_id)
-                .await?;
+            let debit = Debit {
+                qty: share.qty,
+                debited_at_ms: share.debited_at_ms,
+                epoch: share.epoch,
+            };
+            self.complete(&transfer, &debit).await?;
         }
         Ok(split
             .into_iter()
@@ -396,8 +534,18 @@ impl Allocator {
             .collect())
     }
 
+    /// Forgets a sale's activation (the sale ended here): switching the same
+    /// sale on again later splits anew, with new transfer ids.
+    pub async fn end_activation(&self, sale: &FlashSale, epoch: &str) -> Result<()> {
+        let pool = sale.key.pool(self.settings.partitions);
+        let args =
+            json!({ "action": "end", "sale": sale.name, "epoch": epoch, "from_cell": pool.id });
+        check_refusal(&self.call(Op::Activate, pool.partition, args).await?)
+    }
+
     /// Moves a chunk sized from `units_per_second` from the pool to `node`'s
-    /// bucket; returns the units moved (0 when the pool has none).
+    /// bucket; returns the units moved (0 when the pool has none to lend, or
+    /// is being drained).
     pub async fn refill(&self, sale: &FlashSale, node: &str, units_per_second: f64) -> Result<u64> {
         let pool = sale.key.pool(self.settings.partitions);
         let bucket = sale.key.bucket(node, self.settings.partitions);
@@ -414,28 +562,152 @@ impl Allocator {
         self.transfer(&transfer, chunk, false).await
     }
 
-    /// Returns `node`'s unreserved bucket units above `keep_units` to the
-    /// pool; returns the units moved. Held units stay until their holds end.
-    pub async fn reclaim(&self, sale: &FlashSale, node: &str, keep_units: u64) -> Result<u64> {
-        let pool = sale.key.pool(self.settings.partitions);
-        let bucket = sale.key.bucket(node, self.settings.partitions);
-        let Some(cell) = self.cell(&bucket).await? else {
-            return Ok(0);
+    /// Takes `node`'s unreserved bucket units back to the pool through a
+    /// drain (the bucket is fenced until a refill reopens it); returns the
+    /// units moved. Held units stay until their holds end.
+    pub async fn reclaim(&self, sale: &FlashSale, node: &str) -> Result<u64> {
+        let drained = match self.drain(&sale.key, Some(node), false).await {
+            Err(AllocatorError::NotFound) => return Ok(0),
+            other => other?,
         };
-        let surplus = (cell.sellable().max(0) as u64).saturating_sub(keep_units);
-        if surplus == 0 {
-            return Ok(0);
+        self.end_drain(&sale.key, drained.epoch).await?;
+        Ok(drained.moved)
+    }
+
+    /// Takes every bucket of `key` back (the buckets the pool lists, or only
+    /// `node`'s): takes the key's drain lease (the pool lends nothing while
+    /// it lasts), fences each bucket (it sells nothing until a refill made
+    /// after the drain reaches it) and moves its free units to the pool.
+    /// With `settle`, it then finishes every transfer still in flight between
+    /// the key's cells and reads what the buckets still hold at an instant
+    /// when nothing was in flight, for a count to be applied against.
+    ///
+    /// The lease stays with the caller: an adjustment passes the epoch (and
+    /// ends it); anyone else calls [`Allocator::end_drain`].
+    pub async fn drain(&self, key: &StockKey, node: Option<&str>, settle: bool) -> Result<Drained> {
+        let pool = key.pool(self.settings.partitions);
+        let begin = json!({ "action": "begin", "cell": pool.id, "lease_ms": DRAIN_LEASE.as_millis() as u64 });
+        let mut reply = self.call(Op::Drain, pool.partition, begin.clone()).await?;
+        for _ in 0..DRAIN_BUSY_TRIES {
+            if reply["status"] != json!("busy") {
+                break;
+            }
+            tokio::time::sleep(DRAIN_BUSY_PAUSE).await;
+            reply = self.call(Op::Drain, pool.partition, begin.clone()).await?;
         }
-        let transfer_id = format!("reclaim.{node}.{}", unique_suffix());
-        let transfer = Transfer {
-            id: &transfer_id,
-            key: &sale.key,
-            from: &bucket,
-            to: &pool,
-            to_node: None,
-            reason: "reclaim",
+        if reply["status"] == json!("busy") {
+            return Err(AllocatorError::StoreUnavailable(format!(
+                "{key} is being drained by another caller"
+            )));
+        }
+        check_refusal(&reply)?;
+        let epoch = reply["epoch"]
+            .as_u64()
+            .ok_or_else(|| AllocatorError::Protocol(format!("drain reply: {reply}")))?;
+        let buckets: std::collections::BTreeMap<String, u32> =
+            serde_json::from_value(match &reply["buckets"] {
+                Value::Object(_) => reply["buckets"].clone(),
+                _ => json!({}),
+            })
+            .map_err(protocol)?;
+        let mut moved = 0;
+        for (bucket_node, partition) in &buckets {
+            if node.is_some_and(|only| only != bucket_node) {
+                continue;
+            }
+            let bucket = key.bucket(bucket_node, self.settings.partitions);
+            if bucket.partition != *partition {
+                return Err(AllocatorError::Protocol(format!(
+                    "pool lists {bucket_node}'s bucket in partition {partition}, keys say {}",
+                    bucket.partition
+                )));
+            }
+            let transfer_id = format!("drain.{bucket_node}.{}", unique_suffix());
+            let transfer = Transfer {
+                id: &transfer_id,
+                key,
+                from: &bucket,
+                to: &pool,
+                to_node: None,
+                reason: "drain",
+            };
+            let mut args = transfer.args(0);
+            args["epoch"] = json!(epoch);
+            let reply = self.call(Op::Fence, bucket.partition, args).await?;
+            if reply["status"] == json!("fenced_out") {
+                return Err(AllocatorError::Conflict(format!(
+                    "a newer drain of {key} fenced {bucket_node}'s bucket"
+                )));
+            }
+            check_refusal(&reply)?;
+            let debit = debit_of(&reply)?;
+            self.complete(&transfer, &debit).await?;
+            moved += debit.qty;
+        }
+        let mut buckets_on_hand = 0;
+        if settle {
+            let mut partitions: Vec<u32> = buckets.values().copied().collect();
+            partitions.push(pool.partition);
+            partitions.sort_unstable();
+            partitions.dedup();
+            let mut settled = None;
+            for _ in 0..DRAIN_SETTLE_ROUNDS {
+                for partition in &partitions {
+                    self.finish_transfers(*partition, Duration::ZERO).await?;
+                }
+                settled = self.settled_buckets_on_hand(key).await?;
+                if settled.is_some() {
+                    break;
+                }
+            }
+            buckets_on_hand = settled.ok_or_else(|| {
+                AllocatorError::StoreUnavailable(format!(
+                    "units of {key} kept moving between cells; try again"
+                ))
+            })?;
+        }
+        Ok(Drained {
+            epoch,
+            moved,
+            buckets_on_hand,
+        })
+    }
+
+    /// What the key's buckets hold, if nothing is in flight between its
+    /// cells. Read in this order on purpose: while a drain holds the lease
+    /// the pool lends nothing, so once its `out_in_flight` is 0 every unit
+    /// it lent has landed and the buckets can only shrink from then on
+    /// (fenced buckets debit nothing but to a newer drain, which cannot start
+    /// while this one holds the lease); a bucket with nothing in flight
+    /// towards the pool then holds at most what is read here, until the
+    /// adjustment lands.
+    async fn settled_buckets_on_hand(&self, key: &StockKey) -> Result<Option<i64>> {
+        let Some(pool) = self.cell(&key.pool(self.settings.partitions)).await? else {
+            return Err(AllocatorError::NotFound);
         };
-        self.transfer(&transfer, surplus, false).await
+        if pool.out_in_flight != 0 {
+            return Ok(None);
+        }
+        let mut on_hand = 0;
+        for node in pool.buckets.keys() {
+            if let Some(bucket) = self
+                .cell(&key.bucket(node, self.settings.partitions))
+                .await?
+            {
+                if bucket.out_in_flight != 0 {
+                    return Ok(None);
+                }
+                on_hand += bucket.on_hand;
+            }
+        }
+        Ok(Some(on_hand))
+    }
+
+    /// Gives a drain lease up (nothing if another drain holds it now).
+    pub async fn end_drain(&self, key: &StockKey, epoch: u64) -> Result<()> {
+        let pool = key.pool(self.settings.partitions);
+        let args = json!({ "action": "end", "cell": pool.id, "epoch": epoch });
+        check_refusal(&self.call(Op::Drain, pool.partition, args).await?)
     }
 
     /// Reserves for a hot key from `node`'s bucket: on a short bucket it
@@ -443,6 +715,8 @@ impl Allocator {
     /// dry it first pulls the other buckets' free units back to the pool
     /// ("a drained node may pull from the pool again"), so a refusal means the
     /// whole key is sold out but for units held or in flight at that instant.
+    /// A fenced bucket, or a pool that lends nothing while its buckets are
+    /// drained, sends the reservation to the pool, which decides atomically.
     pub async fn reserve_hot(
         &self,
         sale: &FlashSale,
@@ -451,8 +725,10 @@ impl Allocator {
         meter: &RateMeter,
     ) -> Result<Hold> {
         let bucket = sale.key.bucket(node, self.settings.partitions);
+        let pool = sale.key.pool(self.settings.partitions);
         let mut last_refusal = None;
         for _ in 0..HOT_ATTEMPTS_MAX {
+            let mut fenced = false;
             match self.reserve_in(request, &bucket).await {
                 Ok(hold) => {
                     if !hold.replayed {
@@ -463,17 +739,38 @@ impl Allocator {
                 Err(refusal @ AllocatorError::InsufficientStock { .. }) => {
                     last_refusal = Some(refusal)
                 }
-                // No bucket yet (nothing was split to this node): a refill makes it.
+                // No bucket yet (nothing was split to this node): a refill
+                // makes it. A fenced bucket: a refill made now reopens it.
                 Err(AllocatorError::NotFound) => {}
+                Err(AllocatorError::Fenced) => fenced = true,
                 Err(other) => return Err(other),
             }
             let rate = meter.units_per_second().max(f64::from(request.qty));
             if self.refill(sale, node, rate).await? > 0 {
                 continue;
             }
+            // The pool lends nothing (dry, short, or draining): it may still
+            // hold units itself, and deciding there is atomic with any count.
+            match self.reserve_in(request, &pool).await {
+                Err(refusal @ AllocatorError::InsufficientStock { .. }) => {
+                    last_refusal = Some(refusal)
+                }
+                other => return other,
+            }
+            // Pull the other buckets' free units back, and this node's own
+            // when it is fenced (a release may have freed units in it).
             let mut pulled = 0;
-            for other in sale.nodes.iter().filter(|other| other.as_str() != node) {
-                pulled += self.reclaim(sale, other, 0).await?;
+            for other in sale
+                .nodes
+                .iter()
+                .filter(|other| fenced || other.as_str() != node)
+            {
+                match self.reclaim(sale, other).await {
+                    Ok(units) => pulled += units,
+                    // Another drain is under way: it moves the units itself.
+                    Err(AllocatorError::StoreUnavailable(_) | AllocatorError::Conflict(_)) => {}
+                    Err(error) => return Err(error),
+                }
             }
             if pulled > 0 {
                 continue;
@@ -481,7 +778,7 @@ impl Allocator {
             // Pool and other buckets looked dry. Refuse only if nothing is
             // free now and nothing is on its way between cells (another
             // node's refill or pull still landing); else wait for it.
-            if let Some(view) = self.stable_view(&sale.key, &sale.nodes).await?
+            if let Some(view) = self.stable_view(&sale.key).await?
                 && view.sellable() <= 0
                 && view.in_flight() <= 0
             {
@@ -492,16 +789,18 @@ impl Allocator {
         Err(last_refusal.unwrap_or(AllocatorError::InsufficientStock { lines: Vec::new() }))
     }
 
-    /// The pool and every bucket of a sale's key.
-    pub async fn stock_view(&self, key: &StockKey, nodes: &[String]) -> Result<StockView> {
+    /// The pool and every bucket of a key (the buckets its pool lists).
+    pub async fn stock_view(&self, key: &StockKey) -> Result<StockView> {
         let pool = self.cell(&key.pool(self.settings.partitions)).await?;
         let mut buckets = Vec::new();
-        for node in nodes {
-            if let Some(cell) = self
-                .cell(&key.bucket(node, self.settings.partitions))
-                .await?
-            {
-                buckets.push((node.clone(), cell));
+        if let Some(pool) = &pool {
+            for node in pool.buckets.keys() {
+                if let Some(cell) = self
+                    .cell(&key.bucket(node, self.settings.partitions))
+                    .await?
+                {
+                    buckets.push((node.clone(), cell));
+                }
             }
         }
         Ok(StockView { pool, buckets })
@@ -512,7 +811,7 @@ impl Allocator {
     /// view is read twice and kept only when no cell's version moved between
     /// the two reads (every change bumps the version). `None` when the cells
     /// kept changing for a few rounds: no conclusion may be drawn then.
-    pub async fn stable_view(&self, key: &StockKey, nodes: &[String]) -> Result<Option<StockView>> {
+    pub async fn stable_view(&self, key: &StockKey) -> Result<Option<StockView>> {
         let versions = |view: &StockView| -> Vec<(String, u64)> {
             view.pool
                 .iter()
@@ -524,15 +823,42 @@ impl Allocator {
                 )
                 .collect()
         };
-        let mut previous = self.stock_view(key, nodes).await?;
+        let mut previous = self.stock_view(key).await?;
         for _ in 0..STABLE_VIEW_ROUNDS {
-            let current = self.stock_view(key, nodes).await?;
+            let current = self.stock_view(key).await?;
             if versions(&current) == versions(&previous) {
                 return Ok(Some(current));
             }
             previous = current;
         }
         Ok(None)
+    }
+
+    /// Every stock key that has had buckets ([`keys::HOT_KEYS`]).
+    pub async fn hot_keys(&self) -> Result<Vec<StockKey>> {
+        let members: Vec<String> = self
+            .with_timeout(self.pool.next().smembers(keys::HOT_KEYS))
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|member| {
+                let mut parts = member.split('|');
+                match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                    (Some(merchant), Some(sku), Some(location), None) => {
+                        Some(StockKey::new(merchant, sku, location))
+                    }
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    /// Forgets a key whose buckets are all empty (the reconciler's call).
+    pub async fn forget_hot_key(&self, key: &StockKey) -> Result<()> {
+        let _: i64 = self
+            .with_timeout(self.pool.next().srem(keys::HOT_KEYS, hot_key_member(key)))
+            .await?;
+        Ok(())
     }
 
     /// Announces this node alive for `ttl`.

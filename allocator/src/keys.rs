@@ -168,6 +168,12 @@ pub fn idempotency_claim_key(merchant: &str, idempotency_key: &str, partitions: 
     format!("inv:{{{partition}}}:claim:{merchant}|{idempotency_key}")
 }
 
+/// The stock keys that have had flash-sale buckets: a set of
+/// `merchant|sku|location`, outside the partitions. Added at activation, so
+/// the reconciler finds buckets whose sale is gone from the config; removed
+/// by it once every bucket of the key is empty.
+pub const HOT_KEYS: &str = "inv:hotkeys";
+
 /// A node's heartbeat (a plain key with a TTL, outside the partitions).
 pub fn heartbeat_key(node: &str) -> String {
     format!("inv:node:{node}:heartbeat")

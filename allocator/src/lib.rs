@@ -91,7 +91,10 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use cart::{CART_LINES_MAX, CartHold, CartLine, CartLineView, CartRequest, CartView};
-pub use hot::{FlashSale, PendingTransfer, REFILL_HORIZON_SECONDS, RateMeter, StockView, Transfer};
+pub use hot::{
+    Debit, Drained, FlashSale, PendingTransfer, REFILL_HORIZON_SECONDS, RateMeter, StockView,
+    Transfer,
+};
 pub use keys::{CellRef, StockKey};
 pub use model::*;
 use scripts::{Op, Scripts};
@@ -127,11 +130,22 @@ pub enum AllocatorError {
     /// A reply broke the schema or an invariant: a bug, reported loudly.
     #[error("stock store protocol error: {0}")]
     Protocol(String),
-    /// A compare-and-set refused: the data changed since the caller looked
-    /// (only `rebuild_cell` asks for one).
+    /// A compare-and-set refused, or a step that must wait: the data changed
+    /// since the caller looked (`rebuild_cell`), a newer drain took the key's
+    /// buckets, an activation waits for a drain to end, a transfer is too old
+    /// to credit safely.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The bucket sells nothing now (its key is being counted, is short, or
+    /// its units were taken back): [`Allocator::reserve_hot`] then refills it
+    /// or decides at the pool; nothing was held.
+    #[error("the bucket is fenced")]
+    Fenced,
 }
+
+/// Most times an adjustment or a settings change of a key with buckets
+/// drains them and tries again when another drain took the lease meanwhile.
+const DRAIN_ATTEMPTS_MAX: usize = 5;
 
 /// How long idempotency records and claims are kept.
 pub const IDEMPOTENCY_RETENTION_SECONDS: i64 = 24 * 3600;
@@ -457,13 +471,39 @@ impl Allocator {
         serde_json::from_value(reply).map_err(protocol)
     }
 
-    /// Applies a physical stock change (deduplicated, ordered by `source_seq`).
+    /// Applies a physical stock change (deduplicated, ordered by `source_seq`)
+    /// to the key as a whole: while the key has buckets, a count, or a loss
+    /// that would leave the pool short, first drains them ([`Allocator::drain`]:
+    /// fenced, free units back in the pool, nothing in flight), and a count
+    /// sets the pool to the count less what the fenced buckets still hold.
     pub async fn adjust(&self, adjustment: &Adjustment) -> Result<AdjustmentOutcome> {
         let key = StockKey::new(&adjustment.merchant, &adjustment.sku, &adjustment.location);
         let cell = key.pool(self.settings.partitions);
         let mut args = serde_json::to_value(adjustment).map_err(protocol)?;
         args["cell"] = json!(cell.id);
-        let reply = self.call(Op::Adjust, cell.partition, args).await?;
+        let mut reply = self.call(Op::Adjust, cell.partition, args.clone()).await?;
+        for _ in 0..DRAIN_ATTEMPTS_MAX {
+            if !matches!(reply["status"].as_str(), Some("needs_drain" | "drain_lost")) {
+                break;
+            }
+            let settle = adjustment.kind == AdjustmentKind::Absolute;
+            let drained = self.drain(&key, None, settle).await?;
+            let mut inside = args.clone();
+            inside["drain_epoch"] = json!(drained.epoch);
+            if settle {
+                inside["buckets_on_hand"] = json!(drained.buckets_on_hand);
+            }
+            reply = self.call(Op::Adjust, cell.partition, inside).await?;
+            if reply["status"] != json!("adjusted") {
+                // Refused inside the drain (lost lease): give it up, try again.
+                self.end_drain(&key, drained.epoch).await?;
+            }
+        }
+        if matches!(reply["status"].as_str(), Some("needs_drain" | "drain_lost")) {
+            return Err(AllocatorError::StoreUnavailable(format!(
+                "{key} kept being drained by others; try again"
+            )));
+        }
         check_refusal(&reply)?;
         if reply["applied"] == json!(true) {
             self.index_location(&key).await?;
@@ -479,13 +519,15 @@ impl Allocator {
         match reply["reason"].as_str() {
             Some("duplicate") => Ok(AdjustmentOutcome::Duplicate),
             Some("stale") => Ok(AdjustmentOutcome::Stale {
-                last_source_seq: reply["last_source_seq"].as_u64().unwrap_or_default(),
+                last_source_seq: exact_integer(&reply["last_source_seq"])?,
             }),
             _ => Err(AllocatorError::Protocol(format!("adjust reply: {reply}"))),
         }
     }
 
-    /// Sets safety stock, backorder limit and low-stock threshold of a key's pool.
+    /// Sets safety stock, backorder limit and low-stock threshold of a key's
+    /// pool; while the key has buckets, settings that would leave the pool
+    /// short drain them first, so the key stops selling everywhere.
     pub async fn settings_of(&self, key: &StockKey, settings: StockSettings) -> Result<Cell> {
         let cell = key.pool(self.settings.partitions);
         let threshold = settings.low_stock_threshold.map_or(-1, |t| t as i64);
@@ -494,7 +536,26 @@ impl Allocator {
             "safety_stock": settings.safety_stock, "backorder_limit": settings.backorder_limit,
             "low_stock_threshold": threshold,
         });
-        let reply = self.call(Op::Settings, cell.partition, args).await?;
+        let mut reply = self
+            .call(Op::Settings, cell.partition, args.clone())
+            .await?;
+        for _ in 0..DRAIN_ATTEMPTS_MAX {
+            if !matches!(reply["status"].as_str(), Some("needs_drain" | "drain_lost")) {
+                break;
+            }
+            let drained = self.drain(key, None, false).await?;
+            let mut inside = args.clone();
+            inside["drain_epoch"] = json!(drained.epoch);
+            reply = self.call(Op::Settings, cell.partition, inside).await?;
+            if reply["status"] != json!("ok") {
+                self.end_drain(key, drained.epoch).await?;
+            }
+        }
+        if matches!(reply["status"].as_str(), Some("needs_drain" | "drain_lost")) {
+            return Err(AllocatorError::StoreUnavailable(format!(
+                "{key} kept being drained by others; try again"
+            )));
+        }
         check_refusal(&reply)?;
         self.index_location(key).await?;
         serde_json::from_value(reply["cell"].clone()).map_err(protocol)
@@ -694,12 +755,29 @@ pub(crate) fn check_refusal(reply: &Value) -> Result<()> {
     }
 }
 
+/// An integer the scripts send as a decimal string (Lua's cjson keeps only
+/// 14 digits of a number) or, when small, as a number.
+pub(crate) fn exact_integer(value: &Value) -> Result<u64> {
+    match value {
+        Value::String(text) => text
+            .parse()
+            .map_err(|_| AllocatorError::Protocol(format!("integer {text:?}"))),
+        Value::Number(number) => number
+            .as_u64()
+            .ok_or_else(|| AllocatorError::Protocol(format!("integer {number}"))),
+        other => Err(AllocatorError::Protocol(format!("integer {other}"))),
+    }
+}
+
 pub(crate) fn decode_reservation(reply: Value) -> Result<Reservation> {
     check_refusal(&reply)?;
     serde_json::from_value(reply).map_err(protocol)
 }
 
 pub(crate) fn decode_hold(key: &StockKey, qty: u32, reply: Value) -> Result<Hold> {
+    if reply["status"] == json!("fenced") {
+        return Err(AllocatorError::Fenced);
+    }
     if reply["status"] == json!("insufficient_stock") {
         return Err(AllocatorError::InsufficientStock {
             lines: vec![ShortLine {

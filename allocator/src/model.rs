@@ -37,6 +37,49 @@ pub struct Cell {
     /// Redis time of the last change, ms (idle buckets are reclaimed by it).
     #[serde(default)]
     pub touched_ms: u64,
+    /// A pool's buckets: node → partition of every bucket it ever lent units
+    /// to. The pool is the one home of this list (drains, reads and the
+    /// reconciler find a key's buckets here, whatever the config says now).
+    #[serde(default, deserialize_with = "lua_map")]
+    pub buckets: std::collections::BTreeMap<String, u32>,
+    /// A bucket that sells nothing: its key is being counted, is short, or
+    /// its units were taken back; a refill debited after its fence reopens it.
+    #[serde(default)]
+    pub fenced: bool,
+    /// The drain epoch of a bucket's last fence (only a drain at least this
+    /// recent may take its units).
+    #[serde(default)]
+    pub fence_epoch: u64,
+    /// A pool's last drain epoch.
+    #[serde(default)]
+    pub drain_epoch: u64,
+    /// Redis time (ms) until which a pool's drain lease holds (the pool lends
+    /// nothing meanwhile); 0 or past: no drain.
+    #[serde(default)]
+    pub drain_until_ms: u64,
+}
+
+/// Lua's cjson writes an empty table as `{}` and a table with string keys as
+/// an object; either is a map here (an empty array too).
+fn lua_map<'de, D>(deserializer: D) -> Result<std::collections::BTreeMap<String, u32>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(node, partition)| {
+                partition
+                    .as_u64()
+                    .and_then(|partition| u32::try_from(partition).ok())
+                    .map(|partition| (node, partition))
+                    .ok_or_else(|| serde::de::Error::custom("bucket partition"))
+            })
+            .collect(),
+        serde_json::Value::Array(items) if items.is_empty() => Ok(Default::default()),
+        serde_json::Value::Null => Ok(Default::default()),
+        other => Err(serde::de::Error::custom(format!("bucket list {other}"))),
+    }
 }
 
 impl Cell {

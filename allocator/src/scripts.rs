@@ -49,9 +49,13 @@ pub enum Op {
     Activate,
     /// `lua/rebuild.lua`
     Rebuild,
+    /// `lua/drain.lua`
+    Drain,
+    /// `lua/fence.lua`
+    Fence,
 }
 
-const OPS: [(Op, &str); 16] = [
+const OPS: [(Op, &str); 18] = [
     (Op::Reserve, include_str!("../../lua/reserve.lua")),
     (
         Op::ReserveBatch,
@@ -80,6 +84,8 @@ const OPS: [(Op, &str); 16] = [
     (Op::Cart, include_str!("../../lua/cart.lua")),
     (Op::Activate, include_str!("../../lua/activate.lua")),
     (Op::Rebuild, include_str!("../../lua/rebuild.lua")),
+    (Op::Drain, include_str!("../../lua/drain.lua")),
+    (Op::Fence, include_str!("../../lua/fence.lua")),
 ];
 
 /// Every operation's script, ready to run.

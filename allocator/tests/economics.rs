@@ -129,7 +129,7 @@ async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
         worker.await.expect("worker");
     }
     let left = allocators[0]
-        .stock_view(&sale.key, &sale.nodes)
+        .stock_view(&sale.key)
         .await
         .expect("view")
         .sellable();
@@ -139,11 +139,7 @@ async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
 /// Free units of the sale's key at one instant (a stable double read).
 async fn free_units(allocator: &Allocator, sale: &FlashSale) -> i64 {
     loop {
-        if let Some(view) = allocator
-            .stable_view(&sale.key, &sale.nodes)
-            .await
-            .expect("view")
-        {
+        if let Some(view) = allocator.stable_view(&sale.key).await.expect("view") {
             return view.sellable();
         }
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -72,11 +72,8 @@ async fn a_debit_without_its_credit_is_finished_once_by_racing_finishers() {
         )
         .await
         .expect("debit");
-    assert_eq!(moved, 12);
-    let view = allocator
-        .stock_view(&sale.key, &sale.nodes)
-        .await
-        .expect("view");
+    assert_eq!(moved.qty, 12);
+    let view = allocator.stock_view(&sale.key).await.expect("view");
     assert_eq!(view.sellable(), 18, "12 units are in flight");
 
     // Two reconcilers find it at the same time.
@@ -88,7 +85,7 @@ async fn a_debit_without_its_credit_is_finished_once_by_racing_finishers() {
     );
     let credited = first.expect("finisher a") + second.expect("finisher b");
     assert!(credited >= 1, "someone credited it");
-    let view = a.stock_view(&sale.key, &sale.nodes).await.expect("view");
+    let view = a.stock_view(&sale.key).await.expect("view");
     assert_eq!(
         view.sellable(),
         30,
@@ -132,22 +129,13 @@ async fn activation_splits_the_pool_once_per_epoch() {
         .await
         .expect("activate again");
     assert_eq!(again, split, "the same epoch moves nothing more");
-    let view = allocator
-        .stock_view(&sale.key, &sale.nodes)
-        .await
-        .expect("view");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
     assert_eq!(view.pool.as_ref().map(|pool| pool.on_hand), Some(46));
     assert_eq!(view.sellable(), 91);
 
-    let back = allocator
-        .reclaim(&sale, "node-b", 0)
-        .await
-        .expect("reclaim");
+    let back = allocator.reclaim(&sale, "node-b").await.expect("reclaim");
     assert_eq!(back, 15);
-    let view = allocator
-        .stock_view(&sale.key, &sale.nodes)
-        .await
-        .expect("view");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
     assert_eq!(view.pool.as_ref().map(|pool| pool.on_hand), Some(61));
     assert_eq!(view.sellable(), 91);
 }
@@ -172,10 +160,7 @@ async fn two_hundred_racers_over_three_buckets_get_exactly_fifty_with_refills_an
         tokio::spawn(async move {
             let mut reclaimed = 0;
             while racing.load(Ordering::Relaxed) {
-                reclaimed += allocator
-                    .reclaim(&sale, "node-c", 0)
-                    .await
-                    .expect("reclaim");
+                reclaimed += allocator.reclaim(&sale, "node-c").await.expect("reclaim");
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             reclaimed
@@ -214,10 +199,7 @@ async fn two_hundred_racers_over_three_buckets_get_exactly_fifty_with_refills_an
         (50, 150),
         "reclaimed {reclaimed} units along the way"
     );
-    let view = allocators[0]
-        .stock_view(&sale.key, &sale.nodes)
-        .await
-        .expect("view");
+    let view = allocators[0].stock_view(&sale.key).await.expect("view");
     let on_hand: i64 = view.pool.iter().map(|pool| pool.on_hand).sum::<i64>()
         + view
             .buckets

@@ -152,10 +152,15 @@ impl From<AllocatorError> for ApiError {
                 tracing::error!(%reason, "stock store protocol error");
                 ApiError::Internal(reason)
             }
-            // Only the ledger writer's rebuild asks for a compare-and-set.
+            // A step that must wait (a drain, an activation): try again.
             AllocatorError::Conflict(reason) => {
-                tracing::error!(%reason, "unexpected stock store conflict");
-                ApiError::Internal(reason)
+                tracing::warn!(%reason, "stock store conflict");
+                ApiError::StoreUnavailable
+            }
+            // reserve_hot handles a fenced bucket itself; reaching here is a bug.
+            AllocatorError::Fenced => {
+                tracing::error!("fenced bucket answer reached the edge");
+                ApiError::Internal("fenced bucket".to_owned())
             }
         }
     }

@@ -247,12 +247,11 @@ async fn load(app: &App, merchant: &str, sku: &str) -> Result<Option<SkuAvailabi
         let Some(pool) = app.allocator.cell(&key.pool(partitions)).await? else {
             continue;
         };
+        // The pool lists its buckets, in a sale or after it (until reclaimed).
         let mut buckets = Vec::new();
-        if let Some(sale) = crate::flash::sale_for(&config, &key) {
-            for node in &sale.nodes {
-                if let Some(bucket) = app.allocator.cell(&key.bucket(node, partitions)).await? {
-                    buckets.push(bucket);
-                }
+        for node in pool.buckets.keys() {
+            if let Some(bucket) = app.allocator.cell(&key.bucket(node, partitions)).await? {
+                buckets.push(bucket);
             }
         }
         locations.push(LocationAvailability::from_cells(

@@ -57,14 +57,6 @@ impl FlashSales {
     }
 }
 
-/// The configured sale of a stock key, in force or not (its buckets may still
-/// hold units until reclaimed).
-pub fn sale_for<'a>(config: &'a Config, key: &StockKey) -> Option<&'a FlashSaleConfig> {
-    config.flash_sales.iter().find(|sale| {
-        sale.merchant == key.merchant && sale.sku == key.sku && sale.location == key.location
-    })
-}
-
 /// The sale in force on this node for `key`, if any.
 pub fn hot_sale(app: &App, key: &StockKey) -> Option<Arc<ActiveSale>> {
     app.flash
@@ -98,7 +90,14 @@ pub async fn reconcile(app: &App, config: &Config) {
         if still {
             continue;
         }
-        match app.allocator.reclaim(&active.sale, node, 0).await {
+        let ended = async {
+            let units = app.allocator.reclaim(&active.sale, node).await?;
+            app.allocator
+                .end_activation(&active.sale, &active.epoch)
+                .await?;
+            Ok::<u64, allocator::AllocatorError>(units)
+        };
+        match ended.await {
             Ok(units) => {
                 app.metrics.reclaims.inc();
                 app.flash
@@ -152,11 +151,7 @@ pub async fn reconcile(app: &App, config: &Config) {
     }
 
     for active in app.flash.active() {
-        if let Ok(view) = app
-            .allocator
-            .stock_view(&active.sale.key, &active.sale.nodes)
-            .await
-        {
+        if let Ok(view) = app.allocator.stock_view(&active.sale.key).await {
             for (bucket_node, bucket) in &view.buckets {
                 app.metrics
                     .bucket_level

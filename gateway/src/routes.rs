@@ -506,7 +506,11 @@ async fn reserve_one(
         .await;
     match (first, hot) {
         (
-            Err(AllocatorError::InsufficientStock { .. } | AllocatorError::NotFound),
+            Err(
+                AllocatorError::InsufficientStock { .. }
+                | AllocatorError::NotFound
+                | AllocatorError::Fenced,
+            ),
             Some(active),
         ) => {
             // The bucket is short: refill (or pull from the other buckets)
@@ -583,15 +587,13 @@ async fn location_line(
 ) -> Result<LocationAvailability, ApiError> {
     let config = app.config();
     let mut buckets = Vec::new();
-    if let Some(sale) = crate::flash::sale_for(&config, key) {
-        for node in &sale.nodes {
-            if let Some(bucket) = app
-                .allocator
-                .cell(&key.bucket(node, config.stock.partitions))
-                .await?
-            {
-                buckets.push(bucket);
-            }
+    for node in pool.buckets.keys() {
+        if let Some(bucket) = app
+            .allocator
+            .cell(&key.bucket(node, config.stock.partitions))
+            .await?
+        {
+            buckets.push(bucket);
         }
     }
     Ok(LocationAvailability::from_cells(
@@ -732,7 +734,7 @@ async fn flash_sales(app: &App, session: &mut Session) -> Result<Reply, ApiError
             continue;
         }
         let key = StockKey::new(&sale.merchant, &sale.sku, &sale.location);
-        let view = app.allocator.stock_view(&key, &sale.nodes).await?;
+        let view = app.allocator.stock_view(&key).await?;
         let mut nodes = Vec::new();
         for node in &sale.nodes {
             let bucket = view

@@ -9,6 +9,15 @@
 //!
 //!   Σ cells' on_hand + units in flight = Σ adjust − Σ commit
 //!
+//! and it matches every transfer's halves by transfer id, the way a human
+//! auditor would: exactly one debit and at most one credit per id, of the
+//! same quantity, never a credit without its debit, and no transfer in
+//! flight longer than the finisher's delay allows ([`transfer_drifts`]).
+//! Physical facts are checked against the whole key ([`key_drifts`]): an
+//! absolute count of a key with buckets must leave the key's cells holding
+//! the count (the entry carries what the buckets held), and no cell of a key
+//! takes a reservation while a loss has left the key short.
+//!
 //! On request it also counts the distinct entry ids in the Kafka ledger topic
 //! ([`kafka_entry_ids`]; the topic may hold duplicates after a crash, never
 //! fewer ids than PostgreSQL has rows). It changes nothing.
@@ -269,7 +278,180 @@ pub async fn audit(
         }
     }
     report.keys = keys.len();
+    let now_ms = allocator.redis_time_ms().await?;
+    let in_flight_max_ms =
+        (config.stock.transfer_finish_after_seconds + IN_FLIGHT_GRACE_SECONDS) * 1000;
+    report.drifts.extend(transfer_drifts(
+        ledger.entries.values(),
+        now_ms,
+        in_flight_max_ms,
+    ));
+    report.drifts.extend(key_drifts(ledger.entries.values()));
     Ok(report)
+}
+
+/// How long past the finisher's delay a transfer may stay in flight before
+/// the audit reports it (the reconciler runs every half second or so).
+const IN_FLIGHT_GRACE_SECONDS: u64 = 30;
+
+fn key_of(entry: &Value) -> String {
+    format!(
+        "{}/{}/{}",
+        entry["merchant"].as_str().unwrap_or_default(),
+        entry["sku"].as_str().unwrap_or_default(),
+        entry["location"].as_str().unwrap_or_default()
+    )
+}
+
+/// Every transfer's halves matched by id: one debit, at most one credit of
+/// the same quantity, no credit without a debit, nothing in flight for longer
+/// than `in_flight_max_ms` at Redis time `now_ms`.
+pub fn transfer_drifts<'a>(
+    entries: impl Iterator<Item = &'a Value>,
+    now_ms: u64,
+    in_flight_max_ms: u64,
+) -> Vec<Drift> {
+    #[derive(Default)]
+    struct Halves<'a> {
+        debits: Vec<&'a Value>,
+        credits: Vec<&'a Value>,
+    }
+    let mut transfers: BTreeMap<String, Halves<'a>> = BTreeMap::new();
+    for entry in entries {
+        let side = match entry["op"].as_str() {
+            Some("transfer_out") => true,
+            Some("transfer_in") => false,
+            _ => continue,
+        };
+        let id = entry["transfer_id"].as_str().unwrap_or_default().to_owned();
+        let halves = transfers.entry(id).or_default();
+        if side {
+            halves.debits.push(entry);
+        } else {
+            halves.credits.push(entry);
+        }
+    }
+    let mut drifts = Vec::new();
+    for (id, halves) in &transfers {
+        let subject = halves
+            .debits
+            .first()
+            .or(halves.credits.first())
+            .map(|entry| key_of(entry))
+            .unwrap_or_default();
+        let mut problem = |text: String| {
+            drifts.push(Drift {
+                subject: subject.clone(),
+                problem: format!("transfer {id}: {text}"),
+            })
+        };
+        match (halves.debits.as_slice(), halves.credits.as_slice()) {
+            ([], credits) => problem(format!(
+                "{} credit(s) of {} units without a debit: units created",
+                credits.len(),
+                credits.iter().map(|entry| int(entry, "qty")).sum::<i64>()
+            )),
+            ([debit], []) => {
+                let age_ms = now_ms.saturating_sub(debit["at_ms"].as_u64().unwrap_or(now_ms));
+                if age_ms > in_flight_max_ms {
+                    problem(format!(
+                        "{} units in flight for {} s (the finisher credits after {} s)",
+                        int(debit, "qty"),
+                        age_ms / 1000,
+                        in_flight_max_ms / 1000 - IN_FLIGHT_GRACE_SECONDS
+                    ));
+                }
+            }
+            ([debit], [credit]) => {
+                if int(debit, "qty") != int(credit, "qty") {
+                    problem(format!(
+                        "debited {} units but credited {}",
+                        int(debit, "qty"),
+                        int(credit, "qty")
+                    ));
+                }
+            }
+            (debits, credits) => problem(format!(
+                "{} debits and {} credits; one of each is allowed",
+                debits.len(),
+                credits.len()
+            )),
+        }
+    }
+    drifts
+}
+
+/// Physical facts checked against the whole key: a count of a key with
+/// buckets leaves its cells holding the count; no cell takes a reservation
+/// while a loss has left the key short (until an adjustment makes it good).
+pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a Value>) -> Vec<Drift> {
+    let mut keys: BTreeMap<String, Vec<&'a Value>> = BTreeMap::new();
+    for entry in entries {
+        keys.entry(key_of(entry)).or_default().push(entry);
+    }
+    let mut drifts = Vec::new();
+    for (key, mut history) in keys {
+        history.sort_by_key(|entry| {
+            (
+                entry["at_ms"].as_u64().unwrap_or_default(),
+                stream_order(entry),
+            )
+        });
+        // Each bucket cell's on_hand as of the last entry seen so far.
+        let mut buckets: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut short_since_ms: Option<u64> = None;
+        for entry in &history {
+            let cell = entry["cell"].as_str().unwrap_or_default();
+            let at_ms = entry["at_ms"].as_u64().unwrap_or_default();
+            let is_bucket = cell.contains("|bucket|");
+            match entry["op"].as_str().unwrap_or_default() {
+                "adjust" if !is_bucket => {
+                    if entry["kind"] == "absolute" {
+                        let counted = entry["counted"]
+                            .as_i64()
+                            .unwrap_or(int(entry, "on_hand_after"));
+                        let in_buckets = match entry.get("buckets_on_hand") {
+                            Some(value) => value.as_i64().unwrap_or_default(),
+                            // Older entries, and counts that ignored the buckets.
+                            None => buckets.values().sum(),
+                        };
+                        if int(entry, "on_hand_after") + in_buckets > counted {
+                            drifts.push(Drift {
+                                subject: key.clone(),
+                                problem: format!(
+                                    "a count of {counted} left the pool {} while the buckets held {in_buckets}: units created",
+                                    int(entry, "on_hand_after")
+                                ),
+                            });
+                        }
+                    }
+                    short_since_ms = if entry["shortfall"] == true {
+                        short_since_ms.or(Some(at_ms))
+                    } else {
+                        None
+                    };
+                }
+                "reserve" => {
+                    if let Some(since) = short_since_ms
+                        && at_ms > since
+                    {
+                        drifts.push(Drift {
+                            subject: key.clone(),
+                            problem: format!(
+                                "cell {cell} took reservation {} while the key was short (since {since} ms)",
+                                entry["reservation_id"].as_str().unwrap_or_default()
+                            ),
+                        });
+                    }
+                }
+                _ => {}
+            }
+            if is_bucket {
+                buckets.insert(cell, int(entry, "on_hand_after"));
+            }
+        }
+    }
+    drifts
 }
 
 /// Distinct entry ids in the ledger topic, read from the beginning with a

@@ -5,6 +5,7 @@
 //! Owns the relay ([`relay`]), the partition leases that divide the relay
 //! between writer instances ([`lease`]), ingestion of stock events
 //! ([`ingest`]), the schema migrations ([`migrate`]), the audit ([`audit`]),
+//! the reconciler ([`reconcile`]),
 //! the rebuild of Redis from the ledger ([`rebuild`]), the writer's metrics
 //! ([`metrics`]) and the reconciler loop. It never decides stock: everything
 //! the reconciler does is an idempotent allocator call (expire due holds,
@@ -18,6 +19,7 @@ pub mod lease;
 pub mod metrics;
 pub mod migrate;
 pub mod rebuild;
+pub mod reconcile;
 pub mod relay;
 
 use std::future::Future;
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use allocator::{Allocator, AllocatorSettings, FlashSale};
+use allocator::{Allocator, AllocatorSettings};
 use anyhow::Context;
 use config::Config;
 use rdkafka::ClientConfig;
@@ -40,8 +42,6 @@ use crate::relay::{OutboxLag, Relay, RelayError, report};
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
 /// How long the relay rests after a failed pass (Kafka or PostgreSQL down).
 const FAILURE_PAUSE: Duration = Duration::from_millis(500);
-/// Carts left committing or releasing this long are finished by the reconciler.
-const CART_FINISH_AFTER: Duration = Duration::from_secs(30);
 
 /// Connects to PostgreSQL and spawns the connection task.
 pub async fn connect_postgres(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
@@ -132,11 +132,14 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
 
     let mut background = tokio::task::JoinSet::new();
     background.spawn(metrics::serve(listener, Arc::clone(&metrics)));
-    background.spawn(reconcile_forever(
-        allocator.clone(),
-        Arc::clone(&config),
-        Arc::clone(&metrics),
-    ));
+    background.spawn(
+        reconcile::Reconciler::new(
+            allocator.clone(),
+            Arc::clone(&config),
+            Some(Arc::clone(&metrics)),
+        )
+        .run(),
+    );
     background.spawn(measure_lag_forever(
         OutboxLag::new(allocator.redis().clone()),
         Arc::clone(&metrics),
@@ -313,70 +316,4 @@ async fn measure_lag_forever(
         metrics.lag_alert.set(i64::from(over));
         tokio::time::sleep(LAG_INTERVAL).await;
     }
-}
-
-/// The reconciler: sweeps expired holds, credits transfers and finishes carts
-/// a crash left half done, and reclaims buckets of sales that ended, of nodes
-/// whose heartbeat lapsed, and of buckets idle too long.
-async fn reconcile_forever(allocator: Allocator, config: Arc<Config>, metrics: Arc<Metrics>) {
-    let interval = Duration::from_millis(config.ledger_writer.reconcile_interval_ms);
-    loop {
-        if let Err(error) = reconcile_once(&allocator, &config, Some(&metrics)).await {
-            warn!(%error, "reconciler pass failed; retrying");
-        }
-        tokio::time::sleep(interval).await;
-    }
-}
-
-/// One reconciler pass over every partition and flash sale; what it did is
-/// counted in `metrics` when given.
-pub async fn reconcile_once(
-    allocator: &Allocator,
-    config: &Config,
-    metrics: Option<&Metrics>,
-) -> Result<(), allocator::AllocatorError> {
-    let count = |action: &str, by: u64| {
-        if let Some(metrics) = metrics {
-            metrics.reconciler.with_label_values(&[action]).inc_by(by);
-        }
-    };
-    let transfer_after = Duration::from_secs(config.stock.transfer_finish_after_seconds);
-    for partition in 0..config.stock.partitions {
-        count(
-            "expired",
-            allocator.expire_due(partition, 1000).await?.expired,
-        );
-        count(
-            "transfers_finished",
-            allocator
-                .finish_transfers(partition, transfer_after)
-                .await?,
-        );
-        count(
-            "carts_finished",
-            allocator.finish_carts(partition, CART_FINISH_AFTER).await?,
-        );
-    }
-    let now_ms = allocator.redis_time_ms().await?;
-    let idle_ms = config.ledger_writer.bucket_idle_reclaim_seconds * 1000;
-    let wall_now = time::OffsetDateTime::now_utc();
-    for sale_config in &config.flash_sales {
-        let sale = FlashSale::from_config(sale_config);
-        let in_force = sale_config.is_active_at(wall_now);
-        let view = allocator.stock_view(&sale.key, &sale.nodes).await?;
-        for (node, bucket) in &view.buckets {
-            if bucket.sellable() <= 0 {
-                continue;
-            }
-            let idle = now_ms.saturating_sub(bucket.touched_ms) > idle_ms;
-            let lapsed = !allocator.node_alive(node).await?;
-            if !in_force || lapsed || idle {
-                let units = allocator.reclaim(&sale, node, 0).await?;
-                count("buckets_reclaimed", 1);
-                count("units_reclaimed", units);
-                info!(sale = %sale.name, %node, units, in_force, lapsed, idle, "bucket reclaimed");
-            }
-        }
-    }
-    Ok(())
 }

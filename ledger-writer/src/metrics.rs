@@ -53,6 +53,12 @@ pub struct Metrics {
     /// Reconciler actions: expired, transfers_finished, carts_finished,
     /// buckets_reclaimed, units_reclaimed.
     pub reconciler: IntCounterVec,
+    /// Reconciler items that failed (a transfer, a cart, a partition's
+    /// sweep, a key's buckets), by action; each is retried with backoff.
+    pub reconciler_errors: IntCounterVec,
+    /// Items the reconciler gave up retrying after too many failures: an
+    /// alert (they need an operator; the audit shows their units).
+    pub reconciler_parked: IntGauge,
 }
 
 impl Metrics {
@@ -135,6 +141,15 @@ impl Metrics {
             fenced: counter(
                 "fenced_batches_total",
                 "batches refused because this writer had lost the partition lease",
+            ),
+            reconciler_errors: counter_vec(
+                "reconciler_errors_total",
+                "reconciler items that failed, by action (retried with backoff)",
+                &["action"],
+            ),
+            reconciler_parked: gauge(
+                "reconciler_parked_items",
+                "reconciler items given up after too many failures (alert)",
             ),
             leases_held: gauge("leases_held", "partition leases this writer holds"),
             lease_changes: counter_vec(

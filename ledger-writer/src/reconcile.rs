@@ -1,0 +1,311 @@
+//! The reconciler: sweeps expired holds, credits transfers and finishes carts
+//! a crash left half done, and takes back the buckets of sales that ended or
+//! left the config, of nodes whose heartbeat lapsed, and of buckets idle too
+//! long.
+//!
+//! Owns scheduling that work and surviving its failures. Every action is an
+//! idempotent allocator call, so every writer runs a reconciler at once. It
+//! decides no stock itself.
+//!
+//! **It never wedges.** Errors are per item (a partition's sweep, a transfer,
+//! a cart, a key's buckets): each is counted in `reconciler_errors_total`,
+//! logged with its id, and retried with exponential backoff while every other
+//! item and partition goes on. An item that failed [`PARK_AFTER_FAILURES`]
+//! times in a row is parked: no longer retried by this process, logged once
+//! as an error and counted in the `reconciler_parked_items` alert gauge (its
+//! units show in the audit as in flight or held). Only an unreachable Redis
+//! ends a pass early (nothing else could succeed either).
+//!
+//! The cart finisher waits a quarter of the cart line grace before finishing
+//! a cart left committing or releasing: a commit the cart record accepted
+//! before its expiry then reaches its lines while their grace still holds
+//! them (config keeps `reconcile_interval_ms` within the same quarter).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use allocator::{Allocator, AllocatorError, FlashSale, StockKey};
+use config::Config;
+use tracing::{error, info, warn};
+
+use crate::metrics::Metrics;
+
+/// Consecutive failures after which an item is parked.
+pub const PARK_AFTER_FAILURES: u32 = 8;
+
+/// First retry delay of a failed item; doubles per failure up to the cap.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// Holds due per partition the sweeper releases per pass.
+const SWEEP_LIMIT: u32 = 1000;
+
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    failures: u32,
+    retry_at: Instant,
+}
+
+/// The reconciler of one writer, with its memory of failing items.
+pub struct Reconciler {
+    /// The stock engine.
+    allocator: Allocator,
+    /// Partitions, delays, and the sales.
+    config: Arc<Config>,
+    /// Where actions and failures are counted (none in tests).
+    metrics: Option<Arc<Metrics>>,
+    /// Items that failed lately, by item id (`transfer:<id>`, `cart:<id>`, ...).
+    failing: HashMap<String, Failure>,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PassReport {
+    /// Holds released as expired.
+    pub expired: u64,
+    /// Transfers credited.
+    pub transfers_finished: u64,
+    /// Carts finished.
+    pub carts_finished: u64,
+    /// Buckets taken back.
+    pub buckets_reclaimed: u64,
+    /// Units they held free.
+    pub units_reclaimed: u64,
+    /// Items that failed in this pass.
+    pub failures: u64,
+    /// Items parked now (over every pass).
+    pub parked: u64,
+}
+
+impl Reconciler {
+    /// A reconciler for `config`'s partitions and sales.
+    pub fn new(allocator: Allocator, config: Arc<Config>, metrics: Option<Arc<Metrics>>) -> Self {
+        Self {
+            allocator,
+            config,
+            metrics,
+            failing: HashMap::new(),
+        }
+    }
+
+    /// The cart finisher's delay: a quarter of the line grace.
+    pub fn cart_finish_after(config: &Config) -> Duration {
+        Duration::from_secs(config.stock.cart_line_grace_seconds) / 4
+    }
+
+    /// Runs passes every `reconcile_interval_ms` for ever.
+    pub async fn run(mut self) {
+        let interval = Duration::from_millis(self.config.ledger_writer.reconcile_interval_ms);
+        loop {
+            if let Err(error) = self.pass().await {
+                warn!(%error, "reconciler pass ended early; retrying");
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    fn count(&self, action: &str, by: u64) {
+        if let Some(metrics) = &self.metrics {
+            metrics.reconciler.with_label_values(&[action]).inc_by(by);
+        }
+    }
+
+    /// Whether `item` is backing off or parked now.
+    fn skip(&self, item: &str) -> bool {
+        self.failing.get(item).is_some_and(|failure| {
+            failure.failures >= PARK_AFTER_FAILURES || Instant::now() < failure.retry_at
+        })
+    }
+
+    fn succeeded(&mut self, item: &str) {
+        self.failing.remove(item);
+    }
+
+    fn failed(
+        &mut self,
+        action: &str,
+        item: &str,
+        failure: &AllocatorError,
+        report: &mut PassReport,
+    ) {
+        report.failures += 1;
+        if let Some(metrics) = &self.metrics {
+            metrics.reconciler_errors.with_label_values(&[action]).inc();
+        }
+        let entry = self.failing.entry(item.to_owned()).or_insert(Failure {
+            failures: 0,
+            retry_at: Instant::now(),
+        });
+        entry.failures += 1;
+        let backoff = BACKOFF_FIRST
+            .saturating_mul(1 << (entry.failures - 1).min(16))
+            .min(BACKOFF_CAP);
+        entry.retry_at = Instant::now() + backoff;
+        if entry.failures == PARK_AFTER_FAILURES {
+            error!(action, item, failures = entry.failures, error = %failure, "reconciler item parked; needs an operator");
+        } else {
+            warn!(action, item, failures = entry.failures, error = %failure, "reconciler item failed; retrying later");
+        }
+    }
+
+    fn parked(&self) -> u64 {
+        self.failing
+            .values()
+            .filter(|failure| failure.failures >= PARK_AFTER_FAILURES)
+            .count() as u64
+    }
+
+    /// One pass over every partition, every sale and every key with buckets.
+    /// Returns early only when Redis is unreachable.
+    pub async fn pass(&mut self) -> Result<PassReport, AllocatorError> {
+        let mut report = PassReport::default();
+        let result = self.pass_into(&mut report).await;
+        report.parked = self.parked();
+        if let Some(metrics) = &self.metrics {
+            metrics.reconciler_parked.set(report.parked as i64);
+        }
+        for (action, by) in [
+            ("expired", report.expired),
+            ("transfers_finished", report.transfers_finished),
+            ("carts_finished", report.carts_finished),
+            ("buckets_reclaimed", report.buckets_reclaimed),
+            ("units_reclaimed", report.units_reclaimed),
+        ] {
+            self.count(action, by);
+        }
+        result.map(|()| report)
+    }
+
+    async fn pass_into(&mut self, report: &mut PassReport) -> Result<(), AllocatorError> {
+        let transfer_after = Duration::from_secs(self.config.stock.transfer_finish_after_seconds);
+        let cart_after = Self::cart_finish_after(&self.config);
+        for partition in 0..self.config.stock.partitions {
+            let item = format!("sweep:{partition}");
+            if !self.skip(&item) {
+                match self.allocator.expire_due(partition, SWEEP_LIMIT).await {
+                    Ok(outcome) => {
+                        report.expired += outcome.expired;
+                        self.succeeded(&item);
+                    }
+                    Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
+                    Err(error) => self.failed("expire", &item, &error, report),
+                }
+            }
+
+            let mut failed = Vec::new();
+            match self
+                .allocator
+                .finish_transfers_reporting(partition, transfer_after, &mut failed)
+                .await
+            {
+                Ok(credited) => report.transfers_finished += credited,
+                Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
+                Err(error) => self.failed(
+                    "transfer",
+                    &format!("transfers:{partition}"),
+                    &error,
+                    report,
+                ),
+            }
+            for (id, error) in failed {
+                self.failed("transfer", &format!("transfer:{id}"), &error, report);
+            }
+
+            let mut failed = Vec::new();
+            let skipping: Vec<String> = self
+                .failing
+                .keys()
+                .filter(|item| item.starts_with("cart:") && self.skip(item))
+                .map(|item| item["cart:".len()..].to_owned())
+                .collect();
+            let skip = |id: &str| skipping.iter().any(|skipped| skipped == id);
+            match self
+                .allocator
+                .finish_carts_reporting(partition, cart_after, &skip, &mut failed)
+                .await
+            {
+                Ok(finished) => report.carts_finished += finished,
+                Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
+                Err(error) => self.failed("cart", &format!("carts:{partition}"), &error, report),
+            }
+            for (id, error) in failed {
+                self.failed("cart", &format!("cart:{id}"), &error, report);
+            }
+        }
+
+        let now_ms = self.allocator.redis_time_ms().await?;
+        let wall_now = time::OffsetDateTime::now_utc();
+        let config = Arc::clone(&self.config);
+        for key in self.allocator.hot_keys().await? {
+            let item = format!("buckets:{key}");
+            if self.skip(&item) {
+                continue;
+            }
+            let sale = config.flash_sales.iter().find(|sale| {
+                sale.merchant == key.merchant
+                    && sale.sku == key.sku
+                    && sale.location == key.location
+            });
+            match self.reclaim_key(&key, sale, now_ms, wall_now, report).await {
+                Ok(()) => self.succeeded(&item),
+                Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
+                Err(error) => self.failed("reclaim", &item, &error, report),
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back the buckets of `key` that should not hold free units: all
+    /// of them when no sale in force covers the key (ended, switched off, or
+    /// gone from the config), else those of lapsed nodes and idle buckets.
+    /// A key whose buckets are all empty and which no sale covers any more
+    /// is forgotten.
+    async fn reclaim_key(
+        &self,
+        key: &StockKey,
+        sale: Option<&config::FlashSaleConfig>,
+        now_ms: u64,
+        wall_now: time::OffsetDateTime,
+        report: &mut PassReport,
+    ) -> Result<(), AllocatorError> {
+        let in_force = sale.is_some_and(|sale| sale.is_active_at(wall_now));
+        let idle_ms = self.config.ledger_writer.bucket_idle_reclaim_seconds * 1000;
+        let view = self.allocator.stock_view(key).await?;
+        for (node, bucket) in &view.buckets {
+            if bucket.sellable() <= 0 {
+                continue;
+            }
+            let idle = now_ms.saturating_sub(bucket.touched_ms) > idle_ms;
+            let lapsed = !self.allocator.node_alive(node).await?;
+            if in_force && !lapsed && !idle {
+                continue;
+            }
+            let flash = FlashSale {
+                name: sale.map_or_else(|| "removed".to_owned(), |sale| sale.name.clone()),
+                key: key.clone(),
+                nodes: view.buckets.iter().map(|(node, _)| node.clone()).collect(),
+                presplit_fraction: 0.0,
+                refill_chunk_units_min: 1,
+                refill_chunk_units_max: 1,
+            };
+            let units = self.allocator.reclaim(&flash, node).await?;
+            report.buckets_reclaimed += 1;
+            report.units_reclaimed += units;
+            info!(%key, %node, units, in_force, lapsed, idle, "bucket reclaimed");
+        }
+        let empty = view.buckets.iter().all(|(_, bucket)| {
+            bucket.on_hand == 0 && bucket.reserved == 0 && bucket.out_in_flight == 0
+        });
+        if sale.is_none()
+            && empty
+            && view
+                .pool
+                .as_ref()
+                .is_none_or(|pool| pool.out_in_flight == 0)
+        {
+            self.allocator.forget_hot_key(key).await?;
+        }
+        Ok(())
+    }
+}
