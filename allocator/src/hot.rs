@@ -118,6 +118,8 @@ pub struct Debit {
     pub debited_at_ms: u64,
     /// The source pool's drain epoch at the debit.
     pub epoch: Option<u64>,
+    /// Nothing moved because the source pool's buckets are being drained.
+    pub draining: bool,
 }
 
 /// What a drain of a key's buckets found and did ([`Allocator::drain`]).
@@ -301,6 +303,7 @@ fn debit_of(reply: &Value) -> Result<Debit> {
         qty,
         debited_at_ms: reply["debited_at_ms"].as_u64().unwrap_or_default(),
         epoch: reply["epoch"].as_u64(),
+        draining: reply["why"] == json!("draining"),
     })
 }
 
@@ -392,7 +395,7 @@ impl Allocator {
     pub async fn finish_transfers(&self, partition: u32, older_than: Duration) -> Result<u64> {
         let mut failed = Vec::new();
         let credited = self
-            .finish_transfers_reporting(partition, older_than, &mut failed)
+            .finish_transfers_reporting(partition, older_than, &|_| false, &mut failed)
             .await?;
         match failed.into_iter().next() {
             Some((_, error)) => Err(error),
@@ -400,12 +403,14 @@ impl Allocator {
         }
     }
 
-    /// [`Allocator::finish_transfers`] that records per-transfer failures in
-    /// `failed` instead of stopping at the first (the reconciler's form).
+    /// [`Allocator::finish_transfers`] that leaves alone the transfers `skip`
+    /// names (backing off) and records per-transfer failures in `failed`
+    /// instead of stopping at the first (the reconciler's form).
     pub async fn finish_transfers_reporting(
         &self,
         partition: u32,
         older_than: Duration,
+        skip: &(dyn Fn(&str) -> bool + Sync),
         failed: &mut Vec<(String, AllocatorError)>,
     ) -> Result<u64> {
         let mut cursor = "0".to_owned();
@@ -417,6 +422,9 @@ impl Allocator {
             let reply = self.call(Op::PendingTransfers, partition, args).await?;
             check_refusal(&reply)?;
             for pending in list::<PendingTransfer>(&reply["transfers"])? {
+                if skip(&pending.transfer_id) {
+                    continue;
+                }
                 let key = StockKey::new(&pending.merchant, &pending.sku, &pending.location);
                 let from = CellRef {
                     partition,
@@ -439,6 +447,7 @@ impl Allocator {
                     qty: pending.qty,
                     debited_at_ms: pending.debited_at_ms,
                     epoch: pending.epoch,
+                    draining: false,
                 };
                 match self.transfer_in(&transfer, &debit).await {
                     Ok(fresh) => {
@@ -525,6 +534,7 @@ impl Allocator {
                 qty: share.qty,
                 debited_at_ms: share.debited_at_ms,
                 epoch: share.epoch,
+                draining: false,
             };
             self.complete(&transfer, &debit).await?;
         }
@@ -547,6 +557,24 @@ impl Allocator {
     /// bucket; returns the units moved (0 when the pool has none to lend, or
     /// is being drained).
     pub async fn refill(&self, sale: &FlashSale, node: &str, units_per_second: f64) -> Result<u64> {
+        Ok(self.refill_debit(sale, node, units_per_second).await?.0)
+    }
+
+    /// [`Allocator::refill`], also saying whether the pool lent nothing
+    /// because its buckets are being drained.
+    async fn refill_debit(
+        &self,
+        sale: &FlashSale,
+        node: &str,
+        units_per_second: f64,
+    ) -> Result<(u64, bool)> {
+        let _: i64 = self
+            .with_timeout(
+                self.pool
+                    .next()
+                    .sadd(keys::HOT_KEYS, hot_key_member(&sale.key)),
+            )
+            .await?;
         let pool = sale.key.pool(self.settings.partitions);
         let bucket = sale.key.bucket(node, self.settings.partitions);
         let chunk = sale.refill_chunk(units_per_second);
@@ -559,15 +587,37 @@ impl Allocator {
             to_node: Some(node),
             reason: "refill",
         };
-        self.transfer(&transfer, chunk, false).await
+        let debit = self.transfer_out(&transfer, chunk, false).await?;
+        self.complete(&transfer, &debit).await?;
+        Ok((debit.qty, debit.draining))
     }
 
     /// Takes `node`'s unreserved bucket units back to the pool through a
     /// drain (the bucket is fenced until a refill reopens it); returns the
     /// units moved. Held units stay until their holds end.
+    /// A bucket with nothing free is left alone (no drain, no fence); when
+    /// another drain holds the key's lease this waits for it unless
+    /// `wait` is false, then it answers 0 (that drain moves the units).
     pub async fn reclaim(&self, sale: &FlashSale, node: &str) -> Result<u64> {
-        let drained = match self.drain(&sale.key, Some(node), false).await {
+        self.reclaim_waiting(sale, node, true).await
+    }
+
+    /// [`Allocator::reclaim`] that answers 0 at once, not waiting, when
+    /// another drain holds the key's lease (the reconciler's form: one busy
+    /// key must not hold up the others).
+    pub async fn try_reclaim(&self, sale: &FlashSale, node: &str) -> Result<u64> {
+        self.reclaim_waiting(sale, node, false).await
+    }
+
+    async fn reclaim_waiting(&self, sale: &FlashSale, node: &str, wait: bool) -> Result<u64> {
+        let bucket = sale.key.bucket(node, self.settings.partitions);
+        match self.cell(&bucket).await? {
+            Some(cell) if cell.sellable() > 0 => {}
+            _ => return Ok(0),
+        }
+        let drained = match self.drain_with(&sale.key, Some(node), false, wait).await {
             Err(AllocatorError::NotFound) => return Ok(0),
+            Err(AllocatorError::Conflict(_)) if !wait => return Ok(0),
             other => other?,
         };
         self.end_drain(&sale.key, drained.epoch).await?;
@@ -585,10 +635,23 @@ impl Allocator {
     /// The lease stays with the caller: an adjustment passes the epoch (and
     /// ends it); anyone else calls [`Allocator::end_drain`].
     pub async fn drain(&self, key: &StockKey, node: Option<&str>, settle: bool) -> Result<Drained> {
+        self.drain_with(key, node, settle, true).await
+    }
+
+    /// [`Allocator::drain`]; without `wait`, a lease held by another drain
+    /// is answered at once with [`AllocatorError::Conflict`].
+    async fn drain_with(
+        &self,
+        key: &StockKey,
+        node: Option<&str>,
+        settle: bool,
+        wait: bool,
+    ) -> Result<Drained> {
         let pool = key.pool(self.settings.partitions);
         let begin = json!({ "action": "begin", "cell": pool.id, "lease_ms": DRAIN_LEASE.as_millis() as u64 });
         let mut reply = self.call(Op::Drain, pool.partition, begin.clone()).await?;
-        for _ in 0..DRAIN_BUSY_TRIES {
+        let tries = if wait { DRAIN_BUSY_TRIES } else { 0 };
+        for _ in 0..tries {
             if reply["status"] != json!("busy") {
                 break;
             }
@@ -596,9 +659,12 @@ impl Allocator {
             reply = self.call(Op::Drain, pool.partition, begin.clone()).await?;
         }
         if reply["status"] == json!("busy") {
-            return Err(AllocatorError::StoreUnavailable(format!(
-                "{key} is being drained by another caller"
-            )));
+            let why = format!("{key} is being drained by another caller");
+            return Err(if wait {
+                AllocatorError::StoreUnavailable(why)
+            } else {
+                AllocatorError::Conflict(why)
+            });
         }
         check_refusal(&reply)?;
         let epoch = reply["epoch"]
@@ -633,6 +699,7 @@ impl Allocator {
             };
             let mut args = transfer.args(0);
             args["epoch"] = json!(epoch);
+            args["bucket_node"] = json!(bucket_node);
             let reply = self.call(Op::Fence, bucket.partition, args).await?;
             if reply["status"] == json!("fenced_out") {
                 return Err(AllocatorError::Conflict(format!(
@@ -653,7 +720,16 @@ impl Allocator {
             let mut settled = None;
             for _ in 0..DRAIN_SETTLE_ROUNDS {
                 for partition in &partitions {
-                    self.finish_transfers(*partition, Duration::ZERO).await?;
+                    // Another key's transfer that cannot be credited is the
+                    // reconciler's to report; this key's in flight decides.
+                    let mut others = Vec::new();
+                    self.finish_transfers_reporting(
+                        *partition,
+                        Duration::ZERO,
+                        &|_| false,
+                        &mut others,
+                    )
+                    .await?;
                 }
                 settled = self.settled_buckets_on_hand(key).await?;
                 if settled.is_some() {
@@ -715,8 +791,10 @@ impl Allocator {
     /// dry it first pulls the other buckets' free units back to the pool
     /// ("a drained node may pull from the pool again"), so a refusal means the
     /// whole key is sold out but for units held or in flight at that instant.
-    /// A fenced bucket, or a pool that lends nothing while its buckets are
-    /// drained, sends the reservation to the pool, which decides atomically.
+    /// A fenced bucket is refilled (which reopens it); while the pool lends
+    /// nothing because its buckets are being drained, it waits a moment.
+    /// Holds always land in this node's bucket, so a retry on this node
+    /// finds the first answer there.
     pub async fn reserve_hot(
         &self,
         sale: &FlashSale,
@@ -725,7 +803,6 @@ impl Allocator {
         meter: &RateMeter,
     ) -> Result<Hold> {
         let bucket = sale.key.bucket(node, self.settings.partitions);
-        let pool = sale.key.pool(self.settings.partitions);
         let mut last_refusal = None;
         for _ in 0..HOT_ATTEMPTS_MAX {
             let mut fenced = false;
@@ -746,16 +823,14 @@ impl Allocator {
                 Err(other) => return Err(other),
             }
             let rate = meter.units_per_second().max(f64::from(request.qty));
-            if self.refill(sale, node, rate).await? > 0 {
+            let (refilled, draining) = self.refill_debit(sale, node, rate).await?;
+            if refilled > 0 {
                 continue;
             }
-            // The pool lends nothing (dry, short, or draining): it may still
-            // hold units itself, and deciding there is atomic with any count.
-            match self.reserve_in(request, &pool).await {
-                Err(refusal @ AllocatorError::InsufficientStock { .. }) => {
-                    last_refusal = Some(refusal)
-                }
-                other => return other,
+            if draining {
+                // A count or a loss is being applied: a few ms.
+                tokio::time::sleep(DRAIN_BUSY_PAUSE).await;
+                continue;
             }
             // Pull the other buckets' free units back, and this node's own
             // when it is fenced (a release may have freed units in it).
@@ -765,12 +840,8 @@ impl Allocator {
                 .iter()
                 .filter(|other| fenced || other.as_str() != node)
             {
-                match self.reclaim(sale, other).await {
-                    Ok(units) => pulled += units,
-                    // Another drain is under way: it moves the units itself.
-                    Err(AllocatorError::StoreUnavailable(_) | AllocatorError::Conflict(_)) => {}
-                    Err(error) => return Err(error),
-                }
+                // Another drain under way moves the units itself: no waiting.
+                pulled += self.try_reclaim(sale, other).await?;
             }
             if pulled > 0 {
                 continue;

@@ -30,7 +30,9 @@
 //! | `cart_id` | string? | the cart a reservation line belongs to |
 //! | `idempotency_key` | string? | the request's key, scoped as `reserve\|merchant\|key` or `commit\|reservation id\|key` |
 //! | `backordered` | int? | reserve: units beyond sellable |
-//! | `kind`, `source`, `source_event_id`, `source_seq` | ? | adjust: its origin |
+//! | `kind`, `source`, `source_event_id` | string? | adjust: its origin |
+//! | `source_seq` | string? | adjust: the sender's sequence, a decimal string (Lua's cjson keeps 14 digits) |
+//! | `counted`, `buckets_on_hand`, `drain_epoch` | int? | absolute adjust: the count, what the fenced buckets held (set on keys with buckets), the drain it ran in |
 //! | `shortfall` | bool? | adjust: sellable fell below −backorder_limit |
 //! | `safety_stock`, `backorder_limit`, `low_stock_threshold` | int? | settings (`low_stock_threshold` since the rebuild command; older entries lack it) |
 //! | `released` | array of strings? | rebuild: open holds whose records Redis had lost, released (their units are `qty`) |
@@ -38,7 +40,7 @@
 //! | `expires_at_ms` | int? | extend: the new expiry |
 //! | `transfer_id` | string? | transfer_out, transfer_in: the transfer both halves share |
 //! | `to_cell`, `from_cell` | string? | transfer_out names its destination, transfer_in its source |
-//! | `reason` | string? | transfers: `activate`, `refill` or `reclaim` |
+//! | `reason` | string? | transfers: `activate`, `refill`, `drain` (reclaims and drains) or `reclaim` (older entries) |
 //! | `node` | string | the node that made the call |
 //! | `at_ms` | int | Redis time of the change, ms since the epoch |
 //!
@@ -75,6 +77,67 @@
 //! * A hot reservation is refused only when no cell of the key has free
 //!   units: the node refills from the pool and, if the pool is dry, pulls the
 //!   other buckets' free units back first ([`Allocator::reserve_hot`]).
+//!
+//! # A key is one shelf: how flash-sale keys conserve units
+//!
+//! A hot key's units live in its pool and in per-node buckets in other
+//! partitions, so no script sees them all. Physical facts are about the key,
+//! so they are applied through a **drain** ([`Allocator::drain`]):
+//!
+//! 1. The pool is the one home of the list of its key's buckets (`buckets`,
+//!    written whenever it lends to one) and of the key's **drain lease**
+//!    (`lua/drain.lua`): a new drain epoch, and until the lease ends the pool
+//!    lends nothing (refills and activations move no units).
+//! 2. Each listed bucket is **fenced** at that epoch (`lua/fence.lua`): it
+//!    refuses every reservation and gives units back only to a drain at
+//!    least that recent; its free units are debited to the pool and credited
+//!    there. A bucket the pool listed but whose first credit has not landed
+//!    is created empty and fenced, so the late credit keeps it shut.
+//! 3. For a count, every transfer in flight between the key's cells is
+//!    finished, then the pool is read (nothing in flight from it: every unit
+//!    it lent has landed) and then each bucket (nothing in flight from it).
+//!    From that moment a fenced bucket can only shrink (commits), since the
+//!    pool lends nothing and the buckets give nothing but to a newer drain,
+//!    which cannot start while this lease lives.
+//! 4. The adjustment runs at the pool with the drain's epoch, refused if the
+//!    lease lapsed or was taken (then everything is tried again). A count
+//!    sets the pool to `count − what the buckets held at step 3`, so the
+//!    key's cells hold at most the count (exactly the count less units sold
+//!    between the read and the count, which the count is taken to precede);
+//!    a delta is added to the pool. The shortfall is judged at the pool,
+//!    which now holds every free unit of the key.
+//!
+//! Only what could create units or sell phantom ones takes a drain: an
+//! absolute count, and a loss or settings change that would leave the pool
+//! short (the scripts answer `needs_drain` without writing anything); a
+//! restock, or a loss the pool covers itself, is applied at once (the
+//! buckets' units are real, and the pool still covers its own holds).
+//! A key left short keeps its buckets fenced: a bucket reopens only when a
+//! refill debited after its fence reaches it (the refill carries the pool's
+//! drain epoch), and the pool refills only from units it has free, so the
+//! key refuses on every node until a restock makes it good.
+//!
+//! Reclaiming a bucket (sale ended or left the config, node dead, bucket
+//! idle, or a node pulling the others' free units) is a drain of that one
+//! bucket. Transfers stay idempotent by id: a credit carries its debit's
+//! time and is refused more than 12 h after it, while the credit's dedupe
+//! record lives 24 h after the credit, so no credit outlives its dedupe
+//! record. An activation is recorded per (sale, epoch) for at most 7 days
+//! and forgotten when the sale ends; its replay credits only the shares whose
+//! debit records still say `debited`, so a replay at any later time never
+//! credits what was not debited, or twice.
+//!
+//! # Retention of records
+//!
+//! | record | kept | must outlive |
+//! |---|---|---|
+//! | idempotency records, finished reservations | 24 h after they end | client retries (minutes) |
+//! | adjustment dedupe `(source, event_id)` | 24 h after applied | redelivery: ingestion re-delivers at most the last second of messages; WMS/POS resends within hours |
+//! | `source_seq` per key and source | for ever (one integer per key and source) | every later count of that source |
+//! | transfer debit record | until credited, then 24 h | the finisher (every few seconds) |
+//! | transfer credit record `in|id` | 24 h after the credit | every credit attempt, which is refused 12 h after the debit |
+//! | activation record | until the sale ends here, at most 7 days | node restarts during the sale |
+//! | drain lease | 2 s | one drain (a few round trips) |
 
 mod cart;
 mod hot;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use allocator::{Allocator, AllocatorError, FlashSale, RateMeter, StockKey};
+use fred::prelude::*;
 use serde_json::Value;
 
 fn sale(nodes: &[&str]) -> FlashSale {
@@ -243,4 +244,160 @@ async fn heartbeats_lapse() {
     assert!(allocator.node_alive(&node).await.expect("check"));
     tokio::time::sleep(Duration::from_millis(450)).await;
     assert!(!allocator.node_alive(&node).await.expect("check"), "lapsed");
+}
+
+/// A count of the whole key, by `source`'s sequence `seq`.
+fn count(key: &StockKey, units: i64, seq: u64) -> allocator::Adjustment {
+    allocator::Adjustment {
+        kind: allocator::AdjustmentKind::Absolute,
+        source_seq: Some(seq),
+        ..delta(key, units, &testkit::unique_id("count"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_physical_count_during_a_sale_sets_the_key_and_creates_no_units() {
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&["node-a", "node-b"]);
+    stock(&allocator, &sale.key, 1000).await;
+    allocator.activate(&sale, "e1").await.expect("activate");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(view.buckets.len(), 2, "split over both nodes: {view:?}");
+    stock(&allocator, &sale.key, 40).await;
+
+    // The shelf is counted at exactly what it holds: nothing may change.
+    allocator
+        .adjust(&count(&sale.key, 1040, 1))
+        .await
+        .expect("count");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(view.on_hand(), 1040, "{view:?}");
+    assert_eq!(view.sellable(), 1040, "{view:?}");
+
+    // A count below what the buckets hold takes the key there too.
+    allocator
+        .adjust(&count(&sale.key, 300, 2))
+        .await
+        .expect("count");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(view.on_hand(), 300, "{view:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_of_every_unit_stops_every_node_until_restocked() {
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&["node-a", "node-b"]);
+    stock(&allocator, &sale.key, 100).await;
+    allocator.activate(&sale, "e1").await.expect("activate");
+    let meter = RateMeter::default();
+    allocator
+        .reserve_hot(
+            &sale,
+            "node-a",
+            &reserve(&sale.key, 3, &testkit::unique_id("r")),
+            &meter,
+        )
+        .await
+        .expect("a hold before the loss");
+
+    let outcome = allocator
+        .adjust(&delta(&sale.key, -100, &testkit::unique_id("loss")))
+        .await
+        .expect("loss");
+    assert!(
+        matches!(
+            outcome,
+            allocator::AdjustmentOutcome::Applied {
+                shortfall: true,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    for node in ["node-a", "node-b"] {
+        let answer = allocator
+            .reserve_hot(
+                &sale,
+                node,
+                &reserve(&sale.key, 1, &testkit::unique_id("r")),
+                &meter,
+            )
+            .await;
+        assert!(
+            matches!(answer, Err(AllocatorError::InsufficientStock { .. })),
+            "{node} sold while the key is short: {answer:?}"
+        );
+    }
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(view.on_hand(), 0, "{view:?}");
+
+    stock(&allocator, &sale.key, 10).await;
+    allocator
+        .reserve_hot(
+            &sale,
+            "node-b",
+            &reserve(&sale.key, 5, &testkit::unique_id("r")),
+            &meter,
+        )
+        .await
+        .expect("sells again once the loss is made good");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_replayed_after_its_records_are_gone_credits_nothing() {
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&["node-a", "node-b"]);
+    stock(&allocator, &sale.key, 100).await;
+    allocator.activate(&sale, "e1").await.expect("activate");
+    // What the scripts' housekeeping does 24 h after the credit.
+    let redis = allocator.redis().next();
+    let mut partitions = vec![sale.key.pool(PARTITIONS).partition];
+    partitions.extend(["node-a", "node-b"].map(|node| sale.key.bucket(node, PARTITIONS).partition));
+    for partition in partitions {
+        let hash = format!("inv:{{{partition}}}:xfer");
+        let fields: Vec<String> = redis.hkeys(&hash).await.expect("fields");
+        for field in fields {
+            let record: Option<String> = redis.hget(&hash, &field).await.expect("record");
+            let ours = record.is_some_and(|record| record.contains(&sale.key.merchant));
+            if ours || field.starts_with("in|act.") {
+                let _: i64 = redis.hdel(&hash, &field).await.expect("forget");
+            }
+        }
+    }
+    // A node restarts with the same config.
+    allocator.activate(&sale, "e1").await.expect("replay");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(view.on_hand(), 100, "nothing credited twice: {view:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_switched_off_and_on_again_splits_anew_and_conserves_units() {
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&["node-a", "node-b"]);
+    stock(&allocator, &sale.key, 80).await;
+    allocator.activate(&sale, "e1").await.expect("activate");
+    for node in ["node-a", "node-b"] {
+        allocator.reclaim(&sale, node).await.expect("reclaim");
+    }
+    allocator.end_activation(&sale, "e1").await.expect("end");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(
+        view.pool.as_ref().map(|pool| pool.on_hand),
+        Some(80),
+        "{view:?}"
+    );
+
+    let split = allocator.activate(&sale, "e1").await.expect("on again");
+    assert_eq!(
+        split.iter().map(|(_, units)| units).sum::<u64>(),
+        40,
+        "{split:?}"
+    );
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(view.on_hand(), 80, "{view:?}");
+    assert_eq!(
+        view.sellable(),
+        80,
+        "the new split reopened the buckets: {view:?}"
+    );
 }

@@ -358,7 +358,7 @@ pub fn transfer_drifts<'a>(
                         "{} units in flight for {} s (the finisher credits after {} s)",
                         int(debit, "qty"),
                         age_ms / 1000,
-                        in_flight_max_ms / 1000 - IN_FLIGHT_GRACE_SECONDS
+                        (in_flight_max_ms / 1000).saturating_sub(IN_FLIGHT_GRACE_SECONDS)
                     ));
                 }
             }
@@ -383,7 +383,9 @@ pub fn transfer_drifts<'a>(
 
 /// Physical facts checked against the whole key: a count of a key with
 /// buckets leaves its cells holding the count; no cell takes a reservation
-/// while a loss has left the key short (until an adjustment makes it good).
+/// while the key's pool is short (a loss or a setting left its sellable
+/// below −backorder_limit; its buckets were drained first, so the pool holds
+/// every free unit then), until a pool entry shows it made good.
 pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a Value>) -> Vec<Drift> {
     let mut keys: BTreeMap<String, Vec<&'a Value>> = BTreeMap::new();
     for entry in entries {
@@ -399,55 +401,68 @@ pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a Value>) -> Vec<Drift> {
         });
         // Each bucket cell's on_hand as of the last entry seen so far.
         let mut buckets: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut short_since_ms: Option<u64> = None;
+        let (mut safety, mut backorder) = (0, 0);
+        // Redis times (ms) the pool was short: [from, until).
+        let mut short: Vec<(u64, u64)> = Vec::new();
+        let mut short_since: Option<u64> = None;
         for entry in &history {
             let cell = entry["cell"].as_str().unwrap_or_default();
             let at_ms = entry["at_ms"].as_u64().unwrap_or_default();
-            let is_bucket = cell.contains("|bucket|");
-            match entry["op"].as_str().unwrap_or_default() {
-                "adjust" if !is_bucket => {
-                    if entry["kind"] == "absolute" {
-                        let counted = entry["counted"]
-                            .as_i64()
-                            .unwrap_or(int(entry, "on_hand_after"));
-                        let in_buckets = match entry.get("buckets_on_hand") {
-                            Some(value) => value.as_i64().unwrap_or_default(),
-                            // Older entries, and counts that ignored the buckets.
-                            None => buckets.values().sum(),
-                        };
-                        if int(entry, "on_hand_after") + in_buckets > counted {
-                            drifts.push(Drift {
-                                subject: key.clone(),
-                                problem: format!(
-                                    "a count of {counted} left the pool {} while the buckets held {in_buckets}: units created",
-                                    int(entry, "on_hand_after")
-                                ),
-                            });
-                        }
-                    }
-                    short_since_ms = if entry["shortfall"] == true {
-                        short_since_ms.or(Some(at_ms))
-                    } else {
-                        None
-                    };
+            if cell.contains("|bucket|") {
+                buckets.insert(cell, int(entry, "on_hand_after"));
+                continue;
+            }
+            let op = entry["op"].as_str().unwrap_or_default();
+            if op == "settings" {
+                safety = int(entry, "safety_stock");
+                backorder = int(entry, "backorder_limit");
+            }
+            if op == "adjust" && entry["kind"] == "absolute" {
+                let counted = entry["counted"]
+                    .as_i64()
+                    .unwrap_or(int(entry, "on_hand_after"));
+                let in_buckets = match entry.get("buckets_on_hand") {
+                    Some(value) => value.as_i64().unwrap_or_default(),
+                    // Older entries, and counts that ignored the buckets.
+                    None => buckets.values().sum(),
+                };
+                if int(entry, "on_hand_after") + in_buckets > counted {
+                    drifts.push(Drift {
+                        subject: key.clone(),
+                        problem: format!(
+                            "a count of {counted} left the pool {} while the buckets held {in_buckets}: units created",
+                            int(entry, "on_hand_after")
+                        ),
+                    });
                 }
-                "reserve" => {
-                    if let Some(since) = short_since_ms
-                        && at_ms > since
-                    {
-                        drifts.push(Drift {
-                            subject: key.clone(),
-                            problem: format!(
-                                "cell {cell} took reservation {} while the key was short (since {since} ms)",
-                                entry["reservation_id"].as_str().unwrap_or_default()
-                            ),
-                        });
-                    }
+            }
+            let sellable = int(entry, "on_hand_after") - int(entry, "reserved_after") - safety;
+            match (sellable < -backorder, short_since) {
+                (true, None) => short_since = Some(at_ms),
+                (false, Some(since)) => {
+                    short.push((since, at_ms));
+                    short_since = None;
                 }
                 _ => {}
             }
-            if is_bucket {
-                buckets.insert(cell, int(entry, "on_hand_after"));
+        }
+        if let Some(since) = short_since {
+            short.push((since, u64::MAX));
+        }
+        for entry in history.iter().filter(|entry| entry["op"] == "reserve") {
+            let at_ms = entry["at_ms"].as_u64().unwrap_or_default();
+            if let Some((since, _)) = short
+                .iter()
+                .find(|(from, until)| *from < at_ms && at_ms < *until)
+            {
+                drifts.push(Drift {
+                    subject: key.clone(),
+                    problem: format!(
+                        "cell {} took reservation {} while the key was short (since {since} ms)",
+                        entry["cell"].as_str().unwrap_or_default(),
+                        entry["reservation_id"].as_str().unwrap_or_default()
+                    ),
+                });
             }
         }
     }
@@ -501,4 +516,127 @@ pub async fn kafka_entry_ids(config: &config::Config, limit: Duration) -> anyhow
         Ok(ids.len())
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::{key_drifts, transfer_drifts};
+
+    fn entry(op: &str, cell: &str, at_ms: u64, extra: Value) -> Value {
+        let mut entry = json!({
+            "op": op, "cell": cell, "merchant": "m", "sku": "s", "location": "l",
+            "at_ms": at_ms, "stream_id": format!("{at_ms}-0"), "qty": 0,
+            "on_hand_before": 0, "on_hand_after": 0, "reserved_before": 0, "reserved_after": 0,
+        });
+        for (name, value) in extra.as_object().expect("object") {
+            entry[name] = value.clone();
+        }
+        entry
+    }
+
+    #[test]
+    fn a_transfer_is_matched_by_id_one_debit_and_at_most_one_credit() {
+        let debit = entry(
+            "transfer_out",
+            "m|s|l|pool",
+            10,
+            json!({ "transfer_id": "t1", "qty": 5 }),
+        );
+        let credit = entry(
+            "transfer_in",
+            "m|s|l|bucket|a",
+            11,
+            json!({ "transfer_id": "t1", "qty": 5 }),
+        );
+        assert!(transfer_drifts([&debit, &credit].into_iter(), 20, 1000).is_empty());
+
+        // A restart re-credited it after its dedupe record was gone.
+        let again = entry(
+            "transfer_in",
+            "m|s|l|bucket|a",
+            90,
+            json!({ "transfer_id": "t1", "qty": 5 }),
+        );
+        let drifts = transfer_drifts([&debit, &credit, &again].into_iter(), 100, 1000);
+        assert_eq!(drifts.len(), 1, "{drifts:?}");
+        assert_eq!(drifts[0].subject, "m/s/l");
+
+        let orphan = entry(
+            "transfer_in",
+            "m|s|l|bucket|a",
+            90,
+            json!({ "transfer_id": "t2", "qty": 3 }),
+        );
+        let drifts = transfer_drifts([&orphan].into_iter(), 100, 1000);
+        assert!(drifts[0].problem.contains("without a debit"), "{drifts:?}");
+
+        // In flight past the finisher's delay.
+        let drifts = transfer_drifts([&debit].into_iter(), 5000, 1000);
+        assert!(drifts[0].problem.contains("in flight"), "{drifts:?}");
+        assert!(transfer_drifts([&debit].into_iter(), 500, 1000).is_empty());
+    }
+
+    #[test]
+    fn a_count_that_ignores_the_buckets_is_reported() {
+        let bucket = entry(
+            "transfer_in",
+            "m|s|l|bucket|a",
+            10,
+            json!({ "on_hand_after": 500 }),
+        );
+        // The old scripts set the pool to the count and left the buckets.
+        let blind = entry(
+            "adjust",
+            "m|s|l|pool",
+            20,
+            json!({ "kind": "absolute", "on_hand_after": 1040 }),
+        );
+        let drifts = key_drifts([&bucket, &blind].into_iter());
+        assert_eq!(drifts.len(), 1, "{drifts:?}");
+        assert!(drifts[0].problem.contains("units created"), "{drifts:?}");
+
+        let counted = entry(
+            "adjust",
+            "m|s|l|pool",
+            20,
+            json!({ "kind": "absolute", "counted": 1040, "buckets_on_hand": 500, "on_hand_after": 540 }),
+        );
+        assert!(key_drifts([&bucket, &counted].into_iter()).is_empty());
+    }
+
+    #[test]
+    fn a_reservation_while_the_key_is_short_is_reported() {
+        let loss = entry(
+            "adjust",
+            "m|s|l|pool",
+            10,
+            json!({ "kind": "delta", "shortfall": true, "on_hand_after": 1, "reserved_after": 3 }),
+        );
+        let sold = entry(
+            "reserve",
+            "m|s|l|bucket|a",
+            11,
+            json!({ "reservation_id": "r1" }),
+        );
+        let drifts = key_drifts([&loss, &sold].into_iter());
+        assert_eq!(drifts.len(), 1, "{drifts:?}");
+        assert!(drifts[0].problem.contains("short"), "{drifts:?}");
+
+        // A release of the pool's holds makes it good as well as a restock.
+        let restock = entry(
+            "release",
+            "m|s|l|pool",
+            12,
+            json!({ "on_hand_after": 1, "reserved_after": 0 }),
+        );
+        let later = entry(
+            "reserve",
+            "m|s|l|bucket|a",
+            13,
+            json!({ "reservation_id": "r2" }),
+        );
+        assert_eq!(key_drifts([&loss, &restock, &later].into_iter()).len(), 0);
+    }
 }

@@ -45,6 +45,9 @@ const SWEEP_LIMIT: u32 = 1000;
 struct Failure {
     failures: u32,
     retry_at: Instant,
+    /// The partition of a transfer or cart item (its failures are forgotten
+    /// once a pass over that partition finds it no longer failing).
+    partition: Option<u32>,
 }
 
 /// The reconciler of one writer, with its memory of failing items.
@@ -126,6 +129,7 @@ impl Reconciler {
         &mut self,
         action: &str,
         item: &str,
+        partition: Option<u32>,
         failure: &AllocatorError,
         report: &mut PassReport,
     ) {
@@ -136,6 +140,7 @@ impl Reconciler {
         let entry = self.failing.entry(item.to_owned()).or_insert(Failure {
             failures: 0,
             retry_at: Instant::now(),
+            partition,
         });
         entry.failures += 1;
         let backoff = BACKOFF_FIRST
@@ -147,6 +152,34 @@ impl Reconciler {
         } else {
             warn!(action, item, failures = entry.failures, error = %failure, "reconciler item failed; retrying later");
         }
+    }
+
+    /// The ids (without `prefix`) of items of that kind backing off or parked.
+    fn skipping(&self, prefix: &str) -> Vec<String> {
+        self.failing
+            .keys()
+            .filter(|item| item.starts_with(prefix) && self.skip(item))
+            .map(|item| item[prefix.len()..].to_owned())
+            .collect()
+    }
+
+    /// Forgets the failures of `prefix` items of `partition` that were tried
+    /// this pass and did not fail again (finished, or gone).
+    fn settle(
+        &mut self,
+        prefix: &str,
+        partition: u32,
+        skipped: &[String],
+        failed: &[(String, AllocatorError)],
+    ) {
+        self.failing.retain(|item, failure| {
+            let Some(id) = item.strip_prefix(prefix) else {
+                return true;
+            };
+            failure.partition != Some(partition)
+                || skipped.iter().any(|skipped| skipped == id)
+                || failed.iter().any(|(failed, _)| failed == id)
+        });
     }
 
     fn parked(&self) -> u64 {
@@ -189,14 +222,16 @@ impl Reconciler {
                         self.succeeded(&item);
                     }
                     Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
-                    Err(error) => self.failed("expire", &item, &error, report),
+                    Err(error) => self.failed("expire", &item, None, &error, report),
                 }
             }
 
             let mut failed = Vec::new();
+            let skipping = self.skipping("transfer:");
+            let skip = |id: &str| skipping.iter().any(|skipped| skipped == id);
             match self
                 .allocator
-                .finish_transfers_reporting(partition, transfer_after, &mut failed)
+                .finish_transfers_reporting(partition, transfer_after, &skip, &mut failed)
                 .await
             {
                 Ok(credited) => report.transfers_finished += credited,
@@ -204,21 +239,24 @@ impl Reconciler {
                 Err(error) => self.failed(
                     "transfer",
                     &format!("transfers:{partition}"),
+                    None,
                     &error,
                     report,
                 ),
             }
+            self.settle("transfer:", partition, &skipping, &failed);
             for (id, error) in failed {
-                self.failed("transfer", &format!("transfer:{id}"), &error, report);
+                self.failed(
+                    "transfer",
+                    &format!("transfer:{id}"),
+                    Some(partition),
+                    &error,
+                    report,
+                );
             }
 
             let mut failed = Vec::new();
-            let skipping: Vec<String> = self
-                .failing
-                .keys()
-                .filter(|item| item.starts_with("cart:") && self.skip(item))
-                .map(|item| item["cart:".len()..].to_owned())
-                .collect();
+            let skipping = self.skipping("cart:");
             let skip = |id: &str| skipping.iter().any(|skipped| skipped == id);
             match self
                 .allocator
@@ -227,10 +265,19 @@ impl Reconciler {
             {
                 Ok(finished) => report.carts_finished += finished,
                 Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
-                Err(error) => self.failed("cart", &format!("carts:{partition}"), &error, report),
+                Err(error) => {
+                    self.failed("cart", &format!("carts:{partition}"), None, &error, report)
+                }
             }
+            self.settle("cart:", partition, &skipping, &failed);
             for (id, error) in failed {
-                self.failed("cart", &format!("cart:{id}"), &error, report);
+                self.failed(
+                    "cart",
+                    &format!("cart:{id}"),
+                    Some(partition),
+                    &error,
+                    report,
+                );
             }
         }
 
@@ -250,7 +297,7 @@ impl Reconciler {
             match self.reclaim_key(&key, sale, now_ms, wall_now, report).await {
                 Ok(()) => self.succeeded(&item),
                 Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
-                Err(error) => self.failed("reclaim", &item, &error, report),
+                Err(error) => self.failed("reclaim", &item, None, &error, report),
             }
         }
         Ok(())
@@ -289,7 +336,7 @@ impl Reconciler {
                 refill_chunk_units_min: 1,
                 refill_chunk_units_max: 1,
             };
-            let units = self.allocator.reclaim(&flash, node).await?;
+            let units = self.allocator.try_reclaim(&flash, node).await?;
             report.buckets_reclaimed += 1;
             report.units_reclaimed += units;
             info!(%key, %node, units, in_force, lapsed, idle, "bucket reclaimed");

@@ -1,0 +1,125 @@
+//! The reconciler never wedges: a cart that cannot be finished is counted,
+//! backed off and in the end parked, while every other item and partition
+//! is still reconciled.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use allocator::{AdjustmentKind, CartLine, CartRequest, StockKey, Transfer};
+use fred::prelude::*;
+use ledger_writer::reconcile::{PARK_AFTER_FAILURES, Reconciler};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_cart_does_not_stop_the_reconciler_finishing_everything_else() {
+    let (_redis, setup, allocator) = common::harness(&[]).await;
+    let config = Arc::new(config::load_file(&setup.config_path).expect("config"));
+    let merchant = testkit::unique_id("m");
+    let keys = [
+        StockKey::new(&merchant, "a", "dc1"),
+        StockKey::new(&merchant, "b", "dc1"),
+    ];
+    for key in &keys {
+        let adjustment = allocator::Adjustment {
+            merchant: key.merchant.clone(),
+            sku: key.sku.clone(),
+            location: key.location.clone(),
+            kind: AdjustmentKind::Delta,
+            qty: 10,
+            source: "test".to_owned(),
+            event_id: testkit::unique_id("restock"),
+            source_seq: None,
+        };
+        allocator.adjust(&adjustment).await.expect("restock");
+    }
+
+    // A cart decided for commit whose first line's record is gone (corrupt):
+    // finishing it fails every time.
+    let cart = allocator
+        .reserve_cart(&CartRequest {
+            merchant: merchant.clone(),
+            lines: keys
+                .iter()
+                .map(|key| CartLine {
+                    sku: key.sku.clone(),
+                    location: key.location.clone(),
+                    qty: 1,
+                })
+                .collect(),
+            ttl: None,
+            idempotency_key: testkit::unique_id("cart"),
+            customer_ref: None,
+        })
+        .await
+        .expect("cart")
+        .cart;
+    allocator
+        .decide_cart(None, &cart.reservation_id, true)
+        .await
+        .expect("decided");
+    let line_partition = keys[0].partition(common::PARTITIONS);
+    let redis = allocator.redis().next();
+    let records: std::collections::HashMap<String, String> = redis
+        .hgetall(format!("inv:{{{line_partition}}}:res"))
+        .await
+        .expect("records");
+    let line = records
+        .iter()
+        .find(|(_, record)| record.contains(&cart.reservation_id) && record.contains("\"a\""))
+        .map(|(id, _)| id.clone())
+        .expect("the cart's first line");
+    let _: i64 = redis
+        .hdel(format!("inv:{{{line_partition}}}:res"), &line)
+        .await
+        .expect("corrupt the line");
+
+    // A transfer debited by a node that died before crediting it.
+    let pool = keys[1].pool(common::PARTITIONS);
+    let bucket = keys[1].bucket("node-x", common::PARTITIONS);
+    let transfer_id = testkit::unique_id("t");
+    allocator
+        .transfer_out(
+            &Transfer {
+                id: &transfer_id,
+                key: &keys[1],
+                from: &pool,
+                to: &bucket,
+                to_node: Some("node-x"),
+                reason: "refill",
+            },
+            4,
+            true,
+        )
+        .await
+        .expect("debit");
+
+    // The cart finisher waits a quarter of the line grace, the transfer
+    // finisher transfer_finish_after_seconds: look after both.
+    let wait = Reconciler::cart_finish_after(&config).max(Duration::from_secs(
+        config.stock.transfer_finish_after_seconds,
+    ));
+    tokio::time::sleep(wait + Duration::from_millis(200)).await;
+
+    let mut reconciler = Reconciler::new((*allocator).clone(), Arc::clone(&config), None);
+    let report = reconciler
+        .pass()
+        .await
+        .expect("the pass goes on past the cart");
+    assert_eq!(report.failures, 1, "{report:?}");
+    assert_eq!(
+        report.transfers_finished, 1,
+        "the transfer was still credited: {report:?}"
+    );
+    let view = allocator.stock_view(&keys[1]).await.expect("view");
+    assert_eq!(view.on_hand(), 10, "{view:?}");
+    assert_eq!(view.in_flight(), 0);
+
+    // Backing off: the next pass leaves the cart alone and goes on.
+    let report = reconciler.pass().await.expect("pass");
+    assert_eq!(report.failures, 0, "the cart is backing off: {report:?}");
+    assert_eq!(
+        report.parked, 0,
+        "parked only after {PARK_AFTER_FAILURES} failures"
+    );
+}
