@@ -577,7 +577,10 @@ impl Allocator {
                     "shortfall flag disagrees with cell: {reply}"
                 )));
             }
-            return Ok(AdjustmentOutcome::Applied { shortfall, cell });
+            return Ok(AdjustmentOutcome::Applied {
+                shortfall,
+                cell: Box::new(cell),
+            });
         }
         match reply["reason"].as_str() {
             Some("duplicate") => Ok(AdjustmentOutcome::Duplicate),

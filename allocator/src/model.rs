@@ -178,8 +178,8 @@ pub enum AdjustmentOutcome {
     Applied {
         /// Sellable went below −backorder_limit (a loss to make good).
         shortfall: bool,
-        /// The pool cell after the change.
-        cell: Cell,
+        /// The pool cell after the change (boxed: a cell is large).
+        cell: Box<Cell>,
     },
     /// `(source, event_id)` was applied before; nothing changed.
     Duplicate,
