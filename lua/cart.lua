@@ -1,35 +1,22 @@
 -- cart: the record of a multi-line reservation, in the partition of its id.
 -- It alone decides the cart's status; the allocator applies the lines one by
 -- one (each idempotent) around these steps. ARGS.action:
---   peek     the stored reply of ARGS.idempotency_key, if the cart ran before
---   create   store the held cart (ARGS.lines) and its reply; idempotent
---   fail     store the refusal (ARGS.short) as the key's reply
+--   create   store the held cart (ARGS.lines); idempotent on its id
 --   begin    held -> committing | releasing (ARGS.to); refuses if expired or
 --            finished otherwise; records the cart for the finisher
 --   finish   committing -> committed, releasing -> released; idempotent
 local a = ARGS
 if not is_id(a.reservation_id) then return refuse('bad_argument', { reason = 'reservation_id' }) end
-if a.idempotency_key ~= nil and (type(a.idempotency_key) ~= 'string' or #a.idempotency_key > 300) then
-  return refuse('bad_argument', { reason = 'idempotency_key' })
-end
-
-if a.action == 'peek' then
-  local replay = idem_replay(a.idempotency_key, a.fingerprint)
-  if replay then return replay end
-  return reply({ status = 'absent' })
-end
-
-if a.action == 'fail' then
-  local replay = idem_replay(a.idempotency_key, a.fingerprint)
-  if replay then return replay end
-  local out = refuse('insufficient_stock', { lines = a.short })
-  idem_store(a.idempotency_key, a.fingerprint, out)
-  return out
-end
 
 if a.action == 'create' then
-  local replay = idem_replay(a.idempotency_key, a.fingerprint)
-  if replay then return replay end
+  -- The request's claim (claim.lua) fixed the cart id: a record that exists
+  -- is this attempt run again.
+  local existing = res_get(a.reservation_id)
+  if existing then
+    local view = reservation_view(existing)
+    view.replayed = true
+    return reply(view)
+  end
   if type(a.lines) ~= 'table' or #a.lines < 2 or #a.lines > 256 or not is_id(a.merchant)
     or not is_int(a.ttl_ms, 1, 7 * 24 * 3600 * 1000) then
     return refuse('bad_argument', { reason = 'lines, merchant and ttl_ms' })
@@ -47,9 +34,7 @@ if a.action == 'create' then
   }
   res_put(r)
   redis.call('ZADD', K_DUE, r.expires_at_ms, r.reservation_id)
-  local out = reply(reservation_view(r))
-  idem_store(a.idempotency_key, a.fingerprint, out)
-  return out
+  return reply(reservation_view(r))
 end
 
 local r = res_for_caller(a.reservation_id)

@@ -1,7 +1,7 @@
 -- commit: the held units leave the cell's on_hand and reserved. Refused with
 -- the reservation's status unless it is held and not expired (fencing: a
 -- reservation whose time is up is expired first, so it is never committed).
--- ARGS: reservation_id, idempotency_key?, fingerprint, cart_flow (a cart's
+-- ARGS: reservation_id, idempotency_key? (a keyed hash: no client text), fingerprint, cart_flow (a cart's
 -- line, committed after its cart record accepted the commit before expiry: the
 -- line's grace period still holds it).
 if not is_id(ARGS.reservation_id) or type(ARGS.fingerprint) ~= 'string' then
@@ -23,7 +23,7 @@ end
 if r.status ~= 'held' then
   return refuse('not_held', { reservation_status = r.status })
 end
-finish_hold(r, 'commit', { idempotency_key = ARGS.idempotency_key })
+finish_hold(r, 'commit')
 local out = reply(reservation_view(r))
 idem_store(ARGS.idempotency_key, ARGS.fingerprint, out)
 return out

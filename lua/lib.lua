@@ -343,7 +343,7 @@ local function reservation_view(r)
   }
 end
 
--- Checks one reservation request; returns an error reason or nil.
+-- Checks one hold request; returns an error reason or nil.
 local function check_reserve_request(a)
   if not is_id(a.reservation_id) then return 'reservation_id' end
   if not is_id(a.merchant) or not is_id(a.sku) or not is_id(a.location) then return 'stock key' end
@@ -351,10 +351,6 @@ local function check_reserve_request(a)
   if not is_int(a.qty, 1, 1000000) then return 'qty' end
   if not is_int(a.ttl_ms, 1, 7 * 24 * 3600 * 1000) then return 'ttl_ms' end
   if not is_int(a.grace_ms, 0, 3600 * 1000) then return 'grace_ms' end
-  if type(a.fingerprint) ~= 'string' or #a.fingerprint < 1 or #a.fingerprint > 128 then return 'fingerprint' end
-  if a.idempotency_key ~= nil and (type(a.idempotency_key) ~= 'string' or #a.idempotency_key > 300) then
-    return 'idempotency_key'
-  end
   if a.cart_id ~= nil and not is_id(a.cart_id) then return 'cart_id' end
   if a.customer_hash ~= nil and (type(a.customer_hash) ~= 'string' or #a.customer_hash > 128) then
     return 'customer_hash'
@@ -362,15 +358,23 @@ local function check_reserve_request(a)
   return nil
 end
 
--- Holds `a.qty` units of cell `a.cell` as reservation `a.reservation_id`,
--- idempotent on `a.idempotency_key`. The caller ran housekeeping() already.
+-- Holds `a.qty` units of cell `a.cell` as reservation `a.reservation_id`.
+-- The request's idempotency lives in its claim (claim.lua), which fixed
+-- the reservation id and the cell before this runs: a reservation that
+-- exists already is this very attempt run again, answered as it stands
+-- (replayed). A refusal writes nothing, so running the attempt again decides
+-- anew. The caller ran housekeeping() already.
 local function reserve_one(a)
   local bad = check_reserve_request(a)
   if bad then return refuse('bad_argument', { reason = bad }) end
-  local replay = idem_replay(a.idempotency_key, a.fingerprint)
-  if replay then return replay end
-  if res_get(a.reservation_id) then
-    return refuse('bad_argument', { reason = 'reservation_id already used' })
+  local existing = res_get(a.reservation_id)
+  if existing then
+    if existing.cell ~= a.cell or existing.qty ~= a.qty then
+      return refuse('bad_argument', { reason = 'reservation_id already used' })
+    end
+    local view = reservation_view(existing)
+    view.replayed = true
+    return reply(view)
   end
   expire_cell_due(a.cell)
   local c = cell_get(a.cell)
@@ -382,9 +386,7 @@ local function reserve_one(a)
   if available - a.qty < -c.backorder_limit then
     local shown = available
     if shown < 0 then shown = 0 end
-    local out = refuse('insufficient_stock', { requested = a.qty, available = shown, version = c.version })
-    if a.remember_refusal then idem_store(a.idempotency_key, a.fingerprint, out) end
-    return out
+    return refuse('insufficient_stock', { requested = a.qty, available = shown, version = c.version })
   end
   local backordered = a.qty
   if available > 0 then backordered = a.qty - available end
@@ -399,21 +401,17 @@ local function reserve_one(a)
     backordered = backordered, status = 'held', created_at_ms = NOW,
     expires_at_ms = NOW + a.ttl_ms, hold_until_ms = NOW + a.ttl_ms + a.grace_ms,
     node = ARGS.node, cart_id = a.cart_id, customer_hash = a.customer_hash,
-    idempotency_key = a.idempotency_key,
   }
   cell_put(a.cell, c)
   res_put(r)
   due_add(r)
   ledger('reserve', a.cell, on_hand_before, reserved_before, c, {
-    reservation_id = r.reservation_id, qty = a.qty, backordered = backordered,
-    idempotency_key = a.idempotency_key, cart_id = a.cart_id,
+    reservation_id = r.reservation_id, qty = a.qty, backordered = backordered, cart_id = a.cart_id,
   })
   notify(a.cell, c)
   local view = reservation_view(r)
   view.version = c.version
-  local out = reply(view)
-  idem_store(a.idempotency_key, a.fingerprint, out)
-  return out
+  return reply(view)
 end
 
 -- Transfers ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 -- release: the held units return to sellable. Releasing a released or expired
 -- reservation changes nothing and answers its status; a committed one is
 -- refused with not_held.
--- ARGS: reservation_id, idempotency_key?, fingerprint.
+-- ARGS: reservation_id, idempotency_key? (a keyed hash: no client text), fingerprint.
 if not is_id(ARGS.reservation_id) or type(ARGS.fingerprint) ~= 'string' then
   return refuse('bad_argument', { reason = 'reservation_id and fingerprint are required' })
 end
@@ -17,7 +17,7 @@ if r.status == 'committed' then
 end
 local changed = false
 if r.status == 'held' then
-  finish_hold(r, 'release', { idempotency_key = ARGS.idempotency_key })
+  finish_hold(r, 'release')
   changed = true
 end
 local view = reservation_view(r)

@@ -14,22 +14,18 @@
 //! A cart in `committing` is reported as `committed` (the decision is made and
 //! will be carried out), one in `releasing` as `released`.
 //!
-//! The idempotency key of a multi-line cart is checked in the cart's
-//! partition, of a one-line cart in its line's partition: a key first used
-//! for a one-line cart and then for a multi-line one is not detected as
-//! reused (each is still idempotent on its own).
+//! Holding a cart (its lines, its record, its one idempotency record) is
+//! [`crate::reserve`]'s; this module moves carts once they exist.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::keys::{self, StockKey};
 use crate::scripts::Op;
 use crate::{
-    Allocator, AllocatorError, Reservation, ReservationStatus, ReserveRequest, Result, ShortLine,
-    check_refusal, derive_random, fingerprint, protocol,
+    Allocator, AllocatorError, Reservation, ReservationStatus, Result, check_refusal, fingerprint,
+    protocol,
 };
 
 /// Most lines in one cart the allocator accepts (the API's limit is lower).
@@ -62,7 +58,7 @@ pub struct CartRequest {
 }
 
 /// A line of a reservation as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct CartLineView {
     /// SKU held.
     pub sku: String,
@@ -75,7 +71,7 @@ pub struct CartLineView {
 }
 
 /// A reservation as the API shows it, one line or many.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct CartView {
     /// The id clients use.
     pub reservation_id: String,
@@ -100,17 +96,17 @@ pub struct CartHold {
 
 /// A cart record's line, with the ids the allocator needs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-struct StoredLine {
-    reservation_id: String,
-    partition: u32,
-    sku: String,
-    location: String,
-    qty: u32,
-    backordered: u32,
+pub(crate) struct StoredLine {
+    pub(crate) reservation_id: String,
+    pub(crate) partition: u32,
+    pub(crate) sku: String,
+    pub(crate) location: String,
+    pub(crate) qty: u32,
+    pub(crate) backordered: u32,
 }
 
 #[derive(Debug, Deserialize)]
-struct StoredCart {
+pub(crate) struct StoredCart {
     reservation_id: String,
     merchant: String,
     status: String,
@@ -119,7 +115,17 @@ struct StoredCart {
 }
 
 impl StoredCart {
-    fn view(&self) -> Result<CartView> {
+    /// A cart script's reply as the record it shows.
+    pub(crate) fn from_reply(reply: Value) -> Result<Self> {
+        match record(reply)? {
+            Record::Cart(cart) => Ok(cart),
+            Record::Line(line) => Err(AllocatorError::Protocol(format!(
+                "cart reply is a line: {line:?}"
+            ))),
+        }
+    }
+
+    pub(crate) fn view(&self) -> Result<CartView> {
         let status = match self.status.as_str() {
             "held" => ReservationStatus::Held,
             "committed" | "committing" => ReservationStatus::Committed,
@@ -182,157 +188,14 @@ fn record(reply: Value) -> Result<Record> {
     }
 }
 
-fn short_lines(value: &Value) -> Result<Vec<ShortLine>> {
-    match value {
-        Value::Array(_) => serde_json::from_value(value.clone()).map_err(protocol),
-        _ => Ok(Vec::new()),
-    }
-}
-
 impl Allocator {
-    /// Holds every line of `request` or none: on a short line the lines already
-    /// held are released and every short line is reported.
-    pub async fn reserve_cart(&self, request: &CartRequest) -> Result<CartHold> {
-        if request.lines.is_empty() || request.lines.len() > CART_LINES_MAX {
-            return Err(AllocatorError::InvalidRequest(format!(
-                "a cart has 1 to {CART_LINES_MAX} lines"
-            )));
-        }
-        if let Some(line) = request
-            .lines
-            .iter()
-            .find(|line| !(1..=1_000_000).contains(&line.qty))
-        {
-            return Err(AllocatorError::InvalidRequest(format!(
-                "qty of {} at {} must be between 1 and 1000000",
-                line.sku, line.location
-            )));
-        }
-        let mut seen = HashSet::new();
-        if !request
-            .lines
-            .iter()
-            .all(|line| seen.insert((&line.sku, &line.location)))
-        {
-            return Err(AllocatorError::InvalidRequest(
-                "a sku and location may appear once per cart".to_owned(),
-            ));
-        }
-        let line_request = |index: usize, line: &CartLine, key_suffix: &str| ReserveRequest {
-            key: StockKey::new(&request.merchant, &line.sku, &line.location),
-            qty: line.qty,
-            ttl: request.ttl,
-            idempotency_key: format!("{}{key_suffix}{index}", request.idempotency_key),
-            customer_ref: request.customer_ref.clone(),
-        };
-        if let [line] = request.lines.as_slice() {
-            let mut single = line_request(0, line, "");
-            single.idempotency_key = request.idempotency_key.clone();
-            let hold = self.reserve(&single).await?;
-            return Ok(CartHold {
-                cart: CartView::from(&hold.reservation),
-                replayed: hold.replayed,
-            });
-        }
-
-        let ttl_ms = self.ttl_ms(request.ttl)?;
-        let scoped_key = format!("cart|{}|{}", request.merchant, request.idempotency_key);
-        let partition = StockKey::new(&request.merchant, &scoped_key, "cart")
-            .partition(self.settings.partitions);
-        let cart_id = keys::reservation_id(partition, derive_random(&scoped_key));
-        let lines_json: Vec<Value> = request
-            .lines
-            .iter()
-            .map(|line| json!({ "sku": line.sku, "location": line.location, "qty": line.qty }))
-            .collect();
-        let cart_fingerprint = fingerprint(&json!({
-            "merchant": request.merchant, "lines": lines_json, "ttl_ms": ttl_ms,
-        }));
-        let cart_args = |action: &str| {
-            json!({
-                "action": action, "reservation_id": cart_id, "merchant": request.merchant,
-                "idempotency_key": scoped_key, "fingerprint": cart_fingerprint,
-            })
-        };
-        let peek = self.call(Op::Cart, partition, cart_args("peek")).await?;
-        if peek["status"] != json!("absent") {
-            return self.cart_reply(peek, true);
-        }
-
-        let grace_ms = self.settings.cart_line_grace.as_millis() as u64;
-        let mut held: Vec<(StoredLine, Reservation)> = Vec::new();
-        let mut short = Vec::new();
-        for (index, line) in request.lines.iter().enumerate() {
-            let line_request = line_request(index, line, "#");
-            let cell = line_request.key.pool(self.settings.partitions);
-            let mut args = self.reserve_args(&line_request, &cell)?;
-            args["cart_id"] = json!(cart_id);
-            args["grace_ms"] = json!(grace_ms);
-            args["remember_refusal"] = json!(true);
-            let reply = self.call(Op::Reserve, cell.partition, args).await?;
-            match crate::decode_hold(&line_request.key, line.qty, reply) {
-                Ok(hold) => held.push((
-                    StoredLine {
-                        reservation_id: hold.reservation.reservation_id.clone(),
-                        partition: cell.partition,
-                        sku: line.sku.clone(),
-                        location: line.location.clone(),
-                        qty: line.qty,
-                        backordered: hold.reservation.backordered,
-                    },
-                    hold.reservation,
-                )),
-                Err(AllocatorError::InsufficientStock { lines }) => short.extend(lines),
-                Err(other) => {
-                    self.release_lines(&cart_id, held.iter().map(|(line, _)| line))
-                        .await;
-                    return Err(other);
-                }
-            }
-        }
-        if !short.is_empty() {
-            self.release_lines(&cart_id, held.iter().map(|(line, _)| line))
-                .await;
-            let mut args = cart_args("fail");
-            args["short"] = serde_json::to_value(&short).map_err(protocol)?;
-            let reply = self.call(Op::Cart, partition, args).await?;
-            return self.cart_reply(reply, false);
-        }
-        let mut args = cart_args("create");
-        args["ttl_ms"] = json!(ttl_ms);
-        args["lines"] = serde_json::to_value(held.iter().map(|(line, _)| line).collect::<Vec<_>>())
-            .map_err(protocol)?;
-        args["customer_hash"] = json!(
-            request
-                .customer_ref
-                .as_deref()
-                .map(|r| self.customer_hash(r))
-        );
-        let reply = self.call(Op::Cart, partition, args).await?;
-        self.cart_reply(reply, false)
-    }
-
-    fn cart_reply(&self, reply: Value, replay: bool) -> Result<CartHold> {
-        if reply["status"] == json!("insufficient_stock") {
-            return Err(AllocatorError::InsufficientStock {
-                lines: short_lines(&reply["lines"])?,
-            });
-        }
-        let replayed = replay || reply["replayed"] == json!(true);
-        match record(reply)? {
-            Record::Cart(cart) => Ok(CartHold {
-                cart: cart.view()?,
-                replayed,
-            }),
-            Record::Line(line) => Err(AllocatorError::Protocol(format!(
-                "cart reply is a line: {line:?}"
-            ))),
-        }
-    }
-
     /// Releases lines of a cart that will not be held (best effort: a line
     /// not released here expires after its hold).
-    async fn release_lines<'a>(&self, cart_id: &str, lines: impl Iterator<Item = &'a StoredLine>) {
+    pub(crate) async fn release_lines<'a>(
+        &self,
+        cart_id: &str,
+        lines: impl Iterator<Item = &'a StoredLine>,
+    ) {
         for line in lines {
             if let Err(error) = self.move_line(Op::Release, cart_id, line).await {
                 tracing::warn!(cart_id, line = %line.reservation_id, %error, "cannot release cart line; it will expire");
@@ -513,7 +376,7 @@ impl Allocator {
             });
         }
         let ttl_ms = self.ttl_ms(Some(ttl))?;
-        let grace_ms = self.settings.cart_line_grace.as_millis() as u64;
+        let grace_ms = self.hold_limits().cart_line_grace.as_millis() as u64;
         for line in &cart.lines {
             let args = json!({
                 "reservation_id": line.reservation_id, "cart_flow": true, "ttl_ms": ttl_ms, "grace_ms": grace_ms,

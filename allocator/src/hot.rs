@@ -20,10 +20,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::keys::{self, CellRef, StockKey};
+use crate::reserve::HoldRequest;
 use crate::scripts::Op;
-use crate::{
-    Allocator, AllocatorError, Cell, Hold, ReserveRequest, Result, check_refusal, protocol,
-};
+use crate::{Allocator, AllocatorError, Cell, Hold, Result, check_refusal, protocol};
 
 /// Most refill rounds one hot reservation makes; each round that finds no
 /// units anywhere ends it sooner.
@@ -786,27 +785,27 @@ impl Allocator {
         check_refusal(&self.call(Op::Drain, pool.partition, args).await?)
     }
 
-    /// Reserves for a hot key from `node`'s bucket: on a short bucket it
-    /// refills from the pool (chunk sized from `meter`), and when the pool is
-    /// dry it first pulls the other buckets' free units back to the pool
-    /// ("a drained node may pull from the pool again"), so a refusal means the
-    /// whole key is sold out but for units held or in flight at that instant.
-    /// A fenced bucket is refilled (which reopens it); while the pool lends
-    /// nothing because its buckets are being drained, it waits a moment.
-    /// Holds always land in this node's bucket, so a retry on this node
-    /// finds the first answer there.
-    pub async fn reserve_hot(
+    /// Holds for a hot key from `node`'s bucket (a request already claimed):
+    /// on a short bucket it refills from the pool (chunk sized from `meter`),
+    /// and when the pool is dry it first pulls the other buckets' free units
+    /// back to the pool ("a drained node may pull from the pool again"), so
+    /// a refusal means the whole key is sold out but for units held or in
+    /// flight at that instant. A fenced bucket is refilled (which reopens
+    /// it); while the pool lends nothing because its buckets are being
+    /// drained, it waits a moment. The hold always lands in `node`'s bucket,
+    /// where the request's claim placed it.
+    pub async fn hold_hot(
         &self,
         sale: &FlashSale,
         node: &str,
-        request: &ReserveRequest,
+        request: &HoldRequest,
         meter: &RateMeter,
     ) -> Result<Hold> {
         let bucket = sale.key.bucket(node, self.settings.partitions);
         let mut last_refusal = None;
         for _ in 0..HOT_ATTEMPTS_MAX {
             let mut fenced = false;
-            match self.reserve_in(request, &bucket).await {
+            match self.hold(&bucket, request).await {
                 Ok(hold) => {
                     if !hold.replayed {
                         meter.record(u64::from(request.qty));

@@ -160,14 +160,6 @@ pub fn locations_key(merchant: &str, sku: &str) -> String {
     format!("inv:locations:{{{merchant}|{sku}}}")
 }
 
-/// The claim of a reservation request's idempotency key, in the partition of
-/// `(merchant, key)`: holds the request's fingerprint for 24 hours, so the
-/// same key sent with another body is refused whatever stock keys it names.
-pub fn idempotency_claim_key(merchant: &str, idempotency_key: &str, partitions: u32) -> String {
-    let partition = StockKey::new(merchant, idempotency_key, "claim").partition(partitions);
-    format!("inv:{{{partition}}}:claim:{merchant}|{idempotency_key}")
-}
-
 /// The stock keys that have had flash-sale buckets: a set of
 /// `merchant|sku|location`, outside the partitions. Added at activation, so
 /// the reconciler finds buckets whose sale is gone from the config; removed

@@ -143,8 +143,10 @@ mod cart;
 mod hot;
 pub mod keys;
 mod model;
+pub mod reserve;
 mod scripts;
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -160,6 +162,7 @@ pub use hot::{
 };
 pub use keys::{CellRef, StockKey};
 pub use model::*;
+pub use reserve::{Coalescer, Coalescing, HoldRequest, HotKey, Reserver};
 use scripts::{Op, Scripts};
 
 /// Why an allocator call did not do what was asked.
@@ -200,10 +203,14 @@ pub enum AllocatorError {
     #[error("conflict: {0}")]
     Conflict(String),
     /// The bucket sells nothing now (its key is being counted, is short, or
-    /// its units were taken back): [`Allocator::reserve_hot`] then refills it
-    /// or decides at the pool; nothing was held.
+    /// its units were taken back): [`Allocator::hold_hot`] then refills it;
+    /// nothing was held.
     #[error("the bucket is fenced")]
     Fenced,
+    /// Another caller is working on a request with the same Idempotency-Key
+    /// (its lease has not lapsed): try again in a moment.
+    #[error("a request with this idempotency key is in progress")]
+    InProgress,
 }
 
 /// Most times an adjustment or a settings change of a key with buckets
@@ -276,8 +283,22 @@ pub struct Allocator {
     pool: Pool,
     /// The loaded scripts.
     scripts: Scripts,
-    /// Node id, partitions, timeouts.
+    /// Node id, partitions, timeouts (fixed for the process's life).
     settings: AllocatorSettings,
+    /// Hold lifetimes and the cart line grace as the config now says (a
+    /// reload changes them: [`Allocator::reconfigure`]); shared by clones.
+    holds: Arc<RwLock<HoldLimits>>,
+}
+
+/// The hold limits a config reload may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldLimits {
+    /// Hold lifetime when none is asked for.
+    pub ttl_default: Duration,
+    /// Longest hold or extension allowed.
+    pub ttl_max: Duration,
+    /// How long a cart's line holds outlive the cart's advertised expiry.
+    pub cart_line_grace: Duration,
 }
 
 impl Allocator {
@@ -304,16 +325,47 @@ impl Allocator {
         pool.init().await.map_err(unavailable)?;
         let scripts = Scripts::new();
         scripts.load(&pool).await.map_err(unavailable)?;
+        let holds = Arc::new(RwLock::new(HoldLimits {
+            ttl_default: settings.ttl_default,
+            ttl_max: settings.ttl_max,
+            cart_line_grace: settings.cart_line_grace,
+        }));
         Ok(Self {
             pool,
             scripts,
             settings,
+            holds,
         })
     }
 
-    /// The settings in use.
+    /// The settings in use (hold limits as at start: [`Allocator::hold_limits`]
+    /// has the ones in force).
     pub fn settings(&self) -> &AllocatorSettings {
         &self.settings
+    }
+
+    /// The hold limits in force.
+    pub fn hold_limits(&self) -> HoldLimits {
+        *self
+            .holds
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies a reloaded config's hold limits (the lifetimes and the cart
+    /// line grace) to every clone of this allocator; the rest of
+    /// [`AllocatorSettings`] cannot change without a restart (the config's
+    /// reload check refuses it).
+    pub fn reconfigure(&self, config: &config::Config) {
+        let fresh = AllocatorSettings::from_config(config);
+        *self
+            .holds
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = HoldLimits {
+            ttl_default: fresh.ttl_default,
+            ttl_max: fresh.ttl_max,
+            cart_line_grace: fresh.cart_line_grace,
+        };
     }
 
     /// The Redis connection pool (for pub/sub subscribers and the writer).
@@ -361,11 +413,12 @@ impl Allocator {
     }
 
     pub(crate) fn ttl_ms(&self, ttl: Option<Duration>) -> Result<u64> {
-        let ttl = ttl.unwrap_or(self.settings.ttl_default);
-        if ttl.is_zero() || ttl > self.settings.ttl_max {
+        let limits = self.hold_limits();
+        let ttl = ttl.unwrap_or(limits.ttl_default);
+        if ttl.is_zero() || ttl > limits.ttl_max {
             return Err(AllocatorError::InvalidRequest(format!(
                 "ttl must be between 1 and {} seconds",
-                self.settings.ttl_max.as_secs()
+                limits.ttl_max.as_secs()
             )));
         }
         Ok(ttl.as_millis() as u64)
@@ -373,79 +426,17 @@ impl Allocator {
 
     /// The keyed hash of a customer reference (HMAC-SHA-256, hex).
     pub fn customer_hash(&self, customer_ref: &str) -> String {
+        self.keyed_hash(customer_ref)
+    }
+
+    /// HMAC-SHA-256 with `auth.customer_ref_key`, hex: how client text
+    /// (customer references, idempotency keys) is kept, when it must be.
+    pub(crate) fn keyed_hash(&self, text: &str) -> String {
         use hmac::{Hmac, Mac};
         let mut mac = Hmac::<Sha256>::new_from_slice(self.settings.customer_ref_key.as_bytes())
             .expect("HMAC takes keys of any length");
-        mac.update(customer_ref.as_bytes());
+        mac.update(text.as_bytes());
         hex::encode(mac.finalize().into_bytes())
-    }
-
-    /// Holds units of one stock key's pool.
-    pub async fn reserve(&self, request: &ReserveRequest) -> Result<Hold> {
-        let cell = request.key.pool(self.settings.partitions);
-        self.reserve_in(request, &cell).await
-    }
-
-    /// Holds units in a given cell (a pool, or this node's bucket).
-    pub async fn reserve_in(&self, request: &ReserveRequest, cell: &CellRef) -> Result<Hold> {
-        let args = self.reserve_args(request, cell)?;
-        let reply = self.call(Op::Reserve, cell.partition, args).await?;
-        decode_hold(&request.key, request.qty, reply)
-    }
-
-    /// Several reservations on one cell in one script call (the gateway
-    /// coalesces concurrent requests on a hot cell). Each request gets the
-    /// answer `reserve_in` would have given it, in order; the call as a whole
-    /// fails only when Redis does.
-    pub async fn reserve_batch(
-        &self,
-        cell: &CellRef,
-        requests: &[ReserveRequest],
-    ) -> Result<Vec<Result<Hold>>> {
-        if requests.is_empty() || requests.len() > RESERVE_BATCH_MAX {
-            return Err(AllocatorError::InvalidRequest(format!(
-                "a batch has 1 to {RESERVE_BATCH_MAX} requests"
-            )));
-        }
-        let mut prepared = Vec::with_capacity(requests.len());
-        for request in requests {
-            prepared.push(self.reserve_args(request, cell)?);
-        }
-        let reply = self
-            .call(
-                Op::ReserveBatch,
-                cell.partition,
-                json!({ "requests": prepared }),
-            )
-            .await?;
-        check_refusal(&reply)?;
-        let replies = reply["replies"]
-            .as_array()
-            .filter(|replies| replies.len() == requests.len())
-            .ok_or_else(|| AllocatorError::Protocol(format!("reserve_batch reply: {reply}")))?;
-        Ok(requests
-            .iter()
-            .zip(replies)
-            .map(|(request, reply)| decode_hold(&request.key, request.qty, reply.clone()))
-            .collect())
-    }
-
-    pub(crate) fn reserve_args(&self, request: &ReserveRequest, cell: &CellRef) -> Result<Value> {
-        let ttl_ms = self.ttl_ms(request.ttl)?;
-        let key = &request.key;
-        let fingerprint = fingerprint(&json!({
-            "merchant": key.merchant, "sku": key.sku, "location": key.location,
-            "qty": request.qty, "ttl_ms": ttl_ms,
-        }));
-        let scoped_key = format!("reserve|{}|{}", key.merchant, request.idempotency_key);
-        let reservation_id = keys::reservation_id(cell.partition, derive_random(&scoped_key));
-        Ok(json!({
-            "reservation_id": reservation_id,
-            "merchant": key.merchant, "sku": key.sku, "location": key.location,
-            "cell": cell.id, "qty": request.qty, "ttl_ms": ttl_ms, "grace_ms": 0,
-            "idempotency_key": scoped_key, "fingerprint": fingerprint,
-            "customer_hash": request.customer_ref.as_deref().map(|r| self.customer_hash(r)),
-        }))
     }
 
     pub(crate) fn reservation_partition(&self, reservation_id: &str) -> Result<u32> {
@@ -492,7 +483,10 @@ impl Allocator {
         };
         let args = json!({
             "reservation_id": reservation_id, "merchant": merchant,
-            "idempotency_key": format!("{name}|{reservation_id}|{idempotency_key}"),
+            "idempotency_key": format!(
+                "{name}|{}",
+                self.keyed_hash(&format!("{name}\u{1f}{reservation_id}\u{1f}{idempotency_key}"))
+            ),
             "fingerprint": fingerprint(&json!({ "op": name, "reservation_id": reservation_id })),
         });
         let reply = self.call(op, partition, args).await?;
@@ -652,39 +646,6 @@ impl Allocator {
                 .await?;
         }
         serde_json::from_value(reply).map_err(protocol)
-    }
-
-    /// Claims a reservation request's idempotency key for `fingerprint`
-    /// (a hash of the whole request). The first claim wins for 24 hours; the
-    /// same fingerprint again is fine (a retry), another one is refused with
-    /// [`AllocatorError::IdempotencyKeyReused`]. Needed because a request's
-    /// own records live in its lines' partitions, which another body may not
-    /// share.
-    pub async fn claim_idempotency_key(
-        &self,
-        merchant: &str,
-        idempotency_key: &str,
-        fingerprint: &str,
-    ) -> Result<()> {
-        let key = keys::idempotency_claim_key(merchant, idempotency_key, self.settings.partitions);
-        let client = self.pool.next();
-        let set: Option<String> = self
-            .with_timeout(client.set(
-                &key,
-                fingerprint,
-                Some(Expiration::EX(IDEMPOTENCY_RETENTION_SECONDS)),
-                Some(SetOptions::NX),
-                false,
-            ))
-            .await?;
-        if set.is_some() {
-            return Ok(());
-        }
-        let existing: Option<String> = self.with_timeout(client.get(&key)).await?;
-        match existing {
-            Some(claimed) if claimed != fingerprint => Err(AllocatorError::IdempotencyKeyReused),
-            _ => Ok(()),
-        }
     }
 
     async fn index_location(&self, key: &StockKey) -> Result<()> {

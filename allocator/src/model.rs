@@ -231,6 +231,89 @@ pub struct Adjustment {
     pub source_seq: Option<u64>,
 }
 
+/// Largest `source_seq`: every integer up to it is exact in the scripts'
+/// numbers (IEEE doubles), so ordering by it is exact.
+pub const SOURCE_SEQ_MAX: u64 = (1 << 53) - 1;
+
+/// Largest delta one adjustment may carry, either way.
+pub const DELTA_QTY_MAX: i64 = 1_000_000;
+
+/// Largest physical count.
+pub const COUNT_QTY_MAX: i64 = 1_000_000_000;
+
+/// An adjustment as it arrives, over HTTP (`POST /v1/stock/adjustments`) or
+/// on the events topic: the one place its rules are checked.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustmentRequest {
+    /// Merchant.
+    pub merchant: String,
+    /// SKU.
+    pub sku: String,
+    /// Location.
+    pub location: String,
+    /// `delta` or `absolute`.
+    pub kind: String,
+    /// The delta, or the counted units.
+    pub qty: i64,
+    /// The system that sent it.
+    pub source: String,
+    /// The sender's event id.
+    pub event_id: String,
+    /// The sender's sequence (required for `absolute`).
+    #[serde(default)]
+    pub source_seq: Option<u64>,
+}
+
+impl AdjustmentRequest {
+    /// Checks the request into an adjustment, or says what is wrong (the
+    /// text an HTTP 400 or a dead letter carries).
+    pub fn check(self) -> Result<Adjustment, String> {
+        for (field, value) in [
+            ("merchant", &self.merchant),
+            ("sku", &self.sku),
+            ("location", &self.location),
+            ("source", &self.source),
+            ("event_id", &self.event_id),
+        ] {
+            if !config::is_valid_id(value) {
+                return Err(format!("{field} must match [A-Za-z0-9._:-]{{1,128}}"));
+            }
+        }
+        let kind = match self.kind.as_str() {
+            "delta" if self.qty == 0 || self.qty.abs() > DELTA_QTY_MAX => {
+                return Err(format!(
+                    "a delta qty must be non-zero, at most {DELTA_QTY_MAX} either way"
+                ));
+            }
+            "delta" => AdjustmentKind::Delta,
+            "absolute" if !(0..=COUNT_QTY_MAX).contains(&self.qty) => {
+                return Err(format!(
+                    "an absolute qty must be between 0 and {COUNT_QTY_MAX}"
+                ));
+            }
+            "absolute" if self.source_seq.is_none() => {
+                return Err("an absolute count needs source_seq".to_owned());
+            }
+            "absolute" => AdjustmentKind::Absolute,
+            _ => return Err("kind must be delta or absolute".to_owned()),
+        };
+        if self.source_seq.is_some_and(|seq| seq > SOURCE_SEQ_MAX) {
+            return Err(format!("source_seq must be at most {SOURCE_SEQ_MAX}"));
+        }
+        Ok(Adjustment {
+            merchant: self.merchant,
+            sku: self.sku,
+            location: self.location,
+            kind,
+            qty: self.qty,
+            source: self.source,
+            event_id: self.event_id,
+            source_seq: self.source_seq,
+        })
+    }
+}
+
 /// Settings of a stock key's pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StockSettings {

@@ -53,9 +53,11 @@ pub enum Op {
     Drain,
     /// `lua/fence.lua`
     Fence,
+    /// `lua/claim.lua`
+    Claim,
 }
 
-const OPS: [(Op, &str); 18] = [
+const OPS: [(Op, &str); 19] = [
     (Op::Reserve, include_str!("../../lua/reserve.lua")),
     (
         Op::ReserveBatch,
@@ -86,6 +88,7 @@ const OPS: [(Op, &str); 18] = [
     (Op::Rebuild, include_str!("../../lua/rebuild.lua")),
     (Op::Drain, include_str!("../../lua/drain.lua")),
     (Op::Fence, include_str!("../../lua/fence.lua")),
+    (Op::Claim, include_str!("../../lua/claim.lua")),
 ];
 
 /// Every operation's script, ready to run.

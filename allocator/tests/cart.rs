@@ -322,10 +322,9 @@ async fn an_expired_cart_is_refused_even_behind_a_backlog_of_due_holds() {
     let shop = shop(&allocator, 5, 4, 0).await;
     let mut request = cart(&shop, &[(&shop.shirt, 1), (&shop.shoes, 1)], "backlog-cart");
     request.ttl = Some(Duration::from_secs(1));
-    // The cart record's partition (see allocator::cart): fill it first with 200
+    // The cart record's partition (its request's): fill it first with 200
     // short holds, so they all fall due before the cart does.
-    let scoped = format!("cart|{}|{}", shop.merchant, request.idempotency_key);
-    let partition = StockKey::new(&shop.merchant, &scoped, "cart").partition(PARTITIONS);
+    let partition = allocator.request_partition(&shop.merchant, &request.idempotency_key);
     let mut made = 0;
     let mut n = 0;
     while made < 200 {
@@ -361,4 +360,124 @@ async fn an_expired_cart_is_refused_even_behind_a_backlog_of_due_holds() {
         ),
         "{commit:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_line_key_that_looks_like_a_cart_line_key_is_its_own_order() {
+    let allocator = allocator_for("cart-node").await;
+    let shop = shop(&allocator, 5, 4, 0).await;
+    let carted = allocator
+        .reserve_cart(&cart(&shop, &[(&shop.shirt, 1), (&shop.shoes, 1)], "K"))
+        .await
+        .expect("cart");
+    // The old line keys were the cart's key plus `#index`.
+    let single = allocator
+        .reserve_cart(&cart(&shop, &[(&shop.shoes, 1)], "K#1"))
+        .await
+        .expect("one line");
+    assert!(!single.replayed, "a new order, not the cart's line");
+    assert_ne!(single.cart.reservation_id, carted.cart.reservation_id);
+    assert_eq!(reserved(&allocator, &shop.shoes).await, (4, 2));
+    allocator
+        .release_cart(None, &carted.cart.reservation_id, "release-K")
+        .await
+        .expect("release the cart");
+    assert_eq!(
+        reserved(&allocator, &shop.shoes).await,
+        (4, 1),
+        "the other order is still held"
+    );
+    let view = allocator
+        .cart(None, &single.cart.reservation_id)
+        .await
+        .expect("the one-line order exists");
+    assert_eq!(view.status, ReservationStatus::Held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_remembered_like_a_success() {
+    let allocator = allocator_for("cart-node").await;
+    let shop = shop(&allocator, 1, 1, 0).await;
+    let request = cart(&shop, &[(&shop.shirt, 2)], "too-many");
+    let first = allocator.reserve_cart(&request).await;
+    assert!(
+        matches!(first, Err(AllocatorError::InsufficientStock { .. })),
+        "{first:?}"
+    );
+    stock(&allocator, &shop.shirt, 10).await;
+    let again = allocator.reserve_cart(&request).await;
+    assert!(
+        matches!(again, Err(AllocatorError::InsufficientStock { .. })),
+        "the same key and body get the same answer: {again:?}"
+    );
+    assert_eq!(reserved(&allocator, &shop.shirt).await, (11, 0));
+    let other_body = allocator
+        .reserve_cart(&cart(&shop, &[(&shop.shirt, 1)], "too-many"))
+        .await;
+    assert!(
+        matches!(other_body, Err(AllocatorError::IdempotencyKeyReused)),
+        "{other_body:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_retried_on_another_node_returns_the_original_hold() {
+    let node_a = allocator_for("node-a").await;
+    let node_b = allocator_for("node-b").await;
+    let shop = shop(&node_a, 5, 4, 0).await;
+    for request in [
+        cart(&shop, &[(&shop.shirt, 2)], "retry-one"),
+        cart(&shop, &[(&shop.shirt, 1), (&shop.shoes, 1)], "retry-cart"),
+    ] {
+        let first = node_a.reserve_cart(&request).await.expect("first");
+        let retry = node_b.reserve_cart(&request).await.expect("retry");
+        assert!(retry.replayed);
+        assert_eq!(retry.cart.reservation_id, first.cart.reservation_id);
+    }
+    assert_eq!(
+        reserved(&node_a, &shop.shirt).await,
+        (5, 3),
+        "held once each"
+    );
+    assert_eq!(reserved(&node_a, &shop.shoes).await, (4, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_racing_release_on_one_cart_answers_every_caller_cleanly() {
+    let allocator = std::sync::Arc::new(allocator_for("cart-node").await);
+    let shop = shop(&allocator, 100, 100, 0).await;
+    for round in 0..20 {
+        let held = allocator
+            .reserve_cart(&cart(
+                &shop,
+                &[(&shop.shirt, 1), (&shop.shoes, 1)],
+                &format!("race-{round}"),
+            ))
+            .await
+            .expect("cart");
+        let id = held.cart.reservation_id;
+        let (commit_key, release_key) = (format!("c-{round}"), format!("r-{round}"));
+        let (commit, release) = tokio::join!(
+            allocator.commit_cart(None, &id, &commit_key),
+            allocator.release_cart(None, &id, &release_key)
+        );
+        for answer in [&commit, &release] {
+            assert!(
+                matches!(answer, Ok(_) | Err(AllocatorError::NotHeld { .. })),
+                "round {round}: {answer:?}"
+            );
+        }
+        let status = allocator.cart(None, &id).await.expect("cart").status;
+        assert!(
+            matches!(
+                status,
+                ReservationStatus::Committed | ReservationStatus::Released
+            ),
+            "{status:?}"
+        );
+    }
+    let (shirts, shirts_held) = reserved(&allocator, &shop.shirt).await;
+    let (shoes, shoes_held) = reserved(&allocator, &shop.shoes).await;
+    assert_eq!((shirts_held, shoes_held), (0, 0));
+    assert_eq!(shirts, shoes, "each cart ended whole, both lines alike");
 }

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use allocator::{
-    Adjustment, AdjustmentKind, Allocator, AllocatorError, FlashSale, RateMeter, ReserveRequest,
-    StockKey,
+    Adjustment, AdjustmentKind, Allocator, AllocatorError, FlashSale, HoldRequest, HotKey,
+    RateMeter, ReserveRequest, StockKey,
 };
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
@@ -75,8 +75,16 @@ async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
     allocators[0].activate(&sale, "e1").await.expect("activate");
 
     let figures = Arc::new(Figures::default());
-    let meters: Arc<Vec<RateMeter>> =
-        Arc::new(NODES.iter().map(|_| RateMeter::default()).collect());
+    let meters: Arc<Vec<HotKey>> = Arc::new(
+        NODES
+            .iter()
+            .map(|_| HotKey {
+                sale: (*sale).clone(),
+                epoch: "e1".to_owned(),
+                meter: RateMeter::default(),
+            })
+            .collect(),
+    );
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..WORKERS)
         .map(|_| {
@@ -103,11 +111,9 @@ async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
                         customer_ref: None,
                     };
                     let answer = if pull_from_other_buckets {
-                        allocator
-                            .reserve_hot(&sale, NODES[node], &reserve, &meters[node])
-                            .await
+                        allocator.reserve_hot(&meters[node], &reserve).await
                     } else {
-                        refill_only(allocator, &sale, node, &reserve, &meters[node]).await
+                        refill_only(allocator, &sale, node, request, &meters[node].meter).await
                     };
                     match answer {
                         Ok(_) => {
@@ -151,12 +157,29 @@ async fn refill_only(
     allocator: &Allocator,
     sale: &FlashSale,
     node: usize,
-    request: &ReserveRequest,
+    request: u64,
     meter: &RateMeter,
 ) -> Result<allocator::Hold, AllocatorError> {
     let bucket = sale.key.bucket(NODES[node], PARTITIONS);
+    // Unique for ever (ids are per partition, and the stack's Redis is shared
+    // across runs): this request's index and the run's merchant.
+    let mut random = [0u8; 12];
+    random[..8].copy_from_slice(&request.to_be_bytes());
+    let run = sale.key.merchant.bytes().fold(0u32, |hash, byte| {
+        hash.wrapping_mul(31).wrapping_add(u32::from(byte))
+    });
+    random[8..].copy_from_slice(&run.to_be_bytes());
+    let hold = HoldRequest {
+        key: sale.key.clone(),
+        qty: 1,
+        ttl_ms: 600_000,
+        grace_ms: 0,
+        reservation_id: allocator::keys::reservation_id(bucket.partition, random),
+        customer_hash: None,
+        cart_id: None,
+    };
     loop {
-        match allocator.reserve_in(request, &bucket).await {
+        match allocator.hold(&bucket, &hold).await {
             Ok(hold) => {
                 meter.record(1);
                 return Ok(hold);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use allocator::{Allocator, AllocatorError, FlashSale, RateMeter, StockKey};
+use allocator::{Allocator, AllocatorError, FlashSale, HotKey, RateMeter, StockKey};
 use fred::prelude::*;
 use serde_json::Value;
 
@@ -20,6 +20,15 @@ fn sale(nodes: &[&str]) -> FlashSale {
         presplit_fraction: 0.5,
         refill_chunk_units_min: 2,
         refill_chunk_units_max: 10,
+    }
+}
+
+/// The sale as a node holds it in force.
+fn hot_key(sale: &FlashSale) -> HotKey {
+    HotKey {
+        sale: sale.clone(),
+        epoch: "e1".to_owned(),
+        meter: RateMeter::default(),
     }
 }
 
@@ -168,8 +177,7 @@ async fn two_hundred_racers_over_three_buckets_get_exactly_fifty_with_refills_an
         })
     };
 
-    let meters: Arc<Vec<RateMeter>> =
-        Arc::new(nodes.iter().map(|_| RateMeter::default()).collect());
+    let meters: Arc<Vec<HotKey>> = Arc::new(nodes.iter().map(|_| hot_key(&sale)).collect());
     let racers: Vec<_> = (0..200)
         .map(|i| {
             let index = i % 3;
@@ -178,9 +186,7 @@ async fn two_hundred_racers_over_three_buckets_get_exactly_fifty_with_refills_an
             let meters = meters.clone();
             tokio::spawn(async move {
                 let request = reserve(&sale.key, 1, &format!("racer-{i}"));
-                allocator
-                    .reserve_hot(&sale, nodes[index], &request, &meters[index])
-                    .await
+                allocator.reserve_hot(&meters[index], &request).await
             })
         })
         .collect();
@@ -289,14 +295,10 @@ async fn a_loss_of_every_unit_stops_every_node_until_restocked() {
     let sale = sale(&["node-a", "node-b"]);
     stock(&allocator, &sale.key, 100).await;
     allocator.activate(&sale, "e1").await.expect("activate");
-    let meter = RateMeter::default();
+    let hot = hot_key(&sale);
+    let node_b = allocator_for("node-b").await;
     allocator
-        .reserve_hot(
-            &sale,
-            "node-a",
-            &reserve(&sale.key, 3, &testkit::unique_id("r")),
-            &meter,
-        )
+        .reserve_hot(&hot, &reserve(&sale.key, 3, &testkit::unique_id("r")))
         .await
         .expect("a hold before the loss");
 
@@ -314,14 +316,9 @@ async fn a_loss_of_every_unit_stops_every_node_until_restocked() {
         ),
         "{outcome:?}"
     );
-    for node in ["node-a", "node-b"] {
-        let answer = allocator
-            .reserve_hot(
-                &sale,
-                node,
-                &reserve(&sale.key, 1, &testkit::unique_id("r")),
-                &meter,
-            )
+    for (node, on) in [("node-a", &allocator), ("node-b", &node_b)] {
+        let answer = on
+            .reserve_hot(&hot, &reserve(&sale.key, 1, &testkit::unique_id("r")))
             .await;
         assert!(
             matches!(answer, Err(AllocatorError::InsufficientStock { .. })),
@@ -332,13 +329,8 @@ async fn a_loss_of_every_unit_stops_every_node_until_restocked() {
     assert_eq!(view.on_hand(), 0, "{view:?}");
 
     stock(&allocator, &sale.key, 10).await;
-    allocator
-        .reserve_hot(
-            &sale,
-            "node-b",
-            &reserve(&sale.key, 5, &testkit::unique_id("r")),
-            &meter,
-        )
+    node_b
+        .reserve_hot(&hot, &reserve(&sale.key, 5, &testkit::unique_id("r")))
         .await
         .expect("sells again once the loss is made good");
 }
@@ -400,4 +392,40 @@ async fn a_sale_switched_off_and_on_again_splits_anew_and_conserves_units() {
         80,
         "the new split reopened the buckets: {view:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_request_retried_on_the_other_node_holds_once() {
+    let node_a = allocator_for("node-a").await;
+    let node_b = allocator_for("node-b").await;
+    let sale = sale(&["node-a", "node-b"]);
+    stock(&node_a, &sale.key, 20).await;
+    node_a.activate(&sale, "e1").await.expect("activate");
+    let hot = hot_key(&sale);
+    let request = reserve(&sale.key, 2, &testkit::unique_id("retry"));
+    let first = node_a.reserve_hot(&hot, &request).await.expect("first");
+    let retry = node_b.reserve_hot(&hot, &request).await.expect("retry");
+    assert!(retry.replayed);
+    assert_eq!(
+        retry.reservation.reservation_id,
+        first.reservation.reservation_id
+    );
+    // And after the sale ends, at the pool.
+    for node in ["node-a", "node-b"] {
+        node_a.reclaim(&sale, node).await.expect("reclaim");
+    }
+    let after = node_b.reserve(&request).await.expect("after the sale");
+    assert!(after.replayed);
+    assert_eq!(
+        after.reservation.reservation_id,
+        first.reservation.reservation_id
+    );
+    let view = node_a.stock_view(&sale.key).await.expect("view");
+    let held: i64 = view.pool.iter().map(|pool| pool.reserved).sum::<i64>()
+        + view
+            .buckets
+            .iter()
+            .map(|(_, bucket)| bucket.reserved)
+            .sum::<i64>();
+    assert_eq!(held, 2, "held once: {view:?}");
 }

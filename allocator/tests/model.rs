@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use allocator::{
     Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, AllocatorSettings,
-    FlashSale, RateMeter, ReservationStatus, ReserveRequest, StockKey, StockSettings,
+    FlashSale, HotKey, RateMeter, ReservationStatus, ReserveRequest, StockKey, StockSettings,
 };
 use fred::prelude::*;
 use proptest::prelude::*;
@@ -143,13 +143,16 @@ impl Shelves {
 
 struct World {
     allocator: Allocator,
+    /// One allocator per gateway node, for reservations through its bucket.
+    nodes: [Allocator; 2],
+    /// The sale as each node holds it in force.
+    hot: [HotKey; 2],
     /// Redis time at the start of the case: its ledger entries come after.
     since_ms: u64,
     keys: [StockKey; 2],
     sale: FlashSale,
     /// The sale's activation epoch; a new one after the sale ends.
     epoch: u32,
-    meters: [RateMeter; 2],
     world: Shelves,
     next_id: u64,
 }
@@ -253,8 +256,8 @@ impl World {
                     customer_ref: None,
                 };
                 let answer = if key == HOT {
-                    self.allocator
-                        .reserve_hot(&self.sale, NODES[node], &request, &self.meters[node])
+                    self.nodes[node]
+                        .reserve_hot(&self.hot[node], &request)
                         .await
                 } else {
                     self.allocator.reserve(&request).await
@@ -541,8 +544,8 @@ fn redis_fail(error: fred::error::Error) -> TestCaseError {
 }
 
 async fn run_case(steps: Vec<Step>) -> Result<(), TestCaseError> {
-    let settings = AllocatorSettings {
-        node: "model-node".to_owned(),
+    let settings = |node: &str| AllocatorSettings {
+        node: node.to_owned(),
         partitions: PARTITIONS,
         command_timeout: Duration::from_secs(5),
         ttl_default: Duration::from_secs(600),
@@ -550,9 +553,18 @@ async fn run_case(steps: Vec<Step>) -> Result<(), TestCaseError> {
         customer_ref_key: "model-customer-ref-key".to_owned(),
         cart_line_grace: Duration::from_secs(2),
     };
-    let allocator = Allocator::connect(&testkit::stack().redis_url, settings, 2)
+    let redis_url = &testkit::stack().redis_url;
+    let allocator = Allocator::connect(redis_url, settings("model-node"), 2)
         .await
         .map_err(fail)?;
+    let nodes = [
+        Allocator::connect(redis_url, settings(NODES[0]), 2)
+            .await
+            .map_err(fail)?,
+        Allocator::connect(redis_url, settings(NODES[1]), 2)
+            .await
+            .map_err(fail)?,
+    ];
     let merchant = testkit::unique_id("model");
     let keys = [
         StockKey::new(&merchant, "hot", "dc1"),
@@ -567,13 +579,19 @@ async fn run_case(steps: Vec<Step>) -> Result<(), TestCaseError> {
         refill_chunk_units_max: 10,
     };
     let since_ms = allocator.redis_time_ms().await.map_err(fail)?;
+    let hot = |_| HotKey {
+        sale: sale.clone(),
+        epoch: "e1".to_owned(),
+        meter: RateMeter::default(),
+    };
     let mut world = World {
         since_ms,
         allocator,
+        nodes,
+        hot: [hot(0), hot(1)],
         keys,
         sale,
         epoch: 1,
-        meters: [RateMeter::default(), RateMeter::default()],
         world: Shelves::default(),
         next_id: 0,
     };

@@ -423,14 +423,26 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
     let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 5).await;
-    let mut requests: Vec<_> = (0..8)
-        .map(|i| reserve(&key, 1, &format!("batch-{i}")))
-        .collect();
-    requests.push(reserve(&key, 1, "batch-0"));
-    let answers = allocator
-        .reserve_batch(&key.pool(PARTITIONS), &requests)
-        .await
-        .expect("batch");
+    let cell = key.pool(PARTITIONS);
+    let hold = |i: u8| allocator::HoldRequest {
+        key: key.clone(),
+        qty: 1,
+        ttl_ms: 600_000,
+        grace_ms: 0,
+        reservation_id: allocator::keys::reservation_id(cell.partition, {
+            // Unique for ever: the merchant is (its tail is time and a counter).
+            let tail = &key.merchant.as_bytes()[key.merchant.len() - 11..];
+            let mut random = [i; 12];
+            random[..11].copy_from_slice(tail);
+            random
+        }),
+        customer_hash: None,
+        cart_id: None,
+    };
+    // Eight claimed holds, and the first one's attempt run again.
+    let mut requests: Vec<_> = (0..8).map(hold).collect();
+    requests.push(hold(0));
+    let answers = allocator.hold_batch(&cell, &requests).await.expect("batch");
     let held = answers
         .iter()
         .filter(|answer| matches!(answer, Ok(hold) if !hold.replayed))

@@ -9,7 +9,8 @@
 //!
 //! Reload rules, chosen to keep the stock invariants provable: a reload that
 //! does not validate is rejected and the previous config stays in force; a
-//! reload may not change `stock.partitions` (every Redis key would move) or
+//! reload may not change `stock.partitions` (every Redis key would move),
+//! `auth.customer_ref_key` (every idempotency record is keyed by it) or
 //! `node.id` (the node's buckets and heartbeat are named by it). Both need a
 //! restart of the whole fleet or of the node.
 //!
@@ -183,6 +184,13 @@ pub fn check_reload(old: &Config, new: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::ReloadRefused(FieldError {
             path: "node.id".to_owned(),
             reason: "a node's buckets are named by its id; restart the node".to_owned(),
+        }));
+    }
+    if old.auth.customer_ref_key != new.auth.customer_ref_key {
+        return Err(ConfigError::ReloadRefused(FieldError {
+            path: "auth.customer_ref_key".to_owned(),
+            reason: "idempotency records and customer hashes are keyed by it; restart the fleet"
+                .to_owned(),
         }));
     }
     Ok(())

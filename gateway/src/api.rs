@@ -80,6 +80,9 @@ pub enum ApiError {
     /// Redis unreachable; nothing was changed.
     #[error("the stock store is unavailable; nothing was changed")]
     StoreUnavailable,
+    /// A request with the same Idempotency-Key is still being worked on.
+    #[error("a request with this Idempotency-Key is in progress; retry shortly")]
+    RequestInProgress,
     /// A path under /v1 that does not exist.
     #[error("no route for {0}")]
     NoRoute(String),
@@ -120,13 +123,14 @@ impl ApiError {
             ApiError::IdempotencyKeyRequired => (428, "idempotency_key_required", json!({})),
             ApiError::RateLimited(_) => (429, "rate_limited", json!({})),
             ApiError::StoreUnavailable => (503, "store_unavailable", json!({})),
+            ApiError::RequestInProgress => (409, "request_in_progress", json!({})),
             ApiError::Internal(_) => (500, "internal", json!({})),
         };
         body["error"] = json!(code);
         body["message"] = json!(message);
         let reply = Reply::json(status, &body);
         match self {
-            ApiError::RateLimited(_) | ApiError::StoreUnavailable => {
+            ApiError::RateLimited(_) | ApiError::StoreUnavailable | ApiError::RequestInProgress => {
                 reply.with_header("retry-after", "1")
             }
             _ => reply,
@@ -157,7 +161,8 @@ impl From<AllocatorError> for ApiError {
                 tracing::warn!(%reason, "stock store conflict");
                 ApiError::StoreUnavailable
             }
-            // reserve_hot handles a fenced bucket itself; reaching here is a bug.
+            AllocatorError::InProgress => ApiError::RequestInProgress,
+            // hold_hot handles a fenced bucket itself; reaching here is a bug.
             AllocatorError::Fenced => {
                 tracing::error!("fenced bucket answer reached the edge");
                 ApiError::Internal("fenced bucket".to_owned())
@@ -228,29 +233,6 @@ pub struct LineBody {
 pub struct ExtendBody {
     /// New lifetime from now.
     pub ttl_seconds: i64,
-}
-
-/// `POST /v1/stock/adjustments` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdjustmentBody {
-    /// Merchant.
-    pub merchant: String,
-    /// SKU.
-    pub sku: String,
-    /// Location.
-    pub location: String,
-    /// `delta` or `absolute`.
-    pub kind: String,
-    /// The delta, or the counted units.
-    pub qty: i64,
-    /// The system that sent it.
-    pub source: String,
-    /// The sender's event id.
-    pub event_id: String,
-    /// The sender's sequence (required for `absolute`).
-    #[serde(default)]
-    pub source_seq: Option<u64>,
 }
 
 /// `PUT /v1/stock/{merchant}/{sku}/{location}/settings` body.

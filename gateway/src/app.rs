@@ -23,7 +23,6 @@ use tracing::{info, warn};
 
 use crate::auth::RateLimiter;
 use crate::availability::AvailabilityCache;
-use crate::coalesce::Coalescer;
 use crate::flash::FlashSales;
 use crate::metrics::Metrics;
 
@@ -60,8 +59,9 @@ pub struct App {
     pub changes: broadcast::Sender<Change>,
     /// Per-API-key token buckets.
     pub limiter: RateLimiter,
-    /// Coalesces concurrent reservations on one cell into batches.
-    pub coalescer: Coalescer,
+    /// Reservation requests: placement, coalescing, the hot path and each
+    /// request's one idempotency record (the allocator's).
+    pub reserver: allocator::Reserver,
     /// Flash sales in force on this node.
     pub flash: FlashSales,
     /// Prometheus metrics.
@@ -89,7 +89,13 @@ impl App {
         let app = Arc::new(Self {
             cache: AvailabilityCache::new(&config),
             limiter: RateLimiter::default(),
-            coalescer: Coalescer::default(),
+            reserver: allocator::Reserver::new(allocator.clone(), {
+                let sizes = metrics.batch_size.clone();
+                allocator::Coalescer::new(
+                    coalescing(&config),
+                    Arc::new(move |size| sizes.observe(size as f64)),
+                )
+            }),
             flash: FlashSales::default(),
             changes: broadcast::channel(config.limits.sse_client_buffer_events.max(1)).0,
             origins: ArcSwap::from_pointee(origins),
@@ -152,6 +158,12 @@ impl App {
             }
             if update.touches("cache") {
                 self.cache.reconfigure(&config);
+            }
+            if update.touches("stock") {
+                self.allocator.reconfigure(&config);
+            }
+            if update.touches("limits") {
+                self.reserver.coalescer().reconfigure(coalescing(&config));
             }
             self.config.store(config);
             self.metrics.config_reloads.inc();
@@ -269,6 +281,13 @@ impl App {
                 return;
             }
         }
+    }
+}
+
+fn coalescing(config: &Config) -> allocator::Coalescing {
+    allocator::Coalescing {
+        wait: Duration::from_micros(config.limits.coalesce_wait_us),
+        batch_max: config.limits.coalesce_batch_max,
     }
 }
 

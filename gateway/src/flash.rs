@@ -5,12 +5,11 @@
 //! sale's buckets, once per epoch); a sale that ends has this node's bucket
 //! reclaimed to the pool. Buckets of nodes that died are reclaimed by the
 //! ledger writer's reconciler, not here. Reservations on a sale's key use this
-//! node's bucket through [`hot_sale`].
+//! node's bucket through the reserver.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
-use allocator::{FlashSale, RateMeter, StockKey};
+use allocator::{FlashSale, HotKey, RateMeter};
 use config::{Config, FlashSaleConfig};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -18,20 +17,10 @@ use tracing::{info, warn};
 
 use crate::app::App;
 
-/// A sale in force on this node.
-pub struct ActiveSale {
-    /// The allocator's view of the sale.
-    pub sale: FlashSale,
-    /// The activation epoch (hash of the sale's config).
-    pub epoch: String,
-    /// This node's reservation rate on the sale's key.
-    pub meter: RateMeter,
-}
-
-/// Sales in force on this node, by name.
+/// Wakes the flash-sale manager when the config changes. Which sales are in
+/// force here is the reserver's ([`allocator::Reserver::hot_sales`]).
 #[derive(Default)]
 pub struct FlashSales {
-    active: Mutex<HashMap<String, Arc<ActiveSale>>>,
     wake: Notify,
 }
 
@@ -45,24 +34,6 @@ impl FlashSales {
     pub async fn woken(&self) {
         self.wake.notified().await;
     }
-
-    /// The sales in force here.
-    pub fn active(&self) -> Vec<Arc<ActiveSale>> {
-        self.active
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect()
-    }
-}
-
-/// The sale in force on this node for `key`, if any.
-pub fn hot_sale(app: &App, key: &StockKey) -> Option<Arc<ActiveSale>> {
-    app.flash
-        .active()
-        .into_iter()
-        .find(|active| &active.sale.key == key)
 }
 
 /// Same on every node for the same sale config; changes when the sale is edited.
@@ -81,7 +52,7 @@ pub async fn reconcile(app: &App, config: &Config) {
         .filter(|sale| sale.nodes.contains(node) && sale.is_active_at(now))
         .map(|sale| (sale.name.as_str(), sale))
         .collect();
-    let current = app.flash.active();
+    let current = app.reserver.hot_sales();
 
     for active in &current {
         let still = wanted
@@ -100,11 +71,7 @@ pub async fn reconcile(app: &App, config: &Config) {
         match ended.await {
             Ok(units) => {
                 app.metrics.reclaims.inc();
-                app.flash
-                    .active
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&active.sale.name);
+                app.reserver.remove_hot(&active.sale.key);
                 info!(sale = %active.sale.name, units, "flash sale ended here; bucket reclaimed");
             }
             Err(error) => {
@@ -116,8 +83,8 @@ pub async fn reconcile(app: &App, config: &Config) {
     for (name, sale_config) in wanted {
         let epoch = epoch_of(sale_config);
         let known = app
-            .flash
-            .active()
+            .reserver
+            .hot_sales()
             .iter()
             .any(|active| active.sale.name == name && active.epoch == epoch);
         if known {
@@ -127,18 +94,11 @@ pub async fn reconcile(app: &App, config: &Config) {
         match app.allocator.activate(&sale, &epoch).await {
             Ok(split) => {
                 info!(sale = name, epoch, ?split, "flash sale in force");
-                app.flash
-                    .active
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(
-                        name.to_owned(),
-                        Arc::new(ActiveSale {
-                            sale,
-                            epoch,
-                            meter: RateMeter::default(),
-                        }),
-                    );
+                app.reserver.set_hot(HotKey {
+                    sale,
+                    epoch,
+                    meter: RateMeter::default(),
+                });
             }
             Err(allocator::AllocatorError::NotFound) => {
                 warn!(
@@ -150,7 +110,7 @@ pub async fn reconcile(app: &App, config: &Config) {
         }
     }
 
-    for active in app.flash.active() {
+    for active in app.reserver.hot_sales() {
         if let Ok(view) = app.allocator.stock_view(&active.sale.key).await {
             for (bucket_node, bucket) in &view.buckets {
                 app.metrics

@@ -29,7 +29,6 @@ pub mod api;
 pub mod app;
 mod auth;
 mod availability;
-mod coalesce;
 mod flash;
 mod metrics;
 mod proxy;

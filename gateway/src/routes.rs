@@ -8,18 +8,17 @@
 use std::time::{Duration, Instant};
 
 use allocator::{
-    Adjustment, AdjustmentKind, AdjustmentOutcome, AllocatorError, CartLine, CartRequest, CartView,
-    ReserveRequest, StockKey, StockSettings,
+    AdjustmentOutcome, AdjustmentRequest, AllocatorError, CartLine, CartRequest, CartView,
+    StockKey, StockSettings,
 };
 use bytes::{Bytes, BytesMut};
 use config::Scope;
 use pingora::proxy::Session;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::api::{
-    AdjustmentBody, ApiError, BatchBody, ExtendBody, Reply, ReservationBody, SettingsBody,
-    check_id, check_qty, parse_body, rfc3339_ms,
+    ApiError, BatchBody, ExtendBody, Reply, ReservationBody, SettingsBody, check_id, check_qty,
+    parse_body, rfc3339_ms,
 };
 use crate::app::App;
 use crate::auth::{Caller, authenticate};
@@ -424,18 +423,6 @@ async fn create_reservation(app: &App, session: &mut Session) -> Result<Reply, A
         app.limiter
             .admit_customer(&customer, config.limits.customer_reservations_per_second)?;
     }
-    let fingerprint = hex::encode(Sha256::digest(
-        json!({
-            "merchant": body.merchant, "ttl_seconds": body.ttl_seconds, "customer_ref": body.customer_ref,
-            "lines": lines.iter().map(|line| json!([line.sku, line.location, line.qty])).collect::<Vec<_>>(),
-        })
-        .to_string()
-        .as_bytes(),
-    ));
-    app.allocator
-        .claim_idempotency_key(&body.merchant, &idempotency_key, &fingerprint)
-        .await?;
-
     let request = CartRequest {
         merchant: body.merchant,
         lines,
@@ -443,16 +430,11 @@ async fn create_reservation(app: &App, session: &mut Session) -> Result<Reply, A
         idempotency_key,
         customer_ref: body.customer_ref,
     };
-    let outcome = if let [line] = request.lines.as_slice() {
-        reserve_one(app, &request, line)
-            .await
-            .map(|hold| (CartView::from(&hold.reservation), hold.replayed))
-    } else {
-        app.allocator
-            .reserve_cart(&request)
-            .await
-            .map(|hold| (hold.cart, hold.replayed))
-    };
+    let outcome = app
+        .reserver
+        .reserve(&request)
+        .await
+        .map(|hold| (hold.cart, hold.replayed));
     let label = match &outcome {
         Ok((_, true)) => "replayed",
         Ok((_, false)) => "held",
@@ -468,64 +450,6 @@ async fn create_reservation(app: &App, session: &mut Session) -> Result<Reply, A
     } else {
         reply
     })
-}
-
-/// One line: from this node's bucket when the key is in a flash sale here,
-/// else from the pool; coalesced with concurrent requests on the same cell.
-async fn reserve_one(
-    app: &App,
-    request: &CartRequest,
-    line: &CartLine,
-) -> Result<allocator::Hold, AllocatorError> {
-    let config = app.config();
-    let key = StockKey::new(&request.merchant, &line.sku, &line.location);
-    let single = ReserveRequest {
-        key: key.clone(),
-        qty: line.qty,
-        ttl: request.ttl,
-        idempotency_key: request.idempotency_key.clone(),
-        customer_ref: request.customer_ref.clone(),
-    };
-    let wait = Duration::from_micros(config.limits.coalesce_wait_us);
-    let batch_max = config.limits.coalesce_batch_max;
-    let hot = crate::flash::hot_sale(app, &key);
-    let cell = match &hot {
-        Some(_) => key.bucket(&config.node.id, config.stock.partitions),
-        None => key.pool(config.stock.partitions),
-    };
-    let first = app
-        .coalescer
-        .reserve(
-            &app.allocator,
-            &app.metrics.batch_size,
-            &cell,
-            single.clone(),
-            wait,
-            batch_max,
-        )
-        .await;
-    match (first, hot) {
-        (
-            Err(
-                AllocatorError::InsufficientStock { .. }
-                | AllocatorError::NotFound
-                | AllocatorError::Fenced,
-            ),
-            Some(active),
-        ) => {
-            // The bucket is short: refill (or pull from the other buckets)
-            // before refusing.
-            app.metrics.refills.inc();
-            app.allocator
-                .reserve_hot(&active.sale, &config.node.id, &single, &active.meter)
-                .await
-        }
-        (Ok(hold), Some(active)) => {
-            active.meter.record(u64::from(line.qty));
-            Ok(hold)
-        }
-        (result, _) => result,
-    }
 }
 
 async fn get_reservation(app: &App, session: &mut Session, id: &str) -> Result<Reply, ApiError> {
@@ -608,55 +532,12 @@ async fn adjust(app: &App, session: &mut Session) -> Result<Reply, ApiError> {
     let caller = admit(app, session, Scope::Admin, false)?;
     let body = read_json_body(app, session, false).await?;
     idempotency_key(session, false)?;
-    let body: AdjustmentBody = parse_body(&body)?;
-    check_id("merchant", &body.merchant)?;
-    check_id("sku", &body.sku)?;
-    check_id("location", &body.location)?;
-    check_id("source", &body.source)?;
-    check_id("event_id", &body.event_id)?;
-    let kind = match body.kind.as_str() {
-        "delta" => {
-            if body.qty == 0 || body.qty.unsigned_abs() > crate::api::QTY_MAX {
-                return Err(ApiError::BadRequest(
-                    "a delta qty must be non-zero, at most 1000000 either way".to_owned(),
-                ));
-            }
-            AdjustmentKind::Delta
-        }
-        "absolute" => {
-            if !(0..=1_000_000_000).contains(&body.qty) {
-                return Err(ApiError::BadRequest(
-                    "an absolute qty must be between 0 and 1000000000".to_owned(),
-                ));
-            }
-            if body.source_seq.is_none() {
-                return Err(ApiError::BadRequest(
-                    "an absolute count needs source_seq".to_owned(),
-                ));
-            }
-            AdjustmentKind::Absolute
-        }
-        _ => {
-            return Err(ApiError::BadRequest(
-                "kind must be delta or absolute".to_owned(),
-            ));
-        }
-    };
-    caller.require_merchant(&body.merchant)?;
-    let key = StockKey::new(&body.merchant, &body.sku, &body.location);
-    let outcome = app
-        .allocator
-        .adjust(&Adjustment {
-            merchant: body.merchant,
-            sku: body.sku,
-            location: body.location,
-            kind,
-            qty: body.qty,
-            source: body.source,
-            event_id: body.event_id,
-            source_seq: body.source_seq,
-        })
-        .await?;
+    let adjustment = parse_body::<AdjustmentRequest>(&body)?
+        .check()
+        .map_err(ApiError::BadRequest)?;
+    caller.require_merchant(&adjustment.merchant)?;
+    let key = StockKey::new(&adjustment.merchant, &adjustment.sku, &adjustment.location);
+    let outcome = app.allocator.adjust(&adjustment).await?;
     let json = match outcome {
         AdjustmentOutcome::Applied { shortfall, cell } => {
             let mut line = location_line(app, &key, &cell).await?.to_json();
@@ -723,7 +604,7 @@ async fn settings(app: &App, session: &mut Session, key: StockKey) -> Result<Rep
 async fn flash_sales(app: &App, session: &mut Session) -> Result<Reply, ApiError> {
     let caller = admit(app, session, Scope::Admin, false)?;
     let config = app.config();
-    let active = app.flash.active();
+    let active = app.reserver.hot_sales();
     let now = time::OffsetDateTime::now_utc();
     let mut sales = Vec::new();
     for sale in &config.flash_sales {

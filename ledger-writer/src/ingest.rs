@@ -19,12 +19,11 @@
 
 use std::time::Duration;
 
-use allocator::{Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError};
+use allocator::{Adjustment, AdjustmentOutcome, AdjustmentRequest, Allocator, AllocatorError};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -43,60 +42,13 @@ const SESSION_TIMEOUT_MS: &str = "6000";
 /// Pause before retrying a message whose effect could not be stored.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-/// The adjustment body, as on `POST /v1/stock/adjustments`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EventBody {
-    merchant: String,
-    sku: String,
-    location: String,
-    kind: String,
-    qty: i64,
-    source: String,
-    event_id: String,
-    #[serde(default)]
-    source_seq: Option<u64>,
-}
-
-/// Checks a message into an adjustment, or says why it is refused.
+/// Checks a message into an adjustment, or says why it is refused: the
+/// body and the rules of `POST /v1/stock/adjustments`
+/// ([`AdjustmentRequest::check`], their one home).
 pub fn parse_event(payload: &[u8]) -> Result<Adjustment, String> {
-    let body: EventBody =
-        serde_json::from_slice(payload).map_err(|error| format!("malformed JSON: {error}"))?;
-    for (field, value) in [
-        ("merchant", &body.merchant),
-        ("sku", &body.sku),
-        ("location", &body.location),
-        ("source", &body.source),
-        ("event_id", &body.event_id),
-    ] {
-        if !config::is_valid_id(value) {
-            return Err(format!("{field} must match [A-Za-z0-9._:-]{{1,128}}"));
-        }
-    }
-    let kind = match body.kind.as_str() {
-        "delta" if body.qty != 0 && body.qty.unsigned_abs() <= 1_000_000 => AdjustmentKind::Delta,
-        "delta" => {
-            return Err("a delta qty must be non-zero, at most 1000000 either way".to_owned());
-        }
-        "absolute" if !(0..=1_000_000_000).contains(&body.qty) => {
-            return Err("an absolute qty must be between 0 and 1000000000".to_owned());
-        }
-        "absolute" if body.source_seq.is_none() => {
-            return Err("an absolute count needs source_seq".to_owned());
-        }
-        "absolute" => AdjustmentKind::Absolute,
-        other => return Err(format!("unknown kind {other:?}")),
-    };
-    Ok(Adjustment {
-        merchant: body.merchant,
-        sku: body.sku,
-        location: body.location,
-        kind,
-        qty: body.qty,
-        source: body.source,
-        event_id: body.event_id,
-        source_seq: body.source_seq,
-    })
+    serde_json::from_slice::<AdjustmentRequest>(payload)
+        .map_err(|error| format!("malformed JSON: {error}"))?
+        .check()
 }
 
 /// Consumes the events topic until `stop` is set. Blocking: run it on its own
@@ -219,7 +171,8 @@ mod tests {
         for (bad, why) in [
             (&b"{not json"[..], "malformed JSON"),
             (br#"{"merchant":"m 1","sku":"s1","location":"dc1","kind":"delta","qty":1,"source":"p","event_id":"e"}"#, "merchant"),
-            (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"teleport","qty":1,"source":"p","event_id":"e"}"#, "unknown kind"),
+            (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"teleport","qty":1,"source":"p","event_id":"e"}"#, "kind must be"),
+            (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"absolute","qty":1,"source":"p","event_id":"e","source_seq":9007199254740992}"#, "source_seq must be at most"),
             (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":0,"source":"p","event_id":"e"}"#, "non-zero"),
             (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"absolute","qty":1,"source":"p","event_id":"e"}"#, "source_seq"),
             (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":1,"source":"p","event_id":"e","extra":1}"#, "unknown field"),

@@ -1,0 +1,863 @@
+//! Reservation requests end to end: the one idempotency record of a request,
+//! where its hold lands, coalescing, and the flash-sale hot path.
+//!
+//! Owns the node-local entry point [`Reserver::reserve`] (and the
+//! [`Allocator`] forms tests and tools use): the gateway parses HTTP and maps
+//! errors; it never builds a cell, a reservation id or a fingerprint.
+//!
+//! **One record per (merchant, Idempotency-Key).** A request's *claim*
+//! (`lua/claim.lua`) lives in the partition of a keyed hash of the pair (no
+//! client text is stored anywhere: not in Redis keys, records, the ledger or
+//! Kafka). The first caller records the request's fingerprint, where the
+//! first attempt holds (the pool, or this node's bucket; for a cart, its
+//! id) and as what reservation id, and takes a lease. The hold runs; then
+//! the answer (201 held, or a refusal: 409 insufficient stock, 404 no such
+//! key) is stored in the claim. Every later use of the key, on any node,
+//! before or after a sale starts or ends, gets that stored answer
+//! (`replayed`); another body is refused. A caller that finds the claim
+//! pending with its lease live waits for it; one that finds the lease lapsed
+//! (the first caller died, or Redis failed it half way) takes the claim
+//! over and runs *the same attempt again*: same cell, same reservation id,
+//! which the cell's script answers as it stands if it was held, so a
+//! request never holds twice. A refusal writes nothing, so re-running one
+//! decides anew.
+//!
+//! **Carts.** A cart's line ids derive from the claim's digest, its attempt
+//! and the line's index (`line|…`), its own id from the digest (`cart|…`),
+//! and a one-line reservation's from the digest and attempt (`one|…`): no
+//! client key can reach another request's ids. An attempt that cannot end
+//! (a store error half way, or a takeover that finds one of its lines no
+//! longer held) releases what it held and is abandoned (`advance`): the
+//! next attempt holds with fresh line ids, so a retried cart never reuses a
+//! line that was released.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use crate::cart::{CartLine, CartRequest, CartView, StoredLine};
+use crate::keys::{self, CellRef, StockKey};
+use crate::scripts::Op;
+use crate::{
+    Allocator, AllocatorError, CART_LINES_MAX, CartHold, FlashSale, Hold, RateMeter, Reservation,
+    ReservationStatus, Result, ShortLine, check_refusal, decode_hold, derive_random, protocol,
+};
+
+/// How long a claim's lease lasts: longer than any one attempt takes
+/// (the hot path is bounded well under it).
+const CLAIM_LEASE: Duration = Duration::from_secs(10);
+
+/// How long a second caller waits for a claim another caller holds.
+const CLAIM_WAIT_MAX: Duration = Duration::from_secs(3);
+const CLAIM_POLL: Duration = Duration::from_millis(20);
+
+/// Attempts of a cart one request makes before giving up.
+const CART_ATTEMPTS_MAX: u64 = 3;
+
+/// One hold of one cell whose request is already claimed: the cell and the
+/// reservation id come from the claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRequest {
+    /// The stock key.
+    pub key: StockKey,
+    /// Units, 1..=1,000,000.
+    pub qty: u32,
+    /// Hold lifetime, ms.
+    pub ttl_ms: u64,
+    /// How long past `ttl_ms` the units stay held (cart lines).
+    pub grace_ms: u64,
+    /// The reservation id the claim fixed.
+    pub reservation_id: String,
+    /// Keyed hash of the customer reference.
+    pub customer_hash: Option<String>,
+    /// The cart a line belongs to.
+    pub cart_id: Option<String>,
+}
+
+impl HoldRequest {
+    pub(crate) fn args(&self, cell: &CellRef) -> Value {
+        json!({
+            "reservation_id": self.reservation_id,
+            "merchant": self.key.merchant, "sku": self.key.sku, "location": self.key.location,
+            "cell": cell.id, "qty": self.qty, "ttl_ms": self.ttl_ms, "grace_ms": self.grace_ms,
+            "customer_hash": self.customer_hash, "cart_id": self.cart_id,
+        })
+    }
+}
+
+/// A flash sale in force on this node: what the hot path needs.
+#[derive(Debug)]
+pub struct HotKey {
+    /// The sale.
+    pub sale: FlashSale,
+    /// Its activation epoch (same on every node for the same config).
+    pub epoch: String,
+    /// This node's reservation rate on the key, for refill sizes.
+    pub meter: RateMeter,
+}
+
+/// The answer stored in a claim: what every use of the key gets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+enum Stored {
+    Held { cart: CartView },
+    InsufficientStock { lines: Vec<ShortLine> },
+    NotFound,
+}
+
+impl Stored {
+    fn into_result(self, replayed: bool) -> Result<CartHold> {
+        match self {
+            Stored::Held { cart } => Ok(CartHold { cart, replayed }),
+            Stored::InsufficientStock { lines } => Err(AllocatorError::InsufficientStock { lines }),
+            Stored::NotFound => Err(AllocatorError::NotFound),
+        }
+    }
+}
+
+/// A claim this caller holds.
+#[derive(Debug, Clone)]
+struct Claim {
+    partition: u32,
+    digest: String,
+    token: u64,
+    attempt: u64,
+    taken_over: bool,
+    /// Where a one-line request's attempt holds (fixed at the first use).
+    placement: Option<(CellRef, String)>,
+}
+
+enum Opened {
+    Claimed(Claim),
+    Done(Stored),
+}
+
+/// Where a one-line hold goes and how.
+struct Route<'a> {
+    hot: Option<&'a HotKey>,
+    coalescer: Option<&'a Coalescer>,
+}
+
+impl Allocator {
+    /// The keyed hash (HMAC-SHA-256 with `auth.customer_ref_key`) naming a
+    /// request's claim: no client text is stored.
+    pub(crate) fn request_digest(&self, merchant: &str, idempotency_key: &str) -> String {
+        self.keyed_hash(&format!("request\u{1f}{merchant}\u{1f}{idempotency_key}"))
+    }
+
+    fn claim_partition(&self, digest: &str) -> u32 {
+        StockKey::new("claim", digest, "claim").partition(self.settings.partitions)
+    }
+
+    /// The partition where the request `(merchant, idempotency_key)` keeps
+    /// its claim and, for a cart, its cart record.
+    pub fn request_partition(&self, merchant: &str, idempotency_key: &str) -> u32 {
+        self.claim_partition(&self.request_digest(merchant, idempotency_key))
+    }
+
+    async fn open_claim(
+        &self,
+        digest: &str,
+        fingerprint: &str,
+        placement: Option<(CellRef, String)>,
+    ) -> Result<Opened> {
+        let partition = self.claim_partition(digest);
+        let started = Instant::now();
+        loop {
+            let mut args = json!({
+                "action": "open", "digest": digest, "fingerprint": fingerprint,
+                "lease_ms": CLAIM_LEASE.as_millis() as u64,
+            });
+            if let Some((cell, reservation_id)) = &placement {
+                args["cell"] = json!(cell.id);
+                args["cell_partition"] = json!(cell.partition);
+                args["reservation_id"] = json!(reservation_id);
+            }
+            let reply = self.call(Op::Claim, partition, args).await?;
+            match reply["status"].as_str() {
+                Some("claimed") => {
+                    let placement = match (
+                        reply["cell"].as_str(),
+                        reply["cell_partition"].as_u64(),
+                        reply["reservation_id"].as_str(),
+                    ) {
+                        (Some(cell), Some(cell_partition), Some(id)) => Some((
+                            CellRef {
+                                partition: cell_partition as u32,
+                                id: cell.to_owned(),
+                            },
+                            id.to_owned(),
+                        )),
+                        _ => None,
+                    };
+                    return Ok(Opened::Claimed(Claim {
+                        partition,
+                        digest: digest.to_owned(),
+                        token: reply["token"].as_u64().ok_or_else(|| {
+                            AllocatorError::Protocol(format!("claim reply: {reply}"))
+                        })?,
+                        attempt: reply["attempt"].as_u64().unwrap_or_default(),
+                        taken_over: reply["taken_over"] == json!(true),
+                        placement,
+                    }));
+                }
+                Some("done") => return Ok(Opened::Done(stored(&reply)?)),
+                Some("in_progress") if started.elapsed() < CLAIM_WAIT_MAX => {
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+                Some("in_progress") => {
+                    return Err(AllocatorError::InProgress);
+                }
+                _ => {
+                    check_refusal(&reply)?;
+                    return Err(AllocatorError::Protocol(format!("claim reply: {reply}")));
+                }
+            }
+        }
+    }
+
+    async fn finish_claim(&self, claim: &Claim, answer: &Stored) -> Result<Option<Stored>> {
+        let text = serde_json::to_string(answer).map_err(protocol)?;
+        let args = json!({ "action": "finish", "digest": claim.digest, "token": claim.token, "reply": text });
+        let reply = self.call(Op::Claim, claim.partition, args).await?;
+        match reply["status"].as_str() {
+            Some("done") => Ok(Some(stored(&reply)?)),
+            Some("lost") => Ok(None),
+            _ => {
+                check_refusal(&reply)?;
+                Err(AllocatorError::Protocol(format!("claim finish: {reply}")))
+            }
+        }
+    }
+
+    async fn advance_claim(&self, claim: &mut Claim) -> Result<bool> {
+        let args = json!({
+            "action": "advance", "digest": claim.digest, "token": claim.token,
+            "lease_ms": CLAIM_LEASE.as_millis() as u64,
+        });
+        let reply = self.call(Op::Claim, claim.partition, args).await?;
+        match reply["status"].as_str() {
+            Some("ok") => {
+                claim.attempt = reply["attempt"].as_u64().unwrap_or(claim.attempt + 1);
+                Ok(true)
+            }
+            Some("lost") => Ok(false),
+            _ => {
+                check_refusal(&reply)?;
+                Err(AllocatorError::Protocol(format!("claim advance: {reply}")))
+            }
+        }
+    }
+
+    /// The request's fingerprint: SHA-256 of its canonical JSON.
+    fn request_fingerprint(&self, request: &CartRequest) -> String {
+        let lines: Vec<Value> = request
+            .lines
+            .iter()
+            .map(|line| json!([line.sku, line.location, line.qty]))
+            .collect();
+        let customer = request
+            .customer_ref
+            .as_deref()
+            .map(|reference| self.customer_hash(reference));
+        let ttl_ms = request.ttl.map(|ttl| ttl.as_millis() as u64);
+        hex::encode(Sha256::digest(
+            json!({ "merchant": request.merchant, "lines": lines, "ttl_ms": ttl_ms, "customer": customer })
+                .to_string()
+                .as_bytes(),
+        ))
+    }
+
+    fn check_cart(request: &CartRequest) -> Result<()> {
+        if request.lines.is_empty() || request.lines.len() > CART_LINES_MAX {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "a cart has 1 to {CART_LINES_MAX} lines"
+            )));
+        }
+        if let Some(line) = request
+            .lines
+            .iter()
+            .find(|line| !(1..=1_000_000).contains(&line.qty))
+        {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "qty of {} at {} must be between 1 and 1000000",
+                line.sku, line.location
+            )));
+        }
+        let mut seen = HashSet::new();
+        if !request
+            .lines
+            .iter()
+            .all(|line| seen.insert((&line.sku, &line.location)))
+        {
+            return Err(AllocatorError::InvalidRequest(
+                "a sku and location may appear once per cart".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The whole flow of one request: claim, hold, store the answer.
+    async fn reserve_claimed(&self, request: &CartRequest, route: Route<'_>) -> Result<CartHold> {
+        Self::check_cart(request)?;
+        let ttl_ms = self.ttl_ms(request.ttl)?;
+        let digest = self.request_digest(&request.merchant, &request.idempotency_key);
+        let fingerprint = self.request_fingerprint(request);
+        let placement = match request.lines.as_slice() {
+            [line] => {
+                let key = StockKey::new(&request.merchant, &line.sku, &line.location);
+                let cell = match route.hot {
+                    Some(_) => key.bucket(&self.settings.node, self.settings.partitions),
+                    None => key.pool(self.settings.partitions),
+                };
+                let id = one_line_id(cell.partition, &digest, 0);
+                Some((cell, id))
+            }
+            _ => None,
+        };
+        let mut claim = match self.open_claim(&digest, &fingerprint, placement).await? {
+            Opened::Claimed(claim) => claim,
+            Opened::Done(stored) => return stored.into_result(true),
+        };
+        let outcome = match request.lines.as_slice() {
+            [line] => self.hold_one(&claim, request, line, ttl_ms, &route).await,
+            _ => self.hold_cart(&mut claim, request, ttl_ms).await,
+        };
+        let (answer, replayed) = match outcome {
+            Ok(hold) => (Stored::Held { cart: hold.cart }, hold.replayed),
+            Err(AllocatorError::InsufficientStock { lines }) => {
+                (Stored::InsufficientStock { lines }, false)
+            }
+            Err(AllocatorError::NotFound) => (Stored::NotFound, false),
+            // Nothing is known to be decided: the claim stays pending and a
+            // retry after its lease runs this attempt again.
+            Err(other) => return Err(other),
+        };
+        match self.finish_claim(&claim, &answer).await? {
+            Some(stored) => stored.into_result(replayed || claim.taken_over),
+            // Another caller took the claim over meanwhile (this one was
+            // slower than the lease): its answer is the one to give.
+            None => match self.open_claim(&digest, &fingerprint, None).await? {
+                Opened::Done(stored) => stored.into_result(true),
+                Opened::Claimed(_) => Err(AllocatorError::InProgress),
+            },
+        }
+    }
+
+    async fn hold_one(
+        &self,
+        claim: &Claim,
+        request: &CartRequest,
+        line: &CartLine,
+        ttl_ms: u64,
+        route: &Route<'_>,
+    ) -> Result<CartHold> {
+        let (cell, reservation_id) = claim.placement.clone().ok_or_else(|| {
+            AllocatorError::Protocol("a one-line claim without placement".to_owned())
+        })?;
+        let key = StockKey::new(&request.merchant, &line.sku, &line.location);
+        let hold = HoldRequest {
+            key: key.clone(),
+            qty: line.qty,
+            ttl_ms,
+            grace_ms: 0,
+            reservation_id,
+            customer_hash: request
+                .customer_ref
+                .as_deref()
+                .map(|reference| self.customer_hash(reference)),
+            cart_id: None,
+        };
+        let bucket_node = bucket_node_of(&cell.id);
+        let first = match route.coalescer {
+            Some(coalescer) => coalescer.hold(self, &cell, hold.clone()).await,
+            None => self.hold(&cell, &hold).await,
+        };
+        let hold = match (first, route.hot, bucket_node) {
+            (
+                Err(
+                    AllocatorError::InsufficientStock { .. }
+                    | AllocatorError::NotFound
+                    | AllocatorError::Fenced,
+                ),
+                Some(hot),
+                Some(node),
+            ) if hot.sale.key == key => self.hold_hot(&hot.sale, node, &hold, &hot.meter).await,
+            (Ok(held), Some(hot), _) => {
+                if !held.replayed {
+                    hot.meter.record(u64::from(line.qty));
+                }
+                Ok(held)
+            }
+            // A bucket whose sale is not in force here (a takeover of
+            // another node's attempt): nothing to refill it from here.
+            (Err(AllocatorError::Fenced), _, _) => Err(AllocatorError::InsufficientStock {
+                lines: vec![ShortLine {
+                    sku: line.sku.clone(),
+                    location: line.location.clone(),
+                    requested: line.qty,
+                    available: 0,
+                }],
+            }),
+            (result, _, _) => result,
+        }?;
+        Ok(CartHold {
+            cart: CartView::held(&hold.reservation),
+            replayed: hold.replayed,
+        })
+    }
+
+    async fn hold_cart(
+        &self,
+        claim: &mut Claim,
+        request: &CartRequest,
+        ttl_ms: u64,
+    ) -> Result<CartHold> {
+        let cart_id = keys::reservation_id(
+            claim.partition,
+            derive_random(&format!("cart|{}", claim.digest)),
+        );
+        let grace_ms = self.hold_limits().cart_line_grace.as_millis() as u64;
+        let customer_hash = request
+            .customer_ref
+            .as_deref()
+            .map(|reference| self.customer_hash(reference));
+        for _ in 0..CART_ATTEMPTS_MAX {
+            let mut held: Vec<StoredLine> = Vec::new();
+            let mut short = Vec::new();
+            let mut void = false;
+            let mut failure = None;
+            for (index, line) in request.lines.iter().enumerate() {
+                let key = StockKey::new(&request.merchant, &line.sku, &line.location);
+                let cell = key.pool(self.settings.partitions);
+                let hold = HoldRequest {
+                    key: key.clone(),
+                    qty: line.qty,
+                    ttl_ms,
+                    grace_ms,
+                    reservation_id: keys::reservation_id(
+                        cell.partition,
+                        derive_random(&format!("line|{}|{}|{index}", claim.digest, claim.attempt)),
+                    ),
+                    customer_hash: customer_hash.clone(),
+                    cart_id: Some(cart_id.clone()),
+                };
+                match self.hold(&cell, &hold).await {
+                    Ok(line_hold) => {
+                        let reservation = &line_hold.reservation;
+                        if reservation.status != ReservationStatus::Held {
+                            // This attempt ran before and one of its lines
+                            // ended since: the attempt cannot be the cart.
+                            void = true;
+                        } else {
+                            held.push(StoredLine {
+                                reservation_id: reservation.reservation_id.clone(),
+                                partition: cell.partition,
+                                sku: line.sku.clone(),
+                                location: line.location.clone(),
+                                qty: line.qty,
+                                backordered: reservation.backordered,
+                            });
+                        }
+                    }
+                    Err(AllocatorError::InsufficientStock { lines }) => short.extend(lines),
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                }
+            }
+            if failure.is_none() && !void && short.is_empty() {
+                let args = json!({
+                    "action": "create", "reservation_id": cart_id, "merchant": request.merchant,
+                    "ttl_ms": ttl_ms, "lines": serde_json::to_value(&held).map_err(protocol)?,
+                    "customer_hash": customer_hash,
+                });
+                let reply = self.call(Op::Cart, claim.partition, args).await?;
+                check_refusal(&reply)?;
+                let replayed = reply["replayed"] == json!(true);
+                let cart = crate::cart::StoredCart::from_reply(reply)?;
+                return Ok(CartHold {
+                    cart: cart.view()?,
+                    replayed,
+                });
+            }
+            self.release_lines(&cart_id, held.iter()).await;
+            if !short.is_empty() && failure.is_none() && !void {
+                return Err(AllocatorError::InsufficientStock { lines: short });
+            }
+            // Abandon this attempt: the next one holds with fresh line ids.
+            if !self.advance_claim(claim).await? {
+                return Err(AllocatorError::InProgress);
+            }
+            if let Some(error) = failure {
+                return Err(error);
+            }
+        }
+        Err(AllocatorError::StoreUnavailable(
+            "the cart's lines kept ending before it could be held; try again".to_owned(),
+        ))
+    }
+
+    /// Holds one cell for a request already claimed (a pool, or a bucket).
+    /// Tests and benchmarks use it to stage holds; requests go through
+    /// [`Allocator::reserve`], [`Allocator::reserve_cart`] or [`Reserver`].
+    pub async fn hold(&self, cell: &CellRef, hold: &HoldRequest) -> Result<Hold> {
+        let reply = self
+            .call(Op::Reserve, cell.partition, hold.args(cell))
+            .await?;
+        decode_hold(&hold.key, hold.qty, reply)
+    }
+
+    /// Several holds on one cell in one script call (coalescing). Each gets
+    /// the answer [`Allocator::hold`] would have given it, in order; the call
+    /// as a whole fails only when Redis does.
+    pub async fn hold_batch(
+        &self,
+        cell: &CellRef,
+        holds: &[HoldRequest],
+    ) -> Result<Vec<Result<Hold>>> {
+        if holds.is_empty() || holds.len() > crate::RESERVE_BATCH_MAX {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "a batch holds 1 to {} requests",
+                crate::RESERVE_BATCH_MAX
+            )));
+        }
+        let requests: Vec<Value> = holds.iter().map(|hold| hold.args(cell)).collect();
+        let reply = self
+            .call(
+                Op::ReserveBatch,
+                cell.partition,
+                json!({ "requests": requests }),
+            )
+            .await?;
+        check_refusal(&reply)?;
+        let replies = reply["replies"]
+            .as_array()
+            .filter(|replies| replies.len() == holds.len())
+            .ok_or_else(|| AllocatorError::Protocol(format!("reserve_batch reply: {reply}")))?;
+        Ok(holds
+            .iter()
+            .zip(replies)
+            .map(|(hold, reply)| decode_hold(&hold.key, hold.qty, reply.clone()))
+            .collect())
+    }
+
+    /// Holds units of one stock key's pool for a one-line request,
+    /// idempotent on `request.idempotency_key` on every node.
+    pub async fn reserve(&self, request: &crate::ReserveRequest) -> Result<Hold> {
+        let cart = request.as_cart();
+        let hold = self
+            .reserve_claimed(
+                &cart,
+                Route {
+                    hot: None,
+                    coalescer: None,
+                },
+            )
+            .await?;
+        self.line_of(hold).await
+    }
+
+    /// Holds a one-line request on a flash-sale key from `node`'s bucket
+    /// (this allocator's node must be `node`), refilling and pulling from the
+    /// other buckets as needed; see [`Allocator::hold_hot`].
+    pub async fn reserve_hot(&self, hot: &HotKey, request: &crate::ReserveRequest) -> Result<Hold> {
+        let cart = request.as_cart();
+        let hold = self
+            .reserve_claimed(
+                &cart,
+                Route {
+                    hot: Some(hot),
+                    coalescer: None,
+                },
+            )
+            .await?;
+        self.line_of(hold).await
+    }
+
+    /// Holds every line of `request` or none, idempotent on
+    /// `request.idempotency_key` on every node; one line holds at its pool.
+    pub async fn reserve_cart(&self, request: &CartRequest) -> Result<CartHold> {
+        self.reserve_claimed(
+            request,
+            Route {
+                hot: None,
+                coalescer: None,
+            },
+        )
+        .await
+    }
+
+    async fn line_of(&self, hold: CartHold) -> Result<Hold> {
+        let reservation = self.reservation(None, &hold.cart.reservation_id).await?;
+        Ok(Hold {
+            reservation,
+            replayed: hold.replayed,
+        })
+    }
+}
+
+/// The node of a bucket cell id (`m|s|l|bucket|node`).
+fn bucket_node_of(cell: &str) -> Option<&str> {
+    let mut parts = cell.rsplitn(3, '|');
+    match (parts.next(), parts.next()) {
+        (Some(node), Some("bucket")) => Some(node),
+        _ => None,
+    }
+}
+
+fn one_line_id(partition: u32, digest: &str, attempt: u64) -> String {
+    keys::reservation_id(partition, derive_random(&format!("one|{digest}|{attempt}")))
+}
+
+fn stored(reply: &Value) -> Result<Stored> {
+    let text = reply["reply"]
+        .as_str()
+        .ok_or_else(|| AllocatorError::Protocol(format!("claim without a reply: {reply}")))?;
+    serde_json::from_str(text).map_err(protocol)
+}
+
+type Answer = tokio::sync::oneshot::Sender<Result<Hold>>;
+
+struct Batch {
+    cell: CellRef,
+    waiting: Vec<(HoldRequest, Answer)>,
+}
+
+/// How concurrent holds on one cell are coalesced (from the config; a
+/// reload replaces it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coalescing {
+    /// How long the first hold on an idle cell waits for company.
+    pub wait: Duration,
+    /// A batch this large flushes at once.
+    pub batch_max: usize,
+}
+
+/// Coalescing: concurrent holds on one cell become one `reserve_batch`
+/// script call, and each request still gets its own answer. The first hold
+/// on an idle cell opens a batch and schedules its flush after `wait`;
+/// holds arriving meanwhile join it; a batch that reaches `batch_max`
+/// flushes at once. The flush runs as its own task, so a client that goes
+/// away never strands the others.
+pub struct Coalescer {
+    open: Arc<Mutex<HashMap<String, Batch>>>,
+    settings: RwLock<Coalescing>,
+    /// Told the size of every batch flushed (for metrics).
+    observe: Arc<dyn Fn(usize) + Send + Sync>,
+}
+
+impl Coalescer {
+    /// A coalescer with `settings`, telling `observe` every batch's size.
+    pub fn new(settings: Coalescing, observe: Arc<dyn Fn(usize) + Send + Sync>) -> Self {
+        Self {
+            open: Arc::default(),
+            settings: RwLock::new(settings),
+            observe,
+        }
+    }
+
+    /// Applies reloaded settings to the next batches.
+    pub fn reconfigure(&self, settings: Coalescing) {
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
+    }
+
+    async fn hold(&self, allocator: &Allocator, cell: &CellRef, hold: HoldRequest) -> Result<Hold> {
+        let Coalescing { wait, batch_max } = *self
+            .settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (answer, reply) = tokio::sync::oneshot::channel();
+        let flush_now = {
+            let mut open = self
+                .open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let batch = open.entry(cell.id.clone()).or_insert_with(|| Batch {
+                cell: cell.clone(),
+                waiting: Vec::new(),
+            });
+            batch.waiting.push((hold, answer));
+            let first = batch.waiting.len() == 1;
+            if batch.waiting.len() >= batch_max.clamp(1, crate::RESERVE_BATCH_MAX) {
+                open.remove(&cell.id).map(|batch| (batch, Duration::ZERO))
+            } else if first {
+                Some((
+                    Batch {
+                        cell: cell.clone(),
+                        waiting: Vec::new(),
+                    },
+                    wait,
+                ))
+            } else {
+                None
+            }
+        };
+        if let Some((batch, delay)) = flush_now {
+            let open = Arc::clone(&self.open);
+            let allocator = allocator.clone();
+            let observe = Arc::clone(&self.observe);
+            tokio::spawn(async move {
+                let batch = if batch.waiting.is_empty() {
+                    // The opener: wait for company, then take whatever joined.
+                    tokio::time::sleep(delay).await;
+                    let taken = open
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&batch.cell.id);
+                    match taken {
+                        Some(batch) => batch,
+                        None => return, // flushed already because it filled up
+                    }
+                } else {
+                    batch
+                };
+                let (holds, answers): (Vec<_>, Vec<_>) = batch.waiting.into_iter().unzip();
+                observe(holds.len());
+                match allocator.hold_batch(&batch.cell, &holds).await {
+                    Ok(results) => {
+                        for (answer, result) in answers.into_iter().zip(results) {
+                            let _ = answer.send(result);
+                        }
+                    }
+                    Err(error) => {
+                        let message = error.to_string();
+                        for answer in answers {
+                            let _ = answer.send(Err(match &error {
+                                AllocatorError::StoreUnavailable(_) => {
+                                    AllocatorError::StoreUnavailable(message.clone())
+                                }
+                                AllocatorError::InvalidRequest(_) => {
+                                    AllocatorError::InvalidRequest(message.clone())
+                                }
+                                _ => AllocatorError::Protocol(message.clone()),
+                            }));
+                        }
+                    }
+                }
+            });
+        }
+        reply.await.unwrap_or_else(|_| {
+            Err(AllocatorError::StoreUnavailable(
+                "reservation batch was dropped".to_owned(),
+            ))
+        })
+    }
+}
+
+/// The node-local entry point for reservation requests: decides where each
+/// hold lands (this node's bucket while a flash sale of the key is in force
+/// here, else the pool), coalesces concurrent holds on one cell, runs the
+/// hot path, and keeps the one idempotency record of every request.
+pub struct Reserver {
+    /// The stock engine.
+    allocator: Allocator,
+    /// The sales in force on this node, by key (the gateway's flash-sale
+    /// manager keeps it in line with the config).
+    hot: RwLock<HashMap<StockKey, Arc<HotKey>>>,
+    /// Coalesces concurrent holds on one cell.
+    coalescer: Coalescer,
+}
+
+impl Reserver {
+    /// A reserver over `allocator`.
+    pub fn new(allocator: Allocator, coalescer: Coalescer) -> Self {
+        Self {
+            allocator,
+            hot: RwLock::default(),
+            coalescer,
+        }
+    }
+
+    /// The allocator underneath.
+    pub fn allocator(&self) -> &Allocator {
+        &self.allocator
+    }
+
+    /// The coalescer (to apply reloaded settings).
+    pub fn coalescer(&self) -> &Coalescer {
+        &self.coalescer
+    }
+
+    /// Holds `request` (one line or a cart), idempotent on its key on every
+    /// node.
+    pub async fn reserve(&self, request: &CartRequest) -> Result<CartHold> {
+        let hot = match request.lines.as_slice() {
+            [line] => self.hot_sale(&StockKey::new(&request.merchant, &line.sku, &line.location)),
+            _ => None,
+        };
+        let route = Route {
+            hot: hot.as_deref(),
+            coalescer: Some(&self.coalescer),
+        };
+        self.allocator.reserve_claimed(request, route).await
+    }
+
+    /// The sale in force here for `key`.
+    pub fn hot_sale(&self, key: &StockKey) -> Option<Arc<HotKey>> {
+        self.hot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    /// Every sale in force here.
+    pub fn hot_sales(&self) -> Vec<Arc<HotKey>> {
+        self.hot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Puts a sale in force here (after its activation).
+    pub fn set_hot(&self, hot: HotKey) {
+        self.hot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(hot.sale.key.clone(), Arc::new(hot));
+    }
+
+    /// Ends a sale here (after its bucket was reclaimed).
+    pub fn remove_hot(&self, key: &StockKey) {
+        self.hot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+impl crate::ReserveRequest {
+    fn as_cart(&self) -> CartRequest {
+        CartRequest {
+            merchant: self.key.merchant.clone(),
+            lines: vec![CartLine {
+                sku: self.key.sku.clone(),
+                location: self.key.location.clone(),
+                qty: self.qty,
+            }],
+            ttl: self.ttl,
+            idempotency_key: self.idempotency_key.clone(),
+            customer_ref: self.customer_ref.clone(),
+        }
+    }
+}
+
+impl CartView {
+    /// A one-line reservation as the API shows it, as created (held).
+    pub(crate) fn held(reservation: &Reservation) -> Self {
+        let mut view = CartView::from(reservation);
+        view.status = ReservationStatus::Held;
+        view
+    }
+}

@@ -1,0 +1,88 @@
+-- claim: the one idempotency record of a reservation request, per
+-- (merchant, Idempotency-Key), in the partition of that pair, wherever the
+-- hold lands (the pool, any node's bucket, a cart's lines). The key is
+-- known here only as ARGS.digest, a keyed hash (no client text is stored).
+-- ARGS.action:
+--   open     first use: records ARGS.fingerprint, the placement (ARGS.cell,
+--            ARGS.cell_partition, ARGS.reservation_id: where and as what
+--            the first attempt holds) and a lease of ARGS.lease_ms for this
+--            node; answers claimed {attempt 0, token}. Later uses: done
+--            {reply} once finished (the stored answer, success or refusal);
+--            in_progress {until_ms} while another caller's lease lasts;
+--            else the caller takes the claim over: claimed {attempt, token,
+--            placement, taken_over}, and must run that same attempt again.
+--            Another fingerprint: idempotency_key_reused.
+--   advance  the attempt with ARGS.token was abandoned (a cart rolled back):
+--            the next one uses fresh line ids. lost if the token is stale.
+--   finish   stores ARGS.reply (JSON text) as the answer; done {reply}; a
+--            claim finished before answers its stored reply; lost if
+--            ARGS.token is stale.
+-- Claims are kept RETENTION_MS from their first use.
+local a = ARGS
+if type(a.digest) ~= 'string' or not a.digest:match('^%x+$') or #a.digest ~= 64 then
+  return refuse('bad_argument', { reason = 'digest' })
+end
+local field = 'c|' .. a.digest
+local raw = redis.call('HGET', K_IDEM, field)
+local rec = raw and cjson.decode(raw) or nil
+
+if a.action == 'open' then
+  if type(a.fingerprint) ~= 'string' or #a.fingerprint < 1 or #a.fingerprint > 128
+    or not is_int(a.lease_ms, 1, 600000) then
+    return refuse('bad_argument', { reason = 'fingerprint and lease_ms' })
+  end
+  if a.cell ~= nil and (not is_cell_id(a.cell) or not is_int(a.cell_partition, 0, 16383)
+    or not is_id(a.reservation_id)) then
+    return refuse('bad_argument', { reason = 'placement' })
+  end
+  if not rec then
+    housekeeping()
+    rec = {
+      fp = a.fingerprint, state = 'pending', attempt = 0, token = 1, owner = ARGS.node,
+      lease_until_ms = NOW + a.lease_ms, created_at_ms = NOW,
+      cell = a.cell, cell_partition = a.cell_partition, reservation_id = a.reservation_id,
+    }
+    redis.call('HSET', K_IDEM, field, cjson.encode(rec))
+    gc_later('i|' .. field)
+    return reply({ status = 'claimed', attempt = 0, token = 1, taken_over = false,
+      cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
+  end
+  if rec.fp ~= a.fingerprint then return refuse('idempotency_key_reused') end
+  if rec.state == 'done' then return reply({ status = 'done', reply = rec.reply }) end
+  if rec.lease_until_ms > NOW then
+    return reply({ status = 'in_progress', until_ms = rec.lease_until_ms })
+  end
+  rec.token = rec.token + 1
+  rec.owner = ARGS.node
+  rec.lease_until_ms = NOW + a.lease_ms
+  redis.call('HSET', K_IDEM, field, cjson.encode(rec))
+  return reply({ status = 'claimed', attempt = rec.attempt, token = rec.token, taken_over = true,
+    cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
+end
+
+if not rec then return refuse('not_found') end
+if not is_int(a.token, 1, 99999999999999) then return refuse('bad_argument', { reason = 'token' }) end
+
+if a.action == 'advance' then
+  if rec.state ~= 'pending' or rec.token ~= a.token then return reply({ status = 'lost' }) end
+  if not is_int(a.lease_ms, 1, 600000) then return refuse('bad_argument', { reason = 'lease_ms' }) end
+  rec.attempt = rec.attempt + 1
+  rec.lease_until_ms = NOW + a.lease_ms
+  redis.call('HSET', K_IDEM, field, cjson.encode(rec))
+  return reply({ status = 'ok', attempt = rec.attempt })
+end
+
+if a.action == 'finish' then
+  if rec.state == 'done' then return reply({ status = 'done', reply = rec.reply }) end
+  if rec.token ~= a.token then return reply({ status = 'lost' }) end
+  if type(a.reply) ~= 'string' or #a.reply > 65536 then
+    return refuse('bad_argument', { reason = 'reply' })
+  end
+  rec.state = 'done'
+  rec.reply = a.reply
+  rec.lease_until_ms = 0
+  redis.call('HSET', K_IDEM, field, cjson.encode(rec))
+  return reply({ status = 'done', reply = rec.reply })
+end
+
+return refuse('bad_argument', { reason = 'action' })
