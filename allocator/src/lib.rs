@@ -28,7 +28,6 @@
 //! | `qty` | int | units the op moved (for `adjust`, the applied delta) |
 //! | `reservation_id` | string? | reserve, commit, release, expire, extend |
 //! | `cart_id` | string? | the cart a reservation line belongs to |
-//! | `idempotency_key` | string? | the request's key, scoped as `reserve\|merchant\|key` or `commit\|reservation id\|key` |
 //! | `backordered` | int? | reserve: units beyond sellable |
 //! | `kind`, `source`, `source_event_id` | string? | adjust: its origin |
 //! | `source_seq` | string? | adjust: the sender's sequence, a decimal string (Lua's cjson keeps 14 digits) |
@@ -50,8 +49,10 @@
 //! reservation's units never leave their cell until `commit`; `expire` and
 //! `release` only lower `reserved`.
 //!
-//! No PII: a `customer_ref` is kept only as a keyed hash (HMAC-SHA-256 with
-//! `auth.customer_ref_key`) on the reservation record, and never in the ledger.
+//! No PII and no client text: a `customer_ref` is kept only as a keyed hash
+//! (HMAC-SHA-256 with `auth.customer_ref_key`) on the reservation record, and
+//! never in the ledger; Idempotency-Keys only as keyed hashes naming their
+//! claims and commit/release records, and never in the ledger either.
 //!
 //! # Choices the design left open
 //!
@@ -59,8 +60,9 @@
 //!   values here; an unknown status or version is a protocol error, never
 //!   guessed at.
 //! * A reservation id carries its partition (`r17.…`) and is derived from the
-//!   merchant and the idempotency key, so the same request sent to two nodes
-//!   at once lands on the same record and holds stock once.
+//!   request's claim (a keyed hash of the merchant and the idempotency key),
+//!   so the same request sent to two nodes at once lands on the same record
+//!   and holds stock once ([`reserve`]).
 //! * A physical loss may take a cell below what backorders allow (API.md: a
 //!   loss is a fact); the entry is flagged `shortfall`, and reserve refuses
 //!   until stock is restored. Every change a request makes keeps the invariant
@@ -68,10 +70,9 @@
 //!   again here on the reply.
 //! * Idempotency records, event dedupe records and finished reservations are
 //!   kept 24 hours, then dropped by the scripts' own housekeeping (bounded
-//!   work per call). A refusal (`insufficient_stock`) is remembered only for
-//!   cart lines and carts, so every node's retry of a cart gets the same
-//!   answer; a one-line reservation refused for stock may be retried with the
-//!   same key once stock arrives.
+//!   work per call). A refusal (`insufficient_stock`, `not_found`) is
+//!   remembered in the request's claim like a success: the same key and body
+//!   get the same answer on every node for those 24 hours.
 //! * Refill chunks are sized from the node's own measured rate
 //!   ([`RateMeter`]); whether units exist to move is decided in the script.
 //! * A hot reservation is refused only when no cell of the key has free

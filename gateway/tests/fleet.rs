@@ -10,35 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
-fn sale_toml(name: &str, sku: &str, enabled: bool) -> String {
-    format!(
-        "\n[[flash_sales]]\nname = \"{name}\"\nmerchant = \"m1\"\nsku = \"{sku}\"\nlocation = \"dc1\"\n\
-         nodes = [\"node-a\", \"node-b\"]\nenabled = {enabled}\npresplit_fraction = 0.5\n\
-         refill_chunk_units_min = 5\nrefill_chunk_units_max = 20\n"
-    )
-}
-
-async fn sale_state(node: &Node, name: &str) -> Value {
-    let (status, body) = get(&node.url("/v1/flash-sales"), Some(PLATFORM)).await;
-    assert_eq!(status, 200, "{body}");
-    body["sales"]
-        .as_array()
-        .and_then(|sales| sales.iter().find(|sale| sale["name"] == name).cloned())
-        .unwrap_or(Value::Null)
-}
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_buyers_across_two_nodes_get_exactly_one_hundred_units() {
     let sku = testkit::unique_id("console");

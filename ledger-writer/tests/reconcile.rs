@@ -123,3 +123,55 @@ async fn a_poisoned_cart_does_not_stop_the_reconciler_finishing_everything_else(
         "parked only after {PARK_AFTER_FAILURES} failures"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buckets_of_a_sale_removed_from_the_config_are_taken_back() {
+    let (_redis, setup, allocator) = common::harness(&[]).await;
+    let config = Arc::new(config::load_file(&setup.config_path).expect("config"));
+    assert!(
+        config.flash_sales.is_empty(),
+        "the sale is not in the config"
+    );
+    let sale = allocator::FlashSale {
+        name: testkit::unique_id("gone"),
+        key: StockKey::new(testkit::unique_id("m"), "console", "dc1"),
+        nodes: vec!["node-a".to_owned(), "node-b".to_owned()],
+        presplit_fraction: 0.5,
+        refill_chunk_units_min: 1,
+        refill_chunk_units_max: 10,
+    };
+    let restock = allocator::Adjustment {
+        merchant: sale.key.merchant.clone(),
+        sku: sale.key.sku.clone(),
+        location: sale.key.location.clone(),
+        kind: AdjustmentKind::Delta,
+        qty: 40,
+        source: "test".to_owned(),
+        event_id: testkit::unique_id("restock"),
+        source_seq: None,
+    };
+    allocator.adjust(&restock).await.expect("restock");
+    allocator.activate(&sale, "e1").await.expect("activate");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(view.buckets.iter().map(|(_, b)| b.on_hand).sum::<i64>(), 20);
+
+    let mut reconciler = Reconciler::new((*allocator).clone(), Arc::clone(&config), None);
+    let report = reconciler.pass().await.expect("pass");
+    assert_eq!(report.units_reclaimed, 20, "{report:?}");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(
+        view.pool.as_ref().map(|pool| pool.on_hand),
+        Some(40),
+        "{view:?}"
+    );
+    assert!(view.buckets.iter().all(|(_, bucket)| bucket.on_hand == 0));
+    reconciler.pass().await.expect("pass");
+    assert!(
+        !allocator
+            .hot_keys()
+            .await
+            .expect("hot keys")
+            .contains(&sale.key),
+        "forgotten once its buckets are empty"
+    );
+}

@@ -238,3 +238,35 @@ pub async fn available(node: &Node, merchant: &str, sku: &str) -> i64 {
 pub fn reservation(merchant: &str, sku: &str, location: &str, qty: i64) -> Value {
     json!({ "merchant": merchant, "lines": [{ "sku": sku, "location": location, "qty": qty }] })
 }
+
+/// A flash sale of `sku` at m1/dc1 over node-a and node-b, as TOML.
+pub fn sale_toml(name: &str, sku: &str, enabled: bool) -> String {
+    format!(
+        "\n[[flash_sales]]\nname = \"{name}\"\nmerchant = \"m1\"\nsku = \"{sku}\"\nlocation = \"dc1\"\n\
+         nodes = [\"node-a\", \"node-b\"]\nenabled = {enabled}\npresplit_fraction = 0.5\n\
+         refill_chunk_units_min = 5\nrefill_chunk_units_max = 20\n"
+    )
+}
+
+/// The sale's entry in `GET /v1/flash-sales` on `node`.
+pub async fn sale_state(node: &Node, name: &str) -> Value {
+    let (status, body) = get(&node.url("/v1/flash-sales"), Some(PLATFORM)).await;
+    assert_eq!(status, 200, "{body}");
+    body["sales"]
+        .as_array()
+        .and_then(|sales| sales.iter().find(|sale| sale["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// Polls `check` every 100 ms for up to 10 s.
+pub async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,248 @@
+//! Flash-sale mode as a user meets it, on two real gateway nodes: physical
+//! counts, losses and restarts during a sale never create units, a short key
+//! refuses on every node, and a request is one request on every node (its
+//! Idempotency-Key has one record wherever the hold lands).
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// Two nodes with a sale of a fresh sku over both, in force, stocked.
+async fn sale_with(units: i64) -> (Fleet, Node, Node, String, String) {
+    let sku = testkit::unique_id("console");
+    let name = testkit::unique_id("drop");
+    let fleet = Fleet::on_stack(&sale_toml(&name, &sku, true));
+    let a = fleet.node("node-a");
+    let b = fleet.node("node-b");
+    restock(&a, "m1", &sku, "dc1", units).await;
+    for node in [&a, &b] {
+        wait_until("the sale in force on both nodes", || async {
+            let state = sale_state(node, &name).await;
+            state["active_on_this_node"] == true
+                && state["nodes"]
+                    .as_array()
+                    .is_some_and(|nodes| nodes.iter().all(|node| !node["bucket"].is_null()))
+        })
+        .await;
+    }
+    (fleet, a, b, sku, name)
+}
+
+/// What the scripts' housekeeping does 24 h after a split: its transfers'
+/// debit records (done) and credit records (`in|…`) are gone.
+async fn forget_activation_records(sku: &str) {
+    use fred::prelude::*;
+    let redis = Builder::from_config(
+        fred::types::config::Config::from_url(&testkit::stack().redis_url).expect("url"),
+    )
+    .build()
+    .expect("client");
+    redis.init().await.expect("connect");
+    let key = allocator::StockKey::new("m1", sku, "dc1");
+    let partitions = [
+        key.pool(64).partition,
+        key.bucket("node-a", 64).partition,
+        key.bucket("node-b", 64).partition,
+    ];
+    let mut forgotten = 0;
+    for partition in partitions {
+        let hash = format!("inv:{{{partition}}}:xfer");
+        let records: std::collections::HashMap<String, String> =
+            redis.hgetall(&hash).await.expect("records");
+        for (field, record) in records {
+            let ours = record.contains(sku) && !record.contains("\"debited\"");
+            if (field.starts_with("act.") && ours) || field.starts_with("in|act.") {
+                let _: i64 = redis.hdel(&hash, &field).await.expect("forget");
+                forgotten += 1;
+            }
+        }
+    }
+    assert!(forgotten >= 2, "the split's records were there to forget");
+}
+
+async fn adjust(node: &Node, body: Value) -> Value {
+    let (status, reply) = post(&node.url("/v1/stock/adjustments"), ADMIN, None, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
+fn count(sku: &str, qty: i64, seq: u64) -> Value {
+    json!({ "merchant": "m1", "sku": sku, "location": "dc1", "kind": "absolute", "qty": qty,
+            "source": "wms-1", "event_id": testkit::unique_id("count"), "source_seq": seq })
+}
+
+fn delta(sku: &str, qty: i64) -> Value {
+    json!({ "merchant": "m1", "sku": sku, "location": "dc1", "kind": "delta", "qty": qty,
+            "source": "pos-1", "event_id": testkit::unique_id("delta") })
+}
+
+async fn reserve(node: &Node, key: &str, body: &Value) -> (u16, Value) {
+    post(&node.url("/v1/reservations"), CHECKOUT, Some(key), body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_during_a_sale_equal_to_what_the_key_holds_changes_nothing() {
+    let (_fleet, a, b, sku, _) = sale_with(1000).await;
+    adjust(&a, delta(&sku, 40)).await;
+    let counted = adjust(&b, count(&sku, 1040, 1)).await;
+    assert_eq!(counted["applied"], true, "{counted}");
+    for node in [&a, &b] {
+        wait_until("both nodes show the count", || async {
+            available(node, "m1", &sku).await == 1040
+        })
+        .await;
+    }
+    // A lower count takes the whole key there, buckets included.
+    adjust(&a, count(&sku, 300, 2)).await;
+    wait_until("the lower count", || async {
+        available(&b, "m1", &sku).await == 300
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_of_every_unit_refuses_reservations_on_every_node_until_restocked() {
+    let (_fleet, a, b, sku, _) = sale_with(100).await;
+    let run = testkit::unique_id("loss");
+    let (status, _) = reserve(
+        &a,
+        &format!("{run}-before"),
+        &reservation("m1", &sku, "dc1", 2),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let loss = adjust(&b, delta(&sku, -100)).await;
+    assert_eq!(loss["shortfall"], true, "{loss}");
+    for (index, node) in [&a, &b].into_iter().enumerate() {
+        let (status, body) = reserve(
+            node,
+            &format!("{run}-{index}"),
+            &reservation("m1", &sku, "dc1", 1),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (409, Some("insufficient_stock")),
+            "{body}"
+        );
+    }
+    adjust(&a, delta(&sku, 10)).await;
+    let (status, body) = reserve(
+        &b,
+        &format!("{run}-after"),
+        &reservation("m1", &sku, "dc1", 5),
+    )
+    .await;
+    assert_eq!(status, 201, "sells again once made good: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restart_during_a_sale_credits_nothing_again() {
+    let (fleet, a, b, sku, _) = sale_with(100).await;
+    assert_eq!(available(&a, "m1", &sku).await, 100);
+    forget_activation_records(&sku).await;
+    drop(a);
+    let a = fleet.node("node-a");
+    drop(b);
+    let b = fleet.node("node-b");
+    for node in [&a, &b] {
+        assert_eq!(
+            available(node, "m1", &sku).await,
+            100,
+            "nothing credited twice"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_retried_on_the_other_node_during_a_sale_is_the_same_reservation() {
+    let (_fleet, a, b, sku, _) = sale_with(50).await;
+    let key = testkit::unique_id("order");
+    let body = reservation("m1", &sku, "dc1", 3);
+    let (status, first) = reserve(&a, &key, &body).await;
+    assert_eq!(status, 201, "{first}");
+    let response = client()
+        .post(b.url("/v1/reservations"))
+        .bearer_auth(CHECKOUT)
+        .header("Idempotency-Key", &key)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 201);
+    assert_eq!(
+        response
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|value| value.to_str().ok()),
+        Some("true")
+    );
+    let retry: Value = response.json().await.expect("json");
+    assert_eq!(retry["reservation_id"], first["reservation_id"]);
+    assert_eq!(available(&b, "m1", &sku).await, 47, "held once");
+
+    // A refusal is remembered like a success, on every node.
+    let greedy = testkit::unique_id("greedy");
+    let too_many = reservation("m1", &sku, "dc1", 1000);
+    let (status, _) = reserve(&a, &greedy, &too_many).await;
+    assert_eq!(status, 409);
+    adjust(&a, delta(&sku, 2000)).await;
+    let (status, body) = reserve(&b, &greedy, &too_many).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("insufficient_stock")),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_racing_release_on_carts_never_answers_500() {
+    let fleet = Fleet::on_stack("");
+    let a = fleet.node("node-a");
+    let b = fleet.node("node-b");
+    let (shirt, shoes) = (testkit::unique_id("shirt"), testkit::unique_id("shoes"));
+    restock(&a, "m1", &shirt, "dc1", 100).await;
+    restock(&a, "m1", &shoes, "dc1", 100).await;
+    let run = testkit::unique_id("race");
+    for round in 0..20 {
+        let body = json!({ "merchant": "m1", "lines": [
+            { "sku": shirt, "location": "dc1", "qty": 1 }, { "sku": shoes, "location": "dc1", "qty": 1 }] });
+        let (status, cart) = reserve(&a, &format!("{run}-{round}"), &body).await;
+        assert_eq!(status, 201, "{cart}");
+        let id = cart["reservation_id"].as_str().expect("id").to_owned();
+        let (commit_url, release_url) = (
+            a.url(&format!("/v1/reservations/{id}/commit")),
+            b.url(&format!("/v1/reservations/{id}/release")),
+        );
+        let (commit_key, release_key) = (format!("{run}-c-{round}"), format!("{run}-r-{round}"));
+        let empty = json!({});
+        let commit = post(&commit_url, CHECKOUT, Some(&commit_key), &empty);
+        let release = post(&release_url, CHECKOUT, Some(&release_key), &empty);
+        let ((commit, committed), (release, released)) = tokio::join!(commit, release);
+        for (status, body) in [(commit, &committed), (release, &released)] {
+            assert!(
+                status == 200 || (status == 409 && body["error"] == "reservation_not_held"),
+                "round {round}: {status} {body}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_idempotency_key_works_and_huge_sequences_stay_exact() {
+    let fleet = Fleet::on_stack("");
+    let a = fleet.node("node-a");
+    let sku = testkit::unique_id("long");
+    restock(&a, "m1", &sku, "dc1", 5).await;
+    let run = testkit::unique_id("k");
+    let key = format!("{run}{}", "k".repeat(255 - run.len()));
+    let (status, body) = reserve(&a, &key, &reservation("m1", &sku, "dc1", 1)).await;
+    assert_eq!(status, 201, "{body}");
+
+    let seq = 1_000_000_000_000_123u64;
+    adjust(&a, count(&sku, 9, seq)).await;
+    let stale = adjust(&a, count(&sku, 8, seq - 1)).await;
+    assert_eq!(stale["reason"], "stale");
+    assert_eq!(stale["last_source_seq"].as_u64(), Some(seq), "{stale}");
+}
