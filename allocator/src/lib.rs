@@ -10,6 +10,10 @@
 //!
 //! # Ledger entry schema, version 1
 //!
+//! Its Rust home is [`LedgerEntry`] ([`ledger`]): the relay, the audit and
+//! the rebuild read entries only through it, and an unknown or missing field
+//! is an error there, never a silent 0.
+//!
 //! Each partition's stream `inv:{p}:ledger` holds entries with one field `e`,
 //! a JSON object. The entry id is `<partition>-<stream id>` (for example
 //! `17-1732000000000-0`): unique, and ordered within a partition, so every
@@ -143,6 +147,7 @@
 mod cart;
 mod hot;
 pub mod keys;
+pub mod ledger;
 mod model;
 pub mod reserve;
 mod scripts;
@@ -162,6 +167,7 @@ pub use hot::{
     Transfer,
 };
 pub use keys::{CellRef, StockKey};
+pub use ledger::{EntryId, LEDGER_VERSION, LedgerEntry, LedgerOp};
 pub use model::*;
 pub use reserve::{Coalescer, Coalescing, HoldRequest, HotKey, Reserver};
 use scripts::{Op, Scripts};
@@ -686,13 +692,10 @@ impl Allocator {
     }
 
     /// The ledger entries of `partition` written at or after Redis time
-    /// `since_ms` (0: all), with their entry ids, oldest first (for audits and
-    /// tests; the writer reads with a consumer group).
-    pub async fn ledger_entries(
-        &self,
-        partition: u32,
-        since_ms: u64,
-    ) -> Result<Vec<(String, Value)>> {
+    /// `since_ms` (0: all), typed, with their entry and stream ids, oldest
+    /// first (for audits and tests; the writer reads with a consumer group).
+    /// An entry that breaks the schema is a protocol error.
+    pub async fn ledger_entries(&self, partition: u32, since_ms: u64) -> Result<Vec<LedgerEntry>> {
         let start = if since_ms == 0 {
             "-".to_owned()
         } else {
@@ -707,14 +710,19 @@ impl Allocator {
             .await?;
         raw.into_iter()
             .map(|(id, fields)| {
-                let entry = fields
+                let text = fields
                     .into_iter()
                     .find(|(name, _)| name == "e")
+                    .map(|(_, text)| text)
                     .ok_or_else(|| {
                         AllocatorError::Protocol(format!("ledger entry {id} has no e field"))
                     })?;
-                let value = serde_json::from_str(&entry.1).map_err(protocol)?;
-                Ok((format!("{partition}-{id}"), value))
+                let mut entry = LedgerEntry::parse(&text).map_err(|error| {
+                    AllocatorError::Protocol(format!("ledger entry {partition}-{id}: {error}"))
+                })?;
+                entry.entry_id = Some(format!("{partition}-{id}"));
+                entry.stream_id = Some(id);
+                Ok(entry)
             })
             .collect()
     }

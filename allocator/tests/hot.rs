@@ -40,16 +40,13 @@ async fn entries_of(allocator: &Allocator, key: &StockKey) -> Vec<Value> {
     let since_ms = allocator.redis_time_ms().await.expect("time") - 120_000;
     let mut all = Vec::new();
     for partition in 0..PARTITIONS {
-        for (_, entry) in allocator
+        for entry in allocator
             .ledger_entries(partition, since_ms)
             .await
             .expect("ledger")
         {
-            if entry["cell"]
-                .as_str()
-                .is_some_and(|cell| cell.starts_with(&prefix))
-            {
-                all.push(entry);
+            if entry.cell.starts_with(&prefix) {
+                all.push(serde_json::to_value(&entry).expect("json"));
             }
         }
     }

@@ -30,11 +30,11 @@ use std::time::Duration;
 
 use allocator::{
     Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, AllocatorSettings,
-    FlashSale, HotKey, RateMeter, ReservationStatus, ReserveRequest, StockKey, StockSettings,
+    FlashSale, HotKey, LedgerOp, RateMeter, ReservationStatus, ReserveRequest, StockKey,
+    StockSettings,
 };
 use fred::prelude::*;
 use proptest::prelude::*;
-use serde_json::Value;
 
 const NODES: [&str; 2] = ["node-a", "node-b"];
 const SHORT_TTL: Duration = Duration::from_secs(1);
@@ -497,25 +497,23 @@ impl World {
         let mut last_on_hand: BTreeMap<String, i64> = BTreeMap::new();
         let (mut adjusted, mut committed, mut out, mut into) = (0i64, 0i64, 0i64, 0i64);
         for partition in self.partitions() {
-            for (_, entry) in self
+            for entry in self
                 .allocator
                 .ledger_entries(partition, self.since_ms)
                 .await
                 .map_err(fail)?
             {
-                if entry["merchant"].as_str() != Some(merchant) {
+                if &entry.merchant != merchant {
                     continue;
                 }
-                let qty = entry["qty"].as_i64().unwrap_or_default();
-                match entry["op"].as_str().unwrap_or_default() {
-                    "adjust" => adjusted += qty,
-                    "commit" => committed += qty,
-                    "transfer_out" => out += qty,
-                    "transfer_in" => into += qty,
+                match entry.op {
+                    LedgerOp::Adjust => adjusted += entry.qty,
+                    LedgerOp::Commit => committed += entry.qty,
+                    LedgerOp::TransferOut => out += entry.qty,
+                    LedgerOp::TransferIn => into += entry.qty,
                     _ => {}
                 }
-                let cell = value_string(&entry["cell"]);
-                last_on_hand.insert(cell, entry["on_hand_after"].as_i64().unwrap_or_default());
+                last_on_hand.insert(entry.cell.clone(), entry.on_hand_after);
             }
         }
         let on_hand: i64 = last_on_hand.values().sum();
@@ -529,10 +527,6 @@ impl World {
         prop_assert_eq!(on_hand, shelves, "the ledger's cells hold the shelves");
         Ok(())
     }
-}
-
-fn value_string(value: &Value) -> String {
-    value.as_str().unwrap_or_default().to_owned()
 }
 
 fn fail(error: AllocatorError) -> TestCaseError {

@@ -45,8 +45,8 @@ async fn entries_of(allocator: &Allocator, key: &StockKey) -> Vec<Value> {
         .await
         .expect("read ledger")
         .into_iter()
-        .map(|(_, entry)| entry)
-        .filter(|entry| entry["cell"] == cell.id.as_str())
+        .filter(|entry| entry.cell == cell.id)
+        .map(|entry| serde_json::to_value(&entry).expect("json"))
         .collect()
 }
 

@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use allocator::{Allocator, CellRef};
+use allocator::{Allocator, CellRef, LedgerEntry, LedgerOp};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
@@ -55,25 +55,9 @@ pub struct Report {
     pub drifts: Vec<Drift>,
 }
 
-/// `(ms, seq)` of an entry's stream id (`stream_id`, or the tail of `entry_id`).
-fn stream_order(entry: &Value) -> (u64, u64) {
-    let id = entry["stream_id"]
-        .as_str()
-        .or_else(|| {
-            entry["entry_id"]
-                .as_str()
-                .and_then(|id| id.split_once('-').map(|(_, rest)| rest))
-        })
-        .unwrap_or_default();
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (
-        ms.parse().unwrap_or_default(),
-        seq.parse().unwrap_or_default(),
-    )
-}
-
-pub(crate) fn int(entry: &Value, field: &str) -> i64 {
-    entry[field].as_i64().unwrap_or_default()
+/// An entry's place in its partition's stream (its id orders it).
+fn stream_order(entry: &LedgerEntry) -> (u64, u64) {
+    entry.id().map_or((0, 0), |id| (id.ms, id.seq))
 }
 
 /// Which stock keys a ledger read covers.
@@ -89,15 +73,11 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn covers(&self, entry: &Value) -> bool {
+    fn covers(&self, entry: &LedgerEntry) -> bool {
         match self {
             Self::All => true,
-            Self::Merchant(merchant) => entry["merchant"].as_str() == Some(merchant),
-            Self::Key(key) => {
-                entry["merchant"].as_str() == Some(&key.merchant)
-                    && entry["sku"].as_str() == Some(&key.sku)
-                    && entry["location"].as_str() == Some(&key.location)
-            }
+            Self::Merchant(merchant) => &entry.merchant == merchant,
+            Self::Key(key) => &entry.key() == key,
         }
     }
 }
@@ -106,7 +86,7 @@ impl Scope {
 /// yet relayed, by entry id.
 pub struct Ledger {
     /// Every entry in scope, by entry id.
-    pub entries: HashMap<String, Value>,
+    pub entries: HashMap<String, LedgerEntry>,
     /// How many came from PostgreSQL.
     pub in_postgres: usize,
     /// How many are only in the outbox.
@@ -130,7 +110,7 @@ impl Ledger {
                 Some(key.location.as_str()),
             ),
         };
-        let mut entries: HashMap<String, Value> = HashMap::new();
+        let mut entries: HashMap<String, LedgerEntry> = HashMap::new();
         for row in postgres
             .query(
                 "SELECT entry_id, entry::text FROM ledger
@@ -140,17 +120,19 @@ impl Ledger {
             )
             .await?
         {
-            let entry: Value = serde_json::from_str(row.get::<_, &str>(1))?;
-            entries.insert(row.get(0), entry);
+            let entry_id: String = row.get(0);
+            let entry = LedgerEntry::parse(row.get::<_, &str>(1))
+                .map_err(|error| anyhow::anyhow!("ledger entry {entry_id}: {error}"))?;
+            entries.insert(entry_id, entry);
         }
         let in_postgres = entries.len();
         let mut not_relayed = 0;
         for partition in 0..config.stock.partitions {
-            for (entry_id, mut entry) in allocator.ledger_entries(partition, 0).await? {
-                entry["entry_id"] = Value::String(entry_id.clone());
+            for entry in allocator.ledger_entries(partition, 0).await? {
                 if !scope.covers(&entry) {
                     continue;
                 }
+                let entry_id = entry.entry_id.clone().unwrap_or_default();
                 if let std::collections::hash_map::Entry::Vacant(slot) = entries.entry(entry_id) {
                     not_relayed += 1;
                     slot.insert(entry);
@@ -167,12 +149,13 @@ impl Ledger {
     /// Each cell's entries in their true order. A cell's entries are all in
     /// one partition's stream, whose ids order them (versions can repeat:
     /// extend moves no units).
-    pub fn cell_histories(&self) -> BTreeMap<(u32, String), Vec<&Value>> {
-        let mut cells: BTreeMap<(u32, String), Vec<&Value>> = BTreeMap::new();
+    pub fn cell_histories(&self) -> BTreeMap<(u32, String), Vec<&LedgerEntry>> {
+        let mut cells: BTreeMap<(u32, String), Vec<&LedgerEntry>> = BTreeMap::new();
         for entry in self.entries.values() {
-            let partition = entry["partition"].as_u64().unwrap_or_default() as u32;
-            let cell = entry["cell"].as_str().unwrap_or_default().to_owned();
-            cells.entry((partition, cell)).or_default().push(entry);
+            cells
+                .entry((entry.partition, entry.cell.clone()))
+                .or_default()
+                .push(entry);
         }
         for history in cells.values_mut() {
             history.sort_by_key(|entry| stream_order(entry));
@@ -208,8 +191,8 @@ pub async fn audit(
     let mut keys: BTreeMap<String, Books> = BTreeMap::new();
     for ((partition, cell), history) in cells {
         for pair in history.windows(2) {
-            if int(pair[0], "on_hand_after") != int(pair[1], "on_hand_before")
-                || int(pair[0], "reserved_after") != int(pair[1], "reserved_before")
+            if pair[0].on_hand_after != pair[1].on_hand_before
+                || pair[0].reserved_after != pair[1].reserved_before
             {
                 report.drifts.push(Drift {
                     subject: cell.clone(),
@@ -217,8 +200,8 @@ pub async fn audit(
                         "entries do not chain between stream ids {:?} and {:?} ({} then {})",
                         stream_order(pair[0]),
                         stream_order(pair[1]),
-                        pair[0]["op"].as_str().unwrap_or_default(),
-                        pair[1]["op"].as_str().unwrap_or_default()
+                        pair[0].op,
+                        pair[1].op
                     ),
                 });
             }
@@ -230,7 +213,7 @@ pub async fn audit(
                 id: cell.clone(),
             })
             .await?;
-        let (on_hand, reserved) = (int(last, "on_hand_after"), int(last, "reserved_after"));
+        let (on_hand, reserved) = (last.on_hand_after, last.reserved_after);
         match live {
             Some(live) if (live.on_hand, live.reserved) == (on_hand, reserved) => {}
             Some(live) => report.drifts.push(Drift {
@@ -245,21 +228,14 @@ pub async fn audit(
                 problem: format!("missing in redis; the ledger says on_hand {on_hand} reserved {reserved}"),
             }),
         }
-        let key = format!(
-            "{}/{}/{}",
-            last["merchant"].as_str().unwrap_or_default(),
-            last["sku"].as_str().unwrap_or_default(),
-            last["location"].as_str().unwrap_or_default()
-        );
-        let books = keys.entry(key).or_default();
+        let books = keys.entry(key_of(last)).or_default();
         books.on_hand += on_hand;
         for entry in &history {
-            let qty = int(entry, "qty");
-            match entry["op"].as_str().unwrap_or_default() {
-                "adjust" => books.adjusted += qty,
-                "commit" => books.committed += qty,
-                "transfer_out" => books.sent += qty,
-                "transfer_in" => books.received += qty,
+            match entry.op {
+                LedgerOp::Adjust => books.adjusted += entry.qty,
+                LedgerOp::Commit => books.committed += entry.qty,
+                LedgerOp::TransferOut => books.sent += entry.qty,
+                LedgerOp::TransferIn => books.received += entry.qty,
                 _ => {}
             }
         }
@@ -294,36 +270,31 @@ pub async fn audit(
 /// the audit reports it (the reconciler runs every half second or so).
 const IN_FLIGHT_GRACE_SECONDS: u64 = 30;
 
-fn key_of(entry: &Value) -> String {
-    format!(
-        "{}/{}/{}",
-        entry["merchant"].as_str().unwrap_or_default(),
-        entry["sku"].as_str().unwrap_or_default(),
-        entry["location"].as_str().unwrap_or_default()
-    )
+fn key_of(entry: &LedgerEntry) -> String {
+    entry.key().to_string()
 }
 
 /// Every transfer's halves matched by id: one debit, at most one credit of
 /// the same quantity, no credit without a debit, nothing in flight for longer
 /// than `in_flight_max_ms` at Redis time `now_ms`.
 pub fn transfer_drifts<'a>(
-    entries: impl Iterator<Item = &'a Value>,
+    entries: impl Iterator<Item = &'a LedgerEntry>,
     now_ms: u64,
     in_flight_max_ms: u64,
 ) -> Vec<Drift> {
     #[derive(Default)]
     struct Halves<'a> {
-        debits: Vec<&'a Value>,
-        credits: Vec<&'a Value>,
+        debits: Vec<&'a LedgerEntry>,
+        credits: Vec<&'a LedgerEntry>,
     }
     let mut transfers: BTreeMap<String, Halves<'a>> = BTreeMap::new();
     for entry in entries {
-        let side = match entry["op"].as_str() {
-            Some("transfer_out") => true,
-            Some("transfer_in") => false,
+        let side = match entry.op {
+            LedgerOp::TransferOut => true,
+            LedgerOp::TransferIn => false,
             _ => continue,
         };
-        let id = entry["transfer_id"].as_str().unwrap_or_default().to_owned();
+        let id = entry.transfer_id.clone().unwrap_or_default();
         let halves = transfers.entry(id).or_default();
         if side {
             halves.debits.push(entry);
@@ -349,25 +320,24 @@ pub fn transfer_drifts<'a>(
             ([], credits) => problem(format!(
                 "{} credit(s) of {} units without a debit: units created",
                 credits.len(),
-                credits.iter().map(|entry| int(entry, "qty")).sum::<i64>()
+                credits.iter().map(|entry| entry.qty).sum::<i64>()
             )),
             ([debit], []) => {
-                let age_ms = now_ms.saturating_sub(debit["at_ms"].as_u64().unwrap_or(now_ms));
+                let age_ms = now_ms.saturating_sub(debit.at_ms);
                 if age_ms > in_flight_max_ms {
                     problem(format!(
                         "{} units in flight for {} s (the finisher credits after {} s)",
-                        int(debit, "qty"),
+                        debit.qty,
                         age_ms / 1000,
                         (in_flight_max_ms / 1000).saturating_sub(IN_FLIGHT_GRACE_SECONDS)
                     ));
                 }
             }
             ([debit], [credit]) => {
-                if int(debit, "qty") != int(credit, "qty") {
+                if debit.qty != credit.qty {
                     problem(format!(
                         "debited {} units but credited {}",
-                        int(debit, "qty"),
-                        int(credit, "qty")
+                        debit.qty, credit.qty
                     ));
                 }
             }
@@ -386,19 +356,14 @@ pub fn transfer_drifts<'a>(
 /// while the key's pool is short (a loss or a setting left its sellable
 /// below −backorder_limit; its buckets were drained first, so the pool holds
 /// every free unit then), until a pool entry shows it made good.
-pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a Value>) -> Vec<Drift> {
-    let mut keys: BTreeMap<String, Vec<&'a Value>> = BTreeMap::new();
+pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> Vec<Drift> {
+    let mut keys: BTreeMap<String, Vec<&'a LedgerEntry>> = BTreeMap::new();
     for entry in entries {
         keys.entry(key_of(entry)).or_default().push(entry);
     }
     let mut drifts = Vec::new();
     for (key, mut history) in keys {
-        history.sort_by_key(|entry| {
-            (
-                entry["at_ms"].as_u64().unwrap_or_default(),
-                stream_order(entry),
-            )
-        });
+        history.sort_by_key(|entry| (entry.at_ms, stream_order(entry)));
         // Each bucket cell's on_hand as of the last entry seen so far.
         let mut buckets: BTreeMap<&str, i64> = BTreeMap::new();
         let (mut safety, mut backorder) = (0, 0);
@@ -406,37 +371,35 @@ pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a Value>) -> Vec<Drift> {
         let mut short: Vec<(u64, u64)> = Vec::new();
         let mut short_since: Option<u64> = None;
         for entry in &history {
-            let cell = entry["cell"].as_str().unwrap_or_default();
-            let at_ms = entry["at_ms"].as_u64().unwrap_or_default();
-            if cell.contains("|bucket|") {
-                buckets.insert(cell, int(entry, "on_hand_after"));
+            let at_ms = entry.at_ms;
+            if entry.in_bucket() {
+                buckets.insert(entry.cell.as_str(), entry.on_hand_after);
                 continue;
             }
-            let op = entry["op"].as_str().unwrap_or_default();
-            if op == "settings" {
-                safety = int(entry, "safety_stock");
-                backorder = int(entry, "backorder_limit");
+            if entry.op == LedgerOp::Settings {
+                safety = entry.safety_stock.unwrap_or_default();
+                backorder = entry.backorder_limit.unwrap_or_default();
             }
-            if op == "adjust" && entry["kind"] == "absolute" {
-                let counted = entry["counted"]
-                    .as_i64()
-                    .unwrap_or(int(entry, "on_hand_after"));
-                let in_buckets = match entry.get("buckets_on_hand") {
-                    Some(value) => value.as_i64().unwrap_or_default(),
-                    // Older entries, and counts that ignored the buckets.
-                    None => buckets.values().sum(),
-                };
-                if int(entry, "on_hand_after") + in_buckets > counted {
+            if entry.op == LedgerOp::Adjust
+                && entry.kind == Some(allocator::AdjustmentKind::Absolute)
+            {
+                let counted = entry.counted.unwrap_or(entry.on_hand_after);
+                // Older entries, and counts that ignored the buckets, carry
+                // no buckets_on_hand: what the ledger says they held then.
+                let in_buckets = entry
+                    .buckets_on_hand
+                    .unwrap_or_else(|| buckets.values().sum());
+                if entry.on_hand_after + in_buckets > counted {
                     drifts.push(Drift {
                         subject: key.clone(),
                         problem: format!(
                             "a count of {counted} left the pool {} while the buckets held {in_buckets}: units created",
-                            int(entry, "on_hand_after")
+                            entry.on_hand_after
                         ),
                     });
                 }
             }
-            let sellable = int(entry, "on_hand_after") - int(entry, "reserved_after") - safety;
+            let sellable = entry.on_hand_after - entry.reserved_after - safety;
             match (sellable < -backorder, short_since) {
                 (true, None) => short_since = Some(at_ms),
                 (false, Some(since)) => {
@@ -449,8 +412,8 @@ pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a Value>) -> Vec<Drift> {
         if let Some(since) = short_since {
             short.push((since, u64::MAX));
         }
-        for entry in history.iter().filter(|entry| entry["op"] == "reserve") {
-            let at_ms = entry["at_ms"].as_u64().unwrap_or_default();
+        for entry in history.iter().filter(|entry| entry.op == LedgerOp::Reserve) {
+            let at_ms = entry.at_ms;
             if let Some((since, _)) = short
                 .iter()
                 .find(|(from, until)| *from < at_ms && at_ms < *until)
@@ -459,8 +422,8 @@ pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a Value>) -> Vec<Drift> {
                     subject: key.clone(),
                     problem: format!(
                         "cell {} took reservation {} while the key was short (since {since} ms)",
-                        entry["cell"].as_str().unwrap_or_default(),
-                        entry["reservation_id"].as_str().unwrap_or_default()
+                        entry.cell,
+                        entry.reservation_id.as_deref().unwrap_or_default()
                     ),
                 });
             }
@@ -520,20 +483,38 @@ pub async fn kafka_entry_ids(config: &config::Config, limit: Duration) -> anyhow
 
 #[cfg(test)]
 mod tests {
+    use allocator::LedgerEntry;
     use serde_json::{Value, json};
 
     use super::{key_drifts, transfer_drifts};
 
-    fn entry(op: &str, cell: &str, at_ms: u64, extra: Value) -> Value {
+    fn entry(op: &str, cell: &str, at_ms: u64, extra: Value) -> LedgerEntry {
         let mut entry = json!({
-            "op": op, "cell": cell, "merchant": "m", "sku": "s", "location": "l",
-            "at_ms": at_ms, "stream_id": format!("{at_ms}-0"), "qty": 0,
+            "v": 1, "op": op, "cell": cell, "partition": 1, "merchant": "m", "sku": "s", "location": "l",
+            "at_ms": at_ms, "stream_id": format!("{at_ms}-0"), "qty": 0, "version": 1, "node": "n",
             "on_hand_before": 0, "on_hand_after": 0, "reserved_before": 0, "reserved_after": 0,
         });
         for (name, value) in extra.as_object().expect("object") {
             entry[name] = value.clone();
         }
-        entry
+        if op == "adjust" {
+            entry["source"] = json!("test");
+            entry["source_event_id"] = json!("e");
+            if entry.get("shortfall").is_none() {
+                entry["shortfall"] = json!(false);
+            }
+        }
+        let needs = match op {
+            "reserve" | "commit" | "release" | "expire" | "extend" => Some("reservation_id"),
+            "transfer_out" | "transfer_in" => Some("transfer_id"),
+            _ => None,
+        };
+        if let Some(field) = needs
+            && entry.get(field).is_none()
+        {
+            entry[field] = json!("x1");
+        }
+        LedgerEntry::from_value(entry).expect("a valid entry")
     }
 
     #[test]

@@ -27,14 +27,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use allocator::{Allocator, AllocatorError, CellRebuild, CellRef, StockKey};
-use serde_json::Value;
+use allocator::{Allocator, AllocatorError, CellRebuild, CellRef, LedgerEntry, LedgerOp, StockKey};
 use tokio_postgres::Client;
 
-use crate::audit::{Ledger, Scope, int};
+use crate::audit::{Ledger, Scope};
 
 /// A cell, `(partition, id)`, and its ledger entries in order.
-type CellHistory<'a> = ((u32, String), Vec<&'a Value>);
+type CellHistory<'a> = ((u32, String), Vec<&'a LedgerEntry>);
 
 /// What to rebuild and how carefully.
 #[derive(Debug, Clone)]
@@ -84,11 +83,7 @@ pub async fn rebuild(
     let mut keys: BTreeMap<StockKey, Vec<CellHistory<'_>>> = BTreeMap::new();
     for (cell, history) in ledger.cell_histories() {
         let last = history.last().expect("a cell has at least one entry");
-        let key = StockKey::new(
-            last["merchant"].as_str().unwrap_or_default(),
-            last["sku"].as_str().unwrap_or_default(),
-            last["location"].as_str().unwrap_or_default(),
-        );
+        let key = last.key();
         keys.entry(key).or_default().push((cell, history));
     }
     let mut report = Report::default();
@@ -113,10 +108,7 @@ pub async fn rebuild(
                     id: cell.clone(),
                 })
                 .await?;
-            let last_at_ms = history
-                .last()
-                .and_then(|entry| entry["at_ms"].as_u64())
-                .unwrap_or_default();
+            let last_at_ms = history.last().map_or(0, |entry| entry.at_ms);
             let touched_ms = live.as_ref().map_or(0, |cell| cell.touched_ms);
             let latest_ms = last_at_ms.max(touched_ms);
             if now_ms.saturating_sub(latest_ms) < quiet_ms {
@@ -137,8 +129,8 @@ pub async fn rebuild(
         let credited: HashSet<&str> = cells
             .iter()
             .flat_map(|(_, history)| history.iter())
-            .filter(|entry| entry["op"] == "transfer_in")
-            .filter_map(|entry| entry["transfer_id"].as_str())
+            .filter(|entry| entry.op == LedgerOp::TransferIn)
+            .filter_map(|entry| entry.transfer_id.as_deref())
             .collect();
         let mut whole_key = true;
         for (((partition, cell), history), expect_version) in cells.iter().zip(seen) {
@@ -188,7 +180,7 @@ fn plan(
     kind: &str,
     bucket_node: Option<String>,
     expect_version: i64,
-    history: &[&Value],
+    history: &[&LedgerEntry],
     credited: &HashSet<&str>,
 ) -> CellRebuild {
     let last = history.last().expect("a cell has at least one entry");
@@ -196,33 +188,34 @@ fn plan(
     let mut out_in_flight = 0;
     let mut settings = (0, 0, -1);
     for entry in history {
-        let reservation = entry["reservation_id"].as_str();
-        match entry["op"].as_str().unwrap_or_default() {
-            "reserve" => open_holds.extend(reservation.map(str::to_owned)),
-            "commit" | "release" | "expire" => {
+        let reservation = entry.reservation_id.as_deref();
+        match entry.op {
+            LedgerOp::Reserve => open_holds.extend(reservation.map(str::to_owned)),
+            LedgerOp::Commit | LedgerOp::Release | LedgerOp::Expire => {
                 open_holds.retain(|open| Some(open.as_str()) != reservation);
             }
-            "rebuild" => {
-                let released: HashSet<&str> = entry["released"]
-                    .as_array()
-                    .into_iter()
+            LedgerOp::Rebuild => {
+                let released: HashSet<&str> = entry
+                    .released
+                    .iter()
                     .flatten()
-                    .filter_map(Value::as_str)
+                    .map(String::as_str)
                     .collect();
                 open_holds.retain(|open| !released.contains(open.as_str()));
             }
-            "transfer_out"
-                if !entry["transfer_id"]
-                    .as_str()
+            LedgerOp::TransferOut
+                if !entry
+                    .transfer_id
+                    .as_deref()
                     .is_some_and(|id| credited.contains(id)) =>
             {
-                out_in_flight += int(entry, "qty");
+                out_in_flight += entry.qty;
             }
-            "settings" => {
+            LedgerOp::Settings => {
                 settings = (
-                    int(entry, "safety_stock"),
-                    int(entry, "backorder_limit"),
-                    entry["low_stock_threshold"].as_i64().unwrap_or(-1),
+                    entry.safety_stock.unwrap_or_default(),
+                    entry.backorder_limit.unwrap_or_default(),
+                    entry.low_stock_threshold.unwrap_or(-1),
                 );
             }
             _ => {}
@@ -236,9 +229,9 @@ fn plan(
         kind: kind.to_owned(),
         bucket_node,
         expect_version,
-        on_hand: int(last, "on_hand_after"),
-        reserved: int(last, "reserved_after"),
-        version: last["version"].as_u64().unwrap_or_default(),
+        on_hand: last.on_hand_after,
+        reserved: last.reserved_after,
+        version: last.version,
         out_in_flight,
         safety_stock: settings.0,
         backorder_limit: settings.1,
@@ -265,16 +258,28 @@ mod tests {
     #[test]
     fn the_plan_keeps_open_holds_settings_and_uncredited_transfers() {
         let entries = [
-            json!({"op":"adjust","qty":10,"on_hand_after":10,"reserved_after":0,"version":1}),
+            json!({"op":"adjust","qty":10,"on_hand_after":10,"reserved_after":0,"version":1,
+                   "kind":"delta","source":"t","source_event_id":"e","shortfall":false}),
             json!({"op":"settings","safety_stock":2,"backorder_limit":1,"low_stock_threshold":3,
-                   "on_hand_after":10,"reserved_after":0,"version":2}),
+                   "qty":0,"on_hand_after":10,"reserved_after":0,"version":2}),
             json!({"op":"reserve","reservation_id":"r1.a","qty":2,"on_hand_after":10,"reserved_after":2,"version":3}),
             json!({"op":"reserve","reservation_id":"r1.b","qty":1,"on_hand_after":10,"reserved_after":3,"version":4}),
             json!({"op":"commit","reservation_id":"r1.a","qty":2,"on_hand_after":8,"reserved_after":1,"version":5}),
             json!({"op":"transfer_out","transfer_id":"t1","qty":3,"on_hand_after":5,"reserved_after":1,"version":6}),
             json!({"op":"transfer_out","transfer_id":"t2","qty":1,"on_hand_after":4,"reserved_after":1,"version":7}),
-        ];
-        let history: Vec<&Value> = entries.iter().collect();
+        ]
+        .map(|mut entry| {
+            for (name, value) in [
+                ("v", json!(1)), ("partition", json!(1)), ("cell", json!("m|s|l|pool")),
+                ("merchant", json!("m")), ("sku", json!("s")), ("location", json!("l")),
+                ("on_hand_before", json!(0)), ("reserved_before", json!(0)), ("node", json!("n")),
+                ("at_ms", json!(1)),
+            ] {
+                entry[name] = value;
+            }
+            LedgerEntry::from_value(entry).expect("valid entry")
+        });
+        let history: Vec<&LedgerEntry> = entries.iter().collect();
         let credited = HashSet::from(["t1"]);
         let key = StockKey::new("m", "s", "l");
         let cell = CellRef {

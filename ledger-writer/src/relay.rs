@@ -24,13 +24,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use allocator::LedgerEntry;
 use allocator::keys::{ledger_stream, relay_lease_key};
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::Deserialize;
-use serde_json::Value;
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
@@ -44,8 +44,8 @@ pub const GROUP: &str = "ledger-writer";
 /// and what a dead holder left pending is the next holder's to relay.
 pub const CONSUMER: &str = "relay";
 
-/// One stream entry: its stream id and its decoded JSON.
-type Entry = (String, Value);
+/// One stream entry: its stream id and the entry, typed.
+type Entry = (String, LedgerEntry);
 
 /// A stream entry as read: its id and its `e` field (none when the entry was
 /// deleted from the stream while pending).
@@ -256,13 +256,15 @@ impl Relay {
             .into_iter()
             .map(|(id, text)| {
                 let text = text.unwrap_or_default();
-                let mut entry: Value =
-                    serde_json::from_str(&text).map_err(|error| RelayError::Malformed {
+                // The schema's one home checks it: a missing or unknown field
+                // stops the partition loudly, never relays a silent 0.
+                let mut entry =
+                    LedgerEntry::parse(&text).map_err(|reason| RelayError::Malformed {
                         id: id.clone(),
-                        reason: error.to_string(),
+                        reason,
                     })?;
-                entry["entry_id"] = Value::String(format!("{partition}-{id}"));
-                entry["stream_id"] = Value::String(id.clone());
+                entry.entry_id = Some(format!("{partition}-{id}"));
+                entry.stream_id = Some(id.clone());
                 Ok((id, entry))
             })
             .collect::<Result<Vec<Entry>, RelayError>>()?;
@@ -371,13 +373,9 @@ impl Relay {
         let timeout = Duration::from_millis(self.config.kafka.request_timeout_ms);
         let mut deliveries = Vec::with_capacity(entries.len());
         for (_, entry) in entries {
-            let key = format!(
-                "{}|{}|{}",
-                entry["merchant"].as_str().unwrap_or_default(),
-                entry["sku"].as_str().unwrap_or_default(),
-                entry["location"].as_str().unwrap_or_default()
-            );
-            let payload = entry.to_string();
+            let key = format!("{}|{}|{}", entry.merchant, entry.sku, entry.location);
+            // Strings and integers only: serializing cannot fail.
+            let payload = serde_json::to_string(entry).expect("a ledger entry serializes");
             let record = FutureRecord::to(&self.config.kafka.ledger_topic)
                 .key(&key)
                 .payload(&payload)
@@ -416,7 +414,10 @@ impl Relay {
         }
         let client = self.postgres.as_mut().expect("connected above");
         let batch =
-            Value::Array(entries.iter().map(|(_, entry)| entry.clone()).collect()).to_string();
+            serde_json::to_string(&entries.iter().map(|(_, entry)| entry).collect::<Vec<_>>())
+                .map_err(|error| {
+                    RelayError::Postgres(format!("batch did not serialize: {error}"))
+                })?;
         let transaction = client.transaction().await?;
         let fenced_in = transaction
             .execute(

@@ -350,7 +350,9 @@ async fn stock_events_are_applied_once_in_order_and_malformed_ones_are_dead_lett
         "{reasons:?}"
     );
     assert!(
-        reasons.iter().any(|reason| reason.contains("unknown kind")),
+        reasons
+            .iter()
+            .any(|reason| reason.contains("kind must be delta or absolute")),
         "{reasons:?}"
     );
     assert!(
