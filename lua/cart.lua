@@ -9,13 +9,25 @@ local a = ARGS
 if not is_id(a.reservation_id) then return refuse('bad_argument', { reason = 'reservation_id' }) end
 
 if a.action == 'create' then
-  -- The request's claim (claim.lua) fixed the cart id: a record that exists
-  -- is this attempt run again.
+  -- The request's claim (claim.lua, same partition) fixed the cart id and
+  -- decides who may create it: only the caller holding the claim's current
+  -- token and attempt (a caller whose claim was taken over, or whose attempt
+  -- was abandoned, creates nothing: lost). A record that exists already is
+  -- this request's cart, made by an earlier holder of the claim.
   local existing = res_get(a.reservation_id)
   if existing then
     local view = reservation_view(existing)
     view.replayed = true
     return reply(view)
+  end
+  if type(a.digest) ~= 'string' or not is_int(a.token, 1, 99999999999999)
+    or not is_int(a.attempt, 0, 99999999999999) then
+    return refuse('bad_argument', { reason = 'digest, token and attempt' })
+  end
+  local raw_claim = redis.call('HGET', K_IDEM, 'c|' .. a.digest)
+  local claim = raw_claim and cjson.decode(raw_claim) or nil
+  if not claim or claim.state ~= 'pending' or claim.token ~= a.token or claim.attempt ~= a.attempt then
+    return reply({ status = 'lost' })
   end
   if type(a.lines) ~= 'table' or #a.lines < 2 or #a.lines > 256 or not is_id(a.merchant)
     or not is_int(a.ttl_ms, 1, 7 * 24 * 3600 * 1000) then

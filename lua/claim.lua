@@ -75,7 +75,7 @@ end
 if a.action == 'finish' then
   if rec.state == 'done' then return reply({ status = 'done', reply = rec.reply }) end
   if rec.token ~= a.token then return reply({ status = 'lost' }) end
-  if type(a.reply) ~= 'string' or #a.reply > 65536 then
+  if type(a.reply) ~= 'string' or #a.reply > 262144 then
     return refuse('bad_argument', { reason = 'reply' })
   end
   rec.state = 'done'

@@ -372,6 +372,8 @@ local function reserve_one(a)
     if existing.cell ~= a.cell or existing.qty ~= a.qty then
       return refuse('bad_argument', { reason = 'reservation_id already used' })
     end
+    -- Run again after its time: it is expired first, never shown as held.
+    expire_if_due(existing)
     local view = reservation_view(existing)
     view.replayed = true
     return reply(view)

@@ -197,8 +197,12 @@ impl Allocator {
         lines: impl Iterator<Item = &'a StoredLine>,
     ) {
         for line in lines {
-            if let Err(error) = self.move_line(Op::Release, cart_id, line).await {
-                tracing::warn!(cart_id, line = %line.reservation_id, %error, "cannot release cart line; it will expire");
+            match self.move_line(Op::Release, cart_id, line).await {
+                // A line id an abandoned attempt never got to hold.
+                Ok(_) | Err(AllocatorError::NotFound | AllocatorError::NotHeld { .. }) => {}
+                Err(error) => {
+                    tracing::warn!(cart_id, line = %line.reservation_id, %error, "cannot release cart line; it will expire");
+                }
             }
         }
     }

@@ -492,7 +492,10 @@ impl Allocator {
             "reservation_id": reservation_id, "merchant": merchant,
             "idempotency_key": format!(
                 "{name}|{}",
-                self.keyed_hash(&format!("{name}\u{1f}{reservation_id}\u{1f}{idempotency_key}"))
+                self.keyed_hash(&format!(
+                    "{name}\u{1f}{}\u{1f}{reservation_id}\u{1f}{idempotency_key}",
+                    merchant.unwrap_or("*")
+                ))
             ),
             "fingerprint": fingerprint(&json!({ "op": name, "reservation_id": reservation_id })),
         });

@@ -43,7 +43,7 @@ use crate::cart::{CartLine, CartRequest, CartView, StoredLine};
 use crate::keys::{self, CellRef, StockKey};
 use crate::scripts::Op;
 use crate::{
-    Allocator, AllocatorError, CART_LINES_MAX, CartHold, FlashSale, Hold, RateMeter, Reservation,
+    Allocator, AllocatorError, CART_LINES_MAX, CartHold, FlashSale, Hold, RateMeter,
     ReservationStatus, Result, ShortLine, check_refusal, decode_hold, derive_random, protocol,
 };
 
@@ -338,13 +338,40 @@ impl Allocator {
             Err(other) => return Err(other),
         };
         match self.finish_claim(&claim, &answer).await? {
-            Some(stored) => stored.into_result(replayed || claim.taken_over),
+            Some(stored) => {
+                self.drop_if_not_answered(&request.merchant, &answer, &stored)
+                    .await;
+                stored.into_result(replayed || claim.taken_over)
+            }
             // Another caller took the claim over meanwhile (this one was
             // slower than the lease): its answer is the one to give.
             None => match self.open_claim(&digest, &fingerprint, None).await? {
-                Opened::Done(stored) => stored.into_result(true),
+                Opened::Done(stored) => {
+                    self.drop_if_not_answered(&request.merchant, &answer, &stored)
+                        .await;
+                    stored.into_result(true)
+                }
                 Opened::Claimed(_) => Err(AllocatorError::InProgress),
             },
+        }
+    }
+
+    /// A hold this caller made that the request's stored answer does not
+    /// name (another caller answered first) is released: no hold outlives
+    /// its request's answer.
+    async fn drop_if_not_answered(&self, merchant: &str, ours: &Stored, answer: &Stored) {
+        let Stored::Held { cart: mine } = ours else {
+            return;
+        };
+        if matches!(answer, Stored::Held { cart } if cart.reservation_id == mine.reservation_id) {
+            return;
+        }
+        let key = format!("unanswered|{}", mine.reservation_id);
+        if let Err(error) = self
+            .release_cart(Some(merchant), &mine.reservation_id, &key)
+            .await
+        {
+            tracing::warn!(reservation = %mine.reservation_id, %error, "cannot release a hold its request did not answer with; it will expire");
         }
     }
 
@@ -394,19 +421,15 @@ impl Allocator {
                 Ok(held)
             }
             // A bucket whose sale is not in force here (a takeover of
-            // another node's attempt): nothing to refill it from here.
-            (Err(AllocatorError::Fenced), _, _) => Err(AllocatorError::InsufficientStock {
-                lines: vec![ShortLine {
-                    sku: line.sku.clone(),
-                    location: line.location.clone(),
-                    requested: line.qty,
-                    available: 0,
-                }],
-            }),
+            // another node's attempt): not an answer to remember; a retry
+            // on a node where the sale is in force refills it.
+            (Err(AllocatorError::Fenced), _, _) => Err(AllocatorError::StoreUnavailable(
+                "the request's bucket is fenced and its sale is not in force here".to_owned(),
+            )),
             (result, _, _) => result,
         }?;
         Ok(CartHold {
-            cart: CartView::held(&hold.reservation),
+            cart: CartView::from(&hold.reservation),
             replayed: hold.replayed,
         })
     }
@@ -421,31 +444,59 @@ impl Allocator {
             claim.partition,
             derive_random(&format!("cart|{}", claim.digest)),
         );
+        if claim.taken_over {
+            // An earlier holder of the claim may have made the cart and died
+            // before storing the answer: that cart is the answer.
+            let args = json!({ "reservation_id": cart_id });
+            let reply = self.call(Op::GetReservation, claim.partition, args).await?;
+            if reply["status"] != json!("not_found") {
+                let cart = crate::cart::StoredCart::from_reply(reply)?;
+                return Ok(CartHold {
+                    cart: cart.view()?,
+                    replayed: true,
+                });
+            }
+        }
         let grace_ms = self.hold_limits().cart_line_grace.as_millis() as u64;
         let customer_hash = request
             .customer_ref
             .as_deref()
             .map(|reference| self.customer_hash(reference));
         for _ in 0..CART_ATTEMPTS_MAX {
+            let line_id = |index: usize, partition: u32| {
+                keys::reservation_id(
+                    partition,
+                    derive_random(&format!("line|{}|{}|{index}", claim.digest, claim.attempt)),
+                )
+            };
             let mut held: Vec<StoredLine> = Vec::new();
+            let mut tried: Vec<StoredLine> = Vec::new();
+            let mut again: Vec<StoredLine> = Vec::new();
             let mut short = Vec::new();
             let mut void = false;
             let mut failure = None;
             for (index, line) in request.lines.iter().enumerate() {
                 let key = StockKey::new(&request.merchant, &line.sku, &line.location);
                 let cell = key.pool(self.settings.partitions);
+                let stored = |reservation_id: String, backordered: u32| StoredLine {
+                    reservation_id,
+                    partition: cell.partition,
+                    sku: line.sku.clone(),
+                    location: line.location.clone(),
+                    qty: line.qty,
+                    backordered,
+                };
                 let hold = HoldRequest {
                     key: key.clone(),
                     qty: line.qty,
                     ttl_ms,
                     grace_ms,
-                    reservation_id: keys::reservation_id(
-                        cell.partition,
-                        derive_random(&format!("line|{}|{}|{index}", claim.digest, claim.attempt)),
-                    ),
+                    reservation_id: line_id(index, cell.partition),
                     customer_hash: customer_hash.clone(),
                     cart_id: Some(cart_id.clone()),
                 };
+                // Tried: a store error may still have applied it.
+                tried.push(stored(hold.reservation_id.clone(), 0));
                 match self.hold(&cell, &hold).await {
                     Ok(line_hold) => {
                         let reservation = &line_hold.reservation;
@@ -454,14 +505,12 @@ impl Allocator {
                             // ended since: the attempt cannot be the cart.
                             void = true;
                         } else {
-                            held.push(StoredLine {
-                                reservation_id: reservation.reservation_id.clone(),
-                                partition: cell.partition,
-                                sku: line.sku.clone(),
-                                location: line.location.clone(),
-                                qty: line.qty,
-                                backordered: reservation.backordered,
-                            });
+                            let line =
+                                stored(reservation.reservation_id.clone(), reservation.backordered);
+                            if line_hold.replayed {
+                                again.push(line.clone());
+                            }
+                            held.push(line);
                         }
                     }
                     Err(AllocatorError::InsufficientStock { lines }) => short.extend(lines),
@@ -472,12 +521,34 @@ impl Allocator {
                 }
             }
             if failure.is_none() && !void && short.is_empty() {
+                // Lines held by an earlier run of this attempt must outlive
+                // the cart about to be made (its expiry is from now).
+                for line in &again {
+                    let args = json!({
+                        "reservation_id": line.reservation_id, "cart_flow": true,
+                        "ttl_ms": ttl_ms, "grace_ms": grace_ms,
+                    });
+                    match crate::decode_reservation(
+                        self.call(Op::Extend, line.partition, args).await?,
+                    ) {
+                        Ok(_) => {}
+                        Err(AllocatorError::NotHeld { .. }) => void = true,
+                        Err(error) => failure = Some(error),
+                    }
+                }
+            }
+            if failure.is_none() && !void && short.is_empty() {
                 let args = json!({
                     "action": "create", "reservation_id": cart_id, "merchant": request.merchant,
                     "ttl_ms": ttl_ms, "lines": serde_json::to_value(&held).map_err(protocol)?,
                     "customer_hash": customer_hash,
+                    "digest": claim.digest, "token": claim.token, "attempt": claim.attempt,
                 });
                 let reply = self.call(Op::Cart, claim.partition, args).await?;
+                if reply["status"] == json!("lost") {
+                    // Another caller holds the claim now: its answer counts.
+                    return Err(AllocatorError::InProgress);
+                }
                 check_refusal(&reply)?;
                 let replayed = reply["replayed"] == json!(true);
                 let cart = crate::cart::StoredCart::from_reply(reply)?;
@@ -486,16 +557,18 @@ impl Allocator {
                     replayed,
                 });
             }
-            self.release_lines(&cart_id, held.iter()).await;
-            if !short.is_empty() && failure.is_none() && !void {
-                return Err(AllocatorError::InsufficientStock { lines: short });
-            }
-            // Abandon this attempt: the next one holds with fresh line ids.
+            // Abandon this attempt before touching its lines: only the caller
+            // still holding the claim may release them (a caller that took
+            // the claim over may be making the cart from them right now).
             if !self.advance_claim(claim).await? {
                 return Err(AllocatorError::InProgress);
             }
+            self.release_lines(&cart_id, tried.iter()).await;
             if let Some(error) = failure {
                 return Err(error);
+            }
+            if !short.is_empty() && !void {
+                return Err(AllocatorError::InsufficientStock { lines: short });
             }
         }
         Err(AllocatorError::StoreUnavailable(
@@ -850,14 +923,5 @@ impl crate::ReserveRequest {
             idempotency_key: self.idempotency_key.clone(),
             customer_ref: self.customer_ref.clone(),
         }
-    }
-}
-
-impl CartView {
-    /// A one-line reservation as the API shows it, as created (held).
-    pub(crate) fn held(reservation: &Reservation) -> Self {
-        let mut view = CartView::from(reservation);
-        view.status = ReservationStatus::Held;
-        view
     }
 }

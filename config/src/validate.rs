@@ -255,11 +255,13 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         256,
         16 * 1024 * 1024,
     );
+    // At most the allocator's CART_LINES_MAX (256): its cart records and
+    // their stored answers are bounded by it.
     c.range(
         "limits.reservation_lines_max",
         limits.reservation_lines_max,
         1,
-        1_000,
+        256,
     );
     c.range(
         "limits.availability_batch_items_max",
