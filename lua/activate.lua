@@ -32,7 +32,7 @@ if type(a.targets) ~= 'table' or #a.targets < 1 or #a.targets > 1024 then
   return refuse('bad_argument', { reason = 'targets' })
 end
 for _, t in ipairs(a.targets) do
-  if not is_id(t.node) or not is_cell_id(t.to_cell) or not is_int(t.to_partition, 0, 16383) then
+  if not is_id(t.node) or not is_cell_id(t.to_cell) or not is_int(t.to_partition, 0, LIMITS.partition_max) then
     return refuse('bad_argument', { reason = 'target' })
   end
 end

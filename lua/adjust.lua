@@ -26,18 +26,18 @@ if not is_id(a.source) or not is_id(a.event_id) then
   return refuse('bad_argument', { reason = 'source and event_id' })
 end
 if a.kind == 'delta' then
-  if not is_int(a.qty, -1000000, 1000000) or a.qty == 0 then
+  if not is_int(a.qty, -LIMITS.delta_qty_max, LIMITS.delta_qty_max) or a.qty == 0 then
     return refuse('bad_argument', { reason = 'qty' })
   end
 elseif a.kind == 'absolute' then
-  if not is_int(a.qty, 0, 1000000000) then return refuse('bad_argument', { reason = 'qty' }) end
-  if not is_int(a.source_seq, 0, 9007199254740991) then
+  if not is_int(a.qty, 0, LIMITS.count_qty_max) then return refuse('bad_argument', { reason = 'qty' }) end
+  if not is_int(a.source_seq, 0, LIMITS.source_seq_max) then
     return refuse('bad_argument', { reason = 'source_seq is required for absolute counts' })
   end
 else
   return refuse('bad_argument', { reason = 'kind' })
 end
-if a.source_seq ~= nil and not is_int(a.source_seq, 0, 9007199254740991) then
+if a.source_seq ~= nil and not is_int(a.source_seq, 0, LIMITS.source_seq_max) then
   return refuse('bad_argument', { reason = 'source_seq' })
 end
 if a.drain_epoch ~= nil and not is_int(a.drain_epoch, 1, 99999999999999) then

@@ -29,12 +29,12 @@ if a.action == 'create' then
   if not claim or claim.state ~= 'pending' or claim.token ~= a.token or claim.attempt ~= a.attempt then
     return reply({ status = 'lost' })
   end
-  if type(a.lines) ~= 'table' or #a.lines < 2 or #a.lines > 256 or not is_id(a.merchant)
-    or not is_int(a.ttl_ms, 1, 7 * 24 * 3600 * 1000) then
+  if type(a.lines) ~= 'table' or #a.lines < 2 or #a.lines > LIMITS.cart_lines_max or not is_id(a.merchant)
+    or not is_int(a.ttl_ms, 1, LIMITS.ttl_ms_max) then
     return refuse('bad_argument', { reason = 'lines, merchant and ttl_ms' })
   end
   for _, line in ipairs(a.lines) do
-    if not is_id(line.reservation_id) or not is_int(line.partition, 0, 16383) or not is_int(line.qty, 1, 1000000) then
+    if not is_id(line.reservation_id) or not is_int(line.partition, 0, LIMITS.partition_max) or not is_int(line.qty, 1, LIMITS.qty_max) then
       return refuse('bad_argument', { reason = 'line' })
     end
   end

@@ -1,8 +1,8 @@
 -- extend: a held reservation gets a new expiry, ARGS.ttl_ms from now (the
 -- allocator bounds it by the configured maximum). Refused unless held.
 -- ARGS: reservation_id, ttl_ms, grace_ms.
-if not is_id(ARGS.reservation_id) or not is_int(ARGS.ttl_ms, 1, 7 * 24 * 3600 * 1000)
-  or not is_int(ARGS.grace_ms, 0, 3600 * 1000) then
+if not is_id(ARGS.reservation_id) or not is_int(ARGS.ttl_ms, 1, LIMITS.ttl_ms_max)
+  or not is_int(ARGS.grace_ms, 0, LIMITS.grace_ms_max) then
   return refuse('bad_argument', { reason = 'reservation_id, ttl_ms and grace_ms are required' })
 end
 expire_if_due(res_for_caller(ARGS.reservation_id))

@@ -35,7 +35,7 @@ end
 local t = {}
 for k, v in pairs(ARGS) do t[k] = v end
 t.fence = true
-local moved, refusal, rec = transfer_debit(t, 1000000000, false)
+local moved, refusal, rec = transfer_debit(t, LIMITS.count_qty_max, false)
 if refusal then return refusal end
 return reply({ status = 'fenced', qty = moved, transfer_id = ARGS.transfer_id,
   debited_at_ms = rec and rec.debited_at_ms or nil, cell = cell_get(ARGS.from_cell) })

@@ -61,7 +61,7 @@ local function refuse(status, t)
 end
 
 local function is_id(s)
-  return type(s) == 'string' and #s >= 1 and #s <= 128 and not s:find('[^%w%._:%-]')
+  return type(s) == 'string' and #s >= 1 and #s <= LIMITS.id_length_max and not s:find('[^%w%._:%-]')
 end
 
 local function is_int(n, lo, hi)
@@ -79,7 +79,7 @@ local ok_args, ARGS = pcall(cjson.decode, ARGV[1] or '')
 if not ok_args or type(ARGS) ~= 'table' then
   return refuse('bad_argument', { reason = 'argument is not a JSON object' })
 end
-if not is_int(ARGS.partition, 0, 16383) or not is_id(ARGS.node) then
+if not is_int(ARGS.partition, 0, LIMITS.partition_max) or not is_id(ARGS.node) then
   return refuse('bad_argument', { reason = 'partition and node are required' })
 end
 
@@ -348,9 +348,9 @@ local function check_reserve_request(a)
   if not is_id(a.reservation_id) then return 'reservation_id' end
   if not is_id(a.merchant) or not is_id(a.sku) or not is_id(a.location) then return 'stock key' end
   if not is_cell_id(a.cell) then return 'cell' end
-  if not is_int(a.qty, 1, 1000000) then return 'qty' end
-  if not is_int(a.ttl_ms, 1, 7 * 24 * 3600 * 1000) then return 'ttl_ms' end
-  if not is_int(a.grace_ms, 0, 3600 * 1000) then return 'grace_ms' end
+  if not is_int(a.qty, 1, LIMITS.qty_max) then return 'qty' end
+  if not is_int(a.ttl_ms, 1, LIMITS.ttl_ms_max) then return 'ttl_ms' end
+  if not is_int(a.grace_ms, 0, LIMITS.grace_ms_max) then return 'grace_ms' end
   if a.cart_id ~= nil and not is_id(a.cart_id) then return 'cart_id' end
   if a.customer_hash ~= nil and (type(a.customer_hash) ~= 'string' or #a.customer_hash > 128) then
     return 'customer_hash'
@@ -480,7 +480,7 @@ end
 local function check_transfer(t)
   if type(t) ~= 'table' or not is_id(t.transfer_id) then return 'transfer_id' end
   if not is_cell_id(t.from_cell) or not is_cell_id(t.to_cell) then return 'cells' end
-  if not is_int(t.to_partition, 0, 16383) then return 'to_partition' end
+  if not is_int(t.to_partition, 0, LIMITS.partition_max) then return 'to_partition' end
   if t.to_kind ~= 'pool' and t.to_kind ~= 'bucket' then return 'to_kind' end
   if t.to_kind == 'bucket' and not is_id(t.to_node) then return 'to_node' end
   return nil

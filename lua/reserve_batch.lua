@@ -1,8 +1,8 @@
 -- reserve_batch: several reservations on the partition in one call (the
 -- gateway coalesces concurrent requests on a hot cell). Each request gets its
 -- own reply, exactly as reserve would give it, in order.
--- ARGS.requests: list of reserve requests (at most 256).
-if type(ARGS.requests) ~= 'table' or #ARGS.requests < 1 or #ARGS.requests > 256 then
+-- ARGS.requests: list of reserve requests (at most LIMITS.reserve_batch_max).
+if type(ARGS.requests) ~= 'table' or #ARGS.requests < 1 or #ARGS.requests > LIMITS.reserve_batch_max then
   return refuse('bad_argument', { reason = 'requests' })
 end
 housekeeping()

@@ -8,8 +8,8 @@ local a = ARGS
 if not is_id(a.merchant) or not is_id(a.sku) or not is_id(a.location) or not is_cell_id(a.cell) then
   return refuse('bad_argument', { reason = 'stock key' })
 end
-if not is_int(a.safety_stock, 0, 1000000000) or not is_int(a.backorder_limit, 0, 1000000000)
-  or not is_int(a.low_stock_threshold, -1, 1000000000) then
+if not is_int(a.safety_stock, 0, LIMITS.count_qty_max) or not is_int(a.backorder_limit, 0, LIMITS.count_qty_max)
+  or not is_int(a.low_stock_threshold, -1, LIMITS.count_qty_max) then
   return refuse('bad_argument', { reason = 'settings' })
 end
 if a.drain_epoch ~= nil and not is_int(a.drain_epoch, 1, 99999999999999) then

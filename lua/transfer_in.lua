@@ -9,7 +9,7 @@
 -- Replies: credited {qty, replayed}, too_old, bad_argument.
 local bad = check_transfer(ARGS)
 if bad then return refuse('bad_argument', { reason = bad }) end
-if not is_int(ARGS.qty, 1, 1000000000) or not is_id(ARGS.merchant) or not is_id(ARGS.sku)
+if not is_int(ARGS.qty, 1, LIMITS.count_qty_max) or not is_id(ARGS.merchant) or not is_id(ARGS.sku)
   or not is_id(ARGS.location) then
   return refuse('bad_argument', { reason = 'qty and stock key' })
 end

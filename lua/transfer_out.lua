@@ -8,7 +8,7 @@
 -- not_found, bad_argument.
 local bad = check_transfer(ARGS)
 if bad then return refuse('bad_argument', { reason = bad }) end
-if not is_int(ARGS.qty, 1, 1000000000) then return refuse('bad_argument', { reason = 'qty' }) end
+if not is_int(ARGS.qty, 1, LIMITS.count_qty_max) then return refuse('bad_argument', { reason = 'qty' }) end
 housekeeping()
 local moved, refusal, rec, why = transfer_debit(ARGS, ARGS.qty, ARGS.exact == true)
 if refusal then return refusal end

@@ -28,8 +28,7 @@ use crate::{
     protocol,
 };
 
-/// Most lines in one cart the allocator accepts (the API's limit is lower).
-pub const CART_LINES_MAX: usize = 256;
+pub use crate::limits::CART_LINES_MAX;
 
 /// One line of a cart request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -148,6 +148,7 @@ mod cart;
 mod hot;
 pub mod keys;
 pub mod ledger;
+pub mod limits;
 mod model;
 pub mod reserve;
 mod scripts;
@@ -227,8 +228,7 @@ const DRAIN_ATTEMPTS_MAX: usize = 5;
 /// How long idempotency records and claims are kept.
 pub const IDEMPOTENCY_RETENTION_SECONDS: i64 = 24 * 3600;
 
-/// Most reservations in one `reserve_batch` call (the script's own bound).
-pub const RESERVE_BATCH_MAX: usize = 256;
+pub use limits::RESERVE_BATCH_MAX;
 
 /// Result of allocator calls.
 pub type Result<T, E = AllocatorError> = std::result::Result<T, E>;
@@ -253,7 +253,8 @@ pub struct AllocatorSettings {
 }
 
 impl AllocatorSettings {
-    /// The settings of a process running `config`.
+    /// The settings of a process running `config` (check it first with
+    /// [`limits::check_config`]).
     pub fn from_config(config: &config::Config) -> Self {
         Self {
             node: config.node.id.clone(),
@@ -363,7 +364,8 @@ impl Allocator {
     /// line grace) to every clone of this allocator; the rest of
     /// [`AllocatorSettings`] cannot change without a restart (the config's
     /// reload check refuses it).
-    pub fn reconfigure(&self, config: &config::Config) {
+    pub fn reconfigure(&self, config: &config::Config) -> Result<()> {
+        limits::check_config(config).map_err(AllocatorError::InvalidRequest)?;
         let fresh = AllocatorSettings::from_config(config);
         *self
             .holds
@@ -373,6 +375,7 @@ impl Allocator {
             ttl_max: fresh.ttl_max,
             cart_line_grace: fresh.cart_line_grace,
         };
+        Ok(())
     }
 
     /// The Redis connection pool (for pub/sub subscribers and the writer).

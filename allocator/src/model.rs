@@ -231,15 +231,7 @@ pub struct Adjustment {
     pub source_seq: Option<u64>,
 }
 
-/// Largest `source_seq`: every integer up to it is exact in the scripts'
-/// numbers (IEEE doubles), so ordering by it is exact.
-pub const SOURCE_SEQ_MAX: u64 = (1 << 53) - 1;
-
-/// Largest delta one adjustment may carry, either way.
-pub const DELTA_QTY_MAX: i64 = 1_000_000;
-
-/// Largest physical count.
-pub const COUNT_QTY_MAX: i64 = 1_000_000_000;
+use crate::limits::{COUNT_QTY_MAX, DELTA_QTY_MAX, SOURCE_SEQ_MAX};
 
 /// An adjustment as it arrives, over HTTP (`POST /v1/stock/adjustments`) or
 /// on the events topic: the one place its rules are checked.

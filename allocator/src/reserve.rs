@@ -281,11 +281,13 @@ impl Allocator {
         if let Some(line) = request
             .lines
             .iter()
-            .find(|line| !(1..=1_000_000).contains(&line.qty))
+            .find(|line| !(1..=crate::limits::QTY_MAX).contains(&line.qty))
         {
             return Err(AllocatorError::InvalidRequest(format!(
-                "qty of {} at {} must be between 1 and 1000000",
-                line.sku, line.location
+                "qty of {} at {} must be between 1 and {}",
+                line.sku,
+                line.location,
+                crate::limits::QTY_MAX
             )));
         }
         let mut seen = HashSet::new();

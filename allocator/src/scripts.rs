@@ -105,7 +105,10 @@ impl Scripts {
             .map(|(op, body)| {
                 (
                     *op,
-                    Script::from_lua(format!("{LIB}\n-- operation\n{body}")),
+                    Script::from_lua(format!(
+                        "{}{LIB}\n-- operation\n{body}",
+                        crate::limits::lua_prologue()
+                    )),
                 )
             })
             .collect();

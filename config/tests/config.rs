@@ -88,7 +88,7 @@ fn every_broken_field_is_reported_at_once() {
         "{messages:?}"
     );
     assert!(
-        messages.contains(&"limits.reservation_lines_max: must be between 1 and 1000".to_owned()),
+        messages.contains(&"limits.reservation_lines_max: must be between 1 and 256".to_owned()),
         "{messages:?}"
     );
     assert_eq!(messages.len(), 3, "{messages:?}");

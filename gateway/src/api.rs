@@ -10,8 +10,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-/// Largest quantity a request may carry.
-pub const QTY_MAX: u64 = 1_000_000;
+/// Largest quantity a request may carry (the allocator's limit).
+pub const QTY_MAX: u64 = allocator::limits::QTY_MAX as u64;
 
 /// A response the gateway writes itself.
 #[derive(Debug, Clone)]

@@ -80,6 +80,7 @@ impl App {
     pub async fn start(config_path: &Path) -> anyhow::Result<Arc<Self>> {
         let watcher = ConfigWatcher::start(config_path)?;
         let config = watcher.current();
+        allocator::limits::check_config(&config).map_err(|reason| anyhow::anyhow!(reason))?;
         let settings = AllocatorSettings::from_config(&config);
         let allocator = Allocator::connect(&config.redis.url, settings, config.redis.pool_size)
             .await
@@ -152,6 +153,11 @@ impl App {
         while updates.changed().await.is_ok() && !self.stopping() {
             let update = updates.borrow_and_update().clone();
             let config = Arc::clone(&update.config);
+            // A limit the allocator cannot take: the old config stays.
+            if let Err(reason) = allocator::limits::check_config(&config) {
+                warn!(%reason, "config reload refused; the old config stays in force");
+                continue;
+            }
             if update.touches("origin") {
                 self.origins
                     .store(Arc::new(resolve_origins(&config.origin.upstreams).await));
@@ -159,8 +165,10 @@ impl App {
             if update.touches("cache") {
                 self.cache.reconfigure(&config);
             }
-            if update.touches("stock") {
-                self.allocator.reconfigure(&config);
+            if update.touches("stock")
+                && let Err(error) = self.allocator.reconfigure(&config)
+            {
+                warn!(%error, "hold limits not reloaded");
             }
             if update.touches("limits") {
                 self.reserver.coalescer().reconfigure(coalescing(&config));

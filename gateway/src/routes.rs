@@ -563,23 +563,17 @@ async fn settings(app: &App, session: &mut Session, key: StockKey) -> Result<Rep
     check_id("sku", &key.sku)?;
     check_id("location", &key.location)?;
     let body: SettingsBody = parse_body(&body)?;
+    let max = allocator::limits::COUNT_QTY_MAX as u64;
     for (field, value) in [
-        ("safety_stock", body.safety_stock),
-        ("backorder_limit", body.backorder_limit),
+        ("safety_stock", Some(body.safety_stock)),
+        ("backorder_limit", Some(body.backorder_limit)),
+        ("low_stock_threshold", body.low_stock_threshold),
     ] {
-        if value > 1_000_000_000 {
+        if value.is_some_and(|value| value > max) {
             return Err(ApiError::BadRequest(format!(
-                "{field} must be at most 1000000000"
+                "{field} must be at most {max}"
             )));
         }
-    }
-    if body
-        .low_stock_threshold
-        .is_some_and(|threshold| threshold > 1_000_000_000)
-    {
-        return Err(ApiError::BadRequest(
-            "low_stock_threshold must be at most 1000000000".to_owned(),
-        ));
     }
     caller.require_merchant(&key.merchant)?;
     let cell = app

@@ -89,6 +89,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
     migrate::migrate(&mut postgres)
         .await
         .context("migrating postgresql")?;
+    allocator::limits::check_config(&config).map_err(|reason| anyhow::anyhow!(reason))?;
     let settings = AllocatorSettings::from_config(&config);
     let allocator = Allocator::connect(&config.redis.url, settings, config.redis.pool_size)
         .await
