@@ -145,11 +145,13 @@
 //! | drain lease | 2 s | one drain (a few round trips) |
 
 mod cart;
+pub mod changes;
 mod hot;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
 mod model;
+pub mod outbox;
 pub mod reserve;
 mod scripts;
 
@@ -163,6 +165,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use cart::{CART_LINES_MAX, CartHold, CartLine, CartLineView, CartRequest, CartView};
+pub use changes::{Change, ChangeEvent, ChangeFeed};
 pub use hot::{
     Debit, Drained, FlashSale, PendingTransfer, REFILL_HORIZON_SECONDS, RateMeter, StockView,
     Transfer,
@@ -296,6 +299,10 @@ pub struct Allocator {
     /// Hold lifetimes and the cart line grace as the config now says (a
     /// reload changes them: [`Allocator::reconfigure`]); shared by clones.
     holds: Arc<RwLock<HoldLimits>>,
+    /// The ledger writers' scripts ([`outbox`]).
+    relay_scripts: outbox::RelayScripts,
+    /// Where Redis is, for connections of their own (the change feed).
+    redis_url: Arc<str>,
 }
 
 /// The hold limits a config reload may change.
@@ -343,6 +350,8 @@ impl Allocator {
             scripts,
             settings,
             holds,
+            relay_scripts: outbox::RelayScripts::new(),
+            redis_url: Arc::from(redis_url),
         })
     }
 
@@ -376,11 +385,6 @@ impl Allocator {
             cart_line_grace: fresh.cart_line_grace,
         };
         Ok(())
-    }
-
-    /// The Redis connection pool (for pub/sub subscribers and the writer).
-    pub fn redis(&self) -> &Pool {
-        &self.pool
     }
 
     /// Whether Redis answers now.
@@ -747,7 +751,7 @@ fn strip_nulls(value: &mut Value) {
     }
 }
 
-fn unavailable(error: fred::error::Error) -> AllocatorError {
+pub(crate) fn unavailable(error: fred::error::Error) -> AllocatorError {
     AllocatorError::StoreUnavailable(error.to_string())
 }
 

@@ -339,7 +339,7 @@ async fn an_activation_replayed_after_its_records_are_gone_credits_nothing() {
     stock(&allocator, &sale.key, 100).await;
     allocator.activate(&sale, "e1").await.expect("activate");
     // What the scripts' housekeeping does 24 h after the credit.
-    let redis = allocator.redis().next();
+    let redis = raw_redis().await;
     let mut partitions = vec![sale.key.pool(PARTITIONS).partition];
     partitions.extend(["node-a", "node-b"].map(|node| sale.key.bucket(node, PARTITIONS).partition));
     for partition in partitions {

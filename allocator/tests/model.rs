@@ -434,7 +434,7 @@ impl World {
     /// debit records (done) and the credit records (`in|…`) of every
     /// activation transfer of the sale's key are deleted.
     async fn forget_activation_transfers(&self) -> Result<(), TestCaseError> {
-        let redis = self.allocator.redis().next();
+        let redis = common::raw_redis().await;
         let pool = self.keys[HOT].pool(PARTITIONS);
         let mut hashes = vec![pool.partition];
         hashes.extend(

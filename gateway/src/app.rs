@@ -13,11 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use allocator::{Allocator, AllocatorSettings};
+use allocator::{Allocator, AllocatorSettings, Change, ChangeEvent};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use config::{Config, ConfigWatcher};
-use fred::prelude::*;
 use tokio::sync::{Notify, broadcast};
 use tracing::{info, warn};
 
@@ -29,19 +28,6 @@ use crate::metrics::Metrics;
 /// Depth of fred's pub/sub channel: a burst of notifications (lazy expiry
 /// releasing many holds) must not outrun the subscriber.
 const NOTIFICATIONS_CAPACITY: usize = 4096;
-
-/// A change notification from the scripts: one cell of a stock key moved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    /// Merchant of the changed key.
-    pub merchant: String,
-    /// SKU of the changed key.
-    pub sku: String,
-    /// Location of the changed key.
-    pub location: String,
-    /// The cell's version after the change.
-    pub version: u64,
-}
 
 /// Everything a request handler needs.
 pub struct App {
@@ -198,68 +184,42 @@ impl App {
     }
 
     async fn subscribe_changes(&self) -> anyhow::Result<()> {
-        let config = self.config();
-        let subscriber =
-            Builder::from_config(fred::types::config::Config::from_url(&config.redis.url)?)
-                .with_performance_config(|performance| {
-                    performance.broadcast_channel_capacity = NOTIFICATIONS_CAPACITY;
-                })
-                .set_policy(ReconnectPolicy::new_constant(0, 200))
-                .build()?;
-        subscriber.init().await?;
-        let mut messages = subscriber.message_rx();
-        let mut reconnects = subscriber.reconnect_rx();
-        let mut errors = subscriber.error_rx();
-        subscriber
-            .subscribe(allocator::keys::CHANGES_CHANNEL)
-            .await?;
+        let mut feed = self.allocator.change_feed(NOTIFICATIONS_CAPACITY).await?;
         // Anything cached may have changed while we were not listening.
         self.cache.mark_all_dirty();
         self.subscribed.store(true, Ordering::SeqCst);
         loop {
-            tokio::select! {
-                message = messages.recv() => {
-                    let message = match message {
-                        Ok(message) => message,
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            // A burst (lazy expiry releasing many holds) outran
-                            // us: whatever is cached may be stale now.
-                            warn!(missed, "change notifications missed; cache marked dirty");
-                            self.cache.mark_all_dirty();
-                            continue;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    };
-                    let Ok(text) = message.value.convert::<String>() else { continue };
-                    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
-                    let field = |name: &str| value[name].as_str().unwrap_or_default().to_owned();
-                    let change = Change {
-                        merchant: field("merchant"),
-                        sku: field("sku"),
-                        location: field("location"),
-                        version: value["version"].as_u64().unwrap_or_default(),
-                    };
+            let event = tokio::select! {
+                event = feed.next() => event,
+                _ = self.stop.notified() => break,
+            };
+            match event {
+                Some(ChangeEvent::Changed(change)) => {
                     self.cache.invalidate(&change.merchant, &change.sku);
                     // No receivers is fine: nobody is streaming.
                     let _ = self.changes.send(change);
                 }
-                _ = errors.recv() => {
-                    // Disconnected: until the subscription is back, no cached
-                    // answer counts as fresh.
+                Some(ChangeEvent::Missed) => {
+                    // A burst (lazy expiry releasing many holds) outran us:
+                    // whatever is cached may be stale now.
+                    warn!("change notifications missed; cache marked dirty");
+                    self.cache.mark_all_dirty();
+                }
+                Some(ChangeEvent::Interrupted) => {
+                    // Until the subscription is back, no cached answer
+                    // counts as fresh.
                     self.subscribed.store(false, Ordering::SeqCst);
                     self.cache.mark_all_dirty();
                 }
-                _ = reconnects.recv() => {
-                    // Notifications published while disconnected are lost, and
-                    // a new connection has no subscriptions.
-                    subscriber.subscribe(allocator::keys::CHANGES_CHANNEL).await?;
+                Some(ChangeEvent::Resumed) => {
+                    // Notifications published while disconnected are lost.
                     self.cache.mark_all_dirty();
                     self.subscribed.store(true, Ordering::SeqCst);
                 }
-                _ = self.stop.notified() => break,
+                None => break,
             }
         }
-        let _ = subscriber.quit().await;
+        feed.close().await;
         Ok(())
     }
 

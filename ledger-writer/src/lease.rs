@@ -29,10 +29,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use allocator::keys::{WRITERS_KEY, relay_lease_key, relay_lease_token_key};
-use fred::prelude::*;
-use fred::types::scripts::Script;
-use serde::Deserialize;
+use allocator::outbox::LeaseReply;
+use allocator::{Allocator, AllocatorError};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
@@ -58,50 +56,28 @@ pub struct Changes {
     pub lost: usize,
 }
 
-#[derive(Deserialize)]
-struct Reply {
-    status: String,
-    #[serde(default)]
-    token: Option<u64>,
-    #[serde(default)]
-    holder: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct WritersReply {
-    status: String,
-    #[serde(default)]
-    writers: Vec<String>,
-}
-
 /// This writer's view of the partition leases.
 pub struct Leases {
-    /// Redis, where the leases live.
-    redis: Pool,
+    /// The store, where the leases live (the allocator's relay calls).
+    allocator: Allocator,
     /// This writer's id (the config's `node.id`).
     owner: String,
     /// How long a lease and a membership last unless renewed.
     ttl: Duration,
     /// Partitions of the deployment.
     partitions: u32,
-    /// `lua/relay_lease.lua`.
-    script: Script,
-    /// `lua/relay_writers.lua`.
-    registry: Script,
     /// What this writer holds now.
     held: BTreeMap<u32, Lease>,
 }
 
 impl Leases {
     /// Leases for `owner` over `partitions`, lasting `ttl` unless renewed.
-    pub fn new(redis: Pool, owner: String, ttl: Duration, partitions: u32) -> Self {
+    pub fn new(allocator: Allocator, owner: String, ttl: Duration, partitions: u32) -> Self {
         Self {
-            redis,
+            allocator,
             owner,
             ttl,
             partitions,
-            script: Script::from_lua(include_str!("../../lua/relay_lease.lua")),
-            registry: Script::from_lua(include_str!("../../lua/relay_writers.lua")),
             held: BTreeMap::new(),
         }
     }
@@ -119,44 +95,22 @@ impl Leases {
 
     /// The live writers, this one included, after renewing its membership
     /// (`join`), or without it (`leave`).
-    async fn writers(&self, action: &str) -> Result<Vec<String>, fred::error::Error> {
-        let text: String = self
-            .registry
-            .evalsha_with_reload(
-                self.redis.next(),
-                vec![WRITERS_KEY.to_owned()],
-                vec![
-                    action.to_owned(),
-                    self.owner.clone(),
-                    self.ttl.as_millis().to_string(),
-                ],
-            )
-            .await?;
-        let reply: WritersReply = serde_json::from_str(&text).map_err(|error| {
-            fred::error::Error::new(
-                fred::error::ErrorKind::Parse,
-                format!("relay_writers reply {text:?}: {error}"),
-            )
-        })?;
-        if reply.status != "ok" {
-            return Err(fred::error::Error::new(
-                fred::error::ErrorKind::InvalidArgument,
-                format!("relay_writers refused writer id {:?}", self.owner),
-            ));
-        }
-        Ok(reply.writers)
+    async fn writers(&self, action: &str) -> Result<Vec<String>, AllocatorError> {
+        self.allocator
+            .relay_writers(action, &self.owner, self.ttl.as_millis() as u64)
+            .await
     }
 
     /// Renews membership, then takes, renews or gives up each partition's
     /// lease as rendezvous hashing over the live writers says.
-    pub async fn tick(&mut self) -> Result<Changes, fred::error::Error> {
+    pub async fn tick(&mut self) -> Result<Changes, AllocatorError> {
         let writers = self.writers("join").await?;
         let mut changes = Changes::default();
         for partition in 0..self.partitions {
             let ours = owner_of(partition, &writers) == Some(self.owner.as_str());
             if ours {
                 match self.call(partition, "hold").await? {
-                    Reply {
+                    LeaseReply {
                         status,
                         token: Some(token),
                         ..
@@ -200,7 +154,7 @@ impl Leases {
 
     /// Gives up every lease and the membership (a clean shutdown), so the
     /// other writers take over at once instead of after the lease time.
-    pub async fn release_all(&mut self) -> Result<(), fred::error::Error> {
+    pub async fn release_all(&mut self) -> Result<(), AllocatorError> {
         let partitions: Vec<u32> = self.held.keys().copied().collect();
         for partition in partitions {
             let _ = self.call(partition, "release").await?;
@@ -210,32 +164,10 @@ impl Leases {
         Ok(())
     }
 
-    async fn call(&self, partition: u32, action: &str) -> Result<Reply, fred::error::Error> {
-        let text: String = self
-            .script
-            .evalsha_with_reload(
-                self.redis.next(),
-                vec![relay_lease_key(partition), relay_lease_token_key(partition)],
-                vec![
-                    action.to_owned(),
-                    self.owner.clone(),
-                    self.ttl.as_millis().to_string(),
-                ],
-            )
-            .await?;
-        let reply: Reply = serde_json::from_str(&text).map_err(|error| {
-            fred::error::Error::new(
-                fred::error::ErrorKind::Parse,
-                format!("relay_lease reply {text:?}: {error}"),
-            )
-        })?;
-        if reply.status == "bad_argument" {
-            return Err(fred::error::Error::new(
-                fred::error::ErrorKind::InvalidArgument,
-                format!("relay_lease refused writer id {:?}", self.owner),
-            ));
-        }
-        Ok(reply)
+    async fn call(&self, partition: u32, action: &str) -> Result<LeaseReply, AllocatorError> {
+        self.allocator
+            .relay_lease(partition, action, &self.owner, self.ttl.as_millis() as u64)
+            .await
     }
 }
 

@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 use crate::lease::{Lease, Leases};
 use crate::metrics::Metrics;
-use crate::relay::{OutboxLag, Relay, RelayError, report};
+use crate::relay::{Relay, RelayError, report};
 
 /// How long the relay rests when every stream was empty.
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
@@ -104,13 +104,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
             )
         })?;
     let mut relays = (0..RELAY_WORKERS)
-        .map(|_| {
-            Relay::new(
-                Arc::clone(&config),
-                allocator.redis().clone(),
-                Arc::clone(&metrics),
-            )
-        })
+        .map(|_| Relay::new(Arc::clone(&config), allocator.clone(), Arc::clone(&metrics)))
         .collect::<anyhow::Result<Vec<Relay>>>()?;
     relays[0].postgres = Some(postgres);
     let partitions = config.stock.partitions;
@@ -118,7 +112,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         relays[0].ensure_group(partition).await?;
     }
     let mut leases = Leases::new(
-        allocator.redis().clone(),
+        allocator.clone(),
         config.node.id.clone(),
         Duration::from_millis(config.ledger_writer.partition_lease_ttl_ms),
         partitions,
@@ -142,7 +136,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         .run(),
     );
     background.spawn(measure_lag_forever(
-        OutboxLag::new(allocator.redis().clone()),
+        allocator.clone(),
         Arc::clone(&metrics),
         partitions,
         config.ledger_writer.lag_alert_entries,
@@ -282,7 +276,7 @@ const LAG_INTERVAL: Duration = Duration::from_secs(1);
 /// Measures every partition's outbox lag into the metrics, and warns while
 /// the total is over `alert_entries`.
 async fn measure_lag_forever(
-    outbox: OutboxLag,
+    outbox: Allocator,
     metrics: Arc<Metrics>,
     partitions: u32,
     alert_entries: u64,
@@ -290,7 +284,7 @@ async fn measure_lag_forever(
     loop {
         let mut total = 0;
         for partition in 0..partitions {
-            match outbox.measure(partition).await {
+            match outbox.outbox_lag(partition).await {
                 Ok(lag) => {
                     let label = partition.to_string();
                     metrics

@@ -13,7 +13,8 @@
 //! NOTHING`, the snapshot moved only by a newer version, the lease token
 //! checked against `relay_fence`); then acknowledged and the stream trimmed
 //! below its oldest unacknowledged entry (`lua/relay_ack.lua`, which checks
-//! the lease again). Every writer reads as the one consumer [`CONSUMER`], so
+//! the lease again). Every writer reads as the one consumer
+//! [`allocator::outbox::OUTBOX_CONSUMER`], so
 //! a crash anywhere before the acknowledgement leaves the batch pending for
 //! whichever writer holds the lease next, and it reads pending entries
 //! first: PostgreSQL keeps one row per entry; Kafka may carry a duplicate,
@@ -24,25 +25,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allocator::LedgerEntry;
-use allocator::keys::{ledger_stream, relay_lease_key};
-use fred::prelude::*;
-use fred::types::scripts::Script;
+use allocator::outbox::OutboxRead;
+use allocator::{Allocator, AllocatorError, LedgerEntry};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use serde::Deserialize;
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
 use crate::lease::Lease;
 use crate::metrics::Metrics;
-
-/// The consumer group every writer of a deployment shares.
-pub const GROUP: &str = "ledger-writer";
-
-/// The one consumer name every writer reads as: only the lease holder reads,
-/// and what a dead holder left pending is the next holder's to relay.
-pub const CONSUMER: &str = "relay";
 
 /// One stream entry: its stream id and the entry, typed.
 type Entry = (String, LedgerEntry);
@@ -55,56 +46,14 @@ type RawEntry = (String, Option<String>);
 pub struct Relay {
     /// The deployment's config (Kafka topic and partitions, PostgreSQL, limits).
     pub config: Arc<config::Config>,
-    /// Redis, for the streams.
-    pub redis: Pool,
+    /// The stock store, for the streams (through the allocator's outbox calls).
+    pub allocator: Allocator,
     /// The idempotent producer; replaced after a fatal producer error.
     pub producer: FutureProducer,
     /// PostgreSQL, for the ledger tables; reconnected when it drops.
     pub postgres: Option<Client>,
     /// This writer's series.
     pub metrics: Arc<Metrics>,
-    /// `lua/relay_read.lua`, `lua/relay_ack.lua`.
-    scripts: RelayScripts,
-}
-
-struct RelayScripts {
-    read: Script,
-    ack: Script,
-}
-
-/// Measures how far behind the outbox streams are (`lua/relay_lag.lua`);
-/// read only, so it needs neither Kafka nor PostgreSQL.
-pub struct OutboxLag {
-    /// Redis, for the streams.
-    redis: Pool,
-    /// `lua/relay_lag.lua`.
-    script: Script,
-}
-
-impl OutboxLag {
-    /// A probe over `redis`.
-    pub fn new(redis: Pool) -> Self {
-        Self {
-            redis,
-            script: Script::from_lua(include_str!("../../lua/relay_lag.lua")),
-        }
-    }
-
-    /// How far behind `partition`'s outbox is.
-    pub async fn measure(&self, partition: u32) -> Result<Lag, RelayError> {
-        let text: String = self
-            .script
-            .evalsha_with_reload(
-                self.redis.next(),
-                vec![ledger_stream(partition)],
-                vec![GROUP.to_owned()],
-            )
-            .await?;
-        serde_json::from_str(&text).map_err(|error| RelayError::Malformed {
-            id: format!("relay_lag reply of partition {partition}"),
-            reason: error.to_string(),
-        })
-    }
 }
 
 /// What one pass over a partition did.
@@ -114,34 +63,12 @@ pub struct Pass {
     pub relayed: usize,
 }
 
-/// How far behind one partition's outbox is.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct Lag {
-    /// Entries not yet acknowledged (pending or never read).
-    pub entries: u64,
-    /// Redis time (ms) of the oldest of them; 0 when there is none.
-    pub oldest_ms: u64,
-    /// Redis time (ms) when measured.
-    pub now_ms: u64,
-}
-
-impl Lag {
-    /// Age of the oldest unrelayed entry, in ms (0 when there is none).
-    pub fn oldest_age_ms(&self) -> u64 {
-        if self.oldest_ms == 0 {
-            0
-        } else {
-            self.now_ms.saturating_sub(self.oldest_ms)
-        }
-    }
-}
-
 /// Why a pass did not relay its batch (it is retried; nothing was acknowledged).
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     /// Reading, acknowledging or trimming the stream failed.
     #[error("redis: {0}")]
-    Redis(#[from] fred::error::Error),
+    Redis(#[from] AllocatorError),
     /// Kafka refused or did not confirm a delivery in time.
     #[error("kafka: {0}")]
     Kafka(String),
@@ -185,45 +112,26 @@ impl From<tokio_postgres::Error> for RelayError {
     }
 }
 
-#[derive(Deserialize)]
-struct ScriptReply {
-    status: String,
-    #[serde(default)]
-    entries: Vec<(String, Option<String>)>,
-}
-
 impl Relay {
     /// A relay with its producer; PostgreSQL connects on first use.
     pub fn new(
         config: Arc<config::Config>,
-        redis: Pool,
+        allocator: Allocator,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             producer: crate::producer(&config)?,
             config,
-            redis,
+            allocator,
             postgres: None,
             metrics,
-            scripts: RelayScripts {
-                read: Script::from_lua(include_str!("../../lua/relay_read.lua")),
-                ack: Script::from_lua(include_str!("../../lua/relay_ack.lua")),
-            },
         })
     }
 
     /// Creates the consumer group on `partition`'s stream if it is missing
     /// (reading from the very first entry).
     pub async fn ensure_group(&self, partition: u32) -> Result<(), RelayError> {
-        let created: Result<(), fred::error::Error> = self
-            .redis
-            .next()
-            .xgroup_create(ledger_stream(partition), GROUP, "0", true)
-            .await;
-        match created {
-            Err(error) if !error.details().contains("BUSYGROUP") => Err(error.into()),
-            _ => Ok(()),
-        }
+        Ok(self.allocator.outbox_ensure_group(partition).await?)
     }
 
     /// Relays one batch of the leased partition: entries left pending first
@@ -284,61 +192,29 @@ impl Relay {
     }
 
     async fn read(&self, lease: &Lease) -> Result<Vec<RawEntry>, RelayError> {
-        let text: String = self
-            .scripts
-            .read
-            .evalsha_with_reload(
-                self.redis.next(),
-                vec![
-                    relay_lease_key(lease.partition),
-                    ledger_stream(lease.partition),
-                ],
-                vec![
-                    lease.value.clone(),
-                    GROUP.to_owned(),
-                    CONSUMER.to_owned(),
-                    self.config
-                        .ledger_writer
-                        .relay_batch_entries_max
-                        .to_string(),
-                ],
+        match self
+            .allocator
+            .outbox_read(
+                lease.partition,
+                &lease.value,
+                self.config.ledger_writer.relay_batch_entries_max,
             )
-            .await?;
-        let reply = self.script_reply(&text, lease.partition)?;
-        Ok(reply.entries)
+            .await?
+        {
+            OutboxRead::Entries(entries) => Ok(entries),
+            OutboxRead::Fenced => Err(RelayError::Fenced),
+        }
     }
 
     async fn acknowledge(&self, lease: &Lease, ids: Vec<String>) -> Result<(), RelayError> {
-        let mut args = vec![lease.value.clone(), GROUP.to_owned()];
-        args.extend(ids);
-        let text: String = self
-            .scripts
-            .ack
-            .evalsha_with_reload(
-                self.redis.next(),
-                vec![
-                    relay_lease_key(lease.partition),
-                    ledger_stream(lease.partition),
-                ],
-                args,
-            )
-            .await?;
-        self.script_reply(&text, lease.partition).map(|_| ())
-    }
-
-    fn script_reply(&self, text: &str, partition: u32) -> Result<ScriptReply, RelayError> {
-        let reply: ScriptReply =
-            serde_json::from_str(text).map_err(|error| RelayError::Malformed {
-                id: format!("relay script reply of partition {partition}"),
-                reason: format!("{error}: {text}"),
-            })?;
-        match reply.status.as_str() {
-            "ok" => Ok(reply),
-            "fenced" => Err(RelayError::Fenced),
-            other => Err(RelayError::Malformed {
-                id: format!("relay script reply of partition {partition}"),
-                reason: format!("status {other}"),
-            }),
+        if self
+            .allocator
+            .outbox_ack(lease.partition, &lease.value, ids)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(RelayError::Fenced)
         }
     }
 
@@ -482,33 +358,5 @@ pub fn report(partition: u32, error: &RelayError) {
             "partition lease lost mid-batch; the new holder relays it"
         ),
         error => warn!(partition, %error, "relay pass failed; retrying"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ScriptReply;
-
-    #[test]
-    fn entries_and_entries_deleted_while_pending_are_read() {
-        let reply: ScriptReply =
-            serde_json::from_str(r#"{"v":1,"status":"ok","entries":[["5-0","{}"],["6-0",null]]}"#)
-                .expect("a read reply");
-        assert_eq!(reply.status, "ok");
-        assert_eq!(
-            reply.entries,
-            vec![
-                ("5-0".to_owned(), Some("{}".to_owned())),
-                ("6-0".to_owned(), None)
-            ]
-        );
-    }
-
-    #[test]
-    fn a_fenced_reply_has_no_entries() {
-        let reply: ScriptReply =
-            serde_json::from_str(r#"{"v":1,"status":"fenced"}"#).expect("a fenced reply");
-        assert_eq!(reply.status, "fenced");
-        assert!(reply.entries.is_empty());
     }
 }

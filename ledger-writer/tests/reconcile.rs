@@ -59,7 +59,7 @@ async fn a_poisoned_cart_does_not_stop_the_reconciler_finishing_everything_else(
         .await
         .expect("decided");
     let line_partition = keys[0].partition(common::PARTITIONS);
-    let redis = allocator.redis().next();
+    let redis = common::raw_redis(&setup.redis_url).await;
     let records: std::collections::HashMap<String, String> = redis
         .hgetall(format!("inv:{{{line_partition}}}:res"))
         .await

@@ -212,9 +212,8 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
     let cell = key.pool(PARTITIONS);
     let mut live = allocator.cell(&cell).await.expect("read").expect("cell");
     live.on_hand += 5;
-    let _: i64 = allocator
-        .redis()
-        .next()
+    let _: i64 = common::raw_redis(&setup.redis_url)
+        .await
         .hset(
             allocator::keys::cells_hash(cell.partition),
             (
@@ -387,7 +386,7 @@ async fn two_writers_split_the_partitions_and_the_survivor_takes_over_within_the
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let holders = lease_holders(&allocator).await;
+        let holders = lease_holders(&setup).await;
         if holders == expected {
             break;
         }
@@ -441,7 +440,7 @@ async fn two_writers_split_the_partitions_and_the_survivor_takes_over_within_the
     let _ = writer_2.0.wait();
     let killed = Instant::now();
     loop {
-        let holders = lease_holders(&allocator).await;
+        let holders = lease_holders(&setup).await;
         if holders
             .iter()
             .all(|holder| holder.as_deref() == Some("writer-1"))
@@ -461,20 +460,11 @@ async fn two_writers_split_the_partitions_and_the_survivor_takes_over_within_the
 
     // The dead writer's lease cannot read or acknowledge any more.
     let stale = format!("writer-2 {}", u64::MAX);
-    let reply: String = allocator
-        .redis()
-        .next()
-        .eval(
-            include_str!("../../lua/relay_read.lua"),
-            vec![
-                allocator::keys::relay_lease_key(0),
-                allocator::keys::ledger_stream(0),
-            ],
-            vec![stale.as_str(), "ledger-writer", "relay", "10"],
-        )
+    let reply = allocator
+        .outbox_read(0, &stale, 10)
         .await
         .expect("relay_read");
-    assert!(reply.contains("\"fenced\""), "{reply}");
+    assert_eq!(reply, allocator::outbox::OutboxRead::Fenced);
 
     written += operations(Arc::clone(&allocator), 30, "b").await;
     let rows = wait_for_rows(&setup, written, Duration::from_secs(60)).await;
@@ -550,7 +540,7 @@ async fn rebuild_repairs_a_wiped_key_and_refuses_one_taking_writes() {
 
     // Redis loses the cell and one hold's record.
     let pool = key.pool(PARTITIONS);
-    let redis = allocator.redis().next();
+    let redis = common::raw_redis(&setup.redis_url).await;
     let _: i64 = redis
         .hdel(
             allocator::keys::cells_hash(pool.partition),

@@ -78,3 +78,15 @@ pub fn reserve(key: &StockKey, qty: u32, idempotency_key: &str) -> ReserveReques
         customer_ref: None,
     }
 }
+
+/// A plain Redis client on the stack's Redis, for tests that stage what the
+/// stock engine never does itself (its records' housekeeping, by hand).
+pub async fn raw_redis() -> fred::clients::Client {
+    use fred::prelude::*;
+    let url = &testkit::stack().redis_url;
+    let client = Builder::from_config(fred::types::config::Config::from_url(url).expect("url"))
+        .build()
+        .expect("client");
+    client.init().await.expect("connect to redis");
+    client
+}

@@ -333,13 +333,12 @@ pub async fn metric(port: u16, name: &str) -> Option<f64> {
 }
 
 /// The holder of each partition's lease, by partition.
-pub async fn lease_holders(allocator: &Allocator) -> Vec<Option<String>> {
+pub async fn lease_holders(setup: &Setup) -> Vec<Option<String>> {
     use fred::prelude::*;
+    let redis = raw_redis(&setup.redis_url).await;
     let mut holders = Vec::new();
     for partition in 0..PARTITIONS {
-        let lease: Option<String> = allocator
-            .redis()
-            .next()
+        let lease: Option<String> = redis
             .get(allocator::keys::relay_lease_key(partition))
             .await
             .expect("read lease");
@@ -389,4 +388,15 @@ pub fn writer_logs(setup: &Setup) -> String {
         }
     }
     logs
+}
+
+/// A plain Redis client on `url`, for tests that stage what the stock
+/// engine never does itself (a wiped cell, a lease read behind its back).
+pub async fn raw_redis(url: &str) -> fred::clients::Client {
+    use fred::prelude::*;
+    let client = Builder::from_config(fred::types::config::Config::from_url(url).expect("url"))
+        .build()
+        .expect("client");
+    client.init().await.expect("connect to redis");
+    client
 }
