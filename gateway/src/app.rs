@@ -21,7 +21,7 @@ use tokio::sync::{Notify, broadcast};
 use tracing::{info, warn};
 
 use crate::auth::RateLimiter;
-use crate::availability::AvailabilityCache;
+use crate::availability::{AvailabilityCache, CacheCounters};
 use crate::flash::FlashSales;
 use crate::metrics::Metrics;
 
@@ -47,13 +47,14 @@ pub struct App {
     pub limiter: RateLimiter,
     /// Reservation requests: placement, coalescing, the hot path and each
     /// request's one idempotency record (the allocator's).
-    pub reserver: allocator::Reserver,
+    pub reserver: Arc<allocator::Reserver>,
     /// Flash sales in force on this node.
     pub flash: FlashSales,
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// Whether the change subscription is live (the cache hears changes).
-    subscribed: AtomicBool,
+    /// Whether the change subscription is live (the cache hears changes;
+    /// it holds this flag too).
+    subscribed: Arc<AtomicBool>,
     /// Set when the node stops; background tasks end.
     stopping: AtomicBool,
     /// Wakes background tasks on stop.
@@ -73,24 +74,38 @@ impl App {
             .context("connecting to redis")?;
         let origins = resolve_origins(&config.origin.upstreams).await;
         let metrics = Metrics::new(&config.node.id);
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let reserver = Arc::new(allocator::Reserver::new(allocator.clone(), {
+            let sizes = metrics.batch_size.clone();
+            allocator::Coalescer::new(
+                coalescing(&config),
+                Arc::new(move |size| sizes.observe(size as f64)),
+            )
+        }));
         let app = Arc::new(Self {
-            cache: AvailabilityCache::new(&config),
+            cache: AvailabilityCache::new(
+                &config,
+                allocator.clone(),
+                Arc::clone(&subscribed),
+                CacheCounters {
+                    results: metrics.cache.clone(),
+                    redis_errors: metrics.redis_errors.clone(),
+                },
+            ),
             limiter: RateLimiter::default(),
-            reserver: allocator::Reserver::new(allocator.clone(), {
-                let sizes = metrics.batch_size.clone();
-                allocator::Coalescer::new(
-                    coalescing(&config),
-                    Arc::new(move |size| sizes.observe(size as f64)),
-                )
-            }),
-            flash: FlashSales::default(),
+            flash: FlashSales::new(
+                Arc::clone(&reserver),
+                metrics.reclaims.clone(),
+                metrics.bucket_level.clone(),
+            ),
+            reserver,
             changes: broadcast::channel(config.limits.sse_client_buffer_events.max(1)).0,
             origins: ArcSwap::from_pointee(origins),
             config: ArcSwap::new(config),
             watcher,
             allocator,
             metrics,
-            subscribed: AtomicBool::new(false),
+            subscribed,
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
         });
@@ -239,7 +254,7 @@ impl App {
     async fn run_flash_sales(self: Arc<Self>) {
         loop {
             let config = self.config();
-            crate::flash::reconcile(&self, &config).await;
+            self.flash.reconcile(&config).await;
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = self.flash.woken() => {}

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use allocator::{Cell, StockKey};
+use allocator::{Allocator, Cell, StockKey};
 use config::Config;
 use moka::sync::Cache;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::api::ApiError;
-use crate::app::App;
 
 /// One location of a SKU.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +137,23 @@ pub struct AvailabilityCache {
     entries: Cache<(String, String), Arc<Entry>>,
     /// Longest an entry is served without a refresh, ms.
     ttl_ms: AtomicU64,
+    /// `low` status at or under this when a key sets no threshold.
+    low_stock_default: AtomicU64,
+    /// Where entries are filled from.
+    allocator: Allocator,
+    /// Whether change notifications reach this node (the app's change
+    /// follower sets it): without them no cached entry counts as fresh.
+    hearing: Arc<AtomicBool>,
+    /// `availability_cache_total{result}` and `redis_errors_total`.
+    counters: CacheCounters,
+}
+
+/// The metrics the cache counts into.
+pub struct CacheCounters {
+    /// Hits, misses and stale answers.
+    pub results: prometheus::IntCounterVec,
+    /// Reads that found Redis unreachable.
+    pub redis_errors: prometheus::IntCounter,
 }
 
 /// Where an answer came from.
@@ -152,14 +168,24 @@ pub enum Source {
 }
 
 impl AvailabilityCache {
-    /// A cache sized from the config.
-    pub fn new(config: &Config) -> Self {
+    /// A cache sized from the config, filled through `allocator`, fresh
+    /// only while `hearing` says change notifications arrive.
+    pub fn new(
+        config: &Config,
+        allocator: Allocator,
+        hearing: Arc<AtomicBool>,
+        counters: CacheCounters,
+    ) -> Self {
         Self {
             entries: Cache::builder()
                 .max_capacity(config.cache.availability_entries_max)
                 .time_to_idle(Duration::from_secs(3600))
                 .build(),
             ttl_ms: AtomicU64::new(config.cache.availability_ttl_ms),
+            low_stock_default: AtomicU64::new(config.cache.low_stock_threshold_default),
+            allocator,
+            hearing,
+            counters,
         }
     }
 
@@ -167,6 +193,8 @@ impl AvailabilityCache {
     pub fn reconfigure(&self, config: &Config) {
         self.ttl_ms
             .store(config.cache.availability_ttl_ms, Ordering::Relaxed);
+        self.low_stock_default
+            .store(config.cache.low_stock_threshold_default, Ordering::Relaxed);
     }
 
     /// Drops a SKU's entry after a change notification.
@@ -191,82 +219,84 @@ impl AvailabilityCache {
     }
 }
 
-/// The availability of `(merchant, sku)`: from the cache, else Redis, else a
-/// stale cached copy; 404 for an unknown SKU, 503 when nothing is cached and
-/// Redis is unreachable.
-pub async fn availability(
-    app: &App,
-    merchant: &str,
-    sku: &str,
-) -> Result<(Arc<SkuAvailability>, Source), ApiError> {
-    let key = (merchant.to_owned(), sku.to_owned());
-    // A node that does not hear changes cannot vouch for what it cached.
-    if app.hears_changes()
-        && let Some(value) = app.cache.fresh(&key)
-    {
-        app.metrics.cache.with_label_values(&["hit"]).inc();
-        return Ok((value, Source::Hit));
-    }
-    match load(app, merchant, sku).await {
-        Ok(Some(value)) => {
-            let value = Arc::new(value);
-            app.cache.entries.insert(
-                key,
-                Arc::new(Entry {
-                    value: Arc::clone(&value),
-                    fetched_at: Instant::now(),
-                    dirty: AtomicBool::new(false),
-                }),
-            );
-            app.metrics.cache.with_label_values(&["miss"]).inc();
-            Ok((value, Source::Miss))
+impl AvailabilityCache {
+    /// The availability of `(merchant, sku)`: from the cache, else Redis,
+    /// else a stale cached copy; 404 for an unknown SKU, 503 when nothing is
+    /// cached and Redis is unreachable.
+    pub async fn get(
+        &self,
+        merchant: &str,
+        sku: &str,
+    ) -> Result<(Arc<SkuAvailability>, Source), ApiError> {
+        let key = (merchant.to_owned(), sku.to_owned());
+        // A node that does not hear changes cannot vouch for what it cached.
+        if self.hearing.load(Ordering::SeqCst)
+            && let Some(value) = self.fresh(&key)
+        {
+            self.counters.results.with_label_values(&["hit"]).inc();
+            return Ok((value, Source::Hit));
         }
-        Ok(None) => Err(ApiError::NotFound(format!(
-            "no stock key for {merchant}/{sku}"
-        ))),
-        Err(ApiError::StoreUnavailable) => {
-            app.metrics.redis_errors.inc();
-            match app.cache.entries.get(&key) {
-                Some(entry) => {
-                    app.metrics.cache.with_label_values(&["stale"]).inc();
-                    Ok((Arc::clone(&entry.value), Source::Stale))
+        match self.load(merchant, sku).await {
+            Ok(Some(value)) => {
+                let value = Arc::new(value);
+                self.entries.insert(
+                    key,
+                    Arc::new(Entry {
+                        value: Arc::clone(&value),
+                        fetched_at: Instant::now(),
+                        dirty: AtomicBool::new(false),
+                    }),
+                );
+                self.counters.results.with_label_values(&["miss"]).inc();
+                Ok((value, Source::Miss))
+            }
+            Ok(None) => Err(ApiError::NotFound(format!(
+                "no stock key for {merchant}/{sku}"
+            ))),
+            Err(ApiError::StoreUnavailable) => {
+                self.counters.redis_errors.inc();
+                match self.entries.get(&key) {
+                    Some(entry) => {
+                        self.counters.results.with_label_values(&["stale"]).inc();
+                        Ok((Arc::clone(&entry.value), Source::Stale))
+                    }
+                    None => Err(ApiError::StoreUnavailable),
                 }
-                None => Err(ApiError::StoreUnavailable),
             }
+            Err(other) => Err(other),
         }
-        Err(other) => Err(other),
     }
-}
 
-async fn load(app: &App, merchant: &str, sku: &str) -> Result<Option<SkuAvailability>, ApiError> {
-    let config = app.config();
-    let partitions = config.stock.partitions;
-    let mut locations = Vec::new();
-    for location in app.allocator.locations(merchant, sku).await? {
-        let key = StockKey::new(merchant, sku, &location);
-        let Some(pool) = app.allocator.cell(&key.pool(partitions)).await? else {
-            continue;
-        };
-        // The pool lists its buckets, in a sale or after it (until reclaimed).
-        let mut buckets = Vec::new();
-        for node in pool.buckets.keys() {
-            if let Some(bucket) = app.allocator.cell(&key.bucket(node, partitions)).await? {
-                buckets.push(bucket);
+    async fn load(&self, merchant: &str, sku: &str) -> Result<Option<SkuAvailability>, ApiError> {
+        let partitions = self.allocator.settings().partitions;
+        let low_default = self.low_stock_default.load(Ordering::Relaxed);
+        let mut locations = Vec::new();
+        for location in self.allocator.locations(merchant, sku).await? {
+            let key = StockKey::new(merchant, sku, &location);
+            let Some(pool) = self.allocator.cell(&key.pool(partitions)).await? else {
+                continue;
+            };
+            // The pool lists its buckets, in a sale or after it (until reclaimed).
+            let mut buckets = Vec::new();
+            for node in pool.buckets.keys() {
+                if let Some(bucket) = self.allocator.cell(&key.bucket(node, partitions)).await? {
+                    buckets.push(bucket);
+                }
             }
+            locations.push(LocationAvailability::from_cells(
+                &location,
+                &pool,
+                &buckets,
+                low_default,
+            ));
         }
-        locations.push(LocationAvailability::from_cells(
-            &location,
-            &pool,
-            &buckets,
-            config.cache.low_stock_threshold_default,
-        ));
+        if locations.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(SkuAvailability {
+            merchant: merchant.to_owned(),
+            sku: sku.to_owned(),
+            locations,
+        }))
     }
-    if locations.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(SkuAvailability {
-        merchant: merchant.to_owned(),
-        sku: sku.to_owned(),
-        locations,
-    }))
 }

@@ -8,23 +8,40 @@
 //! node's bucket through the reserver.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use allocator::{FlashSale, HotKey, RateMeter};
+use allocator::{FlashSale, HotKey, RateMeter, Reserver};
 use config::{Config, FlashSaleConfig};
+use prometheus::{IntCounter, IntGaugeVec};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::app::App;
-
-/// Wakes the flash-sale manager when the config changes. Which sales are in
-/// force here is the reserver's ([`allocator::Reserver::hot_sales`]).
-#[derive(Default)]
+/// The flash-sale manager of this node. Which sales are in force here is
+/// the reserver's ([`allocator::Reserver::hot_sales`]); this puts them in
+/// force and ends them as the config says.
 pub struct FlashSales {
+    /// Holds the sales in force here.
+    reserver: Arc<Reserver>,
+    /// Bucket reclaims by this node (`bucket_reclaims_total`).
+    reclaims: IntCounter,
+    /// Free units per sale and bucket (`bucket_free_units`).
+    bucket_level: IntGaugeVec,
+    /// Wakes the manager when the config changes.
     wake: Notify,
 }
 
 impl FlashSales {
+    /// A manager over `reserver`, counting into the given metrics.
+    pub fn new(reserver: Arc<Reserver>, reclaims: IntCounter, bucket_level: IntGaugeVec) -> Self {
+        Self {
+            reserver,
+            reclaims,
+            bucket_level,
+            wake: Notify::new(),
+        }
+    }
+
     /// Asks the manager to look at the config again now.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -42,81 +59,83 @@ fn epoch_of(sale: &FlashSaleConfig) -> String {
     hex::encode(&Sha256::digest(text.as_bytes())[..6])
 }
 
-/// Brings the sales in force on this node in line with `config`.
-pub async fn reconcile(app: &App, config: &Config) {
-    let now = time::OffsetDateTime::now_utc();
-    let node = &config.node.id;
-    let wanted: HashMap<&str, &FlashSaleConfig> = config
-        .flash_sales
-        .iter()
-        .filter(|sale| sale.nodes.contains(node) && sale.is_active_at(now))
-        .map(|sale| (sale.name.as_str(), sale))
-        .collect();
-    let current = app.reserver.hot_sales();
-
-    for active in &current {
-        let still = wanted
-            .get(active.sale.name.as_str())
-            .is_some_and(|sale| epoch_of(sale) == active.epoch);
-        if still {
-            continue;
-        }
-        let ended = async {
-            let units = app.allocator.reclaim(&active.sale, node).await?;
-            app.allocator
-                .end_activation(&active.sale, &active.epoch)
-                .await?;
-            Ok::<u64, allocator::AllocatorError>(units)
-        };
-        match ended.await {
-            Ok(units) => {
-                app.metrics.reclaims.inc();
-                app.reserver.remove_hot(&active.sale.key);
-                info!(sale = %active.sale.name, units, "flash sale ended here; bucket reclaimed");
-            }
-            Err(error) => {
-                warn!(sale = %active.sale.name, %error, "cannot reclaim bucket; will retry")
-            }
-        }
-    }
-
-    for (name, sale_config) in wanted {
-        let epoch = epoch_of(sale_config);
-        let known = app
-            .reserver
-            .hot_sales()
+impl FlashSales {
+    /// Brings the sales in force on this node in line with `config`.
+    pub async fn reconcile(&self, config: &Config) {
+        let allocator = self.reserver.allocator();
+        let now = time::OffsetDateTime::now_utc();
+        let node = &config.node.id;
+        let wanted: HashMap<&str, &FlashSaleConfig> = config
+            .flash_sales
             .iter()
-            .any(|active| active.sale.name == name && active.epoch == epoch);
-        if known {
-            continue;
-        }
-        let sale = FlashSale::from_config(sale_config);
-        match app.allocator.activate(&sale, &epoch).await {
-            Ok(split) => {
-                info!(sale = name, epoch, ?split, "flash sale in force");
-                app.reserver.set_hot(HotKey {
-                    sale,
-                    epoch,
-                    meter: RateMeter::default(),
-                });
-            }
-            Err(allocator::AllocatorError::NotFound) => {
-                warn!(
-                    sale = name,
-                    "flash sale key has no stock yet; activating when it has"
-                );
-            }
-            Err(error) => warn!(sale = name, %error, "cannot activate flash sale; will retry"),
-        }
-    }
+            .filter(|sale| sale.nodes.contains(node) && sale.is_active_at(now))
+            .map(|sale| (sale.name.as_str(), sale))
+            .collect();
+        let current = self.reserver.hot_sales();
 
-    for active in app.reserver.hot_sales() {
-        if let Ok(view) = app.allocator.stock_view(&active.sale.key).await {
-            for (bucket_node, bucket) in &view.buckets {
-                app.metrics
-                    .bucket_level
-                    .with_label_values(&[active.sale.name.as_str(), bucket_node.as_str()])
-                    .set(bucket.sellable().max(0));
+        for active in &current {
+            let still = wanted
+                .get(active.sale.name.as_str())
+                .is_some_and(|sale| epoch_of(sale) == active.epoch);
+            if still {
+                continue;
+            }
+            let ended = async {
+                let units = allocator.reclaim(&active.sale, node).await?;
+                allocator
+                    .end_activation(&active.sale, &active.epoch)
+                    .await?;
+                Ok::<u64, allocator::AllocatorError>(units)
+            };
+            match ended.await {
+                Ok(units) => {
+                    self.reclaims.inc();
+                    self.reserver.remove_hot(&active.sale.key);
+                    info!(sale = %active.sale.name, units, "flash sale ended here; bucket reclaimed");
+                }
+                Err(error) => {
+                    warn!(sale = %active.sale.name, %error, "cannot reclaim bucket; will retry")
+                }
+            }
+        }
+
+        for (name, sale_config) in wanted {
+            let epoch = epoch_of(sale_config);
+            let known = self
+                .reserver
+                .hot_sales()
+                .iter()
+                .any(|active| active.sale.name == name && active.epoch == epoch);
+            if known {
+                continue;
+            }
+            let sale = FlashSale::from_config(sale_config);
+            match allocator.activate(&sale, &epoch).await {
+                Ok(split) => {
+                    info!(sale = name, epoch, ?split, "flash sale in force");
+                    self.reserver.set_hot(HotKey {
+                        sale,
+                        epoch,
+                        meter: RateMeter::default(),
+                    });
+                }
+                Err(allocator::AllocatorError::NotFound) => {
+                    warn!(
+                        sale = name,
+                        "flash sale key has no stock yet; activating when it has"
+                    );
+                }
+                Err(error) => warn!(sale = name, %error, "cannot activate flash sale; will retry"),
+            }
+        }
+
+        for active in self.reserver.hot_sales() {
+            if let Ok(view) = allocator.stock_view(&active.sale.key).await {
+                for (bucket_node, bucket) in &view.buckets {
+                    self.bucket_level
+                        .with_label_values(&[active.sale.name.as_str(), bucket_node.as_str()])
+                        .set(bucket.sellable().max(0));
+                }
             }
         }
     }

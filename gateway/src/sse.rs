@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{ApiError, check_id};
 use crate::app::App;
-use crate::availability::{Source, availability};
+use crate::availability::Source;
 use crate::routes::{Outcome, admit, public_read, query_pairs};
 
 /// Most SKUs one stream may follow.
@@ -40,7 +40,7 @@ impl Drop for Open<'_> {
 }
 
 async fn event(app: &App, merchant: &str, sku: &str) -> Option<Bytes> {
-    let (value, source) = availability(app, merchant, sku).await.ok()?;
+    let (value, source) = app.cache.get(merchant, sku).await.ok()?;
     let json = value.to_json(None, source == Source::Stale)?;
     let version: u64 = value
         .locations

@@ -3,7 +3,7 @@
 //! Owns dividing the partitions between writer instances and fencing a
 //! writer that lost one. It does not relay anything.
 //!
-//! Every writer renews its membership in [`WRITERS_KEY`] (a sorted set
+//! Every writer renews its membership in [`allocator::keys::WRITERS_KEY`] (a sorted set
 //! scored by the Redis time its membership lapses) and, for each partition,
 //! computes the partition's owner among the live writers by rendezvous
 //! hashing ([`owner_of`]).

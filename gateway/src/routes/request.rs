@@ -1,0 +1,113 @@
+//! Request plumbing every handler shares: authentication, scopes and rate
+//! limits, reading a body within the limit, Idempotency-Keys, query strings.
+
+use bytes::{Bytes, BytesMut};
+use config::Scope;
+use pingora::proxy::Session;
+
+use crate::api::ApiError;
+use crate::app::App;
+use crate::auth::{Caller, authenticate};
+
+/// Longest an Idempotency-Key may be.
+const IDEMPOTENCY_KEY_LENGTH_MAX: usize = 255;
+
+pub(crate) fn query_pairs(session: &Session) -> Vec<(String, String)> {
+    session
+        .req_header()
+        .uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) => (name.to_owned(), value.to_owned()),
+            None => (pair.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+pub(crate) fn header<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
+    session
+        .req_header()
+        .headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+}
+
+/// Authenticates, checks the scope and takes a rate-limit token.
+pub(crate) fn admit(
+    app: &App,
+    session: &Session,
+    scope: Scope,
+    public: bool,
+) -> Result<Caller, ApiError> {
+    let config = app.config();
+    let caller = authenticate(session, &config, scope, public)?;
+    app.limiter.admit(&caller, &config)?;
+    Ok(caller)
+}
+
+pub(crate) fn public_read(app: &App) -> bool {
+    app.config().auth.public_reads
+}
+
+/// Reads the body within `limits.body_bytes_max`; a mutating call's body must
+/// be JSON (an empty body is allowed where `optional`).
+pub(crate) async fn read_json_body(
+    app: &App,
+    session: &mut Session,
+    optional: bool,
+) -> Result<Bytes, ApiError> {
+    let limit = app.config().limits.body_bytes_max;
+    let declared: Option<usize> =
+        header(session, "content-length").and_then(|value| value.parse().ok());
+    if declared.is_some_and(|length| length > limit) {
+        session.set_keepalive(None);
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let mut body = BytesMut::new();
+    loop {
+        let chunk = session
+            .as_downstream_mut()
+            .read_request_body()
+            .await
+            .map_err(|error| {
+                ApiError::BadRequest(format!("cannot read the request body: {error}"))
+            })?;
+        let Some(chunk) = chunk else { break };
+        if body.len() + chunk.len() > limit {
+            session.set_keepalive(None);
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let json = header(session, "content-type")
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+    let empty_allowed = optional && body.is_empty();
+    if !(json || empty_allowed) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    Ok(body.freeze())
+}
+
+pub(crate) fn idempotency_key(
+    session: &Session,
+    required: bool,
+) -> Result<Option<String>, ApiError> {
+    match header(session, "idempotency-key") {
+        None if required => Err(ApiError::IdempotencyKeyRequired),
+        None => Ok(None),
+        Some(key)
+            if key.is_empty()
+                || key.len() > IDEMPOTENCY_KEY_LENGTH_MAX
+                || !key.bytes().all(|byte| byte.is_ascii_graphic()) =>
+        {
+            Err(ApiError::BadRequest(format!(
+                "Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_LENGTH_MAX} visible ASCII characters"
+            )))
+        }
+        Some(key) => Ok(Some(key.to_owned())),
+    }
+}

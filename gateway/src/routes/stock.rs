@@ -1,0 +1,106 @@
+//! `/v1/stock`: adjustments and settings.
+
+use allocator::{AdjustmentOutcome, AdjustmentRequest, StockKey, StockSettings};
+use config::Scope;
+use pingora::proxy::Session;
+use serde_json::json;
+
+use super::request::{admit, idempotency_key, read_json_body};
+use crate::api::{ApiError, Reply, SettingsBody, check_id, parse_body};
+use crate::app::App;
+use crate::availability::LocationAvailability;
+
+pub(crate) async fn location_line(
+    app: &App,
+    key: &StockKey,
+    pool: &allocator::Cell,
+) -> Result<LocationAvailability, ApiError> {
+    let config = app.config();
+    let mut buckets = Vec::new();
+    for node in pool.buckets.keys() {
+        if let Some(bucket) = app
+            .allocator
+            .cell(&key.bucket(node, config.stock.partitions))
+            .await?
+        {
+            buckets.push(bucket);
+        }
+    }
+    Ok(LocationAvailability::from_cells(
+        &key.location,
+        pool,
+        &buckets,
+        config.cache.low_stock_threshold_default,
+    ))
+}
+
+pub(crate) async fn adjust(app: &App, session: &mut Session) -> Result<Reply, ApiError> {
+    let caller = admit(app, session, Scope::Admin, false)?;
+    let body = read_json_body(app, session, false).await?;
+    idempotency_key(session, false)?;
+    let adjustment = parse_body::<AdjustmentRequest>(&body)?
+        .check()
+        .map_err(ApiError::BadRequest)?;
+    caller.require_merchant(&adjustment.merchant)?;
+    let key = StockKey::new(&adjustment.merchant, &adjustment.sku, &adjustment.location);
+    let outcome = app.allocator.adjust(&adjustment).await?;
+    let json = match outcome {
+        AdjustmentOutcome::Applied { shortfall, cell } => {
+            let mut line = location_line(app, &key, &cell).await?.to_json();
+            line["applied"] = json!(true);
+            line["version"] = json!(cell.version);
+            line["shortfall"] = json!(shortfall);
+            line["merchant"] = json!(key.merchant);
+            line["sku"] = json!(key.sku);
+            line
+        }
+        AdjustmentOutcome::Duplicate => json!({ "applied": false, "reason": "duplicate" }),
+        AdjustmentOutcome::Stale { last_source_seq } => {
+            json!({ "applied": false, "reason": "stale", "last_source_seq": last_source_seq })
+        }
+    };
+    Ok(Reply::json(200, &json))
+}
+
+pub(crate) async fn settings(
+    app: &App,
+    session: &mut Session,
+    key: StockKey,
+) -> Result<Reply, ApiError> {
+    let caller = admit(app, session, Scope::Admin, false)?;
+    let body = read_json_body(app, session, false).await?;
+    check_id("merchant", &key.merchant)?;
+    check_id("sku", &key.sku)?;
+    check_id("location", &key.location)?;
+    let body: SettingsBody = parse_body(&body)?;
+    let max = allocator::limits::COUNT_QTY_MAX as u64;
+    for (field, value) in [
+        ("safety_stock", Some(body.safety_stock)),
+        ("backorder_limit", Some(body.backorder_limit)),
+        ("low_stock_threshold", body.low_stock_threshold),
+    ] {
+        if value.is_some_and(|value| value > max) {
+            return Err(ApiError::BadRequest(format!(
+                "{field} must be at most {max}"
+            )));
+        }
+    }
+    caller.require_merchant(&key.merchant)?;
+    let cell = app
+        .allocator
+        .settings_of(
+            &key,
+            StockSettings {
+                safety_stock: body.safety_stock,
+                backorder_limit: body.backorder_limit,
+                low_stock_threshold: body.low_stock_threshold,
+            },
+        )
+        .await?;
+    let mut line = location_line(app, &key, &cell).await?.to_json();
+    line["merchant"] = json!(key.merchant);
+    line["sku"] = json!(key.sku);
+    line["backorder_limit"] = json!(cell.backorder_limit);
+    line["low_stock_threshold"] = json!(body.low_stock_threshold);
+    Ok(Reply::json(200, &line))
+}
