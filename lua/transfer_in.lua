@@ -6,7 +6,10 @@
 -- an earlier credit may be gone by then. ARGS.epoch is the source pool's
 -- drain epoch at the debit: a fenced bucket credited by a debit made at or
 -- after its fence's epoch opens again.
--- Replies: credited {qty, replayed}, too_old, bad_argument.
+-- Between CREDIT_WINDOW_MS and RETENTION_MS after the debit, a credit that
+-- never came is made impossible instead (void; the source then takes the
+-- units back); past RETENTION_MS nothing can be proven: too_old, for an
+-- operator. Replies: credited {qty, replayed}, void, too_old, bad_argument.
 local bad = check_transfer(ARGS)
 if bad then return refuse('bad_argument', { reason = bad }) end
 if not is_int(ARGS.qty, 1, LIMITS.count_qty_max) or not is_id(ARGS.merchant) or not is_id(ARGS.sku)
@@ -21,9 +24,23 @@ if ARGS.epoch ~= nil and not is_int(ARGS.epoch, 0, 99999999999999) then
 end
 local done = redis.call('HGET', K_XFER, 'in|' .. ARGS.transfer_id)
 if done then
-  return reply({ status = 'credited', qty = cjson.decode(done).qty, replayed = true })
+  local rec = cjson.decode(done)
+  if rec.void then return reply({ status = 'void', transfer_id = ARGS.transfer_id }) end
+  return reply({ status = 'credited', qty = rec.qty, replayed = true })
 end
-if NOW - ARGS.debited_at_ms > CREDIT_WINDOW_MS then
+local age_ms = NOW - ARGS.debited_at_ms
+if age_ms > CREDIT_WINDOW_MS then
+  if age_ms < RETENTION_MS then
+    -- Between the window and the credit records' life: a credit made after
+    -- the debit would still have its record, so none was made. The transfer
+    -- is voided here for ever (this record answers every later attempt),
+    -- and the source takes its units back (transfer_done with void).
+    redis.call('HSET', K_XFER, 'in|' .. ARGS.transfer_id, cjson.encode({
+      void = true, qty = ARGS.qty, from_cell = ARGS.from_cell, voided_at_ms = NOW,
+    }))
+    gc_later('x|in|' .. ARGS.transfer_id)
+    return reply({ status = 'void', transfer_id = ARGS.transfer_id })
+  end
   return reply({ status = 'too_old', transfer_id = ARGS.transfer_id })
 end
 housekeeping()

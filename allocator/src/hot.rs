@@ -356,8 +356,11 @@ impl Allocator {
     }
 
     /// The credit half; returns false when the transfer was credited before.
-    /// A credit past the credit window is refused ([`AllocatorError::Conflict`]):
-    /// the transfer stays in flight for an operator, the audit shows it.
+    /// A credit past the credit window is not made: within the credit
+    /// records' life it is voided and its units return to its source (so a
+    /// count never waits on it for ever); later still it is refused
+    /// ([`AllocatorError::Conflict`]) and stays in flight for an operator,
+    /// the audit shows it.
     async fn transfer_in(&self, transfer: &Transfer<'_>, debit: &Debit) -> Result<bool> {
         let mut args = transfer.args(debit.qty);
         args["debited_at_ms"] = json!(debit.debited_at_ms);
@@ -365,6 +368,16 @@ impl Allocator {
         let reply = self
             .call(Op::TransferIn, transfer.to.partition, args)
             .await?;
+        if reply["status"] == json!("void") {
+            // It can never be credited there now: its source takes it back.
+            let args = json!({ "transfer_id": transfer.id, "void": true });
+            check_refusal(
+                &self
+                    .call(Op::TransferDone, transfer.from.partition, args)
+                    .await?,
+            )?;
+            return Ok(false);
+        }
         if reply["status"] == json!("too_old") {
             return Err(AllocatorError::Conflict(format!(
                 "transfer {} was debited too long ago to be credited safely",

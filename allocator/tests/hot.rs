@@ -426,3 +426,79 @@ async fn a_sale_request_retried_on_the_other_node_holds_once() {
             .sum::<i64>();
     assert_eq!(held, 2, "held once: {view:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_that_cannot_be_credited_in_time_returns_to_its_source() {
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&["node-a"]);
+    stock(&allocator, &sale.key, 30).await;
+    let pool = sale.key.pool(PARTITIONS);
+    let bucket = sale.key.bucket("node-a", PARTITIONS);
+    let transfer_id = testkit::unique_id("t-late");
+    allocator
+        .transfer_out(
+            &allocator::Transfer {
+                id: &transfer_id,
+                key: &sale.key,
+                from: &pool,
+                to: &bucket,
+                to_node: Some("node-a"),
+                reason: "refill",
+            },
+            12,
+            true,
+        )
+        .await
+        .expect("debit");
+    // The credit kept failing for 13 hours (past the credit window, within
+    // the credit records' life): what the record says of its debit then.
+    let redis = raw_redis().await;
+    let hash = format!("inv:{{{}}}:xfer", pool.partition);
+    let record: String = redis.hget(&hash, &transfer_id).await.expect("record");
+    let mut record: Value = serde_json::from_str(&record).expect("json");
+    let now = allocator.redis_time_ms().await.expect("time");
+    record["debited_at_ms"] = serde_json::json!(now - 13 * 3600 * 1000);
+    let _: i64 = redis
+        .hset(&hash, (transfer_id.as_str(), record.to_string()))
+        .await
+        .expect("age the debit");
+
+    allocator
+        .finish_transfers(pool.partition, Duration::ZERO)
+        .await
+        .expect("finisher");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(view.in_flight(), 0, "{view:?}");
+    assert_eq!(view.on_hand(), 30, "{view:?}");
+    assert_eq!(
+        view.pool.as_ref().map(|pool| pool.on_hand),
+        Some(30),
+        "back at the source"
+    );
+    // A later credit attempt finds it void; nothing moves again.
+    allocator
+        .finish_transfers(pool.partition, Duration::ZERO)
+        .await
+        .expect("again");
+    assert_eq!(
+        allocator
+            .stock_view(&sale.key)
+            .await
+            .expect("view")
+            .on_hand(),
+        30
+    );
+    let halves: Vec<String> = entries_of(&allocator, &sale.key)
+        .await
+        .into_iter()
+        .filter(|entry| entry["transfer_id"] == transfer_id.as_str())
+        .map(|entry| {
+            format!(
+                "{} {}",
+                entry["op"].as_str().unwrap_or_default(),
+                entry["cell"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(halves.len(), 2, "one debit and its reversal: {halves:?}");
+}

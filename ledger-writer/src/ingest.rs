@@ -39,6 +39,10 @@ pub fn group(events_topic: &str) -> String {
 /// them on (the broker's usual minimum).
 const SESSION_TIMEOUT_MS: &str = "6000";
 
+/// Attempts at a message that fails for another reason than an unreachable
+/// store (a bug, a conflict that does not clear) before it is dead-lettered.
+const ATTEMPTS_BEFORE_DEAD_LETTER: u32 = 20;
+
 /// Pause before retrying a message whose effect could not be stored.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -85,8 +89,12 @@ pub fn consume(
                 continue;
             }
         };
+        let mut attempts = 0u32;
         loop {
-            match handle(&message, config, allocator, producer, runtime, timeout) {
+            attempts += 1;
+            match handle(
+                &message, config, allocator, producer, runtime, timeout, attempts,
+            ) {
                 Ok(outcome) => {
                     metrics.events.with_label_values(&[outcome]).inc();
                     if outcome == "dead_lettered" {
@@ -115,6 +123,7 @@ pub fn consume(
 /// Applies one message, or sends it to the dead-letter topic, and says which
 /// (`applied`, `shortfall`, `duplicate`, `stale`, `dead_lettered`); an error
 /// means nothing may be committed yet (the store or the broker did not answer).
+#[allow(clippy::too_many_arguments)]
 fn handle(
     message: &BorrowedMessage<'_>,
     config: &config::Config,
@@ -122,6 +131,7 @@ fn handle(
     producer: &FutureProducer,
     runtime: &tokio::runtime::Handle,
     timeout: Duration,
+    attempts: u32,
 ) -> anyhow::Result<&'static str> {
     let payload = message.payload().unwrap_or_default();
     let reason = match parse_event(payload) {
@@ -132,6 +142,12 @@ fn handle(
             Ok(AdjustmentOutcome::Duplicate) => return Ok("duplicate"),
             Ok(AdjustmentOutcome::Stale { .. }) => return Ok("stale"),
             Err(AllocatorError::InvalidRequest(reason)) => reason,
+            // An unreachable store is waited for, never skipped; anything
+            // else that keeps failing would block the partition for ever.
+            Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error.into()),
+            Err(error) if attempts >= ATTEMPTS_BEFORE_DEAD_LETTER => {
+                format!("not applied after {attempts} attempts: {error}")
+            }
             Err(error) => return Err(error.into()),
         },
         Err(reason) => reason,
