@@ -402,10 +402,7 @@ impl Allocator {
         let finished = self
             .finish_carts_reporting(partition, older_than, &|_| false, &mut failed)
             .await?;
-        match failed.into_iter().next() {
-            Some((_, error)) => Err(error),
-            None => Ok(finished),
-        }
+        crate::hot::first_failure(finished, failed)
     }
 
     /// [`Allocator::finish_carts`] for the reconciler: carts for which `skip`

@@ -255,6 +255,15 @@ fn hot_key_member(key: &StockKey) -> String {
     format!("{}|{}|{}", key.merchant, key.sku, key.location)
 }
 
+/// `done`, or the first of the per-item `failed` (the plain, not reporting,
+/// forms of the finishers).
+pub(crate) fn first_failure(done: u64, failed: Vec<(String, AllocatorError)>) -> Result<u64> {
+    match failed.into_iter().next() {
+        Some((_, error)) => Err(error),
+        None => Ok(done),
+    }
+}
+
 /// Lua's cjson writes an empty list as `{}`: read either as a list.
 pub(crate) fn list<T: serde::de::DeserializeOwned>(value: &Value) -> Result<Vec<T>> {
     match value {
@@ -409,10 +418,7 @@ impl Allocator {
         let credited = self
             .finish_transfers_reporting(partition, older_than, &|_| false, &mut failed)
             .await?;
-        match failed.into_iter().next() {
-            Some((_, error)) => Err(error),
-            None => Ok(credited),
-        }
+        first_failure(credited, failed)
     }
 
     /// [`Allocator::finish_transfers`] that leaves alone the transfers `skip`
@@ -505,13 +511,7 @@ impl Allocator {
             "merchant": sale.key.merchant, "sku": sale.key.sku, "location": sale.key.location,
         });
         // Registered before the split: a key with buckets is always found.
-        let _: i64 = self
-            .with_timeout(
-                self.pool
-                    .next()
-                    .sadd(keys::HOT_KEYS, hot_key_member(&sale.key)),
-            )
-            .await?;
+        self.register_hot_key(&sale.key).await?;
         let reply = self.call(Op::Activate, pool.partition, args).await?;
         if reply["status"] == json!("draining") {
             return Err(AllocatorError::Conflict(
@@ -580,13 +580,7 @@ impl Allocator {
         node: &str,
         units_per_second: f64,
     ) -> Result<(u64, bool)> {
-        let _: i64 = self
-            .with_timeout(
-                self.pool
-                    .next()
-                    .sadd(keys::HOT_KEYS, hot_key_member(&sale.key)),
-            )
-            .await?;
+        self.register_hot_key(&sale.key).await?;
         let pool = sale.key.pool(self.settings.partitions);
         let bucket = sale.key.bucket(node, self.settings.partitions);
         let chunk = sale.refill_chunk(units_per_second);
@@ -934,6 +928,15 @@ impl Allocator {
                 }
             })
             .collect())
+    }
+
+    /// Records `key` among the keys that have had buckets (idempotent), before
+    /// any of its units moves to one.
+    async fn register_hot_key(&self, key: &StockKey) -> Result<()> {
+        let _: i64 = self
+            .with_timeout(self.pool.next().sadd(keys::HOT_KEYS, hot_key_member(key)))
+            .await?;
+        Ok(())
     }
 
     /// Forgets a key whose buckets are all empty (the reconciler's call).

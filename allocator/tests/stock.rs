@@ -506,3 +506,60 @@ async fn a_cells_own_dead_holds_are_released_before_deciding_whatever_the_backlo
         "the cell's dead hold was released first: {again:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_text_reaches_redis_or_the_ledger() {
+    use fred::prelude::*;
+    let allocator = allocator_for("test-node").await;
+    let key = fresh_key();
+    stock(&allocator, &key, 5).await;
+    let marker = testkit::unique_id("order-4711-alice-at-example.com");
+    let email = format!("{marker}-customer");
+    let mut request = reserve(&key, 1, &marker);
+    request.customer_ref = Some(email.clone());
+    let hold = allocator.reserve(&request).await.expect("hold");
+    allocator
+        .commit(
+            None,
+            &hold.reservation.reservation_id,
+            &format!("{marker}-commit"),
+        )
+        .await
+        .expect("commit");
+
+    let redis = raw_redis().await;
+    let mut partitions = vec![
+        key.partition(PARTITIONS),
+        allocator.request_partition(&key.merchant, &marker),
+    ];
+    partitions.dedup();
+    let mut seen = String::new();
+    for partition in partitions {
+        for name in ["cells", "res", "idem", "xfer"] {
+            let hash: std::collections::HashMap<String, String> = redis
+                .hgetall(format!("inv:{{{partition}}}:{name}"))
+                .await
+                .expect("hash");
+            for (field, value) in hash {
+                seen.push_str(&field);
+                seen.push_str(&value);
+            }
+        }
+        for entry in allocator
+            .ledger_entries(partition, 0)
+            .await
+            .expect("ledger")
+        {
+            seen.push_str(&serde_json::to_string(&entry).expect("json"));
+        }
+    }
+    assert!(!seen.is_empty());
+    assert!(
+        !seen.contains(&marker),
+        "the Idempotency-Key's text is stored"
+    );
+    assert!(
+        !seen.contains(&email),
+        "the customer reference's text is stored"
+    );
+}

@@ -361,11 +361,14 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         100,
         600_000,
     );
+    // The cart finisher reaches a cart a quarter of the line grace after its
+    // decision; a pass that comes later than another quarter could find the
+    // lines past their grace. So a pass must come at least that often.
     c.range(
         "ledger_writer.reconcile_interval_ms",
         writer.reconcile_interval_ms,
         10,
-        600_000,
+        (stock.cart_line_grace_seconds * 1000 / 4).clamp(10, 600_000),
     );
     c.range(
         "ledger_writer.bucket_idle_reclaim_seconds",

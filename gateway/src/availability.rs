@@ -268,24 +268,17 @@ impl AvailabilityCache {
     }
 
     async fn load(&self, merchant: &str, sku: &str) -> Result<Option<SkuAvailability>, ApiError> {
-        let partitions = self.allocator.settings().partitions;
         let low_default = self.low_stock_default.load(Ordering::Relaxed);
         let mut locations = Vec::new();
         for location in self.allocator.locations(merchant, sku).await? {
             let key = StockKey::new(merchant, sku, &location);
-            let Some(pool) = self.allocator.cell(&key.pool(partitions)).await? else {
-                continue;
-            };
-            // The pool lists its buckets, in a sale or after it (until reclaimed).
-            let mut buckets = Vec::new();
-            for node in pool.buckets.keys() {
-                if let Some(bucket) = self.allocator.cell(&key.bucket(node, partitions)).await? {
-                    buckets.push(bucket);
-                }
-            }
+            // The pool and the buckets it lists, in a sale or after it.
+            let view = self.allocator.stock_view(&key).await?;
+            let Some(pool) = &view.pool else { continue };
+            let buckets: Vec<Cell> = view.buckets.into_iter().map(|(_, cell)| cell).collect();
             locations.push(LocationAvailability::from_cells(
                 &location,
-                &pool,
+                pool,
                 &buckets,
                 low_default,
             ));

@@ -10,27 +10,20 @@ use crate::api::{ApiError, Reply, SettingsBody, check_id, parse_body};
 use crate::app::App;
 use crate::availability::LocationAvailability;
 
+/// The location's availability line after a change to its pool `pool`
+/// (the buckets are read as they stand).
 pub(crate) async fn location_line(
     app: &App,
     key: &StockKey,
     pool: &allocator::Cell,
 ) -> Result<LocationAvailability, ApiError> {
-    let config = app.config();
-    let mut buckets = Vec::new();
-    for node in pool.buckets.keys() {
-        if let Some(bucket) = app
-            .allocator
-            .cell(&key.bucket(node, config.stock.partitions))
-            .await?
-        {
-            buckets.push(bucket);
-        }
-    }
+    let view = app.allocator.stock_view(key).await?;
+    let buckets: Vec<allocator::Cell> = view.buckets.into_iter().map(|(_, cell)| cell).collect();
     Ok(LocationAvailability::from_cells(
         &key.location,
         pool,
         &buckets,
-        config.cache.low_stock_threshold_default,
+        app.config().cache.low_stock_threshold_default,
     ))
 }
 
