@@ -64,6 +64,11 @@ enum Step {
     Commit {
         pick: usize,
     },
+    /// A client retries a reservation it made (same key and body), on the
+    /// other node.
+    Retry {
+        pick: usize,
+    },
     Release {
         pick: usize,
     },
@@ -99,6 +104,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => any::<usize>().prop_map(|pick| Step::Commit { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Release { pick }),
         1 => any::<usize>().prop_map(|pick| Step::Extend { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Retry { pick }),
         2 => Just(Step::Activate),
         1 => Just(Step::ReplayActivationAfterRetention),
         2 => (0..2usize, 1..8u64).prop_map(|(node, chunk)| Step::Refill { node, chunk }),
@@ -115,6 +121,9 @@ struct Promise {
     qty: i64,
     status: ReservationStatus,
     short: bool,
+    /// The request that made it, and the node it went to.
+    request: ReserveRequest,
+    node: usize,
 }
 
 /// The physical world: what is on each key's shelf, what was promised.
@@ -271,6 +280,8 @@ impl World {
                         qty: i64::from(qty),
                         status: ReservationStatus::Held,
                         short,
+                        request,
+                        node,
                     }),
                     Err(AllocatorError::InsufficientStock { .. }) if !fits => {}
                     Err(AllocatorError::NotFound) if self.world.units[key].is_none() => {}
@@ -343,6 +354,29 @@ impl World {
                         Step::Release { .. } => entry.status = ReservationStatus::Released,
                         _ => entry.short = false,
                     }
+                }
+            }
+            Step::Retry { pick } => {
+                if self.world.promises.is_empty() {
+                    return Ok(());
+                }
+                let promise = self.world.promises[pick % self.world.promises.len()].clone();
+                let other = 1 - promise.node;
+                let answer = if promise.key == HOT {
+                    self.nodes[other]
+                        .reserve_hot(&self.hot[other], &promise.request)
+                        .await
+                } else {
+                    self.nodes[other].reserve(&promise.request).await
+                };
+                // The first answer again, whatever happened to the hold
+                // since; nothing more is promised.
+                match answer {
+                    Ok(hold) => {
+                        prop_assert!(hold.replayed, "retry of {promise:?}: {hold:?}");
+                        prop_assert_eq!(hold.reservation.reservation_id, promise.id);
+                    }
+                    answer => prop_assert!(false, "retry of {promise:?}: {answer:?}"),
                 }
             }
             Step::Activate => {
