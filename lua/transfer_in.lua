@@ -30,7 +30,8 @@ if done then
 end
 local age_ms = NOW - ARGS.debited_at_ms
 if age_ms > CREDIT_WINDOW_MS then
-  if age_ms < RETENTION_MS then
+  -- An hour short of the records' life: room for the partitions' clocks.
+  if age_ms < RETENTION_MS - 3600 * 1000 then
     -- Between the window and the credit records' life: a credit made after
     -- the debit would still have its record, so none was made. The transfer
     -- is voided here for ever (this record answers every later attempt),

@@ -88,7 +88,8 @@ impl Allocator {
 
 impl ChangeFeed {
     /// The next event; `None` when the feed has ended (its connection is
-    /// gone for good). A notification that does not decode is skipped with
+    /// gone for good, or came back and could not subscribe again): start a
+    /// new one. A notification that does not decode is skipped with
     /// a warning: it names no cell this node could act on.
     pub async fn next(&mut self) -> Option<ChangeEvent> {
         loop {
@@ -112,8 +113,11 @@ impl ChangeFeed {
                 _ = self.reconnects.recv() => {
                     // A new connection has no subscriptions.
                     if let Err(error) = self.subscriber.subscribe(CHANGES_CHANNEL).await {
-                        tracing::warn!(%error, "change feed did not subscribe again");
-                        return Some(ChangeEvent::Interrupted);
+                        // A live connection subscribed to nothing would stay
+                        // silent for ever: end the feed, the follower starts
+                        // a new one.
+                        tracing::warn!(%error, "change feed did not subscribe again; ending it");
+                        return None;
                     }
                     return Some(ChangeEvent::Resumed);
                 }

@@ -137,10 +137,19 @@ mod decimal {
         enum Either {
             Text(String),
             Number(u64),
+            // Entries written before sequences left the scripts as text:
+            // cjson wrote large ones as floats (inexact past 14 digits).
+            Float(f64),
         }
         match Option::<Either>::deserialize(deserializer)? {
             None => Ok(None),
             Some(Either::Number(number)) => Ok(Some(number)),
+            Some(Either::Float(float)) if float >= 0.0 && float.fract() == 0.0 => {
+                Ok(Some(float as u64))
+            }
+            Some(Either::Float(float)) => {
+                Err(serde::de::Error::custom(format!("source_seq {float}")))
+            }
             Some(Either::Text(text)) => text
                 .parse()
                 .map(Some)

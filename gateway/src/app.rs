@@ -231,7 +231,10 @@ impl App {
                     self.cache.mark_all_dirty();
                     self.subscribed.store(true, Ordering::SeqCst);
                 }
-                None => break,
+                None => {
+                    feed.close().await;
+                    anyhow::bail!("the change feed ended");
+                }
             }
         }
         feed.close().await;

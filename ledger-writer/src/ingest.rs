@@ -39,8 +39,8 @@ pub fn group(events_topic: &str) -> String {
 /// them on (the broker's usual minimum).
 const SESSION_TIMEOUT_MS: &str = "6000";
 
-/// Attempts at a message that fails for another reason than an unreachable
-/// store (a bug, a conflict that does not clear) before it is dead-lettered.
+/// Failures in a row of a message for another reason than an unreachable
+/// store or a passing conflict (a bug) before it is dead-lettered.
 const ATTEMPTS_BEFORE_DEAD_LETTER: u32 = 20;
 
 /// Pause before retrying a message whose effect could not be stored.
@@ -89,11 +89,18 @@ pub fn consume(
                 continue;
             }
         };
-        let mut attempts = 0u32;
+        // Failures other than an unreachable store or a conflict that clears
+        // (another drain of the key), in a row.
+        let mut failures = 0u32;
         loop {
-            attempts += 1;
             match handle(
-                &message, config, allocator, producer, runtime, timeout, attempts,
+                &message,
+                config,
+                allocator,
+                producer,
+                runtime,
+                timeout,
+                &mut failures,
             ) {
                 Ok(outcome) => {
                     metrics.events.with_label_values(&[outcome]).inc();
@@ -131,7 +138,7 @@ fn handle(
     producer: &FutureProducer,
     runtime: &tokio::runtime::Handle,
     timeout: Duration,
-    attempts: u32,
+    failures: &mut u32,
 ) -> anyhow::Result<&'static str> {
     let payload = message.payload().unwrap_or_default();
     let reason = match parse_event(payload) {
@@ -142,13 +149,20 @@ fn handle(
             Ok(AdjustmentOutcome::Duplicate) => return Ok("duplicate"),
             Ok(AdjustmentOutcome::Stale { .. }) => return Ok("stale"),
             Err(AllocatorError::InvalidRequest(reason)) => reason,
-            // An unreachable store is waited for, never skipped; anything
-            // else that keeps failing would block the partition for ever.
-            Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error.into()),
-            Err(error) if attempts >= ATTEMPTS_BEFORE_DEAD_LETTER => {
-                format!("not applied after {attempts} attempts: {error}")
+            // An unreachable store, or a drain of the key by someone else,
+            // is waited for, never skipped; anything else that keeps failing
+            // would block the partition for ever.
+            Err(error @ (AllocatorError::StoreUnavailable(_) | AllocatorError::Conflict(_))) => {
+                *failures = 0;
+                return Err(error.into());
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                *failures += 1;
+                if *failures < ATTEMPTS_BEFORE_DEAD_LETTER {
+                    return Err(error.into());
+                }
+                format!("not applied after {failures} failures in a row: {error}")
+            }
         },
         Err(reason) => reason,
     };
