@@ -246,3 +246,83 @@ async fn the_longest_idempotency_key_works_and_huge_sequences_stay_exact() {
     assert_eq!(stale["reason"], "stale");
     assert_eq!(stale["last_source_seq"].as_u64(), Some(seq), "{stale}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_line_order_keyed_like_a_cart_line_is_its_own_order() {
+    let fleet = Fleet::on_stack("");
+    let a = fleet.node("node-a");
+    let b = fleet.node("node-b");
+    let (shirt, shoes) = (testkit::unique_id("shirt"), testkit::unique_id("shoes"));
+    restock(&a, "m1", &shirt, "dc1", 5).await;
+    restock(&a, "m1", &shoes, "dc1", 5).await;
+    let key = testkit::unique_id("K");
+    let cart = json!({ "merchant": "m1", "lines": [
+        { "sku": shirt, "location": "dc1", "qty": 1 }, { "sku": shoes, "location": "dc1", "qty": 1 }] });
+    let (status, carted) = reserve(&a, &key, &cart).await;
+    assert_eq!(status, 201, "{carted}");
+    // The old line keys were the cart's key plus `#index`.
+    let (status, single) = reserve(
+        &b,
+        &format!("{key}#1"),
+        &reservation("m1", &shoes, "dc1", 1),
+    )
+    .await;
+    assert_eq!(status, 201, "{single}");
+    assert_ne!(single["reservation_id"], carted["reservation_id"]);
+    let (status, _) = post(
+        &a.url(&format!(
+            "/v1/reservations/{}/release",
+            carted["reservation_id"].as_str().expect("id")
+        )),
+        CHECKOUT,
+        Some(&testkit::unique_id("release")),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, order) = get(
+        &b.url(&format!(
+            "/v1/reservations/{}",
+            single["reservation_id"].as_str().expect("id")
+        )),
+        Some(CHECKOUT),
+    )
+    .await;
+    assert_eq!(
+        (status, order["status"].as_str()),
+        (200, Some("held")),
+        "{order}"
+    );
+    assert_eq!(
+        available(&a, "m1", &shoes).await,
+        4,
+        "the one-line order still holds its unit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_raises_the_hold_limit_reaches_the_reservations() {
+    let fleet = Fleet::on_stack("");
+    let a = fleet.node("node-a");
+    let sku = testkit::unique_id("long-hold");
+    restock(&a, "m1", &sku, "dc1", 5).await;
+    let long = json!({ "merchant": "m1", "ttl_seconds": 7200,
+                       "lines": [{ "sku": sku, "location": "dc1", "qty": 1 }] });
+    let (status, _) = reserve(&a, &testkit::unique_id("long"), &long).await;
+    assert_eq!(status, 400, "over the limit in force");
+    let raised = fleet.config_text().replace(
+        "reservation_ttl_seconds_max = 3600",
+        "reservation_ttl_seconds_max = 7200",
+    );
+    assert_ne!(
+        raised,
+        fleet.config_text(),
+        "the dev config names the limit"
+    );
+    fleet.write_config(&raised);
+    wait_until("the raised limit in force", || async {
+        let (status, _) = reserve(&a, &testkit::unique_id("long"), &long).await;
+        status == 201
+    })
+    .await;
+}
