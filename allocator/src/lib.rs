@@ -2,7 +2,9 @@
 //! and typed results.
 //!
 //! This crate is the only code that builds Redis keys or calls the scripts; the
-//! gateway and the ledger writer use it through [`Allocator`]. Every stock
+//! gateway and the ledger writer use it through [`Allocator`] (reservation
+//! requests through [`Reserver`], the writers' outbox through [`outbox`],
+//! change notifications through [`changes`]). Every stock
 //! change is one script call that checks its arguments, releases the
 //! partition's due holds (lazy expiry), decides, writes, appends its ledger
 //! entry to the partition's stream and publishes a change notification, in one

@@ -2,10 +2,12 @@
 //! `/ready` and `/metrics` locally and proxies every other path to the origin.
 //!
 //! It owns routing, authentication, rate limits, request validation, the
-//! availability cache, request coalescing, server-sent events, flash-sale
-//! activation from config, and the mapping of `allocator` errors to the HTTP
-//! error codes of shared/API.md (in one place: [`api::ApiError`]). It owns no
-//! stock decision: every stock change goes through the `allocator` crate.
+//! availability cache, server-sent events, flash-sale activation from config,
+//! and the mapping of `allocator` errors to the HTTP error codes of
+//! shared/API.md (in one place: [`api::ApiError`]). It owns no stock
+//! decision: where a hold lands, coalescing, the hot path and each request's
+//! idempotency record are the allocator's (`allocator::Reserver`), and every
+//! stock change goes through it.
 //!
 //! Runtime layout: Pingora runs the HTTP service on its own runtime; one more
 //! tokio runtime (`io`) owns the Redis connections and the background tasks
