@@ -23,6 +23,32 @@ fn sale(nodes: &[&str]) -> FlashSale {
     }
 }
 
+/// Debits `qty` units of the sale's pool towards node-a's bucket and never
+/// credits them (the node died in between); returns the transfer id.
+async fn debit_without_credit(allocator: &Allocator, sale: &FlashSale, qty: u64) -> String {
+    let pool = sale.key.pool(PARTITIONS);
+    let bucket = sale.key.bucket("node-a", PARTITIONS);
+    // Transfer ids are unique for ever (a reused id is a replay by design).
+    let transfer_id = testkit::unique_id("t-debit");
+    let debit = allocator
+        .transfer_out(
+            &allocator::Transfer {
+                id: &transfer_id,
+                key: &sale.key,
+                from: &pool,
+                to: &bucket,
+                to_node: Some("node-a"),
+                reason: "refill",
+            },
+            qty,
+            true,
+        )
+        .await
+        .expect("debit");
+    assert_eq!(debit.qty, qty);
+    transfer_id
+}
+
 /// The sale as a node holds it in force.
 fn hot_key(sale: &FlashSale) -> HotKey {
     HotKey {
@@ -59,27 +85,8 @@ async fn a_debit_without_its_credit_is_finished_once_by_racing_finishers() {
     let sale = sale(&["node-a"]);
     stock(&allocator, &sale.key, 30).await;
     let pool = sale.key.pool(PARTITIONS);
-    let bucket = sale.key.bucket("node-a", PARTITIONS);
-    // Transfer ids are unique for ever (a reused id is a replay by design).
-    let transfer_id = testkit::unique_id("t-crash");
-
     // The node debits the pool and dies before crediting its bucket.
-    let moved = allocator
-        .transfer_out(
-            &allocator::Transfer {
-                id: &transfer_id,
-                key: &sale.key,
-                from: &pool,
-                to: &bucket,
-                to_node: Some("node-a"),
-                reason: "refill",
-            },
-            12,
-            true,
-        )
-        .await
-        .expect("debit");
-    assert_eq!(moved.qty, 12);
+    let transfer_id = debit_without_credit(&allocator, &sale, 12).await;
     let view = allocator.stock_view(&sale.key).await.expect("view");
     assert_eq!(view.sellable(), 18, "12 units are in flight");
 
@@ -433,23 +440,7 @@ async fn a_transfer_that_cannot_be_credited_in_time_returns_to_its_source() {
     let sale = sale(&["node-a"]);
     stock(&allocator, &sale.key, 30).await;
     let pool = sale.key.pool(PARTITIONS);
-    let bucket = sale.key.bucket("node-a", PARTITIONS);
-    let transfer_id = testkit::unique_id("t-late");
-    allocator
-        .transfer_out(
-            &allocator::Transfer {
-                id: &transfer_id,
-                key: &sale.key,
-                from: &pool,
-                to: &bucket,
-                to_node: Some("node-a"),
-                reason: "refill",
-            },
-            12,
-            true,
-        )
-        .await
-        .expect("debit");
+    let transfer_id = debit_without_credit(&allocator, &sale, 12).await;
     // The credit kept failing for 13 hours (past the credit window, within
     // the credit records' life): what the record says of its debit then.
     let redis = raw_redis().await;

@@ -59,17 +59,7 @@ async fn replayed_defects_make_the_audit_fail_naming_each_key() {
     let (counted, recredited, sold_short) =
         (sale_of("counted"), sale_of("recredited"), sale_of("short"));
     for sale in [&counted, &recredited, &sold_short] {
-        let restock = allocator::Adjustment {
-            merchant: sale.key.merchant.clone(),
-            sku: sale.key.sku.clone(),
-            location: sale.key.location.clone(),
-            kind: AdjustmentKind::Delta,
-            qty: 100,
-            source: "test".to_owned(),
-            event_id: testkit::unique_id("restock"),
-            source_seq: None,
-        };
-        allocator.adjust(&restock).await.expect("restock");
+        common::restock(&allocator, &sale.key, 100).await;
         allocator.activate(sale, "e1").await.expect("activate");
     }
     let (balanced, printed) = common::audit(&setup);

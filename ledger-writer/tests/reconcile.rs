@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use allocator::{AdjustmentKind, CartLine, CartRequest, StockKey, Transfer};
+use allocator::{CartLine, CartRequest, StockKey, Transfer};
 use fred::prelude::*;
 use ledger_writer::reconcile::{PARK_AFTER_FAILURES, Reconciler};
 
@@ -21,17 +21,7 @@ async fn a_poisoned_cart_does_not_stop_the_reconciler_finishing_everything_else(
         StockKey::new(&merchant, "b", "dc1"),
     ];
     for key in &keys {
-        let adjustment = allocator::Adjustment {
-            merchant: key.merchant.clone(),
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            kind: AdjustmentKind::Delta,
-            qty: 10,
-            source: "test".to_owned(),
-            event_id: testkit::unique_id("restock"),
-            source_seq: None,
-        };
-        allocator.adjust(&adjustment).await.expect("restock");
+        common::restock(&allocator, key, 10).await;
     }
 
     // A cart decided for commit whose first line's record is gone (corrupt):
@@ -140,17 +130,7 @@ async fn the_buckets_of_a_sale_removed_from_the_config_are_taken_back() {
         refill_chunk_units_min: 1,
         refill_chunk_units_max: 10,
     };
-    let restock = allocator::Adjustment {
-        merchant: sale.key.merchant.clone(),
-        sku: sale.key.sku.clone(),
-        location: sale.key.location.clone(),
-        kind: AdjustmentKind::Delta,
-        qty: 40,
-        source: "test".to_owned(),
-        event_id: testkit::unique_id("restock"),
-        source_seq: None,
-    };
-    allocator.adjust(&restock).await.expect("restock");
+    common::restock(&allocator, &sale.key, 40).await;
     allocator.activate(&sale, "e1").await.expect("activate");
     let view = allocator.stock_view(&sale.key).await.expect("view");
     assert_eq!(view.buckets.iter().map(|(_, b)| b.on_hand).sum::<i64>(), 20);

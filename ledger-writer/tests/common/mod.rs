@@ -400,3 +400,18 @@ pub async fn raw_redis(url: &str) -> fred::clients::Client {
     client.init().await.expect("connect to redis");
     client
 }
+
+/// Adds `qty` units to `key` (a delta from source `test`, a fresh event id).
+pub async fn restock(allocator: &Allocator, key: &allocator::StockKey, qty: i64) {
+    let adjustment = allocator::Adjustment {
+        merchant: key.merchant.clone(),
+        sku: key.sku.clone(),
+        location: key.location.clone(),
+        kind: allocator::AdjustmentKind::Delta,
+        qty,
+        source: "test".to_owned(),
+        event_id: testkit::unique_id("restock"),
+        source_seq: None,
+    };
+    allocator.adjust(&adjustment).await.expect("restock");
+}
