@@ -408,12 +408,27 @@ impl Allocator {
         }
     }
 
-    pub(crate) async fn call(&self, op: Op, partition: u32, mut args: Value) -> Result<Value> {
+    pub(crate) async fn call(&self, op: Op, partition: u32, args: Value) -> Result<Value> {
+        self.call_with(op, partition, args, Vec::new()).await
+    }
+
+    /// [`Allocator::call`] with plain string arguments after the JSON one
+    /// (a batch's requests: no JSON for the script to decode per request).
+    pub(crate) async fn call_with(
+        &self,
+        op: Op,
+        partition: u32,
+        mut args: Value,
+        extra: Vec<String>,
+    ) -> Result<Value> {
         strip_nulls(&mut args);
         args["partition"] = json!(partition);
         args["node"] = json!(self.settings.node);
         let keys = keys::partition_keys(partition);
-        let argv = vec![args.to_string(), scripts::REPLY_VERSION.to_string()];
+        let mut argv = Vec::with_capacity(2 + extra.len());
+        argv.push(args.to_string());
+        argv.push(scripts::REPLY_VERSION.to_string());
+        argv.extend(extra);
         let text: String = self
             .with_timeout(self.scripts.run(op, self.pool.next(), keys, argv))
             .await?;

@@ -79,13 +79,57 @@ pub struct HoldRequest {
 }
 
 impl HoldRequest {
-    pub(crate) fn args(&self, cell: &CellRef) -> Value {
-        json!({
-            "reservation_id": self.reservation_id,
-            "merchant": self.key.merchant, "sku": self.key.sku, "location": self.key.location,
-            "cell": cell.id, "qty": self.qty, "ttl_ms": self.ttl_ms, "grace_ms": self.grace_ms,
-            "customer_hash": self.customer_hash, "cart_id": self.cart_id,
-        })
+    /// This request's fields as `lua/reserve_batch.lua` reads them (see
+    /// `hold_requests` in `lua/lib.lua`): plain strings, empty for none.
+    fn push_argv(&self, argv: &mut Vec<String>) {
+        argv.push(self.reservation_id.clone());
+        argv.push(self.qty.to_string());
+        argv.push(self.ttl_ms.to_string());
+        argv.push(self.grace_ms.to_string());
+        argv.push(self.customer_hash.clone().unwrap_or_default());
+        argv.push(self.cart_id.clone().unwrap_or_default());
+    }
+
+    /// The answer `lua/reserve_batch.lua` gave this request (see
+    /// `reserve_many` in `lua/lib.lua`), at Redis time `now_ms`.
+    fn decode_answer(&self, cell: &CellRef, now_ms: u64, answer: &Value) -> Result<Hold> {
+        let unexpected = || AllocatorError::Protocol(format!("reserve_batch answer: {answer}"));
+        match answer[0].as_str().ok_or_else(unexpected)? {
+            "h" => Ok(Hold {
+                reservation: crate::Reservation {
+                    reservation_id: self.reservation_id.clone(),
+                    merchant: self.key.merchant.clone(),
+                    sku: self.key.sku.clone(),
+                    location: self.key.location.clone(),
+                    cell: cell.id.clone(),
+                    qty: self.qty,
+                    backordered: answer[1]
+                        .as_u64()
+                        .and_then(|units| u32::try_from(units).ok())
+                        .ok_or_else(unexpected)?,
+                    status: ReservationStatus::Held,
+                    expires_at_ms: now_ms + self.ttl_ms,
+                    hold_until_ms: now_ms + self.ttl_ms + self.grace_ms,
+                    cart_id: self.cart_id.clone(),
+                },
+                replayed: false,
+            }),
+            "p" => decode_hold(&self.key, self.qty, answer[1].clone()),
+            "s" => Err(AllocatorError::InsufficientStock {
+                lines: vec![ShortLine {
+                    sku: self.key.sku.clone(),
+                    location: self.key.location.clone(),
+                    requested: self.qty,
+                    available: answer[1].as_i64().ok_or_else(unexpected)?,
+                }],
+            }),
+            "f" => Err(AllocatorError::Fenced),
+            "n" => Err(AllocatorError::NotFound),
+            "b" => Err(AllocatorError::InvalidRequest(
+                answer[1].as_str().unwrap_or("bad argument").to_owned(),
+            )),
+            _ => Err(unexpected()),
+        }
     }
 }
 
@@ -582,15 +626,15 @@ impl Allocator {
     /// Tests and benchmarks use it to stage holds; requests go through
     /// [`Allocator::reserve`], [`Allocator::reserve_cart`] or [`Reserver`].
     pub async fn hold(&self, cell: &CellRef, hold: &HoldRequest) -> Result<Hold> {
-        let reply = self
-            .call(Op::Reserve, cell.partition, hold.args(cell))
-            .await?;
-        decode_hold(&hold.key, hold.qty, reply)
+        self.hold_batch(cell, std::slice::from_ref(hold))
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(AllocatorError::Protocol("an empty batch answer".to_owned())))
     }
 
     /// Several holds on one cell in one script call (coalescing). Each gets
-    /// the answer [`Allocator::hold`] would have given it, in order; the call
-    /// as a whole fails only when Redis does.
+    /// the answer it would have had alone, in order; the call as a whole
+    /// fails only when Redis does.
     pub async fn hold_batch(
         &self,
         cell: &CellRef,
@@ -602,23 +646,32 @@ impl Allocator {
                 crate::RESERVE_BATCH_MAX
             )));
         }
-        let requests: Vec<Value> = holds.iter().map(|hold| hold.args(cell)).collect();
+        let mut argv = Vec::with_capacity(holds.len() * 6);
+        for hold in holds {
+            hold.push_argv(&mut argv);
+        }
         let reply = self
-            .call(
+            .call_with(
                 Op::ReserveBatch,
                 cell.partition,
-                json!({ "requests": requests }),
+                json!({ "cell": cell.id, "count": holds.len() }),
+                argv,
             )
             .await?;
         check_refusal(&reply)?;
-        let replies = reply["replies"]
+        let now_ms = reply["now_ms"].as_u64();
+        let answers = reply["answers"]
             .as_array()
-            .filter(|replies| replies.len() == holds.len())
-            .ok_or_else(|| AllocatorError::Protocol(format!("reserve_batch reply: {reply}")))?;
+            .filter(|answers| answers.len() == holds.len());
+        let (Some(now_ms), Some(answers)) = (now_ms, answers) else {
+            return Err(AllocatorError::Protocol(format!(
+                "reserve_batch reply: {reply}"
+            )));
+        };
         Ok(holds
             .iter()
-            .zip(replies)
-            .map(|(hold, reply)| decode_hold(&hold.key, hold.qty, reply.clone()))
+            .zip(answers)
+            .map(|(hold, answer)| hold.decode_answer(cell, now_ms, answer))
             .collect())
     }
 

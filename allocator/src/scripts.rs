@@ -17,8 +17,6 @@ const LIB: &str = include_str!("../../lua/lib.lua");
 /// One operation script.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    /// `lua/reserve.lua`
-    Reserve,
     /// `lua/reserve_batch.lua`
     ReserveBatch,
     /// `lua/commit.lua`
@@ -57,8 +55,7 @@ pub enum Op {
     Claim,
 }
 
-const OPS: [(Op, &str); 19] = [
-    (Op::Reserve, include_str!("../../lua/reserve.lua")),
+const OPS: [(Op, &str); 18] = [
     (
         Op::ReserveBatch,
         include_str!("../../lua/reserve_batch.lua"),

@@ -439,10 +439,23 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
         customer_hash: None,
         cart_id: None,
     };
-    // Eight claimed holds, and the first one's attempt run again.
+    // Eight claimed holds, a bad one among them, and the first one's
+    // attempt run again.
     let mut requests: Vec<_> = (0..8).map(hold).collect();
+    requests.insert(
+        3,
+        allocator::HoldRequest {
+            qty: 0,
+            ..hold(9)
+        },
+    );
     requests.push(hold(0));
     let answers = allocator.hold_batch(&cell, &requests).await.expect("batch");
+    assert!(
+        matches!(&answers[3], Err(AllocatorError::InvalidRequest(reason)) if reason == "qty"),
+        "{:?}",
+        answers[3]
+    );
     let held = answers
         .iter()
         .filter(|answer| matches!(answer, Ok(hold) if !hold.replayed))
@@ -454,7 +467,7 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
     assert_eq!((held, short), (5, 3));
     let replay = answers
         .last()
-        .expect("nine answers")
+        .expect("ten answers")
         .as_ref()
         .expect("replay of batch-0");
     assert!(replay.replayed);
@@ -536,13 +549,14 @@ async fn no_client_text_reaches_redis_or_the_ledger() {
     let mut seen = String::new();
     for partition in partitions {
         for name in ["cells", "res", "idem", "xfer"] {
-            let hash: std::collections::HashMap<String, String> = redis
+            // Bytes: reservation records are MessagePack, not text.
+            let hash: std::collections::HashMap<String, Vec<u8>> = redis
                 .hgetall(format!("inv:{{{partition}}}:{name}"))
                 .await
                 .expect("hash");
             for (field, value) in hash {
                 seen.push_str(&field);
-                seen.push_str(&value);
+                seen.push_str(&String::from_utf8_lossy(&value));
             }
         }
         for entry in allocator

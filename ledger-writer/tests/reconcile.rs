@@ -50,13 +50,21 @@ async fn a_poisoned_cart_does_not_stop_the_reconciler_finishing_everything_else(
         .expect("decided");
     let line_partition = keys[0].partition(common::PARTITIONS);
     let redis = common::raw_redis(&setup.redis_url).await;
-    let records: std::collections::HashMap<String, String> = redis
+    // Bytes: reservation records are MessagePack; the line's names its cart
+    // and its cell (the pool of key "a").
+    let records: std::collections::HashMap<String, Vec<u8>> = redis
         .hgetall(format!("inv:{{{line_partition}}}:res"))
         .await
         .expect("records");
+    let cell = keys[0].pool(common::PARTITIONS).id;
+    let names = |record: &[u8], text: &str| {
+        record
+            .windows(text.len())
+            .any(|window| window == text.as_bytes())
+    };
     let line = records
         .iter()
-        .find(|(_, record)| record.contains(&cart.reservation_id) && record.contains("\"a\""))
+        .find(|(_, record)| names(record, &cart.reservation_id) && names(record, &cell))
         .map(|(id, _)| id.clone())
         .expect("the cart's first line");
     let _: i64 = redis
