@@ -6,9 +6,10 @@
 --   open     first use: records ARGS.fingerprint, the placement (ARGS.cell,
 --            ARGS.cell_partition, ARGS.reservation_id: where and as what
 --            the first attempt holds) and a lease of ARGS.lease_ms for this
---            node; answers claimed {attempt 0, token}. Later uses: done
+--            node; answers claimed {attempt 0, token, lease_until_ms}. Later uses: done
 --            {reply} once finished (the stored answer, success or refusal);
---            in_progress {until_ms} while another caller's lease lasts;
+--            in_progress {until_ms, placement} while another caller's
+--            lease lasts;
 --            else the caller takes the claim over: claimed {attempt, token,
 --            placement, taken_over}, and must run that same attempt again.
 --            Another fingerprint: idempotency_key_reused.
@@ -45,18 +46,21 @@ if a.action == 'open' then
     redis.call('HSET', K_IDEM, field, cjson.encode(rec))
     gc_later('i|' .. field)
     return reply({ status = 'claimed', attempt = 0, token = 1, taken_over = false,
+      lease_until_ms = rec.lease_until_ms,
       cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
   end
   if rec.fp ~= a.fingerprint then return refuse('idempotency_key_reused') end
   if rec.state == 'done' then return reply({ status = 'done', reply = rec.reply }) end
   if rec.lease_until_ms > NOW then
-    return reply({ status = 'in_progress', until_ms = rec.lease_until_ms })
+    return reply({ status = 'in_progress', until_ms = rec.lease_until_ms,
+      cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
   end
   rec.token = rec.token + 1
   rec.owner = ARGS.node
   rec.lease_until_ms = NOW + a.lease_ms
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))
   return reply({ status = 'claimed', attempt = rec.attempt, token = rec.token, taken_over = true,
+    lease_until_ms = rec.lease_until_ms,
     cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
 end
 

@@ -16,6 +16,9 @@ if r.lines and NOW >= r.expires_at_ms then
   return refuse('not_held', { reservation_status = 'expired' })
 end
 due_remove(r)
+-- The expiry the hold was made with: what its request answered, and
+-- answers again on every retry (a hold's one home of that answer).
+if not r.lines and r.held_expires_at_ms == nil then r.held_expires_at_ms = r.expires_at_ms end
 r.expires_at_ms = NOW + ARGS.ttl_ms
 r.hold_until_ms = r.expires_at_ms + ARGS.grace_ms
 res_put(r)

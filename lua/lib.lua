@@ -1,10 +1,15 @@
--- Shared by every stock script: the allocator prepends this file to each
--- script in lua/ when it loads them, so each script Redis sees is whole.
+-- The stock library: every operation script in lua/ is one function of
+-- it. The allocator loads it once per Redis primary as a Redis Function
+-- library (FUNCTION LOAD): this file first, then each operation's file as
+-- the body of a function registered under the operation's name, which
+-- starts with begin(keys, argv). So the helpers below are made once per
+-- load, not once per call (the per-call cost of a script that defines them
+-- all was most of a cheap call's time).
 --
--- Every script gets the same nine keys, all of one partition (one hash tag,
--- so one Redis Cluster slot), and one JSON argument:
+-- Every operation gets the same nine keys, all of one partition (one hash
+-- tag, so one Redis Cluster slot), and one JSON argument:
 --   KEYS[1] cells         HASH  cell id -> cell JSON
---   KEYS[2] reservations  HASH  reservation id -> reservation JSON
+--   KEYS[2] reservations  HASH  reservation id -> reservation (MessagePack)
 --   KEYS[3] due           ZSET  held reservation id, score = hold_until_ms
 --   KEYS[4] idempotency   HASH  record key -> {fp, reply} (and event dedupe)
 --   KEYS[5] sequences     HASH  "stock key|source" -> last applied source_seq
@@ -13,14 +18,17 @@
 --   KEYS[8] transfers     HASH  transfer id -> transfer JSON
 --   KEYS[9] due by cell   ZSET  "cell|hold_until_ms (15 digits)|id", score 0:
 --                               a cell's due holds in time order (ZRANGEBYLEX)
---   ARGV[1] the request as JSON; ARGV[2] the reply schema version expected
+--   ARGV[1] the request as JSON; ARGV[2] the reply schema version expected;
+--   ARGV[3..] plain string arguments of operations that take them
 --
 -- Replies are JSON objects {"v":1,"status":...}; the allocator decodes them
 -- into typed results. Arguments are checked before the first write: Redis does
 -- not roll back a script that errors half way.
 
-local K_CELLS, K_RES, K_DUE, K_IDEM, K_SEQ, K_LEDGER, K_GC, K_XFER, K_DUE_CELL =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+-- The call being served, set by begin(): Redis runs one call at a time, and
+-- every call starts with begin(), so these never carry over between calls.
+local KEYS, ARGV, ARGS, NOW
+local K_CELLS, K_RES, K_DUE, K_IDEM, K_SEQ, K_LEDGER, K_GC, K_XFER, K_DUE_CELL
 local REPLY_VERSION = 1
 local LEDGER_VERSION = 1
 local CHANGES_CHANNEL = 'inv:changes'
@@ -47,7 +55,6 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local NOW = now_ms()
 
 local function reply(t)
   t.v = REPLY_VERSION
@@ -72,15 +79,25 @@ local function is_cell_id(s)
   return type(s) == 'string' and #s >= 7 and #s <= 600 and not s:find('[^%w%._:%-|]')
 end
 
-if ARGV[2] ~= tostring(REPLY_VERSION) then
-  return refuse('bad_argument', { reason = 'reply version ' .. tostring(ARGV[2]) .. ' not supported' })
-end
-local ok_args, ARGS = pcall(cjson.decode, ARGV[1] or '')
-if not ok_args or type(ARGS) ~= 'table' then
-  return refuse('bad_argument', { reason = 'argument is not a JSON object' })
-end
-if not is_int(ARGS.partition, 0, LIMITS.partition_max) or not is_id(ARGS.node) then
-  return refuse('bad_argument', { reason = 'partition and node are required' })
+-- Starts a call: its keys, arguments and time. A refusal (JSON) when the
+-- arguments cannot be served, else nil.
+local function begin(keys, argv)
+  KEYS, ARGV, ARGS = keys, argv, nil
+  K_CELLS, K_RES, K_DUE, K_IDEM, K_SEQ, K_LEDGER, K_GC, K_XFER, K_DUE_CELL =
+    keys[1], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8], keys[9]
+  NOW = now_ms()
+  if argv[2] ~= tostring(REPLY_VERSION) then
+    return refuse('bad_argument', { reason = 'reply version ' .. tostring(argv[2]) .. ' not supported' })
+  end
+  local ok_args, args = pcall(cjson.decode, argv[1] or '')
+  if not ok_args or type(args) ~= 'table' then
+    return refuse('bad_argument', { reason = 'argument is not a JSON object' })
+  end
+  ARGS = args
+  if not is_int(ARGS.partition, 0, LIMITS.partition_max) or not is_id(ARGS.node) then
+    return refuse('bad_argument', { reason = 'partition and node are required' })
+  end
+  return nil
 end
 
 -- Cells -----------------------------------------------------------------
@@ -349,6 +366,7 @@ local function reservation_view(r)
     sku = r.sku, location = r.location, cell = r.cell, qty = r.qty,
     backordered = r.backordered, expires_at_ms = r.expires_at_ms,
     hold_until_ms = r.hold_until_ms, cart_id = r.cart_id,
+    held_expires_at_ms = r.held_expires_at_ms,
   }
 end
 
@@ -360,26 +378,29 @@ local function check_hold(h)
   if not is_int(h.grace_ms, 0, LIMITS.grace_ms_max) then return 'grace_ms' end
   if h.cart_id ~= nil and not is_id(h.cart_id) then return 'cart_id' end
   if h.customer_hash ~= nil and #h.customer_hash > 128 then return 'customer_hash' end
+  if h.hold_by_ms ~= nil and not is_int(h.hold_by_ms, 0, 99999999999999) then return 'hold_by_ms' end
   return nil
 end
 
 -- Where a batch's requests start in ARGV, and how many fields each has:
--- reservation id, qty, ttl_ms, grace_ms, customer hash, cart id (the last
--- two empty when absent). Plain strings: no JSON to decode per request.
+-- reservation id, qty, ttl_ms, grace_ms, customer hash, cart id, hold-by
+-- time in ms (the last three empty when absent). Plain strings: no JSON to
+-- decode per request.
 local HOLD_ARGV_FIRST = 3
-local HOLD_FIELDS = 6
+local HOLD_FIELDS = 7
 
 -- The holds ARGS.count requests ask of cell ARGS.cell, from ARGV.
 local function hold_requests()
   local holds = {}
   for i = 1, ARGS.count do
     local at = HOLD_ARGV_FIRST + (i - 1) * HOLD_FIELDS
-    local customer_hash, cart_id = ARGV[at + 4], ARGV[at + 5]
+    local customer_hash, cart_id, hold_by = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
     holds[i] = {
       reservation_id = ARGV[at], qty = tonumber(ARGV[at + 1]), ttl_ms = tonumber(ARGV[at + 2]),
       grace_ms = tonumber(ARGV[at + 3]),
       customer_hash = (customer_hash ~= nil and customer_hash ~= '') and customer_hash or nil,
       cart_id = (cart_id ~= nil and cart_id ~= '') and cart_id or nil,
+      hold_by_ms = (hold_by ~= nil and hold_by ~= '') and tonumber(hold_by) or nil,
     }
   end
   return holds
@@ -397,10 +418,16 @@ end
 -- A refusal writes nothing, so running the attempt again decides anew. The
 -- caller ran housekeeping() already.
 --
+-- A request with hold_by_ms makes a new hold only before that Redis time
+-- (its claim's lease, less a margin for clocks of other shards): once the
+-- lease has lapsed another caller may take the claim over and decide the
+-- request, and a late hold of the slow caller must not land after that.
+--
 -- Answers, one per request, in order (compact: the caller knows what it
 -- asked): {'h', backordered} held (expires at NOW + ttl_ms); {'p', view} a
 -- reservation that existed (replayed); {'s', available} insufficient stock;
--- {'f'} the bucket is fenced; {'n'} no such cell; {'b', reason} a bad request.
+-- {'f'} the bucket is fenced; {'n'} no such cell; {'l'} the request's
+-- hold-by time has passed; {'b', reason} a bad request.
 local function reserve_many(holds)
   local cell_id = ARGS.cell
   local answers = {}
@@ -450,6 +477,8 @@ local function reserve_many(holds)
         view.replayed = true
         answers[i] = { 'p', view }
       end
+    elseif h.hold_by_ms ~= nil and NOW >= h.hold_by_ms then
+      answers[i] = { 'l' }
     elseif not c then
       answers[i] = { 'n' }
     elseif c.fenced then

@@ -46,6 +46,7 @@ fn hold(key: &StockKey, cell: &allocator::CellRef) -> HoldRequest {
         reservation_id: allocator::keys::reservation_id(cell.partition, random),
         customer_hash: None,
         cart_id: None,
+        hold_by_ms: None,
     }
 }
 

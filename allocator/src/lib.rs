@@ -175,7 +175,9 @@ pub use hot::{
 pub use keys::{CellRef, StockKey};
 pub use ledger::{EntryId, LEDGER_VERSION, LedgerEntry, LedgerOp};
 pub use model::*;
-pub use reserve::{Coalescer, Coalescing, HoldRequest, HotKey, Reserver};
+pub use reserve::{
+    CLAIM_CLOCK_MARGIN, Coalescer, Coalescing, Flushed, HoldRequest, HotKey, Reserver,
+};
 use scripts::{Op, Scripts};
 
 /// Why an allocator call did not do what was asked.

@@ -147,6 +147,21 @@ pub struct Reservation {
     /// The cart this is a line of, if any.
     #[serde(default)]
     pub cart_id: Option<String>,
+    /// The expiry the hold was made with, once an extension changed it.
+    #[serde(default)]
+    pub held_expires_at_ms: Option<u64>,
+}
+
+impl Reservation {
+    /// The answer the request that made this one-line hold got, which every
+    /// retry of that request gets again (API: "the original status and
+    /// body"), whatever happened to the hold since.
+    pub fn answer(&self) -> crate::CartView {
+        let mut view = crate::CartView::from(self);
+        view.status = ReservationStatus::Held;
+        view.expires_at_ms = self.held_expires_at_ms.unwrap_or(self.expires_at_ms);
+        view
+    }
 }
 
 /// A successful reserve.

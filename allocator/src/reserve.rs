@@ -51,6 +51,12 @@ use crate::{
 /// (the hot path is bounded well under it).
 const CLAIM_LEASE: Duration = Duration::from_secs(10);
 
+/// How much earlier than its claim's lease a caller stops making new holds
+/// (`hold_by_ms`): more than the clocks of two Redis shards can differ, so a
+/// slow caller's hold never lands after another caller took the claim over
+/// (the lease is timed by the claim's shard, the hold by the cell's).
+pub const CLAIM_CLOCK_MARGIN: Duration = Duration::from_secs(2);
+
 /// How long a second caller waits for a claim another caller holds.
 const CLAIM_WAIT_MAX: Duration = Duration::from_secs(3);
 const CLAIM_POLL: Duration = Duration::from_millis(20);
@@ -76,6 +82,10 @@ pub struct HoldRequest {
     pub customer_hash: Option<String>,
     /// The cart a line belongs to.
     pub cart_id: Option<String>,
+    /// A new hold is made only before this Redis time (ms): the request's
+    /// claim lease less [`CLAIM_CLOCK_MARGIN`]. After it another caller may
+    /// have taken the claim over, and this caller's hold must not land.
+    pub hold_by_ms: Option<u64>,
 }
 
 impl HoldRequest {
@@ -88,6 +98,7 @@ impl HoldRequest {
         argv.push(self.grace_ms.to_string());
         argv.push(self.customer_hash.clone().unwrap_or_default());
         argv.push(self.cart_id.clone().unwrap_or_default());
+        argv.push(self.hold_by_ms.map(|ms| ms.to_string()).unwrap_or_default());
     }
 
     /// The answer `lua/reserve_batch.lua` gave this request (see
@@ -111,6 +122,7 @@ impl HoldRequest {
                     expires_at_ms: now_ms + self.ttl_ms,
                     hold_until_ms: now_ms + self.ttl_ms + self.grace_ms,
                     cart_id: self.cart_id.clone(),
+                    held_expires_at_ms: None,
                 },
                 replayed: false,
             }),
@@ -125,6 +137,9 @@ impl HoldRequest {
             }),
             "f" => Err(AllocatorError::Fenced),
             "n" => Err(AllocatorError::NotFound),
+            // This caller's claim lease ran out before its hold: another
+            // caller may be deciding the request now.
+            "l" => Err(AllocatorError::InProgress),
             "b" => Err(AllocatorError::InvalidRequest(
                 answer[1].as_str().unwrap_or("bad argument").to_owned(),
             )),
@@ -171,6 +186,8 @@ struct Claim {
     token: u64,
     attempt: u64,
     taken_over: bool,
+    /// When this caller's lease ends (Redis time of the claim's shard, ms).
+    lease_until_ms: u64,
     /// Where a one-line request's attempt holds (fixed at the first use).
     placement: Option<(CellRef, String)>,
 }
@@ -246,15 +263,31 @@ impl Allocator {
                         })?,
                         attempt: reply["attempt"].as_u64().unwrap_or_default(),
                         taken_over: reply["taken_over"] == json!(true),
+                        lease_until_ms: reply["lease_until_ms"].as_u64().ok_or_else(|| {
+                            AllocatorError::Protocol(format!("claim reply: {reply}"))
+                        })?,
                         placement,
                     }));
                 }
                 Some("done") => return Ok(Opened::Done(stored(&reply)?)),
-                Some("in_progress") if started.elapsed() < CLAIM_WAIT_MAX => {
-                    tokio::time::sleep(CLAIM_POLL).await;
-                }
                 Some("in_progress") => {
-                    return Err(AllocatorError::InProgress);
+                    // A one-line request is answered by its hold once that
+                    // has landed: its holder does not store the answer.
+                    if let Some(id) = reply["reservation_id"].as_str() {
+                        match self.reservation(None, id).await {
+                            Ok(reservation) => {
+                                return Ok(Opened::Done(Stored::Held {
+                                    cart: reservation.answer(),
+                                }));
+                            }
+                            Err(AllocatorError::NotFound) => {}
+                            Err(other) => return Err(other),
+                        }
+                    }
+                    if started.elapsed() >= CLAIM_WAIT_MAX {
+                        return Err(AllocatorError::InProgress);
+                    }
+                    tokio::time::sleep(CLAIM_POLL).await;
                 }
                 _ => {
                     check_refusal(&reply)?;
@@ -374,6 +407,15 @@ impl Allocator {
             _ => self.hold_cart(&mut claim, request, ttl_ms).await,
         };
         let (answer, replayed) = match outcome {
+            // A one-line hold is its request's answer: it lives with the
+            // units (its reservation id is fixed by the claim, and a retry
+            // finds it there), so it is not stored in the claim as well.
+            Ok(hold) if request.lines.len() == 1 => {
+                return Ok(CartHold {
+                    cart: hold.cart,
+                    replayed: hold.replayed || claim.taken_over,
+                });
+            }
             Ok(hold) => (Stored::Held { cart: hold.cart }, hold.replayed),
             Err(AllocatorError::InsufficientStock { lines }) => {
                 (Stored::InsufficientStock { lines }, false)
@@ -444,6 +486,11 @@ impl Allocator {
                 .as_deref()
                 .map(|reference| self.customer_hash(reference)),
             cart_id: None,
+            hold_by_ms: Some(
+                claim
+                    .lease_until_ms
+                    .saturating_sub(CLAIM_CLOCK_MARGIN.as_millis() as u64),
+            ),
         };
         let bucket_node = bucket_node_of(&cell.id);
         let first = match route.coalescer {
@@ -475,7 +522,7 @@ impl Allocator {
             (result, _, _) => result,
         }?;
         Ok(CartHold {
-            cart: CartView::from(&hold.reservation),
+            cart: hold.reservation.answer(),
             replayed: hold.replayed,
         })
     }
@@ -540,6 +587,8 @@ impl Allocator {
                     reservation_id: line_id(index, cell.partition),
                     customer_hash: customer_hash.clone(),
                     cart_id: Some(cart_id.clone()),
+                    // The cart's record decides it, under the claim's token.
+                    hold_by_ms: None,
                 };
                 // Tried: a store error may still have applied it.
                 tried.push(stored(hold.reservation_id.clone(), 0));
@@ -752,39 +801,58 @@ fn stored(reply: &Value) -> Result<Stored> {
 
 type Answer = tokio::sync::oneshot::Sender<Result<Hold>>;
 
-struct Batch {
-    cell: CellRef,
-    waiting: Vec<(HoldRequest, Answer)>,
+/// The holds waiting on one cell, and how many calls on it are under way.
+#[derive(Default)]
+struct CellQueue {
+    waiting: Vec<(HoldRequest, Answer, Instant)>,
+    /// Calls in flight (or lingering before their first flush).
+    running: usize,
 }
 
 /// How concurrent holds on one cell are coalesced (from the config; a
 /// reload replaces it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Coalescing {
-    /// How long the first hold on an idle cell waits for company.
+    /// How long the first hold on an idle cell lingers for company before
+    /// its call; zero flushes at once (the default: see [`Coalescer`]).
     pub wait: Duration,
-    /// A batch this large flushes at once.
+    /// A batch this large flushes at once, even while a call is running.
     pub batch_max: usize,
 }
 
+/// What a flushed batch was: told to the coalescer's observer (metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    /// Holds in the call.
+    pub size: usize,
+    /// How long the batch's oldest hold waited for the call to start.
+    pub waited: Duration,
+}
+
 /// Coalescing: concurrent holds on one cell become one `reserve_batch`
-/// script call, and each request still gets its own answer. The first hold
-/// on an idle cell opens a batch and schedules its flush after `wait`;
-/// holds arriving meanwhile join it; a batch that reaches `batch_max`
-/// flushes at once. The flush runs as its own task, so a client that goes
-/// away never strands the others.
+/// script call, and each request still gets its own answer.
+///
+/// Policy (Nagle's, chosen from the measurements in `bench/report.md`): a
+/// hold on a cell with no call running starts a call at once (after
+/// `wait`, when that is set); holds that arrive while a call runs queue, and
+/// go together in the next call, which starts the moment the running one
+/// returns. So an idle node adds no delay, and under load each call carries
+/// what arrived during the previous one: batches grow with the load, with no
+/// timer to tune. A queue that reaches `batch_max` starts a call of its own
+/// at once. Calls run as tasks of their own, so a client that goes away
+/// never strands the others.
 pub struct Coalescer {
-    open: Arc<Mutex<HashMap<String, Batch>>>,
+    queues: Arc<Mutex<HashMap<String, CellQueue>>>,
     settings: RwLock<Coalescing>,
-    /// Told the size of every batch flushed (for metrics).
-    observe: Arc<dyn Fn(usize) + Send + Sync>,
+    /// Told about every batch flushed (for metrics).
+    observe: Arc<dyn Fn(Flushed) + Send + Sync>,
 }
 
 impl Coalescer {
-    /// A coalescer with `settings`, telling `observe` every batch's size.
-    pub fn new(settings: Coalescing, observe: Arc<dyn Fn(usize) + Send + Sync>) -> Self {
+    /// A coalescer with `settings`, telling `observe` about every batch.
+    pub fn new(settings: Coalescing, observe: Arc<dyn Fn(Flushed) + Send + Sync>) -> Self {
         Self {
-            open: Arc::default(),
+            queues: Arc::default(),
             settings: RwLock::new(settings),
             observe,
         }
@@ -798,86 +866,150 @@ impl Coalescer {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
     }
 
-    async fn hold(&self, allocator: &Allocator, cell: &CellRef, hold: HoldRequest) -> Result<Hold> {
-        let Coalescing { wait, batch_max } = *self
+    fn settings(&self) -> Coalescing {
+        *self
             .settings
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn hold(&self, allocator: &Allocator, cell: &CellRef, hold: HoldRequest) -> Result<Hold> {
+        let Coalescing { wait, batch_max } = self.settings();
+        let batch_max = batch_max.clamp(1, crate::RESERVE_BATCH_MAX);
         let (answer, reply) = tokio::sync::oneshot::channel();
-        let flush_now = {
-            let mut open = self
-                .open
+        // (linger first, batch to run now)
+        let start = {
+            let mut queues = self
+                .queues
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let batch = open.entry(cell.id.clone()).or_insert_with(|| Batch {
-                cell: cell.clone(),
-                waiting: Vec::new(),
-            });
-            batch.waiting.push((hold, answer));
-            let first = batch.waiting.len() == 1;
-            if batch.waiting.len() >= batch_max.clamp(1, crate::RESERVE_BATCH_MAX) {
-                open.remove(&cell.id).map(|batch| (batch, Duration::ZERO))
-            } else if first {
-                Some((
-                    Batch {
-                        cell: cell.clone(),
-                        waiting: Vec::new(),
-                    },
-                    wait,
-                ))
+            let queue = queues.entry(cell.id.clone()).or_default();
+            queue.waiting.push((hold, answer, Instant::now()));
+            if queue.running == 0 {
+                queue.running = 1;
+                Some(wait)
+            } else if queue.waiting.len() >= batch_max {
+                queue.running += 1;
+                Some(Duration::ZERO)
             } else {
                 None
             }
         };
-        if let Some((batch, delay)) = flush_now {
-            let open = Arc::clone(&self.open);
-            let allocator = allocator.clone();
-            let observe = Arc::clone(&self.observe);
-            tokio::spawn(async move {
-                let batch = if batch.waiting.is_empty() {
-                    // The opener: wait for company, then take whatever joined.
-                    tokio::time::sleep(delay).await;
-                    let taken = open
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&batch.cell.id);
-                    match taken {
-                        Some(batch) => batch,
-                        None => return, // flushed already because it filled up
-                    }
-                } else {
-                    batch
-                };
-                let (holds, answers): (Vec<_>, Vec<_>) = batch.waiting.into_iter().unzip();
-                observe(holds.len());
-                match allocator.hold_batch(&batch.cell, &holds).await {
-                    Ok(results) => {
-                        for (answer, result) in answers.into_iter().zip(results) {
-                            let _ = answer.send(result);
-                        }
-                    }
-                    Err(error) => {
-                        let message = error.to_string();
-                        for answer in answers {
-                            let _ = answer.send(Err(match &error {
-                                AllocatorError::StoreUnavailable(_) => {
-                                    AllocatorError::StoreUnavailable(message.clone())
-                                }
-                                AllocatorError::InvalidRequest(_) => {
-                                    AllocatorError::InvalidRequest(message.clone())
-                                }
-                                _ => AllocatorError::Protocol(message.clone()),
-                            }));
-                        }
-                    }
-                }
-            });
+        if let Some(linger) = start {
+            let run = Run {
+                queues: Arc::clone(&self.queues),
+                observe: Arc::clone(&self.observe),
+                allocator: allocator.clone(),
+                cell: cell.clone(),
+                batch_max,
+                done: false,
+            };
+            tokio::spawn(run.calls(linger));
         }
         reply.await.unwrap_or_else(|_| {
             Err(AllocatorError::StoreUnavailable(
                 "reservation batch was dropped".to_owned(),
             ))
         })
+    }
+}
+
+/// One running sequence of calls on a cell: each takes what queued while
+/// the one before it ran, until the queue is empty.
+struct Run {
+    queues: Arc<Mutex<HashMap<String, CellQueue>>>,
+    observe: Arc<dyn Fn(Flushed) + Send + Sync>,
+    allocator: Allocator,
+    cell: CellRef,
+    batch_max: usize,
+    /// Set when the queue was found empty (and this run counted out).
+    done: bool,
+}
+
+impl Drop for Run {
+    /// A run that ends any other way (a panic) still counts itself out; the
+    /// holds still queued then get an error rather than wait for ever.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut queues = self
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(queue) = queues.get_mut(&self.cell.id) {
+            queue.running = queue.running.saturating_sub(1);
+            if queue.running == 0 {
+                queues.remove(&self.cell.id);
+            }
+        }
+    }
+}
+
+impl Run {
+    /// Takes up to `batch_max` of the queue; `None` (and this run ends) when
+    /// it is empty.
+    fn take(&mut self) -> Option<Vec<(HoldRequest, Answer, Instant)>> {
+        let mut queues = self
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(queue) = queues.get_mut(&self.cell.id) else {
+            self.done = true;
+            return None;
+        };
+        if queue.waiting.is_empty() {
+            queue.running = queue.running.saturating_sub(1);
+            if queue.running == 0 {
+                queues.remove(&self.cell.id);
+            }
+            self.done = true;
+            return None;
+        }
+        let size = queue.waiting.len().min(self.batch_max);
+        Some(queue.waiting.drain(..size).collect())
+    }
+
+    async fn calls(mut self, linger: Duration) {
+        if !linger.is_zero() {
+            tokio::time::sleep(linger).await;
+        }
+        while let Some(batch) = self.take() {
+            let waited = batch
+                .iter()
+                .map(|(_, _, queued)| queued.elapsed())
+                .max()
+                .unwrap_or_default();
+            let (holds, answers): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|(hold, answer, _)| (hold, answer))
+                .unzip();
+            (self.observe)(Flushed {
+                size: holds.len(),
+                waited,
+            });
+            match self.allocator.hold_batch(&self.cell, &holds).await {
+                Ok(results) => {
+                    for (answer, result) in answers.into_iter().zip(results) {
+                        let _ = answer.send(result);
+                    }
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    for answer in answers {
+                        let _ = answer.send(Err(match &error {
+                            AllocatorError::StoreUnavailable(_) => {
+                                AllocatorError::StoreUnavailable(message.clone())
+                            }
+                            AllocatorError::InvalidRequest(_) => {
+                                AllocatorError::InvalidRequest(message.clone())
+                            }
+                            _ => AllocatorError::Protocol(message.clone()),
+                        }));
+                    }
+                }
+            }
+        }
     }
 }
 

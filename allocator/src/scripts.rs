@@ -1,13 +1,29 @@
-//! The Lua scripts of `lua/`, loaded once per Redis primary and run by SHA.
+//! The Lua of `lua/`, loaded once per Redis primary as one Redis Function
+//! library and called by function name (FCALL).
 //!
-//! Owns turning `lua/lib.lua` plus one operation file into the script Redis
-//! runs, loading it, and reloading it when Redis answers NOSCRIPT (after a
-//! restart or a `SCRIPT FLUSH`). It does not interpret replies.
+//! Owns turning `lua/lib.lua` plus the operation files into the library
+//! Redis runs (each operation a function whose body is its file), loading
+//! it, and loading it again when Redis answers that a function is not
+//! there (after a restart without persistence, or a `FUNCTION FLUSH`). It
+//! does not interpret replies.
+//!
+//! **Why functions, not EVALSHA.** A script runs its whole text on every
+//! call, so every call made every helper of `lib.lua` anew; measured on
+//! this machine that was ~11 µs of Redis time per call when hot, and most
+//! of a claim's time cold (see `bench/report.md`). A library's top level
+//! runs once, when it is loaded; a call runs only its function.
+//!
+//! **Versions side by side.** The library's name and its functions' names
+//! carry a hash of its text (`invgw_<hash>`, `<op>_<hash>`), so nodes of
+//! two releases sharing one Redis during a rolling deploy each call their
+//! own code. Libraries of releases no longer running can be removed with
+//! `FUNCTION DELETE` (they are small, and nothing calls them).
 
 use std::sync::Arc;
 
 use fred::clients::{Client, Pool};
-use fred::types::scripts::Script;
+use fred::interfaces::{ClientLike, FunctionInterface};
+use sha2::{Digest as _, Sha256};
 
 /// The reply schema version the scripts and this crate agree on.
 pub const REPLY_VERSION: u32 = 1;
@@ -88,52 +104,88 @@ const OPS: [(Op, &str); 18] = [
     (Op::Claim, include_str!("../../lua/claim.lua")),
 ];
 
-/// Every operation's script, ready to run.
+/// The operation's function name in the library (its file's name).
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::ReserveBatch => "reserve_batch",
+        Op::Commit => "commit",
+        Op::Release => "release",
+        Op::Extend => "extend",
+        Op::GetReservation => "get_reservation",
+        Op::ExpireDue => "expire_due",
+        Op::Adjust => "adjust",
+        Op::Settings => "settings",
+        Op::TransferOut => "transfer_out",
+        Op::TransferIn => "transfer_in",
+        Op::TransferDone => "transfer_done",
+        Op::PendingTransfers => "pending_transfers",
+        Op::Cart => "cart",
+        Op::Activate => "activate",
+        Op::Rebuild => "rebuild",
+        Op::Drain => "drain",
+        Op::Fence => "fence",
+        Op::Claim => "claim",
+    }
+}
+
+/// The library, ready to load and call.
 #[derive(Clone)]
 pub struct Scripts {
-    /// Indexed like `OPS`.
-    scripts: Arc<Vec<(Op, Script)>>,
+    /// The library's text (`FUNCTION LOAD`).
+    code: Arc<str>,
+    /// Each operation's function name, indexed like `OPS`.
+    names: Arc<Vec<(Op, String)>>,
 }
 
 impl Scripts {
     pub fn new() -> Self {
-        let scripts = OPS
+        let mut body = format!("{}{LIB}\n", crate::limits::lua_prologue());
+        for (op, text) in OPS.iter() {
+            body.push_str(&format!(
+                "\n-- operation {name}\nredis.register_function('{name}_@', function(keys, argv)\n\
+                 local refused = begin(keys, argv)\nif refused then return refused end\n{text}\nend)\n",
+                name = op_name(*op),
+            ));
+        }
+        let version = &hex::encode(Sha256::digest(body.as_bytes()))[..12];
+        let names = OPS
             .iter()
-            .map(|(op, body)| {
-                (
-                    *op,
-                    Script::from_lua(format!(
-                        "{}{LIB}\n-- operation\n{body}",
-                        crate::limits::lua_prologue()
-                    )),
-                )
-            })
+            .map(|(op, _)| (*op, format!("{}_{version}", op_name(*op))))
             .collect();
+        let code = format!(
+            "#!lua name=invgw_{version}\n{}",
+            body.replace("_@', function(keys", &format!("_{version}', function(keys"))
+        );
         Self {
-            scripts: Arc::new(scripts),
+            code: Arc::from(code),
+            names: Arc::new(names),
         }
     }
 
-    /// Loads every script on every primary the pool reaches.
+    /// Loads the library on every primary the pool reaches (again, when it
+    /// is there already: the same name always has the same text).
     pub async fn load(&self, pool: &Pool) -> Result<(), fred::error::Error> {
-        for (_, script) in self.scripts.iter() {
-            for client in pool.clients() {
-                script.load(client).await?;
+        for client in pool.clients() {
+            let _: fred::types::Value = client.function_load_cluster(true, &*self.code).await?;
+            if !client.is_clustered() {
+                // One server: every client of the pool reaches the same one.
+                break;
             }
         }
         Ok(())
     }
 
-    fn script(&self, op: Op) -> &Script {
+    fn name(&self, op: Op) -> &str {
         &self
-            .scripts
+            .names
             .iter()
             .find(|(candidate, _)| *candidate == op)
             .expect("every Op is in OPS")
             .1
     }
 
-    /// Runs `op` with the partition's keys and arguments; reloads on NOSCRIPT.
+    /// Runs `op` with the partition's keys and arguments; loads the library
+    /// again when Redis no longer has it.
     pub async fn run(
         &self,
         op: Op,
@@ -141,8 +193,13 @@ impl Scripts {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<String, fred::error::Error> {
-        self.script(op)
-            .evalsha_with_reload(client, keys, args)
-            .await
+        let name = self.name(op);
+        match client.fcall(name, keys.clone(), args.clone()).await {
+            Err(error) if error.details().contains("Function not found") => {
+                let _: fred::types::Value = client.function_load_cluster(true, &*self.code).await?;
+                client.fcall(name, keys, args).await
+            }
+            other => other,
+        }
     }
 }

@@ -177,6 +177,7 @@ async fn refill_only(
         reservation_id: allocator::keys::reservation_id(bucket.partition, random),
         customer_hash: None,
         cart_id: None,
+        hold_by_ms: None,
     };
     loop {
         match allocator.hold(&bucket, &hold).await {

@@ -135,6 +135,73 @@ async fn a_retry_returns_the_same_hold_and_writes_one_entry() {
     assert_eq!((cell.on_hand, cell.reserved), (7, 0));
 }
 
+#[tokio::test]
+async fn a_retry_answers_the_original_body_whatever_happened_to_the_hold_since() {
+    let allocator = allocator_for("test-node").await;
+    let other = allocator_for("test-node-2").await;
+    let key = fresh_key();
+    stock(&allocator, &key, 10).await;
+    let request = allocator::CartRequest {
+        merchant: key.merchant.clone(),
+        lines: vec![allocator::CartLine {
+            sku: key.sku.clone(),
+            location: key.location.clone(),
+            qty: 2,
+        }],
+        ttl: Some(Duration::from_secs(60)),
+        idempotency_key: "order-1".to_owned(),
+        customer_ref: None,
+    };
+    let first = allocator.reserve_cart(&request).await.expect("hold");
+    assert!(!first.replayed);
+    let id = first.cart.reservation_id.clone();
+    // Retried while the first caller's claim lease still runs, on another
+    // node: answered by the hold itself.
+    let early = other.reserve_cart(&request).await.expect("replay");
+    assert!(early.replayed);
+    assert_eq!(early.cart, first.cart);
+    allocator
+        .extend(None, &id, Duration::from_secs(600))
+        .await
+        .expect("extend");
+    allocator
+        .commit(None, &id, "commit-1")
+        .await
+        .expect("commit");
+    for node in [&allocator, &other] {
+        let retry = node.reserve_cart(&request).await.expect("replay");
+        assert!(retry.replayed);
+        assert_eq!(retry.cart, first.cart, "the original status and body");
+    }
+    let cell = pool(&allocator, &key).await;
+    assert_eq!((cell.on_hand, cell.reserved), (8, 0), "held once");
+}
+
+#[tokio::test]
+async fn a_hold_whose_claim_lease_ran_out_is_not_made() {
+    let allocator = allocator_for("test-node").await;
+    let key = fresh_key();
+    stock(&allocator, &key, 5).await;
+    let cell = key.pool(PARTITIONS);
+    let hold = allocator::HoldRequest {
+        key: key.clone(),
+        qty: 1,
+        ttl_ms: 60_000,
+        grace_ms: 0,
+        reservation_id: allocator::keys::reservation_id(cell.partition, [7; 12]),
+        customer_hash: None,
+        cart_id: None,
+        // Long past: another caller may have taken the claim over.
+        hold_by_ms: Some(1),
+    };
+    let answer = allocator.hold(&cell, &hold).await;
+    assert!(
+        matches!(answer, Err(AllocatorError::InProgress)),
+        "{answer:?}"
+    );
+    assert_eq!(pool(&allocator, &key).await.reserved, 0, "nothing held");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_hold_is_released_once_and_never_committed() {
     let allocator = Arc::new(allocator_for("test-node").await);
@@ -438,17 +505,12 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
         }),
         customer_hash: None,
         cart_id: None,
+        hold_by_ms: None,
     };
     // Eight claimed holds, a bad one among them, and the first one's
     // attempt run again.
     let mut requests: Vec<_> = (0..8).map(hold).collect();
-    requests.insert(
-        3,
-        allocator::HoldRequest {
-            qty: 0,
-            ..hold(9)
-        },
-    );
+    requests.insert(3, allocator::HoldRequest { qty: 0, ..hold(9) });
     requests.push(hold(0));
     let answers = allocator.hold_batch(&cell, &requests).await.expect("batch");
     assert!(

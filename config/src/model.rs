@@ -206,7 +206,9 @@ pub struct LimitsConfig {
     /// Most reservations coalesced into one `reserve_batch` script call.
     #[serde(default = "default_coalesce_batch_max")]
     pub coalesce_batch_max: usize,
-    /// Longest a reservation waits for others to join its batch.
+    /// How long the first reservation on an idle cell lingers for others to
+    /// join its batch (0: none; reservations arriving while a call runs
+    /// always go together in the next one).
     #[serde(default = "default_coalesce_wait_us")]
     pub coalesce_wait_us: u64,
     /// Most concurrent SSE streams per node.
@@ -451,7 +453,7 @@ fn default_coalesce_batch_max() -> usize {
     32
 }
 fn default_coalesce_wait_us() -> u64 {
-    200
+    0
 }
 fn default_sse_streams_max() -> usize {
     1_000

@@ -76,10 +76,13 @@ impl App {
         let metrics = Metrics::new(&config.node.id);
         let subscribed = Arc::new(AtomicBool::new(false));
         let reserver = Arc::new(allocator::Reserver::new(allocator.clone(), {
-            let sizes = metrics.batch_size.clone();
+            let (sizes, waits) = (metrics.batch_size.clone(), metrics.batch_wait.clone());
             allocator::Coalescer::new(
                 coalescing(&config),
-                Arc::new(move |size| sizes.observe(size as f64)),
+                Arc::new(move |flushed: allocator::Flushed| {
+                    sizes.observe(flushed.size as f64);
+                    waits.observe(flushed.waited.as_secs_f64());
+                }),
             )
         }));
         let app = Arc::new(Self {

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub cache: IntCounterVec,
     /// Reservations per coalesced `reserve_batch` call.
     pub batch_size: Histogram,
+    /// How long a coalesced batch's oldest hold waited for its call.
+    pub batch_wait: Histogram,
     /// Bucket free units per sale and node, as last seen.
     pub bucket_level: IntGaugeVec,
     /// Refills this node made.
@@ -103,6 +105,19 @@ impl Metrics {
         registry
             .register(Box::new(batch_size.clone()))
             .expect("unique metric");
+        let batch_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "coalesced_wait_seconds",
+                "How long a reserve_batch call's oldest reservation waited for the call",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(batch_wait.clone()))
+            .expect("unique metric");
         let bucket_level = IntGaugeVec::new(
             Opts::new("bucket_free_units", "Free units in a flash-sale bucket"),
             &["sale", "bucket_node"],
@@ -123,6 +138,7 @@ impl Metrics {
             reservations,
             cache,
             batch_size,
+            batch_wait,
             bucket_level,
             refills: counter("bucket_refills_total", "Bucket refills made by this node"),
             reclaims: counter("bucket_reclaims_total", "Bucket reclaims made by this node"),
