@@ -1,13 +1,16 @@
-//! Reserve throughput against the stack's Redis: one `reserve` per script
-//! call, and `reserve_batch` with 8 and 32 reservations per call, measured by
-//! criterion; then the baseline, `redis-benchmark` running EVALSHA of a
-//! trivial script on the same Redis with the same one connection, and the
-//! ratios of reservations per second to baseline calls per second.
+//! The stock engine's hold throughput against the stack's Redis, one
+//! connection: `hold_batch` (the batched call coalescing makes) with k = 1,
+//! 8, 32 and 128 holds per call, and a whole one-line request (claim, then
+//! hold). Each is measured by criterion right after the baseline it is
+//! compared with: EVALSHA of `return 1` through the same kind of client and
+//! connection (the cost of one script round trip), so the machine's noise
+//! hits both alike. Prints reservations/s, the ratio to the baseline's
+//! calls/s, and p50/p99 per call; with `BENCH_ENGINE_OUT` set, writes them
+//! there as JSON for `scripts/bench`'s report.
 //!
 //! Run: `eval "$(scripts/stack env)"; cargo bench -p allocator --bench reserve`.
 //! Figures, not assertions: this never fails on a timing.
 
-use std::process::Command;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,11 +19,20 @@ use allocator::{
     Adjustment, AdjustmentKind, Allocator, AllocatorSettings, HoldRequest, ReserveRequest, StockKey,
 };
 use criterion::{Criterion, Throughput};
+use fred::prelude::*;
 
 const PARTITIONS: u32 = 64;
+const BATCH_SIZES: [u64; 4] = [1, 8, 32, 128];
 
-/// (label, reservations per call, total reservations, total time) per bench.
-static MEASURED: Mutex<Vec<(String, u64, u64, Duration)>> = Mutex::new(Vec::new());
+/// One measured variant: holds per call, and every call's duration.
+#[derive(Default)]
+struct Measured {
+    per_call: u64,
+    calls: Vec<Duration>,
+}
+
+/// By label, in the order measured.
+static MEASURED: Mutex<Vec<(String, Measured)>> = Mutex::new(Vec::new());
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 fn request(key: &StockKey) -> ReserveRequest {
@@ -50,83 +62,97 @@ fn hold(key: &StockKey, cell: &allocator::CellRef) -> HoldRequest {
     }
 }
 
-fn record(label: &str, per_call: u64, reservations: u64, elapsed: Duration) {
+fn record(label: &str, per_call: u64, calls: Vec<Duration>) {
     let mut measured = MEASURED.lock().expect("lock");
-    match measured.iter_mut().find(|(name, ..)| name == label) {
-        Some(entry) => {
-            entry.2 += reservations;
-            entry.3 += elapsed;
-        }
-        None => measured.push((label.to_owned(), per_call, reservations, elapsed)),
+    match measured.iter_mut().find(|(name, _)| name == label) {
+        Some((_, entry)) => entry.calls.extend(calls),
+        None => measured.push((label.to_owned(), Measured { per_call, calls })),
     }
+}
+
+/// Times `iterations` runs of `call`, keeping each one's duration.
+fn timed<F, Fut>(runtime: &tokio::runtime::Runtime, iterations: u64, mut call: F) -> Vec<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    runtime.block_on(async {
+        let mut calls = Vec::with_capacity(iterations as usize);
+        for _ in 0..iterations {
+            let started = Instant::now();
+            call().await;
+            calls.push(started.elapsed());
+        }
+        calls
+    })
 }
 
 fn benches(
     c: &mut Criterion,
     runtime: &tokio::runtime::Runtime,
     allocator: &Allocator,
+    baseline: &(Client, String),
     key: &StockKey,
 ) {
-    let mut group = c.benchmark_group("reserve");
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("single", |b| {
-        b.iter_custom(|iterations| {
-            let start = Instant::now();
-            runtime.block_on(async {
-                for _ in 0..iterations {
-                    allocator.reserve(&request(key)).await.expect("reserve");
-                }
-            });
-            let elapsed = start.elapsed();
-            record("reserve (1 per call)", 1, iterations, elapsed);
-            elapsed
-        })
-    });
-    for size in [8u64, 32] {
-        group.throughput(Throughput::Elements(size));
-        let cell = key.pool(PARTITIONS);
-        group.bench_function(format!("batch_{size}"), |b| {
+    let mut group = c.benchmark_group("hold");
+    let cell = key.pool(PARTITIONS);
+    let (client, sha) = baseline;
+    let baseline_before = |group: &mut criterion::BenchmarkGroup<_>, label: String| {
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(&label, |b| {
             b.iter_custom(|iterations| {
-                let start = Instant::now();
-                runtime.block_on(async {
-                    for _ in 0..iterations {
-                        // Claimed holds (the claim is one more call per
-                        // request, measured by `single`).
-                        let requests: Vec<_> = (0..size).map(|_| hold(key, &cell)).collect();
-                        let answers = allocator.hold_batch(&cell, &requests).await.expect("batch");
-                        assert!(answers.iter().all(Result::is_ok));
-                    }
+                let calls = timed(runtime, iterations, || async {
+                    let _: i64 = client
+                        .evalsha(sha.as_str(), Vec::<String>::new(), Vec::<String>::new())
+                        .await
+                        .expect("evalsha");
                 });
-                let elapsed = start.elapsed();
-                record(
-                    &format!("reserve_batch ({size} per call)"),
-                    size,
-                    iterations * size,
-                    elapsed,
-                );
+                let elapsed = calls.iter().sum();
+                record(&label, 1, calls);
+                elapsed
+            })
+        });
+    };
+    for size in BATCH_SIZES {
+        baseline_before(&mut group, format!("evalsha_return_1_before_k{size}"));
+        group.throughput(Throughput::Elements(size));
+        let label = format!("hold_batch_k{size}");
+        group.bench_function(&label, |b| {
+            b.iter_custom(|iterations| {
+                let calls = timed(runtime, iterations, || async {
+                    let requests: Vec<_> = (0..size).map(|_| hold(key, &cell)).collect();
+                    let answers = allocator.hold_batch(&cell, &requests).await.expect("batch");
+                    assert!(answers.iter().all(Result::is_ok));
+                });
+                let elapsed = calls.iter().sum();
+                record(&label, size, calls);
                 elapsed
             })
         });
     }
+    baseline_before(&mut group, "evalsha_return_1_before_request".to_owned());
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("request_claim_and_hold", |b| {
+        b.iter_custom(|iterations| {
+            let calls = timed(runtime, iterations, || async {
+                allocator
+                    .reserve_cart(&request(key).as_cart())
+                    .await
+                    .expect("reserve");
+            });
+            let elapsed = calls.iter().sum();
+            record("request_claim_and_hold", 1, calls);
+            elapsed
+        })
+    });
     group.finish();
 }
 
-/// EVALSHA of `return 1` per second, one connection, from redis-benchmark.
-fn baseline(redis_url: &str, sha: &str) -> Option<f64> {
-    let address = redis_url.trim_start_matches("redis://");
-    let (host, port) = address.split_once(':')?;
-    let port = port.split('/').next()?;
-    let output = Command::new("redis-benchmark")
-        .args([
-            "-h", host, "-p", port, "-c", "1", "-n", "20000", "--csv", "evalsha", sha, "0",
-        ])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text
-        .lines()
-        .find(|line| line.to_lowercase().starts_with("\"evalsha"))?;
-    line.split(',').nth(1)?.trim_matches('"').parse().ok()
+fn percentile(sorted: &[Duration], share: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * share).round() as usize]
 }
 
 fn main() {
@@ -161,41 +187,81 @@ fn main() {
         }))
         .expect("stock");
 
+    let baseline = {
+        let config = fred::types::config::Config::from_url(&stack.redis_url).expect("url");
+        let client = Builder::from_config(config).build().expect("client");
+        runtime.block_on(client.init()).expect("connect");
+        let sha: String = runtime
+            .block_on(client.script_load("return 1"))
+            .expect("load the trivial script");
+        (client, sha)
+    };
+
     let mut criterion = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
-    benches(&mut criterion, &runtime, &allocator, &key);
+    benches(&mut criterion, &runtime, &allocator, &baseline, &key);
     criterion.final_summary();
 
-    let trivial = fred::types::scripts::Script::from_lua("return 1");
-    let client = {
-        use fred::prelude::*;
-        let config = fred::types::config::Config::from_url(&stack.redis_url).expect("url");
-        let client = Builder::from_config(config).build().expect("client");
-        runtime.block_on(client.init()).expect("connect");
-        client
-    };
-    runtime
-        .block_on(trivial.load(&client))
-        .expect("load trivial script");
-    let Some(baseline_per_second) = baseline(&stack.redis_url, trivial.sha1()) else {
-        println!("baseline: redis-benchmark unavailable or unparsable; no ratios");
-        return;
-    };
+    let measured = MEASURED.lock().expect("lock");
+    let mut rows = Vec::new();
+    let mut baseline_per_second = 0.0;
     println!(
-        "\nbaseline: redis-benchmark EVALSHA `return 1`, 1 connection: {baseline_per_second:.0} calls/s"
+        "\n{:<26} {:>15} {:>14} {:>9} {:>11} {:>11}",
+        "variant", "reservations/s", "baseline/s", "ratio", "p50/call", "p99/call"
     );
-    println!(
-        "{:<28} {:>16} {:>22}",
-        "variant", "reservations/s", "ratio to baseline"
-    );
-    for (label, _, reservations, elapsed) in MEASURED.lock().expect("lock").iter() {
-        let per_second = *reservations as f64 / elapsed.as_secs_f64();
+    for (label, entry) in measured.iter() {
+        let total: Duration = entry.calls.iter().sum();
+        let per_second =
+            (entry.calls.len() as u64 * entry.per_call) as f64 / total.as_secs_f64().max(1e-9);
+        if label.starts_with("evalsha_return_1") {
+            baseline_per_second = per_second;
+            continue;
+        }
+        let mut sorted = entry.calls.clone();
+        sorted.sort();
+        let (p50, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
+        let ratio = per_second / baseline_per_second.max(1e-9);
         println!(
-            "{label:<28} {per_second:>16.0} {:>22.2}",
-            per_second / baseline_per_second
+            "{label:<26} {per_second:>15.0} {baseline_per_second:>14.0} {ratio:>9.2} {:>9.0}µs {:>9.0}µs",
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6
         );
+        rows.push(serde_json::json!({
+            "variant": label, "holds_per_call": entry.per_call,
+            "reservations_per_second": per_second.round(),
+            "baseline_calls_per_second": baseline_per_second.round(),
+            "ratio": (ratio * 100.0).round() / 100.0,
+            "p50_us_per_call": (p50.as_secs_f64() * 1e6).round(),
+            "p99_us_per_call": (p99.as_secs_f64() * 1e6).round(),
+            "calls": entry.calls.len(),
+        }));
+    }
+    if let Ok(path) = std::env::var("BENCH_ENGINE_OUT") {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows).expect("json"))
+            .expect("write the engine figures");
+    }
+}
+
+/// A one-line request as the cart form the allocator's entry point takes.
+trait AsCart {
+    fn as_cart(&self) -> allocator::CartRequest;
+}
+
+impl AsCart for ReserveRequest {
+    fn as_cart(&self) -> allocator::CartRequest {
+        allocator::CartRequest {
+            merchant: self.key.merchant.clone(),
+            lines: vec![allocator::CartLine {
+                sku: self.key.sku.clone(),
+                location: self.key.location.clone(),
+                qty: self.qty,
+            }],
+            ttl: self.ttl,
+            idempotency_key: self.idempotency_key.clone(),
+            customer_ref: self.customer_ref.clone(),
+        }
     }
 }

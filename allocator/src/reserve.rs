@@ -10,17 +10,29 @@
 //! client text is stored anywhere: not in Redis keys, records, the ledger or
 //! Kafka). The first caller records the request's fingerprint, where the
 //! first attempt holds (the pool, or this node's bucket; for a cart, its
-//! id) and as what reservation id, and takes a lease. The hold runs; then
-//! the answer (201 held, or a refusal: 409 insufficient stock, 404 no such
-//! key) is stored in the claim. Every later use of the key, on any node,
-//! before or after a sale starts or ends, gets that stored answer
+//! id) and as what reservation id, and takes a lease. The hold runs. A
+//! refusal (409 insufficient stock, 404 no such key) or a cart's answer is
+//! then stored in the claim; a one-line hold *is* its answer and is not
+//! stored again (that saved one script call of three per reservation): its
+//! reservation id is fixed by the claim, so a retry finds it at the claim's
+//! placement and answers it as it was made (`Reservation::answer`: status
+//! held, the expiry it was made with). Every later use of the key, on any
+//! node, before or after a sale starts or ends, gets the first answer
 //! (`replayed`); another body is refused. A caller that finds the claim
-//! pending with its lease live waits for it; one that finds the lease lapsed
-//! (the first caller died, or Redis failed it half way) takes the claim
-//! over and runs *the same attempt again*: same cell, same reservation id,
-//! which the cell's script answers as it stands if it was held, so a
-//! request never holds twice. A refusal writes nothing, so re-running one
-//! decides anew.
+//! pending with its lease live answers from the hold once it is there, or
+//! waits; one that finds the lease lapsed (the first caller died, or Redis
+//! failed it half way) takes the claim over and runs *the same attempt
+//! again*: same cell, same reservation id, which the cell's script answers
+//! as it stands if it was held, so a request never holds twice. A refusal
+//! writes nothing, so re-running one decides anew.
+//!
+//! **A slow caller cannot hold after a takeover.** Each hold carries
+//! `hold_by_ms`, its claim's lease end less [`CLAIM_CLOCK_MARGIN`]; the
+//! cell's script makes no new hold at or after it. So once a lease has
+//! lapsed (by the claim shard's clock) no hold of the lapsed caller can
+//! land, and the caller that took over decides alone: if it stores a
+//! refusal, no hold of that attempt exists or will. The margin covers the
+//! skew between two shards' clocks.
 //!
 //! **Carts.** A cart's line ids derive from the claim's digest, its attempt
 //! and the line's index (`line|…`), its own id from the digest (`cart|…`),
