@@ -18,7 +18,8 @@
 --   finish   stores ARGS.reply (JSON text) as the answer; done {reply}; a
 --            claim finished before answers its stored reply; lost if
 --            ARGS.token is stale.
--- Claims are kept RETENTION_MS from their first use.
+-- Claims answer for CLAIM_LIFE_MS from their first use (then a use is a
+-- first use again) and are deleted RETENTION_MS after it.
 local a = ARGS
 if type(a.digest) ~= 'string' or not a.digest:match('^%x+$') or #a.digest ~= 64 then
   return refuse('bad_argument', { reason = 'digest' })
@@ -26,6 +27,12 @@ end
 local field = 'c|' .. a.digest
 local raw = redis.call('HGET', K_IDEM, field)
 local rec = raw and cjson.decode(raw) or nil
+-- A claim is over CLAIM_LIFE_MS after its first use, whenever the gc gets
+-- to deleting it (a quiet partition's gc lags): the hold that answers a
+-- one-line request is kept RETENTION_MS after it ends, by its own shard's
+-- clock, so it outlives every claim that may answer from it.
+local CLAIM_LIFE_MS = RETENTION_MS - 10 * 60 * 1000
+if rec and NOW >= (rec.created_at_ms or 0) + CLAIM_LIFE_MS then rec = nil end
 
 if a.action == 'open' then
   if type(a.fingerprint) ~= 'string' or #a.fingerprint < 1 or #a.fingerprint > 128

@@ -175,10 +175,16 @@ end
 
 -- Reservations ----------------------------------------------------------
 
--- Reservation records are MessagePack maps (packing and unpacking one costs
--- about half of what JSON does, and the hot path writes one per hold);
--- records written before that are JSON objects, which start with '{' (a
--- MessagePack map never does), and are read as such.
+-- Reservation records are read as MessagePack maps or JSON objects (these
+-- start with '{', which a MessagePack map never does), and written as JSON
+-- for now: a release that wrote MessagePack would leave the nodes of the
+-- release before it (JSON only) unable to read them during a rolling
+-- deploy. Packing one costs about half of what JSON does on the hot path;
+-- once every node reads both, a later release can write MessagePack.
+local function res_encode(r)
+  return cjson.encode(r)
+end
+
 local function res_decode(raw)
   if raw:byte(1) == 123 then return cjson.decode(raw) end
   return cmsgpack.unpack(raw)
@@ -199,7 +205,7 @@ local function res_for_caller(id)
 end
 
 local function res_put(r)
-  redis.call('HSET', K_RES, r.reservation_id, cmsgpack.pack(r))
+  redis.call('HSET', K_RES, r.reservation_id, res_encode(r))
 end
 
 local function due_member(r)
@@ -516,7 +522,7 @@ local function reserve_many(holds)
   local records, due, due_cell = {}, {}, {}
   for _, r in ipairs(held) do
     records[#records + 1] = r.reservation_id
-    records[#records + 1] = cmsgpack.pack(r)
+    records[#records + 1] = res_encode(r)
     due[#due + 1] = r.hold_until_ms
     due[#due + 1] = r.reservation_id
     due_cell[#due_cell + 1] = 0

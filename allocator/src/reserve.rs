@@ -69,6 +69,13 @@ const CLAIM_LEASE: Duration = Duration::from_secs(10);
 /// (the lease is timed by the claim's shard, the hold by the cell's).
 pub const CLAIM_CLOCK_MARGIN: Duration = Duration::from_secs(2);
 
+/// A held one-line request that took longer than this from its claim's
+/// opening stores its answer in the claim as well, and releases its hold if
+/// another caller answered meanwhile: near the lease's end the clocks'
+/// margin is all that keeps a takeover from deciding alongside it, and
+/// this check does not rest on clocks.
+const ANSWER_IN_CLAIM_AFTER: Duration = Duration::from_secs(5);
+
 /// How long a second caller waits for a claim another caller holds.
 const CLAIM_WAIT_MAX: Duration = Duration::from_secs(3);
 const CLAIM_POLL: Duration = Duration::from_millis(20);
@@ -410,6 +417,7 @@ impl Allocator {
             }
             _ => None,
         };
+        let opened_at = Instant::now();
         let mut claim = match self.open_claim(&digest, &fingerprint, placement).await? {
             Opened::Claimed(claim) => claim,
             Opened::Done(stored) => return stored.into_result(true),
@@ -421,8 +429,14 @@ impl Allocator {
         let (answer, replayed) = match outcome {
             // A one-line hold is its request's answer: it lives with the
             // units (its reservation id is fixed by the claim, and a retry
-            // finds it there), so it is not stored in the claim as well.
-            Ok(hold) if request.lines.len() == 1 => {
+            // finds it there), so it is not stored in the claim as well;
+            // except after a takeover (retries of this request: the claim
+            // answers the next ones without the cell) or a slow attempt.
+            Ok(hold)
+                if request.lines.len() == 1
+                    && !claim.taken_over
+                    && opened_at.elapsed() < ANSWER_IN_CLAIM_AFTER =>
+            {
                 return Ok(CartHold {
                     cart: hold.cart,
                     replayed: hold.replayed || claim.taken_over,

@@ -178,6 +178,75 @@ async fn a_retry_answers_the_original_body_whatever_happened_to_the_hold_since()
 }
 
 #[tokio::test]
+async fn a_claim_taken_over_keeps_the_answer_even_if_the_hold_record_is_lost() {
+    use fred::prelude::*;
+    let allocator = allocator_for("test-node").await;
+    let key = fresh_key();
+    stock(&allocator, &key, 10).await;
+    let request = allocator::CartRequest {
+        merchant: key.merchant.clone(),
+        lines: vec![allocator::CartLine {
+            sku: key.sku.clone(),
+            location: key.location.clone(),
+            qty: 1,
+        }],
+        ttl: Some(Duration::from_secs(60)),
+        idempotency_key: "order-taken-over".to_owned(),
+        customer_ref: None,
+    };
+    let first = allocator.reserve_cart(&request).await.expect("hold");
+    let id = first.cart.reservation_id.clone();
+    allocator
+        .commit(None, &id, "commit-1")
+        .await
+        .expect("commit");
+
+    // The first caller's lease runs out (it died before anyone retried).
+    let redis = raw_redis().await;
+    let claims = format!(
+        "inv:{{{}}}:idem",
+        allocator.request_partition(&key.merchant, &request.idempotency_key)
+    );
+    let records: std::collections::HashMap<String, String> =
+        redis.hgetall(&claims).await.expect("claims");
+    let (field, mut claim) = records
+        .into_iter()
+        .filter(|(field, _)| field.starts_with("c|"))
+        .map(|(field, text)| {
+            let claim: serde_json::Value = serde_json::from_str(&text).expect("json");
+            (field, claim)
+        })
+        .find(|(_, claim)| claim["reservation_id"] == id.as_str())
+        .expect("the request's claim");
+    claim["lease_until_ms"] = 0.into();
+    let _: i64 = redis
+        .hset(&claims, (field.as_str(), claim.to_string()))
+        .await
+        .expect("lapse the lease");
+
+    // A retry takes the claim over and answers from the hold...
+    let retry = allocator.reserve_cart(&request).await.expect("replay");
+    assert!(retry.replayed);
+    assert_eq!(retry.cart, first.cart);
+    // ...and stores that answer, so it no longer rests on the hold's record
+    // (lost here, as a failed-over shard might lose it).
+    let partition = allocator::keys::reservation_partition(&id, PARTITIONS).expect("partition");
+    let _: i64 = redis
+        .hdel(format!("inv:{{{partition}}}:res"), &id)
+        .await
+        .expect("lose the record");
+    let again = allocator.reserve_cart(&request).await.expect("replay");
+    assert!(again.replayed);
+    assert_eq!(again.cart, first.cart);
+    let cell = pool(&allocator, &key).await;
+    assert_eq!(
+        (cell.on_hand, cell.reserved),
+        (9, 0),
+        "held once, sold once"
+    );
+}
+
+#[tokio::test]
 async fn a_hold_whose_claim_lease_ran_out_is_not_made() {
     let allocator = allocator_for("test-node").await;
     let key = fresh_key();
