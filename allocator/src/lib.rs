@@ -401,7 +401,9 @@ impl Allocator {
         &self,
         call: impl std::future::Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.settings.command_timeout, call).await {
+        // Boxed: a fred command future is ~5 KB, and would make every
+        // caller's future that much larger (see `Scripts::run`).
+        match tokio::time::timeout(self.settings.command_timeout, Box::pin(call)).await {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(AllocatorError::StoreUnavailable(format!(
                 "no answer within {} ms",

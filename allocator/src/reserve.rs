@@ -423,8 +423,11 @@ impl Allocator {
             Opened::Done(stored) => return stored.into_result(true),
         };
         let outcome = match request.lines.as_slice() {
-            [line] => self.hold_one(&claim, request, line, ttl_ms, &route).await,
-            _ => self.hold_cart(&mut claim, request, ttl_ms).await,
+            // Boxed, like the rarer paths below: the future of a request
+            // is moved and boxed per request, and each path's state would
+            // otherwise be carried by all of them.
+            [line] => Box::pin(self.hold_one(&claim, request, line, ttl_ms, &route)).await,
+            _ => Box::pin(self.hold_cart(&mut claim, request, ttl_ms)).await,
         };
         let (answer, replayed) = match outcome {
             // A one-line hold is its request's answer: it lives with the
@@ -453,16 +456,14 @@ impl Allocator {
         };
         match self.finish_claim(&claim, &answer).await? {
             Some(stored) => {
-                self.drop_if_not_answered(&request.merchant, &answer, &stored)
-                    .await;
+                Box::pin(self.drop_if_not_answered(&request.merchant, &answer, &stored)).await;
                 stored.into_result(replayed || claim.taken_over)
             }
             // Another caller took the claim over meanwhile (this one was
             // slower than the lease): its answer is the one to give.
-            None => match self.open_claim(&digest, &fingerprint, None).await? {
+            None => match Box::pin(self.open_claim(&digest, &fingerprint, None)).await? {
                 Opened::Done(stored) => {
-                    self.drop_if_not_answered(&request.merchant, &answer, &stored)
-                        .await;
+                    Box::pin(self.drop_if_not_answered(&request.merchant, &answer, &stored)).await;
                     stored.into_result(true)
                 }
                 Opened::Claimed(_) => Err(AllocatorError::InProgress),
@@ -532,7 +533,9 @@ impl Allocator {
                 ),
                 Some(hot),
                 Some(node),
-            ) if hot.sale.key == key => self.hold_hot(&hot.sale, node, &hold, &hot.meter).await,
+            ) if hot.sale.key == key => {
+                Box::pin(self.hold_hot(&hot.sale, node, &hold, &hot.meter)).await
+            }
             (Ok(held), Some(hot), _) => {
                 if !held.replayed {
                     hot.meter.record(u64::from(line.qty));

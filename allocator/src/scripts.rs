@@ -194,10 +194,16 @@ impl Scripts {
         args: Vec<String>,
     ) -> Result<String, fred::error::Error> {
         let name = self.name(op);
-        match client.fcall(name, keys.clone(), args.clone()).await {
+        // fred's command futures are ~5 KB each: boxed, so the futures of
+        // every caller up to the HTTP handler stay small (they are moved
+        // and boxed per request, and were memcpy and malloc hot spots).
+        let first: Result<String, _> =
+            Box::pin(client.fcall(name, keys.clone(), args.clone())).await;
+        match first {
             Err(error) if error.details().contains("Function not found") => {
-                let _: fred::types::Value = client.function_load_cluster(true, &*self.code).await?;
-                client.fcall(name, keys, args).await
+                let _: fred::types::Value =
+                    Box::pin(client.function_load_cluster(true, &*self.code)).await?;
+                Box::pin(client.fcall(name, keys, args)).await
             }
             other => other,
         }
