@@ -3,7 +3,7 @@
 -- hold lands (the pool, any node's bucket, a cart's lines). The key is
 -- known here only as ARGS.digest, a keyed hash (no client text is stored).
 -- ARGS.action:
---   open     first use: records ARGS.fingerprint, the placement (ARGS.cell,
+--   open     first use: records ARGS.fingerprint, ARGS.life, the placement (ARGS.cell,
 --            ARGS.cell_partition, ARGS.reservation_id: where and as what
 --            the first attempt holds) and a lease of ARGS.lease_ms for this
 --            node; answers claimed {attempt 0, token, lease_until_ms}. Later uses: done
@@ -12,7 +12,8 @@
 --            lease lasts;
 --            else the caller takes the claim over: claimed {attempt, token,
 --            placement, taken_over}, and must run that same attempt again.
---            Another fingerprint: idempotency_key_reused.
+--            Another fingerprint: idempotency_key_reused. With
+--            ARGS.existing_only, no claim is made: not_found.
 --   advance  the attempt with ARGS.token was abandoned (a cart rolled back):
 --            the next one uses fresh line ids. lost if the token is stale.
 --   finish   stores ARGS.reply (JSON text) as the answer; done {reply}; a
@@ -33,6 +34,10 @@ local rec = raw and cjson.decode(raw) or nil
 -- clock, so it outlives every claim that may answer from it.
 local CLAIM_LIFE_MS = RETENTION_MS - 10 * 60 * 1000
 if rec and NOW >= (rec.created_at_ms or 0) + CLAIM_LIFE_MS then rec = nil end
+-- Every id a request makes derives from its digest and its claim's life
+-- (ARGS.life, proposed by the caller that creates the claim, kept in it):
+-- a key used again after its claim's life makes new ids, never the ones of
+-- holds, carts and lines the first life left (they are kept longer).
 
 if a.action == 'open' then
   if type(a.fingerprint) ~= 'string' or #a.fingerprint < 1 or #a.fingerprint > 128
@@ -43,23 +48,25 @@ if a.action == 'open' then
     or not is_id(a.reservation_id)) then
     return refuse('bad_argument', { reason = 'placement' })
   end
+  if not is_id(a.life) then return refuse('bad_argument', { reason = 'life' }) end
+  if not rec and a.existing_only then return refuse('not_found') end
   if not rec then
     housekeeping()
     rec = {
       fp = a.fingerprint, state = 'pending', attempt = 0, token = 1, owner = ARGS.node,
-      lease_until_ms = NOW + a.lease_ms, created_at_ms = NOW,
+      lease_until_ms = NOW + a.lease_ms, created_at_ms = NOW, life = a.life,
       cell = a.cell, cell_partition = a.cell_partition, reservation_id = a.reservation_id,
     }
     redis.call('HSET', K_IDEM, field, cjson.encode(rec))
     gc_later('i|' .. field)
     return reply({ status = 'claimed', attempt = 0, token = 1, taken_over = false,
-      lease_until_ms = rec.lease_until_ms,
+      lease_until_ms = rec.lease_until_ms, life = rec.life,
       cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
   end
   if rec.fp ~= a.fingerprint then return refuse('idempotency_key_reused') end
   if rec.state == 'done' then return reply({ status = 'done', reply = rec.reply }) end
   if rec.lease_until_ms > NOW then
-    return reply({ status = 'in_progress', until_ms = rec.lease_until_ms,
+    return reply({ status = 'in_progress', until_ms = rec.lease_until_ms, life = rec.life,
       cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
   end
   rec.token = rec.token + 1
@@ -67,11 +74,15 @@ if a.action == 'open' then
   rec.lease_until_ms = NOW + a.lease_ms
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))
   return reply({ status = 'claimed', attempt = rec.attempt, token = rec.token, taken_over = true,
-    lease_until_ms = rec.lease_until_ms,
+    lease_until_ms = rec.lease_until_ms, life = rec.life,
     cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
 end
 
-if not rec then return refuse('not_found') end
+-- A claim past its life was another request's: this caller's token is stale.
+if not rec then
+  if raw then return reply({ status = 'lost' }) end
+  return refuse('not_found')
+end
 if not is_int(a.token, 1, 99999999999999) then return refuse('bad_argument', { reason = 'token' }) end
 
 if a.action == 'advance' then

@@ -238,7 +238,7 @@ impl RateMeter {
 }
 
 /// A process-unique suffix for transfer ids of refills and reclaims.
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

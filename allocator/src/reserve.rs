@@ -34,10 +34,16 @@
 //! refusal, no hold of that attempt exists or will. The margin covers the
 //! skew between two shards' clocks.
 //!
-//! **Carts.** A cart's line ids derive from the claim's digest, its attempt
-//! and the line's index (`line|…`), its own id from the digest (`cart|…`),
-//! and a one-line reservation's from the digest and attempt (`one|…`): no
-//! client key can reach another request's ids. An attempt that cannot end
+//! **Ids, and a claim's life.** A cart's line ids derive from the claim's
+//! digest and life, its attempt and the line's index (`line|…`), its own id
+//! from the digest and life (`cart|…`), and a one-line reservation's from
+//! the digest, life and attempt (`one|…`): no client key can reach another
+//! request's ids. The life is a fresh value the caller that makes the claim
+//! records in it. A claim answers for 24 h less 10 min from its first use;
+//! after that the key names a new request, whose new life makes new ids:
+//! the holds, carts and lines of the life before are kept longer (24 h
+//! after they end) and must never be answered, or held again, as the new
+//! request's. An attempt that cannot end
 //! (a store error half way, or a takeover that finds one of its lines no
 //! longer held) releases what it held and is abandoned (`advance`): the
 //! next attempt holds with fresh line ids, so a retried cart never reuses a
@@ -207,6 +213,9 @@ struct Claim {
     taken_over: bool,
     /// When this caller's lease ends (Redis time of the claim's shard, ms).
     lease_until_ms: u64,
+    /// The claim's life: every id the request makes derives from it and the
+    /// digest (empty for claims made before lives were kept).
+    life: String,
     /// Where a one-line request's attempt holds (fixed at the first use).
     placement: Option<(CellRef, String)>,
 }
@@ -214,6 +223,18 @@ struct Claim {
 enum Opened {
     Claimed(Claim),
     Done(Stored),
+}
+
+/// How a caller opens a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenMode {
+    /// A request arriving: makes the claim if there is none; a live lease
+    /// of another caller is answered by its one-line hold once that landed.
+    First,
+    /// A caller whose claim was taken over: waits for the stored answer
+    /// only (its own hold may be what the caller that took over refused to
+    /// store, when clocks are off by more than the margin).
+    Reopen,
 }
 
 /// Where a one-line hold goes and how.
@@ -239,19 +260,28 @@ impl Allocator {
         self.claim_partition(&self.request_digest(merchant, idempotency_key))
     }
 
+    /// Opens the request's claim (see the module docs). `life` is what a
+    /// claim made now records; `placement` where its one-line attempt
+    /// holds. After losing a claim (`Reopen`), the caller only waits for the
+    /// answer stored in it: it makes no claim and does not read the hold.
     async fn open_claim(
         &self,
         digest: &str,
         fingerprint: &str,
+        life: &str,
         placement: Option<(CellRef, String)>,
+        mode: OpenMode,
     ) -> Result<Opened> {
         let partition = self.claim_partition(digest);
         let started = Instant::now();
         loop {
             let mut args = json!({
                 "action": "open", "digest": digest, "fingerprint": fingerprint,
-                "lease_ms": CLAIM_LEASE.as_millis() as u64,
+                "lease_ms": CLAIM_LEASE.as_millis() as u64, "life": life,
             });
+            if mode == OpenMode::Reopen {
+                args["existing_only"] = json!(true);
+            }
             if let Some((cell, reservation_id)) = &placement {
                 args["cell"] = json!(cell.id);
                 args["cell_partition"] = json!(cell.partition);
@@ -285,6 +315,7 @@ impl Allocator {
                         lease_until_ms: reply["lease_until_ms"].as_u64().ok_or_else(|| {
                             AllocatorError::Protocol(format!("claim reply: {reply}"))
                         })?,
+                        life: reply["life"].as_str().unwrap_or_default().to_owned(),
                         placement,
                     }));
                 }
@@ -292,7 +323,7 @@ impl Allocator {
                 Some("in_progress") => {
                     // A one-line request is answered by its hold once that
                     // has landed: its holder does not store the answer.
-                    if let Some(id) = reply["reservation_id"].as_str() {
+                    if let (Some(id), OpenMode::First) = (reply["reservation_id"].as_str(), mode) {
                         match self.reservation(None, id).await {
                             Ok(reservation) => {
                                 return Ok(Opened::Done(Stored::Held {
@@ -307,6 +338,11 @@ impl Allocator {
                         return Err(AllocatorError::InProgress);
                     }
                     tokio::time::sleep(CLAIM_POLL).await;
+                }
+                // A reopened claim that is gone (past its life): there is no
+                // answer to wait for; a retry makes a new claim.
+                Some("not_found") if mode == OpenMode::Reopen => {
+                    return Err(AllocatorError::InProgress);
                 }
                 _ => {
                     check_refusal(&reply)?;
@@ -405,6 +441,8 @@ impl Allocator {
         let ttl_ms = self.ttl_ms(request.ttl)?;
         let digest = self.request_digest(&request.merchant, &request.idempotency_key);
         let fingerprint = self.request_fingerprint(request);
+        // The life a claim made now records (unique to this attempt).
+        let life = claim_life(&self.settings.node);
         let placement = match request.lines.as_slice() {
             [line] => {
                 let key = StockKey::new(&request.merchant, &line.sku, &line.location);
@@ -412,13 +450,16 @@ impl Allocator {
                     Some(_) => key.bucket(&self.settings.node, self.settings.partitions),
                     None => key.pool(self.settings.partitions),
                 };
-                let id = one_line_id(cell.partition, &digest, 0);
+                let id = one_line_id(cell.partition, &digest, &life, 0);
                 Some((cell, id))
             }
             _ => None,
         };
         let opened_at = Instant::now();
-        let mut claim = match self.open_claim(&digest, &fingerprint, placement).await? {
+        let mut claim = match self
+            .open_claim(&digest, &fingerprint, &life, placement, OpenMode::First)
+            .await?
+        {
             Opened::Claimed(claim) => claim,
             Opened::Done(stored) => return stored.into_result(true),
         };
@@ -461,7 +502,15 @@ impl Allocator {
             }
             // Another caller took the claim over meanwhile (this one was
             // slower than the lease): its answer is the one to give.
-            None => match Box::pin(self.open_claim(&digest, &fingerprint, None)).await? {
+            None => match Box::pin(self.open_claim(
+                &digest,
+                &fingerprint,
+                &life,
+                None,
+                OpenMode::Reopen,
+            ))
+            .await?
+            {
                 Opened::Done(stored) => {
                     Box::pin(self.drop_if_not_answered(&request.merchant, &answer, &stored)).await;
                     stored.into_result(true)
@@ -564,7 +613,7 @@ impl Allocator {
     ) -> Result<CartHold> {
         let cart_id = keys::reservation_id(
             claim.partition,
-            derive_random(&format!("cart|{}", claim.digest)),
+            derive_random(&format!("cart|{}", lived(&claim.digest, &claim.life))),
         );
         if claim.taken_over {
             // An earlier holder of the claim may have made the cart and died
@@ -588,7 +637,11 @@ impl Allocator {
             let line_id = |index: usize, partition: u32| {
                 keys::reservation_id(
                     partition,
-                    derive_random(&format!("line|{}|{}|{index}", claim.digest, claim.attempt)),
+                    derive_random(&format!(
+                        "line|{}|{}|{index}",
+                        lived(&claim.digest, &claim.life),
+                        claim.attempt
+                    )),
                 )
             };
             let mut held: Vec<StoredLine> = Vec::new();
@@ -817,8 +870,28 @@ fn bucket_node_of(cell: &str) -> Option<&str> {
     }
 }
 
-fn one_line_id(partition: u32, digest: &str, attempt: u64) -> String {
-    keys::reservation_id(partition, derive_random(&format!("one|{digest}|{attempt}")))
+fn one_line_id(partition: u32, digest: &str, life: &str, attempt: u64) -> String {
+    keys::reservation_id(
+        partition,
+        derive_random(&format!("one|{}|{attempt}", lived(digest, life))),
+    )
+}
+
+/// The digest scoped to a claim's life (claims made before lives were kept
+/// have none, and their ids derive from the digest alone, as they did).
+fn lived(digest: &str, life: &str) -> String {
+    if life.is_empty() {
+        digest.to_owned()
+    } else {
+        format!("{digest}.{life}")
+    }
+}
+
+/// A fresh claim life: unique per attempt to make a claim (node, time,
+/// process, counter), so a key used again after its claim's life never
+/// makes the ids of the life before.
+fn claim_life(node: &str) -> String {
+    hex::encode(&derive_random(&format!("life|{node}|{}", crate::hot::unique_suffix()))[..8])
 }
 
 fn stored(reply: &Value) -> Result<Stored> {

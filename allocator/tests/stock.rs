@@ -247,6 +247,65 @@ async fn a_claim_taken_over_keeps_the_answer_even_if_the_hold_record_is_lost() {
 }
 
 #[tokio::test]
+async fn a_key_used_again_after_its_claims_life_makes_new_holds_not_replays_of_old_ones() {
+    use fred::prelude::*;
+    let allocator = allocator_for("test-node").await;
+    let key = fresh_key();
+    stock(&allocator, &key, 10).await;
+    let one_line = allocator::CartRequest {
+        merchant: key.merchant.clone(),
+        lines: vec![allocator::CartLine {
+            sku: key.sku.clone(),
+            location: key.location.clone(),
+            qty: 1,
+        }],
+        ttl: Some(Duration::from_secs(600)),
+        idempotency_key: "order-again".to_owned(),
+        customer_ref: None,
+    };
+    let first = allocator.reserve_cart(&one_line).await.expect("hold");
+    allocator
+        .commit(None, &first.cart.reservation_id, "commit-1")
+        .await
+        .expect("commit");
+
+    // Its claim has lived its life (24 h less 10 min), though not deleted yet.
+    let redis = raw_redis().await;
+    let claims = format!(
+        "inv:{{{}}}:idem",
+        allocator.request_partition(&key.merchant, &one_line.idempotency_key)
+    );
+    let records: std::collections::HashMap<String, String> =
+        redis.hgetall(&claims).await.expect("claims");
+    let (field, mut claim) = records
+        .into_iter()
+        .filter(|(field, _)| field.starts_with("c|"))
+        .map(|(field, text)| {
+            let claim: serde_json::Value = serde_json::from_str(&text).expect("json");
+            (field, claim)
+        })
+        .find(|(_, claim)| claim["reservation_id"] == first.cart.reservation_id.as_str())
+        .expect("the request's claim");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    claim["created_at_ms"] = (now_ms - (24 * 3600 - 9 * 60) * 1000).into();
+    let _: i64 = redis
+        .hset(&claims, (field.as_str(), claim.to_string()))
+        .await
+        .expect("age the claim");
+
+    // The key now names a new request: a new hold, never the old one
+    // answered as if it were held.
+    let again = allocator.reserve_cart(&one_line).await.expect("hold");
+    assert!(!again.replayed, "{again:?}");
+    assert_ne!(again.cart.reservation_id, first.cart.reservation_id);
+    let cell = pool(&allocator, &key).await;
+    assert_eq!((cell.on_hand, cell.reserved), (9, 1));
+}
+
+#[tokio::test]
 async fn a_hold_whose_claim_lease_ran_out_is_not_made() {
     let allocator = allocator_for("test-node").await;
     let key = fresh_key();
