@@ -4,9 +4,11 @@
 //! hold). Each is measured by criterion right after the baseline it is
 //! compared with: EVALSHA of `return 1` through the same kind of client and
 //! connection (the cost of one script round trip), so the machine's noise
-//! hits both alike. Prints reservations/s, the ratio to the baseline's
-//! calls/s, and p50/p99 per call; with `BENCH_ENGINE_OUT` set, writes them
-//! there as JSON for `scripts/bench`'s report.
+//! hits both alike. Then the same baseline from `redis-benchmark` on one
+//! connection (no client cost of ours: on this machine our client's round
+//! trip costs several times its). Prints reservations/s, the ratios, and
+//! p50/p99 per call; with `BENCH_ENGINE_OUT` set, writes them there as JSON
+//! for `scripts/bench`'s report.
 //!
 //! Run: `eval "$(scripts/stack env)"; cargo bench -p allocator --bench reserve`.
 //! Figures, not assertions: this never fails on a timing.
@@ -148,6 +150,25 @@ fn benches(
     group.finish();
 }
 
+/// EVALSHA of `return 1` per second from `redis-benchmark` on one
+/// connection: the same baseline without our client's cost per call.
+fn redis_benchmark(redis_url: &str, sha: &str) -> Option<f64> {
+    let address = redis_url.trim_start_matches("redis://");
+    let (host, port) = address.split_once(':')?;
+    let port = port.split('/').next()?;
+    let output = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h", host, "-p", port, "-c", "1", "-n", "20000", "--csv", "evalsha", sha, "0",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|line| line.to_lowercase().starts_with("\"evalsha"))?;
+    line.split(',').nth(1)?.trim_matches('"').parse().ok()
+}
+
 fn percentile(sorted: &[Duration], share: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -205,6 +226,10 @@ fn main() {
     benches(&mut criterion, &runtime, &allocator, &baseline, &key);
     criterion.final_summary();
 
+    let tool_baseline = redis_benchmark(&stack.redis_url, &baseline.1);
+    if let Some(calls) = tool_baseline {
+        println!("\nredis-benchmark EVALSHA `return 1`, 1 connection: {calls:.0} calls/s");
+    }
     let measured = MEASURED.lock().expect("lock");
     let mut rows = Vec::new();
     let mut baseline_per_second = 0.0;
@@ -237,6 +262,9 @@ fn main() {
             "p50_us_per_call": (p50.as_secs_f64() * 1e6).round(),
             "p99_us_per_call": (p99.as_secs_f64() * 1e6).round(),
             "calls": entry.calls.len(),
+            "redis_benchmark_calls_per_second": tool_baseline.map(f64::round),
+            "ratio_to_redis_benchmark": tool_baseline
+                .map(|calls| (per_second / calls * 100.0).round() / 100.0),
         }));
     }
     if let Ok(path) = std::env::var("BENCH_ENGINE_OUT") {
