@@ -58,6 +58,17 @@ def wrk(path):
     return result
 
 
+def wrk_nodes(raw, pattern):
+    """One wrk run per gateway node, summed (p99: the worst node's)."""
+    runs = [wrk(path) for path in sorted(glob.glob(os.path.join(raw, pattern)))]
+    return {
+        "requests_per_second": round(sum(run["requests_per_second"] for run in runs), 1),
+        "requests": sum(run["requests"] for run in runs),
+        "non_2xx": sum(run["non_2xx"] for run in runs),
+        "p99_ms_worst_node": max((run.get("p99_ms", 0.0) for run in runs), default=0.0),
+    }
+
+
 def k6(path):
     """achieved rate, latency percentiles (ms), failed share, dropped iterations."""
     try:
@@ -185,20 +196,8 @@ def main():
     raw, out, quick, profile = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
     hello = wrk(os.path.join(raw, "wrk-hello.txt"))
     reads = wrk(os.path.join(raw, "wrk-reads.txt"))
-    reserve_runs = [wrk(path) for path in sorted(glob.glob(os.path.join(raw, "wrk-reserve-*.txt")))]
-    reserve = {
-        "requests_per_second": round(sum(run["requests_per_second"] for run in reserve_runs), 1),
-        "requests": sum(run["requests"] for run in reserve_runs),
-        "non_2xx": sum(run["non_2xx"] for run in reserve_runs),
-        "p99_ms_worst_node": max((run.get("p99_ms", 0.0) for run in reserve_runs), default=0.0),
-    }
-    cart_runs = [wrk(path) for path in sorted(glob.glob(os.path.join(raw, "wrk-cart-*.txt")))]
-    carts = {
-        "requests_per_second": round(sum(run["requests_per_second"] for run in cart_runs), 1),
-        "requests": sum(run["requests"] for run in cart_runs),
-        "non_2xx": sum(run["non_2xx"] for run in cart_runs),
-        "p99_ms_worst_node": max((run.get("p99_ms", 0.0) for run in cart_runs), default=0.0),
-    }
+    reserve = wrk_nodes(raw, "wrk-reserve-*.txt")
+    carts = wrk_nodes(raw, "wrk-cart-*.txt")
     try:
         engine = json.loads(read(os.path.join(raw, "engine.json"), "[]"))
     except json.JSONDecodeError:

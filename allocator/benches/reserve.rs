@@ -272,24 +272,3 @@ fn main() {
             .expect("write the engine figures");
     }
 }
-
-/// A one-line request as the cart form the allocator's entry point takes.
-trait AsCart {
-    fn as_cart(&self) -> allocator::CartRequest;
-}
-
-impl AsCart for ReserveRequest {
-    fn as_cart(&self) -> allocator::CartRequest {
-        allocator::CartRequest {
-            merchant: self.key.merchant.clone(),
-            lines: vec![allocator::CartLine {
-                sku: self.key.sku.clone(),
-                location: self.key.location.clone(),
-                qty: self.qty,
-            }],
-            ttl: self.ttl,
-            idempotency_key: self.idempotency_key.clone(),
-            customer_ref: self.customer_ref.clone(),
-        }
-    }
-}

@@ -1200,7 +1200,9 @@ impl Reserver {
 }
 
 impl crate::ReserveRequest {
-    fn as_cart(&self) -> CartRequest {
+    /// This one-line request as the cart form [`Reserver::reserve`] and
+    /// [`Allocator::reserve_cart`] take.
+    pub fn as_cart(&self) -> CartRequest {
         CartRequest {
             merchant: self.key.merchant.clone(),
             lines: vec![CartLine {

@@ -18,6 +18,58 @@ fn fresh_key() -> StockKey {
     StockKey::new(testkit::unique_id("m"), "sku-1", "dc1")
 }
 
+/// A one-line request in the cart form the allocator's entry point takes.
+fn one_line(
+    key: &StockKey,
+    qty: u32,
+    ttl_seconds: u64,
+    idempotency_key: &str,
+) -> allocator::CartRequest {
+    allocator::CartRequest {
+        merchant: key.merchant.clone(),
+        lines: vec![allocator::CartLine {
+            sku: key.sku.clone(),
+            location: key.location.clone(),
+            qty,
+        }],
+        ttl: Some(Duration::from_secs(ttl_seconds)),
+        idempotency_key: idempotency_key.to_owned(),
+        customer_ref: None,
+    }
+}
+
+/// Changes the stored claim of `request` (found by the reservation id its
+/// placement names), as time or a lost lease would.
+async fn edit_claim(
+    allocator: &Allocator,
+    request: &allocator::CartRequest,
+    reservation_id: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
+    use fred::prelude::*;
+    let redis = raw_redis().await;
+    let claims = format!(
+        "inv:{{{}}}:idem",
+        allocator.request_partition(&request.merchant, &request.idempotency_key)
+    );
+    let records: std::collections::HashMap<String, String> =
+        redis.hgetall(&claims).await.expect("claims");
+    let (field, mut claim) = records
+        .into_iter()
+        .filter(|(field, _)| field.starts_with("c|"))
+        .map(|(field, text)| {
+            let claim: serde_json::Value = serde_json::from_str(&text).expect("json");
+            (field, claim)
+        })
+        .find(|(_, claim)| claim["reservation_id"] == reservation_id)
+        .expect("the request's claim");
+    edit(&mut claim);
+    let _: i64 = redis
+        .hset(&claims, (field.as_str(), claim.to_string()))
+        .await
+        .expect("edit the claim");
+}
+
 fn count(key: &StockKey, qty: i64, seq: u64) -> Adjustment {
     Adjustment {
         kind: AdjustmentKind::Absolute,
@@ -141,17 +193,7 @@ async fn a_retry_answers_the_original_body_whatever_happened_to_the_hold_since()
     let other = allocator_for("test-node-2").await;
     let key = fresh_key();
     stock(&allocator, &key, 10).await;
-    let request = allocator::CartRequest {
-        merchant: key.merchant.clone(),
-        lines: vec![allocator::CartLine {
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            qty: 2,
-        }],
-        ttl: Some(Duration::from_secs(60)),
-        idempotency_key: "order-1".to_owned(),
-        customer_ref: None,
-    };
+    let request = one_line(&key, 2, 60, "order-1");
     let first = allocator.reserve_cart(&request).await.expect("hold");
     assert!(!first.replayed);
     let id = first.cart.reservation_id.clone();
@@ -183,17 +225,7 @@ async fn a_claim_taken_over_keeps_the_answer_even_if_the_hold_record_is_lost() {
     let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 10).await;
-    let request = allocator::CartRequest {
-        merchant: key.merchant.clone(),
-        lines: vec![allocator::CartLine {
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            qty: 1,
-        }],
-        ttl: Some(Duration::from_secs(60)),
-        idempotency_key: "order-taken-over".to_owned(),
-        customer_ref: None,
-    };
+    let request = one_line(&key, 1, 60, "order-taken-over");
     let first = allocator.reserve_cart(&request).await.expect("hold");
     let id = first.cart.reservation_id.clone();
     allocator
@@ -202,27 +234,10 @@ async fn a_claim_taken_over_keeps_the_answer_even_if_the_hold_record_is_lost() {
         .expect("commit");
 
     // The first caller's lease runs out (it died before anyone retried).
-    let redis = raw_redis().await;
-    let claims = format!(
-        "inv:{{{}}}:idem",
-        allocator.request_partition(&key.merchant, &request.idempotency_key)
-    );
-    let records: std::collections::HashMap<String, String> =
-        redis.hgetall(&claims).await.expect("claims");
-    let (field, mut claim) = records
-        .into_iter()
-        .filter(|(field, _)| field.starts_with("c|"))
-        .map(|(field, text)| {
-            let claim: serde_json::Value = serde_json::from_str(&text).expect("json");
-            (field, claim)
-        })
-        .find(|(_, claim)| claim["reservation_id"] == id.as_str())
-        .expect("the request's claim");
-    claim["lease_until_ms"] = 0.into();
-    let _: i64 = redis
-        .hset(&claims, (field.as_str(), claim.to_string()))
-        .await
-        .expect("lapse the lease");
+    edit_claim(&allocator, &request, &id, |claim| {
+        claim["lease_until_ms"] = 0.into();
+    })
+    .await;
 
     // A retry takes the claim over and answers from the hold...
     let retry = allocator.reserve_cart(&request).await.expect("replay");
@@ -231,7 +246,8 @@ async fn a_claim_taken_over_keeps_the_answer_even_if_the_hold_record_is_lost() {
     // ...and stores that answer, so it no longer rests on the hold's record
     // (lost here, as a failed-over shard might lose it).
     let partition = allocator::keys::reservation_partition(&id, PARTITIONS).expect("partition");
-    let _: i64 = redis
+    let _: i64 = raw_redis()
+        .await
         .hdel(format!("inv:{{{partition}}}:res"), &id)
         .await
         .expect("lose the record");
@@ -248,57 +264,29 @@ async fn a_claim_taken_over_keeps_the_answer_even_if_the_hold_record_is_lost() {
 
 #[tokio::test]
 async fn a_key_used_again_after_its_claims_life_makes_new_holds_not_replays_of_old_ones() {
-    use fred::prelude::*;
     let allocator = allocator_for("test-node").await;
     let key = fresh_key();
     stock(&allocator, &key, 10).await;
-    let one_line = allocator::CartRequest {
-        merchant: key.merchant.clone(),
-        lines: vec![allocator::CartLine {
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            qty: 1,
-        }],
-        ttl: Some(Duration::from_secs(600)),
-        idempotency_key: "order-again".to_owned(),
-        customer_ref: None,
-    };
-    let first = allocator.reserve_cart(&one_line).await.expect("hold");
+    let request = one_line(&key, 1, 600, "order-again");
+    let first = allocator.reserve_cart(&request).await.expect("hold");
     allocator
         .commit(None, &first.cart.reservation_id, "commit-1")
         .await
         .expect("commit");
 
     // Its claim has lived its life (24 h less 10 min), though not deleted yet.
-    let redis = raw_redis().await;
-    let claims = format!(
-        "inv:{{{}}}:idem",
-        allocator.request_partition(&key.merchant, &one_line.idempotency_key)
-    );
-    let records: std::collections::HashMap<String, String> =
-        redis.hgetall(&claims).await.expect("claims");
-    let (field, mut claim) = records
-        .into_iter()
-        .filter(|(field, _)| field.starts_with("c|"))
-        .map(|(field, text)| {
-            let claim: serde_json::Value = serde_json::from_str(&text).expect("json");
-            (field, claim)
-        })
-        .find(|(_, claim)| claim["reservation_id"] == first.cart.reservation_id.as_str())
-        .expect("the request's claim");
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64;
-    claim["created_at_ms"] = (now_ms - (24 * 3600 - 9 * 60) * 1000).into();
-    let _: i64 = redis
-        .hset(&claims, (field.as_str(), claim.to_string()))
-        .await
-        .expect("age the claim");
+    edit_claim(&allocator, &request, &first.cart.reservation_id, |claim| {
+        claim["created_at_ms"] = (now_ms - (24 * 3600 - 9 * 60) * 1000).into();
+    })
+    .await;
 
     // The key now names a new request: a new hold, never the old one
     // answered as if it were held.
-    let again = allocator.reserve_cart(&one_line).await.expect("hold");
+    let again = allocator.reserve_cart(&request).await.expect("hold");
     assert!(!again.replayed, "{again:?}");
     assert_ne!(again.cart.reservation_id, first.cart.reservation_id);
     let cell = pool(&allocator, &key).await;
