@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use fred::clients::{Client, Pool};
 use fred::interfaces::{ClientLike, FunctionInterface};
+use fred::types::{Key, Value};
 use sha2::{Digest as _, Sha256};
 
 /// The reply schema version the scripts and this crate agree on.
@@ -166,7 +167,7 @@ impl Scripts {
     /// is there already: the same name always has the same text).
     pub async fn load(&self, pool: &Pool) -> Result<(), fred::error::Error> {
         for client in pool.clients() {
-            let _: fred::types::Value = client.function_load_cluster(true, &*self.code).await?;
+            let _: Value = client.function_load_cluster(true, &*self.code).await?;
             if !client.is_clustered() {
                 // One server: every client of the pool reaches the same one.
                 break;
@@ -194,6 +195,11 @@ impl Scripts {
         args: Vec<String>,
     ) -> Result<String, fred::error::Error> {
         let name = self.name(op);
+        // Kept as fred's shared byte types (made from the strings without a
+        // copy), so keeping them for the rare second attempt costs reference
+        // counts, not a copy of every argument on every call.
+        let keys: Vec<Key> = keys.into_iter().map(Key::from).collect();
+        let args: Vec<Value> = args.into_iter().map(Value::from).collect();
         // fred's command futures are ~5 KB each: boxed, so the futures of
         // every caller up to the HTTP handler stay small (they are moved
         // and boxed per request, and were memcpy and malloc hot spots).
@@ -201,8 +207,7 @@ impl Scripts {
             Box::pin(client.fcall(name, keys.clone(), args.clone())).await;
         match first {
             Err(error) if error.details().contains("Function not found") => {
-                let _: fred::types::Value =
-                    Box::pin(client.function_load_cluster(true, &*self.code)).await?;
+                let _: Value = Box::pin(client.function_load_cluster(true, &*self.code)).await?;
                 Box::pin(client.fcall(name, keys, args)).await
             }
             other => other,
