@@ -868,19 +868,62 @@ impl Allocator {
 
     /// The pool and every bucket of a key (the buckets its pool lists).
     pub async fn stock_view(&self, key: &StockKey) -> Result<StockView> {
-        let pool = self.cell(&key.pool(self.settings.partitions)).await?;
-        let mut buckets = Vec::new();
-        if let Some(pool) = &pool {
-            for node in pool.buckets.keys() {
-                if let Some(cell) = self
-                    .cell(&key.bucket(node, self.settings.partitions))
-                    .await?
-                {
-                    buckets.push((node.clone(), cell));
-                }
+        let mut views = self.stock_views(std::slice::from_ref(key)).await?;
+        Ok(views.pop().unwrap_or(StockView {
+            pool: None,
+            buckets: Vec::new(),
+        }))
+    }
+
+    /// [`Allocator::stock_view`] of many keys in two pipelined waves: every
+    /// pool, then every bucket those pools list (each wave one round trip,
+    /// whatever the number of keys). Not one instant: see
+    /// [`Allocator::stable_view`] for a view a decision may rest on.
+    pub async fn stock_views(&self, stock_keys: &[StockKey]) -> Result<Vec<StockView>> {
+        let partitions = self.settings.partitions;
+        let pool_refs: Vec<CellRef> = stock_keys.iter().map(|key| key.pool(partitions)).collect();
+        let pools = self.cells(&pool_refs).await?;
+        // (which key, node) of every bucket the pools list.
+        let mut owners: Vec<(usize, String)> = Vec::new();
+        let mut bucket_refs: Vec<CellRef> = Vec::new();
+        for (index, pool) in pools.iter().enumerate() {
+            for node in pool.iter().flat_map(|pool| pool.buckets.keys()) {
+                bucket_refs.push(stock_keys[index].bucket(node, partitions));
+                owners.push((index, node.clone()));
             }
         }
-        Ok(StockView { pool, buckets })
+        let buckets = self.cells(&bucket_refs).await?;
+        let mut views: Vec<StockView> = pools
+            .into_iter()
+            .map(|pool| StockView {
+                pool,
+                buckets: Vec::new(),
+            })
+            .collect();
+        for ((index, node), bucket) in owners.into_iter().zip(buckets) {
+            if let Some(bucket) = bucket {
+                views[index].buckets.push((node, bucket));
+            }
+        }
+        Ok(views)
+    }
+
+    /// Every location of `(merchant, sku)` with its view, sorted by
+    /// location; locations whose pool is gone are left out. Three round
+    /// trips whatever the number of locations and sale nodes: the location
+    /// set, then [`Allocator::stock_views`].
+    pub async fn sku_views(&self, merchant: &str, sku: &str) -> Result<Vec<(String, StockView)>> {
+        let locations = self.locations(merchant, sku).await?;
+        let stock_keys: Vec<StockKey> = locations
+            .iter()
+            .map(|location| StockKey::new(merchant, sku, location))
+            .collect();
+        let views = self.stock_views(&stock_keys).await?;
+        Ok(locations
+            .into_iter()
+            .zip(views)
+            .filter(|(_, view)| view.pool.is_some())
+            .collect())
     }
 
     /// A view of the pool and buckets as they all were at one instant: the

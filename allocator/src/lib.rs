@@ -709,6 +709,67 @@ impl Allocator {
         Ok(locations)
     }
 
+    /// Cells as stored now, in the order asked: one `HMGET` per partition,
+    /// all of them sent in one pipeline (one round trip; on a cluster, one
+    /// per master holding any of the partitions). No script: reads never
+    /// decide anything.
+    pub async fn cells(&self, cells: &[CellRef]) -> Result<Vec<Option<Cell>>> {
+        let mut by_partition: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+        for (index, cell) in cells.iter().enumerate() {
+            by_partition.entry(cell.partition).or_default().push(index);
+        }
+        let mut found: Vec<Option<Cell>> = vec![None; cells.len()];
+        if by_partition.is_empty() {
+            return Ok(found);
+        }
+        let pipeline = self.pool.next().pipeline();
+        for (partition, indexes) in &by_partition {
+            let fields: Vec<&str> = indexes
+                .iter()
+                .map(|&index| cells[index].id.as_str())
+                .collect();
+            let _: () = pipeline
+                .hmget(keys::cells_hash(*partition), fields)
+                .await
+                .map_err(unavailable)?;
+        }
+        // Each HMGET answers one array; `all` keeps them in sending order.
+        // Read as plain values: no conversion guesses at nesting.
+        let reply: fred::types::Value = self.with_timeout(pipeline.all()).await?;
+        let answers = match reply {
+            fred::types::Value::Array(answers) if answers.len() == by_partition.len() => answers,
+            other => {
+                return Err(AllocatorError::Protocol(format!(
+                    "{} cell reads answered {other:?}",
+                    by_partition.len()
+                )));
+            }
+        };
+        for (indexes, answer) in by_partition.values().zip(answers) {
+            let raws = match answer {
+                fred::types::Value::Array(raws) if raws.len() == indexes.len() => raws,
+                other => {
+                    return Err(AllocatorError::Protocol(format!(
+                        "{} cells asked, answered {other:?}",
+                        indexes.len()
+                    )));
+                }
+            };
+            for (&index, raw) in indexes.iter().zip(raws) {
+                found[index] = match raw {
+                    fred::types::Value::Null => None,
+                    raw => {
+                        let text = raw.as_bytes().ok_or_else(|| {
+                            AllocatorError::Protocol(format!("a cell is not text: {raw:?}"))
+                        })?;
+                        Some(serde_json::from_slice(text).map_err(protocol)?)
+                    }
+                };
+            }
+        }
+        Ok(found)
+    }
+
     /// A cell as stored now (no script: reads never decide anything).
     pub async fn cell(&self, cell: &CellRef) -> Result<Option<Cell>> {
         let raw: Option<String> = self

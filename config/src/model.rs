@@ -188,6 +188,12 @@ pub struct CacheConfig {
     /// Availability at or under this is reported as `low` unless a key sets its own.
     #[serde(default = "default_low_stock_threshold")]
     pub low_stock_threshold_default: u64,
+    /// How long a node answers 404 for an unknown stock key from memory
+    /// before asking Redis again (0: never cached). A key's creation is
+    /// heard at once through its change notification; this bounds the
+    /// answer only when a notification was missed.
+    #[serde(default = "default_not_found_ttl_ms")]
+    pub not_found_ttl_ms: u64,
 }
 
 /// Bounds on everything a client can make the node hold or do.
@@ -222,6 +228,15 @@ pub struct LimitsConfig {
     /// one node; 0 turns the limit off.
     #[serde(default = "default_customer_reservations_per_second")]
     pub customer_reservations_per_second: u32,
+    /// Anonymous reads (`auth.public_reads`: availability, batch, stream)
+    /// one client address may make per second on one node, with one
+    /// second of burst; 0 turns the limit off. Requests with an API key
+    /// count against the key's own `requests_per_second` instead.
+    #[serde(default = "default_public_reads_per_second_per_client")]
+    pub public_reads_per_second_per_client: u32,
+    /// Most concurrent SSE streams one client address may hold on one node.
+    #[serde(default = "default_sse_streams_per_client_max")]
+    pub sse_streams_per_client_max: usize,
 }
 
 impl Default for LimitsConfig {
@@ -235,6 +250,8 @@ impl Default for LimitsConfig {
             sse_streams_max: default_sse_streams_max(),
             sse_client_buffer_events: default_sse_client_buffer_events(),
             customer_reservations_per_second: default_customer_reservations_per_second(),
+            public_reads_per_second_per_client: default_public_reads_per_second_per_client(),
+            sse_streams_per_client_max: default_sse_streams_per_client_max(),
         }
     }
 }
@@ -370,6 +387,15 @@ impl FlashSaleConfig {
 
 fn default_customer_reservations_per_second() -> u32 {
     5
+}
+fn default_public_reads_per_second_per_client() -> u32 {
+    100
+}
+fn default_sse_streams_per_client_max() -> usize {
+    8
+}
+fn default_not_found_ttl_ms() -> u64 {
+    1_000
 }
 fn default_fleet_size() -> u32 {
     1

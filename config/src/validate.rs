@@ -241,6 +241,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         1,
         3_600_000,
     );
+    c.range("cache.not_found_ttl_ms", cache.not_found_ttl_ms, 0, 60_000);
     c.range(
         "cache.cache_control_max_age_seconds",
         cache.cache_control_max_age_seconds,
@@ -294,6 +295,18 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         100_000,
     );
 
+    c.range(
+        "limits.public_reads_per_second_per_client",
+        limits.public_reads_per_second_per_client,
+        0,
+        100_000_000,
+    );
+    c.range(
+        "limits.sse_streams_per_client_max",
+        limits.sse_streams_per_client_max,
+        1,
+        1_000_000,
+    );
     c.range(
         "limits.customer_reservations_per_second",
         limits.customer_reservations_per_second,

@@ -7,19 +7,23 @@
 
 use allocator::{AllocatorError, ReservationStatus, ShortLine};
 use bytes::Bytes;
+use http::HeaderValue;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// Largest quantity a request may carry (the allocator's limit).
 pub const QTY_MAX: u64 = allocator::limits::QTY_MAX as u64;
 
+/// `Content-Type` of every JSON reply.
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
 /// A response the gateway writes itself.
 #[derive(Debug, Clone)]
 pub struct Reply {
     /// HTTP status.
     pub status: u16,
-    /// Extra headers (content type is set from the body kind).
-    pub headers: Vec<(&'static str, String)>,
+    /// Headers (a JSON reply starts with its content type).
+    pub headers: Vec<(&'static str, HeaderValue)>,
     /// The body; JSON unless a header says otherwise.
     pub body: Bytes,
 }
@@ -29,14 +33,25 @@ impl Reply {
     pub fn json(status: u16, value: &Value) -> Self {
         Self {
             status,
-            headers: vec![("content-type", "application/json".to_owned())],
+            headers: vec![("content-type", JSON.clone())],
             body: Bytes::from(value.to_string()),
         }
     }
 
+    /// A reply of JSON bytes rendered before (a cached view).
+    pub fn json_bytes(status: u16, body: Bytes) -> Self {
+        let mut headers = Vec::with_capacity(4);
+        headers.push(("content-type", JSON.clone()));
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
     /// A reply with a header added.
-    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        self.headers.push((name, value.into()));
+    pub fn with_header(mut self, name: &'static str, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
         self
     }
 }
@@ -74,9 +89,9 @@ pub enum ApiError {
     /// Mutating call without Idempotency-Key.
     #[error("this call needs an Idempotency-Key header")]
     IdempotencyKeyRequired,
-    /// Per-key or per-node limit.
+    /// Per-key, per-client or per-node limit; retry after that many seconds.
     #[error("{0}")]
-    RateLimited(String),
+    RateLimited(String, u64),
     /// Redis unreachable; nothing was changed.
     #[error("the stock store is unavailable; nothing was changed")]
     StoreUnavailable,
@@ -86,9 +101,9 @@ pub enum ApiError {
     /// A path under /v1 that does not exist.
     #[error("no route for {0}")]
     NoRoute(String),
-    /// A known path with a method it does not take.
+    /// A known path with a method it does not take; the one it takes.
     #[error("method not allowed: {0}")]
-    MethodNotAllowed(String),
+    MethodNotAllowed(String, http::Method),
     /// A bug; logged, never shown in detail.
     #[error("internal error")]
     Internal(String),
@@ -116,12 +131,12 @@ impl ApiError {
                 "reservation_not_held",
                 json!({ "status": status.as_str() }),
             ),
-            ApiError::MethodNotAllowed(_) => (405, "method_not_allowed", json!({})),
+            ApiError::MethodNotAllowed(..) => (405, "method_not_allowed", json!({})),
             ApiError::PayloadTooLarge(_) => (413, "payload_too_large", json!({})),
             ApiError::UnsupportedMediaType => (415, "unsupported_media_type", json!({})),
             ApiError::IdempotencyKeyReused => (422, "idempotency_key_reused", json!({})),
             ApiError::IdempotencyKeyRequired => (428, "idempotency_key_required", json!({})),
-            ApiError::RateLimited(_) => (429, "rate_limited", json!({})),
+            ApiError::RateLimited(..) => (429, "rate_limited", json!({})),
             ApiError::StoreUnavailable => (503, "store_unavailable", json!({})),
             ApiError::RequestInProgress => (409, "request_in_progress", json!({})),
             ApiError::Internal(_) => (500, "internal", json!({})),
@@ -130,8 +145,17 @@ impl ApiError {
         body["message"] = json!(message);
         let reply = Reply::json(status, &body);
         match self {
-            ApiError::RateLimited(_) | ApiError::StoreUnavailable | ApiError::RequestInProgress => {
-                reply.with_header("retry-after", "1")
+            ApiError::RateLimited(_, seconds) => {
+                reply.with_header("retry-after", HeaderValue::from(*seconds))
+            }
+            ApiError::StoreUnavailable | ApiError::RequestInProgress => {
+                reply.with_header("retry-after", HeaderValue::from_static("1"))
+            }
+            ApiError::MethodNotAllowed(_, allowed) => {
+                // A method is a token: always a valid header value.
+                let allowed = HeaderValue::from_str(allowed.as_str())
+                    .unwrap_or(HeaderValue::from_static("GET"));
+                reply.with_header("allow", allowed)
             }
             _ => reply,
         }

@@ -17,6 +17,7 @@ use allocator::{Allocator, AllocatorSettings, Change, ChangeEvent};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use config::{Config, ConfigWatcher};
+use http::HeaderValue;
 use tokio::sync::{Notify, broadcast};
 use tracing::{info, warn};
 
@@ -43,8 +44,12 @@ pub struct App {
     pub cache: AvailabilityCache,
     /// Change notifications for SSE streams.
     pub changes: broadcast::Sender<Change>,
-    /// Per-API-key token buckets.
+    /// Rate limits: per API key, per customer, per client address.
     pub limiter: RateLimiter,
+    /// Open SSE streams per client address (`limits.sse_streams_per_client_max`).
+    pub streams_by_client: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// `Cache-Control` of availability answers, rendered once per config.
+    cache_control: ArcSwap<HeaderValue>,
     /// Reservation requests: placement, coalescing, the hot path and each
     /// request's one idempotency record (the allocator's).
     pub reserver: Arc<allocator::Reserver>,
@@ -88,14 +93,16 @@ impl App {
         let app = Arc::new(Self {
             cache: AvailabilityCache::new(
                 &config,
-                allocator.clone(),
+                crate::availability::redis_loader(allocator.clone()),
                 Arc::clone(&subscribed),
                 CacheCounters {
                     results: metrics.cache.clone(),
                     redis_errors: metrics.redis_errors.clone(),
                 },
             ),
-            limiter: RateLimiter::default(),
+            limiter: RateLimiter::new(&config),
+            streams_by_client: Default::default(),
+            cache_control: ArcSwap::from_pointee(cache_control(&config)),
             flash: FlashSales::new(
                 Arc::clone(&reserver),
                 metrics.reclaims.clone(),
@@ -116,6 +123,7 @@ impl App {
         tokio::spawn(Arc::clone(&app).follow_changes());
         tokio::spawn(Arc::clone(&app).heartbeat());
         tokio::spawn(Arc::clone(&app).run_flash_sales());
+        tokio::spawn(Arc::clone(&app).forget_idle_limits());
         Ok(app)
     }
 
@@ -127,6 +135,11 @@ impl App {
     /// Origin addresses, in the configured order.
     pub fn origins(&self) -> Arc<Vec<SocketAddr>> {
         self.origins.load_full()
+    }
+
+    /// `Cache-Control` of availability answers.
+    pub fn cache_control(&self) -> HeaderValue {
+        HeaderValue::clone(&self.cache_control.load())
     }
 
     /// Whether change notifications reach this node's cache.
@@ -168,6 +181,10 @@ impl App {
             }
             if update.touches("cache") {
                 self.cache.reconfigure(&config);
+                self.cache_control.store(Arc::new(cache_control(&config)));
+            }
+            if update.touches("auth") || update.touches("node") || update.touches("limits") {
+                self.limiter.reconfigure(&config);
             }
             if update.touches("stock")
                 && let Err(error) = self.allocator.reconfigure(&config)
@@ -257,6 +274,14 @@ impl App {
         }
     }
 
+    /// Drops the rate-limit state of customers and clients idle long
+    /// enough to have full buckets again.
+    async fn forget_idle_limits(self: Arc<Self>) {
+        while self.pause(Duration::from_secs(30)).await {
+            self.limiter.forget_idle();
+        }
+    }
+
     async fn run_flash_sales(self: Arc<Self>) {
         loop {
             let config = self.config();
@@ -271,6 +296,13 @@ impl App {
             }
         }
     }
+}
+
+fn cache_control(config: &Config) -> HeaderValue {
+    let seconds = config.cache.cache_control_max_age_seconds;
+    // Digits after ASCII: always a valid header value.
+    HeaderValue::from_str(&format!("max-age={seconds}"))
+        .unwrap_or(HeaderValue::from_static("no-cache"))
 }
 
 fn coalescing(config: &Config) -> allocator::Coalescing {

@@ -1,12 +1,15 @@
 //! Who is calling, what they may do, and how often.
 //!
 //! Owns API-key lookup (by the SHA-256 of the bearer token, as the config
-//! stores it), scope and merchant checks, and the per-key token buckets. It
-//! does not know routes: handlers say which scope and merchant they need.
+//! stores it), scope and merchant checks, and the rate limits (per API key,
+//! per customer, per client address for anonymous reads). It does not know
+//! routes: handlers say which scope and merchant they need.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
 
 use config::{ApiKeyConfig, Config, Scope};
 use pingora::proxy::Session;
@@ -93,84 +96,179 @@ fn scope_name(scope: Scope) -> &'static str {
     }
 }
 
-/// Most customers tracked for the per-customer limit; past it the ones idle
-/// for 10 s are forgotten (they start again with a full bucket).
-const CUSTOMERS_TRACKED_MAX: usize = 100_000;
+/// A token bucket (GCRA) of one API key on this node.
+type KeyBucket = governor::DefaultDirectRateLimiter;
+/// Token buckets keyed by a value (customer hash, client address).
+type Buckets<K> = governor::DefaultKeyedRateLimiter<K>;
 
-/// Token buckets per API key name (each node admits `requests_per_second /
-/// fleet_size` per key, with one second of burst) and per customer (by the
-/// keyed hash of `customer_ref`, never the reference itself).
-#[derive(Default)]
-pub struct RateLimiter {
-    /// Key name → (tokens, last refill).
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-    /// Customer hash → (tokens, last refill).
-    customers: Mutex<HashMap<String, (f64, Instant)>>,
+/// One API key's bucket and the quota it was built for (kept across
+/// reloads that leave the quota as it was).
+struct KeyLimit {
+    quota: governor::Quota,
+    bucket: KeyBucket,
 }
 
-/// Takes a token from `bucket`, refilled at `rate` per second up to `burst`.
-fn take(bucket: &mut (f64, Instant), rate: f64, burst: f64) -> bool {
-    let now = Instant::now();
-    bucket.0 = (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * rate).min(burst);
-    bucket.1 = now;
-    if bucket.0 >= 1.0 {
-        bucket.0 -= 1.0;
-        true
-    } else {
-        false
+/// Keyed buckets with the quota they were built for.
+struct KeyedLimit<K: std::hash::Hash + Eq + Clone> {
+    quota: governor::Quota,
+    buckets: Buckets<K>,
+}
+
+/// The node's rate limits, each a GCRA token bucket from the `governor`
+/// crate (lock-free, sharded per key):
+/// * per API key: `requests_per_second / node.fleet_size` on each node,
+///   with one second of burst;
+/// * per customer (by the keyed hash of `customer_ref`, never the reference
+///   itself): `limits.customer_reservations_per_second`;
+/// * per client address for anonymous reads (`auth.public_reads`):
+///   `limits.public_reads_per_second_per_client`, one second of burst.
+///
+/// Buckets follow a config reload; one whose quota did not change keeps
+/// its state. [`RateLimiter::forget_idle`] drops the state of keys idle
+/// long enough to be full again, so memory follows the active clients.
+#[derive(Default)]
+pub struct RateLimiter {
+    keys: arc_swap::ArcSwap<HashMap<String, Arc<KeyLimit>>>,
+    customers: arc_swap::ArcSwapOption<KeyedLimit<String>>,
+    clients: arc_swap::ArcSwapOption<KeyedLimit<IpAddr>>,
+}
+
+/// `per_second` spread over `share` nodes, with one second of burst
+/// (at least one request); `None` when there is no limit.
+fn quota(per_second: u32, share: u32) -> Option<governor::Quota> {
+    let per_second = NonZeroU32::new(per_second)?;
+    let share = share.max(1);
+    let burst = NonZeroU32::new((per_second.get() / share).max(1))?;
+    let period = Duration::from_secs_f64(f64::from(share) / f64::from(per_second.get()));
+    Some(governor::Quota::with_period(period)?.allow_burst(burst))
+}
+
+/// Whole seconds (at least 1) until a refused caller may try again.
+fn retry_after(
+    not_until: &governor::NotUntil<
+        <governor::clock::DefaultClock as governor::clock::Clock>::Instant,
+    >,
+) -> u64 {
+    use governor::clock::Clock;
+    let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+}
+
+fn rebuilt<K: std::hash::Hash + Eq + Clone>(
+    current: &arc_swap::ArcSwapOption<KeyedLimit<K>>,
+    quota: Option<governor::Quota>,
+) {
+    let kept = current.load();
+    if kept.as_ref().map(|limit| limit.quota) == quota {
+        return;
     }
+    current.store(quota.map(|quota| {
+        Arc::new(KeyedLimit {
+            quota,
+            buckets: governor::RateLimiter::keyed(quota),
+        })
+    }));
 }
 
 impl RateLimiter {
-    /// Takes one token for the caller's API key, or refuses with 429.
-    pub fn admit(&self, caller: &Caller, config: &Config) -> Result<(), ApiError> {
-        let Some(key) = &caller.key else {
-            return Ok(());
-        };
-        let Some(per_second) = key.requests_per_second else {
-            return Ok(());
-        };
-        let rate = f64::from(per_second) / f64::from(config.node.fleet_size.max(1));
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bucket = buckets
-            .entry(key.name.clone())
-            .or_insert((rate.max(1.0), Instant::now()));
-        if take(bucket, rate, rate.max(1.0)) {
-            Ok(())
-        } else {
-            Err(ApiError::RateLimited(format!(
-                "api key {} is over its {per_second} requests per second",
-                key.name
-            )))
+    /// Limits as `config` sets them.
+    pub fn new(config: &Config) -> Self {
+        let limiter = Self::default();
+        limiter.reconfigure(config);
+        limiter
+    }
+
+    /// Follows a reloaded config (auth keys, fleet size, limits).
+    pub fn reconfigure(&self, config: &Config) {
+        let share = config.node.fleet_size;
+        let old = self.keys.load();
+        let keys: HashMap<String, Arc<KeyLimit>> = config
+            .auth
+            .api_keys
+            .iter()
+            .filter_map(|key| {
+                let quota = quota(key.requests_per_second?, share)?;
+                let limit = match old.get(&key.name) {
+                    Some(limit) if limit.quota == quota => Arc::clone(limit),
+                    _ => Arc::new(KeyLimit {
+                        quota,
+                        bucket: governor::RateLimiter::direct(quota),
+                    }),
+                };
+                Some((key.name.clone(), limit))
+            })
+            .collect();
+        self.keys.store(Arc::new(keys));
+        rebuilt(
+            &self.customers,
+            quota(config.limits.customer_reservations_per_second, 1),
+        );
+        rebuilt(
+            &self.clients,
+            quota(config.limits.public_reads_per_second_per_client, 1),
+        );
+    }
+
+    /// Takes one token for the caller: its API key's, or for an anonymous
+    /// read its client address's; 429 with Retry-After when there is none.
+    pub fn admit(&self, caller: &Caller, client: Option<IpAddr>) -> Result<(), ApiError> {
+        match &caller.key {
+            Some(key) => {
+                let keys = self.keys.load();
+                let Some(limit) = keys.get(&key.name) else {
+                    return Ok(());
+                };
+                limit.bucket.check().map_err(|not_until| {
+                    ApiError::RateLimited(
+                        format!(
+                            "api key {} is over its {} requests per second",
+                            key.name,
+                            key.requests_per_second.unwrap_or_default()
+                        ),
+                        retry_after(&not_until),
+                    )
+                })
+            }
+            None => {
+                let (Some(client), Some(limit)) = (client, self.clients.load_full()) else {
+                    return Ok(());
+                };
+                limit.buckets.check_key(&client).map_err(|not_until| {
+                    ApiError::RateLimited(
+                        format!("anonymous reads from {client} are over this node's budget"),
+                        retry_after(&not_until),
+                    )
+                })
+            }
         }
     }
 
     /// Takes one reservation token for a customer, or refuses with 429.
-    pub fn admit_customer(&self, customer_hash: &str, per_second: u32) -> Result<(), ApiError> {
-        if per_second == 0 {
+    pub fn admit_customer(&self, customer_hash: &str) -> Result<(), ApiError> {
+        let Some(limit) = self.customers.load_full() else {
             return Ok(());
+        };
+        limit
+            .buckets
+            .check_key(&customer_hash.to_owned())
+            .map_err(|not_until| {
+                ApiError::RateLimited(
+                    "this customer is over its reservations per second".to_owned(),
+                    retry_after(&not_until),
+                )
+            })
+    }
+
+    /// Forgets buckets that are full again (their keys idle): run now and
+    /// then so memory follows the clients seen lately.
+    pub fn forget_idle(&self) {
+        for limit in [self.customers.load_full()].into_iter().flatten() {
+            limit.buckets.retain_recent();
+            limit.buckets.shrink_to_fit();
         }
-        let rate = f64::from(per_second);
-        let mut customers = self
-            .customers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if customers.len() >= CUSTOMERS_TRACKED_MAX {
-            let idle = std::time::Duration::from_secs(10);
-            customers.retain(|_, (_, last)| last.elapsed() < idle);
-        }
-        let bucket = customers
-            .entry(customer_hash.to_owned())
-            .or_insert((rate, Instant::now()));
-        if take(bucket, rate, rate) {
-            Ok(())
-        } else {
-            Err(ApiError::RateLimited(format!(
-                "this customer is over {per_second} reservations per second"
-            )))
+        for limit in [self.clients.load_full()].into_iter().flatten() {
+            limit.buckets.retain_recent();
+            limit.buckets.shrink_to_fit();
         }
     }
 }

@@ -42,11 +42,12 @@ pub struct RequestContext {
 
 /// Writes a complete reply.
 pub async fn write_reply(session: &mut Session, reply: Reply) -> Result<()> {
-    let mut header = ResponseHeader::build(reply.status, Some(reply.headers.len() + 1))?;
-    for (name, value) in &reply.headers {
-        header.insert_header(*name, value.as_str())?;
+    // No case map: every name we write is lower case already.
+    let mut header = ResponseHeader::build_no_case(reply.status, Some(reply.headers.len() + 1))?;
+    for (name, value) in reply.headers {
+        header.insert_header(name, value)?;
     }
-    header.insert_header("content-length", reply.body.len().to_string())?;
+    header.insert_header("content-length", http::HeaderValue::from(reply.body.len()))?;
     let empty = reply.body.is_empty();
     session
         .write_response_header(Box::new(header), empty)

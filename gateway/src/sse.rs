@@ -3,13 +3,17 @@
 //! Owns one client's stream: the current state of every asked SKU first
 //! (also on reconnect with `Last-Event-ID`), then an event whenever a change
 //! notification names one of them. Fed by the same notifications that keep
-//! the cache fresh. Limits: `limits.sse_streams_max` streams per node (429
-//! past it); a client that falls `limits.sse_client_buffer_events` changes
+//! the cache fresh, each read after its notification, so a stream's last
+//! event is the state the SKU settled in; an event equal to the last one
+//! sent is skipped. Limits: `limits.sse_streams_max` streams per node and
+//! `limits.sse_streams_per_client_max` per client address (429 with
+//! Retry-After past either); a client that falls `limits.sse_client_buffer_events` changes
 //! behind, or whose
 //! socket does not take an event within the write timeout, is dropped; it
 //! never backs up the node.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,36 +24,84 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{ApiError, check_id};
 use crate::app::App;
-use crate::availability::Source;
-use crate::routes::{Outcome, admit, public_read, query_pairs};
+use crate::availability::{Source, sse_event};
+use crate::routes::{Outcome, admit, client_address, public_read, query_pairs};
 
 /// Most SKUs one stream may follow.
 const STREAM_SKUS_MAX: usize = 100;
 /// A comment line this often keeps proxies from closing an idle stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Retry-After of a stream refused for a full node or client.
+const RETRY_AFTER_SECONDS: u64 = 5;
 /// Longest one event may take to reach the client's socket.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Counts an open stream in the gauge for as long as it lives.
-struct Open<'a>(&'a App);
+/// Counts an open stream, in the node's gauge and against its client's
+/// cap, for as long as it lives.
+struct Open<'a> {
+    app: &'a App,
+    client: Option<IpAddr>,
+}
 
-impl Drop for Open<'_> {
-    fn drop(&mut self) {
-        self.0.metrics.streams.dec();
+impl<'a> Open<'a> {
+    /// Takes a stream slot on the node and for the client, or 429.
+    fn take(app: &'a App, client: Option<IpAddr>) -> Result<Self, ApiError> {
+        let limits = &app.config().limits;
+        if app.metrics.streams.get() >= limits.sse_streams_max as i64 {
+            return Err(ApiError::RateLimited(
+                format!(
+                    "this node serves {} streams already",
+                    limits.sse_streams_max
+                ),
+                RETRY_AFTER_SECONDS,
+            ));
+        }
+        if let Some(client) = client {
+            let mut open = lock(app);
+            let count = open.entry(client).or_default();
+            if *count >= limits.sse_streams_per_client_max {
+                return Err(ApiError::RateLimited(
+                    format!(
+                        "{client} holds {} streams on this node already",
+                        limits.sse_streams_per_client_max
+                    ),
+                    RETRY_AFTER_SECONDS,
+                ));
+            }
+            *count += 1;
+        }
+        app.metrics.streams.inc();
+        Ok(Self { app, client })
     }
 }
 
-async fn event(app: &App, merchant: &str, sku: &str) -> Option<Bytes> {
-    let (value, source) = app.cache.get(merchant, sku).await.ok()?;
-    let json = value.to_json(None, source == Source::Stale)?;
-    let version: u64 = value
-        .locations
-        .iter()
-        .map(|location| location.version)
-        .sum();
-    Some(Bytes::from(format!(
-        "event: availability\nid: {version}\ndata: {json}\n\n"
-    )))
+fn lock(app: &App) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+    app.streams_by_client
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.app.metrics.streams.dec();
+        if let Some(client) = self.client {
+            let mut open = lock(self.app);
+            if let Some(count) = open.get_mut(&client) {
+                *count -= 1;
+                if *count == 0 {
+                    open.remove(&client);
+                }
+            }
+        }
+    }
+}
+
+/// The SKU's current state as an event, and its version (`None`: unknown
+/// now, or Redis unreachable with nothing cached).
+async fn event(app: &App, merchant: &str, sku: &str) -> Option<(u64, Bytes)> {
+    let (rendered, source) = app.cache.get(merchant, sku).await.ok()?;
+    let version = rendered.view(None)?.version;
+    Some((version, sse_event(&rendered, source == Source::Stale)))
 }
 
 async fn send(session: &mut Session, bytes: Bytes) -> bool {
@@ -87,14 +139,7 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
         check_id("sku", sku)?;
     }
     caller.require_merchant(&merchant)?;
-    let limit = app.config().limits.sse_streams_max;
-    if app.metrics.streams.get() >= limit as i64 {
-        return Err(ApiError::RateLimited(format!(
-            "this node serves {limit} streams already"
-        )));
-    }
-    app.metrics.streams.inc();
-    let _open = Open(app);
+    let _open = Open::take(app, client_address(session))?;
 
     // Subscribe before reading the current state, so no change falls between.
     let mut changes = app.changes.subscribe();
@@ -117,11 +162,15 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
         return Ok(Outcome::Streamed(200));
     }
     let wanted: HashSet<&str> = skus.iter().map(String::as_str).collect();
+    // The version last sent per SKU: many notifications often settle into
+    // one state, which is sent once.
+    let mut sent: HashMap<String, u64> = HashMap::new();
     for sku in &skus {
-        if let Some(bytes) = event(app, &merchant, sku).await
-            && !send(session, bytes).await
-        {
-            return Ok(Outcome::Streamed(200));
+        if let Some((version, bytes)) = event(app, &merchant, sku).await {
+            if !send(session, bytes).await {
+                return Ok(Outcome::Streamed(200));
+            }
+            sent.insert(sku.clone(), version);
         }
     }
     let mut keepalive = tokio::time::interval(KEEPALIVE);
@@ -130,8 +179,14 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
         let bytes = tokio::select! {
             change = changes.recv() => match change {
                 Ok(change) if change.merchant == merchant && wanted.contains(change.sku.as_str()) => {
+                    // Read after the notification (the cache dropped what
+                    // it had before): the state at least this new.
                     match event(app, &merchant, &change.sku).await {
-                        Some(bytes) => bytes,
+                        Some((version, _)) if sent.get(&change.sku) == Some(&version) => continue,
+                        Some((version, bytes)) => {
+                            sent.insert(change.sku, version);
+                            bytes
+                        }
                         None => continue,
                     }
                 }

@@ -1,33 +1,22 @@
 //! `GET /v1/availability/{merchant}/{sku}` and `POST /v1/availability/batch`.
+//!
+//! Both answer from the cache's rendered views: a hit copies no JSON, it
+//! clones reference-counted bytes and header values.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use config::Scope;
 use pingora::proxy::Session;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::request::{admit, header, public_read, query_pairs, read_json_body};
+use super::request::{admit, public_read, query_value, read_json_body};
 use crate::api::{ApiError, BatchBody, Reply, check_id, parse_body};
 use crate::app::App;
-use crate::availability::Source;
+use crate::availability::{Rendered, Source};
 
-pub(crate) fn availability_reply(session: &Session, json: Value, etag: String, app: &App) -> Reply {
-    let max_age = app.config().cache.cache_control_max_age_seconds;
-    let matches = header(session, "if-none-match").is_some_and(|tags| {
-        tags.split(',')
-            .any(|tag| tag.trim() == etag || tag.trim() == "*")
-    });
-    let reply = if matches {
-        Reply {
-            status: 304,
-            headers: Vec::new(),
-            body: Bytes::new(),
-        }
-    } else {
-        Reply::json(200, &json)
-    };
-    reply
-        .with_header("etag", etag)
-        .with_header("cache-control", format!("max-age={max_age}"))
+fn not_at_location(merchant: &str, sku: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "no stock key for {merchant}/{sku} at that location"
+    ))
 }
 
 pub(crate) async fn one(
@@ -40,27 +29,57 @@ pub(crate) async fn one(
     check_id("merchant", merchant)?;
     check_id("sku", sku)?;
     caller.require_merchant(merchant)?;
-    let location = query_pairs(session)
-        .into_iter()
-        .find(|(name, _)| name == "location")
-        .map(|(_, value)| value);
+    let location = query_value(session, "location");
     if let Some(location) = &location {
         check_id("location", location)?;
     }
-    let (value, source) = app.cache.get(merchant, sku).await?;
-    let json = value
-        .to_json(location.as_deref(), source == Source::Stale)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no stock key for {merchant}/{sku} at that location"
-            ))
-        })?;
-    Ok(availability_reply(
-        session,
-        json,
-        value.etag(location.as_deref()),
-        app,
-    ))
+    let location = location.as_deref();
+    let (rendered, source) = app.cache.get(merchant, sku).await?;
+    let view = rendered
+        .view(location)
+        .ok_or_else(|| not_at_location(merchant, sku))?;
+    let unchanged = session
+        .req_header()
+        .headers
+        .get(http::header::IF_NONE_MATCH)
+        .is_some_and(|tags| view.matches(tags.as_bytes()));
+    let reply = if unchanged {
+        Reply {
+            status: 304,
+            headers: Vec::with_capacity(2),
+            body: Bytes::new(),
+        }
+    } else if source == Source::Stale {
+        let body = rendered
+            .stale_body(location)
+            .ok_or_else(|| not_at_location(merchant, sku))?;
+        Reply::json_bytes(200, body)
+    } else {
+        Reply::json_bytes(200, view.body.clone())
+    };
+    Ok(reply
+        .with_header("etag", view.etag.clone())
+        .with_header("cache-control", app.cache_control()))
+}
+
+/// One batch item's bytes: the view's body, or the not-found object.
+fn item(
+    found: Option<(&Rendered, Source)>,
+    location: Option<&str>,
+    merchant: &str,
+    sku: &str,
+) -> Bytes {
+    let body = found.and_then(|(rendered, source)| {
+        let view = rendered.view(location)?;
+        if source == Source::Stale {
+            rendered.stale_body(location)
+        } else {
+            Some(view.body.clone())
+        }
+    });
+    body.unwrap_or_else(|| {
+        Bytes::from(json!({ "merchant": merchant, "sku": sku, "error": "not_found" }).to_string())
+    })
 }
 
 pub(crate) async fn batch(app: &App, session: &mut Session) -> Result<Reply, ApiError> {
@@ -81,17 +100,31 @@ pub(crate) async fn batch(app: &App, session: &mut Session) -> Result<Reply, Api
         caller.require_merchant(&item.merchant)?;
     }
     let mut items = Vec::with_capacity(body.items.len());
-    for item in &body.items {
-        let not_found = json!({ "merchant": item.merchant, "sku": item.sku, "error": "not_found" });
-        match app.cache.get(&item.merchant, &item.sku).await {
-            Ok((value, source)) => items.push(
-                value
-                    .to_json(item.location.as_deref(), source == Source::Stale)
-                    .unwrap_or(not_found),
-            ),
-            Err(ApiError::NotFound(_)) => items.push(not_found),
+    for wanted in &body.items {
+        let found = match app.cache.get(&wanted.merchant, &wanted.sku).await {
+            Ok(found) => Some(found),
+            Err(ApiError::NotFound(_)) => None,
             Err(other) => return Err(other),
-        }
+        };
+        items.push(item(
+            found
+                .as_ref()
+                .map(|(rendered, source)| (&**rendered, *source)),
+            wanted.location.as_deref(),
+            &wanted.merchant,
+            &wanted.sku,
+        ));
     }
-    Ok(Reply::json(200, &json!({ "items": items })))
+    // {"items":[a,b,...]} from the items' own bytes.
+    let length = items.iter().map(Bytes::len).sum::<usize>() + items.len() + 12;
+    let mut out = BytesMut::with_capacity(length);
+    out.put_slice(b"{\"items\":[");
+    for (index, item) in items.iter().enumerate() {
+        if index > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(item);
+    }
+    out.put_slice(b"]}");
+    Ok(Reply::json_bytes(200, out.freeze()))
 }

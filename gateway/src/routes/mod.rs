@@ -1,8 +1,9 @@
 //! The routes the gateway answers itself: `/v1/*`, `/health`, `/ready`,
 //! `/metrics`.
 //!
-//! Owns the route table ([`route_request`]: every local route is one line
-//! there, naming the handler module of its resource) and the request
+//! Owns the route table ([`table`]: every local route is one line there,
+//! with its method and template; [`route_request`] names the handler
+//! module of its resource) and the request
 //! plumbing ([`request`]: authentication and rate limits, bodies within the
 //! limit, Idempotency-Keys, query strings). Handlers live in one module per
 //! resource: [`availability`], [`reservations`], [`stock`], [`flash_sales`],
@@ -25,36 +26,97 @@ use pingora::proxy::Session;
 use crate::api::{ApiError, Reply};
 use crate::app::App;
 
-pub(crate) use request::{admit, public_read, query_pairs};
+pub(crate) use request::{admit, client_address, public_read, query_pairs};
 
 /// Whether the gateway answers `path` itself.
 pub fn is_local(path: &str) -> bool {
     path == "/v1" || path.starts_with("/v1/") || matches!(path, "/health" | "/ready" | "/metrics")
 }
 
-/// The route template of a path, for metrics labels (bounded set).
-pub fn template(method: &str, path: &str) -> &'static str {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (method, parts.as_slice()) {
-        (_, ["health"]) => "/health",
-        (_, ["ready"]) => "/ready",
-        (_, ["metrics"]) => "/metrics",
-        (_, ["v1", "openapi.json"]) => "/v1/openapi.json",
-        (_, ["v1", "availability", "batch"]) => "/v1/availability/batch",
-        (_, ["v1", "availability", _, _]) => "/v1/availability/{merchant}/{sku}",
-        (_, ["v1", "reservations"]) => "/v1/reservations",
-        (_, ["v1", "reservations", _]) => "/v1/reservations/{id}",
-        (_, ["v1", "reservations", _, "commit"]) => "/v1/reservations/{id}/commit",
-        (_, ["v1", "reservations", _, "release"]) => "/v1/reservations/{id}/release",
-        (_, ["v1", "reservations", _, "extend"]) => "/v1/reservations/{id}/extend",
-        (_, ["v1", "stock", "adjustments"]) => "/v1/stock/adjustments",
-        (_, ["v1", "stock", _, _, _, "settings"]) => {
-            "/v1/stock/{merchant}/{sku}/{location}/settings"
+/// What a route addresses; its handler is chosen with the method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resource {
+    Health,
+    Ready,
+    Metrics,
+    OpenApi,
+    AvailabilityBatch,
+    Availability,
+    Reservations,
+    Reservation,
+    ReservationAction,
+    StockAdjustments,
+    StockSettings,
+    Stream,
+    FlashSales,
+}
+
+/// One entry of the route table.
+struct Route {
+    /// The path template: matched, and the metrics label (a bounded set).
+    template: &'static str,
+    resource: Resource,
+    /// The one method it takes (`Allow` of a 405).
+    method: http::Method,
+}
+
+/// The route table, built once (`matchit`: a radix tree; a lookup borrows
+/// its parameters from the path, without allocating).
+fn table() -> &'static matchit::Router<Route> {
+    static TABLE: std::sync::OnceLock<matchit::Router<Route>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        use Resource::*;
+        use http::Method;
+        let mut table = matchit::Router::new();
+        for (method, template, resource) in [
+            (Method::GET, "/health", Health),
+            (Method::GET, "/ready", Ready),
+            (Method::GET, "/metrics", Metrics),
+            (Method::GET, "/v1/openapi.json", OpenApi),
+            (Method::POST, "/v1/availability/batch", AvailabilityBatch),
+            (
+                Method::GET,
+                "/v1/availability/{merchant}/{sku}",
+                Availability,
+            ),
+            (Method::POST, "/v1/reservations", Reservations),
+            (Method::GET, "/v1/reservations/{id}", Reservation),
+            (
+                Method::POST,
+                "/v1/reservations/{id}/commit",
+                ReservationAction,
+            ),
+            (
+                Method::POST,
+                "/v1/reservations/{id}/release",
+                ReservationAction,
+            ),
+            (
+                Method::POST,
+                "/v1/reservations/{id}/extend",
+                ReservationAction,
+            ),
+            (Method::POST, "/v1/stock/adjustments", StockAdjustments),
+            (
+                Method::PUT,
+                "/v1/stock/{merchant}/{sku}/{location}/settings",
+                StockSettings,
+            ),
+            (Method::GET, "/v1/stream", Stream),
+            (Method::GET, "/v1/flash-sales", FlashSales),
+        ] {
+            // The templates above are fixed and distinct: inserting cannot fail.
+            let _ = table.insert(
+                template,
+                Route {
+                    template,
+                    resource,
+                    method,
+                },
+            );
         }
-        (_, ["v1", "stream"]) => "/v1/stream",
-        (_, ["v1", "flash-sales"]) => "/v1/flash-sales",
-        _ => "other",
-    }
+        table
+    })
 }
 
 /// What a local route produced.
@@ -68,14 +130,29 @@ pub enum Outcome {
 /// Answers a local request.
 pub async fn dispatch(app: &App, session: &mut Session) -> Outcome {
     let started = Instant::now();
-    let method = session.req_header().method.as_str().to_owned();
-    let path = session.req_header().uri.path().to_owned();
-    let route = template(&method, &path);
-    let outcome = match route_request(app, session, &method, &path).await {
+    // Owned copies (reference counted): the handlers borrow the session
+    // mutably while the route's parameters borrow the path.
+    let uri = session.req_header().uri.clone();
+    let method = session.req_header().method.clone();
+    let matched = table().at(uri.path()).ok();
+    let route = matched
+        .as_ref()
+        .map_or("other", |found| found.value.template);
+    let result = match &matched {
+        Some(found) if found.value.method == method => {
+            route_request(app, session, found.value.resource, &found.params).await
+        }
+        Some(found) => Err(ApiError::MethodNotAllowed(
+            format!("{method} {}", uri.path()),
+            found.value.method.clone(),
+        )),
+        None => Err(ApiError::NoRoute(format!("{method} {}", uri.path()))),
+    };
+    let outcome = match result {
         Ok(outcome) => outcome,
         Err(error) => {
             if let ApiError::Internal(reason) = &error {
-                tracing::error!(%reason, %method, %path, "internal error");
+                tracing::error!(%reason, %method, path = uri.path(), "internal error");
             }
             Outcome::Reply(error.reply())
         }
@@ -84,9 +161,10 @@ pub async fn dispatch(app: &App, session: &mut Session) -> Outcome {
         Outcome::Reply(reply) => reply.status,
         Outcome::Streamed(status) => *status,
     };
+    let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
     app.metrics
         .requests
-        .with_label_values(&[route, &status.to_string()])
+        .with_label_values(&[route, status.as_str()])
         .inc();
     app.metrics
         .latency
@@ -98,52 +176,39 @@ pub async fn dispatch(app: &App, session: &mut Session) -> Outcome {
 async fn route_request(
     app: &App,
     session: &mut Session,
-    method: &str,
-    path: &str,
+    resource: Resource,
+    params: &matchit::Params<'_, '_>,
 ) -> Result<Outcome, ApiError> {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let reply = match (method, parts.as_slice()) {
-        ("GET", ["health"]) => ops::health(app),
-        ("GET", ["ready"]) => ops::ready(app).await,
-        ("GET", ["metrics"]) => ops::metrics(app),
-        ("GET", ["v1", "openapi.json"]) => ops::openapi(),
-        ("POST", ["v1", "availability", "batch"]) => availability::batch(app, session).await?,
-        ("GET", ["v1", "availability", merchant, sku]) => {
-            let (merchant, sku) = ((*merchant).to_owned(), (*sku).to_owned());
-            availability::one(app, session, &merchant, &sku).await?
+    let param = |name: &str| params.get(name).unwrap_or_default();
+    let reply = match resource {
+        Resource::Health => ops::health(app),
+        Resource::Ready => ops::ready(app).await,
+        Resource::Metrics => ops::metrics(app),
+        Resource::OpenApi => ops::openapi(),
+        Resource::AvailabilityBatch => availability::batch(app, session).await?,
+        Resource::Availability => {
+            availability::one(app, session, param("merchant"), param("sku")).await?
         }
-        ("POST", ["v1", "reservations"]) => reservations::create(app, session).await?,
-        ("GET", ["v1", "reservations", id]) => {
-            let id = (*id).to_owned();
-            reservations::get(app, session, &id).await?
+        Resource::Reservations => reservations::create(app, session).await?,
+        Resource::Reservation => reservations::get(app, session, param("id")).await?,
+        Resource::ReservationAction => {
+            let action = session
+                .req_header()
+                .uri
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            reservations::act(app, session, param("id"), &action).await?
         }
-        (
-            "POST",
-            [
-                "v1",
-                "reservations",
-                id,
-                action @ ("commit" | "release" | "extend"),
-            ],
-        ) => {
-            let (id, action) = ((*id).to_owned(), (*action).to_owned());
-            reservations::act(app, session, &id, &action).await?
-        }
-        ("POST", ["v1", "stock", "adjustments"]) => stock::adjust(app, session).await?,
-        ("PUT", ["v1", "stock", merchant, sku, location, "settings"]) => {
-            let key = StockKey::new(*merchant, *sku, *location);
+        Resource::StockAdjustments => stock::adjust(app, session).await?,
+        Resource::StockSettings => {
+            let key = StockKey::new(param("merchant"), param("sku"), param("location"));
             stock::settings(app, session, key).await?
         }
-        ("GET", ["v1", "stream"]) => return crate::sse::stream(app, session).await,
-        ("GET", ["v1", "flash-sales"]) => flash_sales::list(app, session).await?,
-        _ => {
-            let known = template(method, path) != "other";
-            return Err(if known {
-                ApiError::MethodNotAllowed(format!("{method} {path}"))
-            } else {
-                ApiError::NoRoute(format!("{method} {path}"))
-            });
-        }
+        Resource::Stream => return crate::sse::stream(app, session).await,
+        Resource::FlashSales => flash_sales::list(app, session).await?,
     };
     Ok(Outcome::Reply(reply))
 }

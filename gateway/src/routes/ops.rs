@@ -21,18 +21,17 @@ pub(crate) fn health(app: &App) -> Reply {
 pub(crate) fn metrics(app: &App) -> Reply {
     Reply {
         status: 200,
-        headers: vec![("content-type", "text/plain; version=0.0.4".to_owned())],
+        headers: vec![(
+            "content-type",
+            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
         body: Bytes::from(app.metrics.render()),
     }
 }
 
 /// The OpenAPI document.
 pub(crate) fn openapi() -> Reply {
-    Reply {
-        status: 200,
-        headers: vec![("content-type", "application/json".to_owned())],
-        body: Bytes::from_static(OPENAPI.as_bytes()),
-    }
+    Reply::json_bytes(200, Bytes::from_static(OPENAPI.as_bytes()))
 }
 
 /// Ready when Redis answers and change notifications reach the cache; the

@@ -12,19 +12,37 @@ use crate::auth::{Caller, authenticate};
 /// Longest an Idempotency-Key may be.
 const IDEMPOTENCY_KEY_LENGTH_MAX: usize = 255;
 
+/// The query's `(name, value)` pairs, percent-decoded (`form_urlencoded`:
+/// borrowed from the request unless a value needed decoding).
 pub(crate) fn query_pairs(session: &Session) -> Vec<(String, String)> {
+    form_urlencoded::parse(query_bytes(session))
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
+        .collect()
+}
+
+fn query_bytes(session: &Session) -> &[u8] {
     session
         .req_header()
         .uri
         .query()
         .unwrap_or_default()
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| match pair.split_once('=') {
-            Some((name, value)) => (name.to_owned(), value.to_owned()),
-            None => (pair.to_owned(), String::new()),
-        })
-        .collect()
+        .as_bytes()
+}
+
+/// The first value of query parameter `name`, if any.
+pub(crate) fn query_value(session: &Session, name: &str) -> Option<String> {
+    form_urlencoded::parse(query_bytes(session))
+        .find(|(found, _)| found == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// The address of the client at the other end of the connection (the
+/// per-client limits' key); `None` on a Unix socket.
+pub(crate) fn client_address(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|address| address.as_inet())
+        .map(|address| address.ip())
 }
 
 pub(crate) fn header<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
@@ -44,7 +62,7 @@ pub(crate) fn admit(
 ) -> Result<Caller, ApiError> {
     let config = app.config();
     let caller = authenticate(session, &config, scope, public)?;
-    app.limiter.admit(&caller, &config)?;
+    app.limiter.admit(&caller, client_address(session))?;
     Ok(caller)
 }
 

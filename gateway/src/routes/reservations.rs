@@ -72,8 +72,7 @@ pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, Ap
     caller.require_merchant(&body.merchant)?;
     if let Some(reference) = &body.customer_ref {
         let customer = app.allocator.customer_hash(reference);
-        app.limiter
-            .admit_customer(&customer, config.limits.customer_reservations_per_second)?;
+        app.limiter.admit_customer(&customer)?;
     }
     let request = CartRequest {
         merchant: body.merchant,
@@ -98,7 +97,10 @@ pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, Ap
     let (cart, replayed) = outcome?;
     let reply = Reply::json(201, &cart_json(&cart));
     Ok(if replayed {
-        reply.with_header("idempotent-replayed", "true")
+        reply.with_header(
+            "idempotent-replayed",
+            http::HeaderValue::from_static("true"),
+        )
     } else {
         reply
     })
