@@ -199,6 +199,12 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
                 Err(RecvError::Closed) => break,
             },
             _ = keepalive.tick() => Bytes::from_static(b": keepalive\n\n"),
+            // A GET has no body: this ends only when the client closes the
+            // connection, which gives its slot back at once rather than at
+            // the next failed write.
+            _ = session.as_downstream_mut().read_body_or_idle(true) => {
+                return Ok(Outcome::Streamed(200));
+            }
         };
         if !send(session, bytes).await {
             app.metrics.streams_dropped.inc();

@@ -715,3 +715,158 @@ async fn one_customer_is_limited_without_limiting_others() {
     .await;
     assert_eq!(status, 201, "another customer is not limited: {other}");
 }
+
+/// A fleet whose dev config has `from` replaced by `to` (each must occur).
+fn fleet_with(changes: &[(&str, &str)]) -> Fleet {
+    let fleet = Fleet::on_stack("");
+    let mut text = fleet.config_text();
+    for (from, to) in changes {
+        assert!(text.contains(from), "dev.toml has no {from}");
+        text = text.replace(from, to);
+    }
+    fleet.write_config(&text);
+    fleet
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<u64> {
+    response
+        .headers()
+        .get("retry-after")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_reads_are_limited_per_client_address_and_keyed_reads_by_their_key() {
+    let fleet = fleet_with(&[(
+        "public_reads_per_second_per_client = 1000",
+        "public_reads_per_second_per_client = 5",
+    )]);
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("crowded");
+    restock(&node, "m1", &sku, "dc1", 10).await;
+    let url = node.url(&format!("/v1/availability/m1/{sku}"));
+    let mut limited = None;
+    let mut served = 0;
+    for _ in 0..20 {
+        let response = client().get(&url).send().await.expect("send");
+        match response.status().as_u16() {
+            200 => served += 1,
+            429 => {
+                limited = Some(response);
+                break;
+            }
+            other => panic!("anonymous read answered {other}"),
+        }
+    }
+    let limited = limited.expect("an anonymous client over its budget is refused");
+    assert!(served >= 1, "the burst lets the first reads through");
+    assert!(retry_after(&limited).is_some_and(|seconds| seconds >= 1));
+    let body: Value = limited.json().await.expect("json");
+    assert_eq!(body["error"], "rate_limited");
+    // The batch read counts against the same budget.
+    let batch = client()
+        .post(node.url("/v1/availability/batch"))
+        .json(&json!({ "items": [{ "merchant": "m1", "sku": sku }] }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(batch.status().as_u16(), 429);
+    // A caller with a key is limited by its key, not by its address.
+    let (status, keyed) = get(&url, Some(READ)).await;
+    assert_eq!(status, 200, "{keyed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_hold_more_streams_than_its_cap() {
+    let fleet = fleet_with(&[(
+        "sse_streams_per_client_max = 8",
+        "sse_streams_per_client_max = 2",
+    )]);
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("watched");
+    restock(&node, "m1", &sku, "dc1", 10).await;
+    let url = node.url(&format!("/v1/stream?merchant=m1&sku={sku}"));
+    let open = |url: String| async move { client().get(&url).send().await.expect("send") };
+    let first = open(url.clone()).await;
+    let second = open(url.clone()).await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open(url.clone()).await;
+    assert_eq!(third.status().as_u16(), 429);
+    assert!(retry_after(&third).is_some_and(|seconds| seconds >= 1));
+    // A stream that ends gives its slot back.
+    drop(first);
+    wait_until("a closed stream's slot is free again", || {
+        let url = url.clone();
+        async move { open(url).await.status().as_u16() == 200 }
+    })
+    .await;
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_key_is_answered_from_memory_and_found_once_created() {
+    // A negative answer kept a minute: only the creation's notification
+    // can end it within this test.
+    let fleet = fleet_with(&[("not_found_ttl_ms = 1000", "not_found_ttl_ms = 60000")]);
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("soon");
+    let url = node.url(&format!("/v1/availability/m1/{sku}"));
+    let negative = || async {
+        let metrics = client()
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        metrics
+            .lines()
+            .find(|line| line.starts_with("invgw_availability_cache_total{result=\"negative\""))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(get(&url, None).await.0, 404);
+    let before = negative().await;
+    assert_eq!(get(&url, None).await.0, 404);
+    assert_eq!(
+        negative().await,
+        before + 1,
+        "the second 404 came from memory"
+    );
+    restock(&node, "m1", &sku, "dc1", 6).await;
+    wait_until("the new key is served", || {
+        let url = url.clone();
+        async move { get(&url, None).await.0 == 200 }
+    })
+    .await;
+    let (status, body) = get(&url, None).await;
+    assert_eq!((status, body["available"].as_i64()), (200, Some(6)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_path_with_another_method_is_405_with_allow() {
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let response = client()
+        .delete(node.url("/v1/reservations"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 405);
+    assert_eq!(
+        response
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok()),
+        Some("POST")
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "method_not_allowed");
+}
