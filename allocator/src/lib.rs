@@ -576,6 +576,7 @@ impl Allocator {
         let cell = key.pool(self.settings.partitions);
         let mut args = serde_json::to_value(adjustment).map_err(protocol)?;
         args["cell"] = json!(cell.id);
+        self.index_location(&key).await?;
         let mut reply = self.call(Op::Adjust, cell.partition, args.clone()).await?;
         for _ in 0..DRAIN_ATTEMPTS_MAX {
             if !matches!(reply["status"].as_str(), Some("needs_drain" | "drain_lost")) {
@@ -601,7 +602,6 @@ impl Allocator {
         }
         check_refusal(&reply)?;
         if reply["applied"] == json!(true) {
-            self.index_location(&key).await?;
             let cell: Cell = serde_json::from_value(reply["cell"].clone()).map_err(protocol)?;
             let shortfall = reply["shortfall"] == json!(true);
             if shortfall != cell.is_short() {
@@ -634,6 +634,7 @@ impl Allocator {
             "safety_stock": settings.safety_stock, "backorder_limit": settings.backorder_limit,
             "low_stock_threshold": threshold,
         });
+        self.index_location(key).await?;
         let mut reply = self
             .call(Op::Settings, cell.partition, args.clone())
             .await?;
@@ -655,7 +656,6 @@ impl Allocator {
             )));
         }
         check_refusal(&reply)?;
-        self.index_location(key).await?;
         serde_json::from_value(reply["cell"].clone()).map_err(protocol)
     }
 
@@ -666,6 +666,10 @@ impl Allocator {
     /// is no longer as `cell.expect_version` says (it took a write).
     pub async fn rebuild_cell(&self, cell: &CellRebuild) -> Result<RebuildOutcome> {
         let args = serde_json::to_value(cell).map_err(protocol)?;
+        if cell.kind == "pool" {
+            let key = StockKey::new(&cell.merchant, &cell.sku, &cell.location);
+            self.index_location(&key).await?;
+        }
         let reply = self
             .call(
                 Op::Rebuild,
@@ -679,13 +683,15 @@ impl Allocator {
             ));
         }
         check_refusal(&reply)?;
-        if cell.kind == "pool" {
-            self.index_location(&StockKey::new(&cell.merchant, &cell.sku, &cell.location))
-                .await?;
-        }
         serde_json::from_value(reply).map_err(protocol)
     }
 
+    /// Adds the key's location to its SKU's location set. Done *before* the
+    /// script that may create the pool: the script's change notification
+    /// sends readers to the set, which must already name the location
+    /// (else a reader hearing the creation would find the SKU unknown, and
+    /// cache that). A location whose first change was refused stays in the
+    /// set without a pool; readers skip it.
     async fn index_location(&self, key: &StockKey) -> Result<()> {
         let _: i64 = self
             .with_timeout(self.pool.next().sadd(

@@ -755,3 +755,69 @@ async fn no_client_text_reaches_redis_or_the_ledger() {
         "the customer reference's text is stored"
     );
 }
+
+/// A reader that hears a key's creation must find it: its location is in
+/// the SKU's location set before the script that creates it publishes.
+/// (When the set was written after the script, a reader hearing the
+/// notification could find the SKU unknown, and the gateway cached that.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_hears_a_keys_creation_finds_it() {
+    let allocator = Arc::new(allocator_for("test-node").await);
+    let mut feed = allocator.change_feed(64).await.expect("feed");
+    let merchant = testkit::unique_id("created");
+    for round in 0..20 {
+        let key = StockKey::new(&merchant, format!("sku-{round}"), "dc1");
+        let adjuster = tokio::spawn({
+            let (allocator, key) = (Arc::clone(&allocator), key.clone());
+            async move { stock(&allocator, &key, 5).await }
+        });
+        // The first notification naming the key: read at once, as a
+        // gateway's cache fill would.
+        let views = loop {
+            match tokio::time::timeout(Duration::from_secs(5), feed.next()).await {
+                Ok(Some(allocator::ChangeEvent::Changed(change)))
+                    if change.merchant == key.merchant && change.sku == key.sku =>
+                {
+                    break allocator
+                        .sku_views(&key.merchant, &key.sku)
+                        .await
+                        .expect("views");
+                }
+                Ok(Some(_)) => continue,
+                other => panic!("no notification for {key}: {other:?}"),
+            }
+        };
+        assert_eq!(views.len(), 1, "round {round}: {key} heard but not found");
+        adjuster.await.expect("adjuster");
+    }
+    feed.close().await;
+}
+
+/// Pipelined reads answer every cell in the order asked, across partitions,
+/// with repeats and absent cells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cells_are_read_in_the_order_asked_across_partitions() {
+    let allocator = allocator_for("test-node").await;
+    let merchant = testkit::unique_id("cells");
+    let keys: Vec<StockKey> = (0..12)
+        .map(|i| StockKey::new(&merchant, format!("sku-{i}"), "dc1"))
+        .collect();
+    for (units, key) in keys.iter().enumerate() {
+        stock(&allocator, key, units as i64 + 1).await;
+    }
+    let missing = StockKey::new(&merchant, "never", "dc1");
+    let mut asked: Vec<allocator::CellRef> = keys.iter().map(|key| key.pool(PARTITIONS)).collect();
+    asked.push(missing.pool(PARTITIONS));
+    asked.push(keys[3].pool(PARTITIONS));
+    let partitions: std::collections::HashSet<u32> =
+        asked.iter().map(|cell| cell.partition).collect();
+    assert!(partitions.len() > 1, "the keys span partitions");
+    let cells = allocator.cells(&asked).await.expect("cells");
+    assert_eq!(cells.len(), asked.len());
+    for (units, cell) in cells.iter().take(keys.len()).enumerate() {
+        assert_eq!(cell.as_ref().expect("stocked").on_hand, units as i64 + 1);
+    }
+    assert!(cells[keys.len()].is_none());
+    assert_eq!(cells[keys.len() + 1].as_ref().expect("repeat").on_hand, 4);
+    assert!(allocator.cells(&[]).await.expect("none").is_empty());
+}

@@ -269,6 +269,16 @@ pub struct AuthConfig {
     /// The API keys, stored as SHA-256 hashes of the bearer token.
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Load balancers or CDNs in front of the gateway. A request whose TCP
+    /// peer is one of them is counted against the client its
+    /// `client_address_header` names (the rightmost address there that is
+    /// not itself a trusted proxy); any other request, against its peer.
+    #[serde(default)]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The header a trusted proxy puts the client's address in, as a
+    /// comma-separated list (`X-Forwarded-For` style).
+    #[serde(default = "default_client_address_header")]
+    pub client_address_header: String,
 }
 
 /// One API key.
@@ -393,6 +403,9 @@ fn default_public_reads_per_second_per_client() -> u32 {
 }
 fn default_sse_streams_per_client_max() -> usize {
     8
+}
+fn default_client_address_header() -> String {
+    "x-forwarded-for".to_owned()
 }
 fn default_not_found_ttl_ms() -> u64 {
     1_000

@@ -17,13 +17,17 @@ pub const QTY_MAX: u64 = allocator::limits::QTY_MAX as u64;
 /// `Content-Type` of every JSON reply.
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
+/// A reply's headers.
+pub type Headers = smallvec::SmallVec<[(&'static str, HeaderValue); 4]>;
+
 /// A response the gateway writes itself.
 #[derive(Debug, Clone)]
 pub struct Reply {
     /// HTTP status.
     pub status: u16,
-    /// Headers (a JSON reply starts with its content type).
-    pub headers: Vec<(&'static str, HeaderValue)>,
+    /// Headers (a JSON reply starts with its content type); up to four
+    /// without a heap allocation.
+    pub headers: Headers,
     /// The body; JSON unless a header says otherwise.
     pub body: Bytes,
 }
@@ -33,18 +37,16 @@ impl Reply {
     pub fn json(status: u16, value: &Value) -> Self {
         Self {
             status,
-            headers: vec![("content-type", JSON.clone())],
+            headers: smallvec::smallvec![("content-type", JSON.clone())],
             body: Bytes::from(value.to_string()),
         }
     }
 
     /// A reply of JSON bytes rendered before (a cached view).
     pub fn json_bytes(status: u16, body: Bytes) -> Self {
-        let mut headers = Vec::with_capacity(4);
-        headers.push(("content-type", JSON.clone()));
         Self {
             status,
-            headers,
+            headers: smallvec::smallvec![("content-type", JSON.clone())],
             body,
         }
     }

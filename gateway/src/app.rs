@@ -44,6 +44,9 @@ pub struct App {
     pub cache: AvailabilityCache,
     /// Change notifications for SSE streams.
     pub changes: broadcast::Sender<Change>,
+    /// Bumped whenever notifications may have been missed: SSE streams
+    /// read all their SKUs again.
+    resync: tokio::sync::watch::Sender<u64>,
     /// Rate limits: per API key, per customer, per client address.
     pub limiter: RateLimiter,
     /// Open SSE streams per client address (`limits.sse_streams_per_client_max`).
@@ -110,6 +113,7 @@ impl App {
             ),
             reserver,
             changes: broadcast::channel(config.limits.sse_client_buffer_events.max(1)).0,
+            resync: tokio::sync::watch::channel(0).0,
             origins: ArcSwap::from_pointee(origins),
             config: ArcSwap::new(config),
             watcher,
@@ -140,6 +144,19 @@ impl App {
     /// `Cache-Control` of availability answers.
     pub fn cache_control(&self) -> HeaderValue {
         HeaderValue::clone(&self.cache_control.load())
+    }
+
+    /// A receiver of resyncs (notifications may have been missed), marked
+    /// seen as of now.
+    pub fn resyncs(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.resync.subscribe()
+    }
+
+    /// Notifications may have been missed: nothing cached is fresh, and
+    /// every stream reads its SKUs again.
+    fn may_have_missed_changes(&self) {
+        self.cache.mark_all_dirty();
+        self.resync.send_modify(|count| *count += 1);
     }
 
     /// Whether change notifications reach this node's cache.
@@ -210,7 +227,7 @@ impl App {
             if let Err(error) = outcome {
                 warn!(%error, "change subscription lost; retrying");
                 self.metrics.redis_errors.inc();
-                self.cache.mark_all_dirty();
+                self.may_have_missed_changes();
             }
             if !self.pause(Duration::from_millis(500)).await {
                 return;
@@ -221,7 +238,7 @@ impl App {
     async fn subscribe_changes(&self) -> anyhow::Result<()> {
         let mut feed = self.allocator.change_feed(NOTIFICATIONS_CAPACITY).await?;
         // Anything cached may have changed while we were not listening.
-        self.cache.mark_all_dirty();
+        self.may_have_missed_changes();
         self.subscribed.store(true, Ordering::SeqCst);
         loop {
             let event = tokio::select! {
@@ -238,17 +255,17 @@ impl App {
                     // A burst (lazy expiry releasing many holds) outran us:
                     // whatever is cached may be stale now.
                     warn!("change notifications missed; cache marked dirty");
-                    self.cache.mark_all_dirty();
+                    self.may_have_missed_changes();
                 }
                 Some(ChangeEvent::Interrupted) => {
                     // Until the subscription is back, no cached answer
                     // counts as fresh.
                     self.subscribed.store(false, Ordering::SeqCst);
-                    self.cache.mark_all_dirty();
+                    self.may_have_missed_changes();
                 }
                 Some(ChangeEvent::Resumed) => {
                     // Notifications published while disconnected are lost.
-                    self.cache.mark_all_dirty();
+                    self.may_have_missed_changes();
                     self.subscribed.store(true, Ordering::SeqCst);
                 }
                 None => {

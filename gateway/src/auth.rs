@@ -151,7 +151,7 @@ fn retry_after(
 ) -> u64 {
     use governor::clock::Clock;
     let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 fn rebuilt<K: std::hash::Hash + Eq + Clone>(
@@ -209,9 +209,15 @@ impl RateLimiter {
         );
     }
 
-    /// Takes one token for the caller: its API key's, or for an anonymous
-    /// read its client address's; 429 with Retry-After when there is none.
-    pub fn admit(&self, caller: &Caller, client: Option<IpAddr>) -> Result<(), ApiError> {
+    /// Takes a token for the caller: one of its API key's (a request), or
+    /// for an anonymous read `reads` of its client address's (a batch
+    /// costs one per item); 429 with Retry-After when there are not enough.
+    pub fn admit(
+        &self,
+        caller: &Caller,
+        client: Option<IpAddr>,
+        reads: u32,
+    ) -> Result<(), ApiError> {
         match &caller.key {
             Some(key) => {
                 let keys = self.keys.load();
@@ -233,12 +239,21 @@ impl RateLimiter {
                 let (Some(client), Some(limit)) = (client, self.clients.load_full()) else {
                     return Ok(());
                 };
-                limit.buckets.check_key(&client).map_err(|not_until| {
+                let over = |retry| {
                     ApiError::RateLimited(
                         format!("anonymous reads from {client} are over this node's budget"),
-                        retry_after(&not_until),
+                        retry,
                     )
-                })
+                };
+                let Some(reads) = NonZeroU32::new(reads) else {
+                    return Ok(());
+                };
+                match limit.buckets.check_key_n(&client, reads) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(not_until)) => Err(over(retry_after(&not_until))),
+                    // More at once than a second's budget: never, at this budget.
+                    Err(_) => Err(over(1)),
+                }
             }
         }
     }

@@ -44,7 +44,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::api::ApiError;
+use crate::api::{ApiError, Headers, Reply};
 
 /// One location of a SKU.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +180,24 @@ impl View {
             etag: HeaderValue::from_str(&value.etag(only)).ok()?,
             version: value.version(only),
         })
+    }
+
+    /// The answer to a read of this view: 200 with the body, or 304 when
+    /// `if_none_match` names the ETag; both with the ETag and
+    /// `cache_control`. Clones reference-counted bytes only.
+    pub fn reply(&self, if_none_match: Option<&[u8]>, cache_control: HeaderValue) -> Reply {
+        let reply = if if_none_match.is_some_and(|tags| self.matches(tags)) {
+            Reply {
+                status: 304,
+                headers: Headers::new(),
+                body: Bytes::new(),
+            }
+        } else {
+            Reply::json_bytes(200, self.body.clone())
+        };
+        reply
+            .with_header("etag", self.etag.clone())
+            .with_header("cache-control", cache_control)
     }
 
     /// Whether an `If-None-Match` header value names this view's ETag.
@@ -518,72 +536,102 @@ impl AvailabilityCache {
                 .slots
                 .get_with(key.as_str().to_owned(), || Arc::new(Slot::default())),
         };
+        // What this reader must not be answered from anything older than.
+        let mut arrived = None;
         loop {
-            let next = self.look(&slot, merchant, sku);
-            let (fill, source) = match next {
+            let (fill, source) = match self.look(&slot, &mut arrived, merchant, sku) {
                 Next::Answer(answer) => return answer,
                 Next::Join(fill, source) => (fill, source),
                 Next::WaitOut(fill) => {
-                    // Started before a change: its answer is not ours.
-                    fill.outcome().await;
+                    // Started before this reader arrived under a change:
+                    // its answer is not ours. At most once: the next fill
+                    // starts after our arrival (and one that could not
+                    // reach Redis is not tried twice for one reader).
+                    if let Outcome::Unavailable = fill.outcome().await {
+                        return self.unavailable(&slot);
+                    }
                     continue;
                 }
             };
             return match fill.outcome().await {
                 Outcome::Loaded(Answer::Found(rendered)) => Ok((rendered, source)),
                 Outcome::Loaded(Answer::Unknown) => Err(not_found(merchant, sku)),
-                Outcome::Unavailable => {
-                    inner.counts.redis_errors.inc();
-                    let loaded = slot
-                        .lock()
-                        .loaded
-                        .as_ref()
-                        .map(|loaded| loaded.answer.clone());
-                    match loaded {
-                        Some(Answer::Found(rendered)) => {
-                            inner.counts.stale.inc();
-                            Ok((rendered, Source::Stale))
-                        }
-                        _ => Err(ApiError::StoreUnavailable),
-                    }
-                }
+                Outcome::Unavailable => self.unavailable(&slot),
                 Outcome::Failed(reason) => Err(ApiError::Internal(reason)),
             };
         }
     }
 
+    /// Redis could not be reached: the last answer found, marked stale.
+    fn unavailable(&self, slot: &Slot) -> Result<(Arc<Rendered>, Source), ApiError> {
+        let counts = &self.inner.counts;
+        counts.redis_errors.inc();
+        let loaded = slot
+            .lock()
+            .loaded
+            .as_ref()
+            .map(|loaded| loaded.answer.clone());
+        match loaded {
+            Some(Answer::Found(rendered)) => {
+                counts.stale.inc();
+                Ok((rendered, Source::Stale))
+            }
+            _ => Err(ApiError::StoreUnavailable),
+        }
+    }
+
     /// Under the slot's lock: a fresh answer, or the fill to wait on
-    /// (started here if none runs).
-    fn look(&self, slot: &Arc<Slot>, merchant: &str, sku: &str) -> Next {
+    /// (started here if none runs). `arrived` is the reader's stamp
+    /// (generation, epoch) from its first look: a fill or answer stamped at
+    /// or after it was read after the reader arrived.
+    fn look(
+        &self,
+        slot: &Arc<Slot>,
+        arrived: &mut Option<(u64, u64)>,
+        merchant: &str,
+        sku: &str,
+    ) -> Next {
         let inner = &self.inner;
+        // `hearing` before `epoch`: a resubscription bumps the epoch, then
+        // sets `hearing`; read the other way round, a reader could pair the
+        // new `hearing` with the old epoch.
+        let hearing = inner.hearing.load(Ordering::SeqCst);
         let epoch = inner.epoch.load(Ordering::SeqCst);
         let mut state = slot.lock();
-        // A node that does not hear changes cannot vouch for what it cached.
-        if inner.hearing.load(Ordering::SeqCst)
-            && let Some(loaded) = &state.loaded
-            && loaded.generation == state.generation
-            && loaded.epoch == epoch
-        {
-            let (ttl, answer) = match &loaded.answer {
-                Answer::Found(rendered) => (
-                    inner.ttl_ms.load(Ordering::Relaxed),
-                    Ok((Arc::clone(rendered), Source::Hit)),
-                ),
-                Answer::Unknown => (
-                    inner.not_found_ttl_ms.load(Ordering::Relaxed),
-                    Err(not_found(merchant, sku)),
-                ),
+        let now = (state.generation, epoch);
+        let first_look = arrived.is_none();
+        let arrived = *arrived.get_or_insert(now);
+        let after_arrival =
+            |generation: u64, epoch: u64| generation >= arrived.0 && epoch >= arrived.1;
+        if let Some(loaded) = &state.loaded {
+            // Fresh: nothing changed since its fill started (and the node
+            // hears changes). Or, for a reader that waited, read since it
+            // arrived.
+            let fresh = hearing && (loaded.generation, loaded.epoch) == now;
+            let waited_for = !first_look && after_arrival(loaded.generation, loaded.epoch);
+            let ttl = match &loaded.answer {
+                Answer::Found(_) => inner.ttl_ms.load(Ordering::Relaxed),
+                Answer::Unknown => inner.not_found_ttl_ms.load(Ordering::Relaxed),
             };
-            if loaded.at.elapsed() < Duration::from_millis(ttl) {
-                match &answer {
-                    Ok(_) => inner.counts.hit.inc(),
-                    Err(_) => inner.counts.negative.inc(),
+            if (fresh && loaded.at.elapsed() < Duration::from_millis(ttl)) || waited_for {
+                let answer = match &loaded.answer {
+                    Answer::Found(rendered) => {
+                        let source = if fresh { Source::Hit } else { Source::Miss };
+                        Ok((Arc::clone(rendered), source))
+                    }
+                    Answer::Unknown => Err(not_found(merchant, sku)),
+                };
+                if fresh {
+                    match &answer {
+                        Ok(_) => inner.counts.hit.inc(),
+                        Err(_) => inner.counts.negative.inc(),
+                    }
                 }
                 return Next::Answer(answer);
             }
         }
         if let Some(fill) = &state.filling {
-            if fill.generation == state.generation && fill.epoch == epoch {
+            if after_arrival(fill.generation, fill.epoch) {
                 inner.counts.joined.inc();
                 return Next::Join(Arc::clone(fill), Source::Miss);
             }
@@ -592,20 +640,21 @@ impl AvailabilityCache {
         inner.counts.miss.inc();
         let (done, watched) = watch::channel(None);
         let fill = Arc::new(Fill {
-            generation: state.generation,
-            epoch,
+            generation: now.0,
+            epoch: now.1,
             done: watched,
         });
         state.filling = Some(Arc::clone(&fill));
         drop(state);
-        let load = (inner.loader)(
-            merchant.to_owned(),
-            sku.to_owned(),
-            inner.low_stock_default.load(Ordering::Relaxed),
-        );
-        let (slot, started) = (Arc::clone(slot), Arc::clone(&fill));
+        let finish = Finish {
+            slot: Arc::clone(slot),
+            fill: Arc::clone(&fill),
+            done: Some(done),
+        };
+        let (inner, merchant, sku) = (Arc::clone(inner), merchant.to_owned(), sku.to_owned());
         tokio::spawn(async move {
-            let outcome = match load.await {
+            let low = inner.low_stock_default.load(Ordering::Relaxed);
+            let outcome = match (inner.loader)(merchant, sku, low).await {
                 Ok(Some(value)) => match Rendered::new(value) {
                     Some(rendered) => Outcome::Loaded(Answer::Found(Arc::new(rendered))),
                     None => Outcome::Loaded(Answer::Unknown),
@@ -614,29 +663,60 @@ impl AvailabilityCache {
                 Err(ApiError::StoreUnavailable) => Outcome::Unavailable,
                 Err(other) => Outcome::Failed(other.to_string()),
             };
-            {
-                let mut state = slot.lock();
-                if let Outcome::Loaded(answer) = &outcome {
-                    // Kept under the generation it started with: if a
-                    // change came since, it is already not fresh.
-                    state.loaded = Some(Loaded {
-                        answer: answer.clone(),
-                        at: Instant::now(),
-                        generation: started.generation,
-                        epoch: started.epoch,
-                    });
-                }
-                if state
-                    .filling
-                    .as_ref()
-                    .is_some_and(|current| Arc::ptr_eq(current, &started))
-                {
-                    state.filling = None;
-                }
-            }
-            let _ = done.send(Some(outcome));
+            finish.with(outcome);
         });
         Next::Join(fill, Source::Miss)
+    }
+}
+
+/// Ends a fill: keeps what it loaded under the stamp it started with,
+/// clears it from its slot and wakes its readers. Dropped without an
+/// outcome (the load panicked, its runtime stopped), it ends the fill as
+/// failed, so no reader waits on it and the next starts a new one.
+struct Finish {
+    slot: Arc<Slot>,
+    fill: Arc<Fill>,
+    done: Option<watch::Sender<Option<Outcome>>>,
+}
+
+impl Finish {
+    fn with(mut self, outcome: Outcome) {
+        self.end(outcome);
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        let Some(done) = self.done.take() else {
+            return;
+        };
+        {
+            let mut state = self.slot.lock();
+            if let Outcome::Loaded(answer) = &outcome {
+                // If a change came since the fill started, this is
+                // already not fresh: its stamp is older than the slot's.
+                state.loaded = Some(Loaded {
+                    answer: answer.clone(),
+                    at: Instant::now(),
+                    generation: self.fill.generation,
+                    epoch: self.fill.epoch,
+                });
+            }
+            if state
+                .filling
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, &self.fill))
+            {
+                state.filling = None;
+            }
+        }
+        let _ = done.send(Some(outcome));
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.end(Outcome::Failed(
+            "an availability fill ended without an answer".to_owned(),
+        ));
     }
 }
 
@@ -872,6 +952,41 @@ mod tests {
         assert_eq!(
             (rendered.value.locations[0].available, source),
             (9, Source::Miss)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_panics_fails_its_readers_and_the_next_read_fills_again() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let loader: Loader = Arc::new({
+            let calls = Arc::clone(&calls);
+            move |_, _, _| {
+                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                Box::pin(async move {
+                    assert!(!first, "the store's client panicked");
+                    Ok(Some(availability(2)))
+                })
+            }
+        });
+        let registry =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("r", "t"), &["result"]).unwrap();
+        let cache = AvailabilityCache::new(
+            &config(),
+            loader,
+            Arc::new(AtomicBool::new(true)),
+            CacheCounters {
+                results: registry,
+                redis_errors: prometheus::IntCounter::new("e", "t").unwrap(),
+            },
+        );
+        assert!(matches!(
+            cache.get("m", "s").await,
+            Err(ApiError::Internal(_))
+        ));
+        let (rendered, source) = cache.get("m", "s").await.expect("filled again");
+        assert_eq!(
+            (rendered.value.locations[0].available, source),
+            (2, Source::Miss)
         );
     }
 

@@ -24,13 +24,22 @@
 //! * A flash sale's activation epoch is a hash of its configuration, the same
 //!   on every node: activation is idempotent per epoch, and editing the sale
 //!   starts a new one.
-//! * Rate limits are token buckets per API key, each node enforcing
-//!   `requests_per_second / node.fleet_size`.
+//! * Rate limits are token buckets (GCRA, the `governor` crate) per API
+//!   key, each node enforcing `requests_per_second / node.fleet_size`; an
+//!   anonymous read (`public_reads`) counts against its client address
+//!   instead (`limits.public_reads_per_second_per_client`, per node), and
+//!   an anonymous batch costs one read per item. The client is the TCP
+//!   peer (the gateway is the edge), or behind a configured trusted proxy
+//!   the address that proxy forwards; an IPv6 client is its /64.
+//! * SSE streams are capped per node and per client address; a refused
+//!   stream is 429 with Retry-After.
+//! * A path with one trailing slash is the same route as without it; a
+//!   known path with another method is 405 with `Allow`.
 
 pub mod api;
 pub mod app;
 mod auth;
-mod availability;
+pub mod availability;
 mod flash;
 mod metrics;
 mod proxy;

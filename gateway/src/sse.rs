@@ -33,6 +33,8 @@ const STREAM_SKUS_MAX: usize = 100;
 const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Retry-After of a stream refused for a full node or client.
 const RETRY_AFTER_SECONDS: u64 = 5;
+/// How often a stream re-reads SKUs it could not read fresh.
+const RETRY: Duration = Duration::from_secs(1);
 /// Longest one event may take to reach the client's socket.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -96,12 +98,51 @@ impl Drop for Open<'_> {
     }
 }
 
-/// The SKU's current state as an event, and its version (`None`: unknown
-/// now, or Redis unreachable with nothing cached).
-async fn event(app: &App, merchant: &str, sku: &str) -> Option<(u64, Bytes)> {
-    let (rendered, source) = app.cache.get(merchant, sku).await.ok()?;
-    let version = rendered.view(None)?.version;
-    Some((version, sse_event(&rendered, source == Source::Stale)))
+/// Why a stream looks at its SKUs again.
+enum Wake {
+    /// A notification named this SKU.
+    Changed(String),
+    /// Notifications may have been missed.
+    All,
+    /// SKUs whose last read failed or was stale.
+    Pending,
+    /// Time for a keepalive comment.
+    Keepalive,
+}
+
+/// What a stream has sent, and what it still owes.
+#[derive(Default)]
+struct Sent {
+    /// The version last sent per SKU: many notifications often settle into
+    /// one state, which is sent once.
+    versions: HashMap<String, u64>,
+    /// SKUs read while Redis was unreachable (nothing, or a stale copy):
+    /// read again every [`RETRY`] until a fresh read, so the last event is
+    /// the state the SKU settled in.
+    pending: HashSet<String>,
+}
+
+impl Sent {
+    /// Reads the SKU (after the notification that woke us, so at least
+    /// that new) and returns the event to send, if it is news.
+    async fn refresh(&mut self, app: &App, merchant: &str, sku: &str) -> Option<Bytes> {
+        let Ok((rendered, source)) = app.cache.get(merchant, sku).await else {
+            self.pending.insert(sku.to_owned());
+            return None;
+        };
+        let stale = source == Source::Stale;
+        if stale {
+            self.pending.insert(sku.to_owned());
+        } else {
+            self.pending.remove(sku);
+        }
+        let version = rendered.view(None)?.version;
+        if !stale && self.versions.get(sku) == Some(&version) {
+            return None;
+        }
+        self.versions.insert(sku.to_owned(), version);
+        Some(sse_event(&rendered, stale))
+    }
 }
 
 async fn send(session: &mut Session, bytes: Bytes) -> bool {
@@ -139,7 +180,7 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
         check_id("sku", sku)?;
     }
     caller.require_merchant(&merchant)?;
-    let _open = Open::take(app, client_address(session))?;
+    let _open = Open::take(app, client_address(session, &app.config()))?;
 
     // Subscribe before reading the current state, so no change falls between.
     let mut changes = app.changes.subscribe();
@@ -162,33 +203,23 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
         return Ok(Outcome::Streamed(200));
     }
     let wanted: HashSet<&str> = skus.iter().map(String::as_str).collect();
-    // The version last sent per SKU: many notifications often settle into
-    // one state, which is sent once.
-    let mut sent: HashMap<String, u64> = HashMap::new();
+    let mut state = Sent::default();
+    let mut resyncs = app.resyncs();
     for sku in &skus {
-        if let Some((version, bytes)) = event(app, &merchant, sku).await {
-            if !send(session, bytes).await {
-                return Ok(Outcome::Streamed(200));
-            }
-            sent.insert(sku.clone(), version);
+        if let Some(bytes) = state.refresh(app, &merchant, sku).await
+            && !send(session, bytes).await
+        {
+            return Ok(Outcome::Streamed(200));
         }
     }
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.tick().await;
+    let mut retry = tokio::time::interval(RETRY);
     loop {
-        let bytes = tokio::select! {
+        let wake = tokio::select! {
             change = changes.recv() => match change {
                 Ok(change) if change.merchant == merchant && wanted.contains(change.sku.as_str()) => {
-                    // Read after the notification (the cache dropped what
-                    // it had before): the state at least this new.
-                    match event(app, &merchant, &change.sku).await {
-                        Some((version, _)) if sent.get(&change.sku) == Some(&version) => continue,
-                        Some((version, bytes)) => {
-                            sent.insert(change.sku, version);
-                            bytes
-                        }
-                        None => continue,
-                    }
+                    Wake::Changed(change.sku)
                 }
                 Ok(_) => continue,
                 Err(RecvError::Lagged(missed)) => {
@@ -198,7 +229,10 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
                 }
                 Err(RecvError::Closed) => break,
             },
-            _ = keepalive.tick() => Bytes::from_static(b": keepalive\n\n"),
+            // The node may have missed notifications: every SKU read again.
+            Ok(()) = resyncs.changed() => Wake::All,
+            _ = retry.tick(), if !state.pending.is_empty() => Wake::Pending,
+            _ = keepalive.tick() => Wake::Keepalive,
             // A GET has no body: this ends only when the client closes the
             // connection, which gives its slot back at once rather than at
             // the next failed write.
@@ -206,9 +240,26 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
                 return Ok(Outcome::Streamed(200));
             }
         };
-        if !send(session, bytes).await {
-            app.metrics.streams_dropped.inc();
-            break;
+        let again: Vec<String> = match wake {
+            Wake::Changed(sku) => vec![sku],
+            Wake::All => skus.clone(),
+            Wake::Pending => state.pending.iter().cloned().collect(),
+            Wake::Keepalive => {
+                if !send(session, Bytes::from_static(b": keepalive\n\n")).await {
+                    app.metrics.streams_dropped.inc();
+                    break;
+                }
+                continue;
+            }
+        };
+        for sku in &again {
+            if let Some(bytes) = state.refresh(app, &merchant, sku).await
+                && !send(session, bytes).await
+            {
+                app.metrics.streams_dropped.inc();
+                let _ = session.write_response_body(None, true).await;
+                return Ok(Outcome::Streamed(200));
+            }
         }
     }
     let _ = session.write_response_body(None, true).await;

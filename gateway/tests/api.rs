@@ -780,6 +780,52 @@ async fn anonymous_reads_are_limited_per_client_address_and_keyed_reads_by_their
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_batch_costs_a_read_per_item_and_a_trusted_proxy_names_the_client() {
+    let fleet = fleet_with(&[
+        (
+            "public_reads_per_second_per_client = 1000",
+            "public_reads_per_second_per_client = 5",
+        ),
+        (
+            "public_reads = true",
+            "public_reads = true\ntrusted_proxies = [\"127.0.0.1\"]",
+        ),
+    ]);
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("proxied");
+    restock(&node, "m1", &sku, "dc1", 10).await;
+    let batch = |items: usize, forwarded_for: &str| {
+        let body = json!({ "items": vec![json!({ "merchant": "m1", "sku": sku }); items] });
+        let request = client()
+            .post(node.url("/v1/availability/batch"))
+            .header("X-Forwarded-For", format!("203.0.113.9, {forwarded_for}"))
+            .json(&body);
+        async move { request.send().await.expect("send").status().as_u16() }
+    };
+    // Ten items are ten reads: over a budget of five at once.
+    assert_eq!(batch(10, "198.51.100.1").await, 429);
+    // Each client behind the proxy has its own budget.
+    assert_eq!(batch(5, "198.51.100.2").await, 200);
+    assert_eq!(batch(5, "198.51.100.3").await, 200);
+    assert_eq!(batch(1, "198.51.100.2").await, 429);
+    // One IPv6 host is its /64, whichever address it takes in it.
+    assert_eq!(batch(5, "2001:db8:1:2::1").await, 200);
+    assert_eq!(batch(1, "2001:db8:1:2::ffff").await, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailing_slash_names_the_same_route() {
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    assert_eq!(get(&node.url("/health/"), None).await.0, 200);
+    let (status, body) = get(&node.url("/v1/reservations/"), Some(CHECKOUT)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_cannot_hold_more_streams_than_its_cap() {
     let fleet = fleet_with(&[(
         "sse_streams_per_client_max = 8",

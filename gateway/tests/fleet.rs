@@ -244,3 +244,50 @@ async fn a_config_edit_turns_a_sale_on_and_off_and_a_broken_edit_is_refused() {
     assert_eq!(state["nodes"][0]["bucket"]["free"], 0, "{state}");
     assert_eq!(state["sellable_total"], 39);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_last_event_is_the_state_a_burst_of_changes_settled_in() {
+    let fleet = Fleet::on_stack("");
+    let a = fleet.node("node-a");
+    let b = fleet.node("node-b");
+    let sku = testkit::unique_id("burst");
+    restock(&a, "m1", &sku, "dc1", 100).await;
+    let mut stream = client()
+        .get(b.url(&format!("/v1/stream?merchant=m1&sku={sku}")))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(stream.status().as_u16(), 200);
+    // 40 holds at once on the other node: many notifications, coalesced
+    // into fewer events, the last of which must be the settled state.
+    let holds: Vec<_> = (0..40)
+        .map(|i| {
+            let (url, key, body) = (
+                a.url("/v1/reservations"),
+                testkit::unique_id(&format!("burst-{i}")),
+                reservation("m1", &sku, "dc1", 1),
+            );
+            tokio::spawn(async move { post(&url, CHECKOUT, Some(&key), &body).await.0 })
+        })
+        .collect();
+    for hold in holds {
+        assert_eq!(hold.await.expect("hold"), 201);
+    }
+    let (mut seen, mut last) = (String::new(), None::<Value>);
+    // Events until the stream has been quiet for a second.
+    while let Ok(Ok(Some(chunk))) =
+        tokio::time::timeout(Duration::from_secs(1), stream.chunk()).await
+    {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = seen.find("\n\n") {
+            let block: String = seen.drain(..end + 2).collect();
+            if let Some(data) = block.lines().find_map(|line| line.strip_prefix("data: ")) {
+                last = Some(serde_json::from_str(data).expect("event json"));
+            }
+        }
+    }
+    let last = last.expect("events");
+    assert_eq!(last["available"], 60, "{last}");
+    assert_eq!(available(&b, "m1", &sku).await, 60);
+}

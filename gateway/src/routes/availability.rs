@@ -8,7 +8,7 @@ use config::Scope;
 use pingora::proxy::Session;
 use serde_json::json;
 
-use super::request::{admit, public_read, query_value, read_json_body};
+use super::request::{admit, client_address, public_read, query_value, read_json_body};
 use crate::api::{ApiError, BatchBody, Reply, check_id, parse_body};
 use crate::app::App;
 use crate::availability::{Rendered, Source};
@@ -38,28 +38,18 @@ pub(crate) async fn one(
     let view = rendered
         .view(location)
         .ok_or_else(|| not_at_location(merchant, sku))?;
-    let unchanged = session
+    let if_none_match = session
         .req_header()
         .headers
         .get(http::header::IF_NONE_MATCH)
-        .is_some_and(|tags| view.matches(tags.as_bytes()));
-    let reply = if unchanged {
-        Reply {
-            status: 304,
-            headers: Vec::with_capacity(2),
-            body: Bytes::new(),
-        }
-    } else if source == Source::Stale {
-        let body = rendered
+        .map(|tags| tags.as_bytes());
+    let mut reply = view.reply(if_none_match, app.cache_control());
+    if source == Source::Stale && reply.status == 200 {
+        reply.body = rendered
             .stale_body(location)
             .ok_or_else(|| not_at_location(merchant, sku))?;
-        Reply::json_bytes(200, body)
-    } else {
-        Reply::json_bytes(200, view.body.clone())
-    };
-    Ok(reply
-        .with_header("etag", view.etag.clone())
-        .with_header("cache-control", app.cache_control()))
+    }
+    Ok(reply)
 }
 
 /// One batch item's bytes: the view's body, or the not-found object.
@@ -85,12 +75,17 @@ fn item(
 pub(crate) async fn batch(app: &App, session: &mut Session) -> Result<Reply, ApiError> {
     let caller = admit(app, session, Scope::Read, public_read(app))?;
     let body: BatchBody = parse_body(&read_json_body(app, session, false).await?)?;
-    let limit = app.config().limits.availability_batch_items_max;
+    let config = app.config();
+    let limit = config.limits.availability_batch_items_max;
     if body.items.is_empty() || body.items.len() > limit {
         return Err(ApiError::BadRequest(format!(
             "items must hold 1 to {limit} entries"
         )));
     }
+    // An anonymous batch costs one read per item (admit took the first).
+    let more = u32::try_from(body.items.len() - 1).unwrap_or(u32::MAX);
+    app.limiter
+        .admit(&caller, client_address(session, &config), more)?;
     for item in &body.items {
         check_id("merchant", &item.merchant)?;
         check_id("sku", &item.sku)?;

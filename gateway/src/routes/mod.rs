@@ -120,6 +120,9 @@ fn table() -> &'static matchit::Router<Route> {
 }
 
 /// What a local route produced.
+// A reply carries its headers inline (no allocation per request); boxing
+// it to shrink this enum would add one back.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     /// A complete reply to write.
     Reply(Reply),
@@ -134,7 +137,12 @@ pub async fn dispatch(app: &App, session: &mut Session) -> Outcome {
     // mutably while the route's parameters borrow the path.
     let uri = session.req_header().uri.clone();
     let method = session.req_header().method.clone();
-    let matched = table().at(uri.path()).ok();
+    // One trailing slash is the same resource (`/health/`, `/v1/reservations/`).
+    let path = match uri.path() {
+        "/" => "/",
+        path => path.strip_suffix('/').unwrap_or(path),
+    };
+    let matched = table().at(path).ok();
     let route = matched
         .as_ref()
         .map_or("other", |found| found.value.template);

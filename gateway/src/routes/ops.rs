@@ -21,7 +21,7 @@ pub(crate) fn health(app: &App) -> Reply {
 pub(crate) fn metrics(app: &App) -> Reply {
     Reply {
         status: 200,
-        headers: vec![(
+        headers: smallvec::smallvec![(
             "content-type",
             http::HeaderValue::from_static("text/plain; version=0.0.4"),
         )],

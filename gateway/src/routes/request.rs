@@ -1,8 +1,10 @@
 //! Request plumbing every handler shares: authentication, scopes and rate
 //! limits, reading a body within the limit, Idempotency-Keys, query strings.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use bytes::{Bytes, BytesMut};
-use config::Scope;
+use config::{Config, Scope};
 use pingora::proxy::Session;
 
 use crate::api::ApiError;
@@ -36,13 +38,35 @@ pub(crate) fn query_value(session: &Session, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// The address of the client at the other end of the connection (the
-/// per-client limits' key); `None` on a Unix socket.
-pub(crate) fn client_address(session: &Session) -> Option<std::net::IpAddr> {
-    session
+/// The client a request counts against in the per-client limits: the TCP
+/// peer, or, when the peer is a trusted proxy, the rightmost address of
+/// `auth.client_address_header` that is not itself a trusted proxy. An
+/// IPv6 client is its /64 (one host can take any address of it). `None` on
+/// a Unix socket.
+pub(crate) fn client_address(session: &Session, config: &Config) -> Option<IpAddr> {
+    let peer = session
         .client_addr()
         .and_then(|address| address.as_inet())
-        .map(|address| address.ip())
+        .map(|address| address.ip())?;
+    let trusted = &config.auth.trusted_proxies;
+    let client = if trusted.contains(&peer) {
+        header(session, &config.auth.client_address_header)
+            .and_then(|list| {
+                list.rsplit(',')
+                    .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
+                    .find(|address| !trusted.contains(address))
+            })
+            .unwrap_or(peer)
+    } else {
+        peer
+    };
+    Some(match client {
+        IpAddr::V6(address) => {
+            let prefix = u128::from(address) & !u128::from(u64::MAX);
+            IpAddr::V6(Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    })
 }
 
 pub(crate) fn header<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
@@ -62,7 +86,8 @@ pub(crate) fn admit(
 ) -> Result<Caller, ApiError> {
     let config = app.config();
     let caller = authenticate(session, &config, scope, public)?;
-    app.limiter.admit(&caller, client_address(session))?;
+    app.limiter
+        .admit(&caller, client_address(session, &config), 1)?;
     Ok(caller)
 }
 

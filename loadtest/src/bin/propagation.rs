@@ -111,12 +111,7 @@ async fn main() -> anyhow::Result<()> {
         args.b, args.merchant, args.sku
     );
     let (seen, mut events) = watch::channel(None);
-    let follower = tokio::spawn(follow(
-        stream_client,
-        stream_url,
-        args.key.clone(),
-        seen,
-    ));
+    let follower = tokio::spawn(follow(stream_client, stream_url, args.key.clone(), seen));
     // The stream's first event is the current state.
     tokio::time::timeout(Duration::from_secs(5), events.wait_for(Option::is_some))
         .await
