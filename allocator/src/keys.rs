@@ -153,9 +153,11 @@ pub fn cells_hash(partition: u32) -> String {
 }
 
 /// The set of locations a `(merchant, sku)` has stock keys at. Kept by the
-/// allocator after each adjustment or settings call (an idempotent SADD after
-/// the script: the key is in another slot than the cell); a crash between the
-/// two leaves the location out of the index only until the key's next change.
+/// allocator before each adjustment, settings or rebuild script (an
+/// idempotent SADD; the key is in another slot than the cell), so a reader
+/// that hears the script's change finds the location. A location whose
+/// first change was refused or lost stays in the set without a pool;
+/// readers skip it.
 pub fn locations_key(merchant: &str, sku: &str) -> String {
     format!("inv:locations:{{{merchant}|{sku}}}")
 }

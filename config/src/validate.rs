@@ -322,6 +322,16 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
     );
     let mut key_names = HashSet::new();
     let mut key_hashes = HashSet::new();
+    let header = &auth.client_address_header;
+    c.check(
+        !header.is_empty()
+            && header.len() <= 64
+            && header
+                .bytes()
+                .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-'),
+        "auth.client_address_header",
+        "must be a header name of 1 to 64 lower-case letters, digits and '-'",
+    );
     for (i, key) in auth.api_keys.iter().enumerate() {
         let path = format!("auth.api_keys[{i}]");
         c.id(format!("{path}.name"), &key.name);

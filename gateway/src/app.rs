@@ -227,7 +227,9 @@ impl App {
             if let Err(error) = outcome {
                 warn!(%error, "change subscription lost; retrying");
                 self.metrics.redis_errors.inc();
-                self.may_have_missed_changes();
+                // Streams are told when a subscription is back, not on
+                // every failed attempt.
+                self.cache.mark_all_dirty();
             }
             if !self.pause(Duration::from_millis(500)).await {
                 return;
@@ -261,7 +263,7 @@ impl App {
                     // Until the subscription is back, no cached answer
                     // counts as fresh.
                     self.subscribed.store(false, Ordering::SeqCst);
-                    self.may_have_missed_changes();
+                    self.cache.mark_all_dirty();
                 }
                 Some(ChangeEvent::Resumed) => {
                     // Notifications published while disconnected are lost.

@@ -251,8 +251,14 @@ impl RateLimiter {
                 match limit.buckets.check_key_n(&client, reads) {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(not_until)) => Err(over(retry_after(&not_until))),
-                    // More at once than a second's budget: never, at this budget.
-                    Err(_) => Err(over(1)),
+                    // More at once than a second's budget: never admissible,
+                    // so not a matter of waiting.
+                    Err(governor::InsufficientCapacity(most)) => {
+                        Err(ApiError::BadRequest(format!(
+                            "an anonymous batch may read at most {most} items at once on this node; \
+                         use fewer items or an API key"
+                        )))
+                    }
                 }
             }
         }

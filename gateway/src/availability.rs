@@ -544,9 +544,9 @@ impl AvailabilityCache {
                 Next::Join(fill, source) => (fill, source),
                 Next::WaitOut(fill) => {
                     // Started before this reader arrived under a change:
-                    // its answer is not ours. At most once: the next fill
-                    // starts after our arrival (and one that could not
-                    // reach Redis is not tried twice for one reader).
+                    // its answer is not ours. Bounded: the next fill starts
+                    // after our arrival, and one that could not reach
+                    // Redis is not tried again for this reader.
                     if let Outcome::Unavailable = fill.outcome().await {
                         return self.unavailable(&slot);
                     }
@@ -596,8 +596,10 @@ impl AvailabilityCache {
         // sets `hearing`; read the other way round, a reader could pair the
         // new `hearing` with the old epoch.
         let hearing = inner.hearing.load(Ordering::SeqCst);
-        let epoch = inner.epoch.load(Ordering::SeqCst);
         let mut state = slot.lock();
+        // Under the lock: a fill started here carries an epoch no older
+        // than what any reader that locks after it has seen.
+        let epoch = inner.epoch.load(Ordering::SeqCst);
         let now = (state.generation, epoch);
         let first_look = arrived.is_none();
         let arrived = *arrived.get_or_insert(now);

@@ -113,9 +113,10 @@ enum Wake {
 /// What a stream has sent, and what it still owes.
 #[derive(Default)]
 struct Sent {
-    /// The version last sent per SKU: many notifications often settle into
-    /// one state, which is sent once.
-    versions: HashMap<String, u64>,
+    /// The version last sent per SKU, and whether it was sent stale: many
+    /// notifications often settle into one state, which is sent once (and
+    /// once more when a stale copy is confirmed fresh).
+    versions: HashMap<String, (u64, bool)>,
     /// SKUs read while Redis was unreachable (nothing, or a stale copy):
     /// read again every [`RETRY`] until a fresh read, so the last event is
     /// the state the SKU settled in.
@@ -126,9 +127,17 @@ impl Sent {
     /// Reads the SKU (after the notification that woke us, so at least
     /// that new) and returns the event to send, if it is news.
     async fn refresh(&mut self, app: &App, merchant: &str, sku: &str) -> Option<Bytes> {
-        let Ok((rendered, source)) = app.cache.get(merchant, sku).await else {
-            self.pending.insert(sku.to_owned());
-            return None;
+        let (rendered, source) = match app.cache.get(merchant, sku).await {
+            Ok(found) => found,
+            // Unknown: its creation will be notified like any change.
+            Err(ApiError::NotFound(_)) => {
+                self.pending.remove(sku);
+                return None;
+            }
+            Err(_) => {
+                self.pending.insert(sku.to_owned());
+                return None;
+            }
         };
         let stale = source == Source::Stale;
         if stale {
@@ -137,10 +146,10 @@ impl Sent {
             self.pending.remove(sku);
         }
         let version = rendered.view(None)?.version;
-        if !stale && self.versions.get(sku) == Some(&version) {
+        if self.versions.get(sku) == Some(&(version, stale)) {
             return None;
         }
-        self.versions.insert(sku.to_owned(), version);
+        self.versions.insert(sku.to_owned(), (version, stale));
         Some(sse_event(&rendered, stale))
     }
 }
@@ -215,7 +224,10 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.tick().await;
     let mut retry = tokio::time::interval(RETRY);
+    // Idle while nothing is pending: no burst of missed ticks afterwards.
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let was_pending = !state.pending.is_empty();
         let wake = tokio::select! {
             change = changes.recv() => match change {
                 Ok(change) if change.merchant == merchant && wanted.contains(change.sku.as_str()) => {
@@ -260,6 +272,10 @@ pub async fn stream(app: &App, session: &mut Session) -> Result<Outcome, ApiErro
                 let _ = session.write_response_body(None, true).await;
                 return Ok(Outcome::Streamed(200));
             }
+        }
+        if !was_pending && !state.pending.is_empty() {
+            // The first retry a full period from now.
+            retry.reset();
         }
     }
     let _ = session.write_response_body(None, true).await;

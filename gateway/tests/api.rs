@@ -802,8 +802,13 @@ async fn an_anonymous_batch_costs_a_read_per_item_and_a_trusted_proxy_names_the_
             .json(&body);
         async move { request.send().await.expect("send").status().as_u16() }
     };
-    // Ten items are ten reads: over a budget of five at once.
-    assert_eq!(batch(10, "198.51.100.1").await, 429);
+    // Ten items are ten reads: more than a budget of five can ever admit
+    // at once, which is a 400, not a wait.
+    assert_eq!(batch(10, "198.51.100.1").await, 400);
+    // That request still cost its one read; four more are the budget's
+    // rest, and the next read of that client waits.
+    assert_eq!(batch(4, "198.51.100.1").await, 200);
+    assert_eq!(batch(1, "198.51.100.1").await, 429);
     // Each client behind the proxy has its own budget.
     assert_eq!(batch(5, "198.51.100.2").await, 200);
     assert_eq!(batch(5, "198.51.100.3").await, 200);
@@ -811,17 +816,87 @@ async fn an_anonymous_batch_costs_a_read_per_item_and_a_trusted_proxy_names_the_
     // One IPv6 host is its /64, whichever address it takes in it.
     assert_eq!(batch(5, "2001:db8:1:2::1").await, 200);
     assert_eq!(batch(1, "2001:db8:1:2::ffff").await, 429);
+    // A client's own header line comes first, the proxy's last: the
+    // proxy's is the one believed.
+    let read = |lines: &'static [&'static str]| {
+        let mut request = client().get(node.url(&format!("/v1/availability/m1/{sku}")));
+        for line in lines {
+            request = request.header("X-Forwarded-For", *line);
+        }
+        async move { request.send().await.expect("send").status().as_u16() }
+    };
+    assert_eq!(
+        read(&["198.51.100.2", "198.51.100.5"]).await,
+        200,
+        "198.51.100.5 has its budget"
+    );
+    // An entry the chain cannot read stops it: the client written to its
+    // left is not believed (the proxy's own address is charged instead).
+    for _ in 0..5 {
+        assert_eq!(read(&["198.51.100.6, unknown"]).await, 200);
+    }
+    assert_eq!(
+        batch(1, "198.51.100.6").await,
+        200,
+        "198.51.100.6 was not charged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_batch_is_one_request_of_its_key() {
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("keyed-batch");
+    restock(&node, "m1", &sku, "dc1", 10).await;
+    // The slow key's bucket holds one request: a batch of three items is it.
+    let (status, body) = post(
+        &node.url("/v1/availability/batch"),
+        SLOW,
+        None,
+        &json!({ "items": vec![json!({ "merchant": "m1", "sku": sku }); 3] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trailing_slash_names_the_same_route() {
     let fleet = Fleet::on_stack("");
     let node = fleet.node("node-a");
-    assert_eq!(get(&node.url("/health/"), None).await.0, 200);
+    let (status, health) = get(&node.url("/health/"), None).await;
+    assert_eq!(
+        (status, health["status"].as_str()),
+        (200, Some("ok")),
+        "answered locally"
+    );
     let (status, body) = get(&node.url("/v1/reservations/"), Some(CHECKOUT)).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (405, Some("method_not_allowed"))
+    );
+    // An action with a trailing slash is that action.
+    let sku = testkit::unique_id("slash");
+    restock(&node, "m1", &sku, "dc1", 5).await;
+    let (status, held) = post(
+        &node.url("/v1/reservations"),
+        CHECKOUT,
+        Some(&testkit::unique_id("slash-hold")),
+        &json!({ "merchant": "m1", "lines": [{ "sku": sku, "location": "dc1", "qty": 1 }] }),
+    )
+    .await;
+    assert_eq!(status, 201, "{held}");
+    let id = held["reservation_id"].as_str().expect("id");
+    let (status, committed) = post(
+        &node.url(&format!("/v1/reservations/{id}/commit/")),
+        CHECKOUT,
+        Some(&testkit::unique_id("slash-commit")),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(
+        (status, committed["status"].as_str()),
+        (200, Some("committed")),
+        "{committed}"
     );
 }
 

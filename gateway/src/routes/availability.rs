@@ -82,10 +82,13 @@ pub(crate) async fn batch(app: &App, session: &mut Session) -> Result<Reply, Api
             "items must hold 1 to {limit} entries"
         )));
     }
-    // An anonymous batch costs one read per item (admit took the first).
-    let more = u32::try_from(body.items.len() - 1).unwrap_or(u32::MAX);
-    app.limiter
-        .admit(&caller, client_address(session, &config), more)?;
+    // An anonymous batch costs one read per item (admit took the first);
+    // a keyed one is one request of its key, already taken.
+    if caller.key.is_none() {
+        let more = u32::try_from(body.items.len() - 1).unwrap_or(u32::MAX);
+        app.limiter
+            .admit(&caller, client_address(session, &config), more)?;
+    }
     for item in &body.items {
         check_id("merchant", &item.merchant)?;
         check_id("sku", &item.sku)?;

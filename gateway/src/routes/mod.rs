@@ -30,7 +30,12 @@ pub(crate) use request::{admit, client_address, public_read, query_pairs};
 
 /// Whether the gateway answers `path` itself.
 pub fn is_local(path: &str) -> bool {
-    path == "/v1" || path.starts_with("/v1/") || matches!(path, "/health" | "/ready" | "/metrics")
+    path == "/v1"
+        || path.starts_with("/v1/")
+        || matches!(
+            path,
+            "/health" | "/ready" | "/metrics" | "/health/" | "/ready/" | "/metrics/"
+        )
 }
 
 /// What a route addresses; its handler is chosen with the method.
@@ -44,7 +49,8 @@ enum Resource {
     Availability,
     Reservations,
     Reservation,
-    ReservationAction,
+    /// Commit, release or extend.
+    ReservationAction(&'static str),
     StockAdjustments,
     StockSettings,
     Stream,
@@ -84,17 +90,17 @@ fn table() -> &'static matchit::Router<Route> {
             (
                 Method::POST,
                 "/v1/reservations/{id}/commit",
-                ReservationAction,
+                ReservationAction("commit"),
             ),
             (
                 Method::POST,
                 "/v1/reservations/{id}/release",
-                ReservationAction,
+                ReservationAction("release"),
             ),
             (
                 Method::POST,
                 "/v1/reservations/{id}/extend",
-                ReservationAction,
+                ReservationAction("extend"),
             ),
             (Method::POST, "/v1/stock/adjustments", StockAdjustments),
             (
@@ -199,16 +205,8 @@ async fn route_request(
         }
         Resource::Reservations => reservations::create(app, session).await?,
         Resource::Reservation => reservations::get(app, session, param("id")).await?,
-        Resource::ReservationAction => {
-            let action = session
-                .req_header()
-                .uri
-                .path()
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            reservations::act(app, session, param("id"), &action).await?
+        Resource::ReservationAction(action) => {
+            reservations::act(app, session, param("id"), action).await?
         }
         Resource::StockAdjustments => stock::adjust(app, session).await?,
         Resource::StockSettings => {

@@ -44,22 +44,39 @@ pub(crate) fn query_value(session: &Session, name: &str) -> Option<String> {
 /// IPv6 client is its /64 (one host can take any address of it). `None` on
 /// a Unix socket.
 pub(crate) fn client_address(session: &Session, config: &Config) -> Option<IpAddr> {
+    // Canonical: an IPv4 peer of a dual-stack listener is `::ffff:a.b.c.d`.
     let peer = session
         .client_addr()
         .and_then(|address| address.as_inet())
-        .map(|address| address.ip())?;
+        .map(|address| address.ip().to_canonical())?;
     let trusted = &config.auth.trusted_proxies;
-    let client = if trusted.contains(&peer) {
-        header(session, &config.auth.client_address_header)
-            .and_then(|list| {
-                list.rsplit(',')
-                    .filter_map(|entry| entry.trim().parse::<IpAddr>().ok())
-                    .find(|address| !trusted.contains(address))
-            })
-            .unwrap_or(peer)
-    } else {
-        peer
-    };
+    let mut client = peer;
+    if trusted.contains(&peer) {
+        // From the last line and the last entry (the nearest proxy's) back
+        // to the first address no trusted proxy vouches for; anything
+        // unreadable on the way means the chain cannot be trusted past it.
+        let lines = session
+            .req_header()
+            .headers
+            .get_all(config.auth.client_address_header.as_str());
+        'chain: for line in lines.iter().rev() {
+            let Ok(line) = line.to_str() else { break };
+            for entry in line.rsplit(',') {
+                match entry
+                    .trim()
+                    .parse::<IpAddr>()
+                    .map(|address| address.to_canonical())
+                {
+                    Ok(address) if trusted.contains(&address) => continue,
+                    Ok(address) => {
+                        client = address;
+                        break 'chain;
+                    }
+                    Err(_) => break 'chain,
+                }
+            }
+        }
+    }
     Some(match client {
         IpAddr::V6(address) => {
             let prefix = u128::from(address) & !u128::from(u64::MAX);
