@@ -472,6 +472,15 @@ def main():
         "alone on this machine) for reads, and `redis-benchmark` running EVALSHA of `return 1` on the same Redis "
         "(the cost of one script round trip) for reservations. A ratio above 1.0 for reservations means "
         "coalescing put several reservations into one script call.",
+        "- *`/health`* is the same gateway answering a route that touches nothing (no cache, no Redis): what "
+        "pingora's HTTP pipeline costs by itself here (the floor of any answer the gateway gives), so "
+        "`reads / /health` shows how close a cached read comes to that floor.",
+        "- *Uncached reads* go to a third node whose cache keeps nothing (`availability_ttl_ms = 1`): every read "
+        "loads the SKU's 40 locations and the sale's three buckets (three pipelined round trips); concurrent "
+        "readers share one fill (`joined`).",
+        "- *Propagation* (the `propagation` probe, during the common-rate reads): each of its reservations on node "
+        "A is timed from A's 201 to the first event on a stream from node B showing it, and to the first read on "
+        "node B (polled every 1 ms) showing it; a change never shown within 2 s is counted apart, never as fast.",
         "- *Latency at 60%* is measured open loop at 60% of the ceiling wrk found; compare our p99 with the bare "
         "server's p99 at its own 60%.",
         "- *Writer lag* is the age of the oldest outbox entry not yet in Kafka and PostgreSQL, sampled every 0.5 s "
