@@ -77,6 +77,21 @@ impl LocationAvailability {
         })
     }
 
+    /// A location with `units` on hand, none held or set aside, in stock
+    /// (for tests and tools that need a view without cells).
+    pub fn on_shelf(location: &str, units: i64, version: u64) -> Self {
+        Self {
+            location: location.to_owned(),
+            available: units,
+            on_hand: units,
+            reserved: 0,
+            safety_stock: 0,
+            backorderable: 0,
+            status: "in_stock",
+            version,
+        }
+    }
+
     /// Builds a location's view from its pool and (in a flash sale) buckets.
     pub fn from_cells(location: &str, pool: &Cell, buckets: &[Cell], low_default: u64) -> Self {
         let bucket_free: i64 = buckets.iter().map(|bucket| bucket.sellable().max(0)).sum();
@@ -768,16 +783,7 @@ mod tests {
         SkuAvailability {
             merchant: "m".to_owned(),
             sku: "s".to_owned(),
-            locations: vec![LocationAvailability {
-                location: "dc1".to_owned(),
-                available: units,
-                on_hand: units,
-                reserved: 0,
-                safety_stock: 0,
-                backorderable: 0,
-                status: "in_stock",
-                version: units as u64,
-            }],
+            locations: vec![LocationAvailability::on_shelf("dc1", units, units as u64)],
         }
     }
 
@@ -827,6 +833,12 @@ mod tests {
         answer.0.value.locations[0].available
     }
 
+    /// A reader of `m/s` as its own task: the units it was answered.
+    fn reader(cache: &Arc<AvailabilityCache>) -> tokio::task::JoinHandle<Result<i64, ApiError>> {
+        let cache = Arc::clone(cache);
+        tokio::spawn(async move { cache.get("m", "s").await.map(|answer| units(&answer)) })
+    }
+
     async fn settle() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -838,20 +850,14 @@ mod tests {
         let shelf = shelf(Some(10));
         let cache = Arc::new(cache(&shelf, &config()));
         // A reader starts a fill, which reads 10 and is held there.
-        let first = tokio::spawn({
-            let cache = Arc::clone(&cache);
-            async move { cache.get("m", "s").await.map(|answer| units(&answer)) }
-        });
+        let first = reader(&cache);
         settle().await;
         assert_eq!(shelf.loads.load(Ordering::SeqCst), 1);
         // The store changes and its notification arrives mid-fill.
         *shelf.units.lock().unwrap() = Some(7);
         cache.invalidate("m", "s");
         // A reader arriving now must not get the pre-change read.
-        let second = tokio::spawn({
-            let cache = Arc::clone(&cache);
-            async move { cache.get("m", "s").await.map(|answer| units(&answer)) }
-        });
+        let second = reader(&cache);
         settle().await;
         shelf.gate.add_permits(1);
         assert_eq!(
@@ -880,10 +886,7 @@ mod tests {
     async fn a_fill_finishing_after_a_change_is_not_served_as_fresh() {
         let shelf = shelf(Some(10));
         let cache = Arc::new(cache(&shelf, &config()));
-        let first = tokio::spawn({
-            let cache = Arc::clone(&cache);
-            async move { cache.get("m", "s").await.map(|answer| units(&answer)) }
-        });
+        let first = reader(&cache);
         settle().await;
         *shelf.units.lock().unwrap() = Some(3);
         cache.invalidate("m", "s");
@@ -902,12 +905,7 @@ mod tests {
     async fn concurrent_misses_share_one_fill() {
         let shelf = shelf(Some(5));
         let cache = Arc::new(cache(&shelf, &config()));
-        let readers: Vec<_> = (0..20)
-            .map(|_| {
-                let cache = Arc::clone(&cache);
-                tokio::spawn(async move { cache.get("m", "s").await.map(|answer| units(&answer)) })
-            })
-            .collect();
+        let readers: Vec<_> = (0..20).map(|_| reader(&cache)).collect();
         settle().await;
         shelf.gate.add_permits(1);
         for reader in readers {

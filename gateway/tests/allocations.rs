@@ -5,8 +5,10 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use gateway::api::Reply;
 use gateway::availability::{
-    AvailabilityCache, CacheCounters, Loader, LocationAvailability, SkuAvailability, Source,
+    AvailabilityCache, CacheCounters, Loader, LocationAvailability, Rendered, SkuAvailability,
+    Source,
 };
 use http::HeaderValue;
 
@@ -14,21 +16,28 @@ use http::HeaderValue;
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 fn shelf() -> SkuAvailability {
-    let location = |name: &str, units: i64| LocationAvailability {
-        location: name.to_owned(),
-        available: units,
-        on_hand: units,
-        reserved: 0,
-        safety_stock: 0,
-        backorderable: 0,
-        status: "in_stock",
-        version: 7,
-    };
     SkuAvailability {
         merchant: "m1".to_owned(),
         sku: "tee".to_owned(),
-        locations: vec![location("dc1", 40), location("store-12", 3)],
+        locations: vec![
+            LocationAvailability::on_shelf("dc1", 40, 7),
+            LocationAvailability::on_shelf("store-12", 3, 7),
+        ],
     }
+}
+
+/// A hit's two replies: all locations, and one location whose ETag the
+/// client does not have.
+fn replies(rendered: &Rendered, cache_control: &HeaderValue) -> (Reply, Reply) {
+    let all = rendered
+        .view(None)
+        .expect("all")
+        .reply(None, cache_control.clone());
+    let one = rendered
+        .view(Some("store-12"))
+        .expect("one")
+        .reply(Some(b"\"other\""), cache_control.clone());
+    (all, one)
 }
 
 fn cache() -> AvailabilityCache {
@@ -66,14 +75,7 @@ fn a_cache_hit_and_its_reply_allocate_nothing() {
         let cache_control = HeaderValue::from_static("max-age=1");
         let read = || async {
             let (rendered, source) = cache.get("m1", "tee").await.expect("read");
-            let all = rendered
-                .view(None)
-                .expect("all")
-                .reply(None, cache_control.clone());
-            let one = rendered
-                .view(Some("store-12"))
-                .expect("one")
-                .reply(Some(b"\"other\""), cache_control.clone());
+            let (all, one) = replies(&rendered, &cache_control);
             (source, all.body.len() + one.body.len())
         };
         // The first read fills (and renders); the second is a hit that
@@ -101,15 +103,7 @@ fn a_cache_hit_and_its_reply_allocate_nothing() {
         let (rendered, _) = cache.get("m1", "tee").await.expect("read");
         let before = dhat::HeapStats::get();
         for _ in 0..hits {
-            let all = rendered
-                .view(None)
-                .expect("all")
-                .reply(None, cache_control.clone());
-            let one = rendered
-                .view(Some("store-12"))
-                .expect("one")
-                .reply(Some(b"\"other\""), cache_control.clone());
-            std::hint::black_box((all, one));
+            std::hint::black_box(replies(&rendered, &cache_control));
         }
         let allocations = dhat::HeapStats::get().total_blocks - before.total_blocks;
         assert_eq!(allocations, 0, "rendering a reply allocated");
