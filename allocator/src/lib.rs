@@ -742,25 +742,9 @@ impl Allocator {
         // Each HMGET answers one array; `all` keeps them in sending order.
         // Read as plain values: no conversion guesses at nesting.
         let reply: fred::types::Value = self.with_timeout(pipeline.all()).await?;
-        let answers = match reply {
-            fred::types::Value::Array(answers) if answers.len() == by_partition.len() => answers,
-            other => {
-                return Err(AllocatorError::Protocol(format!(
-                    "{} cell reads answered {other:?}",
-                    by_partition.len()
-                )));
-            }
-        };
+        let answers = array_of(reply, by_partition.len(), "cell reads")?;
         for (indexes, answer) in by_partition.values().zip(answers) {
-            let raws = match answer {
-                fred::types::Value::Array(raws) if raws.len() == indexes.len() => raws,
-                other => {
-                    return Err(AllocatorError::Protocol(format!(
-                        "{} cells asked, answered {other:?}",
-                        indexes.len()
-                    )));
-                }
-            };
+            let raws = array_of(answer, indexes.len(), "cells")?;
             for (&index, raw) in indexes.iter().zip(raws) {
                 found[index] = match raw {
                     fred::types::Value::Null => None,
@@ -836,6 +820,21 @@ fn strip_nulls(value: &mut Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(strip_nulls),
         _ => {}
+    }
+}
+
+/// A reply that must be an array of `length` values (`what` names them in
+/// the error).
+fn array_of(
+    reply: fred::types::Value,
+    length: usize,
+    what: &str,
+) -> Result<Vec<fred::types::Value>> {
+    match reply {
+        fred::types::Value::Array(values) if values.len() == length => Ok(values),
+        other => Err(AllocatorError::Protocol(format!(
+            "{length} {what} asked, answered {other:?}"
+        ))),
     }
 }
 

@@ -798,6 +798,11 @@ mod tests {
                 Ok(read.map(availability))
             })
         });
+        cache_over(loader, config)
+    }
+
+    /// A cache that hears changes, over `loader`.
+    fn cache_over(loader: Loader, config: &Config) -> AvailabilityCache {
         let registry =
             prometheus::IntCounterVec::new(prometheus::Opts::new("results", "test"), &["result"])
                 .unwrap();
@@ -968,17 +973,7 @@ mod tests {
                 })
             }
         });
-        let registry =
-            prometheus::IntCounterVec::new(prometheus::Opts::new("r", "t"), &["result"]).unwrap();
-        let cache = AvailabilityCache::new(
-            &config(),
-            loader,
-            Arc::new(AtomicBool::new(true)),
-            CacheCounters {
-                results: registry,
-                redis_errors: prometheus::IntCounter::new("e", "t").unwrap(),
-            },
-        );
+        let cache = cache_over(loader, &config());
         assert!(matches!(
             cache.get("m", "s").await,
             Err(ApiError::Internal(_))
