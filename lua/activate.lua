@@ -55,6 +55,10 @@ expire_cell_due(a.from_cell)
 local c = cell_get(a.from_cell)
 if not c then return refuse('not_found') end
 if drain_live(c) then return refuse('draining', { until_ms = c.drain_until_ms }) end
+for _, t in ipairs(a.targets) do
+  local refusal = bucket_placement_refusal(c, t.node, t.to_partition)
+  if refusal then return refusal end
+end
 -- Transfer ids are unique for ever across every partition: the pool's
 -- partition and a per-partition activation counter.
 local generation = redis.call('HINCRBY', K_XFER, 'activation_generation', 1)

@@ -561,6 +561,17 @@ end
 -- bucket gives units back only to a drain (`t.fence`). Each record carries the
 -- pool's drain epoch at the debit: a bucket credited by a debit made after its
 -- fence opens again (transfer_in).
+-- A refusal when pool `c` lists node `node`'s bucket in a partition other
+-- than `partition` (a bucket never moves while its pool lists it: its units
+-- and holds would be left where nothing looks), else nil.
+local function bucket_placement_refusal(c, node, partition)
+  local recorded = type(c.buckets) == 'table' and c.buckets[node] or nil
+  if recorded ~= nil and recorded ~= partition then
+    return refuse('bad_argument', { reason = 'bucket_partition', node = node, partition = recorded })
+  end
+  return nil
+end
+
 local function transfer_debit(t, want, exact)
   local existing = redis.call('HGET', K_XFER, t.transfer_id)
   if existing then
@@ -572,6 +583,10 @@ local function transfer_debit(t, want, exact)
   if not c then return nil, refuse('not_found') end
   if c.kind == 'pool' and drain_live(c) then return 0, nil, nil, 'draining' end
   if c.kind == 'bucket' and c.fenced and not t.fence then return 0, nil, nil, 'fenced' end
+  if c.kind == 'pool' and t.to_kind == 'bucket' then
+    local refusal = bucket_placement_refusal(c, t.to_node, t.to_partition)
+    if refusal then return nil, refusal end
+  end
   local free = sellable(c)
   if free < 0 then free = 0 end
   local moved = want

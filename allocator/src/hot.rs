@@ -12,6 +12,7 @@
 //! decision, so it may use the node's clock; whether units exist to move is
 //! still decided inside the scripts, on Redis time.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,10 @@ pub struct FlashSale {
     pub refill_chunk_units_min: u64,
     /// Largest refill.
     pub refill_chunk_units_max: u64,
+    /// Where the key's pool records its nodes' buckets (node → partition),
+    /// as [`Allocator::place`] last read it: a bucket the pool lists stays
+    /// where it is, whatever the node order of this sale.
+    pub buckets: BTreeMap<String, u32>,
 }
 
 impl FlashSale {
@@ -64,6 +69,16 @@ impl FlashSale {
             presplit_fraction: sale.presplit_fraction,
             refill_chunk_units_min: sale.refill_chunk_units_min,
             refill_chunk_units_max: sale.refill_chunk_units_max,
+            buckets: BTreeMap::new(),
+        }
+    }
+
+    /// Node `node`'s bucket: where the pool records it, else where
+    /// [`StockKey::bucket`] places it for this sale's nodes.
+    pub fn bucket(&self, node: &str, partitions: u32) -> CellRef {
+        match self.buckets.get(node) {
+            Some(&partition) => self.key.bucket_in(node, partition),
+            None => self.key.bucket(node, &self.nodes, partitions),
         }
     }
 
@@ -487,6 +502,17 @@ impl Allocator {
         }
     }
 
+    /// Reads where the key's pool records its buckets into `sale.buckets`,
+    /// so the sale's nodes find the buckets an earlier sale over other nodes
+    /// left (call it before [`Allocator::activate`]; a bucket placed
+    /// elsewhere than the pool records is refused by the scripts). A key
+    /// with no pool yet keeps the sale's own placement.
+    pub async fn place(&self, sale: &mut FlashSale) -> Result<()> {
+        let pool = self.cell(&sale.key.pool(self.settings.partitions)).await?;
+        sale.buckets = pool.map(|pool| pool.buckets).unwrap_or_default();
+        Ok(())
+    }
+
     /// Pre-splits `presplit_fraction` of the pool's sellable units across the
     /// sale's nodes' buckets, decided in one script call. Idempotent per
     /// `epoch` (one activation of the sale): a second call moves nothing more,
@@ -500,7 +526,7 @@ impl Allocator {
             .nodes
             .iter()
             .map(|node| {
-                let bucket = sale.key.bucket(node, self.settings.partitions);
+                let bucket = sale.bucket(node, self.settings.partitions);
                 json!({ "node": node, "to_cell": bucket.id, "to_partition": bucket.partition })
             })
             .collect();
@@ -533,7 +559,7 @@ impl Allocator {
         }
         let split: Vec<Share> = list(&reply["split"])?;
         for share in split.iter().filter(|share| share.pending && share.qty > 0) {
-            let bucket = sale.key.bucket(&share.node, self.settings.partitions);
+            let bucket = sale.bucket(&share.node, self.settings.partitions);
             let transfer = Transfer {
                 id: &share.transfer_id,
                 key: &sale.key,
@@ -582,7 +608,7 @@ impl Allocator {
     ) -> Result<(u64, bool)> {
         self.register_hot_key(&sale.key).await?;
         let pool = sale.key.pool(self.settings.partitions);
-        let bucket = sale.key.bucket(node, self.settings.partitions);
+        let bucket = sale.bucket(node, self.settings.partitions);
         let chunk = sale.refill_chunk(units_per_second);
         let transfer_id = format!("refill.{node}.{}", unique_suffix());
         let transfer = Transfer {
@@ -616,7 +642,13 @@ impl Allocator {
     }
 
     async fn reclaim_waiting(&self, sale: &FlashSale, node: &str, wait: bool) -> Result<u64> {
-        let bucket = sale.key.bucket(node, self.settings.partitions);
+        // The pool's record, not this sale's placement: the reconciler
+        // reclaims buckets of sales that are gone from the config.
+        let pool = self.cell(&sale.key.pool(self.settings.partitions)).await?;
+        let Some(&partition) = pool.as_ref().and_then(|pool| pool.buckets.get(node)) else {
+            return Ok(0);
+        };
+        let bucket = sale.key.bucket_in(node, partition);
         match self.cell(&bucket).await? {
             Some(cell) if cell.sellable() > 0 => {}
             _ => return Ok(0),
@@ -687,13 +719,7 @@ impl Allocator {
             if node.is_some_and(|only| only != bucket_node) {
                 continue;
             }
-            let bucket = key.bucket(bucket_node, self.settings.partitions);
-            if bucket.partition != *partition {
-                return Err(AllocatorError::Protocol(format!(
-                    "pool lists {bucket_node}'s bucket in partition {partition}, keys say {}",
-                    bucket.partition
-                )));
-            }
+            let bucket = key.bucket_in(bucket_node, *partition);
             let transfer_id = format!("drain.{bucket_node}.{}", unique_suffix());
             let transfer = Transfer {
                 id: &transfer_id,
@@ -771,11 +797,8 @@ impl Allocator {
             return Ok(None);
         }
         let mut on_hand = 0;
-        for node in pool.buckets.keys() {
-            if let Some(bucket) = self
-                .cell(&key.bucket(node, self.settings.partitions))
-                .await?
-            {
+        for (node, &partition) in &pool.buckets {
+            if let Some(bucket) = self.cell(&key.bucket_in(node, partition)).await? {
                 if bucket.out_in_flight != 0 {
                     return Ok(None);
                 }
@@ -808,7 +831,7 @@ impl Allocator {
         request: &HoldRequest,
         meter: &RateMeter,
     ) -> Result<Hold> {
-        let bucket = sale.key.bucket(node, self.settings.partitions);
+        let bucket = sale.bucket(node, self.settings.partitions);
         let mut last_refusal = None;
         for _ in 0..HOT_ATTEMPTS_MAX {
             let mut fenced = false;
@@ -887,8 +910,8 @@ impl Allocator {
         let mut owners: Vec<(usize, String)> = Vec::new();
         let mut bucket_refs: Vec<CellRef> = Vec::new();
         for (index, pool) in pools.iter().enumerate() {
-            for node in pool.iter().flat_map(|pool| pool.buckets.keys()) {
-                bucket_refs.push(stock_keys[index].bucket(node, partitions));
+            for (node, &partition) in pool.iter().flat_map(|pool| &pool.buckets) {
+                bucket_refs.push(stock_keys[index].bucket_in(node, partition));
                 owners.push((index, node.clone()));
             }
         }

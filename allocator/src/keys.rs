@@ -27,11 +27,30 @@
 //!
 //! A stock key `(merchant, sku, location)` lives in partition
 //! `fnv1a64(merchant 0x1F sku 0x1F location) mod P`; its pool cell id is
-//! `merchant|sku|location|pool`. A hot key's bucket for node `n` lives in
-//! partition `fnv1a64(merchant 0x1F sku 0x1F location 0x1F n) mod P` with cell id
-//! `merchant|sku|location|bucket|n`, so one hot SKU spreads over several slots.
+//! `merchant|sku|location|pool`. A hot key's bucket for node `n` has cell id
+//! `merchant|sku|location|bucket|n`, in the partition the key's pool records
+//! for `n` (the pool is the one home of where its buckets are); a bucket the
+//! pool does not list yet goes where [`StockKey::bucket`] places it.
 //! `|` cannot appear in an id, so cell ids are unambiguous. The hash is part of
 //! the deployment contract: changing it moves every key.
+//!
+//! ## Spreading a sale's buckets over Redis Cluster masters
+//!
+//! A hot SKU grows with shards only if its buckets are on different masters,
+//! and hashing alone puts three nodes' buckets on three different masters of
+//! three only 2 times in 9. So the `i`-th of a sale's `n` nodes gets its
+//! bucket in a partition whose hash slot lies in the `i`-th `n`-th of the slot
+//! space (`slot · n / 16384 = i`): the first partition that
+//! `fnv1a64(merchant 0x1F sku 0x1F location 0x1F node [0x1F attempt])`
+//! names there, attempt 0 being the plain hash. A cluster made by
+//! `redis-cli --cluster create` gives each of `m` masters one contiguous
+//! `m`-th of the slots, so a sale over `n = m` nodes has one bucket on every
+//! master (over `n > m` nodes, `n / m` or so on each). The placement is
+//! chosen from the config alone, so every node and the reconciler agree
+//! without asking the cluster. It depends on the sale's node order, so the
+//! pool's record wins over it: a bucket never moves while the pool lists it
+//! (the transfer scripts refuse a bucket in another partition), and a later
+//! sale over other nodes finds the earlier buckets where they are.
 
 use std::fmt;
 
@@ -62,6 +81,10 @@ impl StockKey {
     }
 
     fn hash_with(&self, node: Option<&str>) -> u64 {
+        self.hasher(node).finish()
+    }
+
+    fn hasher(&self, node: Option<&str>) -> Fnv1a64 {
         let mut hash = Fnv1a64::new();
         hash.write(self.merchant.as_bytes());
         hash.write(&[0x1F]);
@@ -72,7 +95,7 @@ impl StockKey {
             hash.write(&[0x1F]);
             hash.write(node.as_bytes());
         }
-        hash.finish()
+        hash
     }
 
     /// The partition of this key's pool cell.
@@ -88,10 +111,33 @@ impl StockKey {
         }
     }
 
-    /// Node `node`'s bucket cell for this key in flash-sale mode.
-    pub fn bucket(&self, node: &str, partitions: u32) -> CellRef {
+    /// Where node `node`'s bucket for this key goes when a sale over `nodes`
+    /// first lends to it (see the module docs: the `i`-th node's bucket in
+    /// the `i`-th `n`-th of the hash slots). A node the list does not name,
+    /// and a partition count too small to have a partition in its share of
+    /// the slots, get the plain hash.
+    pub fn bucket(&self, node: &str, nodes: &[String], partitions: u32) -> CellRef {
+        let hashed = |attempt: Option<u32>| {
+            let mut hash = self.hasher(Some(node));
+            if let Some(attempt) = attempt {
+                hash.write(&[0x1F]);
+                hash.write(&attempt.to_be_bytes());
+            }
+            (hash.finish() % u64::from(partitions)) as u32
+        };
+        let spread = nodes.iter().position(|n| n == node).and_then(|index| {
+            (0..SPREAD_ATTEMPTS)
+                .map(|attempt| hashed((attempt > 0).then_some(attempt)))
+                .find(|&partition| slot_share(partition, nodes.len()) == index)
+        });
+        self.bucket_in(node, spread.unwrap_or_else(|| hashed(None)))
+    }
+
+    /// Node `node`'s bucket cell for this key in `partition` (where the
+    /// key's pool records it).
+    pub fn bucket_in(&self, node: &str, partition: u32) -> CellRef {
         CellRef {
-            partition: (self.hash_with(Some(node)) % u64::from(partitions)) as u32,
+            partition,
             id: format!(
                 "{}|{}|{}|bucket|{}",
                 self.merchant, self.sku, self.location, node
@@ -193,6 +239,25 @@ pub fn reservation_id(partition: u32, random: [u8; 12]) -> String {
     format!("r{partition}.{}", hex::encode(random))
 }
 
+/// Candidate partitions [`StockKey::bucket`] tries for a node's share of the
+/// slots before it settles for the plain hash (a share holds about `P / n`
+/// partitions, so a few tries find one whenever there is one).
+const SPREAD_ATTEMPTS: u32 = 256;
+
+/// Hash slots of a Redis Cluster.
+const CLUSTER_SLOTS: usize = 16384;
+
+/// The hash slot of every key of `partition` (its hash tag `{partition}`).
+pub fn partition_slot(partition: u32) -> u16 {
+    fred::util::redis_keyslot(partition.to_string().as_bytes())
+}
+
+/// Which of `shares` equal, contiguous shares of the hash slots holds
+/// `partition`'s slot.
+fn slot_share(partition: u32, shares: usize) -> usize {
+    usize::from(partition_slot(partition)) * shares / CLUSTER_SLOTS
+}
+
 /// FNV-1a, 64 bit: small, stable across versions and platforms, and good
 /// enough to spread keys over partitions.
 struct Fnv1a64(u64);
@@ -238,14 +303,43 @@ mod tests {
     }
 
     #[test]
-    fn buckets_of_a_hot_key_spread_over_partitions() {
+    fn a_sales_buckets_take_one_share_of_the_slots_each() {
+        let nodes: Vec<String> = ["node-a", "node-b", "node-c"].map(String::from).to_vec();
+        for sku in 0..200 {
+            let key = StockKey::new("m1", format!("sku-{sku}"), "dc1");
+            let shares: Vec<usize> = nodes
+                .iter()
+                .map(|node| slot_share(key.bucket(node, &nodes, 64).partition, 3))
+                .collect();
+            assert_eq!(shares, [0, 1, 2], "{key}");
+        }
+        // The slot of a partition is Redis' own (CLUSTER KEYSLOT "{0}" is 13907).
+        assert_eq!(partition_slot(0), 13907);
+        assert_eq!(
+            fred::util::redis_keyslot(ledger_stream(0).as_bytes()),
+            13907
+        );
+    }
+
+    #[test]
+    fn a_node_no_sale_lists_gets_the_plain_hash() {
         let key = StockKey::new("m1", "console", "dc1");
+        let nodes: Vec<String> = vec!["node-a".into()];
+        let plain = (key.hash_with(Some("node-z")) % 64) as u32;
+        assert_eq!(key.bucket("node-z", &nodes, 64).partition, plain);
+        // One node: every slot is its share, so the plain hash is taken.
+        let plain = (key.hash_with(Some("node-a")) % 64) as u32;
+        assert_eq!(key.bucket("node-a", &nodes, 64).partition, plain);
         let partitions: std::collections::HashSet<u32> = (0..8)
-            .map(|n| key.bucket(&format!("node-{n}"), 64).partition)
+            .map(|n| key.bucket(&format!("node-{n}"), &[], 64).partition)
             .collect();
         assert!(partitions.len() >= 4, "{partitions:?}");
         assert_eq!(key.pool(64).id, "m1|console|dc1|pool");
-        assert_eq!(key.bucket("node-a", 64).id, "m1|console|dc1|bucket|node-a");
+        assert_eq!(
+            key.bucket("node-a", &nodes, 64).id,
+            "m1|console|dc1|bucket|node-a"
+        );
+        assert_eq!(key.bucket_in("node-a", 5).partition, 5);
     }
 
     #[test]

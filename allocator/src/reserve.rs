@@ -447,7 +447,9 @@ impl Allocator {
             [line] => {
                 let key = StockKey::new(&request.merchant, &line.sku, &line.location);
                 let cell = match route.hot {
-                    Some(_) => key.bucket(&self.settings.node, self.settings.partitions),
+                    Some(hot) => hot
+                        .sale
+                        .bucket(&self.settings.node, self.settings.partitions),
                     None => key.pool(self.settings.partitions),
                 };
                 let id = one_line_id(cell.partition, &digest, &life, 0);

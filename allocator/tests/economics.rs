@@ -58,6 +58,7 @@ async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
         presplit_fraction: 0.6,
         refill_chunk_units_min: 5,
         refill_chunk_units_max: 50,
+        buckets: Default::default(),
     });
     allocators[0]
         .adjust(&Adjustment {
@@ -160,7 +161,7 @@ async fn refill_only(
     request: u64,
     meter: &RateMeter,
 ) -> Result<allocator::Hold, AllocatorError> {
-    let bucket = sale.key.bucket(NODES[node], PARTITIONS);
+    let bucket = sale.bucket(NODES[node], PARTITIONS);
     // Unique for ever (ids are per partition, and the stack's Redis is shared
     // across runs): this request's index and the run's merchant.
     let mut random = [0u8; 12];

@@ -20,6 +20,7 @@ fn sale(nodes: &[&str]) -> FlashSale {
         presplit_fraction: 0.5,
         refill_chunk_units_min: 2,
         refill_chunk_units_max: 10,
+        buckets: Default::default(),
     }
 }
 
@@ -27,7 +28,7 @@ fn sale(nodes: &[&str]) -> FlashSale {
 /// credits them (the node died in between); returns the transfer id.
 async fn debit_without_credit(allocator: &Allocator, sale: &FlashSale, qty: u64) -> String {
     let pool = sale.key.pool(PARTITIONS);
-    let bucket = sale.key.bucket("node-a", PARTITIONS);
+    let bucket = sale.bucket("node-a", PARTITIONS);
     // Transfer ids are unique for ever (a reused id is a replay by design).
     let transfer_id = testkit::unique_id("t-debit");
     let debit = allocator
@@ -348,7 +349,7 @@ async fn an_activation_replayed_after_its_records_are_gone_credits_nothing() {
     // What the scripts' housekeeping does 24 h after the credit.
     let redis = raw_redis().await;
     let mut partitions = vec![sale.key.pool(PARTITIONS).partition];
-    partitions.extend(["node-a", "node-b"].map(|node| sale.key.bucket(node, PARTITIONS).partition));
+    partitions.extend(["node-a", "node-b"].map(|node| sale.bucket(node, PARTITIONS).partition));
     for partition in partitions {
         let hash = format!("inv:{{{partition}}}:xfer");
         let fields: Vec<String> = redis.hkeys(&hash).await.expect("fields");
@@ -492,4 +493,150 @@ async fn a_transfer_that_cannot_be_credited_in_time_returns_to_its_source() {
         })
         .collect();
     assert_eq!(halves.len(), 2, "one debit and its reversal: {halves:?}");
+}
+
+/// A three-node sale's buckets go to three different thirds of the hash
+/// slots, so on a cluster whose three masters own a third each (as
+/// `redis-cli --cluster create` makes it) to three different masters:
+/// checked against the cluster's own slot map when the stack's Redis is one.
+#[tokio::test]
+async fn a_sales_buckets_land_in_as_many_shares_of_the_slots_as_it_has_nodes() {
+    let nodes = ["node-a", "node-b", "node-c"];
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&nodes);
+    stock(&allocator, &sale.key, 90).await;
+    allocator.activate(&sale, "e1").await.expect("activate");
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    let recorded = view.pool.expect("pool").buckets;
+    let slots: Vec<u16> = nodes
+        .iter()
+        .map(|node| allocator::keys::partition_slot(recorded[*node]))
+        .collect();
+    let thirds: Vec<usize> = slots
+        .iter()
+        .map(|&slot| usize::from(slot) * 3 / 16384)
+        .collect();
+    assert_eq!(thirds, [0, 1, 2], "slots {slots:?}");
+    assert_eq!(
+        view.buckets.len(),
+        3,
+        "every bucket read where the pool records it"
+    );
+
+    if let Some(owners) = cluster_slot_owners().await {
+        let owner = |slot: u16| {
+            owners
+                .iter()
+                .find(|(start, end, _)| (*start..=*end).contains(&slot))
+                .map(|(_, _, master)| master.clone())
+                .expect("every slot has an owner")
+        };
+        let masters: std::collections::HashSet<String> =
+            slots.iter().map(|&slot| owner(slot)).collect();
+        let all: std::collections::HashSet<&String> =
+            owners.iter().map(|(_, _, master)| master).collect();
+        assert_eq!(
+            masters.len(),
+            all.len().min(3),
+            "buckets' masters: {masters:?}"
+        );
+    }
+}
+
+/// `(first slot, last slot, master host:port)` from `CLUSTER SLOTS`, or
+/// `None` on a Redis that is not a cluster.
+async fn cluster_slot_owners() -> Option<Vec<(u16, u16, String)>> {
+    use fred::types::{ClusterHash, CustomCommand, Value as RedisValue};
+    let redis = raw_redis().await;
+    let reply: RedisValue = redis
+        .custom(
+            CustomCommand::new_static("CLUSTER", ClusterHash::Random, false),
+            vec!["SLOTS"],
+        )
+        .await
+        .ok()?;
+    let RedisValue::Array(ranges) = reply else {
+        return None;
+    };
+    let ranges = ranges
+        .into_iter()
+        .map(|range| {
+            let RedisValue::Array(fields) = range else {
+                panic!("CLUSTER SLOTS range: {range:?}")
+            };
+            let slot = |value: &RedisValue| value.as_u64().expect("slot") as u16;
+            let RedisValue::Array(master) = &fields[2] else {
+                panic!("CLUSTER SLOTS master: {fields:?}")
+            };
+            let host = master[0].as_string().expect("host");
+            let port = master[1].as_u64().expect("port");
+            (slot(&fields[0]), slot(&fields[1]), format!("{host}:{port}"))
+        })
+        .collect();
+    Some(ranges)
+}
+
+/// A later sale over the same key with its nodes in another order finds the
+/// buckets the pool records, and a bucket placed anywhere else is refused
+/// by the scripts (its units would be left where nothing looks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_stays_where_its_pool_records_it() {
+    let allocator = allocator_for("node-a").await;
+    let first = sale(&["node-a", "node-b", "node-c"]);
+    stock(&allocator, &first.key, 90).await;
+    allocator.activate(&first, "e1").await.expect("activate");
+    let recorded = |view: allocator::StockView| view.pool.expect("pool").buckets;
+    let before = recorded(allocator.stock_view(&first.key).await.expect("view"));
+    for node in ["node-a", "node-b", "node-c"] {
+        allocator.reclaim(&first, node).await.expect("reclaim");
+    }
+    allocator.end_activation(&first, "e1").await.expect("end");
+
+    // node-c was third of three (the last third of the slots); first of two
+    // it would go to the first half, so this sale's own placement differs.
+    let mut later = first.clone();
+    later.name = testkit::unique_id("sale");
+    later.nodes = vec!["node-c".to_owned(), "node-a".to_owned()];
+    assert_ne!(
+        later.bucket("node-c", PARTITIONS).partition,
+        before["node-c"],
+        "the later sale places node-c elsewhere on its own"
+    );
+    match allocator.activate(&later, "e2").await {
+        Err(AllocatorError::InvalidRequest(why)) => {
+            assert!(why.contains("bucket_partition"), "{why}")
+        }
+        other => panic!("a bucket elsewhere than recorded must be refused: {other:?}"),
+    }
+    match allocator.refill(&later, "node-c", 5.0).await {
+        Err(AllocatorError::InvalidRequest(why)) => {
+            assert!(why.contains("bucket_partition"), "{why}")
+        }
+        other => panic!("a refill elsewhere than recorded must be refused: {other:?}"),
+    }
+    let view = allocator.stock_view(&later.key).await.expect("view");
+    assert_eq!(recorded(view.clone()), before, "the record is unchanged");
+    assert_eq!(view.sellable(), 90, "nothing moved: {view:?}");
+
+    allocator.place(&mut later).await.expect("place");
+    let split = allocator
+        .activate(&later, "e2")
+        .await
+        .expect("activate later");
+    assert_eq!(split.iter().map(|(_, units)| units).sum::<u64>(), 45);
+    let view = allocator.stock_view(&later.key).await.expect("view");
+    assert_eq!(
+        recorded(view.clone()),
+        before,
+        "the buckets stayed where they were"
+    );
+    assert_eq!(view.sellable(), 90, "{view:?}");
+    assert_eq!(
+        view.buckets
+            .iter()
+            .map(|(_, bucket)| bucket.on_hand)
+            .sum::<i64>(),
+        45,
+        "the later split reached the recorded buckets: {view:?}"
+    );
 }

@@ -456,7 +456,7 @@ impl World {
             .chain(
                 NODES
                     .iter()
-                    .map(|node| self.keys[HOT].bucket(node, PARTITIONS).partition),
+                    .map(|node| self.sale.bucket(node, PARTITIONS).partition),
             )
             .collect();
         partitions.sort_unstable();
@@ -474,7 +474,7 @@ impl World {
         hashes.extend(
             NODES
                 .iter()
-                .map(|node| self.keys[HOT].bucket(node, PARTITIONS).partition),
+                .map(|node| self.sale.bucket(node, PARTITIONS).partition),
         );
         for partition in hashes {
             let hash = format!("inv:{{{partition}}}:xfer");
@@ -605,6 +605,7 @@ async fn run_case(steps: Vec<Step>) -> Result<(), TestCaseError> {
         presplit_fraction: 0.5,
         refill_chunk_units_min: 1,
         refill_chunk_units_max: 10,
+        buckets: Default::default(),
     };
     let since_ms = allocator.redis_time_ms().await.map_err(fail)?;
     let hot = |_| HotKey {

@@ -109,7 +109,11 @@ impl FlashSales {
             if known {
                 continue;
             }
-            let sale = FlashSale::from_config(sale_config);
+            let mut sale = FlashSale::from_config(sale_config);
+            if let Err(error) = allocator.place(&mut sale).await {
+                warn!(sale = name, %error, "cannot read the sale's buckets; will retry");
+                continue;
+            }
             match allocator.activate(&sale, &epoch).await {
                 Ok(split) => {
                     info!(sale = name, epoch, ?split, "flash sale in force");

@@ -40,10 +40,11 @@ async fn forget_activation_records(sku: &str) {
     .expect("client");
     redis.init().await.expect("connect");
     let key = allocator::StockKey::new("m1", sku, "dc1");
+    let nodes = ["node-a", "node-b"].map(String::from);
     let partitions = [
         key.pool(64).partition,
-        key.bucket("node-a", 64).partition,
-        key.bucket("node-b", 64).partition,
+        key.bucket("node-a", &nodes, 64).partition,
+        key.bucket("node-b", &nodes, 64).partition,
     ];
     let mut forgotten = 0;
     for partition in partitions {

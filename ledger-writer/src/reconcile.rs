@@ -335,6 +335,7 @@ impl Reconciler {
                 presplit_fraction: 0.0,
                 refill_chunk_units_min: 1,
                 refill_chunk_units_max: 1,
+                buckets: Default::default(),
             };
             let units = self.allocator.try_reclaim(&flash, node).await?;
             report.buckets_reclaimed += 1;

@@ -55,6 +55,7 @@ async fn replayed_defects_make_the_audit_fail_naming_each_key() {
         presplit_fraction: 0.5,
         refill_chunk_units_min: 1,
         refill_chunk_units_max: 10,
+        buckets: Default::default(),
     };
     let (counted, recredited, sold_short) =
         (sale_of("counted"), sale_of("recredited"), sale_of("short"));

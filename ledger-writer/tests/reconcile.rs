@@ -74,7 +74,7 @@ async fn a_poisoned_cart_does_not_stop_the_reconciler_finishing_everything_else(
 
     // A transfer debited by a node that died before crediting it.
     let pool = keys[1].pool(common::PARTITIONS);
-    let bucket = keys[1].bucket("node-x", common::PARTITIONS);
+    let bucket = keys[1].bucket("node-x", &[], common::PARTITIONS);
     let transfer_id = testkit::unique_id("t");
     allocator
         .transfer_out(
@@ -137,6 +137,7 @@ async fn the_buckets_of_a_sale_removed_from_the_config_are_taken_back() {
         presplit_fraction: 0.5,
         refill_chunk_units_min: 1,
         refill_chunk_units_max: 10,
+        buckets: Default::default(),
     };
     common::restock(&allocator, &sale.key, 40).await;
     allocator.activate(&sale, "e1").await.expect("activate");
