@@ -31,7 +31,6 @@ local KEYS, ARGV, ARGS, NOW
 local K_CELLS, K_RES, K_DUE, K_IDEM, K_SEQ, K_LEDGER, K_GC, K_XFER, K_DUE_CELL
 local REPLY_VERSION = 1
 local LEDGER_VERSION = 1
-local CHANGES_CHANNEL = 'inv:changes'
 -- Terminal reservations and idempotency records live this long, then go.
 local RETENTION_MS = 24 * 3600 * 1000
 -- Work a script does on behalf of others (expiry, gc) is bounded per call.
@@ -167,7 +166,9 @@ local function ledger(op, cell_id, c_before_on_hand, c_before_reserved, c, extra
 end
 
 local function notify(cell_id, c)
-  redis.call('PUBLISH', CHANGES_CHANNEL, cjson.encode({
+  -- The partition's shard channel (allocator::keys::changes_channel): the
+  -- cells key's name with `changes` for `cells`, so it shares its slot.
+  redis.call('SPUBLISH', K_CELLS:sub(1, -6) .. 'changes', cjson.encode({
     partition = ARGS.partition, cell = cell_id, merchant = c.merchant, sku = c.sku,
     location = c.location, version = c.version,
   }))

@@ -35,3 +35,30 @@ setup_machine() {
         DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }
+
+# Background processes of a script, stopped together (`children_stop`, set as
+# the script's exit trap). `child_start LOGDIR NAME COMMAND...` logs to
+# LOGDIR/NAME.log; `child_ready LOGDIR NAME URL [TRIES]` waits (0.2 s a try)
+# until the URL answers, else prints the log's tail and fails.
+CHILDREN=()
+child_start() {
+    local dir=$1 name=$2
+    shift 2
+    "$@" >"$dir/$name.log" 2>&1 &
+    CHILDREN+=($!)
+}
+child_ready() {
+    local dir=$1 name=$2 url=$3 tries=${4:-150}
+    for _ in $(seq 1 "$tries"); do
+        if curl -fsS "$url" >/dev/null 2>&1; then return 0; fi
+        sleep 0.2
+    done
+    setup_say "$name did not become ready; last lines of $dir/$name.log:"
+    tail -n 20 "$dir/$name.log" >&2
+    return 1
+}
+children_stop() {
+    for pid in "${CHILDREN[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${CHILDREN[@]}"; do wait "$pid" 2>/dev/null || true; done
+    CHILDREN=()
+}

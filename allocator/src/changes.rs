@@ -11,7 +11,7 @@ use fred::prelude::*;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
-use crate::keys::CHANGES_CHANNEL;
+use crate::keys::changes_channel;
 use crate::{Allocator, AllocatorError, Result};
 
 /// One cell of a stock key changed.
@@ -50,6 +50,8 @@ pub enum ChangeEvent {
 /// A live subscription to the change notifications.
 pub struct ChangeFeed {
     subscriber: Client,
+    /// Partitions, one shard channel each.
+    partitions: u32,
     messages: broadcast::Receiver<fred::types::Message>,
     reconnects: broadcast::Receiver<fred::types::config::Server>,
     errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
@@ -73,16 +75,15 @@ impl Allocator {
         let messages = subscriber.message_rx();
         let reconnects = subscriber.reconnect_rx();
         let errors = subscriber.error_rx();
-        subscriber
-            .subscribe(CHANGES_CHANNEL)
-            .await
-            .map_err(crate::unavailable)?;
-        Ok(ChangeFeed {
+        let feed = ChangeFeed {
             subscriber,
+            partitions: self.settings.partitions,
             messages,
             reconnects,
             errors,
-        })
+        };
+        feed.subscribe().await.map_err(crate::unavailable)?;
+        Ok(feed)
     }
 }
 
@@ -112,7 +113,7 @@ impl ChangeFeed {
                 _ = self.errors.recv() => return Some(ChangeEvent::Interrupted),
                 _ = self.reconnects.recv() => {
                     // A new connection has no subscriptions.
-                    if let Err(error) = self.subscriber.subscribe(CHANGES_CHANNEL).await {
+                    if let Err(error) = self.subscribe().await {
                         // A live connection subscribed to nothing would stay
                         // silent for ever: end the feed, the follower starts
                         // a new one.
@@ -123,6 +124,19 @@ impl ChangeFeed {
                 }
             }
         }
+    }
+
+    /// Subscribes to every partition's shard channel, one `SSUBSCRIBE` each
+    /// (on a cluster each goes to its partition's master; channels of
+    /// different slots cannot share one call). Again after a reconnect: a
+    /// channel already subscribed stays so.
+    async fn subscribe(&self) -> std::result::Result<(), fred::error::Error> {
+        for partition in 0..self.partitions {
+            self.subscriber
+                .ssubscribe(changes_channel(partition))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Ends the subscription.

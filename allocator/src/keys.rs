@@ -18,7 +18,8 @@
 //!
 //! The ledger writers add two keys per partition, `inv:{p}:lease` and
 //! `inv:{p}:lease_token` ([`relay_lease_key`], [`relay_lease_token_key`]),
-//! and one registry, [`WRITERS_KEY`].
+//! and one registry, [`WRITERS_KEY`]. Each partition's cell changes are
+//! published on its shard channel `inv:{p}:changes` ([`changes_channel`]).
 //!
 //! Reservation records in `inv:{p}:res` are either one line (a hold in one
 //! cell of this partition) or a cart (its lines' ids and partitions; the
@@ -219,8 +220,17 @@ pub fn heartbeat_key(node: &str) -> String {
     format!("inv:node:{node}:heartbeat")
 }
 
-/// The channel the scripts publish cell changes on.
-pub const CHANGES_CHANNEL: &str = "inv:changes";
+/// The shard channel the scripts publish partition `partition`'s cell
+/// changes on (`SPUBLISH`), under the partition's hash tag: on a Redis
+/// Cluster a notification goes to the subscribers of the partition's master
+/// only. Classic `PUBLISH` on a cluster is broadcast over the cluster bus to
+/// every node, so each reservation cost every master a message (measured in
+/// `bench/cluster.md`: 2.5 times the Redis CPU per reservation on three
+/// masters as on one). The scripts derive the name from the partition's
+/// `cells` key (`inv:{p}:cells` → `inv:{p}:changes`).
+pub fn changes_channel(partition: u32) -> String {
+    format!("inv:{{{partition}}}:changes")
+}
 
 /// Reservation ids carry their partition so any node finds the record from the
 /// id alone: `r<partition>.<24 hex digits>`.
@@ -300,6 +310,8 @@ mod tests {
         assert!(keys.iter().all(|key| key.starts_with("inv:{17}:")));
         assert_eq!(ledger_stream(17), keys[5]);
         assert_eq!(cells_hash(17), keys[0]);
+        // The scripts publish on the cells key's name with `changes` for `cells`.
+        assert_eq!(changes_channel(17), keys[0].replace(":cells", ":changes"));
     }
 
     #[test]

@@ -48,15 +48,15 @@ async fn every_change_publishes_the_cell_and_its_version() {
         .expect("client");
     subscriber.init().await.expect("connect");
     let mut messages = subscriber.message_rx();
+    let key = StockKey::new(testkit::unique_id("m"), "sku", "dc1");
     subscriber
-        .subscribe(allocator::keys::CHANGES_CHANNEL)
+        .ssubscribe(allocator::keys::changes_channel(key.partition(PARTITIONS)))
         .await
         .expect("subscribe");
 
     let allocator = Allocator::connect(&stack.redis_url, settings(), 1)
         .await
         .expect("connect");
-    let key = StockKey::new(testkit::unique_id("m"), "sku", "dc1");
     allocator.adjust(&restock(&key, 3)).await.expect("restock");
     allocator
         .reserve(&reserve(&key, 1, "n1"))
