@@ -149,8 +149,8 @@ def main():
         f"Generated {report['generated_at']} by `scripts/bench-cluster{' --quick' if quick else ''}` on {cpus} CPUs "
         f"({report['redis']}). One flash sale over three gateway nodes (node-a, node-b, node-c), "
         f"`wrk -t1 -c{connections}` of one-unit reservations with unique Idempotency-Keys on every node at once "
-        f"for {step_seconds} s, once with the cluster's 16384 slots on one master and once on the stack's three "
-        "masters; the same build, config and load in both legs, one run. No ledger writer runs (the outbox keeps "
+        f"for {step_seconds} s, once with the cluster's 16384 slots on one master and once on three masters "
+        "(both clusters this run's own, empty at the start); the same build, config and load in both legs, one run. No ledger writer runs (the outbox keeps "
         "what it appends), so the figure is the reservation path's. Load, gateways and Redis share the machine's cores.",
         "",
         "| leg | reservations/s (3 nodes) | requests | non-2xx | p99 (worst node) | master CPU (cores) "

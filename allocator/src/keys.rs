@@ -224,10 +224,11 @@ pub fn heartbeat_key(node: &str) -> String {
 /// changes on (`SPUBLISH`), under the partition's hash tag: on a Redis
 /// Cluster a notification goes to the subscribers of the partition's master
 /// only. Classic `PUBLISH` on a cluster is broadcast over the cluster bus to
-/// every node, so each reservation cost every master a message (measured in
-/// `bench/cluster.md`: 2.5 times the Redis CPU per reservation on three
-/// masters as on one). The scripts derive the name from the partition's
-/// `cells` key (`inv:{p}:cells` → `inv:{p}:changes`).
+/// every node, so every change cost every master a bus message (seen in
+/// `CLUSTER INFO` after a `scripts/bench-cluster` run on classic channels:
+/// each of three masters had sent and received ~62,000 publish messages).
+/// The scripts derive the name from the partition's `cells` key
+/// (`inv:{p}:cells` → `inv:{p}:changes`).
 pub fn changes_channel(partition: u32) -> String {
     format!("inv:{{{partition}}}:changes")
 }

@@ -7,6 +7,8 @@
 //! per test process and its settings are read. It does not create test data:
 //! each test isolates itself (its own ids, database schema or topic).
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
