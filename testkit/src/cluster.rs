@@ -75,7 +75,28 @@ impl PrivateCluster {
             String::from_utf8_lossy(&output.stdout)
         );
         cluster.wait_served(Duration::from_secs(30));
+        cluster.wait_replicated(Duration::from_secs(30));
         cluster
+    }
+
+    /// Waits until every running replica has its master's data (its link
+    /// up): a replica that never synchronised does not take over.
+    fn wait_replicated(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for node in self.nodes.iter().filter(|node| node.process.is_some()) {
+            loop {
+                let info = redis_cli(node.port, &["info", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica {} did not synchronise within {limit:?}: {info}",
+                    node.port
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     /// `redis-cluster://` URL of the cluster (its first node that runs).
@@ -108,10 +129,7 @@ impl PrivateCluster {
                 .filter(|part| !part.starts_with('['))
                 .map(|part| {
                     let (first, last) = part.split_once('-').unwrap_or((part, part));
-                    (
-                        first.parse().expect("slot"),
-                        last.parse().expect("slot"),
-                    )
+                    (first.parse().expect("slot"), last.parse().expect("slot"))
                 })
                 .collect();
             if !slots.is_empty() {
@@ -158,17 +176,44 @@ impl PrivateCluster {
     pub fn wait_served(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            let served = self.nodes.iter().filter(|node| node.process.is_some()).all(|node| {
-                let info = redis_cli(node.port, &["cluster", "info"]);
-                info.contains("cluster_state:ok")
-                    && info.contains(&format!("cluster_slots_ok:{SLOTS}"))
-            });
+            let served = self
+                .nodes
+                .iter()
+                .filter(|node| node.process.is_some())
+                .all(|node| {
+                    let info = redis_cli(node.port, &["cluster", "info"]);
+                    info.contains("cluster_state:ok")
+                        && info.contains(&format!("cluster_slots_ok:{SLOTS}"))
+                });
             if served {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
                 "the cluster did not serve every slot within {limit:?}: {}",
+                self.ask(&["cluster", "nodes"])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every slot is served by a running master other than
+    /// `port` (the replica of a killed master promoted in its place).
+    pub fn wait_served_without(&self, port: u16, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let masters = self.masters();
+            let served: u32 = masters
+                .iter()
+                .flat_map(|master| master.slots.iter())
+                .map(|(first, last)| u32::from(last - first) + 1)
+                .sum();
+            if served == SLOTS && masters.iter().all(|master| master.port != port) {
+                return self.wait_served(limit);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no master took over from {port} within {limit:?}: {}",
                 self.ask(&["cluster", "nodes"])
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -208,6 +253,9 @@ impl PrivateCluster {
             .args(["--cluster-require-full-coverage", "no"])
             .args(["--cluster-announce-ip", "127.0.0.1"])
             .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+            // A replica synchronises at once (the default waits 5 s for
+            // more replicas to share one transfer).
+            .args(["--repl-diskless-sync-delay", "0"])
             .args(["--save", "", "--dir"])
             .arg(&node.directory)
             .stdout(Stdio::null())
