@@ -87,7 +87,7 @@ impl OutboxLag {
 /// What a lease call answered.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct LeaseReply {
-    /// `held`, `acquired`, `taken`, `released` or `not_held`.
+    /// `held`, `acquired`, `advanced`, `taken`, `released` or `not_held`.
     pub status: String,
     /// The fencing token of a lease held or acquired.
     #[serde(default)]
@@ -235,6 +235,34 @@ impl Allocator {
                     keys::relay_lease_token_key(partition),
                 ],
                 vec![action.to_owned(), owner.to_owned(), ttl_ms.to_string()],
+            )
+            .await?;
+        serde_json::from_value(reply).map_err(crate::protocol)
+    }
+
+    /// Gives `owner`'s lease on `partition` a new token larger than `floor`
+    /// (PostgreSQL's fence for the partition) when `owner` holds it
+    /// (`advanced`, with the token; else `not_held`): for a token counter
+    /// that went back, Redis having lost or replaced it.
+    pub async fn relay_lease_advance(
+        &self,
+        partition: u32,
+        owner: &str,
+        floor: u64,
+    ) -> Result<LeaseReply> {
+        let reply = self
+            .relay_call(
+                Relay::Lease,
+                vec![
+                    keys::relay_lease_key(partition),
+                    keys::relay_lease_token_key(partition),
+                ],
+                vec![
+                    "advance".to_owned(),
+                    owner.to_owned(),
+                    "1".to_owned(),
+                    floor.to_string(),
+                ],
             )
             .await?;
         serde_json::from_value(reply).map_err(crate::protocol)

@@ -251,6 +251,21 @@ async fn relay_forever(
                     report(lease.partition, &RelayError::Fenced);
                     retick.notify_one();
                 }
+                Err(RelayError::Behind { newest, .. }) => {
+                    match relay.advance(lease, newest).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            relay.metrics.fenced.inc();
+                            report(lease.partition, &RelayError::Fenced);
+                        }
+                        Err(error) => {
+                            report(lease.partition, &error);
+                            failed = true;
+                        }
+                    }
+                    // The lease loop reads the new token (or the loss).
+                    retick.notify_one();
+                }
                 Err(error) => {
                     relay
                         .metrics

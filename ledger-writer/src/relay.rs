@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allocator::outbox::OutboxRead;
+use allocator::outbox::{LeaseReply, OutboxRead};
 use allocator::{Allocator, AllocatorError, LedgerEntry};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -79,6 +79,17 @@ pub enum RelayError {
     /// took it, or it lapsed): nothing was acknowledged; the holder relays.
     #[error("partition lease lost")]
     Fenced,
+    /// PostgreSQL has seen a newer token for the partition than this
+    /// writer's lease, which it still holds in Redis: the token counter went
+    /// back (Redis lost it, or was replaced). Nothing was written; the
+    /// writer advances its lease past `newest` and relays again.
+    #[error("lease token {token} behind PostgreSQL's fence {newest}")]
+    Behind {
+        /// This lease's token.
+        token: u64,
+        /// The newest token PostgreSQL has seen for the partition.
+        newest: u64,
+    },
     /// An entry the scripts wrote is not valid JSON: a bug, never skipped.
     #[error("malformed ledger entry {id}: {reason}")]
     Malformed {
@@ -96,7 +107,7 @@ impl RelayError {
             Self::Redis(_) | Self::Malformed { .. } => "redis",
             Self::Kafka(_) => "kafka",
             Self::Postgres(_) => "postgresql",
-            Self::Fenced => "fenced",
+            Self::Fenced | Self::Behind { .. } => "fenced",
         }
     }
 }
@@ -310,8 +321,18 @@ impl Relay {
             )
             .await?;
         if fenced_in == 0 {
+            let newest: i64 = transaction
+                .query_one(
+                    "SELECT token FROM relay_fence WHERE partition = $1",
+                    &[&(lease.partition as i32)],
+                )
+                .await?
+                .get(0);
             transaction.rollback().await?;
-            return Err(RelayError::Fenced);
+            return Err(RelayError::Behind {
+                token: lease.token,
+                newest: u64::try_from(newest).unwrap_or_default(),
+            });
         }
         transaction
             .execute(
@@ -347,6 +368,37 @@ impl Relay {
             .await?;
         transaction.commit().await?;
         Ok(())
+    }
+}
+
+impl Relay {
+    /// After [`RelayError::Behind`]: gives this writer's lease on the
+    /// partition a token past `newest` when it still holds it in Redis (the
+    /// counter went back), so its next pass writes again; a writer that no
+    /// longer holds it is simply fenced. Returns the new token, if any.
+    pub async fn advance(&self, lease: &Lease, newest: u64) -> Result<Option<u64>, RelayError> {
+        let reply = self
+            .allocator
+            .relay_lease_advance(lease.partition, &self.config.node.id, newest)
+            .await?;
+        Ok(match reply {
+            LeaseReply {
+                status,
+                token: Some(token),
+                ..
+            } if status == "advanced" => {
+                warn!(
+                    partition = lease.partition,
+                    old = lease.token,
+                    fence = newest,
+                    token,
+                    "lease token behind PostgreSQL's fence (Redis lost or replaced its \
+                     counter); advanced past it"
+                );
+                Some(token)
+            }
+            _ => None,
+        })
     }
 }
 

@@ -586,3 +586,64 @@ async fn rebuild_repairs_a_wiped_key_and_refuses_one_taking_writes() {
     let (balanced, printed) = audit(&setup);
     assert!(balanced, "{printed}");
 }
+
+/// A Redis that lost its lease counters (replaced, or restored from an old
+/// copy) hands out tokens PostgreSQL has already seen, so every batch
+/// would be refused as fenced for ever and nothing relayed (seen here: a
+/// cluster deployment sharing the database of a single-Redis one). The
+/// writer that still holds the lease advances its token past the fence and
+/// relays everything, with the fence as strict as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_token_behind_postgresqls_fence_is_advanced_and_nothing_is_lost() {
+    let (_redis, setup, allocator) = harness(&[]).await;
+    let status = writer_command(&setup, "migrate")
+        .status()
+        .expect("run migrate");
+    assert!(status.success(), "migrate");
+    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
+        .await
+        .expect("postgresql");
+    tokio::spawn(connection);
+    // What an earlier Redis's writers left: tokens far past this one's.
+    client
+        .execute(
+            "INSERT INTO relay_fence (partition, token, owner, updated_at)
+             SELECT p, 1000, 'writer-of-an-older-redis', now() FROM generate_series(0, $1 - 1) AS p",
+            &[&(PARTITIONS as i32)],
+        )
+        .await
+        .expect("fence rows");
+
+    let written = operations(Arc::clone(&allocator), 50, "behind").await;
+    let writer = start_writer(&setup);
+    let rows = wait_for_rows(&setup, written, Duration::from_secs(60)).await;
+    assert_eq!(
+        rows as u64,
+        written,
+        "every entry relayed: {}",
+        writer_logs(&setup)
+    );
+    let fences: Vec<(i32, i64, String)> = client
+        .query(
+            "SELECT partition, token, owner FROM relay_fence ORDER BY partition",
+            &[],
+        )
+        .await
+        .expect("fences")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    for (partition, token, owner) in &fences {
+        if owner == "writer-1" {
+            assert!(
+                *token > 1000,
+                "partition {partition}: token {token} past the old fence"
+            );
+        }
+    }
+    assert!(
+        fences.iter().any(|(_, _, owner)| owner == "writer-1"),
+        "the writer wrote: {fences:?}"
+    );
+    drop(writer);
+}
