@@ -60,7 +60,9 @@ for _, t in ipairs(a.targets) do
   if refusal then return refusal end
 end
 -- Transfer ids are unique for ever across every partition: the pool's
--- partition and a per-partition activation counter.
+-- partition, a per-partition activation counter and the Redis time (the
+-- counter starts again in a Redis that lost it; the ledger keeps the ids
+-- the earlier one gave).
 local generation = redis.call('HINCRBY', K_XFER, 'activation_generation', 1)
 local free = sellable(c)
 if free < 0 then free = 0 end
@@ -70,7 +72,7 @@ local split = {}
 for i, t in ipairs(a.targets) do
   local share = math.floor(total / n)
   if i - 1 < total % n then share = share + 1 end
-  local transfer_id = 'act.' .. ARGS.partition .. '.' .. generation .. '.' .. i
+  local transfer_id = 'act.' .. ARGS.partition .. '.' .. generation .. '.' .. NOW .. '.' .. i
   local moved, rec = 0, nil
   if share > 0 then
     local transfer = {
