@@ -1,9 +1,21 @@
 //! The outbox relay: each partition's ledger stream to Kafka and PostgreSQL.
 //!
 //! Owns moving entries, in stream order, from `inv:{p}:ledger` to the Kafka
-//! topic (keyed by stock key, ledger partition `p` onto Kafka partition
-//! `p mod K`, so per-key order holds) and to the PostgreSQL `ledger` and
-//! `stock_snapshot` tables, and only then acknowledging and trimming them.
+//! topic and to the PostgreSQL `ledger` and `stock_snapshot` tables, and
+//! only then acknowledging and trimming them.
+//!
+//! **Order, as a consumer may rely on it.** A message's key is its entry's
+//! *cell* (`merchant|sku|location|pool`, or `…|bucket|node` in a flash
+//! sale), and ledger partition `p` goes to Kafka partition `p mod K`: a cell
+//! lives in one ledger partition, so all of a cell's entries share one Kafka
+//! partition and arrive in the cell's `version` order (first copy of each
+//! `entry_id`). A stock key in a flash sale has cells in several ledger
+//! partitions (its pool and each node's bucket, spread over Redis masters on
+//! purpose), so its entries as a whole are *not* in one order: merge them by
+//! cell, each cell by `version`; across cells only a transfer's debit
+//! (`transfer_out`) comes before its credit (`transfer_in`, same
+//! `transfer_id`). Keying by stock key would have promised Kafka's per-key
+//! order for a key whose messages are on several partitions.
 //! It relays only partitions whose lease this writer holds ([`crate::lease`]).
 //!
 //! Exactly-once in effect, at-least-once in delivery: a batch is read with
@@ -260,11 +272,12 @@ impl Relay {
         let timeout = Duration::from_millis(self.config.kafka.request_timeout_ms);
         let mut deliveries = Vec::with_capacity(entries.len());
         for (_, entry) in entries {
-            let key = format!("{}|{}|{}", entry.merchant, entry.sku, entry.location);
+            // The cell: the unit Kafka's per-key order holds for (module docs).
+            let key = entry.cell.as_str();
             // Strings and integers only: serializing cannot fail.
             let payload = serde_json::to_string(entry).expect("a ledger entry serializes");
             let record = FutureRecord::to(&self.config.kafka.ledger_topic)
-                .key(&key)
+                .key(key)
                 .payload(&payload)
                 .partition(kafka_partition);
             let delivery = self

@@ -647,3 +647,127 @@ async fn a_lease_token_behind_postgresqls_fence_is_advanced_and_nothing_is_lost(
     );
     drop(writer);
 }
+
+/// The order a consumer of the Kafka ledger may rely on: per cell. A flash
+/// sale's key has cells in several ledger partitions (pool and buckets), so
+/// its entries are on several Kafka partitions; each message is keyed by
+/// its cell, all of a cell's messages are on one Kafka partition, and their
+/// first copies arrive in the cell's version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_keys_entries_are_in_version_order_per_cell_each_cell_on_one_kafka_partition() {
+    let (_redis, setup, allocator) = harness(&[]).await;
+    let nodes: Vec<String> = vec!["node-a".into(), "node-b".into()];
+    let merchant = testkit::unique_id("m");
+    // A key whose pool and buckets map onto different Kafka partitions, so
+    // the key's messages are on several.
+    let mut sale = (0..)
+        .map(|n| allocator::FlashSale {
+            name: format!("sale-{n}"),
+            key: StockKey::new(&merchant, format!("hot-{n}"), "dc1"),
+            nodes: nodes.clone(),
+            presplit_fraction: 0.5,
+            refill_chunk_units_min: 3,
+            refill_chunk_units_max: 3,
+            buckets: Default::default(),
+        })
+        .find(|sale| {
+            let kafka = |partition: u32| partition as i32 % TOPIC_PARTITIONS;
+            let pool = kafka(sale.key.partition(PARTITIONS));
+            nodes
+                .iter()
+                .any(|node| kafka(sale.bucket(node, PARTITIONS).partition) != pool)
+        })
+        .expect("such a key");
+    let restock = Adjustment {
+        merchant: merchant.clone(),
+        sku: sale.key.sku.clone(),
+        location: "dc1".to_owned(),
+        kind: AdjustmentKind::Delta,
+        qty: 60,
+        source: "test".to_owned(),
+        event_id: testkit::unique_id("restock"),
+        source_seq: None,
+    };
+    allocator.adjust(&restock).await.expect("restock");
+    allocator.place(&mut sale).await.expect("place");
+    allocator.activate(&sale, "e1").await.expect("activate");
+    for round in 0..4 {
+        for node in &nodes {
+            allocator
+                .refill(&sale, node, 3.0)
+                .await
+                .unwrap_or_else(|error| panic!("refill {round}: {error}"));
+        }
+        allocator.reclaim(&sale, "node-b").await.expect("reclaim");
+    }
+    let mut count = restock.clone();
+    count.kind = AdjustmentKind::Absolute;
+    count.qty = 55;
+    count.event_id = testkit::unique_id("count");
+    count.source_seq = Some(1);
+    allocator
+        .adjust(&count)
+        .await
+        .expect("a count drains the buckets");
+
+    let writer = start_writer(&setup);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(setup.metrics_port, "invgw_writer_lag_entries_total").await != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "relayed: {}",
+            writer_logs(&setup)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows = ledger_rows(&setup).await as usize;
+    let topic = setup.topic.clone();
+    let messages = tokio::task::spawn_blocking(move || kafka_messages(&topic, rows))
+        .await
+        .expect("kafka reader");
+    let ours: Vec<&KafkaMessage> = messages
+        .iter()
+        .filter(|message| message.payload["merchant"] == merchant.as_str())
+        .collect();
+    assert!(ours.len() > 20, "the sale's entries: {}", ours.len());
+    let mut cells: std::collections::BTreeMap<&str, (i32, Vec<(i64, u64)>)> = Default::default();
+    let mut seen = HashSet::new();
+    for message in &ours {
+        let cell = message.payload["cell"].as_str().expect("cell");
+        assert_eq!(
+            message.key, cell,
+            "keyed by its cell: {:?}",
+            message.payload
+        );
+        let entry_id = message.payload["entry_id"].as_str().expect("entry_id");
+        if !seen.insert(entry_id) {
+            continue; // a redelivered copy
+        }
+        let (partition, versions) = cells
+            .entry(cell)
+            .or_insert_with(|| (message.partition, Vec::new()));
+        assert_eq!(
+            *partition, message.partition,
+            "{cell} on one kafka partition"
+        );
+        versions.push((
+            message.offset,
+            message.payload["version"].as_u64().expect("version"),
+        ));
+    }
+    let partitions: HashSet<i32> = cells.values().map(|(partition, _)| *partition).collect();
+    assert!(
+        partitions.len() > 1,
+        "the key spans kafka partitions: {cells:?}"
+    );
+    assert!(cells.len() >= 3, "pool and both buckets: {cells:?}");
+    for (cell, (_, versions)) in &cells {
+        let mut by_offset = versions.clone();
+        by_offset.sort_unstable();
+        assert!(
+            by_offset.windows(2).all(|pair| pair[0].1 < pair[1].1),
+            "{cell}: versions in offset order: {by_offset:?}"
+        );
+    }
+    drop(writer);
+}

@@ -280,7 +280,22 @@ pub async fn operations(allocator: Arc<Allocator>, rounds: u64, batch: &'static 
     written.load(Ordering::Relaxed)
 }
 
-pub fn kafka_entry_ids(topic: &str, expected: usize) -> HashSet<String> {
+/// One message of the ledger topic as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct KafkaMessage {
+    /// Its key.
+    pub key: String,
+    /// Its Kafka partition and offset.
+    pub partition: i32,
+    pub offset: i64,
+    /// The entry.
+    pub payload: serde_json::Value,
+}
+
+/// The topic's messages, read from the start by a real consumer until
+/// `expected` distinct entry ids arrived (or 60 s passed), each checked to be
+/// on the Kafka partition its ledger partition maps onto; in the order read.
+pub fn kafka_messages(topic: &str, expected: usize) -> Vec<KafkaMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &testkit::stack().kafka_brokers)
         .set("group.id", testkit::unique_id("reader"))
@@ -290,6 +305,7 @@ pub fn kafka_entry_ids(topic: &str, expected: usize) -> HashSet<String> {
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut ids = HashSet::new();
+    let mut messages = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while ids.len() < expected && Instant::now() < deadline {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(500)) {
@@ -303,9 +319,28 @@ pub fn kafka_entry_ids(topic: &str, expected: usize) -> HashSet<String> {
                 "ledger partition maps onto kafka"
             );
             ids.insert(payload["entry_id"].as_str().expect("entry_id").to_owned());
+            messages.push(KafkaMessage {
+                key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                payload,
+            });
         }
     }
-    ids
+    messages
+}
+
+/// The distinct entry ids of [`kafka_messages`].
+pub fn kafka_entry_ids(topic: &str, expected: usize) -> HashSet<String> {
+    kafka_messages(topic, expected)
+        .iter()
+        .map(|message| {
+            message.payload["entry_id"]
+                .as_str()
+                .expect("entry_id")
+                .to_owned()
+        })
+        .collect()
 }
 
 /// The sum of a writer's series `name` (all label sets; `name{label="x"`
