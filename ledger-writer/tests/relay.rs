@@ -730,7 +730,9 @@ async fn a_hot_keys_entries_are_in_version_order_per_cell_each_cell_on_one_kafka
         .filter(|message| message.payload["merchant"] == merchant.as_str())
         .collect();
     assert!(ours.len() > 20, "the sale's entries: {}", ours.len());
-    let mut cells: std::collections::BTreeMap<&str, (i32, Vec<(i64, u64)>)> = Default::default();
+    // cell -> (its kafka partition, (offset, version) of each first copy)
+    type Seen = (i32, Vec<(i64, u64)>);
+    let mut cells: std::collections::BTreeMap<&str, Seen> = Default::default();
     let mut seen = HashSet::new();
     for message in &ours {
         let cell = message.payload["cell"].as_str().expect("cell");
