@@ -43,6 +43,8 @@ if done then
     local raw = redis.call('HGET', K_XFER, share.transfer_id)
     local debit = raw and cjson.decode(raw) or nil
     share.pending = debit ~= nil and debit.status == 'debited' and debit.qty > 0
+    -- Credited where the debit sent it, whatever the caller's placement.
+    if debit then share.to_partition = debit.to_partition end
     if share.pending then
       share.debited_at_ms = debit.debited_at_ms
       share.epoch = debit.epoch
@@ -84,6 +86,7 @@ for i, t in ipairs(a.targets) do
     if refusal then error('activation debit refused after its checks: ' .. refusal) end
   end
   split[i] = { node = t.node, qty = moved, transfer_id = transfer_id, pending = moved > 0,
+    to_partition = t.to_partition,
     debited_at_ms = rec and rec.debited_at_ms or nil, epoch = rec and rec.epoch or nil }
 end
 redis.call('HSET', K_XFER, marker, cjson.encode({ split = split, at_ms = NOW, generation = generation }))

@@ -550,6 +550,10 @@ impl Allocator {
             node: String,
             qty: u64,
             transfer_id: String,
+            /// Where the debit sent it (a replay credits there, whatever
+            /// this sale's placement says now); every pending share has it.
+            #[serde(default)]
+            to_partition: Option<u32>,
             #[serde(default)]
             pending: bool,
             #[serde(default)]
@@ -559,7 +563,10 @@ impl Allocator {
         }
         let split: Vec<Share> = list(&reply["split"])?;
         for share in split.iter().filter(|share| share.pending && share.qty > 0) {
-            let bucket = sale.bucket(&share.node, self.settings.partitions);
+            let partition = share.to_partition.ok_or_else(|| {
+                AllocatorError::Protocol(format!("activation share without its partition: {reply}"))
+            })?;
+            let bucket = sale.key.bucket_in(&share.node, partition);
             let transfer = Transfer {
                 id: &share.transfer_id,
                 key: &sale.key,
@@ -595,7 +602,11 @@ impl Allocator {
     /// bucket; returns the units moved (0 when the pool has none to lend, or
     /// is being drained).
     pub async fn refill(&self, sale: &FlashSale, node: &str, units_per_second: f64) -> Result<u64> {
-        Ok(self.refill_debit(sale, node, units_per_second).await?.0)
+        let bucket = sale.bucket(node, self.settings.partitions);
+        Ok(self
+            .refill_debit(sale, node, &bucket, units_per_second)
+            .await?
+            .0)
     }
 
     /// [`Allocator::refill`], also saying whether the pool lent nothing
@@ -604,18 +615,18 @@ impl Allocator {
         &self,
         sale: &FlashSale,
         node: &str,
+        bucket: &CellRef,
         units_per_second: f64,
     ) -> Result<(u64, bool)> {
         self.register_hot_key(&sale.key).await?;
         let pool = sale.key.pool(self.settings.partitions);
-        let bucket = sale.bucket(node, self.settings.partitions);
         let chunk = sale.refill_chunk(units_per_second);
         let transfer_id = format!("refill.{node}.{}", unique_suffix());
         let transfer = Transfer {
             id: &transfer_id,
             key: &sale.key,
             from: &pool,
-            to: &bucket,
+            to: bucket,
             to_node: Some(node),
             reason: "refill",
         };
@@ -823,19 +834,23 @@ impl Allocator {
     /// flight at that instant. A fenced bucket is refilled (which reopens
     /// it); while the pool lends nothing because its buckets are being
     /// drained, it waits a moment. The hold always lands in `node`'s bucket,
-    /// where the request's claim placed it.
+    /// where the request's claim placed it (`bucket`: the claim's cell, its
+    /// reservation id names that partition), and refills go there too; if
+    /// the pool records `node`'s bucket elsewhere now (the sale's nodes were
+    /// reordered since the claim), the refill is refused and so is the
+    /// request: a hold anywhere else could not be found by its id.
     pub async fn hold_hot(
         &self,
         sale: &FlashSale,
         node: &str,
+        bucket: &CellRef,
         request: &HoldRequest,
         meter: &RateMeter,
     ) -> Result<Hold> {
-        let bucket = sale.bucket(node, self.settings.partitions);
         let mut last_refusal = None;
         for _ in 0..HOT_ATTEMPTS_MAX {
             let mut fenced = false;
-            match self.hold(&bucket, request).await {
+            match self.hold(bucket, request).await {
                 Ok(hold) => {
                     if !hold.replayed {
                         meter.record(u64::from(request.qty));
@@ -852,7 +867,7 @@ impl Allocator {
                 Err(other) => return Err(other),
             }
             let rate = meter.units_per_second().max(f64::from(request.qty));
-            let (refilled, draining) = self.refill_debit(sale, node, rate).await?;
+            let (refilled, draining) = self.refill_debit(sale, node, bucket, rate).await?;
             if refilled > 0 {
                 continue;
             }

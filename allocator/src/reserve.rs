@@ -585,7 +585,7 @@ impl Allocator {
                 Some(hot),
                 Some(node),
             ) if hot.sale.key == key => {
-                Box::pin(self.hold_hot(&hot.sale, node, &hold, &hot.meter)).await
+                Box::pin(self.hold_hot(&hot.sale, node, &cell, &hold, &hot.meter)).await
             }
             (Ok(held), Some(hot), _) => {
                 if !held.replayed {

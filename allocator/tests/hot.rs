@@ -640,3 +640,113 @@ async fn a_bucket_stays_where_its_pool_records_it() {
         "the later split reached the recorded buckets: {view:?}"
     );
 }
+
+/// An activation whose credits landed but whose debits were never marked
+/// credited (a crash in between) is replayed by a node whose config lists
+/// the sale's nodes in another order, so its own placement differs: the
+/// replay credits where the debits sent the units (their `in|id` records
+/// make that a no-op), never a bucket of its own placement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_replayed_with_its_nodes_reordered_credits_where_it_debited() {
+    let allocator = allocator_for("node-a").await;
+    let first = sale(&["node-a", "node-b", "node-c"]);
+    stock(&allocator, &first.key, 90).await;
+    allocator.activate(&first, "e1").await.expect("activate");
+
+    let redis = raw_redis().await;
+    let xfer = format!("inv:{{{}}}:xfer", first.key.pool(PARTITIONS).partition);
+    let fields: Vec<String> = redis.hkeys(&xfer).await.expect("fields");
+    let mut forged = 0;
+    for field in fields.iter().filter(|field| field.starts_with("act.")) {
+        let text: String = redis.hget(&xfer, field).await.expect("record");
+        let mut record: Value = serde_json::from_str(&text).expect("json");
+        if record["from_cell"] != first.key.pool(PARTITIONS).id.as_str() {
+            continue; // another test's activation in this partition
+        }
+        record["status"] = "debited".into();
+        record
+            .as_object_mut()
+            .expect("object")
+            .remove("credited_at_ms");
+        let _: () = redis
+            .hset(&xfer, (field.as_str(), record.to_string()))
+            .await
+            .expect("forge");
+        forged += 1;
+    }
+    assert_eq!(forged, 3, "one debit per node");
+
+    let mut reordered = first.clone();
+    reordered.nodes = vec!["node-c".into(), "node-a".into(), "node-b".into()];
+    assert_ne!(
+        reordered.bucket("node-c", PARTITIONS),
+        first.bucket("node-c", PARTITIONS),
+        "the reordered sale places node-c elsewhere on its own"
+    );
+    allocator.activate(&reordered, "e1").await.expect("replay");
+    let view = allocator.stock_view(&first.key).await.expect("view");
+    assert_eq!(
+        view.on_hand() + view.in_flight(),
+        90,
+        "no unit credited twice: {view:?}"
+    );
+    // Nor anywhere the pool does not look (units there would sell from
+    // nowhere the key's counts see).
+    for node in &reordered.nodes {
+        let own = reordered.bucket(node, PARTITIONS);
+        if own != first.bucket(node, PARTITIONS) {
+            assert_eq!(
+                allocator.cell(&own).await.expect("read"),
+                None,
+                "{node}: nothing credited at the replaying sale's own placement"
+            );
+        }
+    }
+}
+
+/// A hot hold lands in the cell its claim placed it in (the reservation id
+/// names that partition), never in another bucket of the node: with the
+/// pool recording the node's bucket elsewhere, the hold is refused and
+/// nothing is held anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_hold_is_made_in_its_claims_cell_or_not_at_all() {
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&["node-a", "node-b"]);
+    stock(&allocator, &sale.key, 40).await;
+    allocator.activate(&sale, "e1").await.expect("activate");
+    let recorded = sale.bucket("node-a", PARTITIONS);
+    let elsewhere = sale
+        .key
+        .bucket_in("node-a", (recorded.partition + 1) % PARTITIONS);
+    let reservation_id = allocator::keys::reservation_id(elsewhere.partition, [9; 12]);
+    let request = allocator::HoldRequest {
+        key: sale.key.clone(),
+        qty: 1,
+        ttl_ms: 60_000,
+        grace_ms: 0,
+        reservation_id: reservation_id.clone(),
+        customer_hash: None,
+        cart_id: None,
+        hold_by_ms: None,
+    };
+    let outcome = allocator
+        .hold_hot(&sale, "node-a", &elsewhere, &request, &RateMeter::default())
+        .await;
+    assert!(
+        matches!(outcome, Err(AllocatorError::InvalidRequest(ref why)) if why.contains("bucket_partition")),
+        "{outcome:?}"
+    );
+    assert!(matches!(
+        allocator.reservation(None, &reservation_id).await,
+        Err(AllocatorError::NotFound)
+    ));
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert_eq!(
+        view.buckets
+            .iter()
+            .map(|(_, bucket)| bucket.reserved)
+            .sum::<i64>(),
+        0,
+        "nothing held: {view:?}"
+    );
+}
