@@ -25,6 +25,17 @@
 //! have in flight to Kafka is a duplicate of entries the new holder relays
 //! again from the start of the pending list, with the same entry ids, so the
 //! first copy of each entry id in Kafka is still in stream order.
+//!
+//! A Redis that lost its token counters (replaced, or restored from an old
+//! copy) hands out tokens PostgreSQL has seen, and the fence would refuse
+//! every batch for ever. A writer that still holds the lease in Redis
+//! therefore advances its token past the fence (`relay_lease.lua`'s
+//! `advance`), but only once nobody has written that fence for a lease time:
+//! a fence still being written means another writer relays the partition,
+//! from this Redis (then this writer's lease is stale) or from another store
+//! sharing the database, and the writer stays fenced (so two stores cannot
+//! take turns). A fence accepts an equal token only from the writer that
+//! wrote it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -251,8 +251,10 @@ async fn relay_forever(
                     report(lease.partition, &RelayError::Fenced);
                     retick.notify_one();
                 }
-                Err(RelayError::Behind { newest, .. }) => {
-                    match relay.advance(lease, newest).await {
+                Err(RelayError::Behind {
+                    newest, idle_ms, ..
+                }) => {
+                    match relay.advance(lease, newest, idle_ms).await {
                         Ok(Some(_)) => {}
                         Ok(None) => {
                             relay.metrics.fenced.inc();

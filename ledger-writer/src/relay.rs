@@ -92,15 +92,20 @@ pub enum RelayError {
     #[error("partition lease lost")]
     Fenced,
     /// PostgreSQL has seen a newer token for the partition than this
-    /// writer's lease, which it still holds in Redis: the token counter went
-    /// back (Redis lost it, or was replaced). Nothing was written; the
-    /// writer advances its lease past `newest` and relays again.
+    /// writer's lease (or the same one from another writer). Nothing was
+    /// written. Either another writer holds a newer lease (this one is
+    /// fenced), or this Redis's token counter went back (Redis lost it, or
+    /// was replaced): then the fence stops moving, and once nobody has
+    /// written it for a lease time the writer advances past it
+    /// ([`Relay::advance`]).
     #[error("lease token {token} behind PostgreSQL's fence {newest}")]
     Behind {
         /// This lease's token.
         token: u64,
         /// The newest token PostgreSQL has seen for the partition.
         newest: u64,
+        /// How long since anyone wrote the fence (ms).
+        idle_ms: u64,
     },
     /// An entry the scripts wrote is not valid JSON: a bug, never skipped.
     #[error("malformed ledger entry {id}: {reason}")]
@@ -325,7 +330,8 @@ impl Relay {
                  VALUES ($1, $2, $3, now())
                  ON CONFLICT (partition) DO UPDATE
                      SET token = EXCLUDED.token, owner = EXCLUDED.owner, updated_at = now()
-                     WHERE relay_fence.token <= EXCLUDED.token",
+                     WHERE relay_fence.token < EXCLUDED.token
+                        OR (relay_fence.token = EXCLUDED.token AND relay_fence.owner = EXCLUDED.owner)",
                 &[
                     &(lease.partition as i32),
                     &(lease.token as i64),
@@ -334,17 +340,18 @@ impl Relay {
             )
             .await?;
         if fenced_in == 0 {
-            let newest: i64 = transaction
+            let row = transaction
                 .query_one(
-                    "SELECT token FROM relay_fence WHERE partition = $1",
+                    "SELECT token, (extract(epoch FROM now() - updated_at) * 1000)::bigint
+                     FROM relay_fence WHERE partition = $1",
                     &[&(lease.partition as i32)],
                 )
-                .await?
-                .get(0);
+                .await?;
             transaction.rollback().await?;
             return Err(RelayError::Behind {
                 token: lease.token,
-                newest: u64::try_from(newest).unwrap_or_default(),
+                newest: u64::try_from(row.get::<_, i64>(0)).unwrap_or_default(),
+                idle_ms: u64::try_from(row.get::<_, i64>(1)).unwrap_or_default(),
             });
         }
         transaction
@@ -385,11 +392,24 @@ impl Relay {
 }
 
 impl Relay {
-    /// After [`RelayError::Behind`]: gives this writer's lease on the
-    /// partition a token past `newest` when it still holds it in Redis (the
-    /// counter went back), so its next pass writes again; a writer that no
-    /// longer holds it is simply fenced. Returns the new token, if any.
-    pub async fn advance(&self, lease: &Lease, newest: u64) -> Result<Option<u64>, RelayError> {
+    /// After [`RelayError::Behind`]: when nobody has written the fence for
+    /// longer than a lease time (`idle_ms`), gives this writer's lease on the
+    /// partition a token past `newest`, if it still holds it in Redis (the
+    /// counter went back), so its next pass writes again. A fence written
+    /// within a lease time means another writer relays the partition now,
+    /// from this Redis (this writer's lease is stale) or from another Redis
+    /// sharing the database (a misconfiguration: advancing would let two
+    /// stores take turns); then this writer is fenced, and says so. Returns
+    /// the new token, if any.
+    pub async fn advance(
+        &self,
+        lease: &Lease,
+        newest: u64,
+        idle_ms: u64,
+    ) -> Result<Option<u64>, RelayError> {
+        if idle_ms <= self.config.ledger_writer.partition_lease_ttl_ms {
+            return Ok(None);
+        }
         let reply = self
             .allocator
             .relay_lease_advance(lease.partition, &self.config.node.id, newest)

@@ -604,24 +604,60 @@ async fn a_lease_token_behind_postgresqls_fence_is_advanced_and_nothing_is_lost(
         .await
         .expect("postgresql");
     tokio::spawn(connection);
-    // What an earlier Redis's writers left: tokens far past this one's.
+    // What an earlier Redis's writers left an hour ago: tokens far past this
+    // one's. Partition 0's fence is written "now" and keeps being written by
+    // another store sharing the database (a misconfiguration): its writer
+    // must stay fenced rather than take turns with the other store.
     client
         .execute(
             "INSERT INTO relay_fence (partition, token, owner, updated_at)
-             SELECT p, 1000, 'writer-of-an-older-redis', now() FROM generate_series(0, $1 - 1) AS p",
+             SELECT p, 1000, 'writer-of-an-older-redis', now() - interval '1 hour'
+             FROM generate_series(1, $1 - 1) AS p",
             &[&(PARTITIONS as i32)],
         )
         .await
         .expect("fence rows");
+    client
+        .execute(
+            "INSERT INTO relay_fence (partition, token, owner, updated_at)
+             VALUES (0, 1000, 'writer-of-another-live-redis', now() + interval '1 hour')",
+            &[],
+        )
+        .await
+        .expect("a live fence");
 
     let written = operations(Arc::clone(&allocator), 50, "behind").await;
+    let redis = raw_redis(&setup.redis_url).await;
+    let stuck: u64 = redis
+        .xlen(allocator::keys::ledger_stream(0))
+        .await
+        .expect("partition 0's entries");
+    assert!(stuck > 0, "partition 0 has entries to hold back");
     let writer = start_writer(&setup);
-    let rows = wait_for_rows(&setup, written, Duration::from_secs(60)).await;
+    let rows = wait_for_rows(&setup, written - stuck, Duration::from_secs(60)).await;
     assert_eq!(
         rows as u64,
-        written,
-        "every entry relayed: {}",
+        written - stuck,
+        "every entry relayed but partition 0's: {}",
         writer_logs(&setup)
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ledger_rows(&setup).await as u64,
+        written - stuck,
+        "partition 0 stays fenced while its fence is written"
+    );
+    let fence_zero: (i64, String) = client
+        .query_one(
+            "SELECT token, owner FROM relay_fence WHERE partition = 0",
+            &[],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .expect("fence 0");
+    assert_eq!(
+        fence_zero,
+        (1000, "writer-of-another-live-redis".to_owned())
     );
     let fences: Vec<(i32, i64, String)> = client
         .query(
