@@ -241,6 +241,22 @@ fn main() {
         let cells = count(&redis, "HLEN", "cells").await;
         let cells_bytes = partition_bytes(&redis, "cells").await;
         let index_bytes = usage(&redis, &allocator::keys::locations_key(MERCHANT, "sku-0")).await;
+        // A SKU stocked in 40 locations: its location index.
+        for location in 0..40 {
+            let adjustment = Adjustment {
+                merchant: MERCHANT.to_owned(),
+                sku: "sku-wide".to_owned(),
+                location: format!("loc-{location:02}"),
+                kind: AdjustmentKind::Delta,
+                qty: 10,
+                source: "capacity".to_owned(),
+                event_id: format!("wide-{location}"),
+                source_seq: None,
+            };
+            allocator.adjust(&adjustment).await.expect("a wide sku");
+        }
+        let wide_index_bytes =
+            usage(&redis, &allocator::keys::locations_key(MERCHANT, "sku-wide")).await;
         let entries_after_create = count(&redis, "XLEN", "ledger").await;
         let ledger_after_create = partition_bytes(&redis, "ledger").await;
         let idem_before = partition_bytes(&redis, "idem").await;
@@ -271,6 +287,7 @@ fn main() {
             "sample_keys": sample,
             "cell": per(cells_bytes, cells),
             "location_index_of_a_one_location_sku": index_bytes,
+            "location_index_of_a_40_location_sku": wide_index_bytes,
             "hold_record": per(res_bytes, holds),
             "hold_due_indexes": per(due_bytes, holds),
             "idempotency_record": per(idem_bytes, idem_records),

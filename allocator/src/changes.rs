@@ -6,6 +6,18 @@
 //! have been missed (a burst outran the feed, the connection dropped, or it
 //! came back without its subscription), so a follower never trusts what it
 //! cached across such a gap. It decides nothing.
+//!
+//! Notifications are on sharded pub/sub: one shard channel per partition
+//! ([`crate::keys::changes_channel`]), each subscribed with its own
+//! `SSUBSCRIBE` (fred sends it to the partition's master). A master lost,
+//! or failed over to its replica, drops its connection: reported as
+//! [`ChangeEvent::Interrupted`], then [`ChangeEvent::Resumed`] once
+//! subscribed again. Not covered yet: a slot moved while both masters stay
+//! up (resharding, a manual `CLUSTER FAILOVER`) unsubscribes its channel
+//! over a connection that stays open, and fred 10.1 drops that message, so
+//! the feed goes quiet for those partitions until the next reconnect; the
+//! cache's TTL bounds what a node serves meanwhile. Until the feed watches
+//! the slot map, reshard with the gateways restarted after.
 
 use fred::prelude::*;
 use serde::Deserialize;
