@@ -227,17 +227,11 @@ impl Allocator {
         owner: &str,
         ttl_ms: u64,
     ) -> Result<LeaseReply> {
-        let reply = self
-            .relay_call(
-                Relay::Lease,
-                vec![
-                    keys::relay_lease_key(partition),
-                    keys::relay_lease_token_key(partition),
-                ],
-                vec![action.to_owned(), owner.to_owned(), ttl_ms.to_string()],
-            )
-            .await?;
-        serde_json::from_value(reply).map_err(crate::protocol)
+        self.lease_call(
+            partition,
+            vec![action.to_owned(), owner.to_owned(), ttl_ms.to_string()],
+        )
+        .await
     }
 
     /// Gives `owner`'s lease on `partition` a new token larger than `floor`
@@ -250,6 +244,13 @@ impl Allocator {
         owner: &str,
         floor: u64,
     ) -> Result<LeaseReply> {
+        // The lease time is not used by `advance` (the lease keeps its own).
+        let args = ["advance", owner, "1", &floor.to_string()].map(str::to_owned);
+        self.lease_call(partition, args.to_vec()).await
+    }
+
+    /// `lua/relay_lease.lua` on `partition`'s lease and token counter.
+    async fn lease_call(&self, partition: u32, args: Vec<String>) -> Result<LeaseReply> {
         let reply = self
             .relay_call(
                 Relay::Lease,
@@ -257,12 +258,7 @@ impl Allocator {
                     keys::relay_lease_key(partition),
                     keys::relay_lease_token_key(partition),
                 ],
-                vec![
-                    "advance".to_owned(),
-                    owner.to_owned(),
-                    "1".to_owned(),
-                    floor.to_string(),
-                ],
+                args,
             )
             .await?;
         serde_json::from_value(reply).map_err(crate::protocol)
