@@ -15,9 +15,12 @@ use crate::{KillOnDrop, free_port, stack, wait_for_port};
 /// Hash slots of a Redis Cluster.
 const SLOTS: u32 = 16384;
 
-/// One node: its port, its directory and its process (none while killed).
+/// One node: its ports, its directory and its process (none while killed).
 struct Node {
     port: u16,
+    /// Its cluster bus port, chosen free too: the default, `port + 10000`,
+    /// is past 65535 for a quarter of the ephemeral ports, or taken.
+    bus_port: u16,
     directory: PathBuf,
     process: Option<KillOnDrop>,
 }
@@ -49,10 +52,12 @@ impl PrivateCluster {
         };
         for _ in 0..masters * (1 + replicas) {
             let port = free_port();
+            let bus_port = free_port();
             let node_directory = directory.join(format!("node-{port}"));
             std::fs::create_dir_all(&node_directory).expect("node directory");
             cluster.nodes.push(Node {
                 port,
+                bus_port,
                 directory: node_directory,
                 process: None,
             });
@@ -65,14 +70,32 @@ impl PrivateCluster {
         for node in &cluster.nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
         }
-        let output = create
+        let log = directory.join("create.log");
+        let mut child = create
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
+            .stdout(std::fs::File::create(&log).expect("create log"))
+            .stderr(Stdio::null())
+            .spawn()
             .expect("redis-cli is installed by scripts/stack");
+        // It waits for the nodes to join with no limit of its own.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("redis-cli") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "redis-cli --cluster create did not finish in 60 s: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(
-            output.status.success(),
+            status.success(),
             "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&output.stdout)
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
         cluster.wait_served(Duration::from_secs(30));
         cluster.wait_replicated(Duration::from_secs(30));
@@ -247,6 +270,7 @@ impl PrivateCluster {
         let node = &mut self.nodes[index];
         let child = Command::new("redis-server")
             .args(["--port", &node.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-port", &node.bus_port.to_string()])
             .args(["--cluster-enabled", "yes", "--cluster-config-file"])
             .arg(node.directory.join("nodes.conf"))
             .args(["--cluster-node-timeout", &node_timeout])
