@@ -89,21 +89,25 @@ async fn create(allocator: &Arc<Allocator>, range: std::ops::Range<u64>) {
     for_each(range, move |n| {
         let allocator = Arc::clone(&allocator);
         async move {
-            let key = key(n);
-            let adjustment = Adjustment {
-                merchant: key.merchant.clone(),
-                sku: key.sku.clone(),
-                location: key.location.clone(),
-                kind: AdjustmentKind::Delta,
-                qty: 1_000,
-                source: "capacity".to_owned(),
-                event_id: format!("create-{n}"),
-                source_seq: None,
-            };
+            let adjustment = restock(&key(n), 1_000, format!("create-{n}"));
             allocator.adjust(&adjustment).await.expect("create a key");
         }
     })
     .await;
+}
+
+/// A delta of `qty` units to `key`, deduplicated on `event_id`.
+fn restock(key: &StockKey, qty: i64, event_id: String) -> Adjustment {
+    Adjustment {
+        merchant: key.merchant.clone(),
+        sku: key.sku.clone(),
+        location: key.location.clone(),
+        kind: AdjustmentKind::Delta,
+        qty,
+        source: "capacity".to_owned(),
+        event_id,
+        source_seq: None,
+    }
 }
 
 static REQUEST: AtomicU64 = AtomicU64::new(0);
@@ -243,16 +247,8 @@ fn main() {
         let index_bytes = usage(&redis, &allocator::keys::locations_key(MERCHANT, "sku-0")).await;
         // A SKU stocked in 40 locations: its location index.
         for location in 0..40 {
-            let adjustment = Adjustment {
-                merchant: MERCHANT.to_owned(),
-                sku: "sku-wide".to_owned(),
-                location: format!("loc-{location:02}"),
-                kind: AdjustmentKind::Delta,
-                qty: 10,
-                source: "capacity".to_owned(),
-                event_id: format!("wide-{location}"),
-                source_seq: None,
-            };
+            let wide = StockKey::new(MERCHANT, "sku-wide", format!("loc-{location:02}"));
+            let adjustment = restock(&wide, 10, format!("wide-{location}"));
             allocator.adjust(&adjustment).await.expect("a wide sku");
         }
         let wide_index_bytes =
