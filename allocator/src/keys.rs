@@ -260,7 +260,20 @@ const CLUSTER_SLOTS: usize = 16384;
 
 /// The hash slot of every key of `partition` (its hash tag `{partition}`).
 pub fn partition_slot(partition: u32) -> u16 {
-    fred::util::redis_keyslot(partition.to_string().as_bytes())
+    // The tag's decimal digits, written on the stack: this runs on the
+    // hot-SKU reservation path (placing a bucket the pool does not list yet).
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    let mut rest = partition;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    fred::util::redis_keyslot(&digits[start..])
 }
 
 /// Which of `shares` equal, contiguous shares of the hash slots holds
@@ -328,6 +341,12 @@ mod tests {
         }
         // The slot of a partition is Redis' own (CLUSTER KEYSLOT "{0}" is 13907).
         assert_eq!(partition_slot(0), 13907);
+        for partition in [7, 17, 63, 1024, u32::MAX] {
+            assert_eq!(
+                partition_slot(partition),
+                fred::util::redis_keyslot(partition.to_string().as_bytes())
+            );
+        }
         assert_eq!(
             fred::util::redis_keyslot(ledger_stream(0).as_bytes()),
             13907
