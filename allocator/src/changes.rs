@@ -1,30 +1,33 @@
 //! Change notifications, typed: what the scripts publish after every change
 //! of a cell, as a feed a node follows (its cache and its SSE streams).
 //!
-//! Owns the subscription (its own connection: a subscribed connection can
-//! run nothing else), decoding each notification, and saying when some may
-//! have been missed (a burst outran the feed, the connection dropped, or it
-//! came back without its subscription), so a follower never trusts what it
-//! cached across such a gap. It decides nothing.
+//! Owns the subscriptions (connections of their own: a subscribed
+//! connection can run nothing else), decoding each notification, and
+//! saying when some may have been missed (a burst outran the feed, a
+//! connection dropped, or the slot map changed), so a follower never
+//! trusts what it cached across such a gap. It decides nothing.
 //!
 //! Notifications are on sharded pub/sub: one shard channel per partition
-//! ([`crate::keys::changes_channel`]), each subscribed with its own
-//! `SSUBSCRIBE` (fred sends it to the partition's master). A master lost,
-//! or failed over to its replica, drops its connection: reported as
-//! [`ChangeEvent::Interrupted`], then [`ChangeEvent::Resumed`] once
-//! subscribed again. Not covered yet: a slot moved while both masters stay
-//! up (resharding, a manual `CLUSTER FAILOVER`) unsubscribes its channel
-//! over a connection that stays open, and fred 10.1 drops that message, so
-//! the feed goes quiet for those partitions until the next reconnect; the
-//! cache's TTL bounds what a node serves meanwhile. Until the feed watches
-//! the slot map, reshard with the gateways restarted after.
+//! ([`crate::keys::changes_channel`]). The feed has one subscriber
+//! connection per master (the store's slot map, `store.rs`), each
+//! `SSUBSCRIBE`d to the channels of the partitions that master serves,
+//! one call per channel (channels of different slots cannot share one).
+//! A master's connection dropping is [`ChangeEvent::Interrupted`]; once
+//! every master's subscriber is back, [`ChangeEvent::Resumed`]. When the
+//! slot map changes (a failover, a reshard) the feed subscribes afresh
+//! along the new map and says [`ChangeEvent::Resumed`] (what was
+//! published on the old one meanwhile may be lost): so a moved slot's
+//! channel is followed to its new master, not silently lost.
+
+use std::collections::BTreeSet;
 
 use fred::prelude::*;
 use serde::Deserialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::keys::changes_channel;
-use crate::{Allocator, AllocatorError, Result};
+use crate::store::Store;
+use crate::{Allocator, Result};
 
 /// One cell of a stock key changed.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -51,108 +54,311 @@ pub enum ChangeEvent {
     /// Notifications were missed (a burst outran the feed): anything cached
     /// may be stale.
     Missed,
-    /// The connection dropped: until [`ChangeEvent::Resumed`], nothing heard
+    /// A connection dropped: until [`ChangeEvent::Resumed`], nothing heard
     /// counts as fresh.
     Interrupted,
-    /// Subscribed again after a reconnect (what was published meanwhile is
-    /// lost).
+    /// Subscribed everywhere again after a reconnect or a change of the
+    /// slot map (what was published meanwhile is lost).
     Resumed,
+}
+
+/// How long subscribing waits for a master before going on without it (it
+/// is subscribed once it answers).
+const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The mark in `ChangeFeed::down` of partitions no master serves: only
+/// a later slot map clears it.
+const UNCOVERED: usize = usize::MAX;
+
+/// What one master's subscriber reports.
+enum Report {
+    Changed(Change),
+    Missed,
+    Interrupted,
+    Resumed,
+    /// Its connection is gone for good, or came back and could not
+    /// subscribe again.
+    Ended,
+}
+
+/// One master's subscriber connection and the task that forwards what it
+/// hears.
+struct Subscriber {
+    client: Client,
+    forwarder: tokio::task::JoinHandle<()>,
 }
 
 /// A live subscription to the change notifications.
 pub struct ChangeFeed {
-    subscriber: Client,
+    store: Store,
     /// Partitions, one shard channel each.
     partitions: u32,
-    messages: broadcast::Receiver<fred::types::Message>,
-    reconnects: broadcast::Receiver<fred::types::config::Server>,
-    errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
+    /// Depth of each subscriber's buffer.
+    capacity: usize,
+    /// The slot map's epoch the subscribers follow.
+    epoch: u64,
+    routes: watch::Receiver<u64>,
+    subscribers: Vec<Subscriber>,
+    /// Bumped per set of subscribers: reports of an older set are dropped.
+    generation: u64,
+    reports: mpsc::Receiver<(u64, usize, Report)>,
+    sender: mpsc::Sender<(u64, usize, Report)>,
+    /// Subscribers whose connection is down now.
+    down: BTreeSet<usize>,
+    /// An event to give before reading more (set when subscribing).
+    pending: Option<ChangeEvent>,
 }
 
 impl Allocator {
-    /// Subscribes to the change notifications on a connection of its own,
-    /// buffering up to `capacity` of them (a burst beyond it is reported as
-    /// [`ChangeEvent::Missed`]).
+    /// Subscribes to the change notifications on connections of their own,
+    /// buffering up to `capacity` of them per master (a burst beyond it is
+    /// reported as [`ChangeEvent::Missed`]).
     pub async fn change_feed(&self, capacity: usize) -> Result<ChangeFeed> {
-        let config = fred::types::config::Config::from_url(self.redis_url.as_ref())
-            .map_err(|error| AllocatorError::InvalidRequest(format!("redis url: {error}")))?;
-        let subscriber = Builder::from_config(config)
-            .with_performance_config(|performance| {
-                performance.broadcast_channel_capacity = capacity.max(1);
-            })
-            .set_policy(ReconnectPolicy::new_constant(0, 200))
-            .build()
-            .map_err(crate::unavailable)?;
-        subscriber.init().await.map_err(crate::unavailable)?;
-        let messages = subscriber.message_rx();
-        let reconnects = subscriber.reconnect_rx();
-        let errors = subscriber.error_rx();
-        let feed = ChangeFeed {
-            subscriber,
+        let (sender, reports) = mpsc::channel(64);
+        let mut routes = self.store.routes_changed();
+        let epoch = *routes.borrow_and_update();
+        let mut feed = ChangeFeed {
+            store: self.store.clone(),
             partitions: self.settings.partitions,
-            messages,
-            reconnects,
-            errors,
+            capacity: capacity.max(1),
+            epoch,
+            routes,
+            subscribers: Vec::new(),
+            generation: 0,
+            reports,
+            sender,
+            down: BTreeSet::new(),
+            pending: None,
         };
-        feed.subscribe().await.map_err(crate::unavailable)?;
+        feed.subscribe_all().await?;
         Ok(feed)
     }
 }
 
 impl ChangeFeed {
-    /// The next event; `None` when the feed has ended (its connection is
+    /// The next event; `None` when the feed has ended (a connection is
     /// gone for good, or came back and could not subscribe again): start a
     /// new one. A notification that does not decode is skipped with
     /// a warning: it names no cell this node could act on.
     pub async fn next(&mut self) -> Option<ChangeEvent> {
+        if let Some(event) = self.pending.take() {
+            return Some(event);
+        }
         loop {
             tokio::select! {
-                message = self.messages.recv() => match message {
-                    Ok(message) => {
-                        let Ok(text): std::result::Result<String, _> = message.value.convert() else {
-                            continue;
-                        };
-                        match serde_json::from_str::<Change>(&text) {
-                            Ok(change) => return Some(ChangeEvent::Changed(change)),
-                            Err(error) => {
-                                tracing::warn!(%error, text, "change notification does not decode");
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(ChangeEvent::Missed),
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                },
-                _ = self.errors.recv() => return Some(ChangeEvent::Interrupted),
-                _ = self.reconnects.recv() => {
-                    // A new connection has no subscriptions.
-                    if let Err(error) = self.subscribe().await {
-                        // A live connection subscribed to nothing would stay
-                        // silent for ever: end the feed, the follower starts
-                        // a new one.
-                        tracing::warn!(%error, "change feed did not subscribe again; ending it");
+                changed = self.routes.changed() => {
+                    if changed.is_err() {
+                        // The store is gone: nothing will be published.
                         return None;
                     }
-                    return Some(ChangeEvent::Resumed);
+                    let epoch = *self.routes.borrow_and_update();
+                    if epoch == self.epoch {
+                        continue;
+                    }
+                    self.epoch = epoch;
+                    self.close_subscribers().await;
+                    if let Err(error) = self.subscribe_all().await {
+                        tracing::warn!(%error, "change feed did not follow the new slot map; ending it");
+                        return None;
+                    }
+                    // A gap: what the old subscriptions heard last is lost.
+                    let event = self.pending.take().unwrap_or(ChangeEvent::Resumed);
+                    return Some(event);
+                }
+                report = self.reports.recv() => {
+                    let (generation, index, report) = report?;
+                    if generation != self.generation {
+                        continue;
+                    }
+                    match report {
+                        Report::Changed(change) => return Some(ChangeEvent::Changed(change)),
+                        Report::Missed => return Some(ChangeEvent::Missed),
+                        Report::Interrupted => {
+                            self.down.insert(index);
+                            return Some(ChangeEvent::Interrupted);
+                        }
+                        Report::Resumed => {
+                            let was_down = self.down.remove(&index);
+                            if self.down.is_empty() {
+                                return Some(ChangeEvent::Resumed);
+                            }
+                            if was_down {
+                                // Others are still down: not fresh yet.
+                                continue;
+                            }
+                            return Some(ChangeEvent::Missed);
+                        }
+                        Report::Ended => return None,
+                    }
                 }
             }
         }
     }
 
-    /// Subscribes to every partition's shard channel, one `SSUBSCRIBE` each
-    /// (on a cluster each goes to its partition's master; channels of
-    /// different slots cannot share one call). Again after a reconnect: a
-    /// channel already subscribed stays so.
-    async fn subscribe(&self) -> std::result::Result<(), fred::error::Error> {
+    /// One subscriber per master of the slot map in force, each subscribed
+    /// to the channels of the partitions it serves. A master that does not
+    /// answer now is subscribed once it does ([`ChangeEvent::Interrupted`]
+    /// comes first).
+    async fn subscribe_all(&mut self) -> Result<()> {
+        self.generation += 1;
+        self.down.clear();
+        let routes = self.store.routes();
+        let mut channels: Vec<Vec<String>> = vec![Vec::new(); routes.masters.len()];
         for partition in 0..self.partitions {
-            self.subscriber
-                .ssubscribe(changes_channel(partition))
-                .await?;
+            match routes.index_of(crate::keys::partition_slot(partition)) {
+                Ok(master) => channels[master].push(changes_channel(partition)),
+                // No master serves it (a lost master the cluster dropped
+                // from its map): not heard until a map that covers it.
+                Err(_) => {
+                    self.down.insert(UNCOVERED);
+                }
+            }
         }
+        for (index, (master, channels)) in routes.masters.iter().zip(channels).enumerate() {
+            let capacity = self.capacity;
+            let mut builder = self.store.builder_for(&master.server);
+            builder.with_performance_config(|performance| {
+                performance.broadcast_channel_capacity = capacity;
+            });
+            let client = builder.build().map_err(crate::unavailable)?;
+            let messages = client.message_rx();
+            let reconnects = client.reconnect_rx();
+            let errors = client.error_rx();
+            // Its connection task runs on, detached: `quit` ends it.
+            drop(client.connect());
+            let connected = tokio::time::timeout(SUBSCRIBE_WAIT, client.wait_for_connect()).await;
+            let subscribed = match connected {
+                Ok(Ok(())) => subscribe(&client, &channels).await.is_ok(),
+                _ => false,
+            };
+            if !subscribed {
+                tracing::warn!(server = %master.server, "change feed: a master is not subscribed yet");
+                self.down.insert(index);
+            }
+            let forwarder = tokio::spawn(forward(
+                client.clone(),
+                channels,
+                (self.generation, index),
+                Receivers {
+                    messages,
+                    reconnects,
+                    errors,
+                    // Subscribed over the first connection already: its
+                    // news (queued before it was up) is no reconnect.
+                    first_heard: subscribed,
+                },
+                self.sender.clone(),
+            ));
+            self.subscribers.push(Subscriber { client, forwarder });
+        }
+        self.pending = (!self.down.is_empty()).then_some(ChangeEvent::Interrupted);
         Ok(())
     }
 
+    async fn close_subscribers(&mut self) {
+        for subscriber in self.subscribers.drain(..) {
+            subscriber.forwarder.abort();
+            // A dead master's client would wait for it: in the background.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    subscriber.client.quit(),
+                )
+                .await;
+            });
+        }
+    }
+
     /// Ends the subscription.
-    pub async fn close(self) {
-        let _ = self.subscriber.quit().await;
+    pub async fn close(mut self) {
+        self.close_subscribers().await;
+    }
+}
+
+impl Drop for ChangeFeed {
+    fn drop(&mut self) {
+        for subscriber in &self.subscribers {
+            subscriber.forwarder.abort();
+        }
+    }
+}
+
+/// A subscriber client's streams, taken before it connects (so its first
+/// connection is heard).
+struct Receivers {
+    messages: broadcast::Receiver<fred::types::Message>,
+    reconnects: broadcast::Receiver<fred::types::config::Server>,
+    errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
+    /// Whether the first connection's news is to be skipped.
+    first_heard: bool,
+}
+
+/// `SSUBSCRIBE`s every channel (one call each; again after a reconnect: a
+/// channel already subscribed stays so).
+async fn subscribe(
+    client: &Client,
+    channels: &[String],
+) -> std::result::Result<(), fred::error::Error> {
+    for channel in channels {
+        client.ssubscribe(channel.as_str()).await?;
+    }
+    Ok(())
+}
+
+/// Forwards what one master's subscriber hears, tagged `(generation,
+/// index)`, until its client's streams close or the feed aborts it. A
+/// full feed makes it wait, so a burst fills the client's own buffer and
+/// is reported there as missed.
+async fn forward(
+    client: Client,
+    channels: Vec<String>,
+    tag: (u64, usize),
+    mut receivers: Receivers,
+    sender: mpsc::Sender<(u64, usize, Report)>,
+) {
+    let send = |report: Report| sender.send((tag.0, tag.1, report));
+    loop {
+        let report = tokio::select! {
+            message = receivers.messages.recv() => match message {
+                Ok(message) => {
+                    let Ok(text): std::result::Result<String, _> = message.value.convert() else {
+                        continue;
+                    };
+                    match serde_json::from_str::<Change>(&text) {
+                        Ok(change) => Report::Changed(change),
+                        Err(error) => {
+                            tracing::warn!(%error, text, "change notification does not decode");
+                            continue;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => Report::Missed,
+                Err(broadcast::error::RecvError::Closed) => Report::Ended,
+            },
+            _ = receivers.errors.recv() => Report::Interrupted,
+            _ = receivers.reconnects.recv() => {
+                if std::mem::take(&mut receivers.first_heard) {
+                    continue;
+                }
+                // A new connection has no subscriptions.
+                match subscribe(&client, &channels).await {
+                    Ok(()) => Report::Resumed,
+                    // The new connection broke too (a master dying as it
+                    // was reached): fred connects again, and says so.
+                    Err(error) if *error.kind() == ErrorKind::IO => Report::Interrupted,
+                    Err(error) => {
+                        // A live connection subscribed to nothing would stay
+                        // silent for ever: end the feed, the follower starts
+                        // a new one.
+                        tracing::warn!(%error, "change feed did not subscribe again; ending it");
+                        Report::Ended
+                    }
+                }
+            }
+        };
+        let ended = matches!(report, Report::Ended);
+        if send(report).await.is_err() || ended {
+            return;
+        }
     }
 }

@@ -992,11 +992,21 @@ impl Allocator {
         Ok(None)
     }
 
-    /// Every stock key that has had buckets ([`keys::HOT_KEYS`]).
+    /// Every stock key that has had buckets ([`keys::hot_keys_set`] of
+    /// every partition), sorted.
     pub async fn hot_keys(&self) -> Result<Vec<StockKey>> {
-        let members: Vec<String> = self
-            .with_timeout(self.pool.next().smembers(keys::HOT_KEYS))
+        let partitions: Vec<u32> = (0..self.settings.partitions).collect();
+        let sets = self
+            .per_partition(&partitions, |partition| {
+                ("SMEMBERS", vec![keys::hot_keys_set(partition)])
+            })
             .await?;
+        let mut members: Vec<String> = Vec::new();
+        for set in sets {
+            let set: Vec<String> = set.convert().map_err(crate::unavailable)?;
+            members.extend(set);
+        }
+        members.sort();
         Ok(members
             .iter()
             .filter_map(|member| {
@@ -1014,16 +1024,26 @@ impl Allocator {
     /// Records `key` among the keys that have had buckets (idempotent), before
     /// any of its units moves to one.
     async fn register_hot_key(&self, key: &StockKey) -> Result<()> {
+        let partition = key.partition(self.settings.partitions);
         let _: i64 = self
-            .with_timeout(self.pool.next().sadd(keys::HOT_KEYS, hot_key_member(key)))
+            .with_timeout(
+                self.store
+                    .for_partition(partition)?
+                    .sadd(keys::hot_keys_set(partition), hot_key_member(key)),
+            )
             .await?;
         Ok(())
     }
 
     /// Forgets a key whose buckets are all empty (the reconciler's call).
     pub async fn forget_hot_key(&self, key: &StockKey) -> Result<()> {
+        let partition = key.partition(self.settings.partitions);
         let _: i64 = self
-            .with_timeout(self.pool.next().srem(keys::HOT_KEYS, hot_key_member(key)))
+            .with_timeout(
+                self.store
+                    .for_partition(partition)?
+                    .srem(keys::hot_keys_set(partition), hot_key_member(key)),
+            )
             .await?;
         Ok(())
     }
@@ -1031,8 +1051,9 @@ impl Allocator {
     /// Announces this node alive for `ttl`.
     pub async fn heartbeat(&self, ttl: Duration) -> Result<()> {
         let key = keys::heartbeat_key(&self.settings.node);
+        let client = self.store.for_key(&key)?;
         let _: () = self
-            .with_timeout(self.pool.next().set(
+            .with_timeout(client.set(
                 key,
                 "alive",
                 Some(Expiration::PX(ttl.as_millis() as i64)),
@@ -1045,9 +1066,9 @@ impl Allocator {
 
     /// Whether `node`'s heartbeat is current.
     pub async fn node_alive(&self, node: &str) -> Result<bool> {
-        let count: u64 = self
-            .with_timeout(self.pool.next().exists(keys::heartbeat_key(node)))
-            .await?;
+        let key = keys::heartbeat_key(node);
+        let client = self.store.for_key(&key)?;
+        let count: u64 = self.with_timeout(client.exists(key)).await?;
         Ok(count > 0)
     }
 
@@ -1056,7 +1077,7 @@ impl Allocator {
         let time =
             fred::types::CustomCommand::new_static("TIME", fred::types::ClusterHash::Random, false);
         let (seconds, micros): (u64, u64) = self
-            .with_timeout(self.pool.next().custom(time, Vec::<String>::new()))
+            .with_timeout(self.store.any().custom(time, Vec::<String>::new()))
             .await?;
         Ok(seconds * 1000 + micros / 1000)
     }

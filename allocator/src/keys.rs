@@ -209,11 +209,16 @@ pub fn locations_key(merchant: &str, sku: &str) -> String {
     format!("inv:locations:{{{merchant}|{sku}}}")
 }
 
-/// The stock keys that have had flash-sale buckets: a set of
-/// `merchant|sku|location`, outside the partitions. Added at activation, so
-/// the reconciler finds buckets whose sale is gone from the config; removed
-/// by it once every bucket of the key is empty.
-pub const HOT_KEYS: &str = "inv:hotkeys";
+/// The stock keys of `partition` (their pools' partition) that have had
+/// flash-sale buckets: a set of `merchant|sku|location`. Added before every
+/// activation and refill, so the reconciler finds buckets whose sale is
+/// gone from the config; removed by it once every bucket of the key is
+/// empty. In the pool's slot, not one set for all keys: a refill touches
+/// only its pool's master and its bucket's, so one master lost stops no
+/// other master's sales.
+pub fn hot_keys_set(partition: u32) -> String {
+    format!("inv:{{{partition}}}:hotkeys")
+}
 
 /// A node's heartbeat (a plain key with a TTL, outside the partitions).
 pub fn heartbeat_key(node: &str) -> String {

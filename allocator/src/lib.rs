@@ -8,7 +8,9 @@
 //! change is one script call that checks its arguments, releases the
 //! partition's due holds (lazy expiry), decides, writes, appends its ledger
 //! entry to the partition's stream and publishes a change notification, in one
-//! atomic step. All time is Redis `TIME`. The key layout is in [`keys`].
+//! atomic step. All time is Redis `TIME`. The key layout is in [`keys`];
+//! which master serves a key, and the connections to each, are `store`'s
+//! (one Redis, or a cluster routed by slot by this crate, not by fred).
 //!
 //! # Ledger entry schema, version 1
 //!
@@ -156,6 +158,7 @@ mod model;
 pub mod outbox;
 pub mod reserve;
 mod scripts;
+mod store;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -294,8 +297,8 @@ pub struct ReserveRequest {
 /// The stock engine's client.
 #[derive(Clone)]
 pub struct Allocator {
-    /// Connections to Redis.
-    pool: Pool,
+    /// Connections to every master, and which serves each key.
+    store: store::Store,
     /// The loaded scripts.
     scripts: Scripts,
     /// Node id, partitions, timeouts (fixed for the process's life).
@@ -305,8 +308,6 @@ pub struct Allocator {
     holds: Arc<RwLock<HoldLimits>>,
     /// The ledger writers' scripts ([`outbox`]).
     relay_scripts: outbox::RelayScripts,
-    /// Where Redis is, for connections of their own (the change feed).
-    redis_url: Arc<str>,
 }
 
 /// The hold limits a config reload may change.
@@ -327,35 +328,25 @@ impl Allocator {
         settings: AllocatorSettings,
         pool_size: usize,
     ) -> Result<Self> {
-        let config = fred::types::config::Config::from_url(redis_url)
-            .map_err(|error| AllocatorError::InvalidRequest(format!("redis url: {error}")))?;
-        let timeout = settings.command_timeout;
-        let pool = Builder::from_config(config)
-            .with_performance_config(|performance| {
-                performance.default_command_timeout = timeout;
-            })
-            .with_connection_config(|connection| {
-                connection.connection_timeout = Duration::from_secs(1).max(timeout);
-                connection.internal_command_timeout = Duration::from_secs(1).max(timeout);
-            })
-            .set_policy(ReconnectPolicy::new_constant(0, 200))
-            .build_pool(pool_size.max(1))
-            .map_err(unavailable)?;
-        pool.init().await.map_err(unavailable)?;
         let scripts = Scripts::new();
-        scripts.load(&pool).await.map_err(unavailable)?;
+        let store = store::Store::connect(
+            redis_url,
+            pool_size,
+            settings.command_timeout,
+            scripts.clone(),
+        )
+        .await?;
         let holds = Arc::new(RwLock::new(HoldLimits {
             ttl_default: settings.ttl_default,
             ttl_max: settings.ttl_max,
             cart_line_grace: settings.cart_line_grace,
         }));
         Ok(Self {
-            pool,
+            store,
             scripts,
             settings,
             holds,
             relay_scripts: outbox::RelayScripts::new(),
-            redis_url: Arc::from(redis_url),
         })
     }
 
@@ -391,9 +382,18 @@ impl Allocator {
         Ok(())
     }
 
-    /// Whether Redis answers now.
+    /// Whether Redis answers now: every master (on a cluster, an error
+    /// names the first that does not).
     pub async fn ping(&self) -> Result<()> {
-        let _: String = self.with_timeout(self.pool.next().ping(None)).await?;
+        for master in &self.store.routes().masters {
+            let answer: Result<String> = self.with_timeout(master.pool.next().ping(None)).await;
+            if let Err(error) = answer {
+                return Err(AllocatorError::StoreUnavailable(format!(
+                    "{}: {error}",
+                    master.server
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -404,11 +404,18 @@ impl Allocator {
         // Boxed: a fred command future is ~5 KB, and would make every
         // caller's future that much larger (see `Scripts::run`).
         match tokio::time::timeout(self.settings.command_timeout, Box::pin(call)).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(AllocatorError::StoreUnavailable(format!(
-                "no answer within {} ms",
-                self.settings.command_timeout.as_millis()
-            ))),
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(error)) => {
+                self.store.failed(Some(&error));
+                Err(unavailable(error))
+            }
+            Err(_) => {
+                self.store.failed(None);
+                Err(AllocatorError::StoreUnavailable(format!(
+                    "no answer within {} ms",
+                    self.settings.command_timeout.as_millis()
+                )))
+            }
         }
     }
 
@@ -433,8 +440,9 @@ impl Allocator {
         argv.push(args.to_string());
         argv.push(scripts::REPLY_VERSION.to_string());
         argv.extend(extra);
+        let client = self.store.for_partition(partition)?;
         let text: String = self
-            .with_timeout(self.scripts.run(op, self.pool.next(), keys, argv))
+            .with_timeout(self.scripts.run(op, &client, keys, argv))
             .await?;
         let reply: Value = serde_json::from_str(&text).map_err(|error| {
             AllocatorError::Protocol(format!("{op:?} reply is not JSON: {error}: {text}"))
@@ -693,32 +701,26 @@ impl Allocator {
     /// cache that). A location whose first change was refused stays in the
     /// set without a pool; readers skip it.
     async fn index_location(&self, key: &StockKey) -> Result<()> {
+        let set = keys::locations_key(&key.merchant, &key.sku);
+        let client = self.store.for_key(&set)?;
         let _: i64 = self
-            .with_timeout(self.pool.next().sadd(
-                keys::locations_key(&key.merchant, &key.sku),
-                key.location.as_str(),
-            ))
+            .with_timeout(client.sadd(set, key.location.as_str()))
             .await?;
         Ok(())
     }
 
     /// Every location `(merchant, sku)` has stock at, sorted.
     pub async fn locations(&self, merchant: &str, sku: &str) -> Result<Vec<String>> {
-        let mut locations: Vec<String> = self
-            .with_timeout(
-                self.pool
-                    .next()
-                    .smembers(keys::locations_key(merchant, sku)),
-            )
-            .await?;
+        let set = keys::locations_key(merchant, sku);
+        let client = self.store.for_key(&set)?;
+        let mut locations: Vec<String> = self.with_timeout(client.smembers(set)).await?;
         locations.sort();
         Ok(locations)
     }
 
-    /// Cells as stored now, in the order asked: one `HMGET` per partition,
-    /// all of them sent in one pipeline (one round trip; on a cluster, one
-    /// per master holding any of the partitions). No script: reads never
-    /// decide anything.
+    /// Cells as stored now, in the order asked: one `HMGET` per partition
+    /// ([`Allocator::per_partition`]: one round trip). No script: reads
+    /// never decide anything.
     pub async fn cells(&self, cells: &[CellRef]) -> Result<Vec<Option<Cell>>> {
         let mut by_partition: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
         for (index, cell) in cells.iter().enumerate() {
@@ -728,21 +730,19 @@ impl Allocator {
         if by_partition.is_empty() {
             return Ok(found);
         }
-        let pipeline = self.pool.next().pipeline();
-        for (partition, indexes) in &by_partition {
-            let fields: Vec<&str> = indexes
-                .iter()
-                .map(|&index| cells[index].id.as_str())
-                .collect();
-            let _: () = pipeline
-                .hmget(keys::cells_hash(*partition), fields)
-                .await
-                .map_err(unavailable)?;
-        }
-        // Each HMGET answers one array; `all` keeps them in sending order.
-        // Read as plain values: no conversion guesses at nesting.
-        let reply: fred::types::Value = self.with_timeout(pipeline.all()).await?;
-        let answers = array_of(reply, by_partition.len(), "cell reads")?;
+        let partitions: Vec<u32> = by_partition.keys().copied().collect();
+        let answers = self
+            .per_partition(&partitions, |partition| {
+                let mut args = Vec::with_capacity(1 + by_partition[&partition].len());
+                args.push(keys::cells_hash(partition));
+                args.extend(
+                    by_partition[&partition]
+                        .iter()
+                        .map(|&index| cells[index].id.clone()),
+                );
+                ("HMGET", args)
+            })
+            .await?;
         for (indexes, answer) in by_partition.values().zip(answers) {
             let raws = array_of(answer, indexes.len(), "cells")?;
             for (&index, raw) in indexes.iter().zip(raws) {
@@ -760,14 +760,57 @@ impl Allocator {
         Ok(found)
     }
 
+    /// One command per partition, `(name, arguments)` from `command`, sent
+    /// in one pipeline per master serving any of them, the masters'
+    /// pipelines side by side (one round trip); the answers in the order of
+    /// `partitions`, read as plain values (no conversion guesses at
+    /// nesting). Any master's failure fails the whole read.
+    pub(crate) async fn per_partition(
+        &self,
+        partitions: &[u32],
+        command: impl Fn(u32) -> (&'static str, Vec<String>),
+    ) -> Result<Vec<fred::types::Value>> {
+        let routes = self.store.routes();
+        let mut by_master: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (position, &partition) in partitions.iter().enumerate() {
+            let master = routes.index_of(keys::partition_slot(partition))?;
+            by_master.entry(master).or_default().push(position);
+        }
+        let mut reads = Vec::with_capacity(by_master.len());
+        for (&master, positions) in &by_master {
+            let pipeline = routes.masters[master].pool.next().pipeline();
+            for &position in positions {
+                let (name, args) = command(partitions[position]);
+                let name = fred::types::CustomCommand::new_static(
+                    name,
+                    fred::types::ClusterHash::FirstKey,
+                    false,
+                );
+                let _: () = pipeline.custom(name, args).await.map_err(unavailable)?;
+            }
+            // `all` answers in sending order.
+            reads.push(async move {
+                let reply: fred::types::Value = self.with_timeout(pipeline.all()).await?;
+                array_of(reply, positions.len(), "pipelined answers")
+            });
+        }
+        let mut answers = vec![fred::types::Value::Null; partitions.len()];
+        for (positions, replies) in by_master
+            .values()
+            .zip(futures::future::join_all(reads).await)
+        {
+            for (&position, reply) in positions.iter().zip(replies?) {
+                answers[position] = reply;
+            }
+        }
+        Ok(answers)
+    }
+
     /// A cell as stored now (no script: reads never decide anything).
     pub async fn cell(&self, cell: &CellRef) -> Result<Option<Cell>> {
+        let client = self.store.for_partition(cell.partition)?;
         let raw: Option<String> = self
-            .with_timeout(
-                self.pool
-                    .next()
-                    .hget(keys::cells_hash(cell.partition), &cell.id),
-            )
+            .with_timeout(client.hget(keys::cells_hash(cell.partition), &cell.id))
             .await?;
         raw.map(|text| serde_json::from_str(&text).map_err(protocol))
             .transpose()
@@ -783,12 +826,9 @@ impl Allocator {
         } else {
             format!("{since_ms}-0")
         };
+        let client = self.store.for_partition(partition)?;
         let raw: Vec<(String, Vec<(String, String)>)> = self
-            .with_timeout(
-                self.pool
-                    .next()
-                    .xrange(keys::ledger_stream(partition), start, "+", None),
-            )
+            .with_timeout(client.xrange(keys::ledger_stream(partition), start, "+", None))
             .await?;
         raw.into_iter()
             .map(|(id, fields)| {

@@ -104,12 +104,15 @@ impl Allocator {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Value> {
+        // Every relay script's keys share one slot: the first names it.
+        let client = match keys.first() {
+            Some(key) => self.store.for_key(key)?,
+            None => self.store.any(),
+        };
         let text: String = self
-            .with_timeout(self.relay_scripts.0[script as usize].evalsha_with_reload(
-                self.pool.next(),
-                keys,
-                args,
-            ))
+            .with_timeout(
+                self.relay_scripts.0[script as usize].evalsha_with_reload(&client, keys, args),
+            )
             .await?;
         let reply: Value = serde_json::from_str(&text).map_err(|error| {
             AllocatorError::Protocol(format!("relay script reply {text:?}: {error}"))
@@ -131,8 +134,8 @@ impl Allocator {
     /// missing (reading from the very first entry).
     pub async fn outbox_ensure_group(&self, partition: u32) -> Result<()> {
         let created: std::result::Result<(), fred::error::Error> = self
-            .pool
-            .next()
+            .store
+            .for_partition(partition)?
             .xgroup_create(keys::ledger_stream(partition), OUTBOX_GROUP, "0", true)
             .await;
         match created {

@@ -21,8 +21,8 @@
 
 use std::sync::Arc;
 
-use fred::clients::{Client, Pool};
-use fred::interfaces::{ClientLike, FunctionInterface};
+use fred::clients::Client;
+use fred::interfaces::FunctionInterface;
 use fred::types::{Key, Value};
 use sha2::{Digest as _, Sha256};
 
@@ -163,16 +163,11 @@ impl Scripts {
         }
     }
 
-    /// Loads the library on every primary the pool reaches (again, when it
-    /// is there already: the same name always has the same text).
-    pub async fn load(&self, pool: &Pool) -> Result<(), fred::error::Error> {
-        for client in pool.clients() {
-            let _: Value = client.function_load_cluster(true, &*self.code).await?;
-            if !client.is_clustered() {
-                // One server: every client of the pool reaches the same one.
-                break;
-            }
-        }
+    /// Loads the library on the server `client` reaches (again, when it
+    /// is there already: the same name always has the same text). Each
+    /// master is given it when it is connected (`store`).
+    pub async fn load(&self, client: &Client) -> Result<(), fred::error::Error> {
+        let _: Value = Box::pin(client.function_load(true, &*self.code)).await?;
         Ok(())
     }
 
@@ -207,7 +202,7 @@ impl Scripts {
             Box::pin(client.fcall(name, keys.clone(), args.clone())).await;
         match first {
             Err(error) if error.details().contains("Function not found") => {
-                let _: Value = Box::pin(client.function_load_cluster(true, &*self.code)).await?;
+                self.load(client).await?;
                 Box::pin(client.fcall(name, keys, args)).await
             }
             other => other,

@@ -748,7 +748,13 @@ async fn a_hot_keys_entries_are_in_version_order_per_cell_each_cell_on_one_kafka
 
     let writer = start_writer(&setup);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(setup.metrics_port, "invgw_writer_lag_entries_total").await != Some(0.0) {
+    // No lag is not enough: a writer counts the lag of the partitions it
+    // holds, none before its first leases (a cluster run once read 0 rows
+    // here). It must hold every partition, with nothing left.
+    while metric(setup.metrics_port, "invgw_writer_leases_held").await
+        != Some(f64::from(PARTITIONS))
+        || metric(setup.metrics_port, "invgw_writer_lag_entries_total").await != Some(0.0)
+    {
         assert!(
             Instant::now() < deadline,
             "relayed: {}",

@@ -134,33 +134,68 @@ impl PrivateCluster {
 
     /// The masters serving slots now, as a running node sees them.
     pub fn masters(&self) -> Vec<Master> {
-        let text = self.ask(&["cluster", "nodes"]);
-        let mut masters = Vec::new();
-        for line in text.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
-                continue;
-            }
-            let port = fields[1]
-                .split('@')
-                .next()
-                .and_then(|address| address.rsplit(':').next())
-                .and_then(|port| port.parse().ok())
-                .expect("node address");
-            let slots: Vec<(u16, u16)> = fields[8..]
-                .iter()
-                .filter(|part| !part.starts_with('['))
-                .map(|part| {
-                    let (first, last) = part.split_once('-').unwrap_or((part, part));
-                    (first.parse().expect("slot"), last.parse().expect("slot"))
-                })
-                .collect();
-            if !slots.is_empty() {
-                masters.push(Master { port, slots });
+        masters_seen_by(self.running_port())
+    }
+
+    /// Moves `slot`, which must hold no keys, to the master on `to` by the
+    /// resharding steps (`CLUSTER SETSLOT … IMPORTING` on `to`, `MIGRATING`
+    /// on its master, then `NODE` on every master), and waits until every
+    /// running node sees it there.
+    pub fn move_empty_slot(&self, slot: u16, to: u16) {
+        let from = self.master_of(slot);
+        assert_ne!(from, to, "slot {slot} is on {to} already");
+        let id = |port: u16| redis_cli(port, &["cluster", "myid"]).trim().to_owned();
+        let (from_id, to_id) = (id(from), id(to));
+        let slot_text = slot.to_string();
+        let set = |port: u16, arguments: &[&str]| {
+            let mut command = vec!["cluster", "setslot", slot_text.as_str()];
+            command.extend_from_slice(arguments);
+            let answer = redis_cli(port, &command);
+            assert_eq!(answer.trim(), "OK", "{command:?} on {port}: {answer}");
+        };
+        set(to, &["importing", &from_id]);
+        set(from, &["migrating", &to_id]);
+        let keys = redis_cli(from, &["cluster", "countkeysinslot", &slot_text]);
+        assert_eq!(keys.trim(), "0", "slot {slot} holds keys");
+        set(to, &["node", &to_id]);
+        set(from, &["node", &to_id]);
+        for master in self.masters() {
+            if master.port != to && master.port != from {
+                set(master.port, &["node", &to_id]);
             }
         }
-        masters.sort_by_key(|master| master.slots[0]);
-        masters
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let running: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|node| node.process.is_some())
+            .map(|node| node.port)
+            .collect();
+        while !running.iter().all(|&port| {
+            masters_seen_by(port).iter().any(|master| {
+                master.port == to
+                    && master
+                        .slots
+                        .iter()
+                        .any(|(first, last)| (*first..=*last).contains(&slot))
+            })
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "slot {slot} not seen on {to} by every node: {}",
+                self.ask(&["cluster", "nodes"])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The port of the first running node.
+    fn running_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|node| node.process.is_some())
+            .expect("a running node")
+            .port
     }
 
     /// The port of the master serving `slot` now.
@@ -257,12 +292,7 @@ impl PrivateCluster {
 
     /// Asks the first running node.
     fn ask(&self, arguments: &[&str]) -> String {
-        let node = self
-            .nodes
-            .iter()
-            .find(|node| node.process.is_some())
-            .expect("a running node");
-        redis_cli(node.port, arguments)
+        redis_cli(self.running_port(), arguments)
     }
 
     fn run(&mut self, index: usize) {
@@ -297,4 +327,35 @@ fn redis_cli(port: u16, arguments: &[&str]) -> String {
         .output()
         .expect("redis-cli is installed by scripts/stack");
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The masters serving slots, as the node on `port` sees them.
+fn masters_seen_by(port: u16) -> Vec<Master> {
+    let text = redis_cli(port, &["cluster", "nodes"]);
+    let mut masters = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+            continue;
+        }
+        let port = fields[1]
+            .split('@')
+            .next()
+            .and_then(|address| address.rsplit(':').next())
+            .and_then(|port| port.parse().ok())
+            .expect("node address");
+        let slots: Vec<(u16, u16)> = fields[8..]
+            .iter()
+            .filter(|part| !part.starts_with('['))
+            .map(|part| {
+                let (first, last) = part.split_once('-').unwrap_or((part, part));
+                (first.parse().expect("slot"), last.parse().expect("slot"))
+            })
+            .collect();
+        if !slots.is_empty() {
+            masters.push(Master { port, slots });
+        }
+    }
+    masters.sort_by_key(|master| master.slots[0]);
+    masters
 }
