@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::keys::changes_channel;
-use crate::store::Store;
+use crate::store::{Store, Tasks};
 use crate::{Allocator, Result};
 
 /// One cell of a stock key changed.
@@ -85,6 +85,9 @@ enum Report {
 /// hears.
 struct Subscriber {
     client: Client,
+    /// Its connection's task, ended when dropped (`quit` alone can miss a
+    /// reconnect loop mid-attempt).
+    connection: Tasks,
     forwarder: tokio::task::JoinHandle<()>,
 }
 
@@ -107,6 +110,8 @@ pub struct ChangeFeed {
     down: BTreeSet<usize>,
     /// An event to give before reading more (set when subscribing).
     pending: Option<ChangeEvent>,
+    /// The slot map changed: subscribe afresh on the next call.
+    resubscribe: bool,
 }
 
 impl Allocator {
@@ -129,6 +134,7 @@ impl Allocator {
             sender,
             down: BTreeSet::new(),
             pending: None,
+            resubscribe: false,
         };
         feed.subscribe_all().await?;
         Ok(feed)
@@ -141,6 +147,17 @@ impl ChangeFeed {
     /// new one. A notification that does not decode is skipped with
     /// a warning: it names no cell this node could act on.
     pub async fn next(&mut self) -> Option<ChangeEvent> {
+        if self.resubscribe {
+            if let Err(error) = self.subscribe_all().await {
+                tracing::warn!(%error, "change feed did not follow the new slot map; ending it");
+                return None;
+            }
+            // Cleared only now: a call cancelled half way subscribes again.
+            self.resubscribe = false;
+            // A gap: what was published since the old subscriptions ended
+            // is lost.
+            return Some(self.pending.take().unwrap_or(ChangeEvent::Resumed));
+        }
         if let Some(event) = self.pending.take() {
             return Some(event);
         }
@@ -155,15 +172,15 @@ impl ChangeFeed {
                     if epoch == self.epoch {
                         continue;
                     }
+                    // The map is changing (odd) or changed (even): stop
+                    // trusting what the old subscriptions say at once, and
+                    // once a map is in force subscribe along it on the
+                    // next call.
                     self.epoch = epoch;
-                    self.close_subscribers().await;
-                    if let Err(error) = self.subscribe_all().await {
-                        tracing::warn!(%error, "change feed did not follow the new slot map; ending it");
-                        return None;
-                    }
-                    // A gap: what the old subscriptions heard last is lost.
-                    let event = self.pending.take().unwrap_or(ChangeEvent::Resumed);
-                    return Some(event);
+                    self.close_subscribers();
+                    self.generation += 1;
+                    self.resubscribe = epoch.is_multiple_of(2);
+                    return Some(ChangeEvent::Interrupted);
                 }
                 report = self.reports.recv() => {
                     let (generation, index, report) = report?;
@@ -200,6 +217,8 @@ impl ChangeFeed {
     /// answer now is subscribed once it does ([`ChangeEvent::Interrupted`]
     /// comes first).
     async fn subscribe_all(&mut self) -> Result<()> {
+        // Whatever a cancelled call left.
+        self.close_subscribers();
         self.generation += 1;
         self.down.clear();
         let routes = self.store.routes();
@@ -214,69 +233,97 @@ impl ChangeFeed {
                 }
             }
         }
+        // Every master's subscriber connects side by side (a dead one waits
+        // out `SUBSCRIBE_WAIT`, not each in turn); one serving none of the
+        // partitions gets none.
+        let mut opened = Vec::new();
         for (index, (master, channels)) in routes.masters.iter().zip(channels).enumerate() {
+            if channels.is_empty() {
+                continue;
+            }
             let capacity = self.capacity;
             let mut builder = self.store.builder_for(&master.server);
             builder.with_performance_config(|performance| {
                 performance.broadcast_channel_capacity = capacity;
             });
             let client = builder.build().map_err(crate::unavailable)?;
-            let messages = client.message_rx();
-            let reconnects = client.reconnect_rx();
-            let errors = client.error_rx();
-            // Its connection task runs on, detached: `quit` ends it.
-            drop(client.connect());
-            let connected = tokio::time::timeout(SUBSCRIBE_WAIT, client.wait_for_connect()).await;
-            let subscribed = match connected {
-                Ok(Ok(())) => subscribe(&client, &channels).await.is_ok(),
-                _ => false,
+            // Taken before it connects, so its first connection is heard.
+            let receivers = Receivers {
+                messages: client.message_rx(),
+                reconnects: client.reconnect_rx(),
+                errors: client.error_rx(),
+            };
+            let connection = Tasks(vec![client.connect()]);
+            opened.push((
+                index,
+                master.server.clone(),
+                client,
+                receivers,
+                connection,
+                channels,
+            ));
+        }
+        let connected = futures::future::join_all(opened.iter().map(|(_, _, client, ..)| async {
+            matches!(
+                tokio::time::timeout(SUBSCRIBE_WAIT, client.wait_for_connect()).await,
+                Ok(Ok(()))
+            )
+        }))
+        .await;
+        for ((index, server, client, mut receivers, connection, channels), connected) in
+            opened.into_iter().zip(connected)
+        {
+            // Connected: what its attempts so far reported (failed tries,
+            // the connection itself) is history; subscribed over it now, a
+            // drop after is reported afresh. Not connected: the forwarder
+            // subscribes when its connection comes.
+            let subscribed = connected && {
+                receivers.forget_history();
+                subscribe(&client, &channels).await.is_ok()
             };
             if !subscribed {
-                tracing::warn!(server = %master.server, "change feed: a master is not subscribed yet");
+                tracing::warn!(%server, "change feed: a master is not subscribed yet");
                 self.down.insert(index);
             }
             let forwarder = tokio::spawn(forward(
                 client.clone(),
                 channels,
                 (self.generation, index),
-                Receivers {
-                    messages,
-                    reconnects,
-                    errors,
-                    // Subscribed over the first connection already: its
-                    // news (queued before it was up) is no reconnect.
-                    first_heard: subscribed,
-                },
+                receivers,
                 self.sender.clone(),
             ));
-            self.subscribers.push(Subscriber { client, forwarder });
+            self.subscribers.push(Subscriber {
+                client,
+                connection,
+                forwarder,
+            });
         }
         self.pending = (!self.down.is_empty()).then_some(ChangeEvent::Interrupted);
         Ok(())
     }
 
-    async fn close_subscribers(&mut self) {
+    /// Lets every subscriber go: its forwarder at once, its connection
+    /// closed in the background (a dead master's would wait for it) and
+    /// then its task ended.
+    fn close_subscribers(&mut self) {
         for subscriber in self.subscribers.drain(..) {
             subscriber.forwarder.abort();
-            // A dead master's client would wait for it: in the background.
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    std::time::Duration::from_secs(1),
-                    subscriber.client.quit(),
-                )
-                .await;
+                let _ = tokio::time::timeout(SUBSCRIBE_WAIT, subscriber.client.quit()).await;
+                drop(subscriber.connection);
             });
         }
     }
 
     /// Ends the subscription.
     pub async fn close(mut self) {
-        self.close_subscribers().await;
+        self.close_subscribers();
     }
 }
 
 impl Drop for ChangeFeed {
     fn drop(&mut self) {
+        // Their connection tasks end with them.
         for subscriber in &self.subscribers {
             subscriber.forwarder.abort();
         }
@@ -289,8 +336,20 @@ struct Receivers {
     messages: broadcast::Receiver<fred::types::Message>,
     reconnects: broadcast::Receiver<fred::types::config::Server>,
     errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
-    /// Whether the first connection's news is to be skipped.
-    first_heard: bool,
+}
+
+impl Receivers {
+    /// Drops the connection news queued so far.
+    fn forget_history(&mut self) {
+        fn drain<T: Clone>(receiver: &mut broadcast::Receiver<T>) {
+            while !matches!(
+                receiver.try_recv(),
+                Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed)
+            ) {}
+        }
+        drain(&mut self.reconnects);
+        drain(&mut self.errors);
+    }
 }
 
 /// `SSUBSCRIBE`s every channel (one call each; again after a reconnect: a
@@ -319,6 +378,10 @@ async fn forward(
     let send = |report: Report| sender.send((tag.0, tag.1, report));
     loop {
         let report = tokio::select! {
+            // A drop heard before what followed it (a reconnect queued
+            // behind it would otherwise leave this master marked down).
+            biased;
+            _ = receivers.errors.recv() => Report::Interrupted,
             message = receivers.messages.recv() => match message {
                 Ok(message) => {
                     let Ok(text): std::result::Result<String, _> = message.value.convert() else {
@@ -335,11 +398,7 @@ async fn forward(
                 Err(broadcast::error::RecvError::Lagged(_)) => Report::Missed,
                 Err(broadcast::error::RecvError::Closed) => Report::Ended,
             },
-            _ = receivers.errors.recv() => Report::Interrupted,
             _ = receivers.reconnects.recv() => {
-                if std::mem::take(&mut receivers.first_heard) {
-                    continue;
-                }
                 // A new connection has no subscriptions.
                 match subscribe(&client, &channels).await {
                     Ok(()) => Report::Resumed,

@@ -993,8 +993,12 @@ impl Allocator {
     }
 
     /// Every stock key that has had buckets ([`keys::hot_keys_set`] of
-    /// every partition), sorted.
+    /// every partition), sorted. Keys still in the registry of releases
+    /// before it was split per partition ([`keys::LEGACY_HOT_KEYS`]) are
+    /// moved to their partition's set first, so a sale that ended before
+    /// an upgrade still has its buckets reclaimed.
     pub async fn hot_keys(&self) -> Result<Vec<StockKey>> {
+        self.move_legacy_hot_keys().await?;
         let partitions: Vec<u32> = (0..self.settings.partitions).collect();
         let sets = self
             .per_partition(&partitions, |partition| {
@@ -1019,6 +1023,29 @@ impl Allocator {
                 }
             })
             .collect())
+    }
+
+    /// Moves every member of [`keys::LEGACY_HOT_KEYS`] to its partition's
+    /// set (added there before it is removed from the old one, so a crash
+    /// between leaves it in both, never in neither).
+    async fn move_legacy_hot_keys(&self) -> Result<()> {
+        let legacy = self.store.for_key(keys::LEGACY_HOT_KEYS)?;
+        let members: Vec<String> = self
+            .with_timeout(legacy.smembers(keys::LEGACY_HOT_KEYS))
+            .await?;
+        for member in members {
+            let mut parts = member.split('|');
+            if let (Some(merchant), Some(sku), Some(location), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            {
+                self.register_hot_key(&StockKey::new(merchant, sku, location))
+                    .await?;
+            }
+            let _: i64 = self
+                .with_timeout(legacy.srem(keys::LEGACY_HOT_KEYS, member.as_str()))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records `key` among the keys that have had buckets (idempotent), before

@@ -220,6 +220,11 @@ pub fn hot_keys_set(partition: u32) -> String {
     format!("inv:{{{partition}}}:hotkeys")
 }
 
+/// The one set of hot keys of releases before [`hot_keys_set`]: read only
+/// to move its members to their partitions' sets
+/// (`Allocator::hot_keys`).
+pub const LEGACY_HOT_KEYS: &str = "inv:hotkeys";
+
 /// A node's heartbeat (a plain key with a TTL, outside the partitions).
 pub fn heartbeat_key(node: &str) -> String {
     format!("inv:node:{node}:heartbeat")

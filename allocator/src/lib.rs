@@ -310,6 +310,49 @@ pub struct Allocator {
     relay_scripts: outbox::RelayScripts,
 }
 
+/// Which of the store's masters answer ([`Allocator::health`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Masters in the slot map (1 for one Redis).
+    pub masters: usize,
+    /// Those that did not answer, each with why (`host:port: error`).
+    pub not_answering: Vec<String>,
+    /// Hash slots no master serves (a cluster without full coverage).
+    pub uncovered_slots: usize,
+}
+
+impl StoreHealth {
+    /// Every master answers and every slot has one.
+    pub fn is_whole(&self) -> bool {
+        self.not_answering.is_empty() && self.uncovered_slots == 0
+    }
+
+    /// Some masters answer: keys on them are served.
+    pub fn some_answer(&self) -> bool {
+        self.not_answering.len() < self.masters
+    }
+
+    /// What is missing, for a log or a `/ready` reason.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.not_answering.is_empty() {
+            parts.push(format!(
+                "{} of {} Redis masters not answering: {}",
+                self.not_answering.len(),
+                self.masters,
+                self.not_answering.join("; ")
+            ));
+        }
+        if self.uncovered_slots > 0 {
+            parts.push(format!(
+                "{} hash slots have no master",
+                self.uncovered_slots
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
 /// The hold limits a config reload may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HoldLimits {
@@ -382,19 +425,36 @@ impl Allocator {
         Ok(())
     }
 
-    /// Whether Redis answers now: every master (on a cluster, an error
-    /// names the first that does not).
+    /// Whether Redis answers now: every master, and every hash slot has
+    /// one (an error says which do not).
     pub async fn ping(&self) -> Result<()> {
-        for master in &self.store.routes().masters {
-            let answer: Result<String> = self.with_timeout(master.pool.next().ping(None)).await;
-            if let Err(error) = answer {
-                return Err(AllocatorError::StoreUnavailable(format!(
-                    "{}: {error}",
-                    master.server
-                )));
-            }
+        let health = self.health().await;
+        if health.is_whole() {
+            Ok(())
+        } else {
+            Err(AllocatorError::StoreUnavailable(health.describe()))
         }
-        Ok(())
+    }
+
+    /// Which masters answer a `PING` now (all asked side by side; one with
+    /// no connection up is not asked, it does not answer).
+    pub async fn health(&self) -> StoreHealth {
+        let routes = self.store.routes();
+        let answers = futures::future::join_all(routes.masters.iter().map(|master| async move {
+            if !master.connected() {
+                return Some(format!("{}: not connected", master.server));
+            }
+            let answer: Result<String> = self.with_timeout(master.client().ping(None)).await;
+            answer
+                .err()
+                .map(|error| format!("{}: {error}", master.server))
+        }))
+        .await;
+        StoreHealth {
+            masters: routes.masters.len(),
+            not_answering: answers.into_iter().flatten().collect(),
+            uncovered_slots: routes.uncovered(),
+        }
     }
 
     pub(crate) async fn with_timeout<T>(

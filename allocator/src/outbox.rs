@@ -133,16 +133,18 @@ impl Allocator {
     /// Creates the writers' consumer group on `partition`'s outbox if it is
     /// missing (reading from the very first entry).
     pub async fn outbox_ensure_group(&self, partition: u32) -> Result<()> {
-        let created: std::result::Result<(), fred::error::Error> = self
-            .store
-            .for_partition(partition)?
-            .xgroup_create(keys::ledger_stream(partition), OUTBOX_GROUP, "0", true)
+        let client = self.store.for_partition(partition)?;
+        let created: Result<()> = self
+            .with_timeout(client.xgroup_create(
+                keys::ledger_stream(partition),
+                OUTBOX_GROUP,
+                "0",
+                true,
+            ))
             .await;
         match created {
-            Err(error) if !error.details().contains("BUSYGROUP") => {
-                Err(AllocatorError::StoreUnavailable(error.to_string()))
-            }
-            _ => Ok(()),
+            Err(AllocatorError::StoreUnavailable(error)) if error.contains("BUSYGROUP") => Ok(()),
+            other => other,
         }
     }
 

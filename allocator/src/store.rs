@@ -24,10 +24,18 @@
 //! first answer. A new master (a promoted replica, a node resharded into)
 //! is connected and given the library in the refresh task, so no command
 //! waits for it; a master that serves no slot any more is disconnected.
+//! Every connected master is asked and the answer covering the most slots
+//! wins (an empty answer, from a node that lost its cluster state, is never
+//! taken); subscribers are told as soon as a different map is seen, before
+//! its new masters are connected, and again once it is in force.
 //! Until the refresh that sees a move, its slot's commands go to the old
 //! master and are refused (`MOVED`: the script did not run) or time out:
 //! 503 either way, and a retry with the same idempotency key is safe.
 //! Subscribers follow the map through [`Store::routes_changed`].
+//!
+//! **Starting while a master is down.** A cluster store starts when at
+//! least one master answers; the others are kept connecting in the
+//! background (their slots answer 503 meanwhile). One Redis must answer.
 //!
 //! A single Redis (`redis://`) is the same with one master serving every
 //! slot, and no refresh.
@@ -36,6 +44,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use fred::prelude::*;
+use fred::types::ConnectHandle;
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::{Server, ServerConfig};
 use tokio::sync::{Notify, watch};
@@ -58,6 +67,20 @@ const SLOTS: usize = 16_384;
 /// A slot no master serves (a cluster without full coverage).
 const NO_MASTER: u16 = u16::MAX;
 
+/// A slot map as read: `(first, last, master)` ranges in slot order.
+type Ranges = Vec<(u16, u16, Server)>;
+
+/// Connection tasks, aborted when dropped: fred's `quit` is not heard by a
+/// reconnect loop in the middle of an attempt, which would then try a dead
+/// address for ever.
+pub(crate) struct Tasks(pub(crate) Vec<ConnectHandle>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.0.iter().for_each(ConnectHandle::abort);
+    }
+}
+
 /// One master and its connections.
 #[derive(Clone)]
 pub(crate) struct Master {
@@ -65,6 +88,32 @@ pub(crate) struct Master {
     pub(crate) server: Server,
     /// Connections to it alone.
     pub(crate) pool: Pool,
+    /// Each connection's task, ended with the last clone of the master.
+    tasks: Arc<Tasks>,
+}
+
+impl Master {
+    /// Whether any of its connections is up now.
+    pub(crate) fn connected(&self) -> bool {
+        self.pool
+            .clients()
+            .iter()
+            .any(|client| client.is_connected())
+    }
+
+    /// A connection to it, a connected one when there is one.
+    pub(crate) fn client(&self) -> &Client {
+        self.pool.next_connected()
+    }
+
+    /// Closes its connections (in the background: a dead master's would
+    /// wait for it), then ends their tasks.
+    fn let_go(self) {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(ASK_TIMEOUT, self.pool.quit()).await;
+            drop(self.tasks);
+        });
+    }
 }
 
 /// The slot map: which master serves each slot.
@@ -75,25 +124,32 @@ pub(crate) struct Routes {
     pub(crate) masters: Vec<Master>,
     /// Index in `masters` per slot (`NO_MASTER` for none).
     slots: Vec<u16>,
-    /// The map as read: slot ranges and their master (to tell a change).
-    ranges: Vec<(u16, u16, Server)>,
+    /// The map as read (to tell a change).
+    ranges: Ranges,
 }
 
 impl Routes {
     /// The master serving `slot`.
     pub(crate) fn master_of(&self, slot: u16) -> Result<&Master> {
-        match self.slots.get(usize::from(slot)) {
-            Some(&index) if index != NO_MASTER => Ok(&self.masters[usize::from(index)]),
-            _ => Err(AllocatorError::StoreUnavailable(format!(
-                "no master serves hash slot {slot}"
-            ))),
-        }
+        Ok(&self.masters[self.index_of(slot)?])
+    }
+
+    /// Hash slots no master serves (0 for one Redis).
+    pub(crate) fn uncovered(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|&&index| index == NO_MASTER)
+            .count()
     }
 
     /// The index in `masters` of the one serving `slot`.
     pub(crate) fn index_of(&self, slot: u16) -> Result<usize> {
-        self.master_of(slot)?;
-        Ok(usize::from(self.slots[usize::from(slot)]))
+        match self.slots.get(usize::from(slot)) {
+            Some(&index) if index != NO_MASTER => Ok(usize::from(index)),
+            _ => Err(AllocatorError::StoreUnavailable(format!(
+                "no master serves hash slot {slot}"
+            ))),
+        }
     }
 }
 
@@ -120,15 +176,17 @@ struct Shared {
     scripts: Scripts,
     /// Wakes the refresh task early.
     stale: Arc<Notify>,
-    /// The epoch of the map in force, for subscribers.
+    /// Odd while a different map is being put in force, for subscribers
+    /// ([`Store::routes_changed`]).
     changed: watch::Sender<u64>,
 }
 
 impl Store {
-    /// Connects to every master `redis_url` names (a cluster: every master
-    /// its map lists) and gives each the library. A cluster's refresh task
-    /// runs on the current runtime for as long as a clone of the store
-    /// lives.
+    /// Connects to the masters `redis_url` names (a cluster: every master
+    /// its map lists) and gives each the library. One Redis must answer; of
+    /// a cluster's masters, one (the others connect in the background). A
+    /// cluster's refresh task runs on the current runtime for as long as a
+    /// clone of the store lives.
     pub(crate) async fn connect(
         redis_url: &str,
         pool_size: usize,
@@ -163,19 +221,29 @@ impl Store {
             stale: Arc::new(Notify::new()),
             changed: watch::Sender::new(0),
         };
-        let routes = if cluster {
-            let ranges = shared.ask_ranges(&[]).await?;
-            shared.routes_from(ranges, &[], 0, true).await?
+        let ranges = if cluster {
+            shared.ask_ranges(&[]).await?
         } else {
-            let server = shared.seeds[0].clone();
-            let master = shared.open(&server, true).await?;
-            Routes {
-                epoch: 0,
-                masters: vec![master],
-                slots: vec![0; SLOTS],
-                ranges: vec![(0, (SLOTS - 1) as u16, server)],
-            }
+            vec![(0, (SLOTS - 1) as u16, shared.seeds[0].clone())]
         };
+        let routes = shared.routes_from(ranges, &[], 0).await?;
+        let answering: Vec<&Master> = routes
+            .masters
+            .iter()
+            .filter(|master| master.connected())
+            .collect();
+        if answering.is_empty() {
+            // Dropping the routes ends the connection tasks.
+            return Err(AllocatorError::StoreUnavailable(format!(
+                "no Redis answered: {}",
+                routes
+                    .masters
+                    .iter()
+                    .map(|master| master.server.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         *shared.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
         let shared = Arc::new(shared);
         if cluster {
@@ -194,10 +262,9 @@ impl Store {
 
     /// A connection to the master serving `slot`.
     pub(crate) fn for_slot(&self, slot: u16) -> Result<Client> {
-        if !self.shared.cluster {
-            return Ok(self.routes().masters[0].pool.next().clone());
-        }
-        match self.routes().master_of(slot) {
+        let routes = self.routes();
+        let slot = if self.shared.cluster { slot } else { 0 };
+        match routes.master_of(slot) {
             Ok(master) => Ok(master.pool.next().clone()),
             Err(error) => {
                 // Perhaps served again since the map was read.
@@ -223,17 +290,23 @@ impl Store {
         self.for_slot(crate::keys::partition_slot(partition))
     }
 
-    /// A connection to some master (for a command of no key: `TIME`).
+    /// A connection to some master, a connected one when there is one (for
+    /// a command of no key: `TIME`).
     pub(crate) fn any(&self) -> Client {
         let routes = self.routes();
-        let connected = routes
+        // Never empty: a store starts with a master, and a map without one
+        // is never taken.
+        let master = routes
             .masters
             .iter()
-            .find(|master| master.pool.next().is_connected());
-        connected.unwrap_or(&routes.masters[0]).pool.next().clone()
+            .find(|master| master.connected())
+            .unwrap_or(&routes.masters[0]);
+        master.client().clone()
     }
 
-    /// The epoch of the map in force, changing with it.
+    /// A count of slot map changes: made odd when a different map is seen
+    /// (before its new masters are connected), even again once a map is in
+    /// force (the new one, or the old one if the new could not be made).
     pub(crate) fn routes_changed(&self) -> watch::Receiver<u64> {
         self.shared.changed.subscribe()
     }
@@ -242,7 +315,7 @@ impl Store {
     /// connection: the change feed's subscribers), retrying from its first
     /// connection on.
     pub(crate) fn builder_for(&self, server: &Server) -> Builder {
-        self.shared.builder_for(server, false)
+        self.shared.builder_for(server, true)
     }
 
     /// Notes a failed command: one a moved slot or a lost master explains
@@ -267,15 +340,16 @@ impl Store {
 }
 
 impl Shared {
-    /// Connections to `server` alone. `fail_fast`: a first connection
-    /// that fails ends the client (at start: the caller is told); else it
-    /// is retried like any later one.
-    fn builder_for(&self, server: &Server, fail_fast: bool) -> Builder {
+    /// Connections to `server` alone. `retry`: each retried from its first
+    /// attempt on (a master down now is connected once it answers; fred
+    /// waits its reconnect delay before that first attempt); else a first
+    /// attempt that fails ends the client (a one-shot question).
+    fn builder_for(&self, server: &Server, retry: bool) -> Builder {
         let mut config = self.template.clone();
         config.server = ServerConfig::Centralized {
             server: server.clone(),
         };
-        config.fail_fast = fail_fast;
+        config.fail_fast = !retry;
         let timeout = self.timeout;
         let mut builder = Builder::from_config(config);
         builder
@@ -290,119 +364,119 @@ impl Shared {
         builder
     }
 
-    /// Connections to `server`, given the library. `required`: it must
-    /// answer now (at start); else one that does not is kept connecting
-    /// in the background (its commands wait for it, and time out).
-    async fn open(&self, server: &Server, required: bool) -> Result<Master> {
-        let pool = self
-            .builder_for(server, required)
-            .build_pool(self.pool_size)
-            .map_err(crate::unavailable)?;
-        if required {
-            pool.init().await.map_err(crate::unavailable)?;
-        } else {
-            // Its connection tasks run on, detached: `quit` ends them.
-            drop(pool.connect());
-            let wait = Duration::from_secs(1).max(self.timeout);
-            if tokio::time::timeout(wait, pool.wait_for_connect())
-                .await
-                .is_err()
-            {
-                tracing::warn!(%server, "a new master does not answer yet; connecting in the background");
-                return Ok(Master {
-                    server: server.clone(),
-                    pool,
-                });
-            }
-        }
-        let loaded = tokio::time::timeout(
-            Duration::from_secs(1).max(self.timeout),
-            self.scripts.load(pool.next()),
-        )
-        .await;
-        match loaded {
-            Ok(Ok(())) => {}
-            // A later call loads it (`Scripts::run`).
-            Ok(Err(error)) if !required => {
-                tracing::warn!(%server, %error, "library not loaded on a new master yet");
-            }
-            Ok(Err(error)) => return Err(crate::unavailable(error)),
-            Err(_) if !required => {
-                tracing::warn!(%server, "library not loaded on a new master yet");
-            }
-            Err(_) => {
-                return Err(AllocatorError::StoreUnavailable(format!(
-                    "{server}: the library did not load in time"
-                )));
-            }
-        }
-        Ok(Master {
-            server: server.clone(),
-            pool,
-        })
+    /// How long opening a master waits for it to answer.
+    fn connect_wait(&self) -> Duration {
+        Duration::from_secs(1).max(self.timeout)
     }
 
-    /// The map as `CLUSTER SLOTS` answers it: from `known` masters first
-    /// (connected ones), then the URL's nodes.
-    async fn ask_ranges(&self, known: &[Master]) -> Result<Vec<(u16, u16, Server)>> {
+    /// Connections to `server`, given the library when it answers within
+    /// [`Shared::connect_wait`]; else kept connecting in the background (its
+    /// commands wait for it and time out; the library is loaded by the
+    /// first call that finds it missing, `Scripts::run`).
+    async fn open(&self, server: &Server) -> Result<Master> {
+        let pool = self
+            .builder_for(server, true)
+            .build_pool(self.pool_size)
+            .map_err(crate::unavailable)?;
+        let tasks = Arc::new(Tasks(pool.connect_pool()));
+        let master = Master {
+            server: server.clone(),
+            pool,
+            tasks,
+        };
+        let wait = self.connect_wait();
+        if !matches!(
+            tokio::time::timeout(wait, master.pool.wait_for_connect()).await,
+            Ok(Ok(()))
+        ) {
+            tracing::warn!(%server, "a master does not answer; connecting in the background");
+            return Ok(master);
+        }
+        match tokio::time::timeout(wait, self.scripts.load(master.client())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%server, %error, "the library is not loaded on a master yet");
+            }
+            Err(_) => tracing::warn!(%server, "the library is not loaded on a master yet"),
+        }
+        Ok(master)
+    }
+
+    /// The map as `CLUSTER SLOTS` answers it: every connected one of
+    /// `known` is asked and the answer covering the most slots wins (an
+    /// empty one never does); when none answers, the URL's nodes in turn.
+    async fn ask_ranges(&self, known: &[Master]) -> Result<Ranges> {
+        let asked = futures::future::join_all(
+            known
+                .iter()
+                .filter(|master| master.connected())
+                .map(|master| ask(master.client(), &master.server)),
+        )
+        .await;
         let mut last_error = String::from("no node to ask");
-        for master in known {
-            let client = master.pool.next();
-            if !client.is_connected() {
-                continue;
+        let mut best: Option<Ranges> = None;
+        for answer in asked {
+            match answer {
+                Ok(ranges) if covered(&ranges) > best.as_ref().map_or(0, covered) => {
+                    best = Some(ranges)
+                }
+                Ok(_) => {}
+                Err(error) => last_error = error,
             }
-            match ask(client, &master.server).await {
-                Ok(ranges) => return Ok(ranges),
-                Err(error) => last_error = format!("{}: {error}", master.server),
-            }
+        }
+        if let Some(best) = best {
+            return Ok(best);
         }
         for seed in &self.seeds {
             let client = self
-                .builder_for(seed, true)
+                .builder_for(seed, false)
                 .build()
                 .map_err(crate::unavailable)?;
-            let asked = async {
-                client.init().await.map_err(|error| error.to_string())?;
+            let task = Tasks(vec![client.connect()]);
+            let answer = tokio::time::timeout(self.connect_wait(), async {
+                client.wait_for_connect().await.map_err(|e| e.to_string())?;
                 ask(&client, seed).await
-            };
-            let answer = tokio::time::timeout(ASK_TIMEOUT.max(self.timeout), asked).await;
+            })
+            .await;
             let _ = tokio::time::timeout(ASK_TIMEOUT, client.quit()).await;
+            drop(task);
             match answer {
-                Ok(Ok(ranges)) => return Ok(ranges),
-                Ok(Err(error)) => last_error = format!("{seed}: {error}"),
+                Ok(Ok(ranges)) if covered(&ranges) > 0 => return Ok(ranges),
+                Ok(Ok(_)) => last_error = format!("{seed}: serves no slot"),
+                Ok(Err(error)) => last_error = error,
                 Err(_) => last_error = format!("{seed}: no answer in time"),
             }
         }
         Err(AllocatorError::StoreUnavailable(format!(
-            "no cluster node answered CLUSTER SLOTS (last: {last_error})"
+            "no cluster node answered CLUSTER SLOTS with a map (last: {last_error})"
         )))
     }
 
     /// A slot map from `ranges`, reusing `known` masters' connections and
-    /// opening the others.
-    async fn routes_from(
-        &self,
-        ranges: Vec<(u16, u16, Server)>,
-        known: &[Master],
-        epoch: u64,
-        required: bool,
-    ) -> Result<Routes> {
-        let mut masters: Vec<Master> = Vec::new();
+    /// opening the others (side by side).
+    async fn routes_from(&self, ranges: Ranges, known: &[Master], epoch: u64) -> Result<Routes> {
+        let mut servers: Vec<Server> = Vec::new();
+        for (_, _, server) in &ranges {
+            if !servers.contains(server) {
+                servers.push(server.clone());
+            }
+        }
+        let opened = futures::future::join_all(servers.iter().map(|server| async move {
+            match known.iter().find(|master| master.server == *server) {
+                Some(master) => Ok(master.clone()),
+                None => self.open(server).await,
+            }
+        }))
+        .await;
+        let masters = opened.into_iter().collect::<Result<Vec<Master>>>()?;
         let mut slots = vec![NO_MASTER; SLOTS];
         for (first, last, server) in &ranges {
-            let index = match masters.iter().position(|master| master.server == *server) {
-                Some(index) => index,
-                None => {
-                    let master = match known.iter().find(|master| master.server == *server) {
-                        Some(master) => master.clone(),
-                        None => self.open(server, required).await?,
-                    };
-                    masters.push(master);
-                    masters.len() - 1
-                }
-            };
+            let index = servers
+                .iter()
+                .position(|candidate| candidate == server)
+                .expect("every range's master is listed") as u16;
             for slot in *first..=*last {
-                slots[usize::from(slot)] = index as u16;
+                slots[usize::from(slot)] = index;
             }
         }
         Ok(Routes {
@@ -413,56 +487,71 @@ impl Shared {
         })
     }
 
-    /// Reads the map again; swaps it in when it changed, disconnecting
-    /// the masters that serve nothing now.
+    /// Reads the map again; swaps it in when it changed, letting go of the
+    /// masters that serve nothing now.
     async fn refresh(&self) -> Result<()> {
         let current = Arc::clone(&self.routes.read().unwrap_or_else(|e| e.into_inner()));
         let ranges = self.ask_ranges(&current.masters).await?;
         if ranges == current.ranges {
             return Ok(());
         }
-        let routes = self
-            .routes_from(ranges, &current.masters, current.epoch + 1, false)
-            .await?;
+        // Subscribers stop trusting the old map now (odd: changing), not
+        // once the new masters answer; and follow the map in force once it
+        // is (even), or the old one still if the new one could not be made.
+        self.changed.send_modify(|count| *count += 1);
+        let made = self
+            .routes_from(ranges, &current.masters, current.epoch + 1)
+            .await;
+        let routes = match made {
+            Ok(routes) => routes,
+            Err(error) => {
+                self.changed.send_modify(|count| *count += 1);
+                return Err(error);
+            }
+        };
         tracing::info!(
             epoch = routes.epoch,
             masters = ?routes.masters.iter().map(|m| m.server.to_string()).collect::<Vec<_>>(),
             "the cluster's slot map changed"
         );
-        for old in &current.masters {
-            if !routes
-                .masters
-                .iter()
-                .any(|master| master.server == old.server)
-            {
-                let pool = old.pool.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(ASK_TIMEOUT, pool.quit()).await;
-                });
-            }
-        }
-        let epoch = routes.epoch;
+        let gone: Vec<Master> = current
+            .masters
+            .iter()
+            .filter(|old| {
+                !routes
+                    .masters
+                    .iter()
+                    .any(|master| master.server == old.server)
+            })
+            .cloned()
+            .collect();
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
-        self.changed.send_replace(epoch);
+        self.changed.send_modify(|count| *count += 1);
+        // After the swap: no command is sent to a pool being closed.
+        gone.into_iter().for_each(Master::let_go);
         Ok(())
     }
 }
 
-/// One node's `CLUSTER SLOTS`, as (first, last, master) ranges in slot
-/// order.
-async fn ask(
-    client: &Client,
-    server: &Server,
-) -> std::result::Result<Vec<(u16, u16, Server)>, String> {
+/// Slots a map covers.
+fn covered(ranges: &Ranges) -> usize {
+    ranges
+        .iter()
+        .map(|(first, last, _)| usize::from(last - first) + 1)
+        .sum()
+}
+
+/// One node's `CLUSTER SLOTS`, as ranges in slot order.
+async fn ask(client: &Client, server: &Server) -> std::result::Result<Ranges, String> {
     let command =
         fred::types::CustomCommand::new_static("CLUSTER", fred::types::ClusterHash::Random, false);
     let reply: fred::types::Value =
         tokio::time::timeout(ASK_TIMEOUT, client.custom(command, vec!["SLOTS"]))
             .await
-            .map_err(|_| "no answer in time".to_owned())?
-            .map_err(|error| error.to_string())?;
+            .map_err(|_| format!("{server}: no answer in time"))?
+            .map_err(|error| format!("{server}: {error}"))?;
     let routing = ClusterRouting::from_cluster_slots(reply, server.host.clone())
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| format!("{server}: {error}"))?;
     Ok(routing
         .slots()
         .iter()

@@ -124,6 +124,16 @@ async fn commands_and_the_change_feed_follow_a_moved_slot_and_a_lost_master() {
     cluster.move_empty_slot(slot, masters[1].port);
     assert_eq!(cluster.master_of(slot), masters[1].port);
     restock(&allocator, &moved).await;
+    // Interrupted first (the cache stops trusting the old map at once),
+    // then Resumed once subscribed along the new one.
+    let before = expect_event(&mut feed, "Interrupted by the move", |event| {
+        *event == ChangeEvent::Interrupted
+    })
+    .await;
+    assert!(
+        before.is_empty(),
+        "nothing before the interruption: {before:?}"
+    );
     expect_event(&mut feed, "Resumed after the move", |event| {
         *event == ChangeEvent::Resumed
     })
@@ -149,11 +159,16 @@ async fn commands_and_the_change_feed_follow_a_moved_slot_and_a_lost_master() {
         *event == ChangeEvent::Interrupted
     })
     .await;
+    let health = allocator.health().await;
+    assert_eq!(health.masters, 3);
+    assert_eq!(health.not_answering.len(), 1, "{health:?}");
+    assert!(allocator.ping().await.is_err());
     restock(&allocator, &keys[0]).await;
     expect_event(&mut feed, "a live master's change", changed(&keys[0])).await;
     cluster.restart(victim);
     cluster.wait_served(Duration::from_secs(30));
     expect_event(&mut feed, "Resumed", |event| *event == ChangeEvent::Resumed).await;
+    allocator.ping().await.expect("every master answers again");
     restock(&allocator, &keys[2]).await;
     expect_event(&mut feed, "the returned master's change", changed(&keys[2])).await;
     feed.close().await;

@@ -750,3 +750,36 @@ async fn a_hot_hold_is_made_in_its_claims_cell_or_not_at_all() {
         "nothing held: {view:?}"
     );
 }
+
+/// A key in the hot-key registry of releases before it was split per
+/// partition (`inv:hotkeys`) is still found by the reconciler's listing, and
+/// moved to its partition's set on the way: a sale that ended before an
+/// upgrade still has its buckets reclaimed.
+#[tokio::test]
+async fn a_hot_key_registered_by_an_older_release_is_still_listed_and_moved() {
+    let allocator = allocator_for("node-a").await;
+    let redis = raw_redis().await;
+    let key = StockKey::new(testkit::unique_id("legacy"), "hot", "dc1");
+    let member = format!("{}|{}|{}", key.merchant, key.sku, key.location);
+    let _: i64 = redis
+        .sadd(allocator::keys::LEGACY_HOT_KEYS, member.as_str())
+        .await
+        .expect("sadd");
+    let listed = allocator.hot_keys().await.expect("hot keys");
+    assert!(listed.contains(&key), "{key} listed");
+    let still: bool = redis
+        .sismember(allocator::keys::LEGACY_HOT_KEYS, member.as_str())
+        .await
+        .expect("sismember");
+    assert!(!still, "moved out of the old registry");
+    let moved: bool = redis
+        .sismember(
+            allocator::keys::hot_keys_set(key.partition(PARTITIONS)),
+            member.as_str(),
+        )
+        .await
+        .expect("sismember");
+    assert!(moved, "into its partition's set");
+    allocator.forget_hot_key(&key).await.expect("forget");
+    assert!(!allocator.hot_keys().await.expect("hot keys").contains(&key));
+}

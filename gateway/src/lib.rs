@@ -21,6 +21,9 @@
 //!   naming a merchant (availability, create, adjustments, settings) answer
 //!   403 when the key belongs to another merchant.
 //! * Too many SSE streams on a node is 429 `rate_limited` with Retry-After.
+//! * `/ready` on a Redis Cluster with some (not all) masters not answering
+//!   is 200 with status `degraded`, naming them: the node serves every key
+//!   on the others, and 503s only theirs.
 //! * A flash sale's activation epoch is a hash of its configuration, the same
 //!   on every node: activation is idempotent per epoch, and editing the sale
 //!   starts a new one.
