@@ -262,9 +262,8 @@ impl Store {
 
     /// A connection to the master serving `slot`.
     pub(crate) fn for_slot(&self, slot: u16) -> Result<Client> {
-        let routes = self.routes();
-        let slot = if self.shared.cluster { slot } else { 0 };
-        match routes.master_of(slot) {
+        // One Redis: its one master serves every slot.
+        match self.routes().master_of(slot) {
             Ok(master) => Ok(master.pool.next().clone()),
             Err(error) => {
                 // Perhaps served again since the map was read.
