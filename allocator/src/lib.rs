@@ -779,7 +779,7 @@ impl Allocator {
     }
 
     /// Cells as stored now, in the order asked: one `HMGET` per partition
-    /// ([`Allocator::per_partition`]: one round trip). No script: reads
+    /// (`Allocator::per_partition`: one round trip). No script: reads
     /// never decide anything.
     pub async fn cells(&self, cells: &[CellRef]) -> Result<Vec<Option<Cell>>> {
         let mut by_partition: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
