@@ -364,6 +364,12 @@ pub struct HoldLimits {
     pub cart_line_grace: Duration,
 }
 
+/// The first pause between tries of [`Allocator::connect_waiting`].
+pub const START_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// The longest pause between tries of [`Allocator::connect_waiting`]: a
+/// process serves within this of its dependency answering.
+pub const START_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 impl Allocator {
     /// Connects to `redis_url` and loads the scripts.
     pub async fn connect(
@@ -391,6 +397,44 @@ impl Allocator {
             holds,
             relay_scripts: outbox::RelayScripts::new(),
         })
+    }
+
+    /// [`Allocator::connect`] for a process starting up: waits until Redis
+    /// connects and a master answers a `PING` (a Redis still loading its
+    /// dataset answers `LOADING`, which is waiting too; on a cluster one
+    /// master is enough, the others are served once they answer). Each
+    /// failed try is handed to `waiting` with its cause, for the log and
+    /// the process's `/ready`; tries come [`START_RETRY_PAUSE`] apart,
+    /// doubling to [`START_RETRY_PAUSE_MAX`]. Only a URL it cannot use is
+    /// an error: nothing would change by waiting.
+    pub async fn connect_waiting(
+        redis_url: &str,
+        settings: AllocatorSettings,
+        pool_size: usize,
+        mut waiting: impl FnMut(&str),
+    ) -> Result<Self> {
+        let mut pause = START_RETRY_PAUSE;
+        let mut rest = || {
+            let now = pause;
+            pause = (pause * 2).min(START_RETRY_PAUSE_MAX);
+            tokio::time::sleep(now)
+        };
+        let allocator = loop {
+            match Self::connect(redis_url, settings.clone(), pool_size).await {
+                Ok(allocator) => break allocator,
+                Err(AllocatorError::StoreUnavailable(reason)) => waiting(&reason),
+                Err(other) => return Err(other),
+            }
+            rest().await;
+        };
+        loop {
+            let health = allocator.health().await;
+            if health.some_answer() {
+                return Ok(allocator);
+            }
+            waiting(&health.describe());
+            rest().await;
+        }
     }
 
     /// The settings in use (hold limits as at start: [`Allocator::hold_limits`]

@@ -233,15 +233,17 @@ impl Store {
             .filter(|master| master.connected())
             .collect();
         if answering.is_empty() {
-            // Dropping the routes ends the connection tasks.
-            return Err(AllocatorError::StoreUnavailable(format!(
-                "no Redis answered: {}",
+            let causes = futures::future::join_all(
                 routes
                     .masters
                     .iter()
-                    .map(|master| master.server.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                    .map(|master| shared.why_not(&master.server)),
+            )
+            .await;
+            // Dropping the routes ends the connection tasks.
+            return Err(AllocatorError::StoreUnavailable(format!(
+                "no Redis answered: {}",
+                causes.join("; ")
             )));
         }
         *shared.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
@@ -427,28 +429,61 @@ impl Shared {
             return Ok(best);
         }
         for seed in &self.seeds {
-            let client = self
-                .builder_for(seed, false)
-                .build()
-                .map_err(crate::unavailable)?;
-            let task = Tasks(vec![client.connect()]);
-            let answer = tokio::time::timeout(self.connect_wait(), async {
-                client.wait_for_connect().await.map_err(|e| e.to_string())?;
-                ask(&client, seed).await
-            })
-            .await;
-            let _ = tokio::time::timeout(ASK_TIMEOUT, client.quit()).await;
-            drop(task);
-            match answer {
-                Ok(Ok(ranges)) if covered(&ranges) > 0 => return Ok(ranges),
-                Ok(Ok(_)) => last_error = format!("{seed}: serves no slot"),
-                Ok(Err(error)) => last_error = error,
-                Err(_) => last_error = format!("{seed}: no answer in time"),
+            match self
+                .ask_once(seed, async |client| ask(client, seed).await)
+                .await
+            {
+                Ok(ranges) if covered(&ranges) > 0 => return Ok(ranges),
+                Ok(_) => last_error = format!("{seed}: serves no slot"),
+                Err(error) => last_error = error,
             }
         }
         Err(AllocatorError::StoreUnavailable(format!(
             "no cluster node answered CLUSTER SLOTS with a map (last: {last_error})"
         )))
+    }
+
+    /// One fresh connection to `server` (no retry, closed after), asked
+    /// `question`: its answer, or the connection's or the question's error
+    /// as text naming the server.
+    async fn ask_once<T>(
+        &self,
+        server: &Server,
+        question: impl AsyncFnOnce(&Client) -> std::result::Result<T, String>,
+    ) -> std::result::Result<T, String> {
+        let client = self
+            .builder_for(server, false)
+            .build()
+            .map_err(|error| format!("{server}: {error}"))?;
+        let task = Tasks(vec![client.connect()]);
+        let answer = tokio::time::timeout(self.connect_wait(), async {
+            client
+                .wait_for_connect()
+                .await
+                .map_err(|error| format!("{server}: {error}"))?;
+            question(&client).await
+        })
+        .await;
+        let _ = tokio::time::timeout(ASK_TIMEOUT, client.quit()).await;
+        drop(task);
+        answer.unwrap_or_else(|_| Err(format!("{server}: no answer in time")))
+    }
+
+    /// Why `server` does not answer (refused, timed out, still loading its
+    /// dataset...), from one fresh connection's `PING`.
+    async fn why_not(&self, server: &Server) -> String {
+        let pinged = self
+            .ask_once(server, async |client| {
+                client
+                    .ping::<String>(None)
+                    .await
+                    .map_err(|error| format!("{server}: {error}"))
+            })
+            .await;
+        match pinged {
+            Ok(_) => format!("{server}: answers now"),
+            Err(error) => error,
+        }
     }
 
     /// A slot map from `ranges`, reusing `known` masters' connections and

@@ -8,7 +8,6 @@
 //! activation. It does not serve HTTP.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -29,6 +28,67 @@ use crate::metrics::Metrics;
 /// Depth of fred's pub/sub channel: a burst of notifications (lazy expiry
 /// releasing many holds) must not outrun the subscriber.
 const NOTIFICATIONS_CAPACITY: usize = 4096;
+
+/// A node from the moment it listens: starting, with what it waits for,
+/// until its [`App`] is up. While it starts, `/health` answers 200, `/ready`
+/// 503 with the reason, and every other path 503 `store_unavailable`.
+pub struct Node {
+    /// The node's id (for `/health` before the app is up).
+    pub id: String,
+    app: std::sync::OnceLock<Arc<App>>,
+    /// Why it is not up yet.
+    waiting: std::sync::Mutex<String>,
+}
+
+impl Node {
+    /// A node that has not connected to anything yet.
+    pub fn starting(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            app: std::sync::OnceLock::new(),
+            waiting: std::sync::Mutex::new("starting: connecting to Redis".to_owned()),
+        }
+    }
+
+    /// The node's state, once it is up.
+    pub fn app(&self) -> Option<&Arc<App>> {
+        self.app.get()
+    }
+
+    /// Why the node is not up yet.
+    pub fn waiting_for(&self) -> String {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Starts the app with `watcher`'s config, retrying Redis until it
+    /// answers (logging each try's cause and showing it on `/ready`); a
+    /// start that fails for another reason is logged and ends the process
+    /// (it cannot serve, and a supervisor must see it).
+    pub async fn start(self: Arc<Self>, watcher: ConfigWatcher) {
+        let started = App::start(watcher, |reason| {
+            warn!(dependency = "Redis", %reason, "waiting for a dependency to answer");
+            *self
+                .waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                format!("waiting for Redis: {reason}");
+        })
+        .await;
+        match started {
+            Ok(app) => {
+                info!(node = %self.id, "gateway ready: Redis answers");
+                let _ = self.app.set(app);
+            }
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "the gateway cannot start");
+                std::process::exit(1);
+            }
+        }
+    }
+}
 
 /// Everything a request handler needs.
 pub struct App {
@@ -70,16 +130,24 @@ pub struct App {
 }
 
 impl App {
-    /// Loads the config, connects to Redis, and starts the background tasks
-    /// on the current (io) runtime.
-    pub async fn start(config_path: &Path) -> anyhow::Result<Arc<Self>> {
-        let watcher = ConfigWatcher::start(config_path)?;
+    /// Connects to Redis under the config `watcher` keeps, waiting until it
+    /// answers (each failed try's cause goes to `waiting`), and starts the
+    /// background tasks on the current (io) runtime.
+    pub async fn start(
+        watcher: ConfigWatcher,
+        waiting: impl FnMut(&str),
+    ) -> anyhow::Result<Arc<Self>> {
         let config = watcher.current();
         allocator::limits::check_config(&config).map_err(|reason| anyhow::anyhow!(reason))?;
         let settings = AllocatorSettings::from_config(&config);
-        let allocator = Allocator::connect(&config.redis.url, settings, config.redis.pool_size)
-            .await
-            .context("connecting to redis")?;
+        let allocator = Allocator::connect_waiting(
+            &config.redis.url,
+            settings,
+            config.redis.pool_size,
+            waiting,
+        )
+        .await
+        .context("connecting to redis")?;
         let origins = resolve_origins(&config.origin.upstreams).await;
         let metrics = Metrics::new(&config.node.id);
         let subscribed = Arc::new(AtomicBool::new(false));

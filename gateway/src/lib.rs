@@ -21,6 +21,12 @@
 //!   naming a merchant (availability, create, adjustments, settings) answer
 //!   403 when the key belongs to another merchant.
 //! * Too many SSE streams on a node is 429 `rate_limited` with Retry-After.
+//! * A node listens before Redis answers: while it waits (Redis not up,
+//!   or still loading its dataset) it logs each try's cause, `/health` is
+//!   200, `/ready` 503 naming what it waits for, and every other path 503
+//!   `store_unavailable` with Retry-After (the origin's too: a node that is
+//!   not ready takes no traffic). A config that does not validate stops it
+//!   at once.
 //! * `/ready` on a Redis Cluster with some (not all) masters not answering
 //!   is 200 with status `degraded`, naming them: the node serves every key
 //!   on the others, and 503s only theirs.
@@ -56,7 +62,7 @@ use anyhow::Context;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignalWatch};
 
-pub use app::App;
+pub use app::{App, Node};
 
 /// Runs a gateway node with the config at `config_path` until `shutdown`
 /// fires (SIGTERM/SIGINT/SIGQUIT with [`unix_shutdown`]). Blocks the calling
@@ -68,10 +74,20 @@ pub fn run(config_path: &Path, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow
         .enable_all()
         .build()
         .context("starting the io runtime")?;
-    let app = io
-        .block_on(App::start(config_path))
-        .with_context(|| format!("starting gateway with {}", config_path.display()))?;
-    let config = app.config();
+    // A config that does not load or validate stops the start at once:
+    // waiting would not change it. Redis is waited for while the node
+    // listens (`app::Node`).
+    let watcher = {
+        let _entered = io.enter();
+        config::ConfigWatcher::start(config_path)
+            .with_context(|| format!("loading the config {}", config_path.display()))?
+    };
+    let config = watcher.current();
+    allocator::limits::check_config(&config)
+        .map_err(|reason| anyhow::anyhow!(reason))
+        .with_context(|| format!("checking the config {}", config_path.display()))?;
+    let node = Arc::new(app::Node::starting(&config.node.id));
+    io.spawn(Arc::clone(&node).start(watcher));
 
     let mut server_conf = ServerConf {
         threads: config.listen.threads,
@@ -84,7 +100,7 @@ pub fn run(config_path: &Path, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        proxy::Gateway::new(Arc::clone(&app)),
+        proxy::Gateway::new(Arc::clone(&node)),
         "inventory gateway",
     );
     let address = config.listen.http.to_string();
@@ -99,7 +115,9 @@ pub fn run(config_path: &Path, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow
     server.run(RunArgs {
         shutdown_signal: shutdown,
     });
-    app.stop();
+    if let Some(app) = node.app() {
+        app.stop();
+    }
     drop(io);
     Ok(())
 }

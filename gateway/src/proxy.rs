@@ -17,18 +17,28 @@ use pingora::{Error, ErrorSource, ErrorType};
 use serde_json::json;
 
 use crate::api::Reply;
-use crate::app::App;
+use crate::app::{App, Node};
 use crate::routes::{self, Outcome};
 
 /// The gateway service.
 pub struct Gateway {
-    app: Arc<App>,
+    node: Arc<Node>,
 }
 
 impl Gateway {
-    /// A service over the node's state.
-    pub fn new(app: Arc<App>) -> Self {
-        Self { app }
+    /// A service over the node's state (answering "starting" until its app
+    /// is up).
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    /// The node's app; only hooks that run after `request_filter` let a
+    /// request through call it, and it lets none through before the app
+    /// is up.
+    fn app(&self) -> Result<&Arc<App>> {
+        self.node
+            .app()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "the node is still starting"))
     }
 }
 
@@ -70,11 +80,17 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let Some(app) = self.node.app() else {
+            ctx.local = true;
+            let reply = routes::starting(&self.node, session.req_header().uri.path());
+            write_reply(session, reply).await?;
+            return Ok(true);
+        };
         if !routes::is_local(session.req_header().uri.path()) {
             return Ok(false);
         }
         ctx.local = true;
-        match routes::dispatch(&self.app, session).await {
+        match routes::dispatch(app, session).await {
             Outcome::Reply(reply) => write_reply(session, reply).await?,
             Outcome::Streamed(_) => {}
         }
@@ -86,14 +102,15 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        let origins = self.app.origins();
+        let app = self.app()?;
+        let origins = app.origins();
         if origins.is_empty() {
             return Err(Error::explain(
                 ErrorType::ConnectNoRoute,
                 "no origin upstream resolves",
             ));
         }
-        let config = self.app.config();
+        let config = app.config();
         let address = origins[ctx.attempts % origins.len()];
         let mut peer = HttpPeer::new(address, false, String::new());
         peer.options.connection_timeout =
@@ -110,7 +127,7 @@ impl ProxyHttp for Gateway {
         mut error: Box<Error>,
     ) -> Box<Error> {
         ctx.attempts += 1;
-        let upstreams = self.app.origins().len();
+        let upstreams = self.node.app().map_or(0, |app| app.origins().len());
         if ctx.attempts < upstreams {
             tracing::warn!(%peer, attempt = ctx.attempts, "origin connect failed; trying the next upstream");
             error.set_retry(true);
@@ -141,11 +158,12 @@ impl ProxyHttp for Gateway {
                 tracing::debug!(%write_error, "cannot write proxy error");
             }
         }
-        self.app
-            .metrics
-            .proxied
-            .with_label_values(&[&code.to_string()])
-            .inc();
+        if let Some(app) = self.node.app() {
+            app.metrics
+                .proxied
+                .with_label_values(&[&code.to_string()])
+                .inc();
+        }
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
@@ -159,10 +177,11 @@ impl ProxyHttp for Gateway {
         let status = session
             .response_written()
             .map_or(0, |response| response.status.as_u16());
-        self.app
-            .metrics
-            .proxied
-            .with_label_values(&[&status.to_string()])
-            .inc();
+        if let Some(app) = self.node.app() {
+            app.metrics
+                .proxied
+                .with_label_values(&[&status.to_string()])
+                .inc();
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Redis gone mid-run: reservations fail closed with 503 and change nothing,
 //! reads serve the cached value marked stale, /ready says not ready, and the
-//! node recovers by itself when Redis returns.
+//! node recovers by itself when Redis returns. A node started before Redis
+//! answers listens at once, says what it waits for, and serves once it can.
 
 mod common;
 
@@ -100,4 +101,88 @@ async fn redis_down_fails_closed_serves_stale_reads_and_recovers_without_a_resta
     )
     .await;
     assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_redis_answers_waits_says_why_and_serves_once_it_can() {
+    testkit::stack();
+    let port = free_port();
+    let fleet = Fleet::new(&format!("redis://127.0.0.1:{port}"), "");
+    // Nothing listens on Redis' port yet: the node listens anyway.
+    let node = fleet.start_node("node-a");
+    // Its first try takes up to a second to fail.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let (status, ready) = get(&node.url("/ready"), None).await;
+        assert_eq!(status, 503, "{ready}");
+        let reason = ready["reason"].as_str().unwrap_or_default().to_owned();
+        if reason.starts_with("waiting for Redis: ") || Instant::now() > deadline {
+            break reason;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        reason.starts_with("waiting for Redis: ") && reason.len() > "waiting for Redis: ".len(),
+        "the reason names Redis and its cause: {reason}"
+    );
+    eprintln!("/ready while nothing listens: {reason}");
+    assert_eq!(get(&node.url("/health"), None).await.0, 200);
+    let sku = testkit::unique_id("startup");
+    let read = node.url(&format!("/v1/availability/m1/{sku}"));
+    let refused = client()
+        .get(&read)
+        .bearer_auth(READ)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok()),
+        Some("1")
+    );
+    let body: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    // Proxied paths too: a node that is not ready takes no traffic.
+    assert_eq!(get(&node.url("/catalog"), None).await.0, 503);
+
+    // Redis opens its port, still loading a large dataset (LOADING).
+    let data = tempfile::tempdir().expect("redis dir");
+    let _redis = testkit::loading_redis(port, data.path(), Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reason = loop {
+        let (status, ready) = get(&node.url("/ready"), None).await;
+        let reason = ready["reason"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(status, 503, "Redis is still loading: {ready}");
+        if reason.contains("LOADING") || Instant::now() > deadline {
+            break reason;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        reason.contains("LOADING"),
+        "the reason says Redis is loading: {reason}"
+    );
+    eprintln!("/ready while Redis loads: {reason}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&node.url("/ready"), None).await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {}",
+            log_tail(&node.log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    restock(&node, "m1", &sku, "dc1", 6).await;
+    assert_eq!(available(&node, "m1", &sku).await, 6);
+    let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("waiting for a dependency to answer")
+                && line.contains("\"Redis\"")),
+        "each wait is logged with its cause:\n{log}"
+    );
 }

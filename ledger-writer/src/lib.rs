@@ -81,19 +81,41 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
         .context("creating the kafka producer")
 }
 
+/// Connects to PostgreSQL, waiting while it does not answer (not started
+/// yet, starting up, restarting): each failed try is logged and made the
+/// writer's `/ready` reason, and tries come a growing pause apart (as
+/// [`Allocator::connect_waiting`]'s). A URL it cannot parse is an error.
+pub async fn wait_for_postgres(
+    config: &Config,
+    readiness: &metrics::Readiness,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let _: tokio_postgres::Config = config.postgres.url.parse().context("postgres url")?;
+    let mut pause = allocator::START_RETRY_PAUSE;
+    loop {
+        match connect_postgres(config).await {
+            Ok(client) => return Ok(client),
+            Err(error) => waiting(readiness, "PostgreSQL", &format!("{error:#}")),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(allocator::START_RETRY_PAUSE_MAX);
+    }
+}
+
+/// Logs, and shows on `/ready`, that the writer waits for `dependency`.
+fn waiting(readiness: &metrics::Readiness, dependency: &str, reason: &str) {
+    warn!(dependency, %reason, "waiting for a dependency to answer");
+    readiness.waiting(format!("waiting for {dependency}: {reason}"));
+}
+
 /// Runs the relay, the leases, ingestion, the reconciler and the metrics
 /// listener until `shutdown` resolves; then gives up its leases so another
 /// writer takes over at once.
+///
+/// The metrics listener comes first: while PostgreSQL or Redis do not
+/// answer yet, the writer waits for them (logging each try's cause) and its
+/// `/ready` says which it waits for; a stop signal meanwhile ends it.
 pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let mut postgres = connect_postgres(&config).await?;
-    migrate::migrate(&mut postgres)
-        .await
-        .context("migrating postgresql")?;
     allocator::limits::check_config(&config).map_err(|reason| anyhow::anyhow!(reason))?;
-    let settings = AllocatorSettings::from_config(&config);
-    let allocator = Allocator::connect(&config.redis.url, settings, config.redis.pool_size)
-        .await
-        .context("connecting to redis")?;
     let metrics = Arc::new(Metrics::new(&config.node.id));
     let listener = metrics::bind(config.ledger_writer.metrics_listen)
         .await
@@ -103,6 +125,32 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
                 config.ledger_writer.metrics_listen
             )
         })?;
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(metrics::serve(listener, Arc::clone(&metrics)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let dependencies = async {
+        let mut postgres = wait_for_postgres(&config, &metrics.readiness).await?;
+        migrate::migrate(&mut postgres)
+            .await
+            .context("migrating postgresql")?;
+        let settings = AllocatorSettings::from_config(&config);
+        let allocator = Allocator::connect_waiting(
+            &config.redis.url,
+            settings,
+            config.redis.pool_size,
+            |reason| waiting(&metrics.readiness, "Redis", reason),
+        )
+        .await
+        .context("connecting to redis")?;
+        anyhow::Ok((postgres, allocator))
+    };
+    let (postgres, allocator) = tokio::select! {
+        started = dependencies => started?,
+        () = &mut shutdown => {
+            info!("ledger writer stopping before its dependencies answered");
+            return Ok(());
+        }
+    };
     let mut relays = (0..RELAY_WORKERS)
         .map(|_| Relay::new(Arc::clone(&config), allocator.clone(), Arc::clone(&metrics)))
         .collect::<anyhow::Result<Vec<Relay>>>()?;
@@ -124,9 +172,8 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         metrics = %config.ledger_writer.metrics_listen,
         "ledger writer running"
     );
+    metrics.readiness.ready();
 
-    let mut background = tokio::task::JoinSet::new();
-    background.spawn(metrics::serve(listener, Arc::clone(&metrics)));
     background.spawn(
         reconcile::Reconciler::new(
             allocator.clone(),
@@ -206,7 +253,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
     };
     tokio::select! {
         () = leasing => {}
-        () = shutdown => info!("ledger writer stopping"),
+        () = &mut shutdown => info!("ledger writer stopping"),
     }
     background.abort_all();
     stop_ingesting.store(true, Ordering::Relaxed);

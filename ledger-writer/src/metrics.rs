@@ -2,7 +2,9 @@
 //! `ledger_writer.metrics_listen`.
 //!
 //! Owns the registry, every series, and the small HTTP listener that serves
-//! them (`GET /metrics`, and `GET /health` for process supervisors). The
+//! them (`GET /metrics`; `GET /health`, 200 while the process runs; and
+//! `GET /ready`, 503 with the reason while the writer still waits for
+//! PostgreSQL or Redis at start, 200 once it runs). The
 //! relay, ingestion and reconciler update the typed fields; the outbox lag
 //! is measured from Redis for every partition, whoever holds its lease, so
 //! a partition nobody relays shows its lag too.
@@ -59,6 +61,37 @@ pub struct Metrics {
     /// Items the reconciler gave up retrying after too many failures: an
     /// alert (they need an operator; the audit shows their units).
     pub reconciler_parked: IntGauge,
+    /// What the writer still waits for at start (`GET /ready`).
+    pub readiness: Readiness,
+}
+
+/// Whether the writer runs, or the dependency it still waits for and why.
+pub struct Readiness(std::sync::Mutex<Option<String>>);
+
+impl Readiness {
+    /// Still waiting: `reason` names the dependency and its error.
+    pub fn waiting(&self, reason: String) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
+    }
+
+    /// Running: every dependency answered.
+    pub fn ready(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// The reason it is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Metrics {
@@ -171,6 +204,7 @@ impl Metrics {
                 "reconciler actions: expired holds, finished transfers and carts, reclaimed buckets and units",
                 &["action"],
             ),
+            readiness: Readiness(std::sync::Mutex::new(Some("starting".to_owned()))),
             registry,
         }
     }
@@ -185,7 +219,8 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/health` on `listener` until the task is dropped.
+/// Serves `/metrics`, `/health` and `/ready` on `listener` until the task
+/// is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -228,7 +263,19 @@ fn answer(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Respon
             "application/json",
             r#"{"status":"ok"}"#.to_owned(),
         ),
-        (_, "/metrics" | "/health") => (
+        ("GET", "/ready") => match metrics.readiness.not_ready() {
+            None => (
+                StatusCode::OK,
+                "application/json",
+                r#"{"status":"ready"}"#.to_owned(),
+            ),
+            Some(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                serde_json::json!({ "status": "not_ready", "reason": reason }).to_string(),
+            ),
+        },
+        (_, "/metrics" | "/health" | "/ready") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "application/json",
             r#"{"error":"method_not_allowed","message":"only GET is allowed here"}"#.to_owned(),
@@ -236,7 +283,7 @@ fn answer(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Respon
         _ => (
             StatusCode::NOT_FOUND,
             "application/json",
-            r#"{"error":"not_found","message":"the writer serves /metrics and /health"}"#
+            r#"{"error":"not_found","message":"the writer serves /metrics, /health and /ready"}"#
                 .to_owned(),
         ),
     };

@@ -159,6 +159,60 @@ pub fn private_redis(port: u16, directory: Option<&Path>) -> KillOnDrop {
     KillOnDrop(child)
 }
 
+/// A Redis on `port` that is still loading its dataset (answering every
+/// command with `-LOADING`) for about `loading` after it opens its port,
+/// as one restarted with a large dump does; then it serves an empty
+/// database (the dump's filler keys are in database 9, out of the way).
+/// Its files live in `directory`. Killed when dropped.
+pub fn loading_redis(port: u16, directory: &Path, loading: std::time::Duration) -> KillOnDrop {
+    stack();
+    /// Keys in the dump, and the pause per key that spreads their load over
+    /// `loading` (`key-load-delay`, microseconds: a test setting of Redis).
+    const KEYS: u128 = 100_000;
+    let delay_us = (loading.as_micros() / KEYS).max(1);
+    let filler_port = free_port();
+    let filler = KillOnDrop(
+        Command::new("redis-server")
+            .args(["--port", &filler_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--enable-debug-command", "yes", "--dir"])
+            .arg(directory)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed by scripts/stack"),
+    );
+    wait_for_port(filler_port);
+    let cli = |commands: &[&str]| {
+        let output = Command::new("redis-cli")
+            .args(["-p", &filler_port.to_string()])
+            .args(commands)
+            .output()
+            .expect("redis-cli is installed by scripts/stack");
+        assert!(
+            output.status.success() && !String::from_utf8_lossy(&output.stdout).contains("ERR"),
+            "redis-cli {commands:?}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    };
+    cli(&["-n", "9", "debug", "populate", &KEYS.to_string(), "filler"]);
+    cli(&["save"]);
+    drop(filler);
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        // Answer clients between every few keys, as a loading Redis does
+        // between chunks of a large file (the default, 2 MB, is most of
+        // this small dump).
+        .args(["--loading-process-events-interval-bytes", "1024"])
+        .args(["--key-load-delay", &delay_us.to_string(), "--dir"])
+        .arg(directory)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server is installed by scripts/stack");
+    wait_for_port(port);
+    KillOnDrop(child)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

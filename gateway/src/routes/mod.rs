@@ -26,6 +26,7 @@ use pingora::proxy::Session;
 use crate::api::{ApiError, Reply};
 use crate::app::App;
 
+pub(crate) use ops::starting;
 pub(crate) use request::{admit, client_address, public_read, query_pairs};
 
 /// Whether the gateway answers `path` itself.

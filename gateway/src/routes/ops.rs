@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::api::Reply;
-use crate::app::App;
+use crate::api::{ApiError, Reply};
+use crate::app::{App, Node};
 
 /// The OpenAPI document of the v1 API.
 const OPENAPI: &str = include_str!("../../openapi.json");
@@ -15,6 +15,22 @@ pub(crate) fn health(app: &App) -> Reply {
         200,
         &json!({ "status": "ok", "node": app.config().node.id }),
     )
+}
+
+/// The answer to any request before the node is up (`crate::app::Node`):
+/// `/health` 200 (the process runs), `/ready` 503 naming what it waits
+/// for, anything else 503 `store_unavailable` with Retry-After (nothing was
+/// changed; the node is not ready for traffic, the origin's included).
+pub(crate) fn starting(node: &Node, path: &str) -> Reply {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    match path {
+        "/health" => Reply::json(200, &json!({ "status": "ok", "node": node.id })),
+        "/ready" => Reply::json(
+            503,
+            &json!({ "status": "not_ready", "reason": node.waiting_for() }),
+        ),
+        _ => ApiError::StoreUnavailable.reply(),
+    }
 }
 
 /// The node's Prometheus metrics.

@@ -88,6 +88,14 @@ impl Fleet {
 
     /// Starts node `id` and waits until it is ready.
     pub fn node(&self, id: &str) -> Node {
+        let node = self.start_node(id);
+        node.wait_ready();
+        node
+    }
+
+    /// Starts node `id` and waits until it listens (`/health`), not until
+    /// it is ready.
+    pub fn start_node(&self, id: &str) -> Node {
         let port = free_port();
         let log = self.directory.path().join(format!("{id}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
@@ -107,7 +115,7 @@ impl Fleet {
             log,
             process: Process(child),
         };
-        node.wait_ready();
+        node.wait_listening();
         node
     }
 }
@@ -125,15 +133,23 @@ impl Node {
     }
 
     fn wait_ready(&self) {
+        self.wait_for("/ready", "ready");
+    }
+
+    fn wait_listening(&self) {
+        self.wait_for("/health", "listening");
+    }
+
+    /// Polls `path` until it answers 200 (or panics after 20 s).
+    fn wait_for(&self, path: &str, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ready = raw::status_of_get(&self.url("/ready"));
-            if ready == Some(200) {
+            if raw::status_of_get(&self.url(path)) == Some(200) {
                 return;
             }
             if Instant::now() > deadline {
                 panic!(
-                    "node {} not ready; log:\n{}",
+                    "node {} not {what}; log:\n{}",
                     self.base,
                     log_tail(&self.log)
                 );
