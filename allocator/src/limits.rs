@@ -29,6 +29,10 @@ pub const ID_LENGTH_MAX: usize = 128;
 /// (`limits.reservation_lines_max`) may only be lower.
 pub const CART_LINES_MAX: usize = 256;
 
+/// Longest `customer_ref`, in characters (it is only ever stored as a
+/// keyed hash; the bound keeps a request's size sane).
+pub const CUSTOMER_REF_CHARS_MAX: usize = 256;
+
 /// Holds in one coalesced `reserve_batch` call (one script run of bounded
 /// length); `limits.coalesce_batch_max` may only be lower.
 pub const RESERVE_BATCH_MAX: usize = 256;

@@ -288,7 +288,9 @@ impl AdjustmentRequest {
             }
         }
         let kind = match self.kind.as_str() {
-            "delta" if self.qty == 0 || self.qty.abs() > DELTA_QTY_MAX => {
+            // Not `abs()`: it overflows on i64::MIN (a panic in a debug
+            // build, and a wrap to a negative that passed in release).
+            "delta" if self.qty == 0 || !(-DELTA_QTY_MAX..=DELTA_QTY_MAX).contains(&self.qty) => {
                 return Err(format!(
                     "a delta qty must be non-zero, at most {DELTA_QTY_MAX} either way"
                 ));
@@ -319,6 +321,17 @@ impl AdjustmentRequest {
             source_seq: self.source_seq,
         })
     }
+}
+
+/// Reads a JSON object into `T`: the one door of every request body and
+/// stock event from outside. Only an object: serde would also read an array
+/// as a struct's fields in order (`[]` as all defaults). The error says what
+/// is wrong, for a 400 or a dead letter.
+pub fn from_json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err("the body must be a JSON object".to_owned());
+    }
+    serde_json::from_slice(bytes).map_err(|error| format!("malformed JSON: {error}"))
 }
 
 /// Settings of a stock key's pool.
@@ -380,4 +393,79 @@ pub struct RebuildOutcome {
     pub released_units: i64,
     /// How many such holds.
     pub released_holds: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    //! The adjustment rules, the one home of what an HTTP body and a Kafka
+    //! event may ask, against the rules written out independently.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Ids around the valid ones: valid, empty, too long, a bad character.
+    fn id() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9._:-]{1,128}",
+            Just(String::new()),
+            "[a-z]{129,140}",
+            "[a-z]{0,5}[ /%ü][a-z]{0,5}",
+        ]
+    }
+
+    /// Quantities around the bounds, the extremes included.
+    fn qty() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(0i64),
+            Just(i64::MIN),
+            Just(i64::MAX),
+            Just(DELTA_QTY_MAX),
+            Just(-DELTA_QTY_MAX),
+            Just(DELTA_QTY_MAX + 1),
+            Just(COUNT_QTY_MAX),
+            Just(COUNT_QTY_MAX + 1),
+            -2_000_000i64..2_000_000,
+            any::<i64>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn an_adjustment_is_accepted_exactly_when_it_keeps_the_rules(
+            merchant in id(),
+            sku in id(),
+            kind in prop_oneof![Just("delta"), Just("absolute"), Just("teleport")],
+            qty in qty(),
+            source_seq in proptest::option::of(prop_oneof![
+                Just(SOURCE_SEQ_MAX),
+                Just(SOURCE_SEQ_MAX + 1),
+                Just(u64::MAX),
+                any::<u64>(),
+            ]),
+        ) {
+            let request = AdjustmentRequest {
+                merchant: merchant.clone(),
+                sku: sku.clone(),
+                location: "dc1".to_owned(),
+                kind: kind.to_owned(),
+                qty,
+                source: "pos-1".to_owned(),
+                event_id: "e1".to_owned(),
+                source_seq,
+            };
+            let ids = config::is_valid_id(&merchant) && config::is_valid_id(&sku);
+            let quantity = match kind {
+                "delta" => qty != 0 && (-1_000_000..=1_000_000).contains(&qty),
+                "absolute" => (0..=1_000_000_000).contains(&qty) && source_seq.is_some(),
+                _ => false,
+            };
+            let sequence = source_seq.is_none_or(|seq| seq < (1 << 53));
+            let verdict = request.check();
+            prop_assert_eq!(verdict.is_ok(), ids && quantity && sequence, "{:?}", verdict);
+            if let Ok(adjustment) = verdict {
+                prop_assert_eq!(adjustment.qty, qty);
+                prop_assert_eq!(adjustment.source_seq, source_seq);
+            }
+        }
+    }
 }

@@ -208,3 +208,59 @@ impl Config {
         self.auth.api_keys.iter().find(|key| key.key_sha256 == hash)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The config parser against text it was never meant to read.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dev() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dev.toml")).unwrap()
+    }
+
+    proptest! {
+        /// Any text gets a config or an error, never a panic.
+        #[test]
+        fn any_text_gets_a_verdict(text in "\\PC{0,300}") {
+            let _ = parse(&text, "<fuzz>", &|_| None);
+        }
+
+        /// The dev config with one value replaced by another of any shape
+        /// gets a config or an error that names where (a field or a line),
+        /// never a panic.
+        #[test]
+        fn a_changed_value_gets_a_verdict_that_names_its_place(
+            line in 0usize..400,
+            value in prop_oneof![
+                Just("-1"), Just("0"), Just("18446744073709551616"), Just("\"\""),
+                Just("true"), Just("[]"), Just("{}"), Just("\"x y\""), Just("1.5"),
+                Just("\"127.0.0.1:0\""), Just("\"redis://\""),
+            ],
+        ) {
+            let text = dev();
+            let lines: Vec<&str> = text.lines().collect();
+            let assignments: Vec<usize> = (0..lines.len())
+                .filter(|&index| {
+                    let line = lines[index].trim_start();
+                    !line.starts_with('#') && !line.starts_with('[') && line.contains(" = ")
+                })
+                .collect();
+            let index = assignments[line % assignments.len()];
+            let key = lines[index].split(" = ").next().unwrap_or_default();
+            let mut changed: Vec<String> = lines.iter().map(|line| (*line).to_owned()).collect();
+            changed[index] = format!("{key} = {value}");
+            match parse(&changed.join("\n"), "<fuzz>", &|_| None) {
+                Ok(_) => {}
+                Err(error) => {
+                    let message = error.to_string();
+                    prop_assert!(
+                        message.contains(key.trim()) || message.contains("line"),
+                        "{message} names neither {key} nor a line"
+                    );
+                }
+            }
+        }
+    }
+}

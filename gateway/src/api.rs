@@ -221,8 +221,7 @@ pub fn check_qty(field: &str, value: i64) -> Result<u32, ApiError> {
 
 /// Parses a JSON body into `T`, naming what is wrong.
 pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|error| ApiError::BadRequest(format!("malformed JSON body: {error}")))
+    allocator::from_json_object(body).map_err(ApiError::BadRequest)
 }
 
 /// `POST /v1/reservations` body.
@@ -307,4 +306,50 @@ pub fn rfc3339_ms(ms: u64) -> String {
                 .ok()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The body parser, the one door every request body comes through.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes get a verdict (a body or a 400), never a panic.
+        #[test]
+        fn any_body_gets_a_verdict(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let verdicts = [
+                parse_body::<ReservationBody>(&body).err(),
+                parse_body::<ExtendBody>(&body).err(),
+                parse_body::<SettingsBody>(&body).err(),
+                parse_body::<BatchBody>(&body).err(),
+            ];
+            for error in verdicts.into_iter().flatten() {
+                prop_assert!(matches!(error, ApiError::BadRequest(_)), "{error:?}");
+            }
+        }
+
+        /// Only a JSON object can be a body: an array or a scalar is 400,
+        /// though serde would read an array as the fields in order.
+        #[test]
+        fn a_body_that_is_not_an_object_is_refused(
+            body in prop_oneof![
+                Just("[]".to_owned()),
+                Just(" [0, 0, null] ".to_owned()),
+                Just("null".to_owned()),
+                "[0-9]{1,5}",
+                "\"[a-z]{0,5}\"",
+            ],
+        ) {
+            prop_assert!(parse_body::<SettingsBody>(body.as_bytes()).is_err());
+            prop_assert!(parse_body::<ExtendBody>(body.as_bytes()).is_err());
+        }
+    }
+
+    #[test]
+    fn an_object_body_is_read() {
+        let settings: SettingsBody = parse_body(b" {\"safety_stock\": 2}").expect("object");
+        assert_eq!(settings.safety_stock, 2);
+    }
 }

@@ -113,6 +113,9 @@ pub struct App {
     pub streams_by_client: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     /// `Cache-Control` of availability answers, rendered once per config.
     cache_control: ArcSwap<HeaderValue>,
+    /// The OpenAPI document with this config's bounds, rendered once per
+    /// config.
+    openapi: ArcSwap<bytes::Bytes>,
     /// Reservation requests: placement, coalescing, the hot path and each
     /// request's one idempotency record (the allocator's).
     pub reserver: Arc<allocator::Reserver>,
@@ -174,6 +177,7 @@ impl App {
             limiter: RateLimiter::new(&config),
             streams_by_client: Default::default(),
             cache_control: ArcSwap::from_pointee(cache_control(&config)),
+            openapi: ArcSwap::from_pointee(crate::routes::openapi_document(&config)),
             flash: FlashSales::new(
                 Arc::clone(&reserver),
                 metrics.reclaims.clone(),
@@ -212,6 +216,11 @@ impl App {
     /// `Cache-Control` of availability answers.
     pub fn cache_control(&self) -> HeaderValue {
         HeaderValue::clone(&self.cache_control.load())
+    }
+
+    /// The OpenAPI document of the config in force.
+    pub fn openapi(&self) -> bytes::Bytes {
+        bytes::Bytes::clone(&self.openapi.load())
     }
 
     /// A receiver of resyncs (notifications may have been missed), marked
@@ -260,6 +269,8 @@ impl App {
                 warn!(%reason, "config reload refused; the old config stays in force");
                 continue;
             }
+            self.openapi
+                .store(Arc::new(crate::routes::openapi_document(&config)));
             if update.touches("origin") {
                 self.origins
                     .store(Arc::new(resolve_origins(&config.origin.upstreams).await));

@@ -647,6 +647,43 @@ async fn one_merchant_can_never_read_or_touch_anothers_stock_or_reservations() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_ids_are_percent_decoded_and_the_document_carries_this_nodes_bounds() {
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    let sku = format!("{}:blue", testkit::unique_id("colon"));
+    restock(&node, "m1", &sku, "dc1", 3).await;
+    // A client that encodes `:` in the path reads the same key.
+    let encoded = sku.replace(':', "%3A");
+    let (status, body) = get(
+        &node.url(&format!("/v1/availability/m1/{encoded}")),
+        Some(PLATFORM),
+    )
+    .await;
+    assert_eq!(
+        (status, body["sku"].as_str()),
+        (200, Some(sku.as_str())),
+        "{body}"
+    );
+    // An escape that decodes to a character ids cannot hold is refused.
+    let (status, body) = get(&node.url("/v1/availability/m1/%C2%84"), Some(PLATFORM)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+
+    let (_, openapi) = get(&node.url("/v1/openapi.json"), None).await;
+    let config =
+        config::parse(&fleet.config_text(), "the test's config", &|_| None).expect("config");
+    assert_eq!(
+        openapi["components"]["schemas"]["ReservationRequest"]["properties"]["ttl_seconds"]
+            ["maximum"]
+            .as_u64(),
+        Some(config.stock.reservation_ttl_seconds_max)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_endpoints_answer() {
     let fleet = Fleet::on_stack("");
     let node = fleet.node("node-a");

@@ -50,9 +50,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// body and the rules of `POST /v1/stock/adjustments`
 /// ([`AdjustmentRequest::check`], their one home).
 pub fn parse_event(payload: &[u8]) -> Result<Adjustment, String> {
-    serde_json::from_slice::<AdjustmentRequest>(payload)
-        .map_err(|error| format!("malformed JSON: {error}"))?
-        .check()
+    allocator::from_json_object::<AdjustmentRequest>(payload)?.check()
 }
 
 /// Consumes the events topic until `stop` is set. Blocking: run it on its own
@@ -210,5 +208,12 @@ mod tests {
             let reason = parse_event(bad).expect_err("refused");
             assert!(reason.contains(why), "{reason} should mention {why}");
         }
+    }
+
+    #[test]
+    fn an_event_that_is_not_an_object_is_dead_lettered_not_read_in_order() {
+        let fields = br#"["m1","s1","dc1","delta",1,"pos-1","e1",null]"#;
+        let reason = parse_event(fields).expect_err("refused");
+        assert!(reason.contains("JSON object"), "{reason}");
     }
 }

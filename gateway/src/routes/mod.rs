@@ -26,7 +26,7 @@ use pingora::proxy::Session;
 use crate::api::{ApiError, Reply};
 use crate::app::App;
 
-pub(crate) use ops::starting;
+pub(crate) use ops::{openapi_document, starting};
 pub(crate) use request::{admit, client_address, public_read, query_pairs};
 
 /// Whether the gateway answers `path` itself.
@@ -194,24 +194,35 @@ async fn route_request(
     resource: Resource,
     params: &matchit::Params<'_, '_>,
 ) -> Result<Outcome, ApiError> {
-    let param = |name: &str| params.get(name).unwrap_or_default();
+    // Percent-decoded (`%3A` is `:`); one that does not decode to UTF-8
+    // stays as sent, and the id check refuses it.
+    let param = |name: &str| {
+        let raw = params.get(name).unwrap_or_default();
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .unwrap_or(std::borrow::Cow::Borrowed(raw))
+    };
     let reply = match resource {
         Resource::Health => ops::health(app),
         Resource::Ready => ops::ready(app).await,
         Resource::Metrics => ops::metrics(app),
-        Resource::OpenApi => ops::openapi(),
+        Resource::OpenApi => ops::openapi(app),
         Resource::AvailabilityBatch => availability::batch(app, session).await?,
         Resource::Availability => {
-            availability::one(app, session, param("merchant"), param("sku")).await?
+            availability::one(app, session, &param("merchant"), &param("sku")).await?
         }
         Resource::Reservations => reservations::create(app, session).await?,
-        Resource::Reservation => reservations::get(app, session, param("id")).await?,
+        Resource::Reservation => reservations::get(app, session, &param("id")).await?,
         Resource::ReservationAction(action) => {
-            reservations::act(app, session, param("id"), action).await?
+            reservations::act(app, session, &param("id"), action).await?
         }
         Resource::StockAdjustments => stock::adjust(app, session).await?,
         Resource::StockSettings => {
-            let key = StockKey::new(param("merchant"), param("sku"), param("location"));
+            let key = StockKey::new(
+                param("merchant").into_owned(),
+                param("sku").into_owned(),
+                param("location").into_owned(),
+            );
             stock::settings(app, session, key).await?
         }
         Resource::Stream => return crate::sse::stream(app, session).await,

@@ -1,12 +1,14 @@
 //! Operations routes: `/health`, `/ready`, `/metrics`, the OpenAPI document.
 
 use bytes::Bytes;
-use serde_json::json;
+use config::Config;
+use serde_json::{Value, json};
 
 use crate::api::{ApiError, Reply};
 use crate::app::{App, Node};
 
-/// The OpenAPI document of the v1 API.
+/// The OpenAPI document of the v1 API as checked in; every bound in it is
+/// set again from its one home when served ([`openapi_document`]).
 const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// 200 while the process runs.
@@ -45,9 +47,58 @@ pub(crate) fn metrics(app: &App) -> Reply {
     }
 }
 
-/// The OpenAPI document.
-pub(crate) fn openapi() -> Reply {
-    Reply::json_bytes(200, Bytes::from_static(OPENAPI.as_bytes()))
+/// The OpenAPI document of the config in force.
+pub(crate) fn openapi(app: &App) -> Reply {
+    Reply::json_bytes(200, app.openapi())
+}
+
+/// The OpenAPI document for `config`: the checked-in one with every bound
+/// set from where it lives (`allocator::limits`, the config), so that it
+/// says exactly what this node accepts (a contract fuzzer holds it to
+/// that: `scripts/contract`).
+pub fn openapi_document(config: &Config) -> Bytes {
+    use allocator::limits::{
+        COUNT_QTY_MAX, CUSTOMER_REF_CHARS_MAX, DELTA_QTY_MAX, QTY_MAX, SOURCE_SEQ_MAX,
+    };
+    let mut document: Value =
+        serde_json::from_str(OPENAPI).expect("the checked-in document is JSON (unit-tested)");
+    let ttl_max = json!(config.stock.reservation_ttl_seconds_max);
+    let schemas = &mut document["components"]["schemas"];
+    let line = &mut schemas["Line"]["properties"];
+    line["qty"]["maximum"] = json!(QTY_MAX);
+    let request = &mut schemas["ReservationRequest"]["properties"];
+    request["lines"]["maxItems"] = json!(config.limits.reservation_lines_max);
+    request["ttl_seconds"]["maximum"] = ttl_max.clone();
+    request["customer_ref"]["maxLength"] = json!(CUSTOMER_REF_CHARS_MAX);
+    for (index, (minimum, maximum)) in [(-DELTA_QTY_MAX, DELTA_QTY_MAX), (0, COUNT_QTY_MAX)]
+        .into_iter()
+        .enumerate()
+    {
+        let kind = &mut schemas["Adjustment"]["oneOf"][index]["properties"];
+        kind["qty"]["minimum"] = json!(minimum);
+        kind["qty"]["maximum"] = json!(maximum);
+        kind["source_seq"]["maximum"] = json!(SOURCE_SEQ_MAX);
+    }
+    for field in ["safety_stock", "backorder_limit", "low_stock_threshold"] {
+        schemas["Settings"]["properties"][field]["maximum"] = json!(COUNT_QTY_MAX);
+    }
+    let paths = &mut document["paths"];
+    // `auth.public_reads`: reads need no key (they count against the
+    // client's address instead).
+    if config.auth.public_reads {
+        for (path, method) in [
+            ("/v1/availability/{merchant}/{sku}", "get"),
+            ("/v1/availability/batch", "post"),
+            ("/v1/stream", "get"),
+        ] {
+            paths[path][method]["security"] = json!([{ "bearer": [] }, {}]);
+        }
+    }
+    paths["/v1/availability/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        ["properties"]["items"]["maxItems"] = json!(config.limits.availability_batch_items_max);
+    paths["/v1/reservations/{id}/extend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        ["properties"]["ttl_seconds"]["maximum"] = ttl_max;
+    Bytes::from(document.to_string())
 }
 
 /// Ready when Redis answers and change notifications reach the cache; the
@@ -104,6 +155,46 @@ mod tests {
             reply.status,
             body["status"].as_str().unwrap_or("").to_owned(),
         )
+    }
+
+    #[test]
+    fn the_served_document_carries_every_bound_from_its_home() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/dev.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut config = config::parse(&text, path, &|_| None).unwrap();
+        config.stock.reservation_ttl_seconds_max = 1234;
+        config.limits.availability_batch_items_max = 7;
+        let document: Value = serde_json::from_slice(&openapi_document(&config)).unwrap();
+        let schemas = &document["components"]["schemas"];
+        assert_eq!(
+            schemas["ReservationRequest"]["properties"]["ttl_seconds"]["maximum"],
+            1234
+        );
+        assert_eq!(
+            schemas["Line"]["properties"]["qty"]["maximum"],
+            allocator::limits::QTY_MAX
+        );
+        let delta = &schemas["Adjustment"]["oneOf"][0]["properties"];
+        assert_eq!(delta["kind"]["enum"][0], "delta");
+        assert_eq!(delta["qty"]["minimum"], -allocator::limits::DELTA_QTY_MAX);
+        let absolute = &schemas["Adjustment"]["oneOf"][1]["properties"];
+        assert_eq!(absolute["kind"]["enum"][0], "absolute");
+        assert_eq!(absolute["qty"]["maximum"], allocator::limits::COUNT_QTY_MAX);
+        let batch = &document["paths"]["/v1/availability/batch"]["post"]["requestBody"]["content"]
+            ["application/json"]["schema"]["properties"]["items"];
+        assert_eq!(batch["maxItems"], 7);
+        let extend = &document["paths"]["/v1/reservations/{id}/extend"]["post"]["requestBody"]["content"]
+            ["application/json"]["schema"]["properties"]["ttl_seconds"];
+        assert_eq!(extend["maximum"], 1234);
+        let read = &document["paths"]["/v1/availability/{merchant}/{sku}"]["get"]["security"];
+        assert_eq!(read[1], json!({}), "public reads need no key: {read}");
+        config.auth.public_reads = false;
+        let document: Value = serde_json::from_slice(&openapi_document(&config)).unwrap();
+        let read = &document["paths"]["/v1/availability/{merchant}/{sku}"]["get"];
+        assert!(
+            read.get("security").is_none(),
+            "the document's default: a key"
+        );
     }
 
     #[test]

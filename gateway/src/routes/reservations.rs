@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use allocator::limits::CUSTOMER_REF_CHARS_MAX;
 use allocator::{AllocatorError, CartLine, CartRequest, CartView};
 use config::Scope;
 use pingora::proxy::Session;
@@ -60,14 +61,12 @@ pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, Ap
             )));
         }
     };
-    if body
-        .customer_ref
-        .as_ref()
-        .is_some_and(|reference| reference.is_empty() || reference.len() > 256)
-    {
-        return Err(ApiError::BadRequest(
-            "customer_ref must be 1 to 256 characters".to_owned(),
-        ));
+    if body.customer_ref.as_ref().is_some_and(|reference| {
+        reference.is_empty() || reference.chars().count() > CUSTOMER_REF_CHARS_MAX
+    }) {
+        return Err(ApiError::BadRequest(format!(
+            "customer_ref must be 1 to {CUSTOMER_REF_CHARS_MAX} characters"
+        )));
     }
     caller.require_merchant(&body.merchant)?;
     if let Some(reference) = &body.customer_ref {
