@@ -327,11 +327,31 @@ impl AdjustmentRequest {
 /// stock event from outside. Only an object: serde would also read an array
 /// as a struct's fields in order (`[]` as all defaults). The error says what
 /// is wrong, for a 400 or a dead letter.
+///
+/// The same holds one level down: the API's arrays hold objects (lines,
+/// items) or scalars, never arrays, so an array inside an array (a line
+/// written as its fields in order) is refused too.
 pub fn from_json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    if bytes.trim_ascii_start().first() != Some(&b'{') {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|error| format!("malformed JSON: {error}"))?;
+    if !value.is_object() {
         return Err("the body must be a JSON object".to_owned());
     }
-    serde_json::from_slice(bytes).map_err(|error| format!("malformed JSON: {error}"))
+    if nests_arrays(&value) {
+        return Err("an array of the body holds an array; its items must be objects".to_owned());
+    }
+    serde_json::from_value(value).map_err(|error| format!("malformed JSON: {error}"))
+}
+
+/// Whether an array in `value` holds an array.
+fn nests_arrays(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Array(items) => items
+            .iter()
+            .any(|item| item.is_array() || nests_arrays(item)),
+        serde_json::Value::Object(fields) => fields.values().any(nests_arrays),
+        _ => false,
+    }
 }
 
 /// Settings of a stock key's pool.

@@ -348,6 +348,16 @@ mod tests {
     }
 
     #[test]
+    fn a_line_written_as_its_fields_in_order_is_refused() {
+        let lines = br#"{"merchant":"m","lines":[["s","l",1]]}"#;
+        assert!(parse_body::<ReservationBody>(lines).is_err());
+        let items = br#"{"items":[["m","s"]]}"#;
+        assert!(parse_body::<BatchBody>(items).is_err());
+        let good = br#"{"merchant":"m","lines":[{"sku":"s","location":"l","qty":1}]}"#;
+        assert!(parse_body::<ReservationBody>(good).is_ok());
+    }
+
+    #[test]
     fn an_object_body_is_read() {
         let settings: SettingsBody = parse_body(b" {\"safety_stock\": 2}").expect("object");
         assert_eq!(settings.safety_stock, 2);

@@ -134,7 +134,8 @@ pub struct App {
 
 impl App {
     /// Connects to Redis under the config `watcher` keeps, waiting until it
-    /// answers (each failed try's cause goes to `waiting`), and starts the
+    /// answers (each failed try's cause goes to `waiting`), then builds the
+    /// node from the config in force at that moment and starts the
     /// background tasks on the current (io) runtime.
     pub async fn start(
         watcher: ConfigWatcher,
@@ -151,6 +152,20 @@ impl App {
         )
         .await
         .context("connecting to redis")?;
+        // The wait may have been long: build from the config in force now,
+        // with every edit made meanwhile (one the allocator refuses leaves
+        // the start's in force, as a refused reload does).
+        let latest = watcher.current();
+        let config = match allocator::limits::check_config(&latest) {
+            Ok(()) => latest,
+            Err(reason) => {
+                warn!(%reason, "config edit refused; the start's config stays in force");
+                config
+            }
+        };
+        allocator
+            .reconfigure(&config)
+            .context("applying the config's hold limits")?;
         let origins = resolve_origins(&config.origin.upstreams).await;
         let metrics = Metrics::new(&config.node.id);
         let subscribed = Arc::new(AtomicBool::new(false));

@@ -87,7 +87,17 @@ pub fn run(config_path: &Path, shutdown: Box<dyn ShutdownSignalWatch>) -> anyhow
         .map_err(|reason| anyhow::anyhow!(reason))
         .with_context(|| format!("checking the config {}", config_path.display()))?;
     let node = Arc::new(app::Node::starting(&config.node.id));
-    io.spawn(Arc::clone(&node).start(watcher));
+    let starting = io.spawn(Arc::clone(&node).start(watcher));
+    // A start that panics must end the process, not leave a node that says
+    // "waiting" for ever.
+    io.spawn(async move {
+        if let Err(error) = starting.await
+            && error.is_panic()
+        {
+            tracing::error!("the gateway's start panicked");
+            std::process::exit(1);
+        }
+    });
 
     let mut server_conf = ServerConf {
         threads: config.listen.threads,

@@ -166,6 +166,21 @@ async fn a_node_started_before_redis_answers_waits_says_why_and_serves_once_it_c
         "the reason says Redis is loading: {reason}"
     );
     eprintln!("/ready while Redis loads: {reason}");
+    // Ops edit the config while the node waits: it starts with the edit.
+    // Two edits, the second of another section: the node starts with both.
+    fleet.write_config(&fleet.config_text().replace(
+        "reservation_ttl_seconds_default = 600",
+        "reservation_ttl_seconds_default = 77",
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = fleet.config_text();
+    let (before, after) = text
+        .split_once("cache_control_max_age_seconds = ")
+        .expect("the cache's max-age");
+    let rest = after.split_once('\n').map_or("", |(_, rest)| rest);
+    fleet.write_config(&format!(
+        "{before}cache_control_max_age_seconds = 3\n{rest}"
+    ));
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while get(&node.url("/ready"), None).await.0 != 200 {
@@ -178,6 +193,24 @@ async fn a_node_started_before_redis_answers_waits_says_why_and_serves_once_it_c
     }
     restock(&node, "m1", &sku, "dc1", 6).await;
     assert_eq!(available(&node, "m1", &sku).await, 6);
+    let (status, held) = post(
+        &node.url("/v1/reservations"),
+        CHECKOUT,
+        Some(&testkit::unique_id("startup-hold")),
+        &reservation("m1", &sku, "dc1", 1),
+    )
+    .await;
+    assert_eq!(status, 201, "{held}");
+    let expires = time::OffsetDateTime::parse(
+        held["expires_at"].as_str().expect("expires_at"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("rfc3339");
+    let lifetime = (expires - time::OffsetDateTime::now_utc()).whole_seconds();
+    assert!(
+        (60..=80).contains(&lifetime),
+        "the hold has the default edited while the node waited (77 s), not {lifetime} s"
+    );
     let log = std::fs::read_to_string(&node.log).unwrap_or_default();
     assert!(
         log.lines()

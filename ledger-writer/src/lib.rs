@@ -142,6 +142,17 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         )
         .await
         .context("connecting to redis")?;
+        // Every partition's outbox group, on every master: on a cluster
+        // one master may answer while another still loads its dataset.
+        let mut pause = allocator::START_RETRY_PAUSE;
+        for partition in 0..config.stock.partitions {
+            while let Err(error) = allocator.outbox_ensure_group(partition).await {
+                let reason = format!("partition {partition}'s outbox: {error}");
+                waiting(&metrics.readiness, "Redis", &reason);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(allocator::START_RETRY_PAUSE_MAX);
+            }
+        }
         anyhow::Ok((postgres, allocator))
     };
     let (postgres, allocator) = tokio::select! {
@@ -156,9 +167,6 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         .collect::<anyhow::Result<Vec<Relay>>>()?;
     relays[0].postgres = Some(postgres);
     let partitions = config.stock.partitions;
-    for partition in 0..partitions {
-        relays[0].ensure_group(partition).await?;
-    }
     let mut leases = Leases::new(
         allocator.clone(),
         config.node.id.clone(),
@@ -172,7 +180,6 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         metrics = %config.ledger_writer.metrics_listen,
         "ledger writer running"
     );
-    metrics.readiness.ready();
 
     background.spawn(
         reconcile::Reconciler::new(
@@ -214,6 +221,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
             })
             .context("starting ingestion")?
     };
+    metrics.readiness.ready();
     let (held_sender, held) = tokio::sync::watch::channel(Arc::new(Vec::<Lease>::new()));
     let retick = Arc::new(tokio::sync::Notify::new());
     for (worker, relay) in relays.into_iter().enumerate() {

@@ -156,12 +156,6 @@ impl Relay {
         })
     }
 
-    /// Creates the consumer group on `partition`'s stream if it is missing
-    /// (reading from the very first entry).
-    pub async fn ensure_group(&self, partition: u32) -> Result<(), RelayError> {
-        Ok(self.allocator.outbox_ensure_group(partition).await?)
-    }
-
     /// Relays one batch of the leased partition: entries left pending first
     /// (a writer died before acknowledging them), then new ones.
     pub async fn pass(&mut self, lease: &Lease) -> Result<Pass, RelayError> {
