@@ -364,11 +364,39 @@ pub struct HoldLimits {
     pub cart_line_grace: Duration,
 }
 
-/// The first pause between tries of [`Allocator::connect_waiting`].
-pub const START_RETRY_PAUSE: Duration = Duration::from_millis(100);
-/// The longest pause between tries of [`Allocator::connect_waiting`]: a
-/// process serves within this of its dependency answering.
-pub const START_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// The pace of a process's tries while it waits for a dependency at start
+/// ([`Allocator::connect_waiting`], the writer's PostgreSQL): 0.1 s, then
+/// doubling to 1 s, so a process serves within a second of its dependency
+/// answering.
+#[derive(Debug)]
+pub struct StartRetry {
+    pause: Duration,
+}
+
+impl StartRetry {
+    /// The first pause.
+    const FIRST: Duration = Duration::from_millis(100);
+    /// The longest pause.
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// A wait that has not tried yet.
+    pub fn new() -> Self {
+        Self { pause: Self::FIRST }
+    }
+
+    /// Sleeps before the next try.
+    pub async fn rest(&mut self) {
+        let now = self.pause;
+        self.pause = (self.pause * 2).min(Self::MAX);
+        tokio::time::sleep(now).await;
+    }
+}
+
+impl Default for StartRetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Allocator {
     /// Connects to `redis_url` and loads the scripts.
@@ -404,8 +432,8 @@ impl Allocator {
     /// dataset answers `LOADING`, which is waiting too; on a cluster one
     /// master is enough, the others are served once they answer). Each
     /// failed try is handed to `waiting` with its cause, for the log and
-    /// the process's `/ready`; tries come [`START_RETRY_PAUSE`] apart,
-    /// doubling to [`START_RETRY_PAUSE_MAX`]. Only a URL it cannot use is
+    /// the process's `/ready`; tries are paced by [`StartRetry`]. Only a
+    /// URL it cannot use is
     /// an error: nothing would change by waiting.
     pub async fn connect_waiting(
         redis_url: &str,
@@ -413,19 +441,14 @@ impl Allocator {
         pool_size: usize,
         mut waiting: impl FnMut(&str),
     ) -> Result<Self> {
-        let mut pause = START_RETRY_PAUSE;
-        let mut rest = || {
-            let now = pause;
-            pause = (pause * 2).min(START_RETRY_PAUSE_MAX);
-            tokio::time::sleep(now)
-        };
+        let mut retry = StartRetry::new();
         let allocator = loop {
             match Self::connect(redis_url, settings.clone(), pool_size).await {
                 Ok(allocator) => break allocator,
                 Err(AllocatorError::StoreUnavailable(reason)) => waiting(&reason),
                 Err(other) => return Err(other),
             }
-            rest().await;
+            retry.rest().await;
         };
         loop {
             let health = allocator.health().await;
@@ -433,7 +456,7 @@ impl Allocator {
                 return Ok(allocator);
             }
             waiting(&health.describe());
-            rest().await;
+            retry.rest().await;
         }
     }
 

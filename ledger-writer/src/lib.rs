@@ -83,21 +83,20 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
 
 /// Connects to PostgreSQL, waiting while it does not answer (not started
 /// yet, starting up, restarting): each failed try is logged and made the
-/// writer's `/ready` reason, and tries come a growing pause apart (as
-/// [`Allocator::connect_waiting`]'s). A URL it cannot parse is an error.
+/// writer's `/ready` reason, and tries are paced by
+/// [`allocator::StartRetry`]. A URL it cannot parse is an error.
 pub async fn wait_for_postgres(
     config: &Config,
     readiness: &metrics::Readiness,
 ) -> anyhow::Result<tokio_postgres::Client> {
     let _: tokio_postgres::Config = config.postgres.url.parse().context("postgres url")?;
-    let mut pause = allocator::START_RETRY_PAUSE;
+    let mut retry = allocator::StartRetry::new();
     loop {
         match connect_postgres(config).await {
             Ok(client) => return Ok(client),
             Err(error) => waiting(readiness, "PostgreSQL", &format!("{error:#}")),
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(allocator::START_RETRY_PAUSE_MAX);
+        retry.rest().await;
     }
 }
 
@@ -144,13 +143,12 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         .context("connecting to redis")?;
         // Every partition's outbox group, on every master: on a cluster
         // one master may answer while another still loads its dataset.
-        let mut pause = allocator::START_RETRY_PAUSE;
+        let mut retry = allocator::StartRetry::new();
         for partition in 0..config.stock.partitions {
             while let Err(error) = allocator.outbox_ensure_group(partition).await {
                 let reason = format!("partition {partition}'s outbox: {error}");
                 waiting(&metrics.readiness, "Redis", &reason);
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(allocator::START_RETRY_PAUSE_MAX);
+                retry.rest().await;
             }
         }
         anyhow::Ok((postgres, allocator))
