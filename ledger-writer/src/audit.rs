@@ -432,14 +432,29 @@ pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> Vec<Dri
     drifts
 }
 
-/// Distinct entry ids in the ledger topic, read from the beginning with a
-/// throwaway consumer group until the topic is quiet for a second (or
-/// `limit` passes). Watermarks are not used: offsets are not entries.
-pub async fn kafka_entry_ids(config: &config::Config, limit: Duration) -> anyhow::Result<usize> {
+/// What the Kafka ledger topic holds (of one merchant's entries, or all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KafkaCount {
+    /// Messages read.
+    pub messages: usize,
+    /// Distinct entry ids among them (messages less redeliveries).
+    pub distinct: usize,
+}
+
+/// Distinct entry ids in the ledger topic (only `merchant`'s entries, when
+/// given), read from the beginning with a throwaway consumer group until the
+/// topic is quiet for a second (or `limit` passes). Watermarks are not used:
+/// offsets are not entries.
+pub async fn kafka_entry_ids(
+    config: &config::Config,
+    merchant: Option<&str>,
+    limit: Duration,
+) -> anyhow::Result<KafkaCount> {
+    let merchant = merchant.map(str::to_owned);
     use rdkafka::message::Message;
     let brokers = config.kafka.brokers.clone();
     let topic = config.kafka.ledger_topic.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<KafkaCount> {
         let group = format!(
             "ledger-audit-{}-{}",
             std::process::id(),
@@ -458,12 +473,17 @@ pub async fn kafka_entry_ids(config: &config::Config, limit: Duration) -> anyhow
         let started = std::time::Instant::now();
         let mut quiet_since = std::time::Instant::now();
         let mut ids = std::collections::HashSet::new();
+        let mut messages = 0;
         while started.elapsed() < limit && quiet_since.elapsed() < Duration::from_secs(1) {
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(message)) => {
                     let payload: Value =
                         serde_json::from_slice(message.payload().unwrap_or_default())?;
-                    if let Some(id) = payload["entry_id"].as_str() {
+                    let theirs = merchant
+                        .as_deref()
+                        .is_none_or(|merchant| payload["merchant"] == merchant);
+                    if let (true, Some(id)) = (theirs, payload["entry_id"].as_str()) {
+                        messages += 1;
                         ids.insert(id.to_owned());
                     }
                     quiet_since = std::time::Instant::now();
@@ -476,7 +496,10 @@ pub async fn kafka_entry_ids(config: &config::Config, limit: Duration) -> anyhow
                 None => {}
             }
         }
-        Ok(ids.len())
+        Ok(KafkaCount {
+            messages,
+            distinct: ids.len(),
+        })
     })
     .await?
 }

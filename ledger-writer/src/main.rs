@@ -35,7 +35,9 @@ enum Command {
         #[arg(long)]
         merchant: Option<String>,
         /// Also read the whole Kafka ledger topic and count its entry ids
-        /// (fewer ids than PostgreSQL rows is a drift).
+        /// (of the merchant's entries, with --merchant), and the messages
+        /// that repeat one (redeliveries after a crash); fewer ids than
+        /// PostgreSQL rows is a drift.
         #[arg(long)]
         count_kafka: bool,
     },
@@ -165,15 +167,19 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 "audit: {} entries in postgresql, {} not yet relayed; {} cells, {} stock keys",
                 report.entries_in_postgres, report.entries_not_relayed, report.cells, report.keys
             );
-            if count_kafka && merchant.is_none() {
-                let ids = ledger_writer::audit::kafka_entry_ids(
+            if count_kafka {
+                let count = ledger_writer::audit::kafka_entry_ids(
                     &config,
+                    merchant.as_deref(),
                     std::time::Duration::from_secs(120),
                 )
                 .await?;
+                let ids = count.distinct;
                 println!(
-                    "audit: {ids} distinct entry ids in kafka topic {}",
-                    config.kafka.ledger_topic
+                    "audit: {ids} distinct entry ids in kafka topic {} ({} messages, {} redelivered)",
+                    config.kafka.ledger_topic,
+                    count.messages,
+                    count.messages - ids
                 );
                 if ids < report.entries_in_postgres {
                     report.drifts.push(ledger_writer::audit::Drift {

@@ -1,0 +1,1878 @@
+//! `chaos`: the fault matrix of a flash sale, run under load and reported as
+//! figures (see `scripts/chaos`, which builds the binaries and brings up the
+//! stack first).
+//!
+//! One *world* per run: a private Redis (AOF on, `appendfsync everysec`
+//! unless a fault says otherwise), two gateway nodes (`node-a` reaches Redis
+//! through a TCP proxy of this process, so a partition or latency can be put
+//! between them), two ledger writers, a database (`inventory_chaos`,
+//! recreated) and Kafka topics of the run's own on the stack's PostgreSQL
+//! and broker. Each fault gets a merchant of its own (`chaos-<fault>`) with a
+//! scarce hot SKU in a flash sale on both nodes and an ample catalog for
+//! carts, so its figures and its audit see only its own keys while the world
+//! carries every earlier fault's aftermath, as a real fleet would.
+//!
+//! **The load** is a flash sale (hot-SKU holds of 1 or 2 units, half
+//! committed, a fifth released, the rest left to expire), checkouts (2-line
+//! carts over the catalog, most committed) and a restock every second. Every
+//! request has an Idempotency-Key (an adjustment, an event id); a request
+//! that gets no answer (refused connection, timeout, 5xx) is retried with
+//! the same key on the other node, with back-off, until it is answered or a
+//! minute has passed. Every acknowledged hold, commit and release is kept.
+//!
+//! **The physical world** is the model the checks use, not our cells: the
+//! shelf holds the hot SKU's first units plus every restock sent (units that
+//! arrived are on the shelf whether or not the adjustment was acknowledged),
+//! and a unit has left it when its hold was acknowledged as committed or
+//! Redis says committed. Units oversold = committed units − shelf, if
+//! positive.
+//!
+//! **Each fault** is a function with a name ([`FAULTS`]): the load runs for
+//! a while, the fault is injected at a seeded random moment, held, healed,
+//! and the load runs on; then the writers drain and the checks run from the
+//! outside: every acknowledged hold is read back over HTTP (lost if it is
+//! not found, a commit lost if it is not committed), every hold whose answer
+//! came only after a failed attempt is asked again with its key (it must be
+//! replayed as the same reservation: anything else is an idempotency
+//! break), the units are counted against the shelf, and `ledger-writer
+//! audit --count-kafka` checks the merchant's cells against the ledger
+//! (chains, conservation) and counts the Kafka ledger's messages and
+//! distinct entry ids with a real consumer.
+//!
+//! Timing is reported, never asserted: requests per second before, during
+//! and after, seconds from the heal until reservations are answered at half
+//! the rate before, and until the writers' lag is back to what it was. The
+//! exit status is 1 when a fault that must lose nothing lost an
+//! acknowledged operation, oversold a unit, broke idempotency or left the
+//! books unbalanced (the `everysec` kill may lose up to a second of
+//! acknowledged work: its row says how much).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::Method;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(about = "The fault matrix of a flash sale, under load")]
+struct Cli {
+    /// Faults to run, by name (all when none are named; --list names them).
+    faults: Vec<String>,
+    /// Short phases (seconds), for the smoke run inside scripts/test.
+    #[arg(long)]
+    quick: bool,
+    /// The run's seed (random when not given; printed either way).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print the faults and exit.
+    #[arg(long)]
+    list: bool,
+    /// Where the gateway and ledger-writer binaries are.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// State and logs of the run (emptied first).
+    #[arg(long, default_value = ".stack/chaos")]
+    work: PathBuf,
+    /// Writes the report as PATH.json and PATH.md.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// A key with every scope for every merchant.
+    #[arg(long, default_value = "dev-platform-key")]
+    api_key: String,
+}
+
+/// A fault: its name, what it does, and whether it may lose acknowledged
+/// work by design (a setting the README tells deployments not to choose for
+/// that promise).
+struct Fault {
+    name: &'static str,
+    what: &'static str,
+    may_lose: bool,
+}
+
+const FAULTS: &[Fault] = &[
+    Fault {
+        name: "redis-kill-everysec",
+        what: "kill -9 Redis (AOF appendfsync everysec), restarted at once from its AOF",
+        may_lose: true,
+    },
+    Fault {
+        name: "redis-kill-always",
+        what: "kill -9 Redis (AOF appendfsync always), restarted at once from its AOF",
+        may_lose: false,
+    },
+    Fault {
+        name: "gateway-kill",
+        what: "kill -9 gateway node-a under load (scripts answered, HTTP answers not sent); restarted after 3 s",
+        may_lose: false,
+    },
+    Fault {
+        name: "writer-kill",
+        what: "kill -9 one ledger writer mid-batch; restarted after 3 s",
+        may_lose: false,
+    },
+    Fault {
+        name: "writers-down",
+        what: "kill -9 both ledger writers; restarted after the fault's hold",
+        may_lose: false,
+    },
+    Fault {
+        name: "broker-pause",
+        what: "the Kafka broker frozen (SIGSTOP) for the fault's hold",
+        may_lose: false,
+    },
+    Fault {
+        name: "postgres-stop",
+        what: "PostgreSQL stopped for the fault's hold, then started",
+        may_lose: false,
+    },
+    Fault {
+        name: "postgres-read-only",
+        what: "PostgreSQL refuses writes (the database made read-only, sessions cut) for the fault's hold",
+        may_lose: false,
+    },
+    Fault {
+        name: "redis-pause-past-ttl",
+        what: "Redis frozen (SIGSTOP) longer than the holds' TTL, then resumed",
+        may_lose: false,
+    },
+    Fault {
+        name: "partition-node-redis",
+        what: "node-a cut off from Redis (its proxy stops forwarding; TCP keeps the bytes) for 10 s",
+        may_lose: false,
+    },
+    Fault {
+        name: "latency-node-redis",
+        what: "25 ms each way between node-a and Redis for 10 s",
+        may_lose: false,
+    },
+    Fault {
+        name: "heartbeat-lapse",
+        what: "node-a frozen (SIGSTOP) past its heartbeat: its bucket is reclaimed, node-b sells it",
+        may_lose: false,
+    },
+    Fault {
+        name: "clock-skew",
+        what: "node-a restarted with its clock +1 h, then -1 h, then true, writer-1 with +1 h (faketime)",
+        may_lose: false,
+    },
+];
+
+/// The faults `--quick` runs when none are named.
+const QUICK_FAULTS: &[&str] = &["gateway-kill", "redis-kill-always", "writer-kill"];
+
+/// Phase lengths.
+#[derive(Clone, Copy)]
+struct Pace {
+    before: Duration,
+    after: Duration,
+    /// How long a fault that has a hold holds (writers down, broker paused, ...).
+    hold: Duration,
+    /// Hold TTL of the flash sale's reservations.
+    ttl_seconds: u64,
+    /// How long a request is retried before the client gives up.
+    retry_for: Duration,
+    flash_workers: usize,
+    cart_workers: usize,
+}
+
+impl Pace {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                before: Duration::from_secs(3),
+                after: Duration::from_secs(4),
+                hold: Duration::from_secs(6),
+                ttl_seconds: 8,
+                retry_for: Duration::from_secs(30),
+                flash_workers: 8,
+                cart_workers: 3,
+            }
+        } else {
+            Self {
+                before: Duration::from_secs(8),
+                after: Duration::from_secs(10),
+                hold: Duration::from_secs(30),
+                ttl_seconds: 20,
+                retry_for: Duration::from_secs(60),
+                flash_workers: 24,
+                cart_workers: 8,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// One child process we start, kill, freeze and restart.
+struct Proc {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn new(
+        name: &str,
+        program: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        dir: &Path,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            program,
+            args,
+            env,
+            log: dir.join(format!("{name}.log")),
+            child: None,
+        }
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let log = File::options().create(true).append(true).open(&self.log)?;
+        let mut command = Command::new(&self.program);
+        command.args(&self.args);
+        // Nothing of the caller's INVGW_* settings leaks into a child: each
+        // is told its own.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("INVGW_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(
+            command
+                .spawn()
+                .with_context(|| format!("starting {} ({})", self.name, self.program.display()))?,
+        );
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, and reaped.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 8 s.
+    fn terminate(&mut self) {
+        self.signal("CONT");
+        self.signal("TERM");
+        if let Some(child) = self.child.as_mut() {
+            let deadline = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.kill9();
+    }
+
+    fn set_env(&mut self, name: &str, value: Option<&str>) {
+        self.env.retain(|(candidate, _)| candidate != name);
+        if let Some(value) = value {
+            self.env.push((name.to_owned(), value.to_owned()));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.kill9();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs a command to the end; its output goes to `log`.
+fn run_logged(program: &str, args: &[&str], env: &[(String, String)], log: &Path) -> Result<()> {
+    let out = File::options().create(true).append(true).open(log)?;
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!(
+            "{program} {} failed ({status}); see {}",
+            args.join(" "),
+            log.display()
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The proxy between node-a and Redis
+
+const PASS: u8 = 0;
+const DELAY: u8 = 1;
+const BLACKHOLE: u8 = 2;
+
+/// A TCP proxy whose mode a fault sets: pass, delay each chunk, or hold
+/// every byte (a partition: TCP would retransmit them once it heals, so
+/// they arrive late, not never).
+#[derive(Clone)]
+struct Proxy {
+    mode: Arc<AtomicU8>,
+    delay_ms: Arc<AtomicU64>,
+    port: u16,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let proxy = Self {
+            mode: Arc::new(AtomicU8::new(PASS)),
+            delay_ms: Arc::new(AtomicU64::new(0)),
+            port: listener.local_addr()?.port(),
+        };
+        let shared = proxy.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let proxy = shared.clone();
+                tokio::spawn(async move {
+                    proxy.wait_open().await;
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let (from_client, to_client) = inbound.into_split();
+                    let (from_redis, to_redis) = outbound.into_split();
+                    tokio::select! {
+                        () = proxy.pump(from_client, to_redis) => {}
+                        () = proxy.pump(from_redis, to_client) => {}
+                    }
+                });
+            }
+        });
+        Ok(proxy)
+    }
+
+    fn set(&self, mode: u8, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    async fn wait_open(&self) {
+        while self.mode.load(Ordering::SeqCst) == BLACKHOLE {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn pump(
+        &self,
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let mut buffer = vec![0_u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            self.wait_open().await;
+            if self.mode.load(Ordering::SeqCst) == DELAY {
+                let ms = self.delay_ms.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if to.write_all(&buffer[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The world
+
+struct World {
+    dir: PathBuf,
+    config: PathBuf,
+    bins: PathBuf,
+    database: String,
+    admin_url: String,
+    stack_env: Vec<(String, String)>,
+    appendfsync: String,
+    redis_port: u16,
+    redis: Proc,
+    proxy: Proxy,
+    gateways: Vec<Proc>,
+    urls: Vec<String>,
+    writers: Vec<Proc>,
+    writer_metrics: Vec<String>,
+    http: reqwest::Client,
+    api_key: String,
+}
+
+const CATALOG: usize = 20;
+const HOT_FIRST_UNITS: i64 = 300;
+const RESTOCK_UNITS: i64 = 20;
+const CART_LINE_GRACE_SECONDS: u64 = 2;
+
+fn merchant_of(fault: &str) -> String {
+    format!("chaos-{fault}")
+}
+
+impl World {
+    async fn start(cli: &Cli, faults: &[&Fault], run: &str) -> Result<Self> {
+        let root = std::env::current_dir()?;
+        let dir = root.join(&cli.work);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("redis"))?;
+        let base_url = std::env::var("INVGW_POSTGRES_URL")
+            .context("INVGW_POSTGRES_URL (eval \"$(scripts/stack env)\")")?;
+        let (server, _) = base_url
+            .rsplit_once('/')
+            .context("INVGW_POSTGRES_URL has no database")?;
+        let database = "inventory_chaos".to_owned();
+        let admin_url = format!("{server}/postgres");
+        let db_url = format!("{server}/{database}");
+        let brokers =
+            std::env::var("INVGW_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+
+        // The config: the dev config, the run's topics, a sale per fault.
+        let mut text = std::fs::read_to_string(root.join("config/dev.toml"))?;
+        for (name, topic) in [
+            ("ledger_topic", "ledger"),
+            ("events_topic", "events"),
+            ("dlq_topic", "events.dlq"),
+        ] {
+            let line = text
+                .lines()
+                .find(|line| line.starts_with(&format!("{name} =")))
+                .with_context(|| format!("config/dev.toml has no {name}"))?
+                .to_owned();
+            text = text.replace(&line, &format!("{name} = \"chaos.{run}.{topic}\""));
+        }
+        // Cart lines stay held this long past their TTL: short, so every
+        // hold has ended soon after the load stops.
+        let grace = text
+            .lines()
+            .find(|line| line.starts_with("cart_line_grace_seconds ="))
+            .context("config/dev.toml has no cart_line_grace_seconds")?
+            .to_owned();
+        text = text.replace(
+            &grace,
+            &format!("cart_line_grace_seconds = {CART_LINE_GRACE_SECONDS}"),
+        );
+        for fault in faults {
+            write!(
+                text,
+                "\n[[flash_sales]]\nname = \"{name}\"\nmerchant = \"{merchant}\"\nsku = \"hot\"\n\
+                 location = \"dc1\"\nnodes = [\"node-a\", \"node-b\"]\nenabled = true\n\
+                 presplit_fraction = 0.5\nrefill_chunk_units_min = 5\nrefill_chunk_units_max = 40\n",
+                name = fault.name,
+                merchant = merchant_of(fault.name),
+            )?;
+        }
+        let config = dir.join("chaos.toml");
+        std::fs::write(&config, text)?;
+
+        // A database of the run's own, and its topics.
+        let (admin, connection) =
+            tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+            .await?;
+        drop(admin);
+        let stack_env = vec![
+            ("STACK_PG_DB".to_owned(), database.clone()),
+            ("STACK_CONFIG".to_owned(), config.display().to_string()),
+        ];
+        run_logged("scripts/stack", &["up"], &stack_env, &dir.join("stack.log"))?;
+
+        let redis_port = free_port()?;
+        let bins = root.join(&cli.bin_dir);
+        let mut world = Self {
+            redis: Proc::new("redis", PathBuf::from("redis-server"), vec![], vec![], &dir),
+            proxy: Proxy::start(redis_port).await?,
+            dir,
+            config,
+            bins,
+            database,
+            admin_url,
+            stack_env,
+            appendfsync: "everysec".into(),
+            redis_port,
+            gateways: vec![],
+            urls: vec![],
+            writers: vec![],
+            writer_metrics: vec![],
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .pool_max_idle_per_host(64)
+                .build()?,
+            api_key: cli.api_key.clone(),
+        };
+        world.start_redis()?;
+        let common = vec![
+            ("INVGW_POSTGRES_URL".to_owned(), db_url),
+            ("INVGW_KAFKA_BROKERS".to_owned(), brokers),
+            (
+                "INVGW_ORIGIN_UPSTREAMS".to_owned(),
+                format!("127.0.0.1:{}", free_port()?),
+            ),
+            ("RUST_LOG".to_owned(), "info,rdkafka=warn".to_owned()),
+        ];
+        for (index, node) in ["node-a", "node-b"].iter().enumerate() {
+            let port = free_port()?;
+            // node-a through the proxy, node-b straight to Redis.
+            let redis = if index == 0 {
+                world.proxy.port
+            } else {
+                world.redis_port
+            };
+            let mut env = common.clone();
+            env.push(("INVGW_NODE_ID".into(), (*node).into()));
+            env.push(("INVGW_LISTEN_HTTP".into(), format!("127.0.0.1:{port}")));
+            env.push((
+                "INVGW_REDIS_URL".into(),
+                format!("redis://127.0.0.1:{redis}"),
+            ));
+            let args = vec!["--config".into(), world.config.display().to_string()];
+            let mut gateway = Proc::new(node, world.bins.join("gateway"), args, env, &world.dir);
+            gateway.start()?;
+            world.gateways.push(gateway);
+            world.urls.push(format!("http://127.0.0.1:{port}"));
+        }
+        for index in 0..2 {
+            let port = free_port()?;
+            let name = format!("writer-{}", index + 1);
+            let mut env = common.clone();
+            env.push(("INVGW_NODE_ID".into(), name.clone()));
+            env.push((
+                "INVGW_LEDGER_METRICS_LISTEN".into(),
+                format!("127.0.0.1:{port}"),
+            ));
+            env.push((
+                "INVGW_REDIS_URL".into(),
+                format!("redis://127.0.0.1:{}", world.redis_port),
+            ));
+            let args = vec![
+                "run".into(),
+                "--config".into(),
+                world.config.display().to_string(),
+            ];
+            let mut writer = Proc::new(
+                &name,
+                world.bins.join("ledger-writer"),
+                args,
+                env,
+                &world.dir,
+            );
+            writer.start()?;
+            world.writers.push(writer);
+            world
+                .writer_metrics
+                .push(format!("http://127.0.0.1:{port}"));
+        }
+        for index in 0..2 {
+            world.wait_gateway(index).await?;
+            world.wait_writer(index).await?;
+        }
+        Ok(world)
+    }
+
+    fn redis_args(&self) -> Vec<String> {
+        [
+            "--port",
+            &self.redis_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &self.dir.join("redis").display().to_string(),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            &self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    fn start_redis(&mut self) -> Result<()> {
+        self.redis.args = self.redis_args();
+        self.redis.start()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let answer = Command::new("redis-cli")
+                .args(["-p", &self.redis_port.to_string(), "ping"])
+                .output()?;
+            if String::from_utf8_lossy(&answer.stdout).trim() == "PONG" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Redis did not answer within 60 s; see {}",
+                    self.redis.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn redis_cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.redis_port.to_string()])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    fn set_appendfsync(&mut self, policy: &str) -> Result<()> {
+        self.appendfsync = policy.to_owned();
+        let answer = self.redis_cli(&["config", "set", "appendfsync", policy])?;
+        if answer != "OK" {
+            bail!("CONFIG SET appendfsync {policy}: {answer}");
+        }
+        Ok(())
+    }
+
+    async fn wait_url(&self, name: &str, url: &str, log: &Path) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(response) = self.http.get(url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{name} was not ready within 90 s; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_gateway(&self, index: usize) -> Result<()> {
+        let gateway = &self.gateways[index];
+        self.wait_url(
+            &gateway.name,
+            &format!("{}/ready", self.urls[index]),
+            &gateway.log,
+        )
+        .await
+    }
+
+    async fn wait_writer(&self, index: usize) -> Result<()> {
+        let writer = &self.writers[index];
+        self.wait_url(
+            &writer.name,
+            &format!("{}/ready", self.writer_metrics[index]),
+            &writer.log,
+        )
+        .await
+    }
+
+    fn stack(&self, args: &[&str]) -> Result<()> {
+        run_logged(
+            "scripts/stack",
+            args,
+            &self.stack_env,
+            &self.dir.join("stack.log"),
+        )
+    }
+
+    async fn admin(&self) -> Result<tokio_postgres::Client> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// The database refuses writes (`read_only`) or takes them again; every
+    /// session of it is cut so the next one starts under the setting.
+    async fn postgres_read_only(&self, read_only: bool) -> Result<()> {
+        let admin = self.admin().await?;
+        let setting = if read_only {
+            "SET default_transaction_read_only = on"
+        } else {
+            "RESET default_transaction_read_only"
+        };
+        admin
+            .batch_execute(&format!("ALTER DATABASE {} {setting}", self.database))
+            .await?;
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&self.database],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn writer_lag(&self) -> Option<u64> {
+        outbox_lag(&self.http, &self.writer_metrics).await
+    }
+
+    async fn wait_drained(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.writer_lag().await == Some(0) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        false
+    }
+
+    fn faketime_library() -> Option<PathBuf> {
+        [
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/faketime/libfaketime.so.1",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|path| path.exists())
+    }
+}
+
+/// The outbox lag (entries) the live writers report; None when none
+/// answers. Every writer reports the whole outbox's lag: the largest is it.
+async fn outbox_lag(http: &reqwest::Client, writer_metrics: &[String]) -> Option<u64> {
+    let mut lag = None;
+    for url in writer_metrics {
+        let Ok(response) = http.get(format!("{url}/metrics")).send().await else {
+            continue;
+        };
+        let Ok(text) = response.text().await else {
+            continue;
+        };
+        let value = text
+            .lines()
+            .filter(|line| line.starts_with("invgw_writer_lag_entries_total"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+        lag = Some(lag.unwrap_or(0).max(value));
+    }
+    lag
+}
+
+// ---------------------------------------------------------------------------
+// The load
+
+const BUCKET: Duration = Duration::from_millis(250);
+const BUCKETS: usize = 4 * 60 * 20;
+
+#[derive(Default)]
+struct Bucket {
+    /// Reservation requests answered (201 or 409).
+    reservations_answered: AtomicU64,
+    /// Requests answered, of any kind.
+    answered: AtomicU64,
+    /// Attempts that got no answer (refused, timed out, 5xx).
+    failed: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct HoldAck {
+    id: String,
+    key: String,
+    body: Value,
+    /// Units per SKU.
+    units: Vec<(String, i64)>,
+    /// Attempts before the answer came (1: the first was answered).
+    attempts: u32,
+    replayed: bool,
+}
+
+#[derive(Default)]
+struct Acks {
+    holds: Vec<HoldAck>,
+    commits: HashSet<String>,
+    releases: HashSet<String>,
+    /// Commits refused as not held: the hold had gone (expired or lost).
+    commit_refused: u64,
+    /// Requests never answered within the retry time.
+    gave_up: u64,
+    /// Restock units sent (arrived on the shelf, acknowledged or not).
+    restocked: i64,
+}
+
+struct Load {
+    started: Instant,
+    stop: AtomicBool,
+    buckets: Vec<Bucket>,
+    acks: Mutex<Acks>,
+    lag: Mutex<Vec<(f64, u64)>>,
+    http: reqwest::Client,
+    urls: Vec<String>,
+    api_key: String,
+    merchant: String,
+    pace: Pace,
+    run: String,
+    sequence: AtomicU64,
+}
+
+enum Answer {
+    Got {
+        status: u16,
+        body: Value,
+        replayed: bool,
+        attempts: u32,
+    },
+    GaveUp,
+}
+
+impl Load {
+    fn bucket(&self) -> &Bucket {
+        let index = (self.started.elapsed().as_millis() / BUCKET.as_millis()) as usize;
+        &self.buckets[index.min(BUCKETS - 1)]
+    }
+
+    fn unique(&self, kind: &str) -> String {
+        format!(
+            "{}-{kind}-{}",
+            self.run,
+            self.sequence.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// One request, retried with the same key on the other node until it is
+    /// answered (any status below 500 but 429) or the retry time is over.
+    async fn call(
+        &self,
+        node: usize,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> Answer {
+        let deadline = Instant::now() + self.pace.retry_for;
+        let mut attempts = 0;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let url = format!(
+                "{}{path}",
+                self.urls[(node + attempts as usize) % self.urls.len()]
+            );
+            attempts += 1;
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&self.api_key);
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            if let Ok(response) = request.send().await {
+                let status = response.status().as_u16();
+                let replayed = response.headers().contains_key("idempotent-replayed");
+                if status < 500 && status != 429 {
+                    let body = response.json().await.unwrap_or(Value::Null);
+                    self.bucket().answered.fetch_add(1, Ordering::Relaxed);
+                    return Answer::Got {
+                        status,
+                        body,
+                        replayed,
+                        attempts,
+                    };
+                }
+            }
+            self.bucket().failed.fetch_add(1, Ordering::Relaxed);
+            if Instant::now() + backoff > deadline {
+                return Answer::GaveUp;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    fn gave_up(&self) {
+        self.acks.lock().expect("not poisoned").gave_up += 1;
+    }
+
+    /// Reserves `lines`; on a hold, commits, releases or leaves it.
+    async fn reserve_and_end(
+        &self,
+        node: usize,
+        lines: Vec<(String, i64)>,
+        commit_share: f64,
+        rng: &mut StdRng,
+    ) {
+        let key = self.unique("r");
+        let body = json!({
+            "merchant": self.merchant,
+            "lines": lines.iter().map(|(sku, qty)| json!({"sku": sku, "location": "dc1", "qty": qty})).collect::<Vec<_>>(),
+            "ttl_seconds": self.pace.ttl_seconds,
+        });
+        let (status, answer, replayed, attempts) = match self
+            .call(
+                node,
+                Method::POST,
+                "/v1/reservations",
+                Some(&key),
+                Some(&body),
+            )
+            .await
+        {
+            Answer::Got {
+                status,
+                body,
+                replayed,
+                attempts,
+            } => (status, body, replayed, attempts),
+            Answer::GaveUp => return self.gave_up(),
+        };
+        if status == 201 || status == 409 {
+            self.bucket()
+                .reservations_answered
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if status != 201 {
+            return;
+        }
+        let Some(id) = answer["reservation_id"].as_str().map(str::to_owned) else {
+            return;
+        };
+        self.acks.lock().expect("not poisoned").holds.push(HoldAck {
+            id: id.clone(),
+            key: key.clone(),
+            body,
+            units: lines,
+            attempts,
+            replayed,
+        });
+        let roll: f64 = rng.random();
+        let action = if roll < commit_share {
+            "commit"
+        } else if roll < commit_share + 0.2 {
+            "release"
+        } else {
+            return;
+        };
+        let path = format!("/v1/reservations/{id}/{action}");
+        match self
+            .call(
+                node,
+                Method::POST,
+                &path,
+                Some(&format!("{key}-{action}")),
+                None,
+            )
+            .await
+        {
+            Answer::Got { status: 200, .. } => {
+                let mut acks = self.acks.lock().expect("not poisoned");
+                if action == "commit" {
+                    acks.commits.insert(id);
+                } else {
+                    acks.releases.insert(id);
+                }
+            }
+            Answer::Got { status: 409, .. } if action == "commit" => {
+                self.acks.lock().expect("not poisoned").commit_refused += 1;
+            }
+            Answer::Got { .. } => {}
+            Answer::GaveUp => self.gave_up(),
+        }
+    }
+
+    async fn adjust(&self, sku: &str, qty: i64, event_id: &str) {
+        let body = json!({
+            "merchant": self.merchant, "sku": sku, "location": "dc1", "kind": "delta",
+            "qty": qty, "source": "chaos", "event_id": event_id,
+        });
+        if let Answer::GaveUp = self
+            .call(1, Method::POST, "/v1/stock/adjustments", None, Some(&body))
+            .await
+        {
+            self.gave_up();
+        }
+    }
+}
+
+async fn flash_worker(load: Arc<Load>, index: usize, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    while !load.stop.load(Ordering::Relaxed) {
+        let qty = rng.random_range(1..=2);
+        load.reserve_and_end(index % 2, vec![("hot".to_owned(), qty)], 0.5, &mut rng)
+            .await;
+    }
+}
+
+async fn cart_worker(load: Arc<Load>, index: usize, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    while !load.stop.load(Ordering::Relaxed) {
+        let first = rng.random_range(0..CATALOG);
+        let second = (first + rng.random_range(1..CATALOG)) % CATALOG;
+        let lines = vec![
+            (format!("cat-{first:02}"), 1),
+            (format!("cat-{second:02}"), 1),
+        ];
+        load.reserve_and_end(index % 2, lines, 0.7, &mut rng).await;
+    }
+}
+
+async fn restocker(load: Arc<Load>) {
+    let mut n = 0;
+    while !load.stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        n += 1;
+        load.acks.lock().expect("not poisoned").restocked += RESTOCK_UNITS;
+        let event = format!("{}-restock-{n}", load.run);
+        load.adjust("hot", RESTOCK_UNITS, &event).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One fault
+
+/// What a fault function did, when (seconds since the load started).
+struct Injected {
+    at: f64,
+    healed: f64,
+    notes: Vec<String>,
+}
+
+/// A row of the report.
+#[derive(Debug, Default, Serialize)]
+struct Row {
+    fault: String,
+    what: String,
+    may_lose: bool,
+    injected_at_s: f64,
+    healed_at_s: f64,
+    rps_before: f64,
+    rps_during: f64,
+    rps_after: f64,
+    attempts_unanswered: u64,
+    holds_acknowledged: usize,
+    holds_lost: usize,
+    commits_acknowledged: usize,
+    commits_lost: usize,
+    commits_refused_not_held: u64,
+    retried_holds: usize,
+    retried_holds_replayed: usize,
+    idempotency_breaks: usize,
+    gave_up: u64,
+    shelf_units: i64,
+    committed_units: i64,
+    units_oversold: i64,
+    ledger_entries_postgres: usize,
+    audit_drifts: usize,
+    kafka_messages: usize,
+    kafka_distinct_ids: usize,
+    kafka_redelivered: usize,
+    reservations_back_s: Option<f64>,
+    writer_lag_back_s: Option<f64>,
+    writer_lag_peak_entries: u64,
+    passed: bool,
+    notes: Vec<String>,
+}
+
+fn seconds(load: &Load) -> f64 {
+    load.started.elapsed().as_secs_f64()
+}
+
+async fn sleep_s(duration: Duration) {
+    tokio::time::sleep(duration).await;
+}
+
+/// Injects `fault`, holds it, heals it.
+async fn inject(fault: &str, world: &mut World, load: &Load, pace: Pace) -> Result<Injected> {
+    let mut notes = vec![];
+    let at;
+    match fault {
+        "redis-kill-everysec" | "redis-kill-always" => {
+            at = seconds(load);
+            world.redis.kill9();
+            world.start_redis()?;
+            notes.push(format!(
+                "Redis back (AOF loaded) {:.2} s after the kill",
+                seconds(load) - at
+            ));
+        }
+        "gateway-kill" => {
+            at = seconds(load);
+            world.gateways[0].kill9();
+            sleep_s(Duration::from_secs(3)).await;
+            world.gateways[0].start()?;
+            world.wait_gateway(0).await?;
+            notes.push(format!(
+                "node-a ready again {:.2} s after the kill",
+                seconds(load) - at
+            ));
+        }
+        "writer-kill" => {
+            at = seconds(load);
+            world.writers[0].kill9();
+            sleep_s(Duration::from_secs(3)).await;
+            world.writers[0].start()?;
+        }
+        "writers-down" => {
+            at = seconds(load);
+            world.writers[0].kill9();
+            world.writers[1].kill9();
+            sleep_s(pace.hold).await;
+            world.writers[0].start()?;
+            world.writers[1].start()?;
+        }
+        "broker-pause" => {
+            at = seconds(load);
+            world.stack(&["pause", "kafka"])?;
+            sleep_s(pace.hold).await;
+            world.stack(&["resume", "kafka"])?;
+        }
+        "postgres-stop" => {
+            at = seconds(load);
+            world.stack(&["stop", "postgresql"])?;
+            sleep_s(pace.hold).await;
+            world.stack(&["up"])?;
+        }
+        "postgres-read-only" => {
+            at = seconds(load);
+            world.postgres_read_only(true).await?;
+            sleep_s(pace.hold).await;
+            world.postgres_read_only(false).await?;
+        }
+        "redis-pause-past-ttl" => {
+            at = seconds(load);
+            world.redis.signal("STOP");
+            sleep_s(Duration::from_secs(pace.ttl_seconds + 5)).await;
+            world.redis.signal("CONT");
+        }
+        "partition-node-redis" => {
+            at = seconds(load);
+            world.proxy.set(BLACKHOLE, Duration::ZERO);
+            sleep_s(Duration::from_secs(10)).await;
+            world.proxy.set(PASS, Duration::ZERO);
+        }
+        "latency-node-redis" => {
+            at = seconds(load);
+            world.proxy.set(DELAY, Duration::from_millis(25));
+            sleep_s(Duration::from_secs(10)).await;
+            world.proxy.set(PASS, Duration::ZERO);
+        }
+        "heartbeat-lapse" => {
+            let before = sale_buckets(world, load).await;
+            at = seconds(load);
+            world.gateways[0].signal("STOP");
+            // Past the heartbeat (5 s in the dev config) and a reclaim.
+            sleep_s(Duration::from_secs(15)).await;
+            let during = sale_buckets(world, load).await;
+            world.gateways[0].signal("CONT");
+            notes.push(format!(
+                "the sale's buckets before: {before}; at the end of node-a's freeze: {during}"
+            ));
+        }
+        "clock-skew" => {
+            let library = World::faketime_library()
+                .context("libfaketime is not installed (Debian package faketime)")?;
+            at = seconds(load);
+            let library = library.display().to_string();
+            let skewed = |process: &mut Proc, skew: Option<&str>| -> Result<()> {
+                process.terminate();
+                process.set_env("LD_PRELOAD", skew.map(|_| library.as_str()));
+                process.set_env("FAKETIME", skew);
+                process.set_env("FAKETIME_DONT_FAKE_MONOTONIC", skew.map(|_| "1"));
+                process.start()
+            };
+            // The writer only ahead: under a negative libfaketime offset
+            // librdkafka's start-up wait (rd_kafka_new's cnd_timedwait on
+            // CLOCK_REALTIME) does not return (seen with gdb), an artefact
+            // of the preload, not a clock the writer reads.
+            for (skew, writer_skew) in [("+1h", Some("+1h")), ("-1h", None)] {
+                skewed(&mut world.gateways[0], Some(skew))?;
+                skewed(&mut world.writers[0], writer_skew)?;
+                world.wait_gateway(0).await?;
+                world.wait_writer(0).await?;
+                notes.push(format!(
+                    "from {:.1} s node-a at {skew}, writer-1 at {}",
+                    seconds(load),
+                    writer_skew.unwrap_or("its true clock")
+                ));
+                sleep_s(pace.hold / 2).await;
+            }
+            skewed(&mut world.gateways[0], None)?;
+            world.wait_gateway(0).await?;
+            notes.push("writer-1 was not run at -1h: librdkafka's start-up wait does not return under libfaketime's negative offsets".into());
+        }
+        other => bail!("no fault named {other}"),
+    }
+    Ok(Injected {
+        at,
+        healed: seconds(load),
+        notes,
+    })
+}
+
+/// The fault's sale as node-b reports it (`GET /v1/flash-sales`).
+async fn sale_buckets(world: &World, load: &Load) -> String {
+    let url = format!("{}/v1/flash-sales", world.urls[1]);
+    let Ok(response) = world.http.get(url).bearer_auth(&world.api_key).send().await else {
+        return "unknown (node-b did not answer)".into();
+    };
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    body["sales"]
+        .as_array()
+        .and_then(|sales| sales.iter().find(|sale| sale["merchant"] == load.merchant))
+        .map_or_else(
+            || "not listed".into(),
+            |sale| {
+                let mut sale = sale.clone();
+                if let Some(object) = sale.as_object_mut() {
+                    object.retain(|name, _| {
+                        ["pool", "buckets", "nodes", "state"].contains(&name.as_str())
+                    });
+                }
+                sale.to_string()
+            },
+        )
+}
+
+fn rate(load: &Load, from: f64, to: f64) -> f64 {
+    let first = (from / BUCKET.as_secs_f64()) as usize;
+    let last = ((to / BUCKET.as_secs_f64()) as usize).min(BUCKETS);
+    if last <= first {
+        return 0.0;
+    }
+    let answered: u64 = load.buckets[first..last]
+        .iter()
+        .map(|bucket| bucket.answered.load(Ordering::Relaxed))
+        .sum();
+    answered as f64 / ((last - first) as f64 * BUCKET.as_secs_f64())
+}
+
+/// Seconds from `healed` until reservations are answered again at half the
+/// mean rate before `at`: the end of the last 250 ms after the injection
+/// with fewer (0 when none had; None when the load ended before).
+fn reservations_back(load: &Load, at: f64, healed: f64, end: f64) -> Option<f64> {
+    let per = |index: usize| {
+        load.buckets[index]
+            .reservations_answered
+            .load(Ordering::Relaxed) as f64
+    };
+    let before = (at / BUCKET.as_secs_f64()) as usize;
+    if before == 0 {
+        return None;
+    }
+    let mean = (0..before).map(per).sum::<f64>() / before as f64;
+    // Whole buckets only: the last one is cut by the load's end.
+    let last = ((end / BUCKET.as_secs_f64()) as usize).min(BUCKETS);
+    match (before..last).rev().find(|&index| per(index) < mean / 2.0) {
+        None => Some(0.0),
+        Some(index) if index + 1 >= last => None,
+        Some(index) => Some(((index + 1) as f64 * BUCKET.as_secs_f64() - healed).max(0.0)),
+    }
+}
+
+/// The writers' largest lag (entries) from `at` on.
+fn lag_peak(load: &Load, at: f64) -> u64 {
+    let samples = load.lag.lock().expect("not poisoned");
+    samples
+        .iter()
+        .filter(|(t, _)| *t >= at)
+        .map(|(_, lag)| *lag)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Seconds from `healed` until the writers' lag is back to what it was before `at`.
+fn lag_back(load: &Load, at: f64, healed: f64) -> Option<f64> {
+    let samples = load.lag.lock().expect("not poisoned");
+    let normal = samples
+        .iter()
+        .filter(|(t, _)| *t < at)
+        .map(|(_, lag)| *lag)
+        .max()
+        .unwrap_or(0)
+        * 2
+        + 200;
+    samples
+        .iter()
+        .find(|(t, lag)| *t >= healed && *lag <= normal)
+        .map(|(t, _)| t - healed)
+}
+
+async fn run_fault(
+    world: &mut World,
+    fault: &Fault,
+    pace: Pace,
+    seed: u64,
+    run: &str,
+) -> Result<Row> {
+    let merchant = merchant_of(fault.name);
+    println!("chaos: {}: {}", fault.name, fault.what);
+    if fault.name == "redis-kill-always" {
+        world.set_appendfsync("always")?;
+    }
+    let new_load = || Load {
+        started: Instant::now(),
+        stop: AtomicBool::new(false),
+        buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
+        acks: Mutex::new(Acks::default()),
+        lag: Mutex::new(vec![]),
+        http: world.http.clone(),
+        urls: world.urls.clone(),
+        api_key: world.api_key.clone(),
+        merchant: merchant.clone(),
+        pace,
+        run: format!("{run}-{}", fault.name),
+        sequence: AtomicU64::new(0),
+    };
+    // The shelf: the hot SKU's first units and an ample catalog.
+    let setup = new_load();
+    setup
+        .adjust("hot", HOT_FIRST_UNITS, &format!("{}-first", setup.run))
+        .await;
+    for index in 0..CATALOG {
+        setup
+            .adjust(
+                &format!("cat-{index:02}"),
+                100_000,
+                &format!("{}-cat-{index}", setup.run),
+            )
+            .await;
+    }
+    if setup.acks.lock().expect("not poisoned").gave_up > 0 {
+        bail!("{}: the shelf could not be stocked", fault.name);
+    }
+    // The sale activates on the nodes' next config check once it has stock.
+    sleep_s(Duration::from_secs(2)).await;
+    let load = Arc::new(new_load());
+
+    let mut tasks = vec![];
+    for index in 0..pace.flash_workers {
+        tasks.push(tokio::spawn(flash_worker(
+            load.clone(),
+            index,
+            seed ^ (index as u64 + 1),
+        )));
+    }
+    for index in 0..pace.cart_workers {
+        tasks.push(tokio::spawn(cart_worker(
+            load.clone(),
+            index,
+            seed ^ (1000 + index as u64),
+        )));
+    }
+    tasks.push(tokio::spawn(restocker(load.clone())));
+    let sampler = {
+        let load = load.clone();
+        let urls = world.writer_metrics.clone();
+        let http = world.http.clone();
+        tokio::spawn(async move {
+            loop {
+                let lag = outbox_lag(&http, &urls).await;
+                if let Some(lag) = lag {
+                    load.lag
+                        .lock()
+                        .expect("not poisoned")
+                        .push((seconds(&load), lag));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+
+    let jitter = StdRng::seed_from_u64(seed).random_range(0..2000);
+    sleep_s(pace.before + Duration::from_millis(jitter)).await;
+    let injected = inject(fault.name, world, &load, pace).await;
+    let mut injected = match injected {
+        Ok(injected) => injected,
+        Err(error) => {
+            load.stop.store(true, Ordering::Relaxed);
+            sampler.abort();
+            return Err(error.context(format!("injecting {}", fault.name)));
+        }
+    };
+    sleep_s(pace.after).await;
+    let end = seconds(&load);
+    load.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    if fault.name == "redis-kill-always" {
+        world.set_appendfsync("everysec")?;
+    }
+    // Every hold has ended (expired, if nothing else) before the books are
+    // read: the audit must not race live expiries.
+    sleep_s(Duration::from_secs(
+        pace.ttl_seconds + CART_LINE_GRACE_SECONDS + 3,
+    ))
+    .await;
+    let drained = world.wait_drained(Duration::from_secs(180)).await;
+    sampler.abort();
+    let mut notes = std::mem::take(&mut injected.notes);
+    if !drained {
+        notes.push("the writers' lag did not reach 0 within 180 s".into());
+    }
+    let row = check(world, fault, &load, &injected, end, notes).await?;
+    Ok(row)
+}
+
+/// The checks from the outside: acknowledged operations read back, retries
+/// replayed, units counted against the shelf, the audit.
+async fn check(
+    world: &World,
+    fault: &Fault,
+    load: &Load,
+    injected: &Injected,
+    end: f64,
+    mut notes: Vec<String>,
+) -> Result<Row> {
+    let acks = std::mem::take(&mut *load.acks.lock().expect("not poisoned"));
+    // Every acknowledged hold, read back (eight at a time).
+    let statuses: HashMap<String, Option<String>> = {
+        let mut statuses = HashMap::new();
+        for chunk in acks.holds.chunks(8) {
+            let reads = chunk.iter().map(|hold| async {
+                let url = format!("{}/v1/reservations/{}", world.urls[1], hold.id);
+                for _ in 0..20 {
+                    if let Ok(response) = world
+                        .http
+                        .get(&url)
+                        .bearer_auth(&world.api_key)
+                        .send()
+                        .await
+                    {
+                        match response.status().as_u16() {
+                            200 => {
+                                let body: Value = response.json().await.unwrap_or(Value::Null);
+                                return (
+                                    hold.id.clone(),
+                                    body["status"].as_str().map(str::to_owned),
+                                );
+                            }
+                            404 => return (hold.id.clone(), None),
+                            _ => {}
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                (hold.id.clone(), Some("unreadable".to_owned()))
+            });
+            statuses.extend(futures::future::join_all(reads).await);
+        }
+        statuses
+    };
+    let holds_lost = statuses.values().filter(|status| status.is_none()).count();
+    let unreadable = statuses
+        .values()
+        .filter(|status| status.as_deref() == Some("unreadable"))
+        .count();
+    if unreadable > 0 {
+        notes.push(format!("{unreadable} holds could not be read back"));
+    }
+    let commits_lost = acks
+        .commits
+        .iter()
+        .filter(|id| statuses.get(*id).and_then(|status| status.as_deref()) != Some("committed"))
+        .count();
+    let released_then_committed = acks
+        .releases
+        .iter()
+        .filter(|id| statuses.get(*id).and_then(|status| status.as_deref()) == Some("committed"))
+        .count();
+    if released_then_committed > 0 {
+        notes.push(format!(
+            "{released_then_committed} acknowledged releases read back committed"
+        ));
+    }
+
+    // Every hold answered after a failed attempt, asked again with its key:
+    // the same reservation, replayed.
+    let retried: Vec<&HoldAck> = acks.holds.iter().filter(|hold| hold.attempts > 1).collect();
+    let retried_replayed = retried.iter().filter(|hold| hold.replayed).count();
+    let mut breaks = 0;
+    for chunk in retried.chunks(8) {
+        let asks = chunk.iter().map(|hold| async {
+            if statuses.get(&hold.id).is_some_and(Option::is_none) {
+                return false; // lost with Redis' last second: counted as lost
+            }
+            let url = format!("{}/v1/reservations", world.urls[1]);
+            for _ in 0..20 {
+                let sent = world
+                    .http
+                    .post(&url)
+                    .bearer_auth(&world.api_key)
+                    .header("idempotency-key", &hold.key)
+                    .json(&hold.body)
+                    .send()
+                    .await;
+                if let Ok(response) = sent {
+                    let status = response.status().as_u16();
+                    if status < 500 {
+                        let replayed = response.headers().contains_key("idempotent-replayed");
+                        let body: Value = response.json().await.unwrap_or(Value::Null);
+                        return !(status == 201
+                            && replayed
+                            && body["reservation_id"] == hold.id.as_str());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            true
+        });
+        breaks += futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter(|broken| *broken)
+            .count();
+    }
+
+    // The physical world: units that left the shelf against units that were on it.
+    let shelf = HOT_FIRST_UNITS + acks.restocked;
+    let committed: i64 = acks
+        .holds
+        .iter()
+        .filter(|hold| {
+            acks.commits.contains(&hold.id)
+                || statuses.get(&hold.id).and_then(|status| status.as_deref()) == Some("committed")
+        })
+        .flat_map(|hold| hold.units.iter())
+        .filter(|(sku, _)| sku == "hot")
+        .map(|(_, qty)| qty)
+        .sum();
+    let oversold = (committed - shelf).max(0);
+
+    // The books, from the ledger alone.
+    let audit = Command::new(world.bins.join("ledger-writer"))
+        .args([
+            "audit",
+            "--config",
+            &world.config.display().to_string(),
+            "--merchant",
+            &load.merchant,
+            "--count-kafka",
+        ])
+        .envs(world.writers[1].env.iter().cloned())
+        .output()?;
+    let audit_text = String::from_utf8_lossy(&audit.stdout).to_string();
+    std::fs::write(
+        world.dir.join(format!("audit-{}.txt", fault.name)),
+        format!("{audit_text}{}", String::from_utf8_lossy(&audit.stderr)),
+    )?;
+    let number_before = |text: &str, marker: &str| -> usize {
+        text.find(marker)
+            .and_then(|at| {
+                text[..at]
+                    .split_whitespace()
+                    .last()?
+                    .trim_start_matches('(')
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let drifts = audit_text
+        .lines()
+        .filter(|line| line.starts_with("drift:"))
+        .count();
+    let in_postgres = number_before(&audit_text, " entries in postgresql");
+    let kafka_distinct = number_before(&audit_text, " distinct entry ids in kafka");
+    let kafka_messages = number_before(&audit_text, " messages,");
+    let audit_ran = audit_text.contains("audit: the books balance") || drifts > 0;
+    if !audit_ran {
+        notes.push(format!(
+            "the audit did not run: {}",
+            String::from_utf8_lossy(&audit.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ));
+    }
+
+    let row = Row {
+        fault: fault.name.to_owned(),
+        what: fault.what.to_owned(),
+        may_lose: fault.may_lose,
+        injected_at_s: round2(injected.at),
+        healed_at_s: round2(injected.healed),
+        rps_before: round2(rate(load, 0.0, injected.at)),
+        rps_during: round2(rate(
+            load,
+            injected.at,
+            injected.healed.max(injected.at + BUCKET.as_secs_f64()),
+        )),
+        rps_after: round2(rate(load, injected.healed, end)),
+        attempts_unanswered: load
+            .buckets
+            .iter()
+            .map(|bucket| bucket.failed.load(Ordering::Relaxed))
+            .sum(),
+        holds_acknowledged: acks.holds.len(),
+        holds_lost,
+        commits_acknowledged: acks.commits.len(),
+        commits_lost,
+        commits_refused_not_held: acks.commit_refused,
+        retried_holds: retried.len(),
+        retried_holds_replayed: retried_replayed,
+        idempotency_breaks: breaks,
+        gave_up: acks.gave_up,
+        shelf_units: shelf,
+        committed_units: committed,
+        units_oversold: oversold,
+        ledger_entries_postgres: in_postgres,
+        audit_drifts: drifts,
+        kafka_messages,
+        kafka_distinct_ids: kafka_distinct,
+        kafka_redelivered: kafka_messages.saturating_sub(kafka_distinct),
+        reservations_back_s: reservations_back(load, injected.at, injected.healed, end).map(round2),
+        writer_lag_back_s: lag_back(load, injected.at, injected.healed).map(round2),
+        writer_lag_peak_entries: lag_peak(load, injected.at),
+        passed: false,
+        notes,
+    };
+    let clean = row.holds_lost == 0
+        && row.commits_lost == 0
+        && row.units_oversold == 0
+        && row.audit_drifts == 0
+        && released_then_committed == 0;
+    let passed =
+        audit_ran && row.idempotency_breaks == 0 && unreadable == 0 && (clean || fault.may_lose);
+    Ok(Row { passed, ..row })
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+// ---------------------------------------------------------------------------
+// The report
+
+fn report_md(rows: &[Row], seed: u64, quick: bool, command: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Fault matrix (`scripts/chaos`)\n");
+    let _ = writeln!(
+        md,
+        "Generated {} by `{command}` (seed {seed}{}). Every figure is from this one run on this machine \
+         (2 shared cores: rates are what the load generator, the stack and the system under test \
+         achieved together). The load: a flash sale on a scarce hot SKU (holds of 1-2 units, half \
+         committed, a fifth released), 2-line carts on an ample catalog, a restock every second; \
+         every request retried with its key on the other node until answered. See the crate docs of \
+         `loadtest/src/bin/chaos.rs` for how each figure is counted.\n",
+        now_rfc3339(),
+        if quick { ", --quick" } else { "" }
+    );
+    let _ = writeln!(
+        md,
+        "| fault | req/s before / during / after | holds acked / lost | commits acked / lost | retried holds (replayed) | idempotency breaks | units oversold (committed / shelf) | audit drifts | PostgreSQL entries | Kafka redelivered | reservations back (s) | writer lag peak (entries), back (s) | result |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let _ = writeln!(
+            md,
+            "| `{}` | {:.0} / {:.0} / {:.0} | {} / {} | {} / {} | {} ({}) | {} | {} ({} / {}) | {} | {} | {} | {} | {}, {} | {} |",
+            row.fault,
+            row.rps_before,
+            row.rps_during,
+            row.rps_after,
+            row.holds_acknowledged,
+            row.holds_lost,
+            row.commits_acknowledged,
+            row.commits_lost,
+            row.retried_holds,
+            row.retried_holds_replayed,
+            row.idempotency_breaks,
+            row.units_oversold,
+            row.committed_units,
+            row.shelf_units,
+            row.audit_drifts,
+            row.ledger_entries_postgres,
+            row.kafka_redelivered,
+            row.reservations_back_s
+                .map_or("never".into(), |s| format!("{s:.2}")),
+            row.writer_lag_peak_entries,
+            row.writer_lag_back_s
+                .map_or("never".into(), |s| format!("{s:.2}")),
+            if row.passed {
+                if row.may_lose {
+                    "figures (may lose by design)"
+                } else {
+                    "pass"
+                }
+            } else {
+                "FAIL"
+            },
+        );
+    }
+    let _ = writeln!(md, "\n## What each fault did\n");
+    for row in rows {
+        let _ = writeln!(
+            md,
+            "- `{}`: {} (injected at {:.2} s, healed at {:.2} s).",
+            row.fault, row.what, row.injected_at_s, row.healed_at_s
+        );
+        for note in &row.notes {
+            let _ = writeln!(md, "  - {note}");
+        }
+    }
+    let everysec = rows.iter().find(|row| row.fault == "redis-kill-everysec");
+    let always = rows.iter().find(|row| row.fault == "redis-kill-always");
+    if let (Some(everysec), Some(always)) = (everysec, always) {
+        let _ = writeln!(
+            md,
+            "\n`appendfsync always` against `everysec`, the same load before each kill: {:.0} req/s against {:.0} req/s ({:.2}).",
+            always.rps_before,
+            everysec.rps_before,
+            if everysec.rps_before > 0.0 {
+                always.rps_before / everysec.rps_before
+            } else {
+                0.0
+            }
+        );
+    }
+    md
+}
+
+fn now_rfc3339() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<std::process::ExitCode> {
+    let cli = Cli::parse();
+    if cli.list {
+        for fault in FAULTS {
+            println!("{:22} {}", fault.name, fault.what);
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let names: Vec<String> = if !cli.faults.is_empty() {
+        cli.faults.clone()
+    } else if cli.quick {
+        QUICK_FAULTS.iter().map(|name| (*name).to_owned()).collect()
+    } else {
+        FAULTS.iter().map(|fault| fault.name.to_owned()).collect()
+    };
+    let mut faults = vec![];
+    for name in &names {
+        match FAULTS.iter().find(|fault| fault.name == name) {
+            Some(fault) => faults.push(fault),
+            None => bail!("no fault named {name} (--list names them)"),
+        }
+    }
+    let seed = cli.seed.unwrap_or_else(|| rand::rng().random());
+    println!(
+        "chaos: seed {seed} (run again with --seed {seed}); faults: {}",
+        names.join(" ")
+    );
+    let run = format!("r{}", seed % 1_000_000_007);
+    let pace = Pace::new(cli.quick);
+    let mut world = World::start(&cli, &faults, &run).await?;
+    let mut rows = vec![];
+    let mut rng = StdRng::seed_from_u64(seed);
+    for fault in &faults {
+        let fault_seed = rng.random();
+        let row = match run_fault(&mut world, fault, pace, fault_seed, &run).await {
+            Ok(row) => row,
+            // A fault that could not be run is a failed row, and the run goes on.
+            Err(error) => Row {
+                fault: fault.name.to_owned(),
+                what: fault.what.to_owned(),
+                may_lose: fault.may_lose,
+                notes: vec![format!("could not be run: {error:#}")],
+                ..Row::default()
+            },
+        };
+        println!(
+            "chaos: {}: {} — holds {} acked, {} lost; commits {} acked, {} lost; {} retried holds ({} replayed), {} idempotency breaks; {} oversold; audit {} drifts; reservations back in {:?} s, writer lag in {:?} s",
+            row.fault,
+            if row.passed { "pass" } else { "FAIL" },
+            row.holds_acknowledged,
+            row.holds_lost,
+            row.commits_acknowledged,
+            row.commits_lost,
+            row.retried_holds,
+            row.retried_holds_replayed,
+            row.idempotency_breaks,
+            row.units_oversold,
+            row.audit_drifts,
+            row.reservations_back_s,
+            row.writer_lag_back_s,
+        );
+        rows.push(row);
+        if let Some(report) = &cli.report {
+            let command = if cli.quick {
+                "scripts/chaos --quick"
+            } else {
+                "scripts/chaos"
+            };
+            std::fs::write(
+                report.with_extension("json"),
+                serde_json::to_string_pretty(
+                    &json!({"seed": seed, "quick": cli.quick, "rows": rows}),
+                )?,
+            )?;
+            std::fs::write(
+                report.with_extension("md"),
+                report_md(&rows, seed, cli.quick, command),
+            )?;
+        }
+    }
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|row| !row.passed)
+        .map(|row| row.fault.as_str())
+        .collect();
+    if failed.is_empty() {
+        println!("chaos: every fault passed (seed {seed})");
+        Ok(std::process::ExitCode::SUCCESS)
+    } else {
+        println!("chaos: FAILED: {} (seed {seed})", failed.join(" "));
+        Ok(std::process::ExitCode::FAILURE)
+    }
+}
