@@ -324,12 +324,6 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Runs a command to the end; its output goes to `log`.
 fn run_logged(program: &str, args: &[&str], env: &[(String, String)], log: &Path) -> Result<()> {
     let out = File::options().create(true).append(true).open(log)?;
@@ -550,7 +544,7 @@ impl World {
         ];
         run_logged("scripts/stack", &["up"], &stack_env, &dir.join("stack.log"))?;
 
-        let redis_port = free_port()?;
+        let redis_port = testkit::free_port();
         let bins = root.join(&cli.bin_dir);
         let mut world = Self {
             redis: Proc::new("redis", PathBuf::from("redis-server"), vec![], vec![], &dir),
@@ -580,12 +574,12 @@ impl World {
             ("INVGW_KAFKA_BROKERS".to_owned(), brokers),
             (
                 "INVGW_ORIGIN_UPSTREAMS".to_owned(),
-                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{}", testkit::free_port()),
             ),
             ("RUST_LOG".to_owned(), "info,rdkafka=warn".to_owned()),
         ];
         for (index, node) in ["node-a", "node-b"].iter().enumerate() {
-            let port = free_port()?;
+            let port = testkit::free_port();
             // node-a through the proxy, node-b straight to Redis.
             let redis = if index == 0 {
                 world.proxy.port
@@ -606,7 +600,7 @@ impl World {
             world.urls.push(format!("http://127.0.0.1:{port}"));
         }
         for index in 0..2 {
-            let port = free_port()?;
+            let port = testkit::free_port();
             let name = format!("writer-{}", index + 1);
             let mut env = common.clone();
             env.push(("INVGW_NODE_ID".into(), name.clone()));
@@ -746,39 +740,35 @@ impl World {
         Ok(())
     }
 
-    async fn wait_url(&self, name: &str, url: &str, log: &Path) -> Result<()> {
+    /// Waits (up to 90 s) until `process` answers 200 on `{base}/ready`.
+    async fn wait_ready(&self, process: &Proc, base: &str) -> Result<()> {
+        let url = format!("{base}/ready");
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if let Ok(response) = self.http.get(url).send().await
+            if let Ok(response) = self.http.get(&url).send().await
                 && response.status().is_success()
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{name} was not ready within 90 s; see {}", log.display());
+                bail!(
+                    "{} was not ready within 90 s; see {}",
+                    process.name,
+                    process.log.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     async fn wait_gateway(&self, index: usize) -> Result<()> {
-        let gateway = &self.gateways[index];
-        self.wait_url(
-            &gateway.name,
-            &format!("{}/ready", self.urls[index]),
-            &gateway.log,
-        )
-        .await
+        self.wait_ready(&self.gateways[index], &self.urls[index])
+            .await
     }
 
     async fn wait_writer(&self, index: usize) -> Result<()> {
-        let writer = &self.writers[index];
-        self.wait_url(
-            &writer.name,
-            &format!("{}/ready", self.writer_metrics[index]),
-            &writer.log,
-        )
-        .await
+        self.wait_ready(&self.writers[index], &self.writer_metrics[index])
+            .await
     }
 
     fn stack(&self, args: &[&str]) -> Result<()> {
