@@ -51,17 +51,24 @@ if a.action == 'open' then
   if not is_id(a.life) then return refuse('bad_argument', { reason = 'life' }) end
   if not rec and a.existing_only then return refuse('not_found') end
   if not rec then
+    -- The first use, once per request: the record and the reply are built
+    -- as text (what cjson would write for the same fields) from values
+    -- checked above (node, life, reservation id: is_id; cell: is_cell_id;
+    -- nothing in them needs escaping; the fingerprint is encoded).
     housekeeping()
-    rec = {
-      fp = a.fingerprint, state = 'pending', attempt = 0, token = 1, owner = ARGS.node,
-      lease_until_ms = NOW + a.lease_ms, created_at_ms = NOW, life = a.life,
-      cell = a.cell, cell_partition = a.cell_partition, reservation_id = a.reservation_id,
-    }
-    redis.call('HSET', K_IDEM, field, cjson.encode(rec))
+    local lease_until_ms = NOW + a.lease_ms
+    local placement = ''
+    if a.cell ~= nil then
+      placement = string.format(',"cell":"%s","cell_partition":%d,"reservation_id":"%s"',
+        a.cell, a.cell_partition, a.reservation_id)
+    end
+    redis.call('HSET', K_IDEM, field, string.format(
+      '{"fp":%s,"state":"pending","attempt":0,"token":1,"owner":"%s","lease_until_ms":%d,"created_at_ms":%d,"life":"%s"',
+      cjson.encode(a.fingerprint), ARGS.node, lease_until_ms, NOW, a.life) .. placement .. '}')
     gc_later('i|' .. field)
-    return reply({ status = 'claimed', attempt = 0, token = 1, taken_over = false,
-      lease_until_ms = rec.lease_until_ms, life = rec.life,
-      cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
+    return string.format(
+      '{"v":%d,"status":"claimed","attempt":0,"token":1,"taken_over":false,"lease_until_ms":%d,"life":"%s"',
+      REPLY_VERSION, lease_until_ms, a.life) .. placement .. '}'
   end
   if rec.fp ~= a.fingerprint then return refuse('idempotency_key_reused') end
   if rec.state == 'done' then return reply({ status = 'done', reply = rec.reply }) end

@@ -50,6 +50,19 @@ local function int_text(n)
   return string.format('%d', n)
 end
 
+-- A JSON object's text without its closing brace, for fields to be
+-- appended to it (`json_id_field`, integers): t must not be empty.
+local function json_prefix(t)
+  return cjson.encode(t):sub(1, -2)
+end
+
+-- `,"name":"value"` for an id that is_id passed (nothing in it needs
+-- escaping), or '' when there is none.
+local function json_id_field(name, value)
+  if value == nil then return '' end
+  return ',"' .. name .. '":"' .. value .. '"'
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -226,7 +239,7 @@ local function due_remove(r)
 end
 
 local function gc_later(member)
-  redis.call('ZADD', K_GC, NOW + RETENTION_MS, member)
+  redis.call('ZADD', K_GC, int_text(NOW + RETENTION_MS), member)
 end
 
 -- Ends a held reservation: `op` is 'release' or 'expire' (units return to
@@ -518,13 +531,27 @@ local function reserve_many(holds)
     end
   end
   if #held == 0 then return answers end
-  -- Every decision is made and checked: now the writes.
+  -- Every decision is made and checked: now the writes. The records and
+  -- ledger entries are JSON built from a prefix cjson encodes once per batch
+  -- (the cell's names, escaped there) and, per hold, only integers and ids
+  -- that check_hold passed (is_id: no character JSON escapes): the same
+  -- documents as cjson's, at a fraction of its cost per hold. Integers go
+  -- through string.format's %d (Lua's own number-to-text is %.14g, a
+  -- floating-point print that was a tenth of a batch's time).
   cell_put(cell_id, c)
+  local record_prefix = json_prefix({
+    merchant = c.merchant, sku = c.sku, location = c.location, cell = cell_id,
+    partition = ARGS.partition, status = 'held', created_at_ms = NOW, node = ARGS.node,
+  })
   local records, due, due_cell = {}, {}, {}
   for _, r in ipairs(held) do
     records[#records + 1] = r.reservation_id
-    records[#records + 1] = res_encode(r)
-    due[#due + 1] = r.hold_until_ms
+    records[#records + 1] = record_prefix .. string.format(
+      ',"reservation_id":"%s","qty":%d,"backordered":%d,"expires_at_ms":%d,"hold_until_ms":%d',
+      r.reservation_id, r.qty, r.backordered, r.expires_at_ms, r.hold_until_ms)
+      .. json_id_field('cart_id', r.cart_id)
+      .. (r.customer_hash and (',"customer_hash":' .. cjson.encode(r.customer_hash)) or '') .. '}'
+    due[#due + 1] = int_text(r.hold_until_ms)
     due[#due + 1] = r.reservation_id
     due_cell[#due_cell + 1] = 0
     due_cell[#due_cell + 1] = due_member(r)
@@ -532,18 +559,21 @@ local function reserve_many(holds)
   redis.call('HSET', K_RES, unpack(records))
   redis.call('ZADD', K_DUE, unpack(due))
   redis.call('ZADD', K_DUE_CELL, unpack(due_cell))
-  -- One entry per hold, with the cell's values around that hold.
-  local after = {
-    merchant = c.merchant, sku = c.sku, location = c.location, on_hand = on_hand_before,
-    reserved = reserved_before, version = version_before,
-  }
+  -- One entry per hold, with the cell's values around that hold (the
+  -- fields ledger() writes for a reserve).
+  local entry_prefix = json_prefix({
+    v = LEDGER_VERSION, op = 'reserve', partition = ARGS.partition, cell = cell_id,
+    merchant = c.merchant, sku = c.sku, location = c.location, node = ARGS.node, at_ms = NOW,
+    on_hand_before = on_hand_before, on_hand_after = on_hand_before,
+  })
+  local reserved, version = reserved_before, version_before
   for _, r in ipairs(held) do
-    local reserved = after.reserved
-    after.reserved = reserved + r.qty
-    after.version = after.version + 1
-    ledger('reserve', cell_id, on_hand_before, reserved, after, {
-      reservation_id = r.reservation_id, qty = r.qty, backordered = r.backordered, cart_id = r.cart_id,
-    })
+    version = version + 1
+    redis.call('XADD', K_LEDGER, '*', 'e', entry_prefix .. string.format(
+      ',"reserved_before":%d,"reserved_after":%d,"version":%d,"reservation_id":"%s","qty":%d,"backordered":%d',
+      reserved, reserved + r.qty, version, r.reservation_id, r.qty, r.backordered)
+      .. json_id_field('cart_id', r.cart_id) .. '}')
+    reserved = reserved + r.qty
   end
   notify(cell_id, c)
   return answers
