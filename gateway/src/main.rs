@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 /// mimalloc rather than glibc's malloc: a profile of the hot-SKU reservation
-/// path (two nodes at the ceiling) spent a fifth of the gateway's CPU in
+/// path (two nodes at the ceiling) spent 15% of the gateway's samples in
 /// glibc's malloc, free and chunk consolidation; the request path makes
 /// many small, short-lived allocations across threads, mimalloc's case.
 #[global_allocator]
