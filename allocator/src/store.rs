@@ -58,7 +58,10 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// The shortest time between two refreshes (a burst of failures asks once).
 pub const REFRESH_GAP: Duration = Duration::from_millis(100);
 
-/// How long a refresh waits for one node's `CLUSTER SLOTS`.
+/// How long a refresh waits for one known master's `CLUSTER SLOTS` (a
+/// seed asked afresh, as at connect, gets the whole connect wait: on a busy
+/// two-core machine a cluster node starting up or running a long script
+/// took longer than this to answer, and a first connect failed on it).
 const ASK_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Hash slots of a Redis Cluster.
@@ -411,7 +414,7 @@ impl Shared {
             known
                 .iter()
                 .filter(|master| master.connected())
-                .map(|master| ask(master.client(), &master.server)),
+                .map(|master| ask(master.client(), &master.server, ASK_TIMEOUT)),
         )
         .await;
         let mut last_error = String::from("no node to ask");
@@ -430,7 +433,9 @@ impl Shared {
         }
         for seed in &self.seeds {
             match self
-                .ask_once(seed, async |client| ask(client, seed).await)
+                .ask_once(seed, async |client| {
+                    ask(client, seed, self.connect_wait()).await
+                })
                 .await
             {
                 Ok(ranges) if covered(&ranges) > 0 => return Ok(ranges),
@@ -575,12 +580,17 @@ fn covered(ranges: &Ranges) -> usize {
         .sum()
 }
 
-/// One node's `CLUSTER SLOTS`, as ranges in slot order.
-async fn ask(client: &Client, server: &Server) -> std::result::Result<Ranges, String> {
+/// One node's `CLUSTER SLOTS`, as ranges in slot order, if it answers
+/// within `wait`.
+async fn ask(
+    client: &Client,
+    server: &Server,
+    wait: Duration,
+) -> std::result::Result<Ranges, String> {
     let command =
         fred::types::CustomCommand::new_static("CLUSTER", fred::types::ClusterHash::Random, false);
     let reply: fred::types::Value =
-        tokio::time::timeout(ASK_TIMEOUT, client.custom(command, vec!["SLOTS"]))
+        tokio::time::timeout(wait, client.custom(command, vec!["SLOTS"]))
             .await
             .map_err(|_| format!("{server}: no answer in time"))?
             .map_err(|error| format!("{server}: {error}"))?;
