@@ -157,10 +157,10 @@ end
 
 -- Ledger and notifications ----------------------------------------------
 
--- Appends one ledger entry (schema in the allocator crate's docs) and returns
--- its stream id. `before`/`after` are the cell's values around the change.
-local function ledger(op, cell_id, c_before_on_hand, c_before_reserved, c, extra)
-  local e = extra or {}
+-- The fields of a ledger entry (schema in the allocator crate's docs) that
+-- name the operation, its cell and the call, set on `e`: every entry has
+-- them, whether ledger() writes it or reserve_many builds it as text.
+local function ledger_common(e, op, cell_id, c)
   e.v = LEDGER_VERSION
   e.op = op
   e.partition = ARGS.partition
@@ -168,13 +168,20 @@ local function ledger(op, cell_id, c_before_on_hand, c_before_reserved, c, extra
   e.merchant = c.merchant
   e.sku = c.sku
   e.location = c.location
+  e.node = ARGS.node
+  e.at_ms = NOW
+  return e
+end
+
+-- Appends one ledger entry and returns its stream id. `before`/`after` are
+-- the cell's values around the change.
+local function ledger(op, cell_id, c_before_on_hand, c_before_reserved, c, extra)
+  local e = ledger_common(extra or {}, op, cell_id, c)
   e.on_hand_before = c_before_on_hand
   e.on_hand_after = c.on_hand
   e.reserved_before = c_before_reserved
   e.reserved_after = c.reserved
   e.version = c.version
-  e.node = ARGS.node
-  e.at_ms = NOW
   return redis.call('XADD', K_LEDGER, '*', 'e', cjson.encode(e))
 end
 
@@ -560,12 +567,11 @@ local function reserve_many(holds)
   redis.call('ZADD', K_DUE, unpack(due))
   redis.call('ZADD', K_DUE_CELL, unpack(due_cell))
   -- One entry per hold, with the cell's values around that hold (the
-  -- fields ledger() writes for a reserve).
-  local entry_prefix = json_prefix({
-    v = LEDGER_VERSION, op = 'reserve', partition = ARGS.partition, cell = cell_id,
-    merchant = c.merchant, sku = c.sku, location = c.location, node = ARGS.node, at_ms = NOW,
-    on_hand_before = on_hand_before, on_hand_after = on_hand_before,
-  })
+  -- fields ledger() writes for a reserve: a hold leaves on_hand as it was).
+  local common = ledger_common({}, 'reserve', cell_id, c)
+  common.on_hand_before = on_hand_before
+  common.on_hand_after = c.on_hand
+  local entry_prefix = json_prefix(common)
   local reserved, version = reserved_before, version_before
   for _, r in ipairs(held) do
     version = version + 1

@@ -625,9 +625,18 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
     };
     // Eight claimed holds, a bad one among them, and the first one's
     // attempt run again.
-    let mut requests: Vec<_> = (0..8).map(hold).collect();
+    // The first one is a cart's line, with a customer (whose hash needs
+    // JSON escaping), so its record and entry carry every field there is.
+    let first = allocator::HoldRequest {
+        grace_ms: 2_000,
+        cart_id: Some("c-batch".to_owned()),
+        customer_hash: Some("h\"\\\u{1}é".to_owned()),
+        ..hold(0)
+    };
+    let mut requests: Vec<_> = (1..8).map(hold).collect();
+    requests.insert(0, first.clone());
     requests.insert(3, allocator::HoldRequest { qty: 0, ..hold(9) });
-    requests.push(hold(0));
+    requests.push(first.clone());
     let answers = allocator.hold_batch(&cell, &requests).await.expect("batch");
     assert!(
         matches!(&answers[3], Err(AllocatorError::InvalidRequest(reason)) if reason == "qty"),
@@ -652,6 +661,50 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
     assert_eq!(
         replay.reservation,
         answers[0].as_ref().expect("first held").reservation
+    );
+
+    // The record and the ledger entry, written as text per hold, are the
+    // documents the decision describes: every field, nothing else.
+    use fred::interfaces::{HashesInterface, StreamsInterface};
+    let redis = raw_redis().await;
+    let names = allocator::keys::partition_keys(cell.partition);
+    let id = &first.reservation_id;
+    let text: String = redis.hget(&names[1], id).await.expect("record");
+    let record: Value = serde_json::from_str(&text).expect("the record is JSON");
+    let made = record["created_at_ms"].as_u64().expect("created_at_ms");
+    assert_eq!(
+        record,
+        serde_json::json!({
+            "reservation_id": id, "merchant": key.merchant, "sku": key.sku,
+            "location": key.location, "cell": cell.id, "partition": cell.partition,
+            "qty": 1, "backordered": 0, "status": "held", "created_at_ms": made,
+            "expires_at_ms": made + 600_000, "hold_until_ms": made + 602_000,
+            "node": "test-node", "cart_id": "c-batch", "customer_hash": first.customer_hash,
+        })
+    );
+    let stream: Vec<(String, std::collections::HashMap<String, String>)> = redis
+        .xrange(&names[5], format!("{}-0", made - 60_000), "+", None)
+        .await
+        .expect("ledger");
+    let entries: Vec<Value> = stream
+        .iter()
+        .map(|(_, fields)| serde_json::from_str(&fields["e"]).expect("an entry is JSON"))
+        .filter(|entry: &Value| entry["cell"] == cell.id.as_str() && entry["op"] == "reserve")
+        .collect();
+    assert_eq!(entries.len(), 5, "one entry per hold");
+    let before = entries[0]["reserved_before"]
+        .as_i64()
+        .expect("reserved_before");
+    let version = entries[0]["version"].as_i64().expect("version");
+    assert_eq!(
+        entries[0],
+        serde_json::json!({
+            "v": 1, "op": "reserve", "partition": cell.partition, "cell": cell.id,
+            "merchant": key.merchant, "sku": key.sku, "location": key.location,
+            "node": "test-node", "at_ms": made, "on_hand_before": 5, "on_hand_after": 5,
+            "reserved_before": before, "reserved_after": before + 1, "version": version,
+            "reservation_id": id, "qty": 1, "backordered": 0, "cart_id": "c-batch",
+        })
     );
     let cell = pool(&allocator, &key).await;
     assert_eq!((cell.reserved, cell.sellable()), (5, 0));
