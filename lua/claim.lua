@@ -44,7 +44,10 @@ if a.action == 'open' then
     or not is_int(a.lease_ms, 1, 600000) then
     return refuse('bad_argument', { reason = 'fingerprint and lease_ms' })
   end
-  if a.cell ~= nil and (not is_cell_id(a.cell) or not is_int(a.cell_partition, 0, LIMITS.partition_max)
+  -- A placement is all three fields or none (the record keeps it only
+  -- when it names a cell).
+  if (a.cell ~= nil or a.cell_partition ~= nil or a.reservation_id ~= nil)
+    and (not is_cell_id(a.cell) or not is_int(a.cell_partition, 0, LIMITS.partition_max)
     or not is_id(a.reservation_id)) then
     return refuse('bad_argument', { reason = 'placement' })
   end

@@ -427,7 +427,8 @@ local function hold_requests()
       grace_ms = tonumber(ARGV[at + 3]),
       customer_hash = (customer_hash ~= nil and customer_hash ~= '') and customer_hash or nil,
       cart_id = (cart_id ~= nil and cart_id ~= '') and cart_id or nil,
-      hold_by_ms = (hold_by ~= nil and hold_by ~= '') and tonumber(hold_by) or nil,
+      -- Text that is not a number stays text, for check_hold to refuse.
+      hold_by_ms = (hold_by ~= nil and hold_by ~= '') and (tonumber(hold_by) or hold_by) or nil,
     }
   end
   return holds

@@ -399,6 +399,14 @@ impl Default for StartRetry {
 }
 
 impl Allocator {
+    /// The Redis function serving the operation named `op` (a file of
+    /// `lua/` without `.lua`) in the library this allocator loaded: for
+    /// tools and tests that call a function directly, e.g. to check that it
+    /// refuses what this crate never sends.
+    pub fn function_name(&self, op: &str) -> Option<String> {
+        self.scripts.function_name(op).map(str::to_owned)
+    }
+
     /// Connects to `redis_url` and loads the scripts.
     pub async fn connect(
         redis_url: &str,

@@ -171,6 +171,15 @@ impl Scripts {
         Ok(())
     }
 
+    /// The function serving the operation named `op` (its file's name,
+    /// e.g. `claim`) in this library, if there is one.
+    pub fn function_name(&self, op: &str) -> Option<&str> {
+        self.names
+            .iter()
+            .find(|(candidate, _)| op_name(*candidate) == op)
+            .map(|(_, name)| name.as_str())
+    }
+
     fn name(&self, op: Op) -> &str {
         &self
             .names

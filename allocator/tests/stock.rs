@@ -692,6 +692,14 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
         .filter(|entry: &Value| entry["cell"] == cell.id.as_str() && entry["op"] == "reserve")
         .collect();
     assert_eq!(entries.len(), 5, "one entry per hold");
+    for pair in entries.windows(2) {
+        assert_eq!(pair[0]["reserved_after"], pair[1]["reserved_before"]);
+        assert_eq!(
+            pair[1]["version"].as_i64(),
+            pair[0]["version"].as_i64().map(|version| version + 1)
+        );
+        assert_eq!(pair[1]["on_hand_before"], pair[0]["on_hand_after"]);
+    }
     let before = entries[0]["reserved_before"]
         .as_i64()
         .expect("reserved_before");
@@ -873,4 +881,80 @@ async fn cells_are_read_in_the_order_asked_across_partitions() {
     assert!(cells[keys.len()].is_none());
     assert_eq!(cells[keys.len() + 1].as_ref().expect("repeat").on_hand, 4);
     assert!(allocator.cells(&[]).await.expect("none").is_empty());
+}
+
+/// `FCALL` of the library's function for operation `op` on `partition`,
+/// with the JSON argument `args` and the plain arguments `rest`.
+async fn fcall_raw(
+    allocator: &Allocator,
+    op: &str,
+    partition: u32,
+    args: Value,
+    rest: &[&str],
+) -> Value {
+    use fred::interfaces::FunctionInterface;
+    let redis = raw_redis().await;
+    let name = allocator
+        .function_name(op)
+        .expect("an operation of the library");
+    let mut argv = vec![args.to_string(), "1".to_owned()];
+    argv.extend(rest.iter().map(|text| (*text).to_owned()));
+    let reply: String = redis
+        .fcall(name, allocator::keys::partition_keys(partition), argv)
+        .await
+        .expect("fcall");
+    serde_json::from_str(&reply).expect("a JSON reply")
+}
+
+#[tokio::test]
+async fn the_scripts_refuse_arguments_the_allocator_never_sends_and_change_nothing() {
+    use fred::interfaces::HashesInterface;
+    let allocator = allocator_for("test-node").await;
+    let key = fresh_key();
+    stock(&allocator, &key, 5).await;
+    let cell = key.pool(PARTITIONS);
+    let redis = raw_redis().await;
+
+    // A hold-by time that is not a number is refused, not read as none.
+    let id = allocator::keys::reservation_id(cell.partition, [7; 12]);
+    let reply = fcall_raw(
+        &allocator,
+        "reserve_batch",
+        cell.partition,
+        serde_json::json!({ "partition": cell.partition, "node": "test-node", "cell": cell.id, "count": 1 }),
+        &[&id, "1", "600000", "0", "", "", "soon"],
+    )
+    .await;
+    assert_eq!(
+        reply["answers"],
+        serde_json::json!([["b", "hold_by_ms"]]),
+        "{reply}"
+    );
+    assert_eq!(pool(&allocator, &key).await.reserved, 0);
+
+    // A claim's placement is all of cell, partition and reservation id, or
+    // none of them.
+    let digest = hex::encode([9u8; 32]);
+    let claim_partition = 3;
+    for partial in [
+        serde_json::json!({ "reservation_id": id }),
+        serde_json::json!({ "cell_partition": cell.partition }),
+        serde_json::json!({ "cell": cell.id, "reservation_id": id }),
+    ] {
+        let mut args = serde_json::json!({
+            "partition": claim_partition, "node": "test-node", "action": "open",
+            "digest": digest, "fingerprint": "f", "lease_ms": 10_000, "life": "l1",
+        });
+        for (name, value) in partial.as_object().expect("fields") {
+            args[name] = value.clone();
+        }
+        let reply = fcall_raw(&allocator, "claim", claim_partition, args, &[]).await;
+        assert_eq!(reply["status"], "bad_argument", "{partial}: {reply}");
+        let claims = &allocator::keys::partition_keys(claim_partition)[3];
+        let record: Option<String> = redis
+            .hget(claims, format!("c|{digest}"))
+            .await
+            .expect("claims");
+        assert_eq!(record, None, "{partial}: nothing is recorded");
+    }
 }
