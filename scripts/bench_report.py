@@ -192,6 +192,70 @@ def svg_bars(title, groups, series, path):
         handle.write("\n".join(parts))
 
 
+def aims_not_met(report, engine, reserve, evalsha, health, at_ceiling, k6_reserve, common_reserve, scheduled_60):
+    """The reservation aims this run did not meet, each with what it would take, from this run's figures."""
+    def fmt(value, digits=1):
+        return "n/a" if value is None else f"{value:,.{digits}f}"
+
+    out = ["", "### Reservation aims not met in this run: what each would take", ""]
+    rows = []
+    k32 = next((row for row in engine if row.get("holds_per_call") == 32), None)
+    if k32 and k32.get("ratio") is not None and k32["ratio"] < 5:
+        per_call_us = 1e6 / k32["baseline_calls_per_second"]
+        budget_us = 32 * per_call_us / 5
+        spent_us = 32 * 1e6 / k32["reservations_per_second"]
+        rows.append(
+            f"- **Engine, k = 32: {k32['ratio']:.2f}× of EVALSHA (aim 5×).** Our client's EVALSHA round trip took "
+            f"{per_call_us:,.0f} µs; 5× means a call of 32 holds in {budget_us:,.0f} µs ({budget_us / 32:.1f} µs a hold, "
+            f"client and Redis together); this run's took {spent_us:,.0f} µs on average ({spent_us / 32:.1f} µs a hold). "
+            "Redis alone spends about 21 µs a hold at k = 32 (measured with commandstats in issue 11's profile: "
+            "commands ~6 µs, the rest Lua), more than the whole budget, and the client the remaining "
+            f"~{max(spent_us / 32 - 21, 0):.0f} µs (arguments as strings, the reply decoded into a JSON value). Next "
+            "levers: one ledger entry per batch instead of one per hold (~5 µs a hold in Redis), and a compact reply "
+            "decoded without an intermediate JSON value."
+        )
+    cpu = at_ceiling.get("cpu_share_of_one_core", {})
+    rps = reserve.get("requests_per_second") or 0
+    ratio_http = report["reservations"].get("ratio_to_evalsha")
+    if rps and ratio_http is not None and ratio_http < 0.5 and cpu:
+        us = lambda share: share * 1e6 / rps
+        target = 0.5 * evalsha
+        cpus = report["machine"]["cpus"]
+        rows.append(
+            f"- **HTTP: {ratio_http:.3f} of EVALSHA (aim 0.5).** At the ceiling each reservation cost "
+            f"{us(cpu.get('redis', 0)):.0f} µs of Redis CPU, {us(cpu.get('gateway_a', 0) + cpu.get('gateway_b', 0)):.0f} µs "
+            f"of gateway CPU and {us(cpu.get('machine', 0)):.0f} µs of the whole machine's (load generator included), with "
+            f"the machine at {cpu.get('machine', 0)} of its {cpus} cores and Redis at {cpu.get('redis', 0)} of one: the "
+            f"machine, not Redis, is the limit. 0.5 is {target:,.0f} reservations/s, {cpus * 1e6 / target:.0f} µs of "
+            f"the whole machine per reservation, while the gateway's HTTP stack alone (`/health`, {fmt(health.get('requests_per_second'), 0)}/s) "
+            f"already costs {cpus * 1e6 / max(health.get('requests_per_second') or 1, 1):.0f} µs of it per request. Not "
+            "reachable on this 2-core machine with the load generator beside it; the figure to drive down is CPU per "
+            "reservation. Next levers: the claim (every request's first script call: positional arguments instead of "
+            "a JSON object, cheaper checks), and the gateway's context switches between its HTTP threads and the "
+            "runtime that owns the Redis connections."
+        )
+    achieved = k6_reserve.get("requests_per_second") or 0
+    if (k6_reserve.get("p99_ms") or 0) > 25:
+        line = (
+            f"- **Reservation p99 at 60% of the ceiling: {fmt(k6_reserve.get('p99_ms'), 1)} ms (aim ≤ 25 ms).** k6 "
+            f"achieved {fmt(achieved, 0)} of the {fmt(scheduled_60, 0)}/s scheduled"
+        )
+        if scheduled_60 and achieved < 0.9 * scheduled_60:
+            line += ": the load generator could not keep the schedule, so this measures an overloaded machine"
+        if common_reserve.get("p99_ms") is not None:
+            line += (
+                f". At a rate the load generator achieves ({fmt(common_reserve.get('requests_per_second'), 0)}/s), "
+                f"p99 is {fmt(common_reserve.get('p99_ms'), 1)} ms"
+                + (" (aim met)" if common_reserve["p99_ms"] <= 25 else "")
+            )
+        rows.append(line + ".")
+    if not rows:
+        measured = k32 is not None and rps and k6_reserve.get("p99_ms") is not None
+        rows = ["Every reservation aim was met." if measured else "Not all of them were measured in this run "
+                "(`--quick` skips the engine, or a step failed): no verdict."]
+    return out + rows
+
+
 def main():
     raw, out, quick, profile = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
     hello = wrk(os.path.join(raw, "wrk-hello.txt"))
@@ -440,6 +504,8 @@ def main():
             f"{cpu.get('machine', 'n/a')} | {profile.get('batches', 'n/a')} | {fmt(profile.get('batch_size_mean'), 2)} | "
             f"{fmt(profile.get('batch_wait_mean_ms'), 3)} ms |"
         )
+    lines += aims_not_met(report, engine, reserve, evalsha, health, at_ceiling, k6_reserve, common_reserve,
+                          scheduled["reservations at 60%"])
     lines += [
         "",
         "![latency at 60% of each ceiling](latency.svg)",
