@@ -138,6 +138,9 @@ def step_profile(raw, step):
             "gateway_b": share("gateway-b"),
             "machine": share("all"),
         },
+        # Redis's time in FCALL (the scripts, with the commands they run) over the step.
+        "redis_fcall_seconds": round(delta("redis_usec_fcall") / 1e6, 3),
+        "redis_fcalls": int(delta("redis_calls_fcall")),
         "batches": int(batches),
         "batch_size_mean": round(delta("invgw_coalesced_batch_size_sum") / batches, 2) if batches else None,
         "batch_wait_mean_ms": round(1000 * delta("invgw_coalesced_wait_seconds_sum") / batches, 3) if batches else None,
@@ -208,9 +211,15 @@ def aims_not_met(report, engine, reserve, evalsha, health, at_ceiling, k6_reserv
             f"- **Engine, k = 32: {k32['ratio']:.2f}× of EVALSHA (aim 5×).** Our client's EVALSHA round trip took "
             f"{per_call_us:,.0f} µs; 5× means a call of 32 holds in {budget_us:,.0f} µs ({budget_us / 32:.1f} µs a hold, "
             f"client and Redis together); this run's took {spent_us:,.0f} µs on average ({spent_us / 32:.1f} µs a hold). "
-            "Redis alone spends about 21 µs a hold at k = 32 (measured with commandstats in issue 11's profile: "
-            "commands ~6 µs, the rest Lua), more than the whole budget, and the client the remaining "
-            f"~{max(spent_us / 32 - 21, 0):.0f} µs (arguments as strings, the reply decoded into a JSON value). Next "
+            + (
+                f"Redis alone spent {k32['redis_us_per_hold']:.1f} µs a hold in FCALL (commandstats; issue 11's "
+                "profile put ~6 µs of a hold in Redis commands and the rest in Lua), "
+                + ("more than the whole budget" if k32["redis_us_per_hold"] >= budget_us / 32 else "within the budget")
+                + f", and the client and the network the remaining ~{max(spent_us / 32 - k32['redis_us_per_hold'], 0):.0f} µs "
+                "(arguments as strings, the reply decoded into a JSON value). "
+                if k32.get("redis_us_per_hold") else ""
+            )
+            + "Next "
             "levers: one ledger entry per batch instead of one per hold (~5 µs a hold in Redis), and a compact reply "
             "decoded without an intermediate JSON value."
         )
@@ -226,7 +235,16 @@ def aims_not_met(report, engine, reserve, evalsha, health, at_ceiling, k6_reserv
             f"{us(cpu.get('redis', 0)):.0f} µs of Redis CPU, {us(cpu.get('gateway_a', 0) + cpu.get('gateway_b', 0)):.0f} µs "
             f"of gateway CPU and {us(cpu.get('machine', 0)):.0f} µs of the whole machine's (load generator included), with "
             f"the machine at {cpu.get('machine', 0)} of its {cpus} cores and Redis at {cpu.get('redis', 0)} of one: the "
-            f"machine, not Redis, is the limit. 0.5 is {target:,.0f} reservations/s, {cpus * 1e6 / target:.0f} µs of "
+            f"machine, not Redis, is the limit. "
+            + (
+                f"Of Redis's {us(cpu.get('redis', 0)):.0f} µs a reservation, "
+                f"{at_ceiling['redis_fcall_seconds'] * 1e6 / (rps * at_ceiling['seconds']):.0f} µs were in scripts "
+                f"({at_ceiling['redis_fcalls'] / (rps * at_ceiling['seconds']):.2f} FCALLs a reservation: its claim, its "
+                "share of a batch, the writer's relay calls), the rest in network I/O, the event loop and commands "
+                "outside scripts. "
+                if at_ceiling.get("redis_fcalls") else ""
+            )
+            + f"0.5 is {target:,.0f} reservations/s, {cpus * 1e6 / target:.0f} µs of "
             f"the whole machine per reservation, while the gateway's HTTP stack alone (`/health`, {fmt(health.get('requests_per_second'), 0)}/s) "
             f"already costs {cpus * 1e6 / max(health.get('requests_per_second') or 1, 1):.0f} µs of it per request. Not "
             "reachable on this 2-core machine with the load generator beside it; the figure to drive down is CPU per "
@@ -471,17 +489,20 @@ def main():
         "allocator's batched call with k holds per call, and a whole one-line request (claim, then hold), each "
         "against EVALSHA of `return 1` through the same client measured just before it. Aim: ≥ 5× at k = 32.",
         "",
-        "| variant | holds per call | reservations/s | EVALSHA `return 1` calls/s, same client | ratio | ratio to redis-benchmark's | p50 per call | p99 per call |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | holds per call | reservations/s | EVALSHA `return 1` calls/s, same client | ratio | ratio to redis-benchmark's | p50 per call | p99 per call | Redis time in FCALL per hold (per request: its FCALLs) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in engine:
+        redis_time = fmt(row.get("redis_us_per_hold"), 1) + " µs"
+        if row.get("holds_per_call") == 1 and (row.get("fcalls_per_call") or 1) > 1:
+            redis_time += f" ({fmt(row['fcalls_per_call'], 1)} FCALLs)"
         lines.append(
             f"| {row['variant']} | {row['holds_per_call']} | {fmt(row['reservations_per_second'], 0)} | "
             f"{fmt(row['baseline_calls_per_second'], 0)} | {fmt(row['ratio'], 2)} | {fmt(row.get('ratio_to_redis_benchmark'), 2)} | "
-            f"{fmt(row['p50_us_per_call'], 0)} µs | {fmt(row['p99_us_per_call'], 0)} µs |"
+            f"{fmt(row['p50_us_per_call'], 0)} µs | {fmt(row['p99_us_per_call'], 0)} µs | {redis_time} |"
         )
     if not engine:
-        lines.append("| (not run: `--quick`) | | | | | | | |")
+        lines.append("| (not run: `--quick`) | | | | | | | | |")
     elif engine[0].get("redis_benchmark_calls_per_second"):
         lines += [
             "",

@@ -7,8 +7,10 @@
 //! hits both alike. Then the same baseline from `redis-benchmark` on one
 //! connection (no client cost of ours: on this machine our client's round
 //! trip costs several times its). Prints reservations/s, the ratios, and
-//! p50/p99 per call; with `BENCH_ENGINE_OUT` set, writes them there as JSON
-//! for `scripts/bench`'s report.
+//! p50/p99 per call, and Redis's own time in FCALL per hold (from `INFO
+//! commandstats` around each variant: what the scripts cost, without the
+//! client's or the network's share); with `BENCH_ENGINE_OUT` set, writes
+//! them there as JSON for `scripts/bench`'s report.
 //!
 //! Run: `eval "$(scripts/stack env)"; cargo bench -p allocator --bench reserve`.
 //! Figures, not assertions: this never fails on a timing.
@@ -35,6 +37,9 @@ struct Measured {
 
 /// By label, in the order measured.
 static MEASURED: Mutex<Vec<(String, Measured)>> = Mutex::new(Vec::new());
+/// By label: Redis's own time in FCALL (`INFO commandstats`) over the
+/// variant's calls, warm-up included, and how many FCALLs it counted.
+static REDIS_TIME: Mutex<Vec<(String, (u64, u64))>> = Mutex::new(Vec::new());
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 fn request(key: &StockKey) -> ReserveRequest {
@@ -70,6 +75,39 @@ fn record(label: &str, per_call: u64, calls: Vec<Duration>) {
         Some((_, entry)) => entry.calls.extend(calls),
         None => measured.push((label.to_owned(), Measured { per_call, calls })),
     }
+}
+
+/// FCALLs Redis has run, and the microseconds it spent in them, from
+/// `INFO commandstats`.
+fn fcall_stats(runtime: &tokio::runtime::Runtime, client: &Client) -> (u64, u64) {
+    let info: String = runtime
+        .block_on(client.info(Some(fred::types::InfoKind::CommandStats)))
+        .expect("INFO commandstats");
+    let field = |line: &str, name: &str| -> u64 {
+        line.split([':', ','])
+            .find_map(|part| part.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or(0)
+    };
+    info.lines()
+        .find(|line| line.starts_with("cmdstat_fcall:"))
+        .map_or((0, 0), |line| (field(line, "calls"), field(line, "usec")))
+}
+
+/// Runs `bench`, recording the FCALLs Redis ran meanwhile, and its time in
+/// them, under `label`.
+fn with_redis_time(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    label: &str,
+    bench: impl FnOnce(),
+) {
+    let (calls_before, usec_before) = fcall_stats(runtime, client);
+    bench();
+    let (calls_after, usec_after) = fcall_stats(runtime, client);
+    REDIS_TIME.lock().expect("lock").push((
+        label.to_owned(),
+        (calls_after - calls_before, usec_after - usec_before),
+    ));
 }
 
 /// Times `iterations` runs of `call`, keeping each one's duration.
@@ -119,33 +157,37 @@ fn benches(
         baseline_before(&mut group, format!("evalsha_return_1_before_k{size}"));
         group.throughput(Throughput::Elements(size));
         let label = format!("hold_batch_k{size}");
-        group.bench_function(&label, |b| {
-            b.iter_custom(|iterations| {
-                let calls = timed(runtime, iterations, || async {
-                    let requests: Vec<_> = (0..size).map(|_| hold(key, &cell)).collect();
-                    let answers = allocator.hold_batch(&cell, &requests).await.expect("batch");
-                    assert!(answers.iter().all(Result::is_ok));
-                });
-                let elapsed = calls.iter().sum();
-                record(&label, size, calls);
-                elapsed
-            })
+        with_redis_time(runtime, client, &label, || {
+            group.bench_function(&label, |b| {
+                b.iter_custom(|iterations| {
+                    let calls = timed(runtime, iterations, || async {
+                        let requests: Vec<_> = (0..size).map(|_| hold(key, &cell)).collect();
+                        let answers = allocator.hold_batch(&cell, &requests).await.expect("batch");
+                        assert!(answers.iter().all(Result::is_ok));
+                    });
+                    let elapsed = calls.iter().sum();
+                    record(&label, size, calls);
+                    elapsed
+                })
+            });
         });
     }
     baseline_before(&mut group, "evalsha_return_1_before_request".to_owned());
     group.throughput(Throughput::Elements(1));
-    group.bench_function("request_claim_and_hold", |b| {
-        b.iter_custom(|iterations| {
-            let calls = timed(runtime, iterations, || async {
-                allocator
-                    .reserve_cart(&request(key).as_cart())
-                    .await
-                    .expect("reserve");
-            });
-            let elapsed = calls.iter().sum();
-            record("request_claim_and_hold", 1, calls);
-            elapsed
-        })
+    with_redis_time(runtime, client, "request_claim_and_hold", || {
+        group.bench_function("request_claim_and_hold", |b| {
+            b.iter_custom(|iterations| {
+                let calls = timed(runtime, iterations, || async {
+                    allocator
+                        .reserve_cart(&request(key).as_cart())
+                        .await
+                        .expect("reserve");
+                });
+                let elapsed = calls.iter().sum();
+                record("request_claim_and_hold", 1, calls);
+                elapsed
+            })
+        });
     });
     group.finish();
 }
@@ -231,11 +273,12 @@ fn main() {
         println!("\nredis-benchmark EVALSHA `return 1`, 1 connection: {calls:.0} calls/s");
     }
     let measured = MEASURED.lock().expect("lock");
+    let redis_time = REDIS_TIME.lock().expect("lock");
     let mut rows = Vec::new();
     let mut baseline_per_second = 0.0;
     println!(
-        "\n{:<26} {:>15} {:>14} {:>9} {:>11} {:>11}",
-        "variant", "reservations/s", "baseline/s", "ratio", "p50/call", "p99/call"
+        "\n{:<26} {:>15} {:>14} {:>9} {:>11} {:>11} {:>14}",
+        "variant", "reservations/s", "baseline/s", "ratio", "p50/call", "p99/call", "redis µs/hold"
     );
     for (label, entry) in measured.iter() {
         let total: Duration = entry.calls.iter().sum();
@@ -249,10 +292,21 @@ fn main() {
         sorted.sort();
         let (p50, p99) = (percentile(&sorted, 0.5), percentile(&sorted, 0.99));
         let ratio = per_second / baseline_per_second.max(1e-9);
+        // Redis's time in FCALL over every call of the variant, per hold
+        // (per request for the whole one-line request), and FCALLs per call.
+        let (fcalls, usec) = redis_time
+            .iter()
+            .find(|(name, _)| name == label)
+            .map_or((0, 0), |(_, time)| *time);
+        let holds = entry.calls.len() as u64 * entry.per_call;
+        let redis_us_per_hold = (holds > 0 && fcalls > 0).then(|| usec as f64 / holds as f64);
+        let fcalls_per_call =
+            (!entry.calls.is_empty()).then(|| fcalls as f64 / entry.calls.len() as f64);
         println!(
-            "{label:<26} {per_second:>15.0} {baseline_per_second:>14.0} {ratio:>9.2} {:>9.0}µs {:>9.0}µs",
+            "{label:<26} {per_second:>15.0} {baseline_per_second:>14.0} {ratio:>9.2} {:>9.0}µs {:>9.0}µs {:>14}",
             p50.as_secs_f64() * 1e6,
-            p99.as_secs_f64() * 1e6
+            p99.as_secs_f64() * 1e6,
+            redis_us_per_hold.map_or("n/a".to_owned(), |us| format!("{us:.1}"))
         );
         rows.push(serde_json::json!({
             "variant": label, "holds_per_call": entry.per_call,
@@ -262,6 +316,8 @@ fn main() {
             "p50_us_per_call": (p50.as_secs_f64() * 1e6).round(),
             "p99_us_per_call": (p99.as_secs_f64() * 1e6).round(),
             "calls": entry.calls.len(),
+            "redis_us_per_hold": redis_us_per_hold.map(|us| (us * 10.0).round() / 10.0),
+            "fcalls_per_call": fcalls_per_call.map(|n| (n * 100.0).round() / 100.0),
             "redis_benchmark_calls_per_second": tool_baseline.map(f64::round),
             "ratio_to_redis_benchmark": tool_baseline
                 .map(|calls| (per_second / calls * 100.0).round() / 100.0),
