@@ -30,10 +30,17 @@
 //! a crash anywhere before the acknowledgement leaves the batch pending for
 //! whichever writer holds the lease next, and it reads pending entries
 //! first: PostgreSQL keeps one row per entry; Kafka may carry a duplicate,
-//! with the same `entry_id`, which consumers drop. Reads are non-blocking
+//! with the same `entry_id`, which consumers drop. A batch Kafka confirmed
+//! but PostgreSQL refused (down, read-only, full) is retried without
+//! publishing it again: the relay remembers, per partition and lease token,
+//! the stream ids Kafka confirmed and not yet acknowledged
+//! (the relay's `published`), so a PostgreSQL outage adds no duplicates; only a
+//! writer's death, a lost lease or a Kafka delivery that timed out after
+//! all does. Reads are non-blocking
 //! and per stream, so the relay works on Redis Cluster too. Nothing here
 //! decides stock.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +73,11 @@ pub struct Relay {
     pub postgres: Option<Client>,
     /// This writer's series.
     pub metrics: Arc<Metrics>,
+    /// Per partition: the lease token and the stream ids of entries Kafka
+    /// confirmed under it that are not acknowledged yet (PostgreSQL refused
+    /// their batch). A retry publishes only the others; the set empties when
+    /// the batch is acknowledged and starts afresh under a new token.
+    published: HashMap<u32, (u64, HashSet<String>)>,
 }
 
 /// What one pass over a partition did.
@@ -153,6 +165,7 @@ impl Relay {
             allocator,
             postgres: None,
             metrics,
+            published: HashMap::new(),
         })
     }
 
@@ -198,10 +211,39 @@ impl Relay {
                 Ok((id, entry))
             })
             .collect::<Result<Vec<Entry>, RelayError>>()?;
-        self.publish(partition, &entries).await?;
+        // A retry of a batch Kafka already confirmed publishes only what it
+        // did not (module docs).
+        let confirmed = match self.published.get(&partition) {
+            Some((token, ids)) if *token == lease.token => Some(ids),
+            _ => None,
+        };
+        let fresh: Vec<Entry>;
+        let to_publish = match confirmed {
+            None => &entries[..],
+            Some(ids) => {
+                fresh = entries
+                    .iter()
+                    .filter(|(id, _)| !ids.contains(id))
+                    .cloned()
+                    .collect();
+                &fresh[..]
+            }
+        };
+        if !to_publish.is_empty() {
+            self.publish(partition, to_publish).await?;
+            let ids = to_publish.iter().map(|(id, _)| id.clone());
+            match self.published.get_mut(&partition) {
+                Some((token, confirmed)) if *token == lease.token => confirmed.extend(ids),
+                _ => {
+                    self.published
+                        .insert(partition, (lease.token, ids.collect()));
+                }
+            }
+        }
         self.store(lease, &entries).await?;
         let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
         self.acknowledge(lease, ids).await?;
+        self.published.remove(&partition);
         self.metrics.relayed.inc_by(entries.len() as u64);
         self.metrics.batch_entries.observe(entries.len() as f64);
         self.metrics

@@ -1,13 +1,15 @@
 //! The failure stance of DESIGN.md for the ledger: PostgreSQL stopped for
 //! 10 s, then the broker frozen (SIGSTOP) for 10 s, under load. Stock
 //! operations go on; the outbox grows and the writer's lag metric shows it;
-//! afterwards it drains to zero and nothing is lost.
+//! afterwards it drains to zero and nothing is lost, and the PostgreSQL
+//! outage doubles no entry in Kafka.
 //!
 //! Its own test binary: it stops the shared PostgreSQL and freezes the shared
 //! broker, and cargo runs test binaries one at a time.
 
 mod common;
 
+use std::collections::HashSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -84,40 +86,42 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// A steady load (about 200 entries a second: a debug build of the writer
+/// drains well faster than that) until `stop`; stock operations never wait
+/// for the ledger. Adds the entries it wrote to `written`.
+fn steady_load(
+    allocator: &Arc<allocator::Allocator>,
+    phase: &'static str,
+    stop: &Arc<AtomicBool>,
+    written: &Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    let (allocator, stop, written) = (Arc::clone(allocator), Arc::clone(stop), Arc::clone(written));
+    tokio::spawn(async move {
+        let mut round = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let batch: &'static str = Box::leak(format!("{phase}{round}").into_boxed_str());
+            written.fetch_add(
+                operations(Arc::clone(&allocator), 1, batch).await,
+                Ordering::Relaxed,
+            );
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_absorbs_a_postgresql_and_a_broker_outage_and_drains_with_nothing_lost() {
     let (_redis, setup, allocator) = harness(&[]).await;
     let _writer = start_writer(&setup);
     let metrics_port = setup.metrics_port;
     wait_drained(&setup, "start", 0.0).await;
-
-    // Steady load for the whole test (about 200 entries a second: a debug
-    // build of the writer drains well faster than that); stock operations
-    // never wait for the ledger.
-    let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
-    let load = {
-        let (allocator, stop, written) = (
-            Arc::clone(&allocator),
-            Arc::clone(&stop),
-            Arc::clone(&written),
-        );
-        tokio::spawn(async move {
-            let mut round = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let batch: &'static str = Box::leak(format!("o{round}").into_boxed_str());
-                written.fetch_add(
-                    operations(Arc::clone(&allocator), 1, batch).await,
-                    Ordering::Relaxed,
-                );
-                round += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
     let _restore = Restore;
 
-    // PostgreSQL stopped for 10 s.
+    // PostgreSQL stopped for 10 s under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(&allocator, "p", &stop, &written);
     tokio::time::sleep(Duration::from_secs(2)).await;
     stack(&["stop", "postgresql"]);
     let stopped = Instant::now();
@@ -125,8 +129,38 @@ async fn the_outbox_absorbs_a_postgresql_and_a_broker_outage_and_drains_with_not
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
     stack(&["up"]);
     let postgres_drain = wait_drained(&setup, "after postgresql", IN_FLIGHT).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load");
+    wait_drained(&setup, "after the postgresql phase", 0.0).await;
 
-    // The broker frozen for 10 s.
+    // Kafka confirmed every batch PostgreSQL refused: its retries publish
+    // nothing again, so the topic holds each entry once.
+    let so_far = written.load(Ordering::Relaxed);
+    let rows = wait_for_rows(&setup, so_far, Duration::from_secs(60)).await;
+    assert_eq!(rows as u64, so_far, "one row per entry written");
+    let topic = setup.topic.clone();
+    let messages = tokio::task::spawn_blocking(move || kafka_messages(&topic, so_far as usize))
+        .await
+        .expect("read the topic");
+    let distinct: HashSet<&str> = messages
+        .iter()
+        .map(|message| message.payload["entry_id"].as_str().expect("entry_id"))
+        .collect();
+    assert_eq!(
+        distinct.len() as u64,
+        so_far,
+        "every entry is in Kafka after the postgresql outage"
+    );
+    assert_eq!(
+        messages.len(),
+        distinct.len(),
+        "no entry was published twice while postgresql refused its batch"
+    );
+
+    // The broker frozen for 10 s under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(&allocator, "k", &stop, &written);
+    tokio::time::sleep(Duration::from_secs(1)).await;
     stack(&["pause", "kafka"]);
     let paused = Instant::now();
     let kafka_lag = lag_grows_while_down(metrics_port, "kafka").await;
@@ -139,8 +173,10 @@ async fn the_outbox_absorbs_a_postgresql_and_a_broker_outage_and_drains_with_not
     let written = written.load(Ordering::Relaxed);
     wait_drained(&setup, "at the end", 0.0).await;
     eprintln!(
-        "written {written}; postgresql down: lag {postgres_lag:?}, drained in {postgres_drain:?}; \
-         kafka down: lag {kafka_lag:?}, drained in {kafka_drain:?}"
+        "written {written}; postgresql down: lag {postgres_lag:?}, drained in {postgres_drain:?}, \
+         {} kafka messages for {so_far} entries; kafka down: lag {kafka_lag:?}, drained in \
+         {kafka_drain:?}",
+        messages.len()
     );
 
     let rows = wait_for_rows(&setup, written, Duration::from_secs(60)).await;

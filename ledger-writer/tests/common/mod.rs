@@ -293,8 +293,10 @@ pub struct KafkaMessage {
 }
 
 /// The topic's messages, read from the start by a real consumer until
-/// `expected` distinct entry ids arrived (or 60 s passed), each checked to be
-/// on the Kafka partition its ledger partition maps onto; in the order read.
+/// `expected` distinct entry ids arrived (or 60 s passed) and then until the
+/// topic is quiet for half a second (so duplicates behind the last new id are
+/// read too), each checked to be on the Kafka partition its ledger partition
+/// maps onto; in the order read.
 pub fn kafka_messages(topic: &str, expected: usize) -> Vec<KafkaMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &testkit::stack().kafka_brokers)
@@ -307,8 +309,12 @@ pub fn kafka_messages(topic: &str, expected: usize) -> Vec<KafkaMessage> {
     let mut ids = HashSet::new();
     let mut messages = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while ids.len() < expected && Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(500)) {
+    loop {
+        let polled = consumer.poll(Duration::from_millis(500));
+        if (ids.len() >= expected && polled.is_none()) || Instant::now() > deadline {
+            break;
+        }
+        if let Some(Ok(message)) = polled {
             let payload: serde_json::Value =
                 serde_json::from_slice(message.payload().unwrap_or_default())
                     .expect("json payload");
