@@ -159,6 +159,15 @@ pub struct KafkaConfig {
     /// Bound on a produce or metadata request.
     #[serde(default = "default_kafka_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// The writer's producer is idempotent (`enable.idempotence`): no
+    /// duplicate from its own retries, order kept with several requests in
+    /// flight. `false` for a broker that mishandles an idempotent producer's
+    /// epoch bump after timed-out deliveries (tansu 0.6's SQLite engine
+    /// panics on it): then one request is in flight per connection, so order
+    /// still holds, and a retry may duplicate an entry, which consumers drop
+    /// by `entry_id` as they already must.
+    #[serde(default = "default_true")]
+    pub idempotent_producer: bool,
 }
 
 /// The PostgreSQL system of record.

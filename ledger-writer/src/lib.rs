@@ -66,11 +66,20 @@ pub async fn connect_postgres(config: &Config) -> anyhow::Result<tokio_postgres:
     Ok(client)
 }
 
-/// The idempotent, `acks=all` producer of the ledger topic.
+/// The `acks=all` producer of the ledger topic: idempotent unless
+/// `kafka.idempotent_producer` is false.
 pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
+    let mut client = ClientConfig::new();
+    if config.kafka.idempotent_producer {
+        client.set("enable.idempotence", "true");
+    } else {
+        // Order by one request in flight instead (config docs).
+        client
+            .set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1");
+    }
+    client
         .set("bootstrap.servers", &config.kafka.brokers)
-        .set("enable.idempotence", "true")
         .set("acks", "all")
         .set(
             "message.timeout.ms",
