@@ -5,9 +5,15 @@
 //! One *world* per run: a private Redis (AOF on, `appendfsync everysec`
 //! unless a fault says otherwise), two gateway nodes (`node-a` reaches Redis
 //! through a TCP proxy of this process, so a partition or latency can be put
-//! between them), two ledger writers, a database (`inventory_chaos`,
-//! recreated) and Kafka topics of the run's own on the stack's PostgreSQL
-//! and broker. Each fault gets a merchant of its own (`chaos-<fault>`) with a
+//! between them), two ledger writers, a Kafka broker of its own (tansu with
+//! its SQLite storage engine, so a killed broker restarts with its topics:
+//! the engine creates its own schema in one file and writes each produce in
+//! a WAL transaction, which a killed process does not lose; the PostgreSQL
+//! engine would need a schema tansu does not ship, and its memory engine
+//! forgets everything; the SQLite engine panics on an idempotent producer's
+//! epoch bump, so the world's writers produce without idempotence, one
+//! request in flight per connection) and a database (`inventory_chaos`, recreated) on the
+//! stack's PostgreSQL. Each fault gets a merchant of its own (`chaos-<fault>`) with a
 //! scarce hot SKU in a flash sale on both nodes and an ample catalog for
 //! carts, so its figures and its audit see only its own keys while the world
 //! carries every earlier fault's aftermath, as a real fleet would.
@@ -75,6 +81,11 @@ struct Cli {
     /// Short phases (seconds), for the smoke run inside scripts/test.
     #[arg(long)]
     quick: bool,
+    /// On a Redis Cluster of three masters (three gateway nodes); each
+    /// Redis fault hits one master, chosen by the seed. Faults that need the
+    /// one Redis (the proxy's, the loading filler's) are refused.
+    #[arg(long)]
+    cluster: bool,
     /// The run's seed (random when not given; printed either way).
     #[arg(long)]
     seed: Option<u64>,
@@ -90,6 +101,10 @@ struct Cli {
     /// Writes the report as PATH.json and PATH.md.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// The tansu broker binary (built with its SQLite engine; scripts/stack
+    /// installs it).
+    #[arg(long, default_value = "tansu")]
+    broker_bin: PathBuf,
     /// A key with every scope for every merchant.
     #[arg(long, default_value = "dev-platform-key")]
     api_key: String,
@@ -131,6 +146,11 @@ const FAULTS: &[Fault] = &[
         may_lose: false,
     },
     Fault {
+        name: "broker-kill",
+        what: "kill -9 the Kafka broker (SQLite storage, durable); restarted after 10 s",
+        may_lose: false,
+    },
+    Fault {
         name: "postgres-stop",
         what: "PostgreSQL stopped for the fault's hold, then started",
         may_lose: false,
@@ -161,6 +181,11 @@ const FAULTS: &[Fault] = &[
         may_lose: false,
     },
     Fault {
+        name: "redis-loading-start",
+        what: "Redis restarted with a large dataset (loading slowed to seconds); node-a and writer-1 killed and started while it loads: they wait, say why on /ready, and serve once it answers",
+        may_lose: false,
+    },
+    Fault {
         name: "clock-skew",
         what: "node-a restarted with its clock +1 h, then -1 h, then true, writer-1 with +1 h (faketime)",
         may_lose: false,
@@ -171,6 +196,17 @@ const FAULTS: &[Fault] = &[
         may_lose: true,
     },
 ];
+
+/// Faults that need the world's one Redis: node-a's proxy to it, or the
+/// filler of a database other than 0 (a cluster has only database 0).
+const SINGLE_REDIS_ONLY: &[&str] = &[
+    "partition-node-redis",
+    "latency-node-redis",
+    "redis-loading-start",
+];
+
+/// Masters of the world's Redis Cluster (`--cluster`).
+const CLUSTER_MASTERS: usize = 3;
 
 /// The faults `--quick` runs when none are named.
 const QUICK_FAULTS: &[&str] = &["gateway-kill", "redis-kill-always", "writer-kill"];
@@ -226,6 +262,8 @@ struct Proc {
     args: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
+    /// Its working directory (the caller's when None).
+    cwd: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -243,6 +281,7 @@ impl Proc {
             args,
             env,
             log: dir.join(format!("{name}.log")),
+            cwd: None,
             child: None,
         }
     }
@@ -251,6 +290,9 @@ impl Proc {
         let log = File::options().create(true).append(true).open(&self.log)?;
         let mut command = Command::new(&self.program);
         command.args(&self.args);
+        if let Some(cwd) = &self.cwd {
+            command.current_dir(cwd);
+        }
         // Nothing of the caller's INVGW_* settings leaks into a child: each
         // is told its own.
         for (name, _) in std::env::vars() {
@@ -269,6 +311,11 @@ impl Proc {
                 .with_context(|| format!("starting {} ({})", self.name, self.program.display()))?,
         );
         Ok(())
+    }
+
+    /// How it ended, if it has (None while it runs or was never started).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     fn pid(&self) -> Option<u32> {
@@ -455,8 +502,19 @@ struct World {
     admin_url: String,
     stack_env: Vec<(String, String)>,
     appendfsync: String,
-    redis_port: u16,
-    redis: Proc,
+    /// On a cluster: its masters; else the one Redis.
+    cluster: bool,
+    masters: Vec<Proc>,
+    master_ports: Vec<u16>,
+    /// The master a Redis fault hits (the one Redis, or a cluster's master
+    /// the fault's seed chose).
+    target: usize,
+    /// The world's Kafka broker and its port (SQLite storage: its topics
+    /// outlive the process, so the broker can be killed).
+    broker: Proc,
+    broker_port: u16,
+    /// The run's topics and their partitions.
+    topics: Vec<(String, u32)>,
     proxy: Proxy,
     gateways: Vec<Proc>,
     urls: Vec<String>,
@@ -465,6 +523,11 @@ struct World {
     http: reqwest::Client,
     api_key: String,
 }
+
+/// The loading fault's dataset: keys, and the pause per key while they load
+/// (about 6 s in all).
+const FILLER_KEYS: u64 = 150_000;
+const FILLER_LOAD_DELAY_US: u64 = 40;
 
 const CATALOG: usize = 20;
 const HOT_FIRST_UNITS: i64 = 300;
@@ -489,8 +552,8 @@ impl World {
         let database = "inventory_chaos".to_owned();
         let admin_url = format!("{server}/postgres");
         let db_url = format!("{server}/{database}");
-        let brokers =
-            std::env::var("INVGW_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let broker_port = testkit::free_port();
+        let brokers = format!("127.0.0.1:{broker_port}");
 
         // The config: the dev config, the run's topics, a sale per fault.
         let mut text = std::fs::read_to_string(root.join("config/dev.toml"))?;
@@ -506,6 +569,31 @@ impl World {
                 .to_owned();
             text = text.replace(&line, &format!("{name} = \"chaos.{run}.{topic}\""));
         }
+        // The world's broker is tansu's SQLite engine, which panics on an
+        // idempotent producer's epoch bump (a producer whose deliveries
+        // timed out while the broker was away; reproduced with librdkafka
+        // 2.16 from Python as well): the writers produce without
+        // idempotence (config docs of `idempotent_producer`).
+        let timeout_line = text
+            .lines()
+            .find(|line| line.starts_with("request_timeout_ms ="))
+            .context("config/dev.toml has no kafka request_timeout_ms")?
+            .to_owned();
+        text = text.replace(
+            &timeout_line,
+            &format!("{timeout_line}\nidempotent_producer = false"),
+        );
+        let partitions: u32 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("topic_partitions ="))
+            .context("config/dev.toml has no topic_partitions")?
+            .trim()
+            .parse()
+            .context("topic_partitions is not a number")?;
+        let topics = ["ledger", "events", "events.dlq"]
+            .iter()
+            .map(|topic| (format!("chaos.{run}.{topic}"), partitions))
+            .collect();
         // Cart lines stay held this long past their TTL: short, so every
         // hold has ended soon after the load stops.
         let grace = text
@@ -521,10 +609,15 @@ impl World {
             write!(
                 text,
                 "\n[[flash_sales]]\nname = \"{name}\"\nmerchant = \"{merchant}\"\nsku = \"hot\"\n\
-                 location = \"dc1\"\nnodes = [\"node-a\", \"node-b\"]\nenabled = true\n\
+                 location = \"dc1\"\nnodes = [{nodes}]\nenabled = true\n\
                  presplit_fraction = 0.5\nrefill_chunk_units_min = 5\nrefill_chunk_units_max = 40\n",
                 name = fault.name,
                 merchant = merchant_of(fault.name),
+                nodes = node_names(cli.cluster)
+                    .iter()
+                    .map(|node| format!("\"{node}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )?;
         }
         let config = dir.join("chaos.toml");
@@ -538,17 +631,52 @@ impl World {
             .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
             .await?;
         drop(admin);
-        let stack_env = vec![
-            ("STACK_PG_DB".to_owned(), database.clone()),
-            ("STACK_CONFIG".to_owned(), config.display().to_string()),
-        ];
+        let stack_env = vec![("STACK_PG_DB".to_owned(), database.clone())];
         run_logged("scripts/stack", &["up"], &stack_env, &dir.join("stack.log"))?;
 
-        let redis_port = testkit::free_port();
+        let masters = if cli.cluster { CLUSTER_MASTERS } else { 1 };
+        let master_ports: Vec<u16> = (0..masters).map(|_| testkit::free_port()).collect();
         let bins = root.join(&cli.bin_dir);
+        std::fs::create_dir_all(dir.join("kafka"))?;
+        let mut broker = Proc::new(
+            "kafka",
+            cli.broker_bin.clone(),
+            [
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{broker_port}"),
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{broker_port}"),
+                // Relative to its working directory: tansu resolves a
+                // sqlite URL's path against it.
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ]
+            .iter()
+            .map(|arg| (*arg).to_owned())
+            .collect(),
+            vec![("RUST_LOG".to_owned(), "warn".to_owned())],
+            &dir,
+        );
+        broker.cwd = Some(dir.join("kafka"));
         let mut world = Self {
-            redis: Proc::new("redis", PathBuf::from("redis-server"), vec![], vec![], &dir),
-            proxy: Proxy::start(redis_port).await?,
+            cluster: cli.cluster,
+            masters: (0..masters)
+                .map(|index| {
+                    let name = if cli.cluster {
+                        format!("redis-{index}")
+                    } else {
+                        "redis".to_owned()
+                    };
+                    Proc::new(&name, PathBuf::from("redis-server"), vec![], vec![], &dir)
+                })
+                .collect(),
+            master_ports: master_ports.clone(),
+            target: 0,
+            broker,
+            broker_port,
+            topics,
+            proxy: Proxy::start(master_ports[0]).await?,
             dir,
             config,
             bins,
@@ -557,7 +685,6 @@ impl World {
             admin_url,
             stack_env,
             appendfsync: "everysec".into(),
-            redis_port,
             gateways: vec![],
             urls: vec![],
             writers: vec![],
@@ -568,7 +695,15 @@ impl World {
                 .build()?,
             api_key: cli.api_key.clone(),
         };
-        world.start_redis()?;
+        for index in 0..masters {
+            std::fs::create_dir_all(world.master_dir(index))?;
+            world.start_master(index)?;
+        }
+        if cli.cluster {
+            world.create_cluster()?;
+        }
+        world.start_broker()?;
+        world.create_topics()?;
         let common = vec![
             ("INVGW_POSTGRES_URL".to_owned(), db_url),
             ("INVGW_KAFKA_BROKERS".to_owned(), brokers),
@@ -578,21 +713,33 @@ impl World {
             ),
             ("RUST_LOG".to_owned(), "info,rdkafka=warn".to_owned()),
         ];
-        for (index, node) in ["node-a", "node-b"].iter().enumerate() {
+        // One Redis: node-a through the proxy, the others straight to it.
+        // A cluster: every process seeded with every master.
+        let cluster_url = format!(
+            "redis-cluster://127.0.0.1:{}?{}",
+            master_ports[0],
+            master_ports[1..]
+                .iter()
+                .map(|port| format!("node=127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join("&")
+        );
+        let direct_url = if cli.cluster {
+            cluster_url
+        } else {
+            format!("redis://127.0.0.1:{}", master_ports[0])
+        };
+        for (index, node) in node_names(cli.cluster).iter().enumerate() {
             let port = testkit::free_port();
-            // node-a through the proxy, node-b straight to Redis.
-            let redis = if index == 0 {
-                world.proxy.port
+            let redis = if index == 0 && !cli.cluster {
+                format!("redis://127.0.0.1:{}", world.proxy.port)
             } else {
-                world.redis_port
+                direct_url.clone()
             };
             let mut env = common.clone();
             env.push(("INVGW_NODE_ID".into(), (*node).into()));
             env.push(("INVGW_LISTEN_HTTP".into(), format!("127.0.0.1:{port}")));
-            env.push((
-                "INVGW_REDIS_URL".into(),
-                format!("redis://127.0.0.1:{redis}"),
-            ));
+            env.push(("INVGW_REDIS_URL".into(), redis));
             let args = vec!["--config".into(), world.config.display().to_string()];
             let mut gateway = Proc::new(node, world.bins.join("gateway"), args, env, &world.dir);
             gateway.start()?;
@@ -608,10 +755,7 @@ impl World {
                 "INVGW_LEDGER_METRICS_LISTEN".into(),
                 format!("127.0.0.1:{port}"),
             ));
-            env.push((
-                "INVGW_REDIS_URL".into(),
-                format!("redis://127.0.0.1:{}", world.redis_port),
-            ));
+            env.push(("INVGW_REDIS_URL".into(), direct_url.clone()));
             let args = vec![
                 "run".into(),
                 "--config".into(),
@@ -630,21 +774,100 @@ impl World {
                 .writer_metrics
                 .push(format!("http://127.0.0.1:{port}"));
         }
-        for index in 0..2 {
+        for index in 0..world.gateways.len() {
             world.wait_gateway(index).await?;
+        }
+        for index in 0..world.writers.len() {
             world.wait_writer(index).await?;
         }
         Ok(world)
     }
 
+    /// The target master (what a Redis fault hits).
+    fn redis(&mut self) -> &mut Proc {
+        &mut self.masters[self.target]
+    }
+
+    fn redis_port(&self) -> u16 {
+        self.master_ports[self.target]
+    }
+
+    fn master_dir(&self, index: usize) -> PathBuf {
+        if self.cluster {
+            self.dir.join(format!("redis-{index}"))
+        } else {
+            self.dir.join("redis")
+        }
+    }
+
+    /// Joins the masters into a cluster (no replicas: a master's loss is
+    /// its keys' outage, which the gateways answer for) and waits until
+    /// every one says `cluster_state:ok`.
+    fn create_cluster(&self) -> Result<()> {
+        let mut args = vec!["--cluster".to_owned(), "create".to_owned()];
+        args.extend(
+            self.master_ports
+                .iter()
+                .map(|port| format!("127.0.0.1:{port}")),
+        );
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(str::to_owned));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_logged(
+            "redis-cli",
+            &args,
+            &[],
+            &self.dir.join("cluster-create.log"),
+        )?;
+        self.wait_cluster_ok(Duration::from_secs(60))
+    }
+
+    fn wait_cluster_ok(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let ok = self.master_ports.iter().all(|port| {
+                redis_cli_on(*port, &["cluster", "info"])
+                    .is_ok_and(|info| info.lines().any(|line| line.trim() == "cluster_state:ok"))
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster was not ok within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Which slots the target master serves (`CLUSTER NODES`' own line).
+    fn target_slots(&self) -> String {
+        redis_cli_on(self.redis_port(), &["cluster", "nodes"])
+            .ok()
+            .and_then(|nodes| {
+                nodes
+                    .lines()
+                    .find(|line| line.contains("myself"))
+                    .map(|line| {
+                        line.split_whitespace()
+                            .skip(8)
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+            })
+            .unwrap_or_default()
+    }
+
     fn redis_args(&self) -> Vec<String> {
-        [
+        self.master_args(self.target)
+    }
+
+    fn master_args(&self, index: usize) -> Vec<String> {
+        let mut args: Vec<String> = [
             "--port",
-            &self.redis_port.to_string(),
+            &self.master_ports[index].to_string(),
             "--bind",
             "127.0.0.1",
             "--dir",
-            &self.dir.join("redis").display().to_string(),
+            &self.master_dir(index).display().to_string(),
             "--appendonly",
             "yes",
             "--appendfsync",
@@ -657,40 +880,149 @@ impl World {
             "",
             "--daemonize",
             "no",
+            // DEBUG POPULATE, for the loading fault's filler.
+            "--enable-debug-command",
+            "local",
         ]
         .iter()
         .map(|s| (*s).to_owned())
-        .collect()
+        .collect();
+        if self.cluster {
+            // As scripts/stack runs its cluster: a master that is down
+            // stops only its own slots.
+            args.extend(
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                    "--cluster-announce-ip",
+                    "127.0.0.1",
+                ]
+                .map(str::to_owned),
+            );
+        }
+        args
     }
 
+    /// Restarts the target master (from its AOF) and waits until it answers.
     fn start_redis(&mut self) -> Result<()> {
-        self.redis.args = self.redis_args();
-        self.redis.start()?;
+        self.start_master(self.target)
+    }
+
+    fn start_master(&mut self, index: usize) -> Result<()> {
+        self.masters[index].args = self.master_args(index);
+        self.masters[index].start()?;
+        self.wait_master(index)
+    }
+
+    /// Starts the target master loading its dataset `key_load_delay_us`
+    /// slower per key (a test setting of Redis), answering `LOADING`
+    /// between small chunks of it as a Redis with a large file does;
+    /// returns once its port is open.
+    fn start_redis_loading(&mut self, key_load_delay_us: u64) -> Result<()> {
+        let mut args = self.redis_args();
+        args.extend(
+            [
+                "--key-load-delay",
+                &key_load_delay_us.to_string(),
+                "--loading-process-events-interval-bytes",
+                "1024",
+            ]
+            .iter()
+            .map(|arg| (*arg).to_owned()),
+        );
+        let port = self.redis_port();
+        let redis = self.redis();
+        redis.args = args;
+        redis.start()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "Redis did not listen within 60 s; see {}",
+                    self.redis().log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Waits (up to 60 s) until master `index` answers PING.
+    fn wait_master(&self, index: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let answer = Command::new("redis-cli")
-                .args(["-p", &self.redis_port.to_string(), "ping"])
-                .output()?;
-            if String::from_utf8_lossy(&answer.stdout).trim() == "PONG" {
+            if redis_cli_on(self.master_ports[index], &["ping"])
+                .is_ok_and(|answer| answer == "PONG")
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
                     "Redis did not answer within 60 s; see {}",
-                    self.redis.log.display()
+                    self.masters[index].log.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    /// Starts the broker and waits (up to 60 s) until it takes connections.
+    fn start_broker(&mut self) -> Result<()> {
+        self.broker.start()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.broker_port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the broker did not listen within 60 s; see {}",
+                    self.broker.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn create_topics(&self) -> Result<()> {
+        let broker = format!("tcp://127.0.0.1:{}", self.broker_port);
+        for (topic, partitions) in &self.topics {
+            run_logged(
+                &self.broker.program.display().to_string(),
+                &[
+                    "topic",
+                    "create",
+                    topic,
+                    "--broker",
+                    &broker,
+                    "--partitions",
+                    &partitions.to_string(),
+                ],
+                &[],
+                &self.broker.log,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every master rewrites its AOF; returns when all have finished.
     async fn rewrite_aof(&self) -> Result<()> {
-        self.redis_cli(&["bgrewriteaof"])?;
+        for port in &self.master_ports {
+            redis_cli_on(*port, &["bgrewriteaof"])?;
+        }
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            let info = self.redis_cli(&["info", "persistence"])?;
-            let busy = |name: &str| info.lines().any(|line| line.trim() == format!("{name}:1"));
-            if !busy("aof_rewrite_in_progress") && !busy("aof_rewrite_scheduled") {
+            let mut busy = false;
+            for port in &self.master_ports {
+                let info = redis_cli_on(*port, &["info", "persistence"])?;
+                let flag = |name: &str| info.lines().any(|line| line.trim() == format!("{name}:1"));
+                busy |= flag("aof_rewrite_in_progress") || flag("aof_rewrite_scheduled");
+            }
+            if !busy {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -701,7 +1033,7 @@ impl World {
     /// The AOF file Redis appends to now (the newest `*.incr.aof` of its
     /// multi-part AOF).
     fn aof_tail(&self) -> Result<PathBuf> {
-        let dir = self.dir.join("redis").join("appendonlydir");
+        let dir = self.master_dir(self.target).join("appendonlydir");
         let mut tails: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .filter_map(|entry| {
@@ -723,19 +1055,19 @@ impl World {
             .context("Redis has no incremental AOF file")
     }
 
+    /// `redis-cli` on the target master.
     fn redis_cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.redis_port.to_string()])
-            .args(args)
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        redis_cli_on(self.redis_port(), args)
     }
 
+    /// Every master's AOF fsync policy (and every restart's).
     fn set_appendfsync(&mut self, policy: &str) -> Result<()> {
         self.appendfsync = policy.to_owned();
-        let answer = self.redis_cli(&["config", "set", "appendfsync", policy])?;
-        if answer != "OK" {
-            bail!("CONFIG SET appendfsync {policy}: {answer}");
+        for port in &self.master_ports {
+            let answer = redis_cli_on(*port, &["config", "set", "appendfsync", policy])?;
+            if answer != "OK" {
+                bail!("CONFIG SET appendfsync {policy} on {port}: {answer}");
+            }
         }
         Ok(())
     }
@@ -759,6 +1091,14 @@ impl World {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// `/ready`'s status and reason on `base` (None while it does not answer).
+    async fn ready_reason(&self, base: &str) -> Option<(u16, String)> {
+        let response = self.http.get(format!("{base}/ready")).send().await.ok()?;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        Some((status, body["reason"].as_str().unwrap_or("").to_owned()))
     }
 
     async fn wait_gateway(&self, index: usize) -> Result<()> {
@@ -859,6 +1199,25 @@ impl World {
         .iter()
         .map(PathBuf::from)
         .find(|path| path.exists())
+    }
+}
+
+/// `redis-cli -p PORT ARGS...`: its output, trimmed.
+fn redis_cli_on(port: u16, args: &[&str]) -> Result<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .context("running redis-cli")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The gateway nodes' names.
+fn node_names(cluster: bool) -> &'static [&'static str] {
+    if cluster {
+        &["node-a", "node-b", "node-c"]
+    } else {
+        &["node-a", "node-b"]
     }
 }
 
@@ -1308,7 +1667,7 @@ async fn inject(fault: &str, world: &mut World, load: &Load, pace: Pace) -> Resu
             // Every write is fsynced before its reply: the file a kill
             // leaves is the file a power loss would.
             at = seconds(load);
-            world.redis.kill9();
+            world.redis().kill9();
             world.start_redis()?;
             notes.push(format!(
                 "Redis back (AOF loaded) {:.2} s after the kill",
@@ -1328,7 +1687,7 @@ async fn inject(fault: &str, world: &mut World, load: &Load, pace: Pace) -> Resu
                 sleep_s(Duration::from_millis(20)).await;
             }
             at = seconds(load);
-            world.redis.kill9();
+            world.redis().kill9();
             let killed = Instant::now();
             if world.aof_tail()? != file {
                 bail!("Redis started another AOF file while its sizes were sampled");
@@ -1377,9 +1736,20 @@ async fn inject(fault: &str, world: &mut World, load: &Load, pace: Pace) -> Resu
         }
         "broker-pause" => {
             at = seconds(load);
-            world.stack(&["pause", "kafka"])?;
+            world.broker.signal("STOP");
             sleep_s(pace.hold).await;
-            world.stack(&["resume", "kafka"])?;
+            world.broker.signal("CONT");
+        }
+        "broker-kill" => {
+            at = seconds(load);
+            world.broker.kill9();
+            sleep_s(Duration::from_secs(10)).await;
+            let restarted = Instant::now();
+            world.start_broker()?;
+            notes.push(format!(
+                "the broker answered {:.2} s after its restart, its topics kept (SQLite)",
+                restarted.elapsed().as_secs_f64()
+            ));
         }
         "postgres-stop" => {
             at = seconds(load);
@@ -1395,9 +1765,9 @@ async fn inject(fault: &str, world: &mut World, load: &Load, pace: Pace) -> Resu
         }
         "redis-pause-past-ttl" => {
             at = seconds(load);
-            world.redis.signal("STOP");
+            world.redis().signal("STOP");
             sleep_s(Duration::from_secs(pace.ttl_seconds + 5)).await;
-            world.redis.signal("CONT");
+            world.redis().signal("CONT");
         }
         "partition-node-redis" => {
             at = seconds(load);
@@ -1439,27 +1809,132 @@ async fn inject(fault: &str, world: &mut World, load: &Load, pace: Pace) -> Resu
                 );
             }
         }
+        "redis-loading-start" => {
+            at = seconds(load);
+            world.redis().kill9();
+            world.gateways[0].kill9();
+            world.writers[0].kill9();
+            world.start_redis_loading(FILLER_LOAD_DELAY_US)?;
+            let started = Instant::now();
+            world.gateways[0].start()?;
+            world.writers[0].start()?;
+            let (mut redis_up, mut node_ready, mut writer_ready) = (None, None, None);
+            let (mut node_said, mut writer_said) = (None::<String>, None::<String>);
+            let deadline = started + Duration::from_secs(120);
+            while (redis_up.is_none() || node_ready.is_none() || writer_ready.is_none())
+                && Instant::now() < deadline
+            {
+                if redis_up.is_none() && world.redis_cli(&["ping"])? == "PONG" {
+                    redis_up = Some(started.elapsed().as_secs_f64());
+                }
+                for (index, ready, said) in [
+                    (0, &mut node_ready, &mut node_said),
+                    (1, &mut writer_ready, &mut writer_said),
+                ] {
+                    let base = if index == 0 {
+                        &world.urls[0]
+                    } else {
+                        &world.writer_metrics[0]
+                    };
+                    match world.ready_reason(base).await {
+                        Some((200, _)) if ready.is_none() => {
+                            *ready = Some(started.elapsed().as_secs_f64());
+                        }
+                        Some((503, reason)) if said.is_none() && reason.contains("LOADING") => {
+                            *said = Some(reason);
+                        }
+                        _ => {}
+                    }
+                }
+                for process in [&mut world.gateways[0], &mut world.writers[0]] {
+                    if let Some(status) = process.exited() {
+                        bail!(
+                            "{} exited ({status}) while Redis loaded; see {}",
+                            process.name,
+                            process.log.display()
+                        );
+                    }
+                }
+                sleep_s(Duration::from_millis(100)).await;
+            }
+            // The filler goes (the next rewrite drops it from the AOF), and
+            // later restarts load at full speed.
+            world.redis_cli(&["config", "set", "key-load-delay", "0"])?;
+            world.redis_cli(&["-n", "9", "flushdb", "async"])?;
+            let seconds_or = |value: Option<f64>| {
+                value.map_or("never".to_owned(), |value| format!("{value:.2} s"))
+            };
+            notes.push(format!(
+                "Redis answered {} after its start; node-a ready at {}, writer-1 at {}",
+                seconds_or(redis_up),
+                seconds_or(node_ready),
+                seconds_or(writer_ready)
+            ));
+            for (name, said) in [("node-a", &node_said), ("writer-1", &writer_said)] {
+                match said {
+                    Some(reason) => notes.push(format!("{name} while Redis loaded: 503 {reason}")),
+                    None => failures.push(format!(
+                        "{name}'s /ready never answered 503 naming LOADING while Redis loaded"
+                    )),
+                }
+            }
+            if node_ready.is_none() || writer_ready.is_none() || redis_up.is_none() {
+                failures.push("node-a or writer-1 was not ready within 120 s".to_owned());
+            }
+        }
         "clock-skew" => {
             let library = World::faketime_library()
                 .context("libfaketime is not installed (Debian package faketime)")?;
             at = seconds(load);
             let library = library.display().to_string();
-            let skewed = |process: &mut Proc, skew: Option<&str>| -> Result<()> {
+            // Restarts a process under `skew` (its true clock when None);
+            // returns where its log stood, to read the clock it logs with.
+            let skewed = |process: &mut Proc, skew: Option<&str>| -> Result<u64> {
                 process.terminate();
                 process.set_env("LD_PRELOAD", skew.map(|_| library.as_str()));
                 process.set_env("FAKETIME", skew);
                 process.set_env("FAKETIME_DONT_FAKE_MONOTONIC", skew.map(|_| "1"));
-                process.start()
+                let from = std::fs::metadata(&process.log).map_or(0, |meta| meta.len());
+                process.start()?;
+                Ok(from)
+            };
+            // The skew is checked, not assumed: each process's log lines
+            // carry the time its clock says.
+            let check_skew = |process: &Proc, from: u64, skew: Option<&str>| {
+                let wanted = match skew {
+                    Some("+1h") => 3600.0,
+                    Some("-1h") => -3600.0,
+                    _ => 0.0,
+                };
+                match logged_clock_offset(&process.log, from) {
+                    Some(offset) if (offset - wanted).abs() < 120.0 => Ok(format!(
+                        "{}'s log clock read {offset:+.0} s from the true clock",
+                        process.name
+                    )),
+                    offset => Err(format!(
+                        "{}'s clock was not skewed by {wanted:+.0} s: its log read {offset:?}",
+                        process.name
+                    )),
+                }
             };
             // The writer only ahead: under a negative libfaketime offset
             // librdkafka's start-up wait (rd_kafka_new's cnd_timedwait on
             // CLOCK_REALTIME) does not return (seen with gdb), an artefact
             // of the preload, not a clock the writer reads.
             for (skew, writer_skew) in [("+1h", Some("+1h")), ("-1h", None)] {
-                skewed(&mut world.gateways[0], Some(skew))?;
-                skewed(&mut world.writers[0], writer_skew)?;
+                let node_from = skewed(&mut world.gateways[0], Some(skew))?;
+                let writer_from = skewed(&mut world.writers[0], writer_skew)?;
                 world.wait_gateway(0).await?;
                 world.wait_writer(0).await?;
+                for checked in [
+                    check_skew(&world.gateways[0], node_from, Some(skew)),
+                    check_skew(&world.writers[0], writer_from, writer_skew),
+                ] {
+                    match checked {
+                        Ok(note) => notes.push(note),
+                        Err(failure) => failures.push(failure),
+                    }
+                }
                 notes.push(format!(
                     "from {:.1} s node-a at {skew}, writer-1 at {}",
                     seconds(load),
@@ -1479,6 +1954,42 @@ async fn inject(fault: &str, world: &mut World, load: &Load, pace: Pace) -> Resu
         notes,
         failures,
     })
+}
+
+/// Seconds between the clock a process logs with (the RFC 3339 time that
+/// starts its log lines, tracing's default) and the true clock, from its
+/// first timestamped line after byte `from` of its log. None when there is
+/// none.
+fn logged_clock_offset(log: &Path, from: u64) -> Option<f64> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(text.get(from as usize..)?).into_owned();
+    // Against the true clock now: a line logged at start-up is at most the
+    // wait for readiness old (seconds, well inside the check's margin).
+    let line_time = text.lines().find_map(|line| {
+        let plain = strip_ansi(line);
+        let first = plain.split_whitespace().next()?.to_owned();
+        time::OffsetDateTime::parse(&first, &Rfc3339).ok()
+    })?;
+    let now = time::OffsetDateTime::now_utc();
+    Some((line_time - now).as_seconds_f64())
+}
+
+/// `line` without its ANSI colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
 
 /// The fault's sale as node-b reports it (`GET /v1/flash-sales`).
@@ -1589,6 +2100,30 @@ async fn run_fault(
     if fault.name == "redis-kill-always" {
         world.set_appendfsync("always")?;
     }
+    // The master this fault's Redis faults hit.
+    world.target = (seed % world.masters.len() as u64) as usize;
+    let target_note = world.cluster.then(|| {
+        format!(
+            "the fault's master: 127.0.0.1:{} (slots {})",
+            world.redis_port(),
+            world.target_slots()
+        )
+    });
+    if fault.name == "redis-loading-start" {
+        // Filler keys (database 9, out of the way) that the restart loads
+        // slowly: a dataset that takes seconds to load.
+        let answer = world.redis_cli(&[
+            "-n",
+            "9",
+            "debug",
+            "populate",
+            &FILLER_KEYS.to_string(),
+            "filler",
+        ])?;
+        if answer != "OK" {
+            bail!("DEBUG POPULATE: {answer}");
+        }
+    }
     // The AOF rewritten small before each fault (automatic rewrites are
     // off), so a restart loads this fault's writes, not the whole run's.
     world.rewrite_aof().await?;
@@ -1689,7 +2224,8 @@ async fn run_fault(
     .await;
     let drained = world.wait_drained(Duration::from_secs(180)).await;
     sampler.abort();
-    let notes = std::mem::take(&mut injected.notes);
+    let mut notes: Vec<String> = target_note.into_iter().collect();
+    notes.append(&mut injected.notes);
     if !drained {
         injected
             .failures
@@ -1994,9 +2530,19 @@ fn round2(value: f64) -> f64 {
 // ---------------------------------------------------------------------------
 // The report
 
-fn report_md(rows: &[Row], seed: u64, quick: bool, command: &str) -> String {
+fn report_md(rows: &[Row], seed: u64, quick: bool, cluster: bool, command: &str) -> String {
     let mut md = String::new();
-    let _ = writeln!(md, "# Fault matrix (`scripts/chaos`)\n");
+    if cluster {
+        let _ = writeln!(
+            md,
+            "# Fault matrix on a Redis Cluster (`scripts/chaos --cluster`)\n\n\
+             The world's Redis is a cluster of {CLUSTER_MASTERS} masters without replicas, with three \
+             gateway nodes selling one sale; each Redis fault hits one master the fault's seed chose \
+             (its slots are in the fault's notes).\n"
+        );
+    } else {
+        let _ = writeln!(md, "# Fault matrix (`scripts/chaos`)\n");
+    }
     let _ = writeln!(
         md,
         "Generated {} by `{command}` (seed {seed}{}). Every figure is from this one run on this machine \
@@ -2113,8 +2659,19 @@ async fn main() -> Result<std::process::ExitCode> {
     } else if cli.quick {
         QUICK_FAULTS.iter().map(|name| (*name).to_owned()).collect()
     } else {
-        FAULTS.iter().map(|fault| fault.name.to_owned()).collect()
+        FAULTS
+            .iter()
+            .filter(|fault| !(cli.cluster && SINGLE_REDIS_ONLY.contains(&fault.name)))
+            .map(|fault| fault.name.to_owned())
+            .collect()
     };
+    if cli.cluster
+        && let Some(name) = names
+            .iter()
+            .find(|name| SINGLE_REDIS_ONLY.contains(&name.as_str()))
+    {
+        bail!("{name} needs the one Redis (node-a's proxy or database 9), not a cluster");
+    }
     let mut faults = vec![];
     for name in &names {
         match FAULTS.iter().find(|fault| fault.name == name) {
@@ -2172,12 +2729,12 @@ async fn main() -> Result<std::process::ExitCode> {
             std::fs::write(
                 report.with_extension("json"),
                 serde_json::to_string_pretty(
-                    &json!({"seed": seed, "quick": cli.quick, "rows": rows}),
+                    &json!({"seed": seed, "quick": cli.quick, "cluster": cli.cluster, "rows": rows}),
                 )?,
             )?;
             std::fs::write(
                 report.with_extension("md"),
-                report_md(&rows, seed, cli.quick, &command),
+                report_md(&rows, seed, cli.quick, cli.cluster, &command),
             )?;
         }
     }
@@ -2192,5 +2749,35 @@ async fn main() -> Result<std::process::ExitCode> {
     } else {
         println!("chaos: FAILED: {} (seed {seed})", failed.join(" "));
         Ok(std::process::ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_lines_clock_is_read_through_its_colours() {
+        let line = "\u{1b}[2m2026-12-02T19:00:00.123456Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m ready";
+        assert_eq!(strip_ansi(line), "2026-12-02T19:00:00.123456Z  INFO ready");
+        let dir = std::env::temp_dir().join(format!("chaos-clock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log = dir.join("node.log");
+        let ahead = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let before = "an older line from before the restart\n";
+        std::fs::write(
+            &log,
+            format!(
+                "{before}\u{1b}[2m{}\u{1b}[0m  INFO gateway listening\n",
+                ahead.format(&Rfc3339).expect("format")
+            ),
+        )
+        .expect("write");
+        let offset = logged_clock_offset(&log, before.len() as u64).expect("a timestamp");
+        assert!((offset - 3600.0).abs() < 5.0, "{offset}");
+        assert_eq!(logged_clock_offset(&log, 0).map(|_| ()), Some(()));
+        std::fs::write(&log, "no timestamps here\n").expect("write");
+        assert_eq!(logged_clock_offset(&log, 0), None);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
