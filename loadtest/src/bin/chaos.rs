@@ -574,11 +574,7 @@ impl World {
         // timed out while the broker was away; reproduced with librdkafka
         // 2.16 from Python as well): the writers produce without
         // idempotence (config docs of `idempotent_producer`).
-        let timeout_line = text
-            .lines()
-            .find(|line| line.starts_with("request_timeout_ms ="))
-            .context("config/dev.toml has no kafka request_timeout_ms")?
-            .to_owned();
+        let timeout_line = config_line(&text, "request_timeout_ms =")?;
         text = text.replace(
             &timeout_line,
             &format!("{timeout_line}\nidempotent_producer = false"),
@@ -596,11 +592,7 @@ impl World {
             .collect();
         // Cart lines stay held this long past their TTL: short, so every
         // hold has ended soon after the load stops.
-        let grace = text
-            .lines()
-            .find(|line| line.starts_with("cart_line_grace_seconds ="))
-            .context("config/dev.toml has no cart_line_grace_seconds")?
-            .to_owned();
+        let grace = config_line(&text, "cart_line_grace_seconds =")?;
         text = text.replace(
             &grace,
             &format!("cart_line_grace_seconds = {CART_LINE_GRACE_SECONDS}"),
@@ -1200,6 +1192,14 @@ impl World {
         .map(PathBuf::from)
         .find(|path| path.exists())
     }
+}
+
+/// The first line of the dev config that starts with `prefix`.
+fn config_line(text: &str, prefix: &str) -> Result<String> {
+    text.lines()
+        .find(|line| line.starts_with(prefix))
+        .map(str::to_owned)
+        .with_context(|| format!("config/dev.toml has no line starting {prefix:?}"))
 }
 
 /// `redis-cli -p PORT ARGS...`: its output, trimmed.
