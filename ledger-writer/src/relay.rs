@@ -33,12 +33,12 @@
 //! with the same `entry_id`, which consumers drop. A batch Kafka confirmed
 //! but PostgreSQL refused (down, read-only, full) is retried without
 //! publishing it again: the relay remembers, per partition and lease token,
-//! the stream ids Kafka confirmed and not yet acknowledged
-//! (the relay's `published`), so a PostgreSQL outage adds no duplicates; only a
-//! writer's death, a lost lease or a Kafka delivery that timed out after
-//! all does. Reads are non-blocking
-//! and per stream, so the relay works on Redis Cluster too. Nothing here
-//! decides stock.
+//! the stream ids Kafka confirmed and not yet acknowledged (its
+//! `published`), so a PostgreSQL outage adds no duplicates; only a writer's
+//! death, a lost lease, or a delivery that timed out yet landed does (or a
+//! retry, with `kafka.idempotent_producer` off). Reads are non-blocking and
+//! per stream, so the relay works on Redis Cluster too. Nothing here decides
+//! stock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
