@@ -1257,6 +1257,8 @@ const BUCKETS: usize = 4 * 60 * 20;
 struct Bucket {
     /// Reservation requests answered (201 or 409).
     reservations_answered: AtomicU64,
+    /// Of those, holds made (201).
+    holds_made: AtomicU64,
     /// Requests answered, of any kind.
     answered: AtomicU64,
     /// Attempts that got no answer (refused, timed out, 5xx).
@@ -1441,9 +1443,11 @@ impl Load {
             }
         };
         if status == 201 || (status == 409 && answer["error"] == "insufficient_stock") {
-            self.bucket()
-                .reservations_answered
-                .fetch_add(1, Ordering::Relaxed);
+            let bucket = self.bucket();
+            bucket.reservations_answered.fetch_add(1, Ordering::Relaxed);
+            if status == 201 {
+                bucket.holds_made.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if status != 201 {
             if attempts > 1 {
@@ -1645,6 +1649,10 @@ struct Row {
     reservations_back_s: Option<f64>,
     writer_lag_back_s: Option<f64>,
     writer_lag_peak_entries: u64,
+    /// Per second of the load: `[second, reservations answered, of them
+    /// holds made, attempts unanswered]` (the JSON report only: what
+    /// `reservations_back_s` was read from).
+    timeline: Vec<[u64; 4]>,
     passed: bool,
     notes: Vec<String>,
 }
@@ -2051,6 +2059,31 @@ fn reservations_back(load: &Load, at: f64, healed: f64, end: f64) -> Option<f64>
         Some(index) if index + 1 >= last => None,
         Some(index) => Some(((index + 1) as f64 * BUCKET.as_secs_f64() - healed).max(0.0)),
     }
+}
+
+/// Per whole second up to `end`: reservations answered, holds made, and
+/// attempts unanswered.
+fn timeline(load: &Load, end: f64) -> Vec<[u64; 4]> {
+    let per_second = (1.0 / BUCKET.as_secs_f64()) as usize;
+    let last = ((end / BUCKET.as_secs_f64()) as usize).min(BUCKETS);
+    load.buckets[..last]
+        .chunks(per_second)
+        .enumerate()
+        .map(|(second, buckets)| {
+            let sum = |field: fn(&Bucket) -> &AtomicU64| {
+                buckets
+                    .iter()
+                    .map(|bucket| field(bucket).load(Ordering::Relaxed))
+                    .sum::<u64>()
+            };
+            [
+                second as u64,
+                sum(|bucket| &bucket.reservations_answered),
+                sum(|bucket| &bucket.holds_made),
+                sum(|bucket| &bucket.failed),
+            ]
+        })
+        .collect()
 }
 
 /// The writers' largest lag (entries) from `at` on.
@@ -2518,6 +2551,7 @@ async fn check(
         reservations_back_s: reservations_back(load, injected.at, injected.healed, end).map(round2),
         writer_lag_back_s: lag_back(load, injected.at, injected.healed).map(round2),
         writer_lag_peak_entries: lag_peak(load, injected.at),
+        timeline: timeline(load, end),
         passed,
         notes,
     })
