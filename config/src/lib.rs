@@ -26,6 +26,7 @@
 //! | `INVGW_POSTGRES_URL` | `postgres.url` |
 //! | `INVGW_CUSTOMER_REF_KEY` | `auth.customer_ref_key` |
 //! | `INVGW_LEDGER_METRICS_LISTEN` | `ledger_writer.metrics_listen` |
+//! | `INVGW_LOG_FORMAT` | `log.format` (`text` or `json`) |
 
 mod diff;
 mod model;
@@ -166,7 +167,46 @@ fn apply_env_overrides(
     if let Some(value) = env("INVGW_CUSTOMER_REF_KEY") {
         config.auth.customer_ref_key = value;
     }
+    if let Some(value) = env("INVGW_LOG_FORMAT") {
+        match value.trim() {
+            "text" => config.log.format = LogFormat::Text,
+            "json" => config.log.format = LogFormat::Json,
+            other => errors.push(FieldError {
+                path: "log.format (from INVGW_LOG_FORMAT)".to_owned(),
+                reason: format!("{other:?} is neither \"text\" nor \"json\""),
+            }),
+        }
+    }
     errors
+}
+
+/// Starts the process's log on stderr in `format`, at the levels of
+/// `RUST_LOG`, else of `default_directives` (such as `"info,pingora=warn"`).
+/// One home for both binaries' logging: a JSON line carries the event's
+/// fields and those of the spans it is in (`request_id` on the gateway's
+/// stock-changing requests).
+pub fn init_logging(format: LogFormat, default_directives: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_directives));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
+/// The log format `path` asks for (env override included), or the default
+/// when it cannot be read: the process reports that error itself once its
+/// log is up.
+pub fn log_format_of(path: &Path) -> LogFormat {
+    load_file(path).map_or_else(|_| LogFormat::default(), |config| config.log.format)
 }
 
 /// Checks that `new` may replace `old` in a running process.

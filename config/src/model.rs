@@ -42,6 +42,32 @@ pub struct Config {
     /// Hot SKUs split into per-node quota buckets while a sale is on.
     #[serde(default)]
     pub flash_sales: Vec<FlashSaleConfig>,
+    /// How the process writes its log.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// How a process writes its log lines (to stderr). Read at start: a reload
+/// that changes it takes effect at the next start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (lines for a terminal) or `json` (one object a line, with
+    /// the fields of every span it is in, such as a request's
+    /// `request_id`: for log shippers). Env override: `INVGW_LOG_FORMAT`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// A log line's form; see [`LogConfig::format`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// JSON lines.
+    Json,
 }
 
 /// Identity of this process.

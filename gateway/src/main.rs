@@ -21,13 +21,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora=warn")),
-        )
-        .init();
     let cli = Cli::parse();
+    config::init_logging(config::log_format_of(&cli.config), "info,pingora=warn");
     gateway::run(&cli.config, gateway::unix_shutdown())
 }

@@ -12,6 +12,10 @@ use prometheus::{
 /// Every series of the node.
 pub struct Metrics {
     registry: Registry,
+    /// The process's own series (`process_cpu_seconds_total`, memory, file
+    /// descriptors, threads) under their standard names, which the `invgw`
+    /// prefix of `registry` would change.
+    process: Registry,
     /// Requests answered locally, by route template and status.
     pub requests: IntCounterVec,
     /// Latency of locally answered requests, by route template.
@@ -50,6 +54,14 @@ impl Metrics {
             Some([("node".to_owned(), node.to_owned())].into()),
         )
         .expect("static registry settings are valid");
+        let process =
+            Registry::new_custom(None, Some([("node".to_owned(), node.to_owned())].into()))
+                .expect("static registry settings are valid");
+        process
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
@@ -150,16 +162,16 @@ impl Metrics {
             ),
             config_reloads: counter("config_reloads_total", "Accepted config reloads"),
             registry,
+            process,
         }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
         let mut out = Vec::new();
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .is_err()
-        {
+        if TextEncoder::new().encode(&families, &mut out).is_err() {
             return String::new();
         }
         String::from_utf8(out).unwrap_or_default()

@@ -715,6 +715,58 @@ async fn operations_endpoints_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
+    let run = testkit::unique_id("metrics");
+    let fleet = Fleet::on_stack("");
+    let node = fleet.node("node-a");
+    // The labelled series a sale makes: a read, a hold, a refusal.
+    let sku = testkit::unique_id("linted");
+    restock(&node, "m1", &sku, "dc1", 1).await;
+    let _ = get(&node.url(&format!("/v1/availability/m1/{sku}")), None).await;
+    let body = json!({ "merchant": "m1", "lines": [{ "sku": sku, "location": "dc1", "qty": 1 }] });
+    let url = node.url("/v1/reservations");
+    assert_eq!(
+        post(&url, CHECKOUT, Some(&format!("{run}-1")), &body)
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        post(&url, CHECKOUT, Some(&format!("{run}-2")), &body)
+            .await
+            .0,
+        409
+    );
+    let metrics = client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    if let Err(findings) = testkit::promtool_check_metrics(&metrics) {
+        panic!("{findings}\n{metrics}");
+    }
+    let mut wanted: Vec<String> = testkit::alert_rule_series("invgw_")
+        .into_iter()
+        .filter(|series| !series.starts_with("invgw_writer_"))
+        .collect();
+    assert!(!wanted.is_empty(), "the alert rules use the node's series");
+    wanted.extend(
+        [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ]
+        .map(str::to_owned),
+    );
+    for series in wanted {
+        assert!(testkit::exposes(&metrics, &series), "{series} in {metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_customer_is_limited_without_limiting_others() {
     let run = testkit::unique_id("run");
     let fleet = Fleet::on_stack("");

@@ -219,3 +219,75 @@ async fn a_node_started_before_redis_answers_waits_says_why_and_serves_once_it_c
         "each wait is logged with its cause:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_id_into_the_stock_stores_errors() {
+    testkit::stack();
+    let port = free_port();
+    let redis = testkit::private_redis(port, None);
+    let fleet = Fleet::new(
+        &format!("redis://127.0.0.1:{port}"),
+        "\n[log]\nformat = \"json\"\n",
+    );
+    let node = fleet.node("node-a");
+    let sku = testkit::unique_id("logged");
+    restock(&node, "m1", &sku, "dc1", 10).await;
+    drop(redis); // killed: the next reservation logs why it failed
+
+    let run = testkit::unique_id("run");
+    let traced = format!("trace-{run}");
+    let url = node.url("/v1/reservations");
+    let send = |request_id: Option<&str>, key: String| {
+        let mut request = client()
+            .post(&url)
+            .bearer_auth(CHECKOUT)
+            .header("Idempotency-Key", key)
+            .json(&reservation("m1", &sku, "dc1", 1));
+        if let Some(id) = request_id {
+            request = request.header("X-Request-Id", id);
+        }
+        request.send()
+    };
+    let answered = send(Some(&traced), format!("{run}-1")).await.expect("send");
+    assert_eq!(answered.status().as_u16(), 503);
+    // An id that is not an API id is not taken: the node makes one.
+    let answered = send(Some("not an id"), format!("{run}-2"))
+        .await
+        .expect("send");
+    assert_eq!(answered.status().as_u16(), 503);
+
+    let mut request_ids = Vec::new();
+    wait_until("both failures are logged", || {
+        let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+        let mut lines = Vec::new();
+        // Whole lines only: the last may be half written while we read.
+        for line in text
+            .split_inclusive('\n')
+            .filter(|line| line.ends_with('\n') && !line.trim().is_empty())
+        {
+            let parsed: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|error| panic!("a JSON line ({error}): {line}"));
+            lines.push(parsed);
+        }
+        request_ids = lines
+            .iter()
+            .filter(|line| line["message"] == "redis unavailable")
+            .filter_map(|line| {
+                line["spans"]
+                    .as_array()?
+                    .iter()
+                    .find(|span| span["name"] == "request")?["request_id"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        let found = request_ids.len() >= 2;
+        async move { found }
+    })
+    .await;
+    assert_eq!(request_ids[0], traced, "the client's id: {request_ids:?}");
+    assert!(
+        request_ids[1].starts_with("node-a-") && request_ids[1] != traced,
+        "one made by the node: {request_ids:?}"
+    );
+}

@@ -26,8 +26,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use allocator::{Allocator, CellRef, LedgerEntry, LedgerOp};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 use tokio_postgres::Client;
 
@@ -455,21 +453,7 @@ pub async fn kafka_entry_ids(
     let brokers = config.kafka.brokers.clone();
     let topic = config.kafka.ledger_topic.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<KafkaCount> {
-        let group = format!(
-            "ledger-audit-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|elapsed| elapsed.as_nanos())
-                .unwrap_or_default()
-        );
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", &group)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        consumer.subscribe(&[topic.as_str()])?;
+        let consumer = crate::tail::throwaway_consumer(&brokers, &topic, "ledger-audit", true)?;
         let started = std::time::Instant::now();
         let mut quiet_since = std::time::Instant::now();
         let mut ids = std::collections::HashSet::new();

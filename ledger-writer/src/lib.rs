@@ -21,6 +21,7 @@ pub mod migrate;
 pub mod rebuild;
 pub mod reconcile;
 pub mod relay;
+pub mod tail;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -371,15 +372,15 @@ async fn measure_lag_forever(
                         .with_label_values(&[label.as_str()])
                         .set(lag.entries as i64);
                     metrics
-                        .lag_oldest_ms
+                        .lag_oldest_seconds
                         .with_label_values(&[label.as_str()])
-                        .set(lag.oldest_age_ms() as i64);
+                        .set(lag.oldest_age_ms() as f64 / 1000.0);
                     total += lag.entries;
                 }
                 Err(error) => warn!(partition, %error, "measuring outbox lag failed"),
             }
         }
-        metrics.lag_entries_total.set(total as i64);
+        metrics.lag_entries_all.set(total as i64);
         let over = total > alert_entries;
         if over {
             warn!(

@@ -1,4 +1,4 @@
-//! `ledger-writer run|migrate|audit|rebuild --config PATH`.
+//! `ledger-writer run|migrate|audit|rebuild|tail --config PATH`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +60,37 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         quiet_seconds: u64,
     },
+    /// Print the Kafka ledger topic's entries, each once (repeats dropped by
+    /// entry_id): JSON lines as published, or a table. Commits no offsets.
+    Tail {
+        /// From the topic's first entry (else only entries from now on).
+        #[arg(long)]
+        from_beginning: bool,
+        /// Only this stock key's entries, as merchant/sku/location.
+        #[arg(long, value_name = "MERCHANT/SKU/LOCATION")]
+        key: Option<String>,
+        /// Keep printing new entries until Ctrl-C (else stop once the topic
+        /// has been quiet for 2 s).
+        #[arg(long)]
+        follow: bool,
+        /// How to print each entry.
+        #[arg(long, value_enum, default_value_t = ledger_writer::tail::Format::Json)]
+        format: ledger_writer::tail::Format,
+    },
+}
+
+/// A `--key` argument: merchant/sku/location, none of them empty.
+fn parse_key(text: &str) -> Result<allocator::StockKey, String> {
+    match text.split('/').collect::<Vec<_>>().as_slice() {
+        [merchant, sku, location]
+            if !merchant.is_empty() && !sku.is_empty() && !location.is_empty() =>
+        {
+            Ok(allocator::StockKey::new(*merchant, *sku, *location))
+        }
+        _ => Err(format!(
+            "ledger-writer: --key must be merchant/sku/location, not {text:?}"
+        )),
+    }
 }
 
 /// PostgreSQL for the offline commands, migrated (an audit of a database no
@@ -86,14 +117,8 @@ async fn shutdown_signal() {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn")),
-        )
-        .init();
     let cli = Cli::parse();
+    config::init_logging(config::log_format_of(&cli.config), "info,rdkafka=warn");
     let config = Arc::new(config::load_file(&cli.config)?);
     match cli.command {
         Command::Run => {
@@ -112,23 +137,13 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             force,
             quiet_seconds,
         } => {
-            let scope = match key {
+            let scope = match key.as_deref().map(parse_key) {
                 None => ledger_writer::audit::Scope::All,
-                Some(text) => match text.split('/').collect::<Vec<_>>().as_slice() {
-                    [merchant, sku, location]
-                        if !merchant.is_empty() && !sku.is_empty() && !location.is_empty() =>
-                    {
-                        ledger_writer::audit::Scope::Key(allocator::StockKey::new(
-                            *merchant, *sku, *location,
-                        ))
-                    }
-                    _ => {
-                        eprintln!(
-                            "ledger-writer: --key must be merchant/sku/location, not {text:?}"
-                        );
-                        return Ok(std::process::ExitCode::from(2));
-                    }
-                },
+                Some(Ok(key)) => ledger_writer::audit::Scope::Key(key),
+                Some(Err(error)) => {
+                    eprintln!("{error}");
+                    return Ok(std::process::ExitCode::from(2));
+                }
             };
             let client = offline_postgres(&config).await?;
             let settings = allocator::AllocatorSettings::from_config(&config);
@@ -152,6 +167,42 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             } else {
                 Ok(std::process::ExitCode::FAILURE)
             }
+        }
+        Command::Tail {
+            from_beginning,
+            key,
+            follow,
+            format,
+        } => {
+            let key = match key.as_deref().map(parse_key).transpose() {
+                Ok(key) => key,
+                Err(error) => {
+                    eprintln!("{error}");
+                    return Ok(std::process::ExitCode::from(2));
+                }
+            };
+            let options = ledger_writer::tail::Options {
+                from_beginning,
+                key,
+                follow,
+                format,
+            };
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopper = Arc::clone(&stop);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stopper.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            let reader = Arc::clone(&config);
+            let counts = tokio::task::spawn_blocking(move || {
+                ledger_writer::tail::tail(&reader, &options, &mut std::io::stdout().lock(), &stop)
+            })
+            .await??;
+            eprintln!(
+                "ledger-writer tail: {} entries printed, {} repeats dropped, {} of other keys skipped",
+                counts.printed, counts.repeats, counts.skipped
+            );
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Audit {
             merchant,

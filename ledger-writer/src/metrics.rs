@@ -17,20 +17,24 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use tracing::warn;
 
 /// Every series of one writer.
 pub struct Metrics {
     registry: Registry,
+    /// The process's own series (`process_cpu_seconds_total`, memory, file
+    /// descriptors, threads) under their standard names, which the
+    /// `invgw_writer` prefix of `registry` would change.
+    process: Registry,
     /// Outbox entries not yet acknowledged (pending or unread), per partition.
     pub lag_entries: IntGaugeVec,
-    /// Age of the oldest unacknowledged outbox entry (ms), per partition.
-    pub lag_oldest_ms: IntGaugeVec,
+    /// Age of the oldest unacknowledged outbox entry (seconds), per partition.
+    pub lag_oldest_seconds: GaugeVec,
     /// Unacknowledged entries over all partitions.
-    pub lag_entries_total: IntGauge,
+    pub lag_entries_all: IntGauge,
     /// 1 while the total lag is over `ledger_writer.lag_alert_entries`.
     pub lag_alert: IntGauge,
     /// Entries relayed and acknowledged by this writer.
@@ -53,8 +57,11 @@ pub struct Metrics {
     /// Messages sent to the dead-letter topic.
     pub dead_letters: IntCounter,
     /// Reconciler actions: expired, transfers_finished, carts_finished,
-    /// buckets_reclaimed, units_reclaimed.
+    /// units_reclaimed.
     pub reconciler: IntCounterVec,
+    /// Flash-sale buckets the reconciler took back, by
+    /// [`crate::reconcile::ReclaimReason`].
+    pub bucket_reclaims: IntCounterVec,
     /// Reconciler items that failed (a transfer, a cart, a partition's
     /// sweep, a key's buckets), by action; each is retried with backoff.
     pub reconciler_errors: IntCounterVec,
@@ -102,6 +109,7 @@ impl Metrics {
             Some([("writer".to_owned(), writer.to_owned())].into()),
         )
         .expect("static registry settings are valid");
+        let process = process_registry("writer", writer);
         let register = |metric: Box<dyn prometheus::core::Collector>| {
             registry.register(metric).expect("unique metric");
         };
@@ -131,19 +139,26 @@ impl Metrics {
             register(Box::new(metric.clone()));
             metric
         };
-        Self {
+        let metrics = Self {
             lag_entries: gauge_vec(
                 "lag_entries",
                 "outbox entries not yet relayed, per partition",
                 &["partition"],
             ),
-            lag_oldest_ms: gauge_vec(
-                "lag_oldest_ms",
-                "age of the oldest outbox entry not yet relayed, per partition",
-                &["partition"],
-            ),
-            lag_entries_total: gauge(
-                "lag_entries_total",
+            lag_oldest_seconds: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "lag_oldest_seconds",
+                        "age of the oldest outbox entry not yet relayed, per partition",
+                    ),
+                    &["partition"],
+                )
+                .expect("valid metric");
+                register(Box::new(metric.clone()));
+                metric
+            },
+            lag_entries_all: gauge(
+                "lag_all_partitions_entries",
                 "outbox entries not yet relayed, all partitions",
             ),
             lag_alert: gauge(
@@ -201,22 +216,51 @@ impl Metrics {
             ),
             reconciler: counter_vec(
                 "reconciler_actions_total",
-                "reconciler actions: expired holds, finished transfers and carts, reclaimed buckets and units",
+                "reconciler actions: expired holds, finished transfers and carts, reclaimed units",
                 &["action"],
+            ),
+            bucket_reclaims: counter_vec(
+                "bucket_reclaims_total",
+                "flash-sale buckets taken back by the reconciler, by why: sale_not_in_force, node_lapsed (its heartbeat lapsed), idle",
+                &["reason"],
             ),
             readiness: Readiness(std::sync::Mutex::new(Some("starting".to_owned()))),
             registry,
+            process,
+        };
+        // Every known label value from 0, so a rule's `increase()` sees the
+        // first event and every series is there to be looked at.
+        for sink in crate::relay::RelayError::SINKS {
+            metrics.errors.with_label_values(&[sink]);
         }
+        for reason in crate::reconcile::ReclaimReason::ALL {
+            metrics.bucket_reclaims.with_label_values(&[reason.label()]);
+        }
+        metrics
     }
 
     /// The text exposition of every series.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
         let mut buffer = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
+            .encode(&families, &mut buffer)
             .expect("encoding into a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
     }
+}
+
+/// A registry of this process's own series, labelled `label = value`.
+fn process_registry(label: &str, value: &str) -> Registry {
+    let registry = Registry::new_custom(None, Some([(label.to_owned(), value.to_owned())].into()))
+        .expect("static registry settings are valid");
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
+    registry
 }
 
 /// Serves `/metrics`, `/health` and `/ready` on `listener` until the task

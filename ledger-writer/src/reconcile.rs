@@ -71,14 +71,53 @@ pub struct PassReport {
     pub transfers_finished: u64,
     /// Carts finished.
     pub carts_finished: u64,
-    /// Buckets taken back.
-    pub buckets_reclaimed: u64,
+    /// Buckets taken back, by why (indexed by [`ReclaimReason`]).
+    pub buckets_reclaimed: [u64; ReclaimReason::ALL.len()],
     /// Units they held free.
     pub units_reclaimed: u64,
     /// Items that failed in this pass.
     pub failures: u64,
     /// Items parked now (over every pass).
     pub parked: u64,
+}
+
+/// Why the reconciler took a bucket's free units back
+/// (`invgw_writer_bucket_reclaims_total{reason}`; a lapsed node is what
+/// the operator is alerted to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReclaimReason {
+    /// No sale in force covers the key any more (ended, switched off, gone).
+    SaleNotInForce,
+    /// The bucket's node stopped renewing its heartbeat (dead, frozen, or
+    /// cut off from Redis).
+    NodeLapsed,
+    /// Its node is alive but sold nothing from it for
+    /// `ledger_writer.bucket_idle_reclaim_seconds`.
+    Idle,
+}
+
+impl ReclaimReason {
+    /// Every reason, in the order of [`PassReport::buckets_reclaimed`].
+    pub const ALL: [Self; 3] = [Self::SaleNotInForce, Self::NodeLapsed, Self::Idle];
+
+    /// Its place in [`ReclaimReason::ALL`] (and in
+    /// [`PassReport::buckets_reclaimed`]).
+    pub fn index(self) -> usize {
+        match self {
+            Self::SaleNotInForce => 0,
+            Self::NodeLapsed => 1,
+            Self::Idle => 2,
+        }
+    }
+
+    /// The metric's label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::SaleNotInForce => "sale_not_in_force",
+            Self::NodeLapsed => "node_lapsed",
+            Self::Idle => "idle",
+        }
+    }
 }
 
 impl Reconciler {
@@ -202,10 +241,17 @@ impl Reconciler {
             ("expired", report.expired),
             ("transfers_finished", report.transfers_finished),
             ("carts_finished", report.carts_finished),
-            ("buckets_reclaimed", report.buckets_reclaimed),
             ("units_reclaimed", report.units_reclaimed),
         ] {
             self.count(action, by);
+        }
+        if let Some(metrics) = &self.metrics {
+            for (reason, by) in ReclaimReason::ALL.iter().zip(report.buckets_reclaimed) {
+                metrics
+                    .bucket_reclaims
+                    .with_label_values(&[reason.label()])
+                    .inc_by(by);
+            }
         }
         result.map(|()| report)
     }
@@ -338,7 +384,14 @@ impl Reconciler {
                 buckets: Default::default(),
             };
             let units = self.allocator.try_reclaim(&flash, node).await?;
-            report.buckets_reclaimed += 1;
+            let reason = if !in_force {
+                ReclaimReason::SaleNotInForce
+            } else if lapsed {
+                ReclaimReason::NodeLapsed
+            } else {
+                ReclaimReason::Idle
+            };
+            report.buckets_reclaimed[reason.index()] += 1;
             report.units_reclaimed += units;
             info!(%key, %node, units, in_force, lapsed, idle, "bucket reclaimed");
         }
@@ -355,5 +408,17 @@ impl Reconciler {
             self.allocator.forget_hot_key(key).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReclaimReason;
+
+    #[test]
+    fn each_reason_is_counted_in_its_own_place() {
+        for (place, reason) in ReclaimReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), place, "{reason:?}");
+        }
     }
 }

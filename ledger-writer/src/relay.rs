@@ -130,6 +130,10 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// Every value [`RelayError::sink`] gives (each series starts at 0, so
+    /// an alert on its increase sees the first failure).
+    pub const SINKS: [&'static str; 4] = ["redis", "kafka", "postgresql", "fenced"];
+
     /// The sink a failed pass is counted under in `errors_total`.
     pub fn sink(&self) -> &'static str {
         match self {

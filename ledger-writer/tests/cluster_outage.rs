@@ -160,7 +160,11 @@ async fn vanished(allocator: &Allocator, attempts: &[Attempt]) -> Vec<String> {
 async fn audit_after_relay(setup: &Setup) -> (bool, String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let lag = metric(setup.metrics_port, "invgw_writer_lag_entries_total").await;
+        let lag = metric(
+            setup.metrics_port,
+            "invgw_writer_lag_all_partitions_entries",
+        )
+        .await;
         if lag == Some(0.0) {
             break;
         }

@@ -44,21 +44,21 @@ impl Drop for Restore {
 /// The writer's total lag, sampled while a service is down: it must grow.
 async fn lag_grows_while_down(port: u16, what: &str) -> (f64, f64) {
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let early = metric(port, "invgw_writer_lag_entries_total")
+    let early = metric(port, "invgw_writer_lag_all_partitions_entries")
         .await
         .unwrap_or_default();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let late = metric(port, "invgw_writer_lag_entries_total")
+    let late = metric(port, "invgw_writer_lag_all_partitions_entries")
         .await
         .unwrap_or_default();
-    let oldest_ms = metric(port, "invgw_writer_lag_oldest_ms")
+    let oldest_seconds = metric(port, "invgw_writer_lag_oldest_seconds")
         .await
         .unwrap_or_default();
     assert!(
         late > early && early > 0.0,
         "{what}: the lag metric grows while it is down: {early} then {late}"
     );
-    assert!(oldest_ms > 0.0, "{what}: the oldest entry ages");
+    assert!(oldest_seconds > 0.0, "{what}: the oldest entry ages");
     (early, late)
 }
 
@@ -68,7 +68,7 @@ async fn wait_drained(setup: &Setup, what: &str, entries: f64) -> Duration {
     let port = setup.metrics_port;
     let started = Instant::now();
     loop {
-        let lag = metric(port, "invgw_writer_lag_entries_total").await;
+        let lag = metric(port, "invgw_writer_lag_all_partitions_entries").await;
         if lag.is_some_and(|lag| lag <= entries) {
             return started.elapsed();
         }

@@ -753,7 +753,12 @@ async fn a_hot_keys_entries_are_in_version_order_per_cell_each_cell_on_one_kafka
     // here). It must hold every partition, with nothing left.
     while metric(setup.metrics_port, "invgw_writer_leases_held").await
         != Some(f64::from(PARTITIONS))
-        || metric(setup.metrics_port, "invgw_writer_lag_entries_total").await != Some(0.0)
+        || metric(
+            setup.metrics_port,
+            "invgw_writer_lag_all_partitions_entries",
+        )
+        .await
+            != Some(0.0)
     {
         assert!(
             Instant::now() < deadline,
@@ -814,4 +819,52 @@ async fn a_hot_keys_entries_are_in_version_order_per_cell_each_cell_on_one_kafka
         );
     }
     drop(writer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
+    let (_redis, setup, allocator) = harness(&[]).await;
+    let _writer = start_writer(&setup);
+    // Entries relayed, so the batch histograms and lag series have values.
+    let written = operations(Arc::clone(&allocator), 10, "metrics").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(setup.metrics_port, "invgw_writer_relayed_entries_total")
+        .await
+        .unwrap_or_default()
+        < written as f64
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the writer relays {written} entries"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", setup.metrics_port))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    if let Err(findings) = testkit::promtool_check_metrics(&metrics) {
+        panic!("{findings}\n{metrics}");
+    }
+    let mut wanted = testkit::alert_rule_series("invgw_writer_");
+    assert!(
+        !wanted.is_empty(),
+        "the alert rules use the writer's series"
+    );
+    wanted.extend(
+        [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "invgw_writer_lag_oldest_seconds",
+            "invgw_writer_lag_all_partitions_entries",
+            "invgw_writer_batch_seconds_bucket",
+        ]
+        .map(str::to_owned),
+    );
+    for series in wanted {
+        assert!(testkit::exposes(&metrics, &series), "{series} in {metrics}");
+    }
 }

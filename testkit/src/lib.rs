@@ -213,6 +213,67 @@ pub fn loading_redis(port: u16, directory: &Path, loading: std::time::Duration) 
     KillOnDrop(child)
 }
 
+/// Lints a Prometheus text exposition with `promtool check metrics` (from
+/// Debian's `prometheus`, which `scripts/stack` installs): `Err` with what
+/// promtool found (naming, units, help, types), or why it could not run.
+pub fn promtool_check_metrics(exposition: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    stack();
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| {
+            format!("running promtool (Debian's prometheus; scripts/stack up installs it): {error}")
+        })?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(exposition.as_bytes())
+        .map_err(|error| format!("writing to promtool: {error}"))?;
+    let output = child
+        .wait_with_output()
+        .map_err(|error| format!("waiting for promtool: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// The series the alert rules (`ops/prometheus/alerts.yml`) name that start
+/// with `prefix`, each once: what a process's `/metrics` must have for its
+/// alerts to mean anything.
+pub fn alert_rule_series(prefix: &str) -> Vec<String> {
+    let path = repository_root().join("ops/prometheus/alerts.yml");
+    let rules = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
+    let mut names: Vec<String> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with(prefix))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Whether a text exposition has a sample of `series` (any labels).
+pub fn exposes(exposition: &str, series: &str) -> bool {
+    exposition.lines().any(|line| {
+        line.strip_prefix(series)
+            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use allocator::StockKey;
 use pingora::proxy::Session;
+use tracing::Instrument;
 
 use crate::api::{ApiError, Reply};
 use crate::app::App;
@@ -154,6 +155,23 @@ pub async fn dispatch(app: &App, session: &mut Session) -> Outcome {
         .as_ref()
         .map_or("other", |found| found.value.template);
     let result = match &matched {
+        Some(found) if found.value.method == method && changes_stock(found.value.resource) => {
+            // Logged under the request's id: the lines written in the
+            // request's own task (the handler's, the error it answers
+            // with, the allocator's calls made there) carry `request_id`
+            // (a JSON log's span list); a coalesced batch runs in a task of
+            // its own for many requests and is not one request's. Reads
+            // skip the span: they log nothing and are the path measured in
+            // microseconds.
+            let span = tracing::info_span!(
+                "request",
+                request_id = %request_id(app, session),
+                route = found.value.template
+            );
+            route_request(app, session, found.value.resource, &found.params)
+                .instrument(span)
+                .await
+        }
         Some(found) if found.value.method == method => {
             route_request(app, session, found.value.resource, &found.params).await
         }
@@ -186,6 +204,42 @@ pub async fn dispatch(app: &App, session: &mut Session) -> Outcome {
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     outcome
+}
+
+/// Whether a route changes stock (and calls the allocator to do it).
+fn changes_stock(resource: Resource) -> bool {
+    matches!(
+        resource,
+        Resource::Reservations
+            | Resource::ReservationAction(_)
+            | Resource::StockAdjustments
+            | Resource::StockSettings
+    )
+}
+
+/// The id a stock-changing request is logged under: the client's
+/// `X-Request-Id` when it is an API id (`[A-Za-z0-9._:-]{1,128}`), so a
+/// client's and the node's logs meet; else one made here,
+/// `<node>-<start ms, hex>-<sequence>` (unique per node and start).
+fn request_id(app: &App, session: &Session) -> String {
+    if let Some(id) = session
+        .req_header()
+        .headers
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| config::is_valid_id(id))
+    {
+        return id.to_owned();
+    }
+    static STARTED_MS: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let started = STARTED_MS.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis())
+    });
+    let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{started:x}-{sequence}", app.config().node.id)
 }
 
 async fn route_request(
