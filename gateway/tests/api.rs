@@ -745,25 +745,7 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
         .text()
         .await
         .expect("text");
-    if let Err(findings) = testkit::promtool_check_metrics(&metrics) {
-        panic!("{findings}\n{metrics}");
-    }
-    let mut wanted: Vec<String> = testkit::alert_rule_series("invgw_")
-        .into_iter()
-        .filter(|series| !series.starts_with("invgw_writer_"))
-        .collect();
-    assert!(!wanted.is_empty(), "the alert rules use the node's series");
-    wanted.extend(
-        [
-            "process_cpu_seconds_total",
-            "process_resident_memory_bytes",
-            "process_open_fds",
-        ]
-        .map(str::to_owned),
-    );
-    for series in wanted {
-        assert!(testkit::exposes(&metrics, &series), "{series} in {metrics}");
-    }
+    testkit::assert_metrics_serve_the_alerts(&metrics, "invgw_", Some("invgw_writer_"), &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -266,6 +266,39 @@ pub fn alert_rule_series(prefix: &str) -> Vec<String> {
     names
 }
 
+/// Panics unless `exposition` (a process's `/metrics`) passes `promtool
+/// check metrics` and serves the process's own series, every series the
+/// alert rules name that starts with `prefix` but not with `except`, and
+/// each of `also`.
+pub fn assert_metrics_serve_the_alerts(
+    exposition: &str,
+    prefix: &str,
+    except: Option<&str>,
+    also: &[&str],
+) {
+    if let Err(findings) = promtool_check_metrics(exposition) {
+        panic!("{findings}\n{exposition}");
+    }
+    let named: Vec<String> = alert_rule_series(prefix)
+        .into_iter()
+        .filter(|series| except.is_none_or(|except| !series.starts_with(except)))
+        .collect();
+    assert!(!named.is_empty(), "the alert rules use {prefix} series");
+    let process = [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ];
+    for series in named
+        .iter()
+        .map(String::as_str)
+        .chain(process)
+        .chain(also.iter().copied())
+    {
+        assert!(exposes(exposition, series), "{series} in {exposition}");
+    }
+}
+
 /// Whether a text exposition has a sample of `series` (any labels).
 pub fn exposes(exposition: &str, series: &str) -> bool {
     exposition.lines().any(|line| {
