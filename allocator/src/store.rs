@@ -460,12 +460,18 @@ impl Shared {
             .builder_for(server, false)
             .build()
             .map_err(|error| format!("{server}: {error}"))?;
-        let task = Tasks(vec![client.connect()]);
+        // `init` listens for the connection before starting it: `connect`
+        // then `wait_for_connect` misses a connection made between the
+        // latter's state check and its subscription (fred 10.1), and then
+        // waits for ever (a cluster's first slot-map read failed with "no
+        // answer in time" under the test suites' load while Redis was idle).
+        let mut task = None;
         let answer = tokio::time::timeout(self.connect_wait(), async {
-            client
-                .wait_for_connect()
+            let handle = client
+                .init()
                 .await
                 .map_err(|error| format!("{server}: {error}"))?;
+            task = Some(Tasks(vec![handle]));
             question(&client).await
         })
         .await;
