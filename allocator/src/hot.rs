@@ -24,6 +24,7 @@ use crate::keys::{self, CellRef, StockKey};
 use crate::reserve::HoldRequest;
 use crate::scripts::Op;
 use crate::{Allocator, AllocatorError, Cell, Hold, Result, check_refusal, protocol};
+use tracing::warn;
 
 /// Most refill rounds one hot reservation makes; each round that finds no
 /// units anywhere ends it sooner.
@@ -248,6 +249,65 @@ impl RateMeter {
             state.1
         } else {
             state.1.max(units / Self::WINDOW.as_secs_f64())
+        }
+    }
+}
+
+/// What one node's hot path answered for one sale, counted as it answers:
+/// the gateway serves the counts as per-sale metrics, and a refusal made
+/// while the key still had sellable units (a fairness fault an operator must
+/// see: a customer told "sold out" while units remained in the pool or
+/// another node's bucket) is counted apart.
+#[derive(Debug, Default)]
+pub struct HotOutcomes {
+    held: AtomicU64,
+    replayed: AtomicU64,
+    refused: AtomicU64,
+    refused_with_units_left: AtomicU64,
+}
+
+/// A reading of [`HotOutcomes`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HotOutcomeCounts {
+    /// New holds.
+    pub held: u64,
+    /// Retries answered with their earlier hold.
+    pub replayed: u64,
+    /// Refusals (insufficient stock), those with units left included.
+    pub refused: u64,
+    /// Refusals made while a stable view of the key still showed sellable
+    /// units (the hot path ran out of rounds: a drain, or contention).
+    pub refused_with_units_left: u64,
+}
+
+impl HotOutcomes {
+    /// Counts one hold, new or replayed.
+    pub(crate) fn record_hold(&self, hold: &Hold) {
+        let counter = if hold.replayed {
+            &self.replayed
+        } else {
+            &self.held
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one refusal.
+    pub(crate) fn record_refusal(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one refusal made while units remained.
+    fn record_units_left(&self) {
+        self.refused_with_units_left.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> HotOutcomeCounts {
+        HotOutcomeCounts {
+            held: self.held.load(Ordering::Relaxed),
+            replayed: self.replayed.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            refused_with_units_left: self.refused_with_units_left.load(Ordering::Relaxed),
         }
     }
 }
@@ -839,15 +899,21 @@ impl Allocator {
     /// the pool records `node`'s bucket elsewhere now (the sale's nodes were
     /// reordered since the claim), the refill is refused and so is the
     /// request: a hold anywhere else could not be found by its id.
+    ///
+    /// A refusal made after the last round while a stable view of the key
+    /// still shows sellable units is counted in `hot`'s
+    /// [`HotOutcomes`] and logged: the request is still refused (its answer
+    /// is kept for its retries like any refusal), but an operator sees it.
     pub async fn hold_hot(
         &self,
-        sale: &FlashSale,
+        hot: &crate::HotKey,
         node: &str,
         bucket: &CellRef,
         request: &HoldRequest,
-        meter: &RateMeter,
     ) -> Result<Hold> {
+        let (sale, meter) = (&hot.sale, &hot.meter);
         let mut last_refusal = None;
+        let mut dry = false;
         for _ in 0..HOT_ATTEMPTS_MAX {
             let mut fenced = false;
             match self.hold(bucket, request).await {
@@ -897,9 +963,22 @@ impl Allocator {
                 && view.sellable() <= 0
                 && view.in_flight() <= 0
             {
+                dry = true;
                 break;
             }
             tokio::time::sleep(IN_FLIGHT_WAIT).await;
+        }
+        if !dry
+            && let Ok(Some(view)) = self.stable_view(&sale.key).await
+            && view.sellable() > 0
+        {
+            hot.outcomes.record_units_left();
+            warn!(
+                sale = %sale.name,
+                node,
+                sellable = view.sellable(),
+                "refused a reservation while the key had sellable units left"
+            );
         }
         Err(last_refusal.unwrap_or(AllocatorError::InsufficientStock { lines: Vec::new() }))
     }

@@ -172,8 +172,8 @@ use tracing::warn;
 pub use cart::{CART_LINES_MAX, CartHold, CartLine, CartLineView, CartRequest, CartView};
 pub use changes::{Change, ChangeEvent, ChangeFeed};
 pub use hot::{
-    Debit, Drained, FlashSale, PendingTransfer, REFILL_HORIZON_SECONDS, RateMeter, StockView,
-    Transfer,
+    Debit, Drained, FlashSale, HotOutcomeCounts, HotOutcomes, PendingTransfer,
+    REFILL_HORIZON_SECONDS, RateMeter, StockView, Transfer,
 };
 pub use keys::{CellRef, StockKey};
 pub use ledger::{EntryId, LEDGER_VERSION, LedgerEntry, LedgerOp};

@@ -61,7 +61,7 @@ use crate::cart::{CartLine, CartRequest, CartView, StoredLine};
 use crate::keys::{self, CellRef, StockKey};
 use crate::scripts::Op;
 use crate::{
-    Allocator, AllocatorError, CART_LINES_MAX, CartHold, FlashSale, Hold, RateMeter,
+    Allocator, AllocatorError, CART_LINES_MAX, CartHold, FlashSale, Hold, HotOutcomes, RateMeter,
     ReservationStatus, Result, ShortLine, check_refusal, decode_hold, derive_random, protocol,
 };
 
@@ -182,6 +182,20 @@ pub struct HotKey {
     pub epoch: String,
     /// This node's reservation rate on the key, for refill sizes.
     pub meter: RateMeter,
+    /// What this node's hot path answered for the sale.
+    pub outcomes: HotOutcomes,
+}
+
+impl HotKey {
+    /// A sale put in force at `epoch`, with nothing measured yet.
+    pub fn new(sale: FlashSale, epoch: String) -> Self {
+        Self {
+            sale,
+            epoch,
+            meter: RateMeter::default(),
+            outcomes: HotOutcomes::default(),
+        }
+    }
 }
 
 /// The answer stored in a claim: what every use of the key gets.
@@ -585,12 +599,19 @@ impl Allocator {
                 Some(hot),
                 Some(node),
             ) if hot.sale.key == key => {
-                Box::pin(self.hold_hot(&hot.sale, node, &cell, &hold, &hot.meter)).await
+                let outcome = Box::pin(self.hold_hot(hot, node, &cell, &hold)).await;
+                match &outcome {
+                    Ok(held) => hot.outcomes.record_hold(held),
+                    Err(AllocatorError::InsufficientStock { .. }) => hot.outcomes.record_refusal(),
+                    Err(_) => {}
+                }
+                outcome
             }
             (Ok(held), Some(hot), _) => {
                 if !held.replayed {
                     hot.meter.record(u64::from(line.qty));
                 }
+                hot.outcomes.record_hold(&held);
                 Ok(held)
             }
             // A bucket whose sale is not in force here (a takeover of

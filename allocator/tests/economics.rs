@@ -79,11 +79,7 @@ async fn run_sale(pull_from_other_buckets: bool) -> (Arc<Figures>, i64) {
     let meters: Arc<Vec<HotKey>> = Arc::new(
         NODES
             .iter()
-            .map(|_| HotKey {
-                sale: (*sale).clone(),
-                epoch: "e1".to_owned(),
-                meter: RateMeter::default(),
-            })
+            .map(|_| HotKey::new((*sale).clone(), "e1".to_owned()))
             .collect(),
     );
     let next = Arc::new(AtomicU64::new(0));

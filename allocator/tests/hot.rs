@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use allocator::{Allocator, AllocatorError, FlashSale, HotKey, RateMeter, StockKey};
+use allocator::{Allocator, AllocatorError, FlashSale, HotKey, HotOutcomeCounts, StockKey};
 use fred::prelude::*;
 use serde_json::Value;
 
@@ -52,11 +52,7 @@ async fn debit_without_credit(allocator: &Allocator, sale: &FlashSale, qty: u64)
 
 /// The sale as a node holds it in force.
 fn hot_key(sale: &FlashSale) -> HotKey {
-    HotKey {
-        sale: sale.clone(),
-        epoch: "e1".to_owned(),
-        meter: RateMeter::default(),
-    }
+    HotKey::new(sale.clone(), "e1".to_owned())
 }
 
 /// Ledger entries of every cell of `key` (pool and buckets), any partition.
@@ -332,12 +328,72 @@ async fn a_loss_of_every_unit_stops_every_node_until_restocked() {
     }
     let view = allocator.stock_view(&sale.key).await.expect("view");
     assert_eq!(view.on_hand(), 0, "{view:?}");
+    assert_eq!(
+        hot.outcomes.counts(),
+        HotOutcomeCounts {
+            held: 1,
+            replayed: 0,
+            refused: 2,
+            refused_with_units_left: 0,
+        },
+        "the key had nothing left: plain refusals"
+    );
 
     stock(&allocator, &sale.key, 10).await;
     node_b
         .reserve_hot(&hot, &reserve(&sale.key, 5, &testkit::unique_id("r")))
         .await
         .expect("sells again once the loss is made good");
+}
+
+/// A reservation the hot path refuses while the key still has sellable
+/// units (here: a drain holds the key's lease past the hot path's rounds,
+/// as a count stuck midway would) is counted apart, for the operator's
+/// alert; once the drain ends the key sells again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_while_units_remain_is_counted_apart() {
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&["node-a", "node-b"]);
+    stock(&allocator, &sale.key, 20).await;
+    allocator.activate(&sale, "e1").await.expect("activate");
+    let hot = hot_key(&sale);
+    allocator
+        .reserve_hot(&hot, &reserve(&sale.key, 1, &testkit::unique_id("r")))
+        .await
+        .expect("a hold before the drain");
+
+    let drained = allocator
+        .drain(&sale.key, None, false)
+        .await
+        .expect("drain");
+    let answer = allocator
+        .reserve_hot(&hot, &reserve(&sale.key, 1, &testkit::unique_id("r")))
+        .await;
+    assert!(
+        matches!(answer, Err(AllocatorError::InsufficientStock { .. })),
+        "{answer:?}"
+    );
+    let view = allocator.stock_view(&sale.key).await.expect("view");
+    assert!(view.sellable() > 0, "units remained: {view:?}");
+    assert_eq!(
+        hot.outcomes.counts(),
+        HotOutcomeCounts {
+            held: 1,
+            replayed: 0,
+            refused: 1,
+            refused_with_units_left: 1,
+        }
+    );
+
+    allocator
+        .end_drain(&sale.key, drained.epoch)
+        .await
+        .expect("end the drain");
+    allocator
+        .reserve_hot(&hot, &reserve(&sale.key, 1, &testkit::unique_id("r")))
+        .await
+        .expect("sells again once the drain ends");
+    assert_eq!(hot.outcomes.counts().held, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -730,7 +786,7 @@ async fn a_hot_hold_is_made_in_its_claims_cell_or_not_at_all() {
         hold_by_ms: None,
     };
     let outcome = allocator
-        .hold_hot(&sale, "node-a", &elsewhere, &request, &RateMeter::default())
+        .hold_hot(&hot_key(&sale), "node-a", &elsewhere, &request)
         .await;
     assert!(
         matches!(outcome, Err(AllocatorError::InvalidRequest(ref why)) if why.contains("bucket_partition")),

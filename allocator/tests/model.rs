@@ -30,8 +30,7 @@ use std::time::Duration;
 
 use allocator::{
     Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, AllocatorSettings,
-    FlashSale, HotKey, LedgerOp, RateMeter, ReservationStatus, ReserveRequest, StockKey,
-    StockSettings,
+    FlashSale, HotKey, LedgerOp, ReservationStatus, ReserveRequest, StockKey, StockSettings,
 };
 use fred::prelude::*;
 use proptest::prelude::*;
@@ -616,11 +615,7 @@ async fn run_case(steps: Vec<Step>) -> Result<(), TestCaseError> {
         buckets: Default::default(),
     };
     let since_ms = allocator.redis_time_ms().await.map_err(fail)?;
-    let hot = |_| HotKey {
-        sale: sale.clone(),
-        epoch: "e1".to_owned(),
-        meter: RateMeter::default(),
-    };
+    let hot = |_| HotKey::new(sale.clone(), "e1".to_owned());
     let mut world = World {
         since_ms,
         allocator,

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::auth::RateLimiter;
 use crate::availability::{AvailabilityCache, CacheCounters};
-use crate::flash::FlashSales;
+use crate::flash::{FlashSales, SaleGauges};
 use crate::metrics::Metrics;
 
 /// Depth of fred's pub/sub channel: a burst of notifications (lazy expiry
@@ -179,6 +179,7 @@ impl App {
                 }),
             )
         }));
+        metrics.serve_sales(Arc::clone(&reserver));
         let app = Arc::new(Self {
             cache: AvailabilityCache::new(
                 &config,
@@ -195,8 +196,12 @@ impl App {
             openapi: ArcSwap::from_pointee(crate::routes::openapi_document(&config)),
             flash: FlashSales::new(
                 Arc::clone(&reserver),
-                metrics.reclaims.clone(),
-                metrics.bucket_level.clone(),
+                SaleGauges {
+                    reclaims: metrics.reclaims.clone(),
+                    bucket_level: metrics.bucket_level.clone(),
+                    pool_level: metrics.pool_level.clone(),
+                    oversold: metrics.oversold.clone(),
+                },
             ),
             reserver,
             changes: broadcast::channel(config.limits.sse_client_buffer_events.max(1)).0,

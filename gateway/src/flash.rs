@@ -10,12 +10,24 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use allocator::{FlashSale, HotKey, RateMeter, Reserver};
+use allocator::{FlashSale, HotKey, Reserver};
 use config::{Config, FlashSaleConfig};
 use prometheus::{IntCounter, IntGaugeVec};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tracing::{info, warn};
+
+/// The series the manager keeps (see [`crate::metrics::Metrics`]).
+pub struct SaleGauges {
+    /// Bucket reclaims by this node (`bucket_reclaims_total`).
+    pub reclaims: IntCounter,
+    /// Free units per sale and bucket (`bucket_free_units`).
+    pub bucket_level: IntGaugeVec,
+    /// Sellable units of each sale's pool (`sale_pool_sellable_units`).
+    pub pool_level: IntGaugeVec,
+    /// Units held beyond the shelf (`sale_oversold_units`).
+    pub oversold: IntGaugeVec,
+}
 
 /// The flash-sale manager of this node. Which sales are in force here is
 /// the reserver's ([`allocator::Reserver::hot_sales`]); this puts them in
@@ -23,21 +35,18 @@ use tracing::{info, warn};
 pub struct FlashSales {
     /// Holds the sales in force here.
     reserver: Arc<Reserver>,
-    /// Bucket reclaims by this node (`bucket_reclaims_total`).
-    reclaims: IntCounter,
-    /// Free units per sale and bucket (`bucket_free_units`).
-    bucket_level: IntGaugeVec,
+    /// What it measures.
+    gauges: SaleGauges,
     /// Wakes the manager when the config changes.
     wake: Notify,
 }
 
 impl FlashSales {
-    /// A manager over `reserver`, counting into the given metrics.
-    pub fn new(reserver: Arc<Reserver>, reclaims: IntCounter, bucket_level: IntGaugeVec) -> Self {
+    /// A manager over `reserver`, counting into `gauges`.
+    pub fn new(reserver: Arc<Reserver>, gauges: SaleGauges) -> Self {
         Self {
             reserver,
-            reclaims,
-            bucket_level,
+            gauges,
             wake: Notify::new(),
         }
     }
@@ -89,7 +98,7 @@ impl FlashSales {
             };
             match ended.await {
                 Ok(units) => {
-                    self.reclaims.inc();
+                    self.gauges.reclaims.inc();
                     self.reserver.remove_hot(&active.sale.key);
                     info!(sale = %active.sale.name, units, "flash sale ended here; bucket reclaimed");
                 }
@@ -117,11 +126,7 @@ impl FlashSales {
             match allocator.activate(&sale, &epoch).await {
                 Ok(split) => {
                     info!(sale = name, epoch, ?split, "flash sale in force");
-                    self.reserver.set_hot(HotKey {
-                        sale,
-                        epoch,
-                        meter: RateMeter::default(),
-                    });
+                    self.reserver.set_hot(HotKey::new(sale, epoch));
                 }
                 Err(allocator::AllocatorError::NotFound) => {
                     warn!(
@@ -134,13 +139,92 @@ impl FlashSales {
         }
 
         for active in self.reserver.hot_sales() {
-            if let Ok(view) = allocator.stock_view(&active.sale.key).await {
+            // A view at one instant (no cell moved between two reads): the
+            // oversold check compares cells with each other, which a view
+            // read while units moved between them would get wrong. Under
+            // heavy traffic there may be none this round; the gauges keep
+            // their last values then.
+            if let Ok(Some(view)) = allocator.stable_view(&active.sale.key).await {
+                let sale = active.sale.name.as_str();
                 for (bucket_node, bucket) in &view.buckets {
-                    self.bucket_level
-                        .with_label_values(&[active.sale.name.as_str(), bucket_node.as_str()])
+                    self.gauges
+                        .bucket_level
+                        .with_label_values(&[sale, bucket_node.as_str()])
                         .set(bucket.sellable().max(0));
                 }
+                let pool = view.pool.as_ref();
+                self.gauges
+                    .pool_level
+                    .with_label_values(&[sale])
+                    .set(pool.map_or(0, |pool| pool.sellable().max(0)));
+                self.gauges
+                    .oversold
+                    .with_label_values(&[sale])
+                    .set(oversold_units(&view));
             }
         }
+    }
+}
+
+/// Units a key's cells hold for reservations beyond what is on its shelf
+/// (every cell's on-hand units plus those in flight between cells) and the
+/// pool's backorder limit: units promised that do not exist. 0 unless the
+/// allocator broke its promise or a loss left the key short of its holds.
+fn oversold_units(view: &allocator::StockView) -> i64 {
+    let promised = view.pool.iter().map(|pool| pool.reserved).sum::<i64>()
+        + view
+            .buckets
+            .iter()
+            .map(|(_, bucket)| bucket.reserved)
+            .sum::<i64>();
+    let backorders = view.pool.as_ref().map_or(0, |pool| pool.backorder_limit);
+    (promised - view.on_hand() - view.in_flight() - backorders).max(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use allocator::{Cell, StockView};
+    use serde_json::json;
+
+    fn cell(kind: &str, on_hand: i64, reserved: i64, in_flight: i64, backorders: i64) -> Cell {
+        serde_json::from_value(json!({
+            "merchant": "m", "sku": "s", "location": "l", "kind": kind,
+            "on_hand": on_hand, "reserved": reserved, "safety_stock": 0,
+            "backorder_limit": backorders, "low_stock_threshold": -1, "version": 1,
+            "out_in_flight": in_flight,
+        }))
+        .expect("a cell")
+    }
+
+    fn view(pool: Cell, buckets: Vec<Cell>) -> StockView {
+        StockView {
+            pool: Some(pool),
+            buckets: buckets
+                .into_iter()
+                .enumerate()
+                .map(|(index, bucket)| (format!("node-{index}"), bucket))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn holds_the_shelf_covers_are_not_oversold() {
+        let full = view(cell("pool", 10, 2, 0, 0), vec![cell("bucket", 5, 5, 0, 0)]);
+        assert_eq!(oversold_units(&full), 0);
+        // Units debited from the pool and not yet credited to the bucket
+        // whose holds they cover are still on the shelf.
+        let moving = view(cell("pool", 0, 0, 3, 0), vec![cell("bucket", 0, 3, 0, 0)]);
+        assert_eq!(oversold_units(&moving), 0);
+        let backordered = view(cell("pool", 1, 3, 0, 2), vec![]);
+        assert_eq!(oversold_units(&backordered), 0);
+    }
+
+    #[test]
+    fn holds_beyond_the_shelf_and_backorders_are_oversold() {
+        let short = view(cell("pool", 1, 3, 0, 0), vec![cell("bucket", 2, 4, 0, 0)]);
+        assert_eq!(oversold_units(&short), 4);
+        let past_backorders = view(cell("pool", 1, 5, 0, 2), vec![]);
+        assert_eq!(oversold_units(&past_backorders), 2);
     }
 }

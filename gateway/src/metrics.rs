@@ -4,6 +4,11 @@
 //! them through the typed fields. Route labels are route templates, never raw
 //! paths, so the label set stays bounded.
 
+use std::sync::{Arc, Mutex};
+
+use allocator::Reserver;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -32,6 +37,12 @@ pub struct Metrics {
     pub batch_wait: Histogram,
     /// Bucket free units per sale and node, as last seen.
     pub bucket_level: IntGaugeVec,
+    /// Sellable units of a sale's pool, as last seen.
+    pub pool_level: IntGaugeVec,
+    /// Units a sale's key holds for reservations beyond its shelf and
+    /// backorder limit, from the last stable view (0 but in a fault or a
+    /// loss the shelf cannot cover).
+    pub oversold: IntGaugeVec,
     /// Refills this node made.
     pub refills: IntCounter,
     /// Reclaims this node made.
@@ -138,6 +149,23 @@ impl Metrics {
         registry
             .register(Box::new(bucket_level.clone()))
             .expect("unique metric");
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let pool_level = gauge_vec(
+            "sale_pool_sellable_units",
+            "Sellable units of a flash sale's pool",
+            &["sale"],
+        );
+        let oversold = gauge_vec(
+            "sale_oversold_units",
+            "Units a flash sale's key holds for reservations beyond its shelf and backorder limit",
+            &["sale"],
+        );
         let streams =
             IntGauge::new("sse_streams", "Open server-sent event streams").expect("valid metric");
         registry
@@ -152,6 +180,8 @@ impl Metrics {
             batch_size,
             batch_wait,
             bucket_level,
+            pool_level,
+            oversold,
             refills: counter("bucket_refills_total", "Bucket refills made by this node"),
             reclaims: counter("bucket_reclaims_total", "Bucket reclaims made by this node"),
             redis_errors: counter("redis_errors_total", "Redis calls that failed"),
@@ -166,6 +196,15 @@ impl Metrics {
         }
     }
 
+    /// Serves what each flash sale in force on this node answered
+    /// (`sale_reservations_total`, `sale_refused_with_units_left_total`),
+    /// read from `reserver`'s sales at every scrape.
+    pub fn serve_sales(&self, reserver: Arc<Reserver>) {
+        self.registry
+            .register(Box::new(SaleOutcomes::new(reserver)))
+            .expect("unique metric");
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut families = self.registry.gather();
@@ -175,5 +214,81 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The per-sale outcome counters of the sales in force here, as series.
+/// The allocator counts them on its hot path ([`allocator::HotOutcomes`],
+/// their one home); this reads them at each scrape. A sale put in force
+/// again (a new epoch) starts from 0, which Prometheus takes as a reset.
+struct SaleOutcomes {
+    reserver: Arc<Reserver>,
+    /// Filled afresh at each scrape, under the lock (scrapes may overlap).
+    series: Mutex<(IntCounterVec, IntCounterVec)>,
+    descs: Vec<Desc>,
+}
+
+impl SaleOutcomes {
+    fn new(reserver: Arc<Reserver>) -> Self {
+        let outcomes = IntCounterVec::new(
+            Opts::new(
+                "sale_reservations_total",
+                "Reservations on a flash sale's key answered by this node's hot path, by outcome",
+            ),
+            &["sale", "outcome"],
+        )
+        .expect("valid metric");
+        let units_left = IntCounterVec::new(
+            Opts::new(
+                "sale_refused_with_units_left_total",
+                "Flash-sale reservations refused while the key still had sellable units",
+            ),
+            &["sale"],
+        )
+        .expect("valid metric");
+        let descs = outcomes
+            .desc()
+            .into_iter()
+            .chain(units_left.desc())
+            .cloned()
+            .collect();
+        Self {
+            reserver,
+            series: Mutex::new((outcomes, units_left)),
+            descs,
+        }
+    }
+}
+
+impl Collector for SaleOutcomes {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let series = self
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (outcomes, units_left) = &*series;
+        outcomes.reset();
+        units_left.reset();
+        for hot in self.reserver.hot_sales() {
+            let sale = hot.sale.name.as_str();
+            let counts = hot.outcomes.counts();
+            for (outcome, count) in [
+                ("held", counts.held),
+                ("replayed", counts.replayed),
+                ("refused", counts.refused),
+            ] {
+                outcomes.with_label_values(&[sale, outcome]).inc_by(count);
+            }
+            units_left
+                .with_label_values(&[sale])
+                .inc_by(counts.refused_with_units_left);
+        }
+        let mut families = outcomes.collect();
+        families.extend(units_left.collect());
+        families
     }
 }

@@ -714,14 +714,21 @@ async fn operations_endpoints_answer() {
     assert!(metrics.contains("invgw_request_duration_seconds_bucket"));
 }
 
+/// The node's `/metrics` passes `promtool check metrics` and serves every
+/// series the alert rules name, a flash sale's among them (the labelled
+/// series a sale makes: a read, a hold, a refusal on a key in force).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
     let run = testkit::unique_id("metrics");
-    let fleet = Fleet::on_stack("");
-    let node = fleet.node("node-a");
-    // The labelled series a sale makes: a read, a hold, a refusal.
     let sku = testkit::unique_id("linted");
+    let sale = testkit::unique_id("linted-drop");
+    let fleet = Fleet::on_stack(&sale_toml(&sale, &sku, true));
+    let node = fleet.node("node-a");
     restock(&node, "m1", &sku, "dc1", 1).await;
+    wait_until("the sale in force", || async {
+        sale_state(&node, &sale).await["active_on_this_node"] == true
+    })
+    .await;
     let _ = get(&node.url(&format!("/v1/availability/m1/{sku}")), None).await;
     let body = json!({ "merchant": "m1", "lines": [{ "sku": sku, "location": "dc1", "qty": 1 }] });
     let url = node.url("/v1/reservations");
@@ -737,15 +744,45 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
             .0,
         409
     );
-    let metrics = client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
-    testkit::assert_metrics_serve_the_alerts(&metrics, "invgw_", Some("invgw_writer_"), &[]);
+    let scrape = || async {
+        client()
+            .get(node.url("/metrics"))
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("text")
+    };
+    // The sale's gauges are read once a second.
+    let held = format!(
+        "invgw_sale_reservations_total{{outcome=\"held\",sale=\"{sale}\",node=\"node-a\"}} 1"
+    );
+    let refused = format!(
+        "invgw_sale_reservations_total{{outcome=\"refused\",sale=\"{sale}\",node=\"node-a\"}} 1"
+    );
+    let level = format!("invgw_sale_oversold_units{{sale=\"{sale}\",node=\"node-a\"}} 0");
+    wait_until("the sale's series", || async {
+        let metrics = scrape().await;
+        metrics.contains(&held)
+            && metrics.contains(&refused)
+            && metrics.contains(&level)
+            && testkit::exposes(&metrics, "invgw_bucket_free_units")
+    })
+    .await;
+    let metrics = scrape().await;
+    assert!(
+        metrics.contains(&format!(
+            "invgw_sale_refused_with_units_left_total{{sale=\"{sale}\",node=\"node-a\"}} 0"
+        )),
+        "{metrics}"
+    );
+    testkit::assert_metrics_serve_the_alerts(
+        &metrics,
+        "invgw_",
+        Some("invgw_writer_"),
+        &["invgw_bucket_free_units", "invgw_sale_pool_sellable_units"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

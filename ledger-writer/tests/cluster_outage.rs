@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 
 use allocator::keys::partition_slot;
 use allocator::{
-    Allocator, AllocatorError, AllocatorSettings, FlashSale, HotKey, RateMeter, ReserveRequest,
-    StockKey,
+    Allocator, AllocatorError, AllocatorSettings, FlashSale, HotKey, ReserveRequest, StockKey,
 };
 use common::*;
 use testkit::cluster::PrivateCluster;
@@ -269,11 +268,7 @@ impl Sale {
                     .await
                     .expect("allocator"),
             );
-            let hot = HotKey {
-                sale: sale.clone(),
-                epoch: "e1".to_owned(),
-                meter: RateMeter::default(),
-            };
+            let hot = HotKey::new(sale.clone(), "e1".to_owned());
             workers.push(load(
                 allocator,
                 format!("sale-{node}"),
