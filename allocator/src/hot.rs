@@ -262,7 +262,7 @@ impl RateMeter {
 pub struct HotOutcomes {
     held: AtomicU64,
     replayed: AtomicU64,
-    refused: AtomicU64,
+    insufficient: AtomicU64,
     refused_with_units_left: AtomicU64,
 }
 
@@ -273,8 +273,8 @@ pub struct HotOutcomeCounts {
     pub held: u64,
     /// Retries answered with their earlier hold.
     pub replayed: u64,
-    /// Refusals (insufficient stock), those with units left included.
-    pub refused: u64,
+    /// Refusals for insufficient stock, those with units left included.
+    pub insufficient: u64,
     /// Refusals made while a stable view of the key still showed sellable
     /// units (the hot path ran out of rounds: a drain, or contention).
     pub refused_with_units_left: u64,
@@ -293,7 +293,7 @@ impl HotOutcomes {
 
     /// Counts one refusal.
     pub(crate) fn record_refusal(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.insufficient.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one refusal made while units remained.
@@ -306,7 +306,7 @@ impl HotOutcomes {
         HotOutcomeCounts {
             held: self.held.load(Ordering::Relaxed),
             replayed: self.replayed.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
+            insufficient: self.insufficient.load(Ordering::Relaxed),
             refused_with_units_left: self.refused_with_units_left.load(Ordering::Relaxed),
         }
     }

@@ -333,7 +333,7 @@ async fn a_loss_of_every_unit_stops_every_node_until_restocked() {
         HotOutcomeCounts {
             held: 1,
             replayed: 0,
-            refused: 2,
+            insufficient: 2,
             refused_with_units_left: 0,
         },
         "the key had nothing left: plain refusals"
@@ -380,7 +380,7 @@ async fn a_refusal_while_units_remain_is_counted_apart() {
         HotOutcomeCounts {
             held: 1,
             replayed: 0,
-            refused: 1,
+            insufficient: 1,
             refused_with_units_left: 1,
         }
     );

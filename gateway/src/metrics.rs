@@ -279,7 +279,7 @@ impl Collector for SaleOutcomes {
             for (outcome, count) in [
                 ("held", counts.held),
                 ("replayed", counts.replayed),
-                ("refused", counts.refused),
+                ("insufficient", counts.insufficient),
             ] {
                 outcomes.with_label_values(&[sale, outcome]).inc_by(count);
             }

@@ -759,7 +759,7 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
         "invgw_sale_reservations_total{{outcome=\"held\",sale=\"{sale}\",node=\"node-a\"}} 1"
     );
     let refused = format!(
-        "invgw_sale_reservations_total{{outcome=\"refused\",sale=\"{sale}\",node=\"node-a\"}} 1"
+        "invgw_sale_reservations_total{{outcome=\"insufficient\",sale=\"{sale}\",node=\"node-a\"}} 1"
     );
     let level = format!("invgw_sale_oversold_units{{sale=\"{sale}\",node=\"node-a\"}} 0");
     wait_until("the sale's series", || async {

@@ -172,7 +172,7 @@ pub fn log_tail(path: &Path) -> String {
 }
 
 /// A plain blocking GET for readiness polling, usable outside a runtime.
-mod raw {
+pub mod raw {
     use std::io::{Read, Write};
     pub fn status_of_get(url: &str) -> Option<u16> {
         let rest = url.strip_prefix("http://")?;
