@@ -106,6 +106,48 @@ def lag(path):
     }
 
 
+def freshness(raw, step):
+    """Per sink: entries and p50/p99 seconds from an operation (its Redis
+    time) to the sink's confirmation, over one step, from the writer's
+    histogram before and after it (bucket deltas, interpolated within a
+    bucket as Prometheus' histogram_quantile does)."""
+    def buckets(path):
+        counts = {}
+        for line in read(path).splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                try:
+                    counts.setdefault(parts[0], {})[float(parts[1])] = float(parts[2])
+                except ValueError:
+                    pass
+        return counts
+    before = buckets(os.path.join(raw, f"freshness-{step}-before.txt"))
+    after = buckets(os.path.join(raw, f"freshness-{step}-after.txt"))
+    result = {}
+    for sink, counts in after.items():
+        deltas = sorted((le, count - before.get(sink, {}).get(le, 0.0)) for le, count in counts.items())
+        total = deltas[-1][1] if deltas else 0.0
+        if total <= 0:
+            result[sink] = {"entries": 0, "p50_s": None, "p99_s": None}
+            continue
+
+        def quantile(q):
+            rank = q * total
+            lower, below = 0.0, 0.0
+            for le, count in deltas:
+                if count >= rank:
+                    if le == float("inf"):
+                        return lower
+                    if count == below:
+                        return le
+                    return lower + (le - lower) * (rank - below) / (count - below)
+                lower, below = le, count
+            return lower
+
+        result[sink] = {"entries": int(total), "p50_s": round(quantile(0.5), 3), "p99_s": round(quantile(0.99), 3)}
+    return result
+
+
 def snapshot(path):
     """name -> value lines of a scripts/bench snapshot (CPU ticks, coalescing sums)."""
     values = {}
@@ -323,6 +365,9 @@ def main():
     drifts = len(re.findall(r"^drift:", audit_text, re.M))
     entries = re.search(r"audit: (\d+) entries in postgresql, (\d+) not yet relayed", audit_text)
     ceiling_lag = lag(os.path.join(raw, "lag-ceiling.txt"))
+    fresh = freshness(raw, "ceiling")
+    fresh_pg = fresh.get("postgresql", {})
+    fresh_kafka = fresh.get("kafka", {})
     oversold = sum(s["check"]["units_oversold"] for s in scenarios.values())
     unaccounted = sum(s["check"]["units_unaccounted"] for s in scenarios.values())
     flash = scenarios.get("flash-sale", {}).get("outcomes", {})
@@ -385,6 +430,7 @@ def main():
             "carts_3_lines": carts,
         },
         "scenarios": scenarios,
+        "freshness_at_reservation_ceiling": fresh,
         "correctness": {
             "units_oversold": oversold,
             "units_unaccounted": unaccounted,
@@ -449,6 +495,7 @@ def main():
         f"| reservations p99 at a common {fmt(reserve_common_rate, 0)} req/s (k6) | {fmt(common_reserve.get('p99_ms'), 3)} ms (p50 {fmt(common_reserve.get('p50_ms'), 3)} ms) | | | ≤ 25 ms |",
         f"| 3-line carts over 2 nodes, carts/s (wrk) | {fmt(carts['requests_per_second'])} (p99 {fmt(carts['p99_ms_worst_node'], 2)} ms, {carts['non_2xx']:,} non-2xx) | | | no regression |",
         f"| writer lag p99 at the reservation ceiling | {fmt(ceiling_lag['oldest_ms_p99'] / 1000.0, 2)} s (max {fmt(ceiling_lag['oldest_ms_max'] / 1000.0, 2)} s, {ceiling_lag['entries_max']:,} entries) | | | < 1 s |",
+        f"| freshness at the reservation ceiling: operation → PostgreSQL row, p50 / p99 | {fmt(fresh_pg.get('p50_s'), 2)} / {fmt(fresh_pg.get('p99_s'), 2)} s ({fresh_pg.get('entries', 0):,} entries; → Kafka {fmt(fresh_kafka.get('p50_s'), 2)} / {fmt(fresh_kafka.get('p99_s'), 2)} s) | | | p99 < 2 s |",
         f"| units oversold (all scenarios) | {oversold} | | | 0 |",
         f"| units unaccounted for (all scenarios) | {unaccounted} | | | 0 |",
         f"| ledger entries lost (audit drifts) | {drifts} of {report['correctness']['ledger_entries_audited']:,} audited | | | 0 |",
@@ -572,6 +619,10 @@ def main():
         "server's p99 at its own 60%.",
         "- *Writer lag* is the age of the oldest outbox entry not yet in Kafka and PostgreSQL, sampled every 0.5 s "
         "from the writer's `/metrics`.",
+        "- *Freshness* is the writer's `invgw_writer_entry_visible_seconds`: for every entry the ceiling step made, "
+        "from its operation's Redis time (its stream id) until PostgreSQL committed its row (visible to the views) "
+        "or Kafka confirmed it (acks=all), read before and after the step; quantiles interpolated within the "
+        "histogram's buckets as `histogram_quantile` does.",
         "- *Correctness* is checked every run: each scenario reads its keys back over HTTP (oversold: sold beyond "
         "what was available at the start; unaccounted: on hand at the start + added − sold ≠ on hand at the end), "
         "and `ledger-writer audit` replays the ledger against Redis after the run.",

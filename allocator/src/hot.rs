@@ -253,17 +253,19 @@ impl RateMeter {
     }
 }
 
-/// What one node's hot path answered for one sale, counted as it answers:
-/// the gateway serves the counts as per-sale metrics, and a refusal made
-/// while the key still had sellable units (a fairness fault an operator must
-/// see: a customer told "sold out" while units remained in the pool or
-/// another node's bucket) is counted apart.
+/// What one node's hot path answered for one sale, counted where it
+/// answers: the gateway serves the counts as per-sale metrics. A refusal
+/// made while the key still had enough sellable units for the request (a
+/// fairness fault an operator must see: a customer told "sold out" while
+/// units remained in the pool or another node's bucket) is counted apart,
+/// and among the refusals. Answers replayed from a request's stored claim
+/// never reach the hot path and are not counted here (the gateway's
+/// `reservations_total{outcome="replayed"}` has them).
 #[derive(Debug, Default)]
 pub struct HotOutcomes {
     held: AtomicU64,
-    replayed: AtomicU64,
     insufficient: AtomicU64,
-    refused_with_units_left: AtomicU64,
+    insufficient_with_units_left: AtomicU64,
 }
 
 /// A reading of [`HotOutcomes`].
@@ -271,43 +273,42 @@ pub struct HotOutcomes {
 pub struct HotOutcomeCounts {
     /// New holds.
     pub held: u64,
-    /// Retries answered with their earlier hold.
-    pub replayed: u64,
     /// Refusals for insufficient stock, those with units left included.
     pub insufficient: u64,
-    /// Refusals made while a stable view of the key still showed sellable
-    /// units (the hot path ran out of rounds: a drain, or contention).
-    pub refused_with_units_left: u64,
+    /// Refusals made while a read of the key right after still showed at
+    /// least the request's units sellable (the hot path ran out of rounds: a
+    /// drain holding the key, or contention).
+    pub insufficient_with_units_left: u64,
 }
 
 impl HotOutcomes {
-    /// Counts one hold, new or replayed.
+    /// Counts one hold (a replayed one is not a new hold).
     pub(crate) fn record_hold(&self, hold: &Hold) {
-        let counter = if hold.replayed {
-            &self.replayed
-        } else {
-            &self.held
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if !hold.replayed {
+            self.held.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// Counts one refusal.
-    pub(crate) fn record_refusal(&self) {
+    /// Counts one refusal, and whether units were left.
+    fn record_refusal(&self, units_left: bool) {
+        // The subset first: a scrape between the two never shows more
+        // refusals with units left than refusals.
         self.insufficient.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts one refusal made while units remained.
-    fn record_units_left(&self) {
-        self.refused_with_units_left.fetch_add(1, Ordering::Relaxed);
+        if units_left {
+            self.insufficient_with_units_left
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The counts so far.
     pub fn counts(&self) -> HotOutcomeCounts {
+        // Read the subset first for the same reason.
+        let insufficient_with_units_left =
+            self.insufficient_with_units_left.load(Ordering::Relaxed);
         HotOutcomeCounts {
             held: self.held.load(Ordering::Relaxed),
-            replayed: self.replayed.load(Ordering::Relaxed),
             insufficient: self.insufficient.load(Ordering::Relaxed),
-            refused_with_units_left: self.refused_with_units_left.load(Ordering::Relaxed),
+            insufficient_with_units_left,
         }
     }
 }
@@ -900,10 +901,13 @@ impl Allocator {
     /// reordered since the claim), the refill is refused and so is the
     /// request: a hold anywhere else could not be found by its id.
     ///
-    /// A refusal made after the last round while a stable view of the key
-    /// still shows sellable units is counted in `hot`'s
-    /// [`HotOutcomes`] and logged: the request is still refused (its answer
-    /// is kept for its retries like any refusal), but an operator sees it.
+    /// It refuses once the key as a whole has fewer sellable units than
+    /// asked and nothing in flight (no round could then succeed), or after
+    /// its last round. What it answers is counted in `hot`'s
+    /// [`HotOutcomes`]; a refusal after the last round while a read of the
+    /// key still shows the request's units sellable is counted apart and
+    /// logged: the request is still refused (its answer is kept for its
+    /// retries like any refusal), but an operator sees it.
     pub async fn hold_hot(
         &self,
         hot: &crate::HotKey,
@@ -921,6 +925,7 @@ impl Allocator {
                     if !hold.replayed {
                         meter.record(u64::from(request.qty));
                     }
+                    hot.outcomes.record_hold(&hold);
                     return Ok(hold);
                 }
                 Err(refusal @ AllocatorError::InsufficientStock { .. }) => {
@@ -956,11 +961,12 @@ impl Allocator {
             if pulled > 0 {
                 continue;
             }
-            // Pool and other buckets looked dry. Refuse only if nothing is
-            // free now and nothing is on its way between cells (another
-            // node's refill or pull still landing); else wait for it.
+            // Pool and other buckets looked dry. Refuse only if the key
+            // cannot serve the request now and nothing is on its way
+            // between cells (another node's refill or pull still landing);
+            // else wait for it.
             if let Some(view) = self.stable_view(&sale.key).await?
-                && view.sellable() <= 0
+                && view.sellable() < i64::from(request.qty)
                 && view.in_flight() <= 0
             {
                 dry = true;
@@ -968,16 +974,27 @@ impl Allocator {
             }
             tokio::time::sleep(IN_FLIGHT_WAIT).await;
         }
-        if !dry
-            && let Ok(Some(view)) = self.stable_view(&sale.key).await
-            && view.sellable() > 0
-        {
-            hot.outcomes.record_units_left();
+        // Out of rounds: were the units there? One read, not a stable view
+        // (which heavy traffic may never give): a measurement, not a
+        // decision; a transfer between its reads may make it count one
+        // refusal too many, never hide one.
+        let sellable = if dry {
+            None
+        } else {
+            self.stock_view(&sale.key)
+                .await
+                .ok()
+                .map(|view| view.sellable())
+                .filter(|sellable| *sellable >= i64::from(request.qty))
+        };
+        hot.outcomes.record_refusal(sellable.is_some());
+        if let Some(sellable) = sellable {
             warn!(
                 sale = %sale.name,
                 node,
-                sellable = view.sellable(),
-                "refused a reservation while the key had sellable units left"
+                sellable,
+                qty = request.qty,
+                "refused a reservation while the key had the units sellable"
             );
         }
         Err(last_refusal.unwrap_or(AllocatorError::InsufficientStock { lines: Vec::new() }))

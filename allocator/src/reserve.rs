@@ -599,13 +599,8 @@ impl Allocator {
                 Some(hot),
                 Some(node),
             ) if hot.sale.key == key => {
-                let outcome = Box::pin(self.hold_hot(hot, node, &cell, &hold)).await;
-                match &outcome {
-                    Ok(held) => hot.outcomes.record_hold(held),
-                    Err(AllocatorError::InsufficientStock { .. }) => hot.outcomes.record_refusal(),
-                    Err(_) => {}
-                }
-                outcome
+                // It counts what it answers in the sale's outcomes.
+                Box::pin(self.hold_hot(hot, node, &cell, &hold)).await
             }
             (Ok(held), Some(hot), _) => {
                 if !held.replayed {

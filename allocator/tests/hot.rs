@@ -332,9 +332,8 @@ async fn a_loss_of_every_unit_stops_every_node_until_restocked() {
         hot.outcomes.counts(),
         HotOutcomeCounts {
             held: 1,
-            replayed: 0,
             insufficient: 2,
-            refused_with_units_left: 0,
+            insufficient_with_units_left: 0,
         },
         "the key had nothing left: plain refusals"
     );
@@ -379,9 +378,8 @@ async fn a_refusal_while_units_remain_is_counted_apart() {
         hot.outcomes.counts(),
         HotOutcomeCounts {
             held: 1,
-            replayed: 0,
             insufficient: 1,
-            refused_with_units_left: 1,
+            insufficient_with_units_left: 1,
         }
     );
 
@@ -394,6 +392,48 @@ async fn a_refusal_while_units_remain_is_counted_apart() {
         .await
         .expect("sells again once the drain ends");
     assert_eq!(hot.outcomes.counts().held, 2);
+}
+
+/// A request for more units than the whole key has left is a plain
+/// refusal, not one "while units remained": 2 left, 3 asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_more_than_the_key_has_left_is_a_plain_refusal() {
+    let allocator = allocator_for("node-a").await;
+    let sale = sale(&["node-a", "node-b"]);
+    stock(&allocator, &sale.key, 20).await;
+    allocator.activate(&sale, "e1").await.expect("activate");
+    let hot = hot_key(&sale);
+    allocator
+        .reserve_hot(&hot, &reserve(&sale.key, 18, &testkit::unique_id("r")))
+        .await
+        .expect("18 of 20");
+    let answer = allocator
+        .reserve_hot(&hot, &reserve(&sale.key, 3, &testkit::unique_id("r")))
+        .await;
+    assert!(
+        matches!(answer, Err(AllocatorError::InsufficientStock { .. })),
+        "{answer:?}"
+    );
+    assert_eq!(
+        allocator
+            .stock_view(&sale.key)
+            .await
+            .expect("view")
+            .sellable(),
+        2
+    );
+    assert_eq!(
+        hot.outcomes.counts(),
+        HotOutcomeCounts {
+            held: 1,
+            insufficient: 1,
+            insufficient_with_units_left: 0,
+        }
+    );
+    allocator
+        .reserve_hot(&hot, &reserve(&sale.key, 2, &testkit::unique_id("r")))
+        .await
+        .expect("the last 2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

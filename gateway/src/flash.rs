@@ -37,6 +37,8 @@ pub struct FlashSales {
     reserver: Arc<Reserver>,
     /// What it measures.
     gauges: SaleGauges,
+    /// The sales (and their buckets' nodes) the gauges have series for.
+    shown: std::sync::Mutex<HashMap<String, std::collections::BTreeSet<String>>>,
     /// Wakes the manager when the config changes.
     wake: Notify,
 }
@@ -47,6 +49,7 @@ impl FlashSales {
         Self {
             reserver,
             gauges,
+            shown: Default::default(),
             wake: Notify::new(),
         }
     }
@@ -138,47 +141,70 @@ impl FlashSales {
             }
         }
 
-        for active in self.reserver.hot_sales() {
-            // A view at one instant (no cell moved between two reads): the
-            // oversold check compares cells with each other, which a view
-            // read while units moved between them would get wrong. Under
-            // heavy traffic there may be none this round; the gauges keep
-            // their last values then.
-            if let Ok(Some(view)) = allocator.stable_view(&active.sale.key).await {
-                let sale = active.sale.name.as_str();
-                for (bucket_node, bucket) in &view.buckets {
-                    self.gauges
-                        .bucket_level
-                        .with_label_values(&[sale, bucket_node.as_str()])
-                        .set(bucket.sellable().max(0));
-                }
-                let pool = view.pool.as_ref();
-                self.gauges
-                    .pool_level
-                    .with_label_values(&[sale])
-                    .set(pool.map_or(0, |pool| pool.sellable().max(0)));
-                self.gauges
-                    .oversold
-                    .with_label_values(&[sale])
-                    .set(oversold_units(&view));
+        let in_force = self.reserver.hot_sales();
+        let mut views = Vec::with_capacity(in_force.len());
+        for active in &in_force {
+            // Each cell is read whole (a script's reply), the cells one
+            // after another: each gauge is about one cell, so no view at
+            // one instant is needed (which heavy traffic may never give).
+            if let Ok(view) = allocator.stock_view(&active.sale.key).await {
+                views.push((active.sale.name.as_str(), view));
             }
         }
+        let mut shown = self
+            .shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (sale, view) in views {
+            let nodes = shown.entry(sale.to_owned()).or_default();
+            for (bucket_node, bucket) in &view.buckets {
+                self.gauges
+                    .bucket_level
+                    .with_label_values(&[sale, bucket_node.as_str()])
+                    .set(bucket.sellable().max(0));
+                nodes.insert(bucket_node.clone());
+            }
+            let pool = view.pool.as_ref();
+            self.gauges
+                .pool_level
+                .with_label_values(&[sale])
+                .set(pool.map_or(0, |pool| pool.sellable().max(0)));
+            self.gauges
+                .oversold
+                .with_label_values(&[sale])
+                .set(oversold_units(&view));
+        }
+        // A sale no longer in force here leaves the exposition (an alert on
+        // it resolves; the dashboard stops listing it).
+        shown.retain(|sale, nodes| {
+            if in_force.iter().any(|active| &active.sale.name == sale) {
+                return true;
+            }
+            let _ = self.gauges.pool_level.remove_label_values(&[sale]);
+            let _ = self.gauges.oversold.remove_label_values(&[sale]);
+            for node in nodes.iter() {
+                let _ = self.gauges.bucket_level.remove_label_values(&[sale, node]);
+            }
+            false
+        });
     }
 }
 
-/// Units a key's cells hold for reservations beyond what is on its shelf
-/// (every cell's on-hand units plus those in flight between cells) and the
-/// pool's backorder limit: units promised that do not exist. 0 unless the
-/// allocator broke its promise or a loss left the key short of its holds.
+/// Units a key's cells hold for reservations beyond their own on-hand units
+/// (and, for the pool, its backorder limit): units promised that do not
+/// exist. Cell by cell, as the scripts keep them: a hold lands only on units
+/// its cell holds, a transfer moves only free units, so every cell covers
+/// its own holds until a loss (or a fault) leaves it short. 0 otherwise.
 fn oversold_units(view: &allocator::StockView) -> i64 {
-    let promised = view.pool.iter().map(|pool| pool.reserved).sum::<i64>()
+    let beyond = |cell: &allocator::Cell| {
+        (cell.reserved - cell.on_hand - cell.backorder_limit.max(0)).max(0)
+    };
+    view.pool.iter().map(beyond).sum::<i64>()
         + view
             .buckets
             .iter()
-            .map(|(_, bucket)| bucket.reserved)
-            .sum::<i64>();
-    let backorders = view.pool.as_ref().map_or(0, |pool| pool.backorder_limit);
-    (promised - view.on_hand() - view.in_flight() - backorders).max(0)
+            .map(|(_, bucket)| beyond(bucket))
+            .sum::<i64>()
 }
 
 #[cfg(test)]
@@ -209,22 +235,26 @@ mod tests {
     }
 
     #[test]
-    fn holds_the_shelf_covers_are_not_oversold() {
+    fn holds_each_cell_covers_are_not_oversold() {
         let full = view(cell("pool", 10, 2, 0, 0), vec![cell("bucket", 5, 5, 0, 0)]);
         assert_eq!(oversold_units(&full), 0);
-        // Units debited from the pool and not yet credited to the bucket
-        // whose holds they cover are still on the shelf.
-        let moving = view(cell("pool", 0, 0, 3, 0), vec![cell("bucket", 0, 3, 0, 0)]);
+        // Units on their way out of a cell were free units: its holds are
+        // still covered by what it has.
+        let moving = view(cell("pool", 4, 4, 3, 0), vec![cell("bucket", 2, 1, 0, 0)]);
         assert_eq!(oversold_units(&moving), 0);
         let backordered = view(cell("pool", 1, 3, 0, 2), vec![]);
         assert_eq!(oversold_units(&backordered), 0);
     }
 
     #[test]
-    fn holds_beyond_the_shelf_and_backorders_are_oversold() {
+    fn holds_beyond_a_cells_units_and_backorders_are_oversold() {
         let short = view(cell("pool", 1, 3, 0, 0), vec![cell("bucket", 2, 4, 0, 0)]);
         assert_eq!(oversold_units(&short), 4);
         let past_backorders = view(cell("pool", 1, 5, 0, 2), vec![]);
         assert_eq!(oversold_units(&past_backorders), 2);
+        // A surplus in one cell does not cover a shortfall in another: the
+        // bucket's holders were promised the bucket's units.
+        let uneven = view(cell("pool", 10, 0, 0, 0), vec![cell("bucket", 1, 3, 0, 0)]);
+        assert_eq!(oversold_units(&uneven), 2);
     }
 }

@@ -39,9 +39,9 @@ pub struct Metrics {
     pub bucket_level: IntGaugeVec,
     /// Sellable units of a sale's pool, as last seen.
     pub pool_level: IntGaugeVec,
-    /// Units a sale's key holds for reservations beyond its shelf and
-    /// backorder limit, from the last stable view (0 but in a fault or a
-    /// loss the shelf cannot cover).
+    /// Units a sale's cells hold for reservations beyond their own on-hand
+    /// units and backorder limit (0 but in a fault or a loss the shelf
+    /// cannot cover).
     pub oversold: IntGaugeVec,
     /// Refills this node made.
     pub refills: IntCounter,
@@ -163,7 +163,7 @@ impl Metrics {
         );
         let oversold = gauge_vec(
             "sale_oversold_units",
-            "Units a flash sale's key holds for reservations beyond its shelf and backorder limit",
+            "Units a flash sale's cells hold for reservations beyond their on-hand units and backorder limit",
             &["sale"],
         );
         let streams =
@@ -220,7 +220,9 @@ impl Metrics {
 /// The per-sale outcome counters of the sales in force here, as series.
 /// The allocator counts them on its hot path ([`allocator::HotOutcomes`],
 /// their one home); this reads them at each scrape. A sale put in force
-/// again (a new epoch) starts from 0, which Prometheus takes as a reset.
+/// again (a new epoch) starts from 0, which Prometheus takes as a reset; a
+/// sale that ends here leaves the exposition with it (what it answered after
+/// the last scrape is not exported).
 struct SaleOutcomes {
     reserver: Arc<Reserver>,
     /// Filled afresh at each scrape, under the lock (scrapes may overlap).
@@ -233,7 +235,7 @@ impl SaleOutcomes {
         let outcomes = IntCounterVec::new(
             Opts::new(
                 "sale_reservations_total",
-                "Reservations on a flash sale's key answered by this node's hot path, by outcome",
+                "New holds and refusals on a flash sale's key made by this node's hot path",
             ),
             &["sale", "outcome"],
         )
@@ -241,7 +243,7 @@ impl SaleOutcomes {
         let units_left = IntCounterVec::new(
             Opts::new(
                 "sale_refused_with_units_left_total",
-                "Flash-sale reservations refused while the key still had sellable units",
+                "Flash-sale reservations refused while the key still had the units sellable",
             ),
             &["sale"],
         )
@@ -276,16 +278,12 @@ impl Collector for SaleOutcomes {
         for hot in self.reserver.hot_sales() {
             let sale = hot.sale.name.as_str();
             let counts = hot.outcomes.counts();
-            for (outcome, count) in [
-                ("held", counts.held),
-                ("replayed", counts.replayed),
-                ("insufficient", counts.insufficient),
-            ] {
+            for (outcome, count) in [("held", counts.held), ("insufficient", counts.insufficient)] {
                 outcomes.with_label_values(&[sale, outcome]).inc_by(count);
             }
             units_left
                 .with_label_values(&[sale])
-                .inc_by(counts.refused_with_units_left);
+                .inc_by(counts.insufficient_with_units_left);
         }
         let mut families = outcomes.collect();
         families.extend(units_left.collect());

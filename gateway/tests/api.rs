@@ -783,6 +783,19 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
         Some("invgw_writer_"),
         &["invgw_bucket_free_units", "invgw_sale_pool_sellable_units"],
     );
+
+    // The sale ends: its series leave the exposition (an alert on it
+    // resolves, the dashboard stops listing it).
+    fleet.write_config(
+        &fleet
+            .config_text()
+            .replace("enabled = true", "enabled = false"),
+    );
+    let labelled = format!("sale=\"{sale}\"");
+    wait_until("the ended sale's series gone", || async {
+        !scrape().await.contains(&labelled)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

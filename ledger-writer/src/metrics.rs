@@ -17,8 +17,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing::warn;
 
@@ -43,6 +43,10 @@ pub struct Metrics {
     pub batch_entries: Histogram,
     /// Seconds from reading a batch to acknowledging it.
     pub batch_seconds: Histogram,
+    /// Freshness: seconds from an entry's operation (its stream id's Redis
+    /// time) until a sink confirmed it (`kafka`: delivered with acks=all;
+    /// `postgresql`: its row committed, visible to the views), by sink.
+    pub entry_visible_seconds: HistogramVec,
     /// Failed relay passes by the sink that failed: kafka, postgresql, redis.
     pub errors: IntCounterVec,
     /// Batches refused because this writer had lost the partition's lease.
@@ -181,6 +185,25 @@ impl Metrics {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ],
             ),
+            entry_visible_seconds: {
+                let metric = HistogramVec::new(
+                    HistogramOpts::new(
+                        "entry_visible_seconds",
+                        "seconds from a ledger entry's operation (Redis time) until the sink confirmed it",
+                    )
+                    .buckets(vec![
+                        0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+                        30.0, 60.0, 180.0, 600.0,
+                    ]),
+                    &["sink"],
+                )
+                .expect("valid metric");
+                for sink in ["kafka", "postgresql"] {
+                    metric.with_label_values(&[sink]);
+                }
+                register(Box::new(metric.clone()));
+                metric
+            },
             errors: counter_vec(
                 "errors_total",
                 "failed relay passes, by the sink that failed",

@@ -78,6 +78,35 @@ pub struct Relay {
     /// their batch). A retry publishes only the others; the set empties when
     /// the batch is acknowledged and starts afresh under a new token.
     published: HashMap<u32, (u64, HashSet<String>)>,
+    /// Redis's clock as this writer last read it, for the freshness series.
+    clock: RedisClock,
+}
+
+/// How often the writer reads Redis's clock again for the freshness series.
+const CLOCK_REFRESH: Duration = Duration::from_secs(10);
+
+/// Redis's clock seen from this process: the offset from the local wall
+/// clock to Redis `TIME` (entries are stamped with Redis time), read again
+/// every [`CLOCK_REFRESH`]. Freshness is a measurement, never a decision, so
+/// a local clock corrected this way is good enough (off by at most the
+/// round trip of one `TIME` plus the local clock's drift over 10 s).
+#[derive(Debug, Default)]
+struct RedisClock {
+    offset_ms: i64,
+    read_at: Option<Instant>,
+}
+
+/// Seconds from Redis time `operation_ms` (an entry's stream id) to Redis
+/// time `now_ms`; 0 when the clock estimate is behind the entry.
+fn seconds_since(now_ms: i64, operation_ms: u64) -> f64 {
+    (now_ms - operation_ms as i64).max(0) as f64 / 1000.0
+}
+
+/// The local wall clock in ms since the epoch.
+fn local_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64)
 }
 
 /// What one pass over a partition did.
@@ -170,7 +199,43 @@ impl Relay {
             postgres: None,
             metrics,
             published: HashMap::new(),
+            clock: RedisClock::default(),
         })
+    }
+
+    /// Redis time now (ms), from the last read of its clock; `None` when
+    /// Redis cannot be read (the series then skips this batch).
+    async fn redis_now_ms(&mut self) -> Option<i64> {
+        if self
+            .clock
+            .read_at
+            .is_none_or(|read_at| read_at.elapsed() >= CLOCK_REFRESH)
+        {
+            let before = local_ms();
+            let redis = self.allocator.redis_time_ms().await.ok()? as i64;
+            let after = local_ms();
+            self.clock = RedisClock {
+                offset_ms: redis - (before + after) / 2,
+                read_at: Some(Instant::now()),
+            };
+        }
+        Some(local_ms() + self.clock.offset_ms)
+    }
+
+    /// Counts `entries` as confirmed by `sink` now (the freshness series).
+    async fn observe_visible(&mut self, sink: &str, entries: &[Entry]) {
+        let Some(now_ms) = self.redis_now_ms().await else {
+            return;
+        };
+        let series = self
+            .metrics
+            .entry_visible_seconds
+            .with_label_values(&[sink]);
+        for (_, entry) in entries {
+            if let Ok(id) = entry.id() {
+                series.observe(seconds_since(now_ms, id.ms));
+            }
+        }
     }
 
     /// Relays one batch of the leased partition: entries left pending first
@@ -235,6 +300,7 @@ impl Relay {
         };
         if !to_publish.is_empty() {
             self.publish(partition, to_publish).await?;
+            self.observe_visible("kafka", to_publish).await;
             let ids = to_publish.iter().map(|(id, _)| id.clone());
             match self.published.get_mut(&partition) {
                 Some((token, confirmed)) if *token == lease.token => confirmed.extend(ids),
@@ -245,6 +311,7 @@ impl Relay {
             }
         }
         self.store(lease, &entries).await?;
+        self.observe_visible("postgresql", &entries).await;
         let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
         self.acknowledge(lease, ids).await?;
         self.published.remove(&partition);
@@ -483,5 +550,17 @@ pub fn report(partition: u32, error: &RelayError) {
             "partition lease lost mid-batch; the new holder relays it"
         ),
         error => warn!(partition, %error, "relay pass failed; retrying"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freshness_is_in_seconds_and_never_negative() {
+        assert_eq!(seconds_since(10_500, 10_000), 0.5);
+        assert_eq!(seconds_since(1_796_600_000_000, 1_796_599_998_750), 1.25);
+        assert_eq!(seconds_since(9_000, 10_000), 0.0);
     }
 }

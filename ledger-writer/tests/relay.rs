@@ -855,4 +855,54 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
             "invgw_writer_batch_seconds_bucket",
         ],
     );
+    // Freshness: every relayed entry counted once per sink, in seconds (a
+    // mistake of unit or of clock would put it past the last finite bucket).
+    // A batch in flight is observed before it is counted relayed: scrape
+    // until one scrape shows none in flight.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", setup.metrics_port))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let value = |prefix: &str, parts: &[&str]| -> Option<f64> {
+            metrics
+                .lines()
+                .find(|line| {
+                    line.starts_with(prefix) && parts.iter().all(|part| line.contains(part))
+                })
+                .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        };
+        let relayed = value("invgw_writer_relayed_entries_total", &[]);
+        let mut checks = Vec::new();
+        for sink in ["kafka", "postgresql"] {
+            let sink_label = format!("sink=\"{sink}\"");
+            let count = value("invgw_writer_entry_visible_seconds_count{", &[&sink_label]);
+            let within = value(
+                "invgw_writer_entry_visible_seconds_bucket{",
+                &[&sink_label, "le=\"600\""],
+            );
+            let sum = value("invgw_writer_entry_visible_seconds_sum{", &[&sink_label]);
+            checks.push((sink, count, within, sum));
+        }
+        // Within 600 s each, and on average (a clock read the wrong way
+        // round would put them decades away).
+        let consistent = checks.iter().all(|(_, count, within, sum)| {
+            *count == relayed
+                && within == count
+                && sum
+                    .zip(*count)
+                    .is_some_and(|(sum, count)| sum <= 600.0 * count)
+        });
+        if consistent {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one observation per relayed entry and sink, each within 600 s: relayed {relayed:?}, (sink, count, within 600 s, sum) {checks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
