@@ -16,6 +16,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "relay_fence",
         include_str!("../migrations/003_relay_fence.sql"),
     ),
+    (
+        4,
+        "reconciliation",
+        include_str!("../migrations/004_reconciliation.sql"),
+    ),
 ];
 
 /// An arbitrary constant: the advisory lock all writers take to migrate.

@@ -906,3 +906,146 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The reconciliation view explains every unit of every key and day from
+/// the ledger alone (and shows the units a lost entry leaves unexplained);
+/// the funnel follows every reservation to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_and_funnel_views_account_for_every_unit() {
+    let (_redis, setup, allocator) = harness(&[]).await;
+    let _writer = start_writer(&setup);
+    operations(Arc::clone(&allocator), 10, "views").await;
+    let key = StockKey::new("m-views", "counted", "dc1");
+    let adjust = |qty: i64, event: &str| Adjustment {
+        merchant: key.merchant.clone(),
+        sku: key.sku.clone(),
+        location: key.location.clone(),
+        kind: AdjustmentKind::Delta,
+        qty,
+        source: "test".to_owned(),
+        event_id: event.to_owned(),
+        source_seq: None,
+    };
+    let hold = |qty: u32, idempotency_key: &str| ReserveRequest {
+        key: key.clone(),
+        qty,
+        ttl: None,
+        idempotency_key: idempotency_key.to_owned(),
+        customer_ref: None,
+    };
+    allocator
+        .adjust(&adjust(5, "views-1"))
+        .await
+        .expect("restock");
+    let sold = allocator
+        .reserve(&hold(2, "views-sold"))
+        .await
+        .expect("hold");
+    allocator
+        .commit(None, &sold.reservation.reservation_id, "views-commit")
+        .await
+        .expect("commit");
+    let back = allocator
+        .reserve(&hold(1, "views-back"))
+        .await
+        .expect("hold");
+    allocator
+        .release(None, &back.reservation.reservation_id, "views-release")
+        .await
+        .expect("release");
+    allocator
+        .adjust(&adjust(-1, "views-2"))
+        .await
+        .expect("loss");
+    allocator
+        .adjust(&adjust(3, "views-3"))
+        .await
+        .expect("restock");
+
+    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
+        .await
+        .expect("postgresql");
+    tokio::spawn(connection);
+    // Relayed: the key's 7 entries, and the outbox empty.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let relayed: i64 = client
+            .query_one("SELECT count(*) FROM ledger WHERE sku = 'counted'", &[])
+            .await
+            .expect("count")
+            .get(0);
+        let lag = metric(
+            setup.metrics_port,
+            "invgw_writer_lag_all_partitions_entries",
+        )
+        .await;
+        if relayed == 7 && lag == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relayed {relayed} of 7, lag {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // opening, received, removed, sold, closing, unexplained
+    assert_eq!(key_figures(&client).await, vec![0, 8, 1, 2, 5, 0]);
+    let unexplained: i64 = client
+        .query_one(
+            "SELECT count(*) FROM stock_reconciliation_daily WHERE unexplained <> 0",
+            &[],
+        )
+        .await
+        .expect("reconciliation view")
+        .get(0);
+    assert_eq!(unexplained, 0, "every key and day explained by its flows");
+
+    let funnel = client
+        .query_one(
+            "SELECT SUM(held)::bigint, SUM(units_held)::bigint, SUM(committed)::bigint,
+                    SUM(released)::bigint, SUM(expired)::bigint, SUM(still_held)::bigint
+             FROM reservation_funnel_hourly WHERE merchant = 'm-views' AND sku = 'counted'",
+            &[],
+        )
+        .await
+        .expect("funnel view");
+    let funnel: Vec<i64> = (0..6).map(|column| funnel.get::<_, i64>(column)).collect();
+    assert_eq!(funnel, vec![2, 3, 1, 1, 0, 0]);
+    let uneven: i64 = client
+        .query_one(
+            "SELECT count(*) FROM reservation_funnel_hourly
+             WHERE held <> committed + released + expired + still_held",
+            &[],
+        )
+        .await
+        .expect("funnel view")
+        .get(0);
+    assert_eq!(uneven, 0, "every reservation ends once at most");
+
+    // A lost entry (the commit) leaves its units unexplained.
+    client
+        .execute(
+            "DELETE FROM ledger WHERE merchant = 'm-views' AND sku = 'counted' AND op = 'commit'",
+            &[],
+        )
+        .await
+        .expect("delete");
+    assert_eq!(key_figures(&client).await, vec![0, 8, 1, 0, 5, -2]);
+}
+
+/// opening, received, removed, sold, closing and unexplained units of the
+/// test's key over every day it has.
+async fn key_figures(client: &tokio_postgres::Client) -> Vec<i64> {
+    let row = client
+        .query_one(
+            "SELECT (array_agg(opening_on_hand ORDER BY day))[1], SUM(received)::bigint,
+                    SUM(removed)::bigint, SUM(sold)::bigint,
+                    (array_agg(closing_on_hand ORDER BY day DESC))[1], SUM(unexplained)::bigint
+             FROM stock_reconciliation_daily WHERE merchant = 'm-views' AND sku = 'counted'",
+            &[],
+        )
+        .await
+        .expect("reconciliation view");
+    (0..6).map(|column| row.get::<_, i64>(column)).collect()
+}
