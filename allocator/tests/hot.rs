@@ -352,14 +352,7 @@ async fn a_loss_of_every_unit_stops_every_node_until_restocked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_while_units_remain_is_counted_apart() {
     let allocator = allocator_for("node-a").await;
-    let sale = sale(&["node-a", "node-b"]);
-    stock(&allocator, &sale.key, 20).await;
-    allocator.activate(&sale, "e1").await.expect("activate");
-    let hot = hot_key(&sale);
-    allocator
-        .reserve_hot(&hot, &reserve(&sale.key, 1, &testkit::unique_id("r")))
-        .await
-        .expect("a hold before the drain");
+    let (sale, hot) = sale_of_20_with_a_hold(&allocator, 1).await;
 
     let drained = allocator
         .drain(&sale.key, None, false)
@@ -394,25 +387,46 @@ async fn a_refusal_while_units_remain_is_counted_apart() {
     assert_eq!(hot.outcomes.counts().held, 2);
 }
 
-/// A request for more units than the whole key has left is a plain
-/// refusal, not one "while units remained": 2 left, 3 asked.
+/// Commands a Redis has processed (`INFO stats`).
+fn commands_processed(url: &str) -> u64 {
+    let port = url.rsplit(':').next().expect("port");
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", port, "info", "stats"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("total_commands_processed")
+}
+
+/// A request for more units than the whole key has left (2 left, 3
+/// asked) is a plain refusal, not one "while units remained", and is made
+/// at once: with fewer sellable units than asked and nothing in flight, no
+/// round of the hot path could serve it (counted in Redis commands, on a
+/// Redis of its own: about 40 for one round, about 750 for all 32).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_for_more_than_the_key_has_left_is_a_plain_refusal() {
-    let allocator = allocator_for("node-a").await;
-    let sale = sale(&["node-a", "node-b"]);
-    stock(&allocator, &sale.key, 20).await;
-    allocator.activate(&sale, "e1").await.expect("activate");
-    let hot = hot_key(&sale);
-    allocator
-        .reserve_hot(&hot, &reserve(&sale.key, 18, &testkit::unique_id("r")))
+async fn a_request_for_more_than_the_key_has_left_is_a_plain_refusal_made_at_once() {
+    let port = testkit::free_port();
+    let _redis = testkit::private_redis(port, None);
+    let url = format!("redis://127.0.0.1:{port}");
+    let allocator = Allocator::connect(&url, settings("node-a"), 4)
         .await
-        .expect("18 of 20");
+        .expect("connect");
+    let (sale, hot) = sale_of_20_with_a_hold(&allocator, 18).await;
+    let before = commands_processed(&url);
     let answer = allocator
         .reserve_hot(&hot, &reserve(&sale.key, 3, &testkit::unique_id("r")))
         .await;
+    let commands = commands_processed(&url) - before;
     assert!(
         matches!(answer, Err(AllocatorError::InsufficientStock { .. })),
         "{answer:?}"
+    );
+    assert!(
+        commands < 200,
+        "{commands} Redis commands for one refusal of a key that had 2 of 3"
     );
     assert_eq!(
         allocator
@@ -436,53 +450,18 @@ async fn a_request_for_more_than_the_key_has_left_is_a_plain_refusal() {
         .expect("the last 2");
 }
 
-/// Commands a Redis has processed (`INFO stats`).
-fn commands_processed(url: &str) -> u64 {
-    let port = url.rsplit(':').next().expect("port");
-    let output = std::process::Command::new("redis-cli")
-        .args(["-p", port, "info", "stats"])
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| line.strip_prefix("total_commands_processed:"))
-        .and_then(|count| count.trim().parse().ok())
-        .expect("total_commands_processed")
-}
-
-/// ... and without spending the hot path's rounds on it: once the whole
-/// key has fewer sellable units than asked and nothing is in flight, no
-/// round could serve it (counted in Redis commands, on a Redis of its own:
-/// about 40 for the one round, about 750 when it spent all 32).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_for_more_than_the_key_has_left_is_refused_at_once() {
-    let port = testkit::free_port();
-    let _redis = testkit::private_redis(port, None);
-    let url = format!("redis://127.0.0.1:{port}");
-    let allocator = Allocator::connect(&url, settings("node-a"), 4)
-        .await
-        .expect("connect");
+/// A sale of 20 units in force over node-a and node-b, with one hold of
+/// `qty` made on node-a.
+async fn sale_of_20_with_a_hold(allocator: &Allocator, qty: u32) -> (FlashSale, HotKey) {
     let sale = sale(&["node-a", "node-b"]);
-    stock(&allocator, &sale.key, 20).await;
+    stock(allocator, &sale.key, 20).await;
     allocator.activate(&sale, "e1").await.expect("activate");
     let hot = hot_key(&sale);
     allocator
-        .reserve_hot(&hot, &reserve(&sale.key, 18, &testkit::unique_id("r")))
+        .reserve_hot(&hot, &reserve(&sale.key, qty, &testkit::unique_id("r")))
         .await
-        .expect("18 of 20");
-    let before = commands_processed(&url);
-    let answer = allocator
-        .reserve_hot(&hot, &reserve(&sale.key, 3, &testkit::unique_id("r")))
-        .await;
-    let commands = commands_processed(&url) - before;
-    assert!(
-        matches!(answer, Err(AllocatorError::InsufficientStock { .. })),
-        "{answer:?}"
-    );
-    assert!(
-        commands < 200,
-        "{commands} Redis commands for one refusal of a key that had 2 of 3"
-    );
+        .expect("the first hold");
+    (sale, hot)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

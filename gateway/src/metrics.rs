@@ -57,6 +57,14 @@ pub struct Metrics {
     pub config_reloads: IntCounter,
 }
 
+/// `metric`, registered in `registry`.
+fn registered<T: Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
 impl Metrics {
     /// A fresh registry with every series, labelled with the node id.
     pub fn new(node: &str) -> Self {
@@ -74,18 +82,16 @@ impl Metrics {
             ))
             .expect("unique metric");
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
+            registered(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let counter = |name: &str, help: &str| {
-            let metric = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
+            registered(
+                &registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
         };
         let requests = counter_vec(
             "requests_total",
@@ -103,58 +109,57 @@ impl Metrics {
             "Availability cache lookups",
             &["result"],
         );
-        let latency = HistogramVec::new(
-            HistogramOpts::new(
-                "request_duration_seconds",
-                "Latency of requests answered by the gateway",
+        let latency = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "request_duration_seconds",
+                    "Latency of requests answered by the gateway",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["route"],
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
-            &["route"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(latency.clone()))
-            .expect("unique metric");
-        let batch_size = Histogram::with_opts(
-            HistogramOpts::new(
-                "coalesced_batch_size",
-                "Reservations per reserve_batch call",
+            .expect("valid metric"),
+        );
+        let batch_size = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "coalesced_batch_size",
+                    "Reservations per reserve_batch call",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             )
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(batch_size.clone()))
-            .expect("unique metric");
-        let batch_wait = Histogram::with_opts(
-            HistogramOpts::new(
-                "coalesced_wait_seconds",
-                "How long a reserve_batch call's oldest reservation waited for the call",
+            .expect("valid metric"),
+        );
+        let batch_wait = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "coalesced_wait_seconds",
+                    "How long a reserve_batch call's oldest reservation waited for the call",
+                )
+                .buckets(vec![
+                    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                ]),
             )
-            .buckets(vec![
-                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(batch_wait.clone()))
-            .expect("unique metric");
-        let bucket_level = IntGaugeVec::new(
-            Opts::new("bucket_free_units", "Free units in a flash-sale bucket"),
-            &["sale", "bucket_node"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(bucket_level.clone()))
-            .expect("unique metric");
+            .expect("valid metric"),
+        );
+        let bucket_level = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("bucket_free_units", "Free units in a flash-sale bucket"),
+                &["sale", "bucket_node"],
+            )
+            .expect("valid metric"),
+        );
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
+            registered(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let pool_level = gauge_vec(
             "sale_pool_sellable_units",
@@ -166,11 +171,10 @@ impl Metrics {
             "Units a flash sale's cells hold for reservations beyond their on-hand units and backorder limit",
             &["sale"],
         );
-        let streams =
-            IntGauge::new("sse_streams", "Open server-sent event streams").expect("valid metric");
-        registry
-            .register(Box::new(streams.clone()))
-            .expect("unique metric");
+        let streams = registered(
+            &registry,
+            IntGauge::new("sse_streams", "Open server-sent event streams").expect("valid metric"),
+        );
         Self {
             requests,
             latency,

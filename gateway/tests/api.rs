@@ -701,14 +701,7 @@ async fn operations_endpoints_answer() {
         assert!(openapi["paths"].get(path).is_some(), "{path} documented");
     }
     let _ = get(&node.url("/v1/availability/m1/anything"), None).await;
-    let metrics = client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node.metrics().await;
     assert!(metrics.contains("invgw_requests_total"), "{metrics}");
     assert!(metrics.contains("route=\"/v1/availability/{merchant}/{sku}\""));
     assert!(metrics.contains("invgw_request_duration_seconds_bucket"));
@@ -744,16 +737,7 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
             .0,
         409
     );
-    let scrape = || async {
-        client()
-            .get(node.url("/metrics"))
-            .send()
-            .await
-            .expect("send")
-            .text()
-            .await
-            .expect("text")
-    };
+    let scrape = || node.metrics();
     // The sale's gauges are read once a second.
     let held = format!(
         "invgw_sale_reservations_total{{outcome=\"held\",sale=\"{sale}\",node=\"node-a\"}} 1"
@@ -1060,14 +1044,7 @@ async fn an_unknown_key_is_answered_from_memory_and_found_once_created() {
     let sku = testkit::unique_id("soon");
     let url = node.url(&format!("/v1/availability/m1/{sku}"));
     let negative = || async {
-        let metrics = client()
-            .get(node.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = node.metrics().await;
         metrics
             .lines()
             .find(|line| line.starts_with("invgw_availability_cache_total{result=\"negative\""))

@@ -33,10 +33,7 @@ async fn nothing_is_lost_or_doubled_when_the_writer_is_killed_twice() {
     let written = ops.await.expect("operations");
     assert!(written >= 10_000, "10,000 mixed operations: {written}");
 
-    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
-        .await
-        .expect("postgresql");
-    tokio::spawn(connection);
+    let client = postgres(&setup).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let rows = loop {
         let rows: i64 = client
@@ -144,10 +141,7 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
         .expect("release");
     // Kill the writer once it has relayed the scarce key's three entries
     // (start-up takes longer on a loaded machine than any fixed pause).
-    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
-        .await
-        .expect("postgresql");
-    tokio::spawn(connection);
+    let client = postgres(&setup).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let relayed: i64 = client
@@ -180,10 +174,7 @@ async fn audit_passes_on_balanced_books_and_names_an_injected_drift() {
     );
 
     // The analytics views agree with the ledger.
-    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
-        .await
-        .expect("postgresql");
-    tokio::spawn(connection);
+    let client = postgres(&setup).await;
     let stockouts = client
         .query(
             "SELECT ended_at IS NOT NULL FROM stockouts WHERE sku = 'scarce'",
@@ -600,10 +591,7 @@ async fn a_lease_token_behind_postgresqls_fence_is_advanced_and_nothing_is_lost(
         .status()
         .expect("run migrate");
     assert!(status.success(), "migrate");
-    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
-        .await
-        .expect("postgresql");
-    tokio::spawn(connection);
+    let client = postgres(&setup).await;
     // What an earlier Redis's writers left an hour ago: tokens far past this
     // one's. Partition 0's fence is written "now" and keeps being written by
     // another store sharing the database (a misconfiguration): its writer
@@ -916,16 +904,6 @@ async fn reconciliation_and_funnel_views_account_for_every_unit() {
     let _writer = start_writer(&setup);
     operations(Arc::clone(&allocator), 10, "views").await;
     let key = StockKey::new("m-views", "counted", "dc1");
-    let adjust = |qty: i64, event: &str| Adjustment {
-        merchant: key.merchant.clone(),
-        sku: key.sku.clone(),
-        location: key.location.clone(),
-        kind: AdjustmentKind::Delta,
-        qty,
-        source: "test".to_owned(),
-        event_id: event.to_owned(),
-        source_seq: None,
-    };
     let hold = |qty: u32, idempotency_key: &str| ReserveRequest {
         key: key.clone(),
         qty,
@@ -933,10 +911,7 @@ async fn reconciliation_and_funnel_views_account_for_every_unit() {
         idempotency_key: idempotency_key.to_owned(),
         customer_ref: None,
     };
-    allocator
-        .adjust(&adjust(5, "views-1"))
-        .await
-        .expect("restock");
+    restock(&allocator, &key, 5).await;
     let sold = allocator
         .reserve(&hold(2, "views-sold"))
         .await
@@ -953,19 +928,10 @@ async fn reconciliation_and_funnel_views_account_for_every_unit() {
         .release(None, &back.reservation.reservation_id, "views-release")
         .await
         .expect("release");
-    allocator
-        .adjust(&adjust(-1, "views-2"))
-        .await
-        .expect("loss");
-    allocator
-        .adjust(&adjust(3, "views-3"))
-        .await
-        .expect("restock");
+    restock(&allocator, &key, -1).await;
+    restock(&allocator, &key, 3).await;
 
-    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
-        .await
-        .expect("postgresql");
-    tokio::spawn(connection);
+    let client = postgres(&setup).await;
     // Relayed: the key's 7 entries, and the outbox empty.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

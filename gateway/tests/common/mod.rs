@@ -132,6 +132,18 @@ impl Node {
         format!("{}{path}", self.base)
     }
 
+    /// The node's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     fn wait_ready(&self) {
         self.wait_for("/ready", "ready");
     }

@@ -456,3 +456,13 @@ pub async fn restock(allocator: &Allocator, key: &allocator::StockKey, qty: i64)
     };
     allocator.adjust(&adjustment).await.expect("restock");
 }
+
+/// A PostgreSQL client on the setup's database (its connection driven in
+/// the background).
+pub async fn postgres(setup: &Setup) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&setup.postgres_url, tokio_postgres::NoTls)
+        .await
+        .expect("postgresql");
+    tokio::spawn(connection);
+    client
+}
