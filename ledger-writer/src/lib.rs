@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod rebuild;
 pub mod reconcile;
+pub mod redrive;
 pub mod relay;
 pub mod tail;
 

@@ -1,5 +1,6 @@
-//! `ledger-writer run|migrate|audit|rebuild|tail --config PATH`.
+//! `ledger-writer run|migrate|audit|rebuild|tail|redrive-dlq --config PATH`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -76,6 +77,17 @@ enum Command {
         /// How to print each entry.
         #[arg(long, value_enum, default_value_t = ledger_writer::tail::Format::Json)]
         format: ledger_writer::tail::Format,
+    },
+    /// Without --fixed: print the stock events the ingestion sent to the
+    /// dead-letter topic, a JSON line each (the letter, with the outcomes of
+    /// its redrives so far). With --fixed FILE: apply each event of FILE (a
+    /// copy of those lines with their payloads fixed, or bare events) once,
+    /// record each outcome in the dead-letter topic and print it. Exits 1
+    /// when an event is still invalid or refused.
+    RedriveDlq {
+        /// The fixed lines (`-` for standard input).
+        #[arg(long, value_name = "FILE")]
+        fixed: Option<PathBuf>,
     },
 }
 
@@ -167,6 +179,71 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             } else {
                 Ok(std::process::ExitCode::FAILURE)
             }
+        }
+        Command::RedriveDlq { fixed: None } => {
+            let reader = Arc::clone(&config);
+            let letters =
+                tokio::task::spawn_blocking(move || ledger_writer::redrive::letters(&reader))
+                    .await??;
+            let mut out = std::io::stdout().lock();
+            for letter in &letters {
+                writeln!(out, "{letter}")?;
+            }
+            eprintln!(
+                "ledger-writer redrive-dlq: {} letters in {}",
+                letters.len(),
+                config.kafka.dlq_topic
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::RedriveDlq { fixed: Some(path) } => {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&path)
+                    .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?
+            };
+            let mut lines = Vec::new();
+            for (number, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<serde_json::Value>(line) {
+                    Ok(value) if value.is_object() => lines.push(value),
+                    _ => {
+                        eprintln!(
+                            "{}:{}: not a JSON object; nothing was applied",
+                            path.display(),
+                            number + 1
+                        );
+                        return Ok(std::process::ExitCode::from(2));
+                    }
+                }
+            }
+            let settings = allocator::AllocatorSettings::from_config(&config);
+            let allocator = allocator::Allocator::connect(&config.redis.url, settings, 2).await?;
+            let producer = ledger_writer::producer(&config)?;
+            let outcomes = ledger_writer::redrive::redrive(
+                &config,
+                &allocator,
+                &producer,
+                &lines,
+                &mut std::io::stdout(),
+            )
+            .await?;
+            let applied = outcomes
+                .iter()
+                .filter(|outcome| outcome.is_applied())
+                .count();
+            eprintln!(
+                "ledger-writer redrive-dlq: {applied} of {} events applied (or already applied)",
+                outcomes.len()
+            );
+            Ok(if applied == outcomes.len() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
         }
         Command::Tail {
             from_beginning,
