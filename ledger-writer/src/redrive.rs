@@ -22,7 +22,8 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use allocator::{AdjustmentOutcome, Allocator, AllocatorError};
 use rdkafka::consumer::Consumer;
@@ -30,11 +31,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
-use crate::tail::{QUIET_END, throwaway_consumer};
-
-/// How long a read of the topic waits for its first record (joining a
-/// consumer group takes a moment) before an empty topic counts as read.
-const JOIN_WAIT: Duration = Duration::from_secs(10);
+use crate::tail::throwaway_consumer;
 
 /// Where a letter's event was read from: its place in the events topic.
 fn origin_of(letter: &Value) -> Option<Value> {
@@ -53,29 +50,17 @@ pub fn letters(config: &config::Config) -> anyhow::Result<Vec<Value>> {
     let consumer = throwaway_consumer(&config.kafka.brokers, topic, "dlq-read", true)?;
     let mut letters: Vec<Value> = Vec::new();
     let mut outcomes: HashMap<String, Vec<Value>> = HashMap::new();
-    let started = Instant::now();
-    let mut quiet_since = Instant::now();
-    let mut heard = false;
-    loop {
-        if quiet_since.elapsed() >= QUIET_END && (heard || started.elapsed() >= JOIN_WAIT) {
-            break;
-        }
-        let message = match consumer.poll(Duration::from_millis(200)) {
-            None => continue,
-            Some(Err(error)) => anyhow::bail!("reading {topic}: {error}"),
-            Some(Ok(message)) => message,
-        };
-        heard = true;
-        quiet_since = Instant::now();
-        let Ok(record) = serde_json::from_slice::<Value>(message.payload().unwrap_or_default())
-        else {
+    let never = AtomicBool::new(false);
+    crate::tail::read(&consumer, topic, false, &never, |message| {
+        let payload = message.payload().unwrap_or_default();
+        let Ok(record) = serde_json::from_slice::<Value>(payload) else {
             // Not written by the writer; shown as it is.
             letters.push(json!({
                 "reason": "not a letter of this writer",
-                "payload": String::from_utf8_lossy(message.payload().unwrap_or_default()),
+                "payload": String::from_utf8_lossy(payload),
                 "dlq_offset": message.offset(),
             }));
-            continue;
+            return Ok(true);
         };
         match record.get("redrive") {
             Some(redrive) => {
@@ -88,7 +73,8 @@ pub fn letters(config: &config::Config) -> anyhow::Result<Vec<Value>> {
             }
             None => letters.push(record),
         }
-    }
+        Ok(true)
+    })?;
     consumer.unsubscribe();
     for letter in &mut letters {
         let done = origin_of(letter)

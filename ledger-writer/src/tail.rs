@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use allocator::{LedgerEntry, StockKey};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 
 /// How many entry ids are remembered to drop repeats: a repeat further
 /// behind than this many (distinct, printed) entries is printed again. The
@@ -118,14 +118,63 @@ pub fn tail(
     )?;
     let mut seen = Seen::default();
     let mut counts = Counts::default();
-    let started = Instant::now();
-    let mut quiet_since = Instant::now();
-    let mut heard = false;
     if options.format == Format::Table && !write_or_end(out, &table_header())? {
         return Ok(counts);
     }
+    read(&consumer, topic, options.follow, stop, |message| {
+        let text = message.payload().unwrap_or_default();
+        let entry: LedgerEntry = serde_json::from_slice(text).map_err(|error| {
+            anyhow::anyhow!(
+                "{topic} partition {} offset {}: not a ledger entry: {error}",
+                message.partition(),
+                message.offset()
+            )
+        })?;
+        if options.key.as_ref().is_some_and(|key| &entry.key() != key) {
+            counts.skipped += 1;
+            return Ok(true);
+        }
+        let id = entry.entry_id.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{topic} partition {} offset {}: an entry without entry_id",
+                message.partition(),
+                message.offset()
+            )
+        })?;
+        if !seen.first_time(id) {
+            counts.repeats += 1;
+            return Ok(true);
+        }
+        let line = match options.format {
+            Format::Json => String::from_utf8_lossy(text).into_owned(),
+            Format::Table => table_row(&entry),
+        };
+        if !write_or_end(out, &line)? {
+            return Ok(false);
+        }
+        counts.printed += 1;
+        Ok(true)
+    })?;
+    Ok(counts)
+}
+
+/// Hands each message of `consumer` (reading `topic`) to `each` until it
+/// answers `false`, `stop` is set, or, unless `follow`, the topic has been
+/// quiet for [`QUIET_END`] (after its first message, or 10 s after it
+/// started when none comes: joining a consumer group takes a moment). The one read loop of the writer's
+/// readers for people (`tail`, `redrive-dlq`). Blocking.
+pub fn read(
+    consumer: &BaseConsumer,
+    topic: &str,
+    follow: bool,
+    stop: &AtomicBool,
+    mut each: impl FnMut(&BorrowedMessage<'_>) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut quiet_since = Instant::now();
+    let mut heard = false;
     while !stop.load(Ordering::Relaxed) {
-        if !options.follow
+        if !follow
             && quiet_since.elapsed() >= QUIET_END
             && (heard || started.elapsed() >= JOIN_WAIT)
         {
@@ -138,39 +187,11 @@ pub fn tail(
         };
         heard = true;
         quiet_since = Instant::now();
-        let text = message.payload().unwrap_or_default();
-        let entry: LedgerEntry = serde_json::from_slice(text).map_err(|error| {
-            anyhow::anyhow!(
-                "{topic} partition {} offset {}: not a ledger entry: {error}",
-                message.partition(),
-                message.offset()
-            )
-        })?;
-        if options.key.as_ref().is_some_and(|key| &entry.key() != key) {
-            counts.skipped += 1;
-            continue;
-        }
-        let id = entry.entry_id.clone().ok_or_else(|| {
-            anyhow::anyhow!(
-                "{topic} partition {} offset {}: an entry without entry_id",
-                message.partition(),
-                message.offset()
-            )
-        })?;
-        if !seen.first_time(id) {
-            counts.repeats += 1;
-            continue;
-        }
-        let line = match options.format {
-            Format::Json => String::from_utf8_lossy(text).into_owned(),
-            Format::Table => table_row(&entry),
-        };
-        if !write_or_end(out, &line)? {
+        if !each(&message)? {
             break;
         }
-        counts.printed += 1;
     }
-    Ok(counts)
+    Ok(())
 }
 
 /// Writes `line` and a newline, flushed: `false` once the reader has gone
