@@ -139,18 +139,7 @@ fn figure_after<'a>(page: &'a str, label: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_flash_sale_dashboard_renders_live_figures_in_a_browser() {
-    let sku = testkit::unique_id("dashboard");
-    let sale = testkit::unique_id("dashboard-drop");
-    let fleet = Fleet::on_stack(&sale_toml(&sale, &sku, true));
-    let a = fleet.node("node-a");
-    let b = fleet.node("node-b");
-    restock(&a, "m1", &sku, "dc1", 100_000).await;
-    for node in [&a, &b] {
-        wait_until("the sale in force on both nodes", || async {
-            sale_state(node, &sale).await["active_on_this_node"] == true
-        })
-        .await;
-    }
+    let (_fleet, a, b, sku, sale) = sale_with(100_000).await;
 
     // Checkouts on both nodes until the test ends.
     let stop = Arc::new(AtomicBool::new(false));

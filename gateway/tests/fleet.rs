@@ -12,18 +12,7 @@ use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_buyers_across_two_nodes_get_exactly_one_hundred_units() {
-    let sku = testkit::unique_id("console");
-    let name = testkit::unique_id("drop");
-    let fleet = Fleet::on_stack(&sale_toml(&name, &sku, true));
-    let a = fleet.node("node-a");
-    let b = fleet.node("node-b");
-    restock(&a, "m1", &sku, "dc1", 100).await;
-    for node in [&a, &b] {
-        wait_until("the sale in force on both nodes", || async {
-            sale_state(node, &name).await["active_on_this_node"] == true
-        })
-        .await;
-    }
+    let (_fleet, a, b, sku, name) = sale_with(100).await;
     let state = sale_state(&a, &name).await;
     assert_eq!(state["sellable_total"], 100, "{state}");
 

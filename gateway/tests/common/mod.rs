@@ -298,3 +298,24 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Two nodes with a sale of a fresh sku over both, in force, stocked.
+pub async fn sale_with(units: i64) -> (Fleet, Node, Node, String, String) {
+    let sku = testkit::unique_id("console");
+    let name = testkit::unique_id("drop");
+    let fleet = Fleet::on_stack(&sale_toml(&name, &sku, true));
+    let a = fleet.node("node-a");
+    let b = fleet.node("node-b");
+    restock(&a, "m1", &sku, "dc1", units).await;
+    for node in [&a, &b] {
+        wait_until("the sale in force on both nodes", || async {
+            let state = sale_state(node, &name).await;
+            state["active_on_this_node"] == true
+                && state["nodes"]
+                    .as_array()
+                    .is_some_and(|nodes| nodes.iter().all(|node| !node["bucket"].is_null()))
+        })
+        .await;
+    }
+    (fleet, a, b, sku, name)
+}
