@@ -371,6 +371,24 @@ pub struct LedgerWriterConfig {
     /// How often the reconciler sweeps.
     #[serde(default = "default_reconcile_interval_ms")]
     pub reconcile_interval_ms: u64,
+    /// Where `ledger-writer archive` writes the ledger's days as Parquet: a
+    /// local directory (a path, relative to the working directory, or
+    /// `file:///abs/path`) or `s3://bucket/prefix` (credentials and endpoint
+    /// from the `AWS_*` environment variables).
+    #[serde(default = "default_archive_url")]
+    pub archive_url: String,
+    /// Days the PostgreSQL ledger keeps a day's raw entries: older days are
+    /// dropped by `ledger-writer retention --apply`, once archived and
+    /// verified. The seeds ask for 180.
+    #[serde(default = "default_raw_retention_days")]
+    pub raw_retention_days: u32,
+    /// Days the curated daily history (`stock_history_daily`) is kept. The
+    /// seeds ask for two years.
+    #[serde(default = "default_history_retention_days")]
+    pub history_retention_days: u32,
+    /// Day partitions created ahead of today, at start and every hour.
+    #[serde(default = "default_partitions_ahead_days")]
+    pub partitions_ahead_days: u32,
 }
 
 impl Default for LedgerWriterConfig {
@@ -382,6 +400,10 @@ impl Default for LedgerWriterConfig {
             partition_lease_ttl_ms: default_lease_ttl_ms(),
             bucket_idle_reclaim_seconds: default_bucket_idle_reclaim_seconds(),
             reconcile_interval_ms: default_reconcile_interval_ms(),
+            archive_url: default_archive_url(),
+            raw_retention_days: default_raw_retention_days(),
+            history_retention_days: default_history_retention_days(),
+            partitions_ahead_days: default_partitions_ahead_days(),
         }
     }
 }
@@ -550,6 +572,22 @@ fn default_lease_ttl_ms() -> u64 {
 fn default_bucket_idle_reclaim_seconds() -> u64 {
     300
 }
+fn default_archive_url() -> String {
+    "archive".to_owned()
+}
+
+fn default_raw_retention_days() -> u32 {
+    180
+}
+
+fn default_history_retention_days() -> u32 {
+    730
+}
+
+fn default_partitions_ahead_days() -> u32 {
+    7
+}
+
 fn default_reconcile_interval_ms() -> u64 {
     500
 }

@@ -393,6 +393,29 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         10,
         (stock.cart_line_grace_seconds * 1000 / 4).clamp(10, 600_000),
     );
+    c.check(
+        !writer.archive_url.trim().is_empty(),
+        "ledger_writer.archive_url",
+        "must not be empty",
+    );
+    c.range(
+        "ledger_writer.raw_retention_days",
+        writer.raw_retention_days,
+        1,
+        36_500,
+    );
+    c.range(
+        "ledger_writer.history_retention_days",
+        writer.history_retention_days,
+        writer.raw_retention_days.max(1),
+        36_500,
+    );
+    c.range(
+        "ledger_writer.partitions_ahead_days",
+        writer.partitions_ahead_days,
+        1,
+        366,
+    );
     c.range(
         "ledger_writer.bucket_idle_reclaim_seconds",
         writer.bucket_idle_reclaim_seconds,

@@ -80,8 +80,35 @@ impl Scope {
     }
 }
 
+/// What a day dropped by retention left of one cell's entries
+/// (`ledger_carried`, see [`crate::retention`]).
+#[derive(Debug, Clone)]
+pub struct Carried {
+    /// The dropped day.
+    pub day: time::Date,
+    /// The cell's stock key.
+    pub key: allocator::StockKey,
+    /// Stream order of its first entry that day (its place in the chain).
+    pub first: (u64, u64),
+    /// And of its last (an outbox entry up to it is already counted here).
+    pub last: (u64, u64),
+    /// The cell's on_hand and reserved before its first entry that day.
+    pub before: (i64, i64),
+    /// After its last entry that day.
+    pub after: (i64, i64),
+    /// Σ qty of the day's adjust, commit, transfer_out, transfer_in entries.
+    pub adjusted: i64,
+    /// See `adjusted`.
+    pub committed: i64,
+    /// See `adjusted`.
+    pub sent: i64,
+    /// See `adjusted`.
+    pub received: i64,
+}
+
 /// The ledger as it stands: the PostgreSQL rows plus the outbox entries not
-/// yet relayed, by entry id.
+/// yet relayed, by entry id; and what days dropped by retention carried
+/// forward (or, read with an archive, those days' entries from it).
 pub struct Ledger {
     /// Every entry in scope, by entry id.
     pub entries: HashMap<String, LedgerEntry>,
@@ -89,15 +116,25 @@ pub struct Ledger {
     pub in_postgres: usize,
     /// How many are only in the outbox.
     pub not_relayed: usize,
+    /// How many came from the archive (days retention dropped).
+    pub from_archive: usize,
+    /// Per cell `(partition, id)`: the dropped days' balances, oldest first.
+    pub carried: BTreeMap<(u32, String), Vec<Carried>>,
+    /// Entries of dropped days the audit reads whole (unmatched transfer
+    /// halves, settings); not part of any cell's chain.
+    pub carried_entries: Vec<LedgerEntry>,
 }
 
 impl Ledger {
-    /// Reads the ledger of `scope`.
+    /// Reads the ledger of `scope`. With `archive`, the days retention
+    /// dropped are read back from it (every entry) instead of their carried
+    /// balances; a dropped day the archive does not hold is an error.
     pub async fn read(
         postgres: &Client,
         allocator: &Allocator,
         config: &config::Config,
         scope: &Scope,
+        archive: Option<&crate::archive::Archive>,
     ) -> anyhow::Result<Self> {
         let (merchant, sku, location) = match scope {
             Scope::All => (None, None, None),
@@ -124,10 +161,121 @@ impl Ledger {
             entries.insert(entry_id, entry);
         }
         let in_postgres = entries.len();
+        let dropped_days: Vec<time::Date> = postgres
+            .query(
+                "SELECT day FROM ledger_carried UNION SELECT day FROM ledger_carried_entries ORDER BY 1",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut from_archive = 0;
+        let mut carried: BTreeMap<(u32, String), Vec<Carried>> = BTreeMap::new();
+        let mut carried_entries = Vec::new();
+        if let Some(archive) = archive {
+            let manifests = archive.manifests(None).await?;
+            for day in &dropped_days {
+                let of_day: Vec<_> = manifests
+                    .iter()
+                    .filter(|((archived, _), _)| archived == day)
+                    .collect();
+                if of_day.is_empty() {
+                    anyhow::bail!(
+                        "retention dropped {} from postgresql and archive {} does not hold it",
+                        crate::archive::day_text(*day),
+                        archive.url
+                    );
+                }
+                for (_, manifest) in of_day {
+                    for entry in archive.read(manifest).await? {
+                        if !scope.covers(&entry) {
+                            continue;
+                        }
+                        let entry_id = entry.entry_id.clone().unwrap_or_default();
+                        if let std::collections::hash_map::Entry::Vacant(slot) =
+                            entries.entry(entry_id)
+                        {
+                            from_archive += 1;
+                            slot.insert(entry);
+                        }
+                    }
+                }
+            }
+        } else {
+            for row in postgres
+                .query(
+                    "SELECT day, partition, cell, split_part(first_entry_id, '-', 2)::bigint,
+                         split_part(first_entry_id, '-', 3)::bigint, on_hand_before, reserved_before,
+                         on_hand_after, reserved_after, adjusted, committed, sent, received,
+                         merchant, sku, location, split_part(last_entry_id, '-', 2)::bigint,
+                         split_part(last_entry_id, '-', 3)::bigint
+                     FROM ledger_carried
+                     WHERE ($1::text IS NULL OR merchant = $1) AND ($2::text IS NULL OR sku = $2)
+                       AND ($3::text IS NULL OR location = $3)
+                     ORDER BY day",
+                    &[&merchant, &sku, &location],
+                )
+                .await?
+            {
+                let cell = (u32::try_from(row.get::<_, i32>(1))?, row.get::<_, String>(2));
+                carried.entry(cell).or_default().push(Carried {
+                    day: row.get(0),
+                    key: allocator::StockKey::new(
+                        row.get::<_, &str>(13),
+                        row.get::<_, &str>(14),
+                        row.get::<_, &str>(15),
+                    ),
+                    first: (
+                        u64::try_from(row.get::<_, i64>(3))?,
+                        u64::try_from(row.get::<_, i64>(4))?,
+                    ),
+                    last: (
+                        u64::try_from(row.get::<_, i64>(16))?,
+                        u64::try_from(row.get::<_, i64>(17))?,
+                    ),
+                    before: (row.get(5), row.get(6)),
+                    after: (row.get(7), row.get(8)),
+                    adjusted: row.get(9),
+                    committed: row.get(10),
+                    sent: row.get(11),
+                    received: row.get(12),
+                });
+            }
+            for row in postgres
+                .query(
+                    "SELECT entry_id, entry::text FROM ledger_carried_entries ORDER BY day, entry_id",
+                    &[],
+                )
+                .await?
+            {
+                let entry_id: String = row.get(0);
+                let entry = LedgerEntry::parse(row.get::<_, &str>(1))
+                    .map_err(|error| anyhow::anyhow!("carried entry {entry_id}: {error}"))?;
+                if scope.covers(&entry) {
+                    carried_entries.push(entry);
+                }
+            }
+        }
+        // The outbox keeps relayed entries until it is trimmed: one of a
+        // dropped day is counted in its cell's carried balance already.
+        let carried_up_to: HashMap<(u32, &str), (u64, u64)> = carried
+            .iter()
+            .filter_map(|((partition, cell), days)| {
+                let last = days.iter().map(|day| day.last).max()?;
+                Some(((*partition, cell.as_str()), last))
+            })
+            .collect();
         let mut not_relayed = 0;
         for partition in 0..config.stock.partitions {
             for entry in allocator.ledger_entries(partition, 0).await? {
                 if !scope.covers(&entry) {
+                    continue;
+                }
+                if carried_up_to
+                    .get(&(entry.partition, entry.cell.as_str()))
+                    .is_some_and(|last| stream_order(&entry) <= *last)
+                {
                     continue;
                 }
                 let entry_id = entry.entry_id.clone().unwrap_or_default();
@@ -141,6 +289,9 @@ impl Ledger {
             entries,
             in_postgres,
             not_relayed,
+            from_archive,
+            carried,
+            carried_entries,
         })
     }
 
@@ -170,7 +321,7 @@ pub async fn audit(
     merchant: Option<&str>,
 ) -> anyhow::Result<Report> {
     let scope = merchant.map_or(Scope::All, |merchant| Scope::Merchant(merchant.to_owned()));
-    let ledger = Ledger::read(postgres, allocator, config, &scope).await?;
+    let ledger = Ledger::read(postgres, allocator, config, &scope, None).await?;
     let mut report = Report {
         entries_in_postgres: ledger.in_postgres,
         entries_not_relayed: ledger.not_relayed,
@@ -187,31 +338,60 @@ pub async fn audit(
         received: i64,
     }
     let mut keys: BTreeMap<String, Books> = BTreeMap::new();
-    for ((partition, cell), history) in cells {
-        for pair in history.windows(2) {
-            if pair[0].on_hand_after != pair[1].on_hand_before
-                || pair[0].reserved_after != pair[1].reserved_before
-            {
+    let mut all_cells: std::collections::BTreeSet<(u32, String)> = cells.keys().cloned().collect();
+    all_cells.extend(ledger.carried.keys().cloned());
+    for cell_id in all_cells {
+        let history = cells.get(&cell_id).map_or(&[][..], Vec::as_slice);
+        let carried = ledger.carried.get(&cell_id).map_or(&[][..], Vec::as_slice);
+        let (partition, cell) = cell_id;
+        // The cell's chain in stream order: each dropped day's balance as
+        // one link, then the entries.
+        struct Link {
+            order: (u64, u64),
+            before: (i64, i64),
+            after: (i64, i64),
+            what: String,
+        }
+        let mut links: Vec<Link> = carried
+            .iter()
+            .map(|day| Link {
+                order: day.first,
+                before: day.before,
+                after: day.after,
+                what: format!(
+                    "the balance carried from {}",
+                    crate::archive::day_text(day.day)
+                ),
+            })
+            .chain(history.iter().map(|entry| Link {
+                order: stream_order(entry),
+                before: (entry.on_hand_before, entry.reserved_before),
+                after: (entry.on_hand_after, entry.reserved_after),
+                what: entry.op.to_string(),
+            }))
+            .collect();
+        links.sort_by_key(|link| link.order);
+        for pair in links.windows(2) {
+            if pair[0].after != pair[1].before {
                 report.drifts.push(Drift {
                     subject: cell.clone(),
                     problem: format!(
                         "entries do not chain between stream ids {:?} and {:?} ({} then {})",
-                        stream_order(pair[0]),
-                        stream_order(pair[1]),
-                        pair[0].op,
-                        pair[1].op
+                        pair[0].order, pair[1].order, pair[0].what, pair[1].what
                     ),
                 });
             }
         }
-        let last = history.last().expect("a cell has at least one entry");
+        let last = links
+            .last()
+            .expect("a cell has an entry or a carried balance");
         let live = allocator
             .cell(&CellRef {
                 partition,
                 id: cell.clone(),
             })
             .await?;
-        let (on_hand, reserved) = (last.on_hand_after, last.reserved_after);
+        let (on_hand, reserved) = last.after;
         match live {
             Some(live) if (live.on_hand, live.reserved) == (on_hand, reserved) => {}
             Some(live) => report.drifts.push(Drift {
@@ -226,9 +406,20 @@ pub async fn audit(
                 problem: format!("missing in redis; the ledger says on_hand {on_hand} reserved {reserved}"),
             }),
         }
-        let books = keys.entry(key_of(last)).or_default();
+        let key = history
+            .last()
+            .map(|entry| key_of(entry))
+            .or_else(|| carried.last().map(|day| day.key.to_string()))
+            .expect("a cell has an entry or a carried balance");
+        let books = keys.entry(key).or_default();
         books.on_hand += on_hand;
-        for entry in &history {
+        for day in carried {
+            books.adjusted += day.adjusted;
+            books.committed += day.committed;
+            books.sent += day.sent;
+            books.received += day.received;
+        }
+        for entry in history {
             match entry.op {
                 LedgerOp::Adjust => books.adjusted += entry.qty,
                 LedgerOp::Commit => books.committed += entry.qty,
@@ -256,11 +447,13 @@ pub async fn audit(
     let in_flight_max_ms =
         (config.stock.transfer_finish_after_seconds + IN_FLIGHT_GRACE_SECONDS) * 1000;
     report.drifts.extend(transfer_drifts(
-        ledger.entries.values(),
+        ledger.entries.values().chain(&ledger.carried_entries),
         now_ms,
         in_flight_max_ms,
     ));
-    report.drifts.extend(key_drifts(ledger.entries.values()));
+    report.drifts.extend(key_drifts(
+        ledger.entries.values().chain(&ledger.carried_entries),
+    ));
     Ok(report)
 }
 

@@ -13,6 +13,7 @@
 //! so every instance runs it at once, while each partition's outbox is
 //! relayed by the one instance holding its lease.
 
+pub mod archive;
 pub mod audit;
 pub mod ingest;
 pub mod lease;
@@ -22,6 +23,7 @@ pub mod rebuild;
 pub mod reconcile;
 pub mod redrive;
 pub mod relay;
+pub mod retention;
 pub mod tail;
 
 use std::future::Future;
@@ -44,6 +46,13 @@ use crate::relay::{Relay, RelayError, report};
 const IDLE_PAUSE: Duration = Duration::from_millis(50);
 /// How long the relay rests after a failed pass (Kafka or PostgreSQL down).
 const FAILURE_PAUSE: Duration = Duration::from_millis(500);
+
+/// The SHA-256 of `bytes`, in lowercase hex (archive checksums, the views'
+/// version).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
 
 /// Connects to PostgreSQL and spawns the connection task.
 pub async fn connect_postgres(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
@@ -143,6 +152,9 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         migrate::migrate(&mut postgres)
             .await
             .context("migrating postgresql")?;
+        retention::ensure_ahead(&postgres, config.ledger_writer.partitions_ahead_days)
+            .await
+            .context("creating the ledger's day partitions")?;
         let settings = AllocatorSettings::from_config(&config);
         let allocator = Allocator::connect_waiting(
             &config.redis.url,
@@ -198,6 +210,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         )
         .run(),
     );
+    background.spawn(retention::partitions_ahead_forever(Arc::clone(&config)));
     background.spawn(measure_lag_forever(
         allocator.clone(),
         Arc::clone(&metrics),

@@ -1,10 +1,11 @@
-//! `ledger-writer run|migrate|audit|rebuild|tail|redrive-dlq --config PATH`.
+//! `ledger-writer run|migrate|audit|rebuild|tail|redrive-dlq|partitions|archive|verify|retention|history|replay --config PATH`.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use ledger_writer::archive::day_text;
 
 /// Relays the stock ledger from Redis to Kafka and PostgreSQL, and reconciles.
 #[derive(Parser)]
@@ -60,6 +61,75 @@ enum Command {
         /// How long a key must have been without writes, in seconds.
         #[arg(long, default_value_t = 10)]
         quiet_seconds: u64,
+        /// Read the days retention dropped from PostgreSQL back from the
+        /// archive (this URL, or `ledger_writer.archive_url` when none is
+        /// given); without it, keys with dropped days are refused.
+        #[arg(long, value_name = "DIR|URL", num_args = 0..=1, default_missing_value = "")]
+        from_archive: Option<String>,
+    },
+    /// Create the ledger's day partitions for today and the days ahead
+    /// (`ledger_writer.partitions_ahead_days`); the writer does it too.
+    Partitions,
+    /// Write closed days of the PostgreSQL ledger to the archive as Parquet,
+    /// one file and manifest per day and ledger partition; a day already
+    /// archived gains only the entries it lacked (idempotent). Exits 1 when a
+    /// day could not be archived.
+    Archive {
+        /// Only this day (YYYY-MM-DD, UTC), even if it is not over yet.
+        #[arg(long, value_parser = parse_day)]
+        day: Option<time::Date>,
+        /// The archive (default: `ledger_writer.archive_url`).
+        #[arg(long, value_name = "DIR|URL")]
+        to: Option<String>,
+    },
+    /// Read every archived file of a day back, check it against its
+    /// manifest and that it holds every entry PostgreSQL has for the day.
+    /// Exits 1 on any problem.
+    Verify {
+        /// The day (YYYY-MM-DD); every day PostgreSQL holds when absent.
+        #[arg(long, value_parser = parse_day)]
+        day: Option<time::Date>,
+        /// The archive (default: `ledger_writer.archive_url`).
+        #[arg(long, value_name = "DIR|URL")]
+        archive: Option<String>,
+    },
+    /// Drop the PostgreSQL ledger's days past `raw_retention_days` that the
+    /// archive verifies (writing their curated history and carried balances
+    /// first), and curated history past `history_retention_days`. A dry run
+    /// unless --apply. Exits 1 when a day past retention was refused.
+    Retention {
+        /// Change things (else only say what would be done).
+        #[arg(long)]
+        apply: bool,
+        /// Only this day, whatever its age (YYYY-MM-DD).
+        #[arg(long, value_parser = parse_day)]
+        day: Option<time::Date>,
+        /// The archive (default: `ledger_writer.archive_url`).
+        #[arg(long, value_name = "DIR|URL")]
+        archive: Option<String>,
+    },
+    /// Write the curated daily history (`stock_history_daily`) of the days
+    /// PostgreSQL still holds, or of one day.
+    History {
+        /// Only this day (YYYY-MM-DD).
+        #[arg(long, value_parser = parse_day)]
+        day: Option<time::Date>,
+    },
+    /// Land archived days again: into PostgreSQL (each entry once; the day's
+    /// carried balances removed) or the Kafka ledger topic.
+    Replay {
+        /// The archive (a directory or URL).
+        #[arg(long, value_name = "DIR|URL")]
+        from_archive: String,
+        /// First day (YYYY-MM-DD, inclusive).
+        #[arg(long, value_parser = parse_day)]
+        since: Option<time::Date>,
+        /// Last day (YYYY-MM-DD, inclusive).
+        #[arg(long, value_parser = parse_day)]
+        until: Option<time::Date>,
+        /// Where to land them.
+        #[arg(long, value_enum, default_value_t = ledger_writer::archive::Target::Postgres)]
+        into: ledger_writer::archive::Target,
     },
     /// Print the Kafka ledger topic's entries, each once (repeats dropped by
     /// entry_id): JSON lines as published, or a table. Commits no offsets.
@@ -105,6 +175,22 @@ fn parse_key(text: &str) -> Result<allocator::StockKey, String> {
     }
 }
 
+/// A `--day` argument.
+fn parse_day(text: &str) -> Result<time::Date, String> {
+    ledger_writer::archive::parse_day(text)
+}
+
+/// The archive a command names, or the configured one.
+fn open_archive(
+    config: &config::Config,
+    url: Option<&str>,
+) -> anyhow::Result<ledger_writer::archive::Archive> {
+    let url = url
+        .filter(|url| !url.is_empty())
+        .unwrap_or(&config.ledger_writer.archive_url);
+    ledger_writer::archive::Archive::open(url)
+}
+
 /// PostgreSQL for the offline commands, migrated (an audit of a database no
 /// writer has touched yet finds an empty ledger rather than no table). They
 /// read whole ledgers, so the relay's statement timeout does not apply.
@@ -148,6 +234,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             all: _,
             force,
             quiet_seconds,
+            from_archive,
         } => {
             let scope = match key.as_deref().map(parse_key) {
                 None => ledger_writer::audit::Scope::All,
@@ -165,8 +252,18 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 force,
                 quiet: std::time::Duration::from_secs(quiet_seconds),
             };
-            let report =
-                ledger_writer::rebuild::rebuild(&client, &allocator, &config, &options).await?;
+            let archive = from_archive
+                .as_deref()
+                .map(|url| open_archive(&config, Some(url)))
+                .transpose()?;
+            let report = ledger_writer::rebuild::rebuild(
+                &client,
+                &allocator,
+                &config,
+                &options,
+                archive.as_ref(),
+            )
+            .await?;
             println!(
                 "rebuild: {} cells of {} stock keys rebuilt; {} lost holds released ({} units)",
                 report.cells, report.keys, report.released_holds, report.released_units
@@ -179,6 +276,172 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             } else {
                 Ok(std::process::ExitCode::FAILURE)
             }
+        }
+        Command::Partitions => {
+            let client = offline_postgres(&config).await?;
+            let days = ledger_writer::retention::ensure_ahead(
+                &client,
+                config.ledger_writer.partitions_ahead_days,
+            )
+            .await?;
+            println!(
+                "partitions: {} days from {} to {} exist",
+                days.len(),
+                days.first().map(|day| day_text(*day)).unwrap_or_default(),
+                days.last().map(|day| day_text(*day)).unwrap_or_default()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Archive { day, to } => {
+            let client = offline_postgres(&config).await?;
+            let archive = open_archive(&config, to.as_deref())?;
+            let today = ledger_writer::retention::today(&client).await?;
+            let days = match day {
+                Some(day) => vec![day],
+                None => ledger_writer::archive::postgres_days(&client)
+                    .await?
+                    .into_iter()
+                    .filter(|day| *day < today)
+                    .collect(),
+            };
+            let mut failed = 0;
+            for day in days {
+                if day >= today {
+                    eprintln!(
+                        "archive: {} is not over: entries still arriving will need another archive run",
+                        day_text(day)
+                    );
+                }
+                match ledger_writer::archive::archive_day(&client, &archive, day).await {
+                    Ok(files) => {
+                        for file in files {
+                            println!(
+                                "archive: {} partition {}: {:?}, {} entries, {}",
+                                file.manifest.day,
+                                file.manifest.partition,
+                                file.outcome,
+                                file.manifest.rows,
+                                file.manifest.file
+                            );
+                        }
+                    }
+                    Err(error) => {
+                        failed += 1;
+                        println!("archive: {}: failed: {error:#}", day_text(day));
+                    }
+                }
+            }
+            Ok(if failed == 0 {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
+        }
+        Command::Verify { day, archive } => {
+            let client = offline_postgres(&config).await?;
+            let archive = open_archive(&config, archive.as_deref())?;
+            let days = match day {
+                Some(day) => vec![day],
+                None => ledger_writer::archive::postgres_days(&client).await?,
+            };
+            let mut failed = 0;
+            for day in days {
+                let verified = ledger_writer::archive::verify_day(&client, &archive, day).await?;
+                println!(
+                    "verify: {}: {} files, {} entries archived, {} in postgresql",
+                    day_text(day),
+                    verified.files,
+                    verified.archived,
+                    verified.in_postgres
+                );
+                for problem in &verified.problems {
+                    println!("problem: {}: {problem}", day_text(day));
+                }
+                failed += verified.problems.len();
+            }
+            Ok(if failed == 0 {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
+        }
+        Command::Retention {
+            apply,
+            day,
+            archive,
+        } => {
+            let mut client = offline_postgres(&config).await?;
+            let archive = open_archive(&config, archive.as_deref())?;
+            let report =
+                ledger_writer::retention::retention(&mut client, &archive, &config, day, apply)
+                    .await?;
+            let verb = if apply { "dropped" } else { "would drop" };
+            let mut refused = 0;
+            for (day, decision) in &report.days {
+                match decision {
+                    ledger_writer::retention::Decision::Dropped { entries, history } => println!(
+                        "retention: {}: {verb} ({entries} entries; {history} history rows written)",
+                        day_text(*day)
+                    ),
+                    ledger_writer::retention::Decision::Refused(reason) => {
+                        refused += 1;
+                        println!("retention: {}: kept: {reason}", day_text(*day));
+                    }
+                }
+            }
+            if apply {
+                println!(
+                    "retention: {} curated history rows past {} days deleted",
+                    report.history_deleted, config.ledger_writer.history_retention_days
+                );
+            } else {
+                println!("retention: a dry run; --apply to drop");
+            }
+            Ok(if refused == 0 {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
+        }
+        Command::History { day } => {
+            let mut client = offline_postgres(&config).await?;
+            let days = match day {
+                Some(day) => vec![day],
+                None => ledger_writer::archive::postgres_days(&client).await?,
+            };
+            for day in days {
+                let transaction = client.transaction().await?;
+                let rows = ledger_writer::retention::build_history(&transaction, day).await?;
+                transaction.commit().await?;
+                println!("history: {}: {rows} stock keys", day_text(day));
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            from_archive,
+            since,
+            until,
+            into,
+        } => {
+            let archive = open_archive(&config, Some(&from_archive))?;
+            let mut client = match into {
+                ledger_writer::archive::Target::Postgres => Some(offline_postgres(&config).await?),
+                ledger_writer::archive::Target::Kafka => None,
+            };
+            let replayed = ledger_writer::archive::replay(
+                &config,
+                &archive,
+                client.as_mut(),
+                into,
+                since,
+                until,
+            )
+            .await?;
+            println!(
+                "replay: {} days, {} files, {} entries read; {} rows new to postgresql",
+                replayed.days, replayed.files, replayed.entries, replayed.inserted
+            );
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Command::RedriveDlq { fixed: None } => {
             let reader = Arc::clone(&config);

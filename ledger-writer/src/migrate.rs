@@ -3,7 +3,9 @@
 //! Owns bringing a database to the schema this writer needs: each file of
 //! `migrations/` is applied once, in order, in its own transaction, recorded
 //! in `schema_migrations`. A transaction-level advisory lock makes writers
-//! starting together apply each migration once.
+//! starting together apply each migration once. The views are not
+//! migrations: `migrations/views.sql` is applied whole after them (see
+//! [`VIEWS`]), so each view has one definition, edited in place.
 
 use tokio_postgres::Client;
 
@@ -21,7 +23,17 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "reconciliation",
         include_str!("../migrations/004_reconciliation.sql"),
     ),
+    (
+        5,
+        "partitioned_ledger",
+        include_str!("../migrations/005_partitioned_ledger.sql"),
+    ),
 ];
+
+/// The analytics views, the one home of their definitions: applied whole
+/// after a run that applied a migration (a migration may drop them with the
+/// tables they read) or when the text changed since it was last applied.
+const VIEWS: &str = include_str!("../migrations/views.sql");
 
 /// An arbitrary constant: the advisory lock all writers take to migrate.
 const MIGRATION_LOCK: i64 = 0x001e_d9e7;
@@ -39,6 +51,9 @@ pub async fn migrate(client: &mut Client) -> Result<usize, tokio_postgres::Error
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                  version integer PRIMARY KEY,
                  name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS schema_views (
+                 sha256 text NOT NULL,
                  applied_at timestamptz NOT NULL DEFAULT now())",
         )
         .await?;
@@ -57,6 +72,10 @@ pub async fn migrate(client: &mut Client) -> Result<usize, tokio_postgres::Error
             .await?
             .is_some();
         if !done {
+            // A migration may move a whole ledger (005 partitions it).
+            transaction
+                .batch_execute("SET LOCAL statement_timeout = 0")
+                .await?;
             transaction.batch_execute(sql).await?;
             transaction
                 .execute(
@@ -69,5 +88,31 @@ pub async fn migrate(client: &mut Client) -> Result<usize, tokio_postgres::Error
         }
         transaction.commit().await?;
     }
+    let views_sha256 = crate::sha256_hex(VIEWS.as_bytes());
+    let transaction = client.transaction().await?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let current = transaction
+        .query_opt(
+            "SELECT 1 FROM schema_views WHERE sha256 = $1",
+            &[&views_sha256],
+        )
+        .await?
+        .is_some();
+    if applied > 0 || !current {
+        transaction.batch_execute(VIEWS).await?;
+        transaction
+            .batch_execute("DELETE FROM schema_views")
+            .await?;
+        transaction
+            .execute(
+                "INSERT INTO schema_views (sha256) VALUES ($1)",
+                &[&views_sha256],
+            )
+            .await?;
+        tracing::info!("analytics views applied");
+    }
+    transaction.commit().await?;
     Ok(applied)
 }

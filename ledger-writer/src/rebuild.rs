@@ -72,14 +72,18 @@ fn kind_of(cell: &str) -> Option<(&'static str, Option<String>)> {
     }
 }
 
-/// Rebuilds the cells of `options.scope` from the ledger.
+/// Rebuilds the cells of `options.scope` from the ledger: with `archive`,
+/// the days retention dropped are read back from it; without, a key with
+/// such days is refused (its carried balance says where the cells stood, not
+/// which holds and transfers were open).
 pub async fn rebuild(
     postgres: &Client,
     allocator: &Allocator,
     config: &config::Config,
     options: &Options,
+    archive: Option<&crate::archive::Archive>,
 ) -> anyhow::Result<Report> {
-    let ledger = Ledger::read(postgres, allocator, config, &options.scope).await?;
+    let ledger = Ledger::read(postgres, allocator, config, &options.scope, archive).await?;
     let mut keys: BTreeMap<StockKey, Vec<CellHistory<'_>>> = BTreeMap::new();
     for (cell, history) in ledger.cell_histories() {
         let last = history.last().expect("a cell has at least one entry");
@@ -87,6 +91,23 @@ pub async fn rebuild(
         keys.entry(key).or_default().push((cell, history));
     }
     let mut report = Report::default();
+    let mut dropped: BTreeMap<StockKey, time::Date> = BTreeMap::new();
+    for day in ledger.carried.values().flatten() {
+        dropped.entry(day.key.clone()).or_insert(day.day);
+    }
+    for (key, day) in dropped {
+        keys.remove(&key);
+        report.refused.push((
+            key.to_string(),
+            format!(
+                "its entries of {} and maybe later days were dropped by retention; rebuild --from-archive",
+                crate::archive::day_text(day)
+            ),
+        ));
+    }
+    if !report.refused.is_empty() && matches!(options.scope, Scope::Key(_)) {
+        return Ok(report);
+    }
     if let Scope::Key(key) = &options.scope
         && !keys.contains_key(key)
     {

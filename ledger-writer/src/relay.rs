@@ -80,6 +80,9 @@ pub struct Relay {
     published: HashMap<u32, (u64, HashSet<String>)>,
     /// Redis's clock as this writer last read it, for the freshness series.
     clock: RedisClock,
+    /// The ledger's day partitions this writer made sure exist (forgotten
+    /// when an insert finds one missing: retention dropped it).
+    days: HashSet<time::Date>,
 }
 
 /// How often the writer reads Redis's clock again for the freshness series.
@@ -199,6 +202,7 @@ impl Relay {
             postgres: None,
             metrics,
             published: HashMap::new(),
+            days: HashSet::new(),
             clock: RedisClock::default(),
         })
     }
@@ -310,7 +314,12 @@ impl Relay {
                 }
             }
         }
-        self.store(lease, &entries).await?;
+        if let Err(error) = self.store(lease, &entries).await {
+            // A day partition may have been dropped since (retention): make
+            // sure again on the next try.
+            self.days.clear();
+            return Err(error);
+        }
         self.observe_visible("postgresql", &entries).await;
         let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
         self.acknowledge(lease, ids).await?;
@@ -380,37 +389,13 @@ impl Relay {
     }
 
     async fn publish_once(&self, partition: u32, entries: &[Entry]) -> Result<(), KafkaError> {
-        let kafka_partition = (partition % self.config.kafka.topic_partitions.max(1)) as i32;
-        let timeout = Duration::from_millis(self.config.kafka.request_timeout_ms);
-        let mut deliveries = Vec::with_capacity(entries.len());
-        for (_, entry) in entries {
-            // The cell: the unit Kafka's per-key order holds for (module docs).
-            let key = entry.cell.as_str();
-            // Strings and integers only: serializing cannot fail.
-            let payload = serde_json::to_string(entry).expect("a ledger entry serializes");
-            let record = FutureRecord::to(&self.config.kafka.ledger_topic)
-                .key(key)
-                .payload(&payload)
-                .partition(kafka_partition);
-            let delivery = self
-                .producer
-                .send_result(record)
-                .map_err(|(error, _)| error)?;
-            deliveries.push(delivery);
-        }
-        for delivery in deliveries {
-            match tokio::time::timeout(timeout, delivery).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err((error, _)))) => return Err(error),
-                Ok(Err(_)) => return Err(KafkaError::Canceled),
-                Err(_) => {
-                    return Err(KafkaError::MessageProduction(
-                        RDKafkaErrorCode::MessageTimedOut,
-                    ));
-                }
-            }
-        }
-        Ok(())
+        publish_entries(
+            &self.producer,
+            &self.config,
+            partition,
+            entries.iter().map(|(_, entry)| entry),
+        )
+        .await
     }
 
     /// Writes the batch in one transaction, after checking the lease token
@@ -425,6 +410,11 @@ impl Relay {
             self.postgres = Some(client);
         }
         let client = self.postgres.as_mut().expect("connected above");
+        let days = entry_days(entries.iter().map(|(_, entry)| entry));
+        if !days.is_subset(&self.days) {
+            ensure_days(client, &days).await?;
+            self.days.extend(days);
+        }
         let batch =
             serde_json::to_string(&entries.iter().map(|(_, entry)| entry).collect::<Vec<_>>())
                 .map_err(|error| {
@@ -461,38 +451,7 @@ impl Relay {
                 idle_ms: u64::try_from(row.get::<_, i64>(1)).unwrap_or_default(),
             });
         }
-        transaction
-            .execute(
-                "INSERT INTO ledger (entry_id, partition, stream_id, op, merchant, sku, location, cell, qty,
-                     on_hand_before, on_hand_after, reserved_before, reserved_after, version,
-                     reservation_id, cart_id, transfer_id, idempotency_key, source, source_event_id,
-                     shortfall, node, at, entry)
-                 SELECT e->>'entry_id', (e->>'partition')::int, e->>'stream_id', e->>'op', e->>'merchant',
-                     e->>'sku', e->>'location', e->>'cell', COALESCE((e->>'qty')::bigint, 0),
-                     (e->>'on_hand_before')::bigint, (e->>'on_hand_after')::bigint,
-                     (e->>'reserved_before')::bigint, (e->>'reserved_after')::bigint, (e->>'version')::bigint,
-                     e->>'reservation_id', e->>'cart_id', e->>'transfer_id', e->>'idempotency_key',
-                     e->>'source', e->>'source_event_id', COALESCE((e->>'shortfall')::boolean, false),
-                     e->>'node', to_timestamp((e->>'at_ms')::bigint / 1000.0), e
-                 FROM jsonb_array_elements($1::text::jsonb) AS e
-                 ON CONFLICT (entry_id) DO NOTHING",
-                &[&batch],
-            )
-            .await?;
-        transaction
-            .execute(
-                "INSERT INTO stock_snapshot (cell, merchant, sku, location, on_hand, reserved, version, updated_at)
-                 SELECT DISTINCT ON (e->>'cell') e->>'cell', e->>'merchant', e->>'sku', e->>'location',
-                     (e->>'on_hand_after')::bigint, (e->>'reserved_after')::bigint, (e->>'version')::bigint,
-                     to_timestamp((e->>'at_ms')::bigint / 1000.0)
-                 FROM jsonb_array_elements($1::text::jsonb) AS e
-                 ORDER BY e->>'cell', (e->>'version')::bigint DESC
-                 ON CONFLICT (cell) DO UPDATE SET on_hand = EXCLUDED.on_hand, reserved = EXCLUDED.reserved,
-                     version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
-                 WHERE stock_snapshot.version < EXCLUDED.version",
-                &[&batch],
-            )
-            .await?;
+        insert_rows(&transaction, &batch).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -540,6 +499,113 @@ impl Relay {
             _ => None,
         })
     }
+}
+
+/// Publishes `entries` of ledger partition `partition` to the ledger topic
+/// and waits for every delivery: keyed by cell, to Kafka partition
+/// `partition mod K` (module docs). The relay's and the replay's one way
+/// into Kafka.
+pub async fn publish_entries<'a>(
+    producer: &FutureProducer,
+    config: &config::Config,
+    partition: u32,
+    entries: impl Iterator<Item = &'a LedgerEntry>,
+) -> Result<(), KafkaError> {
+    let kafka_partition = (partition % config.kafka.topic_partitions.max(1)) as i32;
+    let timeout = Duration::from_millis(config.kafka.request_timeout_ms);
+    let mut deliveries = Vec::new();
+    for entry in entries {
+        // The cell: the unit Kafka's per-key order holds for (module docs).
+        let key = entry.cell.as_str();
+        // Strings and integers only: serializing cannot fail.
+        let payload = serde_json::to_string(entry).expect("a ledger entry serializes");
+        let record = FutureRecord::to(&config.kafka.ledger_topic)
+            .key(key)
+            .payload(&payload)
+            .partition(kafka_partition);
+        let delivery = producer.send_result(record).map_err(|(error, _)| error)?;
+        deliveries.push(delivery);
+    }
+    for delivery in deliveries {
+        match tokio::time::timeout(timeout, delivery).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((error, _)))) => return Err(error),
+            Ok(Err(_)) => return Err(KafkaError::Canceled),
+            Err(_) => {
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The UTC days of `entries`' Redis times: the ledger partitions they go to.
+pub fn entry_days<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> HashSet<time::Date> {
+    entries
+        .map(|entry| {
+            let at = time::OffsetDateTime::UNIX_EPOCH + Duration::from_millis(entry.at_ms);
+            at.date()
+        })
+        .collect()
+}
+
+/// Makes sure the ledger has a partition for each of `days`
+/// (`ledger_day_partition` in migration 005 creates a missing one).
+pub async fn ensure_days(
+    client: &Client,
+    days: &HashSet<time::Date>,
+) -> Result<(), tokio_postgres::Error> {
+    for day in days {
+        client
+            .execute("SELECT ledger_day_partition($1)", &[day])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Inserts `batch` (a JSON array of entries) into `ledger`, each entry once,
+/// and moves `stock_snapshot` to each cell's newest version. The one home of
+/// how an entry becomes a row; its days' partitions must exist
+/// ([`ensure_days`]).
+pub async fn insert_rows(
+    transaction: &tokio_postgres::Transaction<'_>,
+    batch: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    let inserted = transaction
+        .execute(
+            "INSERT INTO ledger (entry_id, partition, stream_id, op, merchant, sku, location, cell, qty,
+                 on_hand_before, on_hand_after, reserved_before, reserved_after, version,
+                 reservation_id, cart_id, transfer_id, idempotency_key, source, source_event_id,
+                 shortfall, node, at, entry)
+             SELECT e->>'entry_id', (e->>'partition')::int, e->>'stream_id', e->>'op', e->>'merchant',
+                 e->>'sku', e->>'location', e->>'cell', COALESCE((e->>'qty')::bigint, 0),
+                 (e->>'on_hand_before')::bigint, (e->>'on_hand_after')::bigint,
+                 (e->>'reserved_before')::bigint, (e->>'reserved_after')::bigint, (e->>'version')::bigint,
+                 e->>'reservation_id', e->>'cart_id', e->>'transfer_id', e->>'idempotency_key',
+                 e->>'source', e->>'source_event_id', COALESCE((e->>'shortfall')::boolean, false),
+                 e->>'node', to_timestamp((e->>'at_ms')::bigint / 1000.0), e
+             FROM jsonb_array_elements($1::text::jsonb) AS e
+             ON CONFLICT (entry_id, at) DO NOTHING",
+            &[&batch],
+        )
+        .await?;
+    transaction
+        .execute(
+            "INSERT INTO stock_snapshot (cell, merchant, sku, location, on_hand, reserved, version, updated_at)
+             SELECT DISTINCT ON (e->>'cell') e->>'cell', e->>'merchant', e->>'sku', e->>'location',
+                 (e->>'on_hand_after')::bigint, (e->>'reserved_after')::bigint, (e->>'version')::bigint,
+                 to_timestamp((e->>'at_ms')::bigint / 1000.0)
+             FROM jsonb_array_elements($1::text::jsonb) AS e
+             ORDER BY e->>'cell', (e->>'version')::bigint DESC
+             ON CONFLICT (cell) DO UPDATE SET on_hand = EXCLUDED.on_hand, reserved = EXCLUDED.reserved,
+                 version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
+             WHERE stock_snapshot.version < EXCLUDED.version",
+            &[&batch],
+        )
+        .await?;
+    Ok(inserted)
 }
 
 /// Logs a failed pass with the partition; the caller retries after a pause.

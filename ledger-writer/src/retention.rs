@@ -1,0 +1,311 @@
+//! `ledger-writer partitions`, `history` and `retention`: the PostgreSQL
+//! ledger's days, from created ahead to dropped.
+//!
+//! Owns the life of a day partition after the relay (which creates a day's
+//! partition when an entry for it arrives, [`crate::relay::ensure_days`]):
+//!
+//! * **Ahead.** [`ensure_ahead`] creates today's partition and the next
+//!   `ledger_writer.partitions_ahead_days`; the writer runs it at start and
+//!   every hour, so the relay rarely has to.
+//! * **History.** [`build_history`] writes the curated daily history of a
+//!   day (`stock_history_daily`, from the `stock_reconciliation_daily` and
+//!   `stockouts` views): kept `ledger_writer.history_retention_days` after
+//!   the raw entries are gone.
+//! * **Drop.** A day older than `ledger_writer.raw_retention_days` is
+//!   dropped only when the archive verifies ([`crate::archive::verify_day`]:
+//!   every file matches its manifest and holds every entry PostgreSQL has for
+//!   the day), and the check is made again under a lock on the partition, in
+//!   the transaction that drops it. That transaction also writes the day's
+//!   history, and what the day leaves behind for the audit: each cell's
+//!   balance carried forward (`ledger_carried`: the first "before", the last
+//!   "after", the sums of the flows the conservation law counts) and the
+//!   entries the audit reads whole (`ledger_carried_entries`: transfer halves
+//!   not matched within the day, settings). A day is in `ledger` or carried,
+//!   never both: a replay of the day removes its carried rows in the
+//!   transaction that lands it ([`forget_carried`]).
+//!
+//! Entries for a dropped day can still arrive (a relay backlog): the relay
+//! creates the partition again, the next archive adds them to the day's file,
+//! and the next drop adds them to the carried rows.
+//!
+//! Why not pg_partman: creating days ahead is one SQL function here
+//! (`ledger_day_partition`), and dropping must wait for our own archive's
+//! verification and carry balances forward in the same transaction, which
+//! partman's retention cannot be told to do; it would add an extension to
+//! install for the part we need least.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use time::{Date, Duration};
+use tokio_postgres::{Client, Transaction};
+
+use crate::archive::{self, Archive};
+
+/// Today (UTC) by PostgreSQL's clock.
+pub async fn today(client: &Client) -> anyhow::Result<Date> {
+    Ok(client
+        .query_one("SELECT (now() AT TIME ZONE 'UTC')::date", &[])
+        .await?
+        .get(0))
+}
+
+/// Creates the partitions of today and the next `days_ahead` days; returns
+/// the days.
+pub async fn ensure_ahead(client: &Client, days_ahead: u32) -> anyhow::Result<Vec<Date>> {
+    let today = today(client).await?;
+    let days: Vec<Date> = (0..=i64::from(days_ahead))
+        .map(|offset| today + Duration::days(offset))
+        .collect();
+    crate::relay::ensure_days(client, &days.iter().copied().collect()).await?;
+    Ok(days)
+}
+
+/// How often the writer creates the days ahead again.
+const AHEAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// [`ensure_ahead`] every [`AHEAD_INTERVAL`] (the first at start is the
+/// writer's own), on a connection of its own; a failure is logged and tried
+/// again next time (the relay creates a missing day itself meanwhile).
+pub async fn partitions_ahead_forever(config: std::sync::Arc<config::Config>) {
+    loop {
+        tokio::time::sleep(AHEAD_INTERVAL).await;
+        let made = async {
+            let client = crate::connect_postgres(&config).await?;
+            ensure_ahead(&client, config.ledger_writer.partitions_ahead_days).await
+        };
+        if let Err(error) = made.await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "creating the ledger's days ahead failed"
+            );
+        }
+    }
+}
+
+/// Writes (or writes again) the curated history of `day`: one row per
+/// stock key that moved that day. Stockout minutes are the day's share of
+/// each episode the `stockouts` view shows (an episode that began on a day
+/// already dropped is counted from the first entry the ledger still has).
+pub async fn build_history(transaction: &Transaction<'_>, day: Date) -> anyhow::Result<u64> {
+    transaction
+        .batch_execute("SET LOCAL TimeZone = 'UTC'")
+        .await?;
+    Ok(transaction
+        .execute(
+            "WITH bounds AS (
+                 SELECT $1::date::timestamptz AS day_start, ($1::date + 1)::timestamptz AS day_end
+             )
+             INSERT INTO stock_history_daily (merchant, sku, location, day, opening_on_hand, received,
+                 removed, sold, moved_in, moved_out, rebuilt, closing_on_hand, stockout_minutes, entries)
+             SELECT r.merchant, r.sku, r.location, $1::date, r.opening_on_hand, r.received, r.removed,
+                 r.sold, r.moved_in, r.moved_out, r.rebuilt, r.closing_on_hand,
+                 COALESCE((SELECT SUM(EXTRACT(EPOCH FROM LEAST(COALESCE(s.ended_at, now()), b.day_end)
+                                                       - GREATEST(s.started_at, b.day_start))) / 60
+                           FROM stockouts s
+                           WHERE s.merchant = r.merchant AND s.sku = r.sku AND s.location = r.location
+                             AND s.started_at < b.day_end
+                             AND COALESCE(s.ended_at, now()) > b.day_start), 0)::numeric(8, 2),
+                 r.entries
+             FROM stock_reconciliation_daily r, bounds b
+             WHERE r.day = b.day_start
+             ON CONFLICT (merchant, sku, location, day) DO UPDATE SET
+                 opening_on_hand = EXCLUDED.opening_on_hand, received = EXCLUDED.received,
+                 removed = EXCLUDED.removed, sold = EXCLUDED.sold, moved_in = EXCLUDED.moved_in,
+                 moved_out = EXCLUDED.moved_out, rebuilt = EXCLUDED.rebuilt,
+                 closing_on_hand = EXCLUDED.closing_on_hand,
+                 stockout_minutes = EXCLUDED.stockout_minutes, entries = EXCLUDED.entries,
+                 built_at = now()",
+            &[&day],
+        )
+        .await?)
+}
+
+/// Removes what a dropped `day` left for the audit (the day is back).
+pub async fn forget_carried(transaction: &Transaction<'_>, day: Date) -> anyhow::Result<()> {
+    transaction
+        .execute("DELETE FROM ledger_carried WHERE day = $1", &[&day])
+        .await?;
+    transaction
+        .execute("DELETE FROM ledger_carried_entries WHERE day = $1", &[&day])
+        .await?;
+    Ok(())
+}
+
+/// What retention decided for one day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Past retention, archived and verified: dropped (or, in a dry run,
+    /// would be).
+    Dropped {
+        /// Entries the partition held.
+        entries: u64,
+        /// Curated history rows written for the day.
+        history: u64,
+    },
+    /// Past retention but not dropped, with why.
+    Refused(String),
+}
+
+/// What [`retention`] did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The days past retention (or the one asked for), with the decision.
+    pub days: Vec<(Date, Decision)>,
+    /// Curated history rows past their retention, deleted.
+    pub history_deleted: u64,
+    /// Whether anything was changed (`--apply`).
+    pub applied: bool,
+}
+
+/// Drops the days past raw retention (or only `day`, when given: an
+/// operator's explicit request, honoured whatever its age) that the archive
+/// verifies, and deletes curated history past its own retention. Changes
+/// nothing unless `apply`.
+pub async fn retention(
+    client: &mut Client,
+    archive: &Archive,
+    config: &config::Config,
+    day: Option<Date>,
+    apply: bool,
+) -> anyhow::Result<Report> {
+    let today = today(client).await?;
+    let writer = &config.ledger_writer;
+    let days: Vec<Date> = match day {
+        Some(day) => vec![day],
+        None => {
+            let oldest_kept = today - Duration::days(i64::from(writer.raw_retention_days));
+            archive::postgres_days(client)
+                .await?
+                .into_iter()
+                .filter(|day| *day < oldest_kept)
+                .collect()
+        }
+    };
+    let mut report = Report {
+        applied: apply,
+        ..Report::default()
+    };
+    for day in days {
+        let verified = archive::verify_day(client, archive, day).await?;
+        let decision = if verified.files == 0 && verified.in_postgres > 0 {
+            Decision::Refused(format!("not archived in {}", archive.url))
+        } else if !verified.problems.is_empty() {
+            Decision::Refused(verified.problems.join("; "))
+        } else if apply {
+            drop_day(client, day, &verified.archived_ids).await?
+        } else {
+            Decision::Dropped {
+                entries: verified.in_postgres,
+                history: 0,
+            }
+        };
+        report.days.push((day, decision));
+    }
+    if apply {
+        let oldest_history = today - Duration::days(i64::from(writer.history_retention_days));
+        report.history_deleted = client
+            .execute(
+                "DELETE FROM stock_history_daily WHERE day < $1",
+                &[&oldest_history],
+            )
+            .await?;
+    }
+    Ok(report)
+}
+
+/// Drops `day`'s partition in one transaction, if every entry it holds
+/// under a lock is among `archived` (else refuses): writes its history and
+/// carried balances first.
+async fn drop_day(
+    client: &mut Client,
+    day: Date,
+    archived: &BTreeSet<String>,
+) -> anyhow::Result<Decision> {
+    let transaction = client.transaction().await?;
+    let table: String = transaction
+        .query_one(
+            "SELECT partition_table FROM ledger_days WHERE day = $1",
+            &[&day],
+        )
+        .await
+        .with_context(|| format!("no ledger partition for {}", archive::day_text(day)))?
+        .get(0);
+    // The relay waits for this transaction to end before it can add a row.
+    transaction
+        .batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .await?;
+    let ids: Vec<String> = transaction
+        .query(&format!("SELECT entry_id FROM {table}"), &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let missing = ids.iter().filter(|id| !archived.contains(*id)).count();
+    if missing > 0 {
+        transaction.rollback().await?;
+        return Ok(Decision::Refused(format!(
+            "{missing} entries arrived after the archive was verified; archive again"
+        )));
+    }
+    let history = build_history(&transaction, day).await?;
+    transaction
+        .execute(
+            &format!(
+                "INSERT INTO ledger_carried (day, partition, cell, merchant, sku, location, entries,
+                     first_entry_id, last_entry_id, on_hand_before, reserved_before, on_hand_after,
+                     reserved_after, version, adjusted, committed, sent, received)
+                 SELECT $1, partition, cell, merchant, sku, location, COUNT(*),
+                     (array_agg(entry_id ORDER BY ms, seq))[1],
+                     (array_agg(entry_id ORDER BY ms DESC, seq DESC))[1],
+                     (array_agg(on_hand_before ORDER BY ms, seq))[1],
+                     (array_agg(reserved_before ORDER BY ms, seq))[1],
+                     (array_agg(on_hand_after ORDER BY ms DESC, seq DESC))[1],
+                     (array_agg(reserved_after ORDER BY ms DESC, seq DESC))[1],
+                     (array_agg(version ORDER BY ms DESC, seq DESC))[1],
+                     COALESCE(SUM(qty) FILTER (WHERE op = 'adjust'), 0),
+                     COALESCE(SUM(qty) FILTER (WHERE op = 'commit'), 0),
+                     COALESCE(SUM(qty) FILTER (WHERE op = 'transfer_out'), 0),
+                     COALESCE(SUM(qty) FILTER (WHERE op = 'transfer_in'), 0)
+                 FROM (SELECT *, split_part(stream_id, '-', 1)::bigint AS ms,
+                              split_part(stream_id, '-', 2)::bigint AS seq
+                       FROM {table}) AS l
+                 GROUP BY partition, cell, merchant, sku, location
+                 ON CONFLICT (day, partition, cell) DO UPDATE SET
+                     entries = ledger_carried.entries + EXCLUDED.entries,
+                     last_entry_id = EXCLUDED.last_entry_id,
+                     on_hand_after = EXCLUDED.on_hand_after,
+                     reserved_after = EXCLUDED.reserved_after,
+                     version = EXCLUDED.version,
+                     adjusted = ledger_carried.adjusted + EXCLUDED.adjusted,
+                     committed = ledger_carried.committed + EXCLUDED.committed,
+                     sent = ledger_carried.sent + EXCLUDED.sent,
+                     received = ledger_carried.received + EXCLUDED.received"
+            ),
+            &[&day],
+        )
+        .await?;
+    transaction
+        .execute(
+            &format!(
+                "INSERT INTO ledger_carried_entries (day, entry_id, entry)
+                 SELECT $1, l.entry_id, l.entry FROM {table} AS l
+                 WHERE l.op = 'settings'
+                    OR (l.op IN ('transfer_out', 'transfer_in') AND NOT EXISTS (
+                        SELECT 1 FROM {table} AS o
+                        WHERE o.transfer_id = l.transfer_id
+                          AND o.op IN ('transfer_out', 'transfer_in') AND o.op <> l.op))
+                 ON CONFLICT (day, entry_id) DO NOTHING"
+            ),
+            &[&day],
+        )
+        .await?;
+    transaction
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await?;
+    transaction.commit().await?;
+    Ok(Decision::Dropped {
+        entries: ids.len() as u64,
+        history,
+    })
+}
