@@ -7,8 +7,8 @@
 //! by the usual `AWS_*` variables through the `object_store` crate):
 //!
 //! ```text
-//! ledger/v1/day=2026-12-07/partition=3/part-<first 16 hex of its sha256>.parquet
-//! ledger/v1/day=2026-12-07/partition=3/manifest.json
+//! ledger/v1/day=2026-12-07/ledger_partition=3/part-<first 16 hex of its sha256>.parquet
+//! ledger/v1/day=2026-12-07/ledger_partition=3/manifest.json
 //! ```
 //!
 //! The columns are the typed ledger entry's fields ([`allocator::LedgerEntry`],
@@ -162,7 +162,7 @@ impl Archive {
             "ledger".to_owned(),
             format!("v{LEDGER_VERSION}"),
             format!("day={}", day_text(day)),
-            format!("partition={partition}"),
+            format!("ledger_partition={partition}"),
         ] {
             path = path.clone().join(part);
         }

@@ -311,3 +311,128 @@ fn walk(directory: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+/// The python of the venv `scripts/stack up` fills with DuckDB and moto.
+fn data_python() -> std::path::PathBuf {
+    std::env::var_os("STACK_DATA_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| testkit::repository_root().join(".stack/py-data/bin/python"))
+}
+
+/// What DuckDB reads from the archive's files: every row, as a JSON object
+/// of the columns that are not null (the hive columns of the path left out).
+fn duckdb_rows(archive_dir: &str) -> Vec<serde_json::Value> {
+    const SCRIPT: &str = r#"
+import json, sys
+import duckdb
+rows = duckdb.sql(
+    "SELECT * EXCLUDE (day, ledger_partition) FROM read_parquet(?, hive_partitioning = true)",
+    params=[sys.argv[1] + "/ledger/v1/*/*/*.parquet"],
+)
+names = [column[0] for column in rows.description]
+for row in rows.fetchall():
+    print(json.dumps({name: value for name, value in zip(names, row) if value is not None}))
+"#;
+    let output = std::process::Command::new(data_python())
+        .args(["-c", SCRIPT, archive_dir])
+        .output()
+        .expect("run python with duckdb (scripts/stack up installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON row"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_reads_every_field_exactly_and_the_archive_works_on_s3() {
+    let (_redis, setup, allocator) = common::harness(&[]).await;
+    workload(&setup, &allocator, "d").await;
+    // An absolute count with the largest sequence there is (2^53 - 1): exact in every reader.
+    let count = allocator::Adjustment {
+        merchant: "m-ledger".to_owned(),
+        sku: "sku-counted".to_owned(),
+        location: "dc1".to_owned(),
+        kind: allocator::AdjustmentKind::Absolute,
+        qty: 7,
+        source: "wms".to_owned(),
+        event_id: "count-1".to_owned(),
+        source_seq: Some(9_007_199_254_740_991),
+    };
+    allocator.adjust(&count).await.expect("count");
+    let writer = common::start_writer(&setup);
+    let total = common::ledger_rows(&setup).await as u64 + 1;
+    assert_eq!(
+        common::wait_for_rows(&setup, total, Duration::from_secs(60)).await as u64,
+        total
+    );
+    drop(writer);
+    let client = common::postgres(&setup).await;
+    let before = entries(&client).await;
+    let day = today(&client).await;
+    let directory = tempfile::tempdir().expect("archive directory");
+    let archive_dir = directory.path().to_str().expect("utf-8 path");
+    let archived = run(&setup, "archive", &["--day", &day, "--to", archive_dir]);
+    assert!(archived.status.success(), "{}", text(&archived));
+
+    // DuckDB: every row, every field, exact.
+    let rows = duckdb_rows(archive_dir);
+    let read: BTreeMap<String, LedgerEntry> = rows
+        .into_iter()
+        .map(|row| {
+            let entry = LedgerEntry::from_value(row).expect("a ledger entry from duckdb");
+            (entry.entry_id.clone().expect("an id"), entry)
+        })
+        .collect();
+    assert_eq!(read, before);
+    assert!(
+        read.values()
+            .any(|entry| entry.source_seq == Some(9_007_199_254_740_991))
+    );
+
+    // The same archive on an S3-compatible server (moto): written,
+    // verified, and replayed into an empty database.
+    let port = testkit::free_port();
+    let _s3 = testkit::KillOnDrop(
+        std::process::Command::new(data_python().with_file_name("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server"),
+    );
+    testkit::wait_for_port(port);
+    let bucket = reqwest::Client::new()
+        .put(format!("http://127.0.0.1:{port}/invgw-archive"))
+        .send()
+        .await
+        .expect("create the bucket");
+    assert!(bucket.status().is_success(), "{bucket:?}");
+    let s3 = |command: &mut std::process::Command| {
+        command
+            .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1");
+    };
+    let url = "s3://invgw-archive/ledgers";
+    let mut command = common::writer_command(&setup, "archive");
+    s3(command.args(["--day", &day, "--to", url]));
+    let archived = command.stderr(Stdio::piped()).output().expect("archive");
+    assert!(archived.status.success(), "{}", text(&archived));
+    let mut command = common::writer_command(&setup, "verify");
+    s3(command.args(["--day", &day, "--archive", url]));
+    let verified = command.stderr(Stdio::piped()).output().expect("verify");
+    assert!(verified.status.success(), "{}", text(&verified));
+    let fresh = common::setup_with(&setup.redis_url, &[]).await;
+    let mut command = common::writer_command(&fresh, "replay");
+    s3(command.args(["--from-archive", url]));
+    let replayed = command.stderr(Stdio::piped()).output().expect("replay");
+    assert!(replayed.status.success(), "{}", text(&replayed));
+    assert_eq!(entries(&common::postgres(&fresh).await).await, before);
+}
