@@ -15,6 +15,7 @@
 
 pub mod archive;
 pub mod audit;
+pub mod compensate;
 pub mod ingest;
 pub mod lease;
 pub mod metrics;

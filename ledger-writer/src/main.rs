@@ -115,6 +115,25 @@ enum Command {
         #[arg(long, value_parser = parse_day)]
         day: Option<time::Date>,
     },
+    /// Undo a bad bulk import: from the ledger, the delta adjustments that
+    /// take out what the source's selected events still do to each key
+    /// (holds and sales since stay), with the blast radius. A dry run
+    /// unless --apply; applied as new entries of source `undo.<source>`,
+    /// once however often it runs. Exits 1 when a key would be left short.
+    Compensate {
+        /// The import's source.
+        #[arg(long)]
+        source: String,
+        /// Its events from FIRST to LAST (event ids, in the order applied).
+        #[arg(long, value_name = "FIRST..LAST", conflicts_with = "since")]
+        events: Option<String>,
+        /// Its events applied at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<time::OffsetDateTime>,
+        /// Apply the compensation (else only print it).
+        #[arg(long)]
+        apply: bool,
+    },
     /// Land archived days again: into PostgreSQL (each entry once; the day's
     /// carried balances removed) or the Kafka ledger topic.
     Replay {
@@ -178,6 +197,12 @@ fn parse_key(text: &str) -> Result<allocator::StockKey, String> {
 /// A `--day` argument.
 fn parse_day(text: &str) -> Result<time::Date, String> {
     ledger_writer::archive::parse_day(text)
+}
+
+/// A `--since` argument.
+fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| format!("{text:?} is not an RFC 3339 time (2026-12-07T10:00:00Z)"))
 }
 
 /// The archive a command names, or the configured one.
@@ -442,6 +467,80 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 replayed.days, replayed.files, replayed.entries, replayed.inserted
             );
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Compensate {
+            source,
+            events,
+            since,
+            apply,
+        } => {
+            use ledger_writer::compensate::Selection;
+            let selection = match (events, since) {
+                (Some(range), _) => match range.split_once("..") {
+                    Some((first, last)) if !first.is_empty() && !last.is_empty() => {
+                        Selection::Events {
+                            first: first.to_owned(),
+                            last: last.to_owned(),
+                        }
+                    }
+                    _ => {
+                        eprintln!("ledger-writer: --events must be FIRST..LAST, not {range:?}");
+                        return Ok(std::process::ExitCode::from(2));
+                    }
+                },
+                (None, Some(since)) => Selection::Since(since),
+                (None, None) => Selection::All,
+            };
+            let client = offline_postgres(&config).await?;
+            let settings = allocator::AllocatorSettings::from_config(&config);
+            let allocator = allocator::Allocator::connect(&config.redis.url, settings, 2).await?;
+            let report = ledger_writer::compensate::compensate(
+                &client, &allocator, &config, &source, &selection, apply,
+            )
+            .await?;
+            let mut out = std::io::stdout().lock();
+            for key in &report.keys {
+                writeln!(
+                    out,
+                    "compensate: {}: {} entries, effect {:+} (added {}, removed {}, {} overridden by later counts), compensation {:+}, {} reservations since, sellable {} -> {}{}",
+                    key.key,
+                    key.entries,
+                    key.effect(),
+                    key.added,
+                    key.removed,
+                    key.overridden,
+                    -key.effect(),
+                    key.reservations_since,
+                    key.sellable_now,
+                    key.sellable_now - key.effect(),
+                    if key.would_be_short { " SHORT" } else { "" }
+                )?;
+            }
+            let short = report.keys.iter().filter(|key| key.would_be_short).count();
+            writeln!(
+                out,
+                "compensate: blast radius of {} import ({} entries): {} keys, {} units added and {} removed that still count, {} reservations made meanwhile, {short} keys left short",
+                report.source,
+                report.entries,
+                report.keys.len(),
+                report.units_added(),
+                -report.units_removed(),
+                report.reservations()
+            )?;
+            if apply {
+                writeln!(
+                    out,
+                    "compensate: applied {} adjustments as source {} ({} were already applied)",
+                    report.applied, report.undo_source, report.duplicates
+                )?;
+            } else {
+                writeln!(out, "compensate: a dry run; --apply to apply")?;
+            }
+            Ok(if short == 0 {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
         }
         Command::RedriveDlq { fixed: None } => {
             let reader = Arc::clone(&config);

@@ -1,0 +1,253 @@
+//! `ledger-writer compensate` on the real stack: a bulk import of wrong
+//! physical counts over 1,000 keys, with live reservations interleaved, is
+//! undone from the ledger alone; every key ends where it would have without
+//! the import, less what was sold meanwhile, and the dry run said exactly
+//! what the apply then did.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use allocator::{Adjustment, AdjustmentKind, Allocator, ReserveRequest, StockKey};
+
+const KEYS: usize = 1_000;
+/// What a correct count says is on every shelf.
+const TRUE_COUNT: i64 = 10;
+/// What the bad import says.
+const WRONG_COUNT: i64 = 100;
+/// Keys counted again by the warehouse after the import (the count wins).
+const RECOUNTED: usize = 10;
+const RECOUNT: i64 = 8;
+/// The key sold past its real stock while the import was in force.
+const OVERSOLD: usize = KEYS - 1;
+
+fn key(index: usize) -> StockKey {
+    StockKey::new("m-import", format!("sku-{index:04}"), "dc1")
+}
+
+fn count(index: usize, source: &str, event_id: String, qty: i64, seq: u64) -> Adjustment {
+    let key = key(index);
+    Adjustment {
+        merchant: key.merchant,
+        sku: key.sku,
+        location: key.location,
+        kind: AdjustmentKind::Absolute,
+        qty,
+        source: source.to_owned(),
+        event_id,
+        source_seq: Some(seq),
+    }
+}
+
+fn compensate(setup: &common::Setup, apply: bool) -> Output {
+    let mut command = common::writer_command(setup, "compensate");
+    command.args(["--source", "bad-import", "--events", "imp-0000..imp-0999"]);
+    if apply {
+        command.arg("--apply");
+    }
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run compensate")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The compensation the output lists per key, and its blast-radius line.
+fn plan(output: &Output) -> (BTreeMap<String, i64>, String) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut per_key = BTreeMap::new();
+    let mut radius = String::new();
+    for line in stdout.lines() {
+        if line.starts_with("compensate: blast radius") {
+            radius = line.to_owned();
+        } else if let Some(rest) = line.strip_prefix("compensate: ")
+            && let Some((key, details)) = rest.split_once(": ")
+            && let Some(tail) = details.split("compensation ").nth(1)
+        {
+            let value: i64 = tail
+                .split(',')
+                .next()
+                .and_then(|number| number.trim_start_matches('+').parse().ok())
+                .expect("a compensation figure");
+            per_key.insert(key.to_owned(), value);
+        }
+    }
+    (per_key, radius)
+}
+
+async fn on_hand(allocator: &Allocator, index: usize) -> (i64, i64) {
+    let view = allocator.stock_view(&key(index)).await.expect("view");
+    let pool = view.pool.expect("a pool cell");
+    (pool.on_hand, pool.reserved)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_import_over_a_thousand_keys_is_undone_less_what_sold_meanwhile() {
+    let (_redis, setup, allocator) = common::harness(&[]).await;
+    let _writer = common::start_writer(&setup);
+    for index in 0..KEYS {
+        let counted = count(index, "wms", format!("wms-{index}"), TRUE_COUNT, 1);
+        allocator.adjust(&counted).await.expect("the true count");
+    }
+
+    // The import and live checkouts at once.
+    let importer = {
+        let allocator = Arc::clone(&allocator);
+        tokio::spawn(async move {
+            for index in 0..KEYS {
+                let wrong = count(
+                    index,
+                    "bad-import",
+                    format!("imp-{index:04}"),
+                    WRONG_COUNT,
+                    7,
+                );
+                allocator.adjust(&wrong).await.expect("the import");
+            }
+        })
+    };
+    let shoppers = {
+        let allocator = Arc::clone(&allocator);
+        tokio::spawn(async move {
+            // Per key: units sold, and units still held.
+            let mut sold: BTreeMap<usize, i64> = BTreeMap::new();
+            let mut held: BTreeMap<usize, i64> = BTreeMap::new();
+            for round in 0..300usize {
+                let index = (round * 7) % (KEYS - 1);
+                let qty = 1 + (round % 2) as u32;
+                let request = ReserveRequest {
+                    key: key(index),
+                    qty,
+                    ttl: None,
+                    idempotency_key: format!("shop-{round}"),
+                    customer_ref: None,
+                };
+                let hold = allocator.reserve(&request).await.expect("a hold");
+                let id = hold.reservation.reservation_id;
+                match round % 3 {
+                    0 => {
+                        allocator.commit(None, &id, "c").await.expect("commit");
+                        *sold.entry(index).or_default() += i64::from(qty);
+                    }
+                    1 => {
+                        allocator.release(None, &id, "r").await.expect("release");
+                    }
+                    _ => *held.entry(index).or_default() += i64::from(qty),
+                }
+            }
+            (sold, held)
+        })
+    };
+    importer.await.expect("importer");
+    let (mut sold, held) = shoppers.await.expect("shoppers");
+    // One key sold past its real stock on the import's word.
+    let request = ReserveRequest {
+        key: key(OVERSOLD),
+        qty: 12,
+        ttl: None,
+        idempotency_key: "oversold".to_owned(),
+        customer_ref: None,
+    };
+    let hold = allocator.reserve(&request).await.expect("a hold");
+    allocator
+        .commit(None, &hold.reservation.reservation_id, "c")
+        .await
+        .expect("commit");
+    *sold.entry(OVERSOLD).or_default() += 12;
+    // The warehouse counts a few keys again: those counts are the truth.
+    for index in 0..RECOUNTED {
+        let recount = count(index, "wms", format!("wms-recount-{index}"), RECOUNT, 2);
+        allocator.adjust(&recount).await.expect("the recount");
+    }
+
+    // The dry run, once the relay has every entry.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dry = loop {
+        let output = compensate(&setup, false);
+        if !text(&output).contains("not relayed") || Instant::now() > deadline {
+            break output;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // Exit 1: the oversold key would be left short, and says so.
+    assert_eq!(dry.status.code(), Some(1), "{}", text(&dry));
+    let (planned, radius) = plan(&dry);
+    assert_eq!(planned.len(), KEYS, "{}", text(&dry));
+    assert!(
+        radius.contains(&format!("{KEYS} keys")) && radius.contains("1 keys left short"),
+        "{radius}"
+    );
+    let stdout = String::from_utf8_lossy(&dry.stdout).into_owned();
+    let short: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.ends_with(" SHORT"))
+        .collect();
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert!(short[0].contains(&key(OVERSOLD).to_string()), "{short:?}");
+    let before: Vec<(i64, i64)> = {
+        let mut cells = Vec::with_capacity(KEYS);
+        for index in 0..KEYS {
+            cells.push(on_hand(&allocator, index).await);
+        }
+        cells
+    };
+
+    // Applied: each key moved by exactly what the dry run said, and ends
+    // where it would be without the import, less what sold meanwhile.
+    let applied = compensate(&setup, true);
+    assert_eq!(applied.status.code(), Some(1), "{}", text(&applied));
+    let (applied_plan, applied_radius) = plan(&applied);
+    assert_eq!(applied_plan, planned);
+    assert_eq!(applied_radius, radius);
+    let mut after = Vec::with_capacity(KEYS);
+    for index in 0..KEYS {
+        let (on_hand_now, reserved_now) = on_hand(&allocator, index).await;
+        after.push((on_hand_now, reserved_now));
+        let moved = on_hand_now - before[index].0;
+        assert_eq!(
+            moved,
+            planned[&key(index).to_string()],
+            "key {index} moved by {moved}"
+        );
+        let expected = if index < RECOUNTED {
+            RECOUNT
+        } else {
+            TRUE_COUNT - sold.get(&index).copied().unwrap_or(0)
+        };
+        assert_eq!(on_hand_now, expected, "key {index}");
+        assert_eq!(
+            reserved_now,
+            held.get(&index).copied().unwrap_or(0),
+            "key {index}: holds stay as they were"
+        );
+    }
+
+    // Again: nothing more changes.
+    let again = compensate(&setup, true);
+    assert!(
+        text(&again).contains(&format!(
+            "applied 0 adjustments as source undo.bad-import ({} were already applied)",
+            KEYS - RECOUNTED
+        )),
+        "{}",
+        text(&again)
+    );
+    for (index, cell) in after.iter().enumerate() {
+        assert_eq!(on_hand(&allocator, index).await, *cell, "key {index}");
+    }
+
+    // The books balance, from the ledger alone.
+    let (balanced, report) = common::audit(&setup);
+    assert!(balanced, "{report}");
+}
