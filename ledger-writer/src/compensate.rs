@@ -82,6 +82,11 @@ pub struct KeyEffect {
     pub sellable_now: i64,
     /// Whether the compensation leaves the key short.
     pub would_be_short: bool,
+    /// Whether the ledger already has this compensation (an earlier
+    /// `--apply` of the same selection).
+    pub already_applied: bool,
+    /// The compensation's event id (of source `undo.<source>`).
+    pub event_id: String,
 }
 
 impl KeyEffect {
@@ -290,6 +295,16 @@ pub async fn compensate(
         );
         reserves.insert(key, u64::try_from(row.get::<_, i64>(3)).unwrap_or(0));
     }
+    let applied_before: std::collections::HashSet<String> = postgres
+        .query(
+            "SELECT source_event_id FROM ledger WHERE op = 'adjust' AND source = $1",
+            &[&report.undo_source],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let selection_id = crate::sha256_hex(selection.describe().as_bytes());
     let keys: Vec<StockKey> = by_key.keys().cloned().collect();
     let views = allocator.stock_views(&keys).await?;
     for ((key, entries), view) in by_key.into_iter().zip(views) {
@@ -308,8 +323,13 @@ pub async fn compensate(
         let sellable_now = view.sellable();
         let backorder = view.pool.as_ref().map_or(0, |pool| pool.backorder_limit);
         let effect = added + removed;
+        let key_id = crate::sha256_hex(key.to_string().as_bytes());
+        let event_id = format!("{}.{}", &selection_id[..16], &key_id[..32]);
+        let already_applied = applied_before.contains(&event_id);
         report.keys.push(KeyEffect {
-            would_be_short: effect > 0 && sellable_now - effect < -backorder,
+            would_be_short: !already_applied && effect > 0 && sellable_now - effect < -backorder,
+            already_applied,
+            event_id,
             key,
             entries: entries.len() as u64,
             added,
@@ -320,12 +340,10 @@ pub async fn compensate(
         });
     }
     if apply {
-        let selection_id = crate::sha256_hex(selection.describe().as_bytes());
         for key in &report.keys {
             if key.effect() == 0 {
                 continue;
             }
-            let key_id = crate::sha256_hex(key.key.to_string().as_bytes());
             let adjustment = Adjustment {
                 merchant: key.key.merchant.clone(),
                 sku: key.key.sku.clone(),
@@ -333,7 +351,7 @@ pub async fn compensate(
                 kind: AdjustmentKind::Delta,
                 qty: -key.effect(),
                 source: report.undo_source.clone(),
-                event_id: format!("{}.{}", &selection_id[..16], &key_id[..32]),
+                event_id: key.event_id.clone(),
                 source_seq: None,
             };
             match allocator

@@ -502,7 +502,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             for key in &report.keys {
                 writeln!(
                     out,
-                    "compensate: {}: {} entries, effect {:+} (added {}, removed {}, {} overridden by later counts), compensation {:+}, {} reservations since, sellable {} -> {}{}",
+                    "compensate: {}: {} entries, effect {:+} (added {}, removed {}, {} overridden by later counts), compensation {:+}{}, {} reservations since, sellable {} -> {}{}",
                     key.key,
                     key.entries,
                     key.effect(),
@@ -510,9 +510,18 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                     key.removed,
                     key.overridden,
                     -key.effect(),
+                    if key.already_applied {
+                        " (already applied)"
+                    } else {
+                        ""
+                    },
                     key.reservations_since,
                     key.sellable_now,
-                    key.sellable_now - key.effect(),
+                    if key.already_applied {
+                        key.sellable_now
+                    } else {
+                        key.sellable_now - key.effect()
+                    },
                     if key.would_be_short { " SHORT" } else { "" }
                 )?;
             }

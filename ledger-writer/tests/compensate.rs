@@ -233,8 +233,14 @@ async fn a_bad_import_over_a_thousand_keys_is_undone_less_what_sold_meanwhile() 
         );
     }
 
-    // Again: nothing more changes.
+    // Again: nothing more changes, and the plan says it was applied.
     let again = compensate(&setup, true);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("compensation -90 (already applied)"),
+        "{}",
+        text(&again)
+    );
     assert!(
         text(&again).contains(&format!(
             "applied 0 adjustments as source undo.bad-import ({} were already applied)",
