@@ -521,22 +521,57 @@ pub struct Archived {
     pub outcome: Outcome,
 }
 
-/// Archives every partition of `day` PostgreSQL holds.
+/// The advisory lock (two-key form: this class, the day's Julian day) that
+/// every archive run, retention drop and replay of a day holds, so that
+/// they take turns: two archive runs at once could otherwise each union
+/// with the same old manifest and the slower one put back fewer entries
+/// than the faster one wrote (and retention may have dropped the day on
+/// the faster one's word).
+const DAY_LOCK_CLASS: i32 = 0x1ed9;
+
+/// Takes the day's lock for the rest of `transaction`.
+pub async fn lock_day(
+    transaction: &tokio_postgres::Transaction<'_>,
+    day: Date,
+) -> Result<(), tokio_postgres::Error> {
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            &[&DAY_LOCK_CLASS, &day.to_julian_day()],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Archives every partition of `day` PostgreSQL holds, holding the day's
+/// lock ([`lock_day`]) on `client`'s session throughout.
 pub async fn archive_day(
     client: &Client,
     archive: &Archive,
     day: Date,
 ) -> anyhow::Result<Vec<Archived>> {
-    let existing = archive.manifests(Some(day)).await?;
-    let mut archived = Vec::new();
-    for partition in postgres_partitions(client, day).await? {
-        let entries = postgres_entries(client, day, partition).await?;
-        let (manifest, outcome) = archive
-            .write(day, partition, entries, existing.get(&(day, partition)))
-            .await?;
-        archived.push(Archived { manifest, outcome });
+    let key = (DAY_LOCK_CLASS, day.to_julian_day());
+    client
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&key.0, &key.1])
+        .await?;
+    let archived = async {
+        // Read under the lock: no other run changes them until it ends.
+        let existing = archive.manifests(Some(day)).await?;
+        let mut archived = Vec::new();
+        for partition in postgres_partitions(client, day).await? {
+            let entries = postgres_entries(client, day, partition).await?;
+            let (manifest, outcome) = archive
+                .write(day, partition, entries, existing.get(&(day, partition)))
+                .await?;
+            archived.push(Archived { manifest, outcome });
+        }
+        anyhow::Ok(archived)
     }
-    Ok(archived)
+    .await;
+    client
+        .execute("SELECT pg_advisory_unlock($1, $2)", &[&key.0, &key.1])
+        .await?;
+    archived
 }
 
 /// What [`verify_day`] found for one day.
@@ -665,7 +700,13 @@ pub async fn replay(
             (Target::Postgres, _, Some(client)) => {
                 crate::relay::ensure_days(client, &[day].into_iter().collect()).await?;
                 let transaction = client.transaction().await?;
-                for manifest in &manifests {
+                lock_day(&transaction, day).await?;
+                // The day comes back whole or not at all: its carried rows
+                // go (else the relay's insert would skip what they cover),
+                // and the transaction commits only if the ledger then holds
+                // every entry they stood for.
+                let carried = crate::retention::take_carried(&transaction, day).await?;
+                for manifest in archive.manifests(Some(day)).await?.values() {
                     let entries = archive.read(manifest).await?;
                     replayed.entries += entries.len() as u64;
                     for chunk in entries.chunks(2_000) {
@@ -674,7 +715,15 @@ pub async fn replay(
                             crate::relay::insert_rows(&transaction, &batch).await?;
                     }
                 }
-                crate::retention::forget_carried(&transaction, day).await?;
+                crate::retention::check_covered(&transaction, day, &carried)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "replaying {} from {}: nothing of it was replayed",
+                            day_text(day),
+                            archive.url
+                        )
+                    })?;
                 transaction.commit().await?;
             }
             _ => anyhow::bail!("replay into postgres needs a database connection"),

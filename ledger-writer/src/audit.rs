@@ -129,7 +129,29 @@ impl Ledger {
     /// Reads the ledger of `scope`. With `archive`, the days retention
     /// dropped are read back from it (every entry) instead of their carried
     /// balances; a dropped day the archive does not hold is an error.
+    ///
+    /// PostgreSQL is read in one snapshot (a repeatable-read, read-only
+    /// transaction): a retention drop or a replay committing in between
+    /// would otherwise show a day both in the ledger and carried, or in
+    /// neither.
     pub async fn read(
+        postgres: &Client,
+        allocator: &Allocator,
+        config: &config::Config,
+        scope: &Scope,
+        archive: Option<&crate::archive::Archive>,
+    ) -> anyhow::Result<Self> {
+        postgres
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let read = Self::read_in_snapshot(postgres, allocator, config, scope, archive).await;
+        postgres
+            .batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .await?;
+        read
+    }
+
+    async fn read_in_snapshot(
         postgres: &Client,
         allocator: &Allocator,
         config: &config::Config,
@@ -175,6 +197,19 @@ impl Ledger {
         let mut carried_entries = Vec::new();
         if let Some(archive) = archive {
             let manifests = archive.manifests(None).await?;
+            for row in postgres
+                .query("SELECT DISTINCT day, partition FROM ledger_carried", &[])
+                .await?
+            {
+                let (day, partition): (time::Date, i32) = (row.get(0), row.get(1));
+                if !manifests.contains_key(&(day, u32::try_from(partition)?)) {
+                    anyhow::bail!(
+                        "retention dropped {} (ledger partition {partition}) from postgresql and archive {} does not hold it",
+                        crate::archive::day_text(day),
+                        archive.url
+                    );
+                }
+            }
             for day in &dropped_days {
                 let of_day: Vec<_> = manifests
                     .iter()
@@ -451,9 +486,9 @@ pub async fn audit(
         now_ms,
         in_flight_max_ms,
     ));
-    report.drifts.extend(key_drifts(
-        ledger.entries.values().chain(&ledger.carried_entries),
-    ));
+    report
+        .drifts
+        .extend(key_drifts(ledger.entries.values(), &ledger.carried_entries));
     Ok(report)
 }
 
@@ -546,18 +581,39 @@ pub fn transfer_drifts<'a>(
 /// buckets leaves its cells holding the count; no cell takes a reservation
 /// while the key's pool is short (a loss or a setting left its sellable
 /// below −backorder_limit; its buckets were drained first, so the pool holds
-/// every free unit then), until a pool entry shows it made good.
-pub fn key_drifts<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> Vec<Drift> {
+/// every free unit then), until a pool entry shows it made good. Of the
+/// entries days dropped by retention carried (`carried`), only the settings
+/// count: the last one of each key says its safety stock and backorder limit
+/// when its entries still in the ledger begin.
+pub fn key_drifts<'a>(
+    entries: impl Iterator<Item = &'a LedgerEntry>,
+    carried: &[LedgerEntry],
+) -> Vec<Drift> {
     let mut keys: BTreeMap<String, Vec<&'a LedgerEntry>> = BTreeMap::new();
     for entry in entries {
         keys.entry(key_of(entry)).or_default().push(entry);
+    }
+    let mut carried_settings: BTreeMap<String, &LedgerEntry> = BTreeMap::new();
+    for entry in carried
+        .iter()
+        .filter(|entry| entry.op == LedgerOp::Settings)
+    {
+        let slot = carried_settings.entry(key_of(entry)).or_insert(entry);
+        if (entry.at_ms, stream_order(entry)) > (slot.at_ms, stream_order(slot)) {
+            *slot = entry;
+        }
     }
     let mut drifts = Vec::new();
     for (key, mut history) in keys {
         history.sort_by_key(|entry| (entry.at_ms, stream_order(entry)));
         // Each bucket cell's on_hand as of the last entry seen so far.
         let mut buckets: BTreeMap<&str, i64> = BTreeMap::new();
-        let (mut safety, mut backorder) = (0, 0);
+        let (mut safety, mut backorder) = carried_settings.get(&key).map_or((0, 0), |entry| {
+            (
+                entry.safety_stock.unwrap_or_default(),
+                entry.backorder_limit.unwrap_or_default(),
+            )
+        });
         // Redis times (ms) the pool was short: [from, until).
         let mut short: Vec<(u64, u64)> = Vec::new();
         let mut short_since: Option<u64> = None;
@@ -774,7 +830,7 @@ mod tests {
             20,
             json!({ "kind": "absolute", "on_hand_after": 1040 }),
         );
-        let drifts = key_drifts([&bucket, &blind].into_iter());
+        let drifts = key_drifts([&bucket, &blind].into_iter(), &[]);
         assert_eq!(drifts.len(), 1, "{drifts:?}");
         assert!(drifts[0].problem.contains("units created"), "{drifts:?}");
 
@@ -784,7 +840,7 @@ mod tests {
             20,
             json!({ "kind": "absolute", "counted": 1040, "buckets_on_hand": 500, "on_hand_after": 540 }),
         );
-        assert!(key_drifts([&bucket, &counted].into_iter()).is_empty());
+        assert!(key_drifts([&bucket, &counted].into_iter(), &[]).is_empty());
     }
 
     #[test]
@@ -801,7 +857,7 @@ mod tests {
             11,
             json!({ "reservation_id": "r1" }),
         );
-        let drifts = key_drifts([&loss, &sold].into_iter());
+        let drifts = key_drifts([&loss, &sold].into_iter(), &[]);
         assert_eq!(drifts.len(), 1, "{drifts:?}");
         assert!(drifts[0].problem.contains("short"), "{drifts:?}");
 
@@ -818,6 +874,50 @@ mod tests {
             13,
             json!({ "reservation_id": "r2" }),
         );
-        assert_eq!(key_drifts([&loss, &restock, &later].into_iter()).len(), 0);
+        assert_eq!(
+            key_drifts([&loss, &restock, &later].into_iter(), &[]).len(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_backorder_limit_set_on_a_dropped_day_still_counts() {
+        // The key allows 5 backorders: a pool at sellable -2 is not short.
+        let settings = entry(
+            "settings",
+            "m|s|l|pool",
+            5,
+            json!({ "backorder_limit": 5, "safety_stock": 0 }),
+        );
+        let oversold = entry(
+            "reserve",
+            "m|s|l|pool",
+            20,
+            json!({ "reservation_id": "r1", "on_hand_after": 3, "reserved_after": 5 }),
+        );
+        let sold = entry(
+            "reserve",
+            "m|s|l|bucket|a",
+            21,
+            json!({ "reservation_id": "r2" }),
+        );
+        // With the settings entry carried from a dropped day: no drift;
+        // without it, the audit would think the key short.
+        assert!(
+            key_drifts(
+                [&oversold, &sold].into_iter(),
+                std::slice::from_ref(&settings)
+            )
+            .is_empty()
+        );
+        assert_eq!(key_drifts([&oversold, &sold].into_iter(), &[]).len(), 1);
+        // A carried transfer half is never read as the pool's level.
+        let half = entry(
+            "transfer_out",
+            "m|s|l|pool",
+            6,
+            json!({ "transfer_id": "t1", "on_hand_after": -50 }),
+        );
+        assert!(key_drifts([&oversold, &sold].into_iter(), &[settings, half]).is_empty());
     }
 }

@@ -435,10 +435,13 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 None => ledger_writer::archive::postgres_days(&client).await?,
             };
             for day in days {
-                let transaction = client.transaction().await?;
-                let rows = ledger_writer::retention::build_history(&transaction, day).await?;
-                transaction.commit().await?;
-                println!("history: {}: {rows} stock keys", day_text(day));
+                match ledger_writer::retention::history(&mut client, day).await? {
+                    Some(rows) => println!("history: {}: {rows} stock keys", day_text(day)),
+                    None => println!(
+                        "history: {}: kept as written when retention dropped the day",
+                        day_text(day)
+                    ),
+                }
             }
             Ok(std::process::ExitCode::SUCCESS)
         }

@@ -565,8 +565,9 @@ pub async fn ensure_days(
     Ok(())
 }
 
-/// Inserts `batch` (a JSON array of entries) into `ledger`, each entry once,
-/// and moves `stock_snapshot` to each cell's newest version. The one home of
+/// Inserts `batch` (a JSON array of entries) into `ledger`, each entry once
+/// (one a dropped day's carried balance covers is not inserted again), and
+/// moves `stock_snapshot` to each cell's newest version. The one home of
 /// how an entry becomes a row; its days' partitions must exist
 /// ([`ensure_days`]).
 pub async fn insert_rows(
@@ -587,6 +588,16 @@ pub async fn insert_rows(
                  e->>'source', e->>'source_event_id', COALESCE((e->>'shortfall')::boolean, false),
                  e->>'node', to_timestamp((e->>'at_ms')::bigint / 1000.0), e
              FROM jsonb_array_elements($1::text::jsonb) AS e
+             -- An entry of a day retention dropped is in its carried row
+             -- already (a batch relayed again after the drop).
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM ledger_carried c
+                 WHERE c.day = (to_timestamp((e->>'at_ms')::bigint / 1000.0) AT TIME ZONE 'UTC')::date
+                   AND c.partition = (e->>'partition')::int AND c.cell = e->>'cell'
+                   AND (split_part(c.last_entry_id, '-', 2)::bigint,
+                        split_part(c.last_entry_id, '-', 3)::bigint)
+                       >= (split_part(e->>'stream_id', '-', 1)::bigint,
+                           split_part(e->>'stream_id', '-', 2)::bigint))
              ON CONFLICT (entry_id, at) DO NOTHING",
             &[&batch],
         )

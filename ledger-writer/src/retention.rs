@@ -19,8 +19,12 @@
 //!   history, and what the day leaves behind for the audit: each cell's
 //!   balance carried forward (`ledger_carried`: the first "before", the last
 //!   "after", the sums of the flows the conservation law counts) and the
-//!   entries the audit reads whole (`ledger_carried_entries`: transfer halves
-//!   not matched within the day, settings). A day is in `ledger` or carried,
+//!   entries the audit reads whole (`ledger_carried_entries`: the halves of
+//!   every transfer not settled within the day by exactly one debit and one
+//!   credit of the same quantity, and settings). A day whose cells do not
+//!   chain within it is refused: the audit must see the break before the
+//!   entries go. Every archive run, drop and replay of a day holds the
+//!   day's advisory lock ([`crate::archive::lock_day`]). A day is in `ledger` or carried,
 //!   never both: a replay of the day removes its carried rows in the
 //!   transaction that lands it ([`forget_carried`]).
 //!
@@ -87,16 +91,39 @@ pub async fn partitions_ahead_forever(config: std::sync::Arc<config::Config>) {
 /// stock key that moved that day. Stockout minutes are the day's share of
 /// each episode the `stockouts` view shows (an episode that began on a day
 /// already dropped is counted from the first entry the ledger still has).
-pub async fn build_history(transaction: &Transaction<'_>, day: Date) -> anyhow::Result<u64> {
+/// With `merge` (the day was dropped before, and the ledger holds only
+/// entries that came after), the rows are added to what the day's history
+/// already says: flows and minutes summed, the opening kept, the closing
+/// replaced.
+pub async fn build_history(
+    transaction: &Transaction<'_>,
+    day: Date,
+    merge: bool,
+) -> anyhow::Result<u64> {
+    let update = if merge {
+        "received = h.received + EXCLUDED.received, removed = h.removed + EXCLUDED.removed,
+         sold = h.sold + EXCLUDED.sold, moved_in = h.moved_in + EXCLUDED.moved_in,
+         moved_out = h.moved_out + EXCLUDED.moved_out, rebuilt = h.rebuilt + EXCLUDED.rebuilt,
+         closing_on_hand = EXCLUDED.closing_on_hand,
+         stockout_minutes = h.stockout_minutes + EXCLUDED.stockout_minutes,
+         entries = h.entries + EXCLUDED.entries, built_at = now()"
+    } else {
+        "opening_on_hand = EXCLUDED.opening_on_hand, received = EXCLUDED.received,
+         removed = EXCLUDED.removed, sold = EXCLUDED.sold, moved_in = EXCLUDED.moved_in,
+         moved_out = EXCLUDED.moved_out, rebuilt = EXCLUDED.rebuilt,
+         closing_on_hand = EXCLUDED.closing_on_hand,
+         stockout_minutes = EXCLUDED.stockout_minutes, entries = EXCLUDED.entries,
+         built_at = now()"
+    };
     transaction
         .batch_execute("SET LOCAL TimeZone = 'UTC'")
         .await?;
     Ok(transaction
         .execute(
-            "WITH bounds AS (
+            &format!("WITH bounds AS (
                  SELECT $1::date::timestamptz AS day_start, ($1::date + 1)::timestamptz AS day_end
              )
-             INSERT INTO stock_history_daily (merchant, sku, location, day, opening_on_hand, received,
+             INSERT INTO stock_history_daily AS h (merchant, sku, location, day, opening_on_hand, received,
                  removed, sold, moved_in, moved_out, rebuilt, closing_on_hand, stockout_minutes, entries)
              SELECT r.merchant, r.sku, r.location, $1::date, r.opening_on_hand, r.received, r.removed,
                  r.sold, r.moved_in, r.moved_out, r.rebuilt, r.closing_on_hand,
@@ -109,26 +136,86 @@ pub async fn build_history(transaction: &Transaction<'_>, day: Date) -> anyhow::
                  r.entries
              FROM stock_reconciliation_daily r, bounds b
              WHERE r.day = b.day_start
-             ON CONFLICT (merchant, sku, location, day) DO UPDATE SET
-                 opening_on_hand = EXCLUDED.opening_on_hand, received = EXCLUDED.received,
-                 removed = EXCLUDED.removed, sold = EXCLUDED.sold, moved_in = EXCLUDED.moved_in,
-                 moved_out = EXCLUDED.moved_out, rebuilt = EXCLUDED.rebuilt,
-                 closing_on_hand = EXCLUDED.closing_on_hand,
-                 stockout_minutes = EXCLUDED.stockout_minutes, entries = EXCLUDED.entries,
-                 built_at = now()",
+             ON CONFLICT (merchant, sku, location, day) DO UPDATE SET {update}"),
             &[&day],
         )
         .await?)
 }
 
-/// Removes what a dropped `day` left for the audit (the day is back).
-pub async fn forget_carried(transaction: &Transaction<'_>, day: Date) -> anyhow::Result<()> {
-    transaction
-        .execute("DELETE FROM ledger_carried WHERE day = $1", &[&day])
-        .await?;
+/// [`build_history`] of `day` in a transaction of its own, unless
+/// retention dropped the day before: its history already holds the
+/// dropped entries (and the ledger only later ones, which are added when
+/// the day is dropped again), so it is kept and `None` returned.
+pub async fn history(client: &mut Client, day: Date) -> anyhow::Result<Option<u64>> {
+    let transaction = client.transaction().await?;
+    let dropped_before = transaction
+        .query_opt(
+            "SELECT 1 FROM ledger_carried WHERE day = $1 LIMIT 1",
+            &[&day],
+        )
+        .await?
+        .is_some();
+    if dropped_before {
+        return Ok(None);
+    }
+    let rows = build_history(&transaction, day, false).await?;
+    transaction.commit().await?;
+    Ok(Some(rows))
+}
+
+/// What a dropped day left of one cell: `(partition, cell, entries, last
+/// entry id)`.
+pub type CarriedCell = (i32, String, i64, String);
+
+/// Removes what a dropped `day` left for the audit, as the day comes back
+/// into the ledger (a replay); returns what it removed, for
+/// [`check_covered`] once the entries are in.
+pub async fn take_carried(
+    transaction: &Transaction<'_>,
+    day: Date,
+) -> anyhow::Result<Vec<CarriedCell>> {
+    let taken = transaction
+        .query(
+            "DELETE FROM ledger_carried WHERE day = $1
+             RETURNING partition, cell, entries, last_entry_id",
+            &[&day],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
     transaction
         .execute("DELETE FROM ledger_carried_entries WHERE day = $1", &[&day])
         .await?;
+    Ok(taken)
+}
+
+/// Whether the ledger now holds, for every cell in `carried`, at least the
+/// entries its carried row stood for, its last one among them; an error
+/// saying which cell falls short otherwise (an archive that is not the one
+/// the day was dropped on the word of, or lacks a partition).
+pub async fn check_covered(
+    transaction: &Transaction<'_>,
+    day: Date,
+    carried: &[CarriedCell],
+) -> anyhow::Result<()> {
+    for (partition, cell, entries, last_entry_id) in carried {
+        let row = transaction
+            .query_one(
+                "SELECT count(*), bool_or(entry_id = $4) FROM ledger
+                 WHERE at >= $1::date::timestamp AT TIME ZONE 'UTC'
+                   AND at < ($1::date + 1)::timestamp AT TIME ZONE 'UTC'
+                   AND partition = $2 AND cell = $3",
+                &[&day, partition, cell, last_entry_id],
+            )
+            .await?;
+        let (present, has_last): (i64, Option<bool>) = (row.get(0), row.get(1));
+        if present < *entries || has_last != Some(true) {
+            anyhow::bail!(
+                "cell {cell} had {entries} entries up to {last_entry_id} when the day was dropped; the archive gives {present}"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -214,15 +301,44 @@ pub async fn retention(
     Ok(report)
 }
 
-/// Drops `day`'s partition in one transaction, if every entry it holds
-/// under a lock is among `archived` (else refuses): writes its history and
-/// carried balances first.
+/// Drops `day`'s partition in one transaction (else refuses), if under the
+/// day's lock every entry it holds is among `archived` and each cell's
+/// entries chain within the day: writes its history and carried balances
+/// first. A lock it cannot get within a few seconds (the relay writing the
+/// day, a deadlock) is a refusal to try again, not an error.
 async fn drop_day(
     client: &mut Client,
     day: Date,
     archived: &BTreeSet<String>,
 ) -> anyhow::Result<Decision> {
+    match drop_day_locked(client, day, archived).await {
+        Err(error)
+            if error
+                .downcast_ref::<tokio_postgres::Error>()
+                .and_then(tokio_postgres::Error::code)
+                .is_some_and(|code| {
+                    *code == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE
+                        || *code == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                }) =>
+        {
+            Ok(Decision::Refused(format!(
+                "the day is busy (a relay or another run holds it: {error}); try again"
+            )))
+        }
+        other => other,
+    }
+}
+
+async fn drop_day_locked(
+    client: &mut Client,
+    day: Date,
+    archived: &BTreeSet<String>,
+) -> anyhow::Result<Decision> {
     let transaction = client.transaction().await?;
+    transaction
+        .batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await?;
+    archive::lock_day(&transaction, day).await?;
     let table: String = transaction
         .query_one(
             "SELECT partition_table FROM ledger_days WHERE day = $1",
@@ -248,7 +364,48 @@ async fn drop_day(
             "{missing} entries arrived after the archive was verified; archive again"
         )));
     }
-    let history = build_history(&transaction, day).await?;
+    // A break in a cell's chain within the day (or against what an earlier
+    // drop of the day carried) would be hidden once the entries are gone:
+    // the audit must see it first.
+    let breaks: i64 = transaction
+        .query_one(
+            &format!(
+                "WITH l AS (
+                     SELECT partition, cell, on_hand_before, reserved_before,
+                            LAG(on_hand_after) OVER w AS previous_on_hand,
+                            LAG(reserved_after) OVER w AS previous_reserved,
+                            ROW_NUMBER() OVER w AS n
+                     FROM (SELECT *, split_part(stream_id, '-', 1)::bigint AS ms,
+                                  split_part(stream_id, '-', 2)::bigint AS seq
+                           FROM {table}) AS x
+                     WINDOW w AS (PARTITION BY partition, cell ORDER BY ms, seq))
+                 SELECT count(DISTINCT (l.partition, l.cell)) FROM l
+                 LEFT JOIN ledger_carried c
+                     ON c.day = $1 AND c.partition = l.partition AND c.cell = l.cell
+                 WHERE (l.n > 1 AND (l.previous_on_hand <> l.on_hand_before
+                                     OR l.previous_reserved <> l.reserved_before))
+                    OR (l.n = 1 AND c.cell IS NOT NULL
+                        AND (c.on_hand_after <> l.on_hand_before
+                             OR c.reserved_after <> l.reserved_before))"
+            ),
+            &[&day],
+        )
+        .await?
+        .get(0);
+    if breaks > 0 {
+        transaction.rollback().await?;
+        return Ok(Decision::Refused(format!(
+            "the entries of {breaks} cells do not chain within the day (ledger-writer audit shows where); dropping them would hide it"
+        )));
+    }
+    let dropped_before = transaction
+        .query_opt(
+            "SELECT 1 FROM ledger_carried WHERE day = $1 LIMIT 1",
+            &[&day],
+        )
+        .await?
+        .is_some();
+    let history = build_history(&transaction, day, dropped_before).await?;
     transaction
         .execute(
             &format!(
@@ -291,10 +448,14 @@ async fn drop_day(
                 "INSERT INTO ledger_carried_entries (day, entry_id, entry)
                  SELECT $1, l.entry_id, l.entry FROM {table} AS l
                  WHERE l.op = 'settings'
-                    OR (l.op IN ('transfer_out', 'transfer_in') AND NOT EXISTS (
-                        SELECT 1 FROM {table} AS o
-                        WHERE o.transfer_id = l.transfer_id
-                          AND o.op IN ('transfer_out', 'transfer_in') AND o.op <> l.op))
+                    OR (l.op IN ('transfer_out', 'transfer_in') AND l.transfer_id IN (
+                        SELECT transfer_id FROM {table}
+                        WHERE op IN ('transfer_out', 'transfer_in')
+                        GROUP BY transfer_id
+                        HAVING NOT (count(*) FILTER (WHERE op = 'transfer_out') = 1
+                                    AND count(*) FILTER (WHERE op = 'transfer_in') = 1
+                                    AND sum(qty) FILTER (WHERE op = 'transfer_out')
+                                        = sum(qty) FILTER (WHERE op = 'transfer_in'))))
                  ON CONFLICT (day, entry_id) DO NOTHING"
             ),
             &[&day],

@@ -254,7 +254,19 @@ async fn retention_never_drops_a_day_the_archive_does_not_hold_whole() {
     );
     assert!(dropped.status.success(), "{}", text(&dropped));
     assert_eq!(count(&client, "ledger").await, 0);
+    let history_entries = || async {
+        client
+            .query_one(
+                "SELECT COALESCE(sum(entries), 0)::bigint FROM stock_history_daily",
+                &[],
+            )
+            .await
+            .expect("history")
+            .get::<_, i64>(0)
+    };
+    assert_eq!(history_entries().await, rows);
     workload(&setup, &allocator, "c").await;
+    let late_rows = count(&client, "ledger").await;
     let (balanced, report) = common::audit(&setup);
     assert!(balanced, "{report}");
     let refused = run(
@@ -276,6 +288,9 @@ async fn retention_never_drops_a_day_the_archive_does_not_hold_whole() {
         &["--day", &day, "--apply", "--archive", archive_dir],
     );
     assert!(dropped.status.success(), "{}", text(&dropped));
+    // The day's history holds both drops' entries (the second added to,
+    // not written over, the first).
+    assert_eq!(history_entries().await, rows + late_rows);
     let (balanced, report) = common::audit(&setup);
     assert!(balanced, "{report}");
 
@@ -435,4 +450,167 @@ async fn duckdb_reads_every_field_exactly_and_the_archive_works_on_s3() {
     let replayed = command.stderr(Stdio::piped()).output().expect("replay");
     assert!(replayed.status.success(), "{}", text(&replayed));
     assert_eq!(entries(&common::postgres(&fresh).await).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_hide_no_break_runs_of_a_day_take_turns_and_only_a_whole_archive_replays() {
+    let (_redis, setup, allocator) = common::harness(&[]).await;
+    workload(&setup, &allocator, "e").await;
+    let mut client = common::postgres(&setup).await;
+    let day = today(&client).await;
+    let directory = tempfile::tempdir().expect("archive directory");
+    let archive_dir = directory.path().to_str().expect("utf-8 path");
+
+    // A reserve entry missing from a cell's chain: the drop is refused (it
+    // would hide the break the audit shows).
+    let missing: String = client
+        .query_one(
+            "SELECT entry::text FROM ledger WHERE op = 'reserve' ORDER BY at, entry_id LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("a reserve")
+        .get(0);
+    let missing_id = LedgerEntry::parse(&missing)
+        .expect("an entry")
+        .entry_id
+        .expect("an id");
+    client
+        .execute("DELETE FROM ledger WHERE entry_id = $1", &[&missing_id])
+        .await
+        .expect("delete");
+    let archived = run(&setup, "archive", &["--day", &day, "--to", archive_dir]);
+    assert!(archived.status.success(), "{}", text(&archived));
+    let refused = run(
+        &setup,
+        "retention",
+        &["--day", &day, "--apply", "--archive", archive_dir],
+    );
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("do not chain"),
+        "{}",
+        text(&refused)
+    );
+    {
+        let transaction = client.transaction().await.expect("transaction");
+        ledger_writer::relay::insert_rows(&transaction, &format!("[{missing}]"))
+            .await
+            .expect("put it back");
+        transaction.commit().await.expect("commit");
+    }
+
+    // An archive run of a day waits while another run (or a drop, or a
+    // replay) of the same day holds it.
+    let holder = common::postgres(&setup).await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({}, {})",
+            0x1ed9,
+            ledger_writer::archive::parse_day(&day)
+                .expect("a day")
+                .to_julian_day()
+        ))
+        .await
+        .expect("hold the day");
+    let mut waiting = common::writer_command(&setup, "archive")
+        .args(["--day", &day, "--to", archive_dir])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("archive");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        waiting.try_wait().expect("try_wait").is_none(),
+        "the archive ran while the day was held"
+    );
+    holder.batch_execute("COMMIT").await.expect("release");
+    let finished = tokio::task::spawn_blocking(move || waiting.wait_with_output())
+        .await
+        .expect("join")
+        .expect("archive");
+    assert!(finished.status.success());
+    assert!(
+        String::from_utf8_lossy(&finished.stdout).contains("Extended"),
+        "the entry put back joins the archive"
+    );
+
+    let dropped = run(
+        &setup,
+        "retention",
+        &["--day", &day, "--apply", "--archive", archive_dir],
+    );
+    assert!(dropped.status.success(), "{}", text(&dropped));
+    let carried = count(&client, "ledger_carried").await;
+    let archive = Archive::open(archive_dir).expect("archive");
+    let mut archived_entries = Vec::new();
+    for manifest in archive.manifests(None).await.expect("manifests").values() {
+        archived_entries.extend(archive.read(manifest).await.expect("a file"));
+    }
+
+    // A batch relayed again after its day was dropped (its acknowledgement
+    // was lost): the carried balances cover it, nothing is inserted twice.
+    ledger_writer::relay::ensure_days(
+        &client,
+        &[ledger_writer::archive::parse_day(&day).expect("a day")]
+            .into_iter()
+            .collect(),
+    )
+    .await
+    .expect("the day's partition");
+    {
+        let transaction = client.transaction().await.expect("transaction");
+        let inserted = ledger_writer::relay::insert_rows(
+            &transaction,
+            &serde_json::to_string(&archived_entries).expect("json"),
+        )
+        .await
+        .expect("insert");
+        transaction.commit().await.expect("commit");
+        assert_eq!(inserted, 0);
+    }
+    assert_eq!(count(&client, "ledger").await, 0);
+    let (balanced, report) = common::audit(&setup);
+    assert!(balanced, "{report}");
+
+    // A copy of the archive that lacks a partition: the replay lands
+    // nothing and the carried balances stay; the whole archive replays.
+    let partial = tempfile::tempdir().expect("a copy");
+    let copied = std::process::Command::new("cp")
+        .args([
+            "-r",
+            &format!("{archive_dir}/ledger"),
+            partial.path().to_str().expect("path"),
+        ])
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    let one_partition = walk(partial.path())
+        .into_iter()
+        .find(|path| path.file_name().is_some_and(|name| name == "manifest.json"))
+        .expect("a manifest");
+    std::fs::remove_dir_all(one_partition.parent().expect("its directory")).expect("remove");
+    let refused = run(
+        &setup,
+        "replay",
+        &["--from-archive", partial.path().to_str().expect("path")],
+    );
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("nothing of it was replayed"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(count(&client, "ledger").await, 0);
+    assert_eq!(count(&client, "ledger_carried").await, carried);
+    let (balanced, report) = common::audit(&setup);
+    assert!(balanced, "{report}");
+    let replayed = run(&setup, "replay", &["--from-archive", archive_dir]);
+    assert!(replayed.status.success(), "{}", text(&replayed));
+    assert_eq!(count(&client, "ledger_carried").await, 0);
+    assert_eq!(
+        count(&client, "ledger").await,
+        archived_entries.len() as i64
+    );
+    let (balanced, report) = common::audit(&setup);
+    assert!(balanced, "{report}");
 }
