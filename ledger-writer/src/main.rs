@@ -86,7 +86,8 @@ enum Command {
     /// manifest and that it holds every entry PostgreSQL has for the day.
     /// Exits 1 on any problem.
     Verify {
-        /// The day (YYYY-MM-DD); every day PostgreSQL holds when absent.
+        /// The day (YYYY-MM-DD); every closed day (before today, UTC)
+        /// PostgreSQL holds when absent, as `archive` does.
         #[arg(long, value_parser = parse_day)]
         day: Option<time::Date>,
         /// The archive (default: `ledger_writer.archive_url`).
@@ -365,9 +366,14 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Verify { day, archive } => {
             let client = offline_postgres(&config).await?;
             let archive = open_archive(&config, archive.as_deref())?;
+            let today = ledger_writer::retention::today(&client).await?;
             let days = match day {
                 Some(day) => vec![day],
-                None => ledger_writer::archive::postgres_days(&client).await?,
+                None => ledger_writer::archive::postgres_days(&client)
+                    .await?
+                    .into_iter()
+                    .filter(|day| *day < today)
+                    .collect(),
             };
             let mut failed = 0;
             for day in days {

@@ -614,3 +614,79 @@ async fn drops_hide_no_break_runs_of_a_day_take_turns_and_only_a_whole_archive_r
     let (balanced, report) = common::audit(&setup);
     assert!(balanced, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_airflow_dag_parses_and_its_tasks_run_in_order_against_the_stack() {
+    const SCRIPT: &str = r#"
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+assert not bag.import_errors, bag.import_errors
+dag = bag.dags["invgw_ledger_upkeep"]
+print("TASKS " + json.dumps([[task.task_id, task.bash_command, sorted(task.downstream_task_ids)]
+                  for task in dag.topological_sort()]))
+"#;
+    let (_redis, setup, allocator) = common::harness(&[]).await;
+    workload(&setup, &allocator, "f").await;
+    let home = tempfile::tempdir().expect("airflow home");
+    let python = std::env::var_os("STACK_AIRFLOW_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| testkit::repository_root().join(".stack/py-airflow/bin/python"));
+    let parsed = std::process::Command::new(python)
+        .args(["-c", SCRIPT])
+        .arg(testkit::repository_root().join("ops/airflow"))
+        .env("AIRFLOW_HOME", home.path())
+        .output()
+        .expect("run python with airflow (scripts/stack up installs it)");
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    // Airflow logs to standard output too.
+    let stdout = String::from_utf8_lossy(&parsed.stdout);
+    let tasks: Vec<(String, String, Vec<String>)> = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("TASKS "))
+        .map(|json| serde_json::from_str(json).expect("the task list"))
+        .unwrap_or_else(|| panic!("no task list in {stdout}"));
+    let order: Vec<&str> = tasks.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(
+        order,
+        ["partitions", "archive", "verify", "retention", "history"]
+    );
+    for pair in tasks.windows(2) {
+        assert_eq!(pair[0].2, [pair[1].0.clone()], "a chain: {tasks:?}");
+    }
+
+    // Each task's command, as a worker would run it, against this stack.
+    let stack = testkit::stack();
+    let client = common::postgres(&setup).await;
+    for (task, command, _) in &tasks {
+        let output = std::process::Command::new("bash")
+            .args(["-c", command])
+            .current_dir(home.path())
+            .env("INVGW_LEDGER_WRITER", env!("CARGO_BIN_EXE_ledger-writer"))
+            .env("INVGW_CONFIG", &setup.config_path)
+            .env("INVGW_REDIS_URL", &setup.redis_url)
+            .env("INVGW_POSTGRES_URL", &setup.postgres_url)
+            .env("INVGW_KAFKA_BROKERS", &stack.kafka_brokers)
+            .output()
+            .expect("bash");
+        assert!(output.status.success(), "task {task}: {}", text(&output));
+    }
+    // What the run leaves: the days ahead, today's curated history; nothing
+    // of today archived or dropped (it is not closed).
+    let ahead: i64 = client
+        .query_one(
+            "SELECT count(*) FROM ledger_days WHERE day > (now() AT TIME ZONE 'UTC')::date",
+            &[],
+        )
+        .await
+        .expect("days")
+        .get(0);
+    assert!(ahead >= 7, "{ahead} days ahead");
+    assert!(count(&client, "stock_history_daily").await > 0);
+    assert!(count(&client, "ledger").await > 0);
+    assert!(!home.path().join("archive/ledger").exists());
+}
