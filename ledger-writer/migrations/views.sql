@@ -53,7 +53,8 @@ WHERE started_at IS NOT NULL;
 
 -- Flash-sale postmortem per stock key and bucket node, from the ledger: what
 -- each node sold from its bucket, what it was given (activation, refills) and
--- what was taken back (reclaims). Refusals are not ledger entries: the
+-- what was taken back (reclaims, which are drains since the drain protocol,
+-- and drains for a count). Refusals are not ledger entries: the
 -- gateway's metrics and the economics test report those.
 CREATE VIEW flash_sale_postmortem AS
 SELECT merchant, sku, location,
@@ -63,7 +64,8 @@ SELECT merchant, sku, location,
        SUM(qty) FILTER (WHERE op = 'transfer_in' AND entry->>'reason' = 'activate') AS presplit,
        SUM(qty) FILTER (WHERE op = 'transfer_in' AND entry->>'reason' = 'refill')   AS refilled,
        COUNT(*) FILTER (WHERE op = 'transfer_in' AND entry->>'reason' = 'refill')   AS refills,
-       SUM(qty) FILTER (WHERE op = 'transfer_out' AND entry->>'reason' = 'reclaim') AS reclaimed,
+       SUM(qty) FILTER (WHERE op = 'transfer_out'
+                          AND entry->>'reason' IN ('reclaim', 'drain'))          AS reclaimed,
        MIN(at) AS first_entry_at,
        MAX(at) AS last_entry_at
 FROM ledger

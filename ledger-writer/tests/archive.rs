@@ -363,6 +363,41 @@ for row in rows.fetchall():
         .collect()
 }
 
+/// The views of ops/duckdb/archive.sql over the archive at `archive_dir`:
+/// the reconciliation and the funnel as rows of plain values (days and
+/// hours as text), and the number of stockout episodes.
+fn duckdb_views(archive_dir: &str) -> serde_json::Value {
+    const SCRIPT: &str = r#"
+import json, sys
+import duckdb
+con = duckdb.connect()
+con.execute("SET VARIABLE archive = ?", [sys.argv[1]])
+con.execute(open(sys.argv[2]).read())
+reconciliation = con.execute(
+    "SELECT merchant, sku, location, strftime(day, '%Y-%m-%d'), opening_on_hand, received, removed,"
+    " sold, moved_in, moved_out, rebuilt, closing_on_hand, unexplained, cells, entries"
+    " FROM stock_reconciliation_daily ORDER BY 1, 2, 3, 4").fetchall()
+funnel = con.execute(
+    "SELECT merchant, sku, location, strftime(hour, '%Y-%m-%d %H:00'), held, units_held, committed,"
+    " released, expired, still_held FROM reservation_funnel_hourly ORDER BY 1, 2, 3, 4").fetchall()
+stockouts = con.execute("SELECT count(*) FROM stockouts").fetchone()[0]
+con.execute("SELECT * FROM flash_sale_postmortem").fetchall()
+print(json.dumps({"stock_reconciliation_daily": reconciliation,
+                  "reservation_funnel_hourly": funnel, "stockouts": stockouts}))
+"#;
+    let output = std::process::Command::new(data_python())
+        .args(["-c", SCRIPT, archive_dir])
+        .arg(testkit::repository_root().join("ops/duckdb/archive.sql"))
+        .output()
+        .expect("run python with duckdb");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the views")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duckdb_reads_every_field_exactly_and_the_archive_works_on_s3() {
     let (_redis, setup, allocator) = common::harness(&[]).await;
@@ -408,6 +443,60 @@ async fn duckdb_reads_every_field_exactly_and_the_archive_works_on_s3() {
         read.values()
             .any(|entry| entry.source_seq == Some(9_007_199_254_740_991))
     );
+
+    // The documented DuckDB views over the archive (ops/duckdb/archive.sql)
+    // give what PostgreSQL's views give over the same entries.
+    let analyst = duckdb_views(archive_dir);
+    let reconciliation: Vec<serde_json::Value> = client
+        .query(
+            "SELECT merchant, sku, location, to_char(day, 'YYYY-MM-DD'), opening_on_hand, received,
+                 removed, sold, moved_in, moved_out, rebuilt, closing_on_hand, unexplained, cells, entries
+             FROM stock_reconciliation_daily ORDER BY 1, 2, 3, 4",
+            &[],
+        )
+        .await
+        .expect("reconciliation")
+        .iter()
+        .map(|row| {
+            let mut values: Vec<serde_json::Value> =
+                (0..4).map(|i| row.get::<_, String>(i).into()).collect();
+            values.extend((4..15).map(|i| row.get::<_, i64>(i).into()));
+            values.into()
+        })
+        .collect();
+    assert!(!reconciliation.is_empty());
+    assert_eq!(
+        analyst["stock_reconciliation_daily"],
+        serde_json::Value::from(reconciliation)
+    );
+    let funnel: Vec<serde_json::Value> = client
+        .query(
+            "SELECT merchant, sku, location, to_char(hour, 'YYYY-MM-DD HH24:00'), held, units_held,
+                 committed, released, expired, still_held
+             FROM reservation_funnel_hourly ORDER BY 1, 2, 3, 4",
+            &[],
+        )
+        .await
+        .expect("funnel")
+        .iter()
+        .map(|row| {
+            let mut values: Vec<serde_json::Value> =
+                (0..4).map(|i| row.get::<_, String>(i).into()).collect();
+            values.extend((4..10).map(|i| row.get::<_, i64>(i).into()));
+            values.into()
+        })
+        .collect();
+    assert!(!funnel.is_empty());
+    assert_eq!(
+        analyst["reservation_funnel_hourly"],
+        serde_json::Value::from(funnel)
+    );
+    let stockouts: i64 = client
+        .query_one("SELECT count(*) FROM stockouts", &[])
+        .await
+        .expect("stockouts")
+        .get(0);
+    assert_eq!(analyst["stockouts"], serde_json::json!(stockouts));
 
     // The same archive on an S3-compatible server (moto): written,
     // verified, and replayed into an empty database.
