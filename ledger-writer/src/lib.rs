@@ -6,7 +6,10 @@
 //! between writer instances ([`lease`]), ingestion of stock events
 //! ([`ingest`]), the schema migrations ([`migrate`]), the audit ([`audit`]),
 //! the reconciler ([`reconcile`]),
-//! the rebuild of Redis from the ledger ([`rebuild`]), the writer's metrics
+//! the rebuild of Redis from the ledger ([`rebuild`]), the ledger's life in
+//! PostgreSQL after the relay (day partitions, curated history and
+//! retention, [`retention`]; the Parquet archive and replay, [`archive`];
+//! undoing a bad import, [`compensate`]), the writer's metrics
 //! ([`metrics`]) and the reconciler loop. It never decides stock: everything
 //! the reconciler does is an idempotent allocator call (expire due holds,
 //! credit debited transfers, finish carts left half way, reclaim buckets),

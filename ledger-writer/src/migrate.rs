@@ -5,7 +5,7 @@
 //! in `schema_migrations`. A transaction-level advisory lock makes writers
 //! starting together apply each migration once. The views are not
 //! migrations: `migrations/views.sql` is applied whole after them (see
-//! [`VIEWS`]), so each view has one definition, edited in place.
+//! `VIEWS`), so each view has one definition, edited in place.
 
 use tokio_postgres::Client;
 

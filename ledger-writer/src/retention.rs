@@ -26,7 +26,7 @@
 //!   entries go. Every archive run, drop and replay of a day holds the
 //!   day's advisory lock ([`crate::archive::lock_day`]). A day is in `ledger` or carried,
 //!   never both: a replay of the day removes its carried rows in the
-//!   transaction that lands it ([`forget_carried`]).
+//!   transaction that lands it ([`take_carried`], [`check_covered`]).
 //!
 //! Entries for a dropped day can still arrive (a relay backlog): the relay
 //! creates the partition again, the next archive adds them to the day's file,
@@ -68,7 +68,7 @@ pub async fn ensure_ahead(client: &Client, days_ahead: u32) -> anyhow::Result<Ve
 /// How often the writer creates the days ahead again.
 const AHEAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// [`ensure_ahead`] every [`AHEAD_INTERVAL`] (the first at start is the
+/// [`ensure_ahead`] every hour (the first at start is the
 /// writer's own), on a connection of its own; a failure is logged and tried
 /// again next time (the relay creates a missing day itself meanwhile).
 pub async fn partitions_ahead_forever(config: std::sync::Arc<config::Config>) {
@@ -122,19 +122,22 @@ pub async fn build_history(
         .execute(
             &format!("WITH bounds AS (
                  SELECT $1::date::timestamptz AS day_start, ($1::date + 1)::timestamptz AS day_end
+             ), minutes AS MATERIALIZED (
+                 SELECT s.merchant, s.sku, s.location,
+                        SUM(EXTRACT(EPOCH FROM LEAST(COALESCE(s.ended_at, now()), b.day_end)
+                                             - GREATEST(s.started_at, b.day_start))) / 60 AS minutes
+                 FROM stockouts s, bounds b
+                 WHERE s.started_at < b.day_end AND COALESCE(s.ended_at, now()) > b.day_start
+                 GROUP BY s.merchant, s.sku, s.location
              )
              INSERT INTO stock_history_daily AS h (merchant, sku, location, day, opening_on_hand, received,
                  removed, sold, moved_in, moved_out, rebuilt, closing_on_hand, stockout_minutes, entries)
              SELECT r.merchant, r.sku, r.location, $1::date, r.opening_on_hand, r.received, r.removed,
                  r.sold, r.moved_in, r.moved_out, r.rebuilt, r.closing_on_hand,
-                 COALESCE((SELECT SUM(EXTRACT(EPOCH FROM LEAST(COALESCE(s.ended_at, now()), b.day_end)
-                                                       - GREATEST(s.started_at, b.day_start))) / 60
-                           FROM stockouts s
-                           WHERE s.merchant = r.merchant AND s.sku = r.sku AND s.location = r.location
-                             AND s.started_at < b.day_end
-                             AND COALESCE(s.ended_at, now()) > b.day_start), 0)::numeric(8, 2),
-                 r.entries
-             FROM stock_reconciliation_daily r, bounds b
+                 COALESCE(m.minutes, 0)::numeric(8, 2), r.entries
+             FROM stock_reconciliation_daily r
+             CROSS JOIN bounds b
+             LEFT JOIN minutes m USING (merchant, sku, location)
              WHERE r.day = b.day_start
              ON CONFLICT (merchant, sku, location, day) DO UPDATE SET {update}"),
             &[&day],
