@@ -106,6 +106,15 @@ pub struct Carried {
     pub received: i64,
 }
 
+/// What [`Ledger::read`] reads from PostgreSQL in one snapshot.
+struct Snapshot {
+    entries: HashMap<String, LedgerEntry>,
+    dropped_days: Vec<time::Date>,
+    carried_partitions: Vec<(time::Date, u32)>,
+    carried: BTreeMap<(u32, String), Vec<Carried>>,
+    carried_entries: Vec<LedgerEntry>,
+}
+
 /// The ledger as it stands: the PostgreSQL rows plus the outbox entries not
 /// yet relayed, by entry id; and what days dropped by retention carried
 /// forward (or, read with an archive, those days' entries from it).
@@ -141,71 +150,36 @@ impl Ledger {
         scope: &Scope,
         archive: Option<&crate::archive::Archive>,
     ) -> anyhow::Result<Self> {
+        // Only PostgreSQL inside the snapshot: the transaction's locks would
+        // otherwise hold a new day partition (and with it the relay) back
+        // while Redis and the archive are read.
         postgres
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
-        let read = Self::read_in_snapshot(postgres, allocator, config, scope, archive).await;
+        let snapshot = Self::read_postgres(postgres, scope).await;
         postgres
-            .batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .batch_execute(if snapshot.is_ok() {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            })
             .await?;
-        read
-    }
-
-    async fn read_in_snapshot(
-        postgres: &Client,
-        allocator: &Allocator,
-        config: &config::Config,
-        scope: &Scope,
-        archive: Option<&crate::archive::Archive>,
-    ) -> anyhow::Result<Self> {
-        let (merchant, sku, location) = match scope {
-            Scope::All => (None, None, None),
-            Scope::Merchant(merchant) => (Some(merchant.as_str()), None, None),
-            Scope::Key(key) => (
-                Some(key.merchant.as_str()),
-                Some(key.sku.as_str()),
-                Some(key.location.as_str()),
-            ),
-        };
-        let mut entries: HashMap<String, LedgerEntry> = HashMap::new();
-        for row in postgres
-            .query(
-                "SELECT entry_id, entry::text FROM ledger
-                 WHERE ($1::text IS NULL OR merchant = $1) AND ($2::text IS NULL OR sku = $2)
-                   AND ($3::text IS NULL OR location = $3)",
-                &[&merchant, &sku, &location],
-            )
-            .await?
-        {
-            let entry_id: String = row.get(0);
-            let entry = LedgerEntry::parse(row.get::<_, &str>(1))
-                .map_err(|error| anyhow::anyhow!("ledger entry {entry_id}: {error}"))?;
-            entries.insert(entry_id, entry);
-        }
+        let Snapshot {
+            mut entries,
+            dropped_days,
+            carried_partitions,
+            mut carried,
+            mut carried_entries,
+        } = snapshot?;
         let in_postgres = entries.len();
-        let dropped_days: Vec<time::Date> = postgres
-            .query(
-                "SELECT day FROM ledger_carried UNION SELECT day FROM ledger_carried_entries ORDER BY 1",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
         let mut from_archive = 0;
-        let mut carried: BTreeMap<(u32, String), Vec<Carried>> = BTreeMap::new();
-        let mut carried_entries = Vec::new();
         if let Some(archive) = archive {
             let manifests = archive.manifests(None).await?;
-            for row in postgres
-                .query("SELECT DISTINCT day, partition FROM ledger_carried", &[])
-                .await?
-            {
-                let (day, partition): (time::Date, i32) = (row.get(0), row.get(1));
-                if !manifests.contains_key(&(day, u32::try_from(partition)?)) {
+            for (day, partition) in &carried_partitions {
+                if !manifests.contains_key(&(*day, *partition)) {
                     anyhow::bail!(
                         "retention dropped {} (ledger partition {partition}) from postgresql and archive {} does not hold it",
-                        crate::archive::day_text(day),
+                        crate::archive::day_text(*day),
                         archive.url
                     );
                 }
@@ -237,60 +211,9 @@ impl Ledger {
                     }
                 }
             }
-        } else {
-            for row in postgres
-                .query(
-                    "SELECT day, partition, cell, split_part(first_entry_id, '-', 2)::bigint,
-                         split_part(first_entry_id, '-', 3)::bigint, on_hand_before, reserved_before,
-                         on_hand_after, reserved_after, adjusted, committed, sent, received,
-                         merchant, sku, location, split_part(last_entry_id, '-', 2)::bigint,
-                         split_part(last_entry_id, '-', 3)::bigint
-                     FROM ledger_carried
-                     WHERE ($1::text IS NULL OR merchant = $1) AND ($2::text IS NULL OR sku = $2)
-                       AND ($3::text IS NULL OR location = $3)
-                     ORDER BY day",
-                    &[&merchant, &sku, &location],
-                )
-                .await?
-            {
-                let cell = (u32::try_from(row.get::<_, i32>(1))?, row.get::<_, String>(2));
-                carried.entry(cell).or_default().push(Carried {
-                    day: row.get(0),
-                    key: allocator::StockKey::new(
-                        row.get::<_, &str>(13),
-                        row.get::<_, &str>(14),
-                        row.get::<_, &str>(15),
-                    ),
-                    first: (
-                        u64::try_from(row.get::<_, i64>(3))?,
-                        u64::try_from(row.get::<_, i64>(4))?,
-                    ),
-                    last: (
-                        u64::try_from(row.get::<_, i64>(16))?,
-                        u64::try_from(row.get::<_, i64>(17))?,
-                    ),
-                    before: (row.get(5), row.get(6)),
-                    after: (row.get(7), row.get(8)),
-                    adjusted: row.get(9),
-                    committed: row.get(10),
-                    sent: row.get(11),
-                    received: row.get(12),
-                });
-            }
-            for row in postgres
-                .query(
-                    "SELECT entry_id, entry::text FROM ledger_carried_entries ORDER BY day, entry_id",
-                    &[],
-                )
-                .await?
-            {
-                let entry_id: String = row.get(0);
-                let entry = LedgerEntry::parse(row.get::<_, &str>(1))
-                    .map_err(|error| anyhow::anyhow!("carried entry {entry_id}: {error}"))?;
-                if scope.covers(&entry) {
-                    carried_entries.push(entry);
-                }
-            }
+            // The dropped days' entries stand in for what they carried.
+            carried.clear();
+            carried_entries.clear();
         }
         // The outbox keeps relayed entries until it is trimmed: one of a
         // dropped day is counted in its cell's carried balance already.
@@ -325,6 +248,115 @@ impl Ledger {
             in_postgres,
             not_relayed,
             from_archive,
+            carried,
+            carried_entries,
+        })
+    }
+
+    /// The PostgreSQL part of [`Ledger::read`], in the caller's snapshot.
+    async fn read_postgres(postgres: &Client, scope: &Scope) -> anyhow::Result<Snapshot> {
+        let (merchant, sku, location) = match scope {
+            Scope::All => (None, None, None),
+            Scope::Merchant(merchant) => (Some(merchant.as_str()), None, None),
+            Scope::Key(key) => (
+                Some(key.merchant.as_str()),
+                Some(key.sku.as_str()),
+                Some(key.location.as_str()),
+            ),
+        };
+        let mut entries: HashMap<String, LedgerEntry> = HashMap::new();
+        for row in postgres
+            .query(
+                "SELECT entry_id, entry::text FROM ledger
+                 WHERE ($1::text IS NULL OR merchant = $1) AND ($2::text IS NULL OR sku = $2)
+                   AND ($3::text IS NULL OR location = $3)",
+                &[&merchant, &sku, &location],
+            )
+            .await?
+        {
+            let entry_id: String = row.get(0);
+            let entry = LedgerEntry::parse(row.get::<_, &str>(1))
+                .map_err(|error| anyhow::anyhow!("ledger entry {entry_id}: {error}"))?;
+            entries.insert(entry_id, entry);
+        }
+        let dropped_days: Vec<time::Date> = postgres
+            .query(
+                "SELECT day FROM ledger_carried UNION SELECT day FROM ledger_carried_entries ORDER BY 1",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut carried_partitions = Vec::new();
+        for row in postgres
+            .query("SELECT DISTINCT day, partition FROM ledger_carried", &[])
+            .await?
+        {
+            carried_partitions.push((row.get(0), u32::try_from(row.get::<_, i32>(1))?));
+        }
+        let mut carried: BTreeMap<(u32, String), Vec<Carried>> = BTreeMap::new();
+        let mut carried_entries = Vec::new();
+        for row in postgres
+            .query(
+                "SELECT day, partition, cell, split_part(first_entry_id, '-', 2)::bigint,
+                     split_part(first_entry_id, '-', 3)::bigint, on_hand_before, reserved_before,
+                     on_hand_after, reserved_after, adjusted, committed, sent, received,
+                     merchant, sku, location, split_part(last_entry_id, '-', 2)::bigint,
+                     split_part(last_entry_id, '-', 3)::bigint
+                 FROM ledger_carried
+                 WHERE ($1::text IS NULL OR merchant = $1) AND ($2::text IS NULL OR sku = $2)
+                   AND ($3::text IS NULL OR location = $3)
+                 ORDER BY day",
+                &[&merchant, &sku, &location],
+            )
+            .await?
+        {
+            let cell = (
+                u32::try_from(row.get::<_, i32>(1))?,
+                row.get::<_, String>(2),
+            );
+            carried.entry(cell).or_default().push(Carried {
+                day: row.get(0),
+                key: allocator::StockKey::new(
+                    row.get::<_, &str>(13),
+                    row.get::<_, &str>(14),
+                    row.get::<_, &str>(15),
+                ),
+                first: (
+                    u64::try_from(row.get::<_, i64>(3))?,
+                    u64::try_from(row.get::<_, i64>(4))?,
+                ),
+                last: (
+                    u64::try_from(row.get::<_, i64>(16))?,
+                    u64::try_from(row.get::<_, i64>(17))?,
+                ),
+                before: (row.get(5), row.get(6)),
+                after: (row.get(7), row.get(8)),
+                adjusted: row.get(9),
+                committed: row.get(10),
+                sent: row.get(11),
+                received: row.get(12),
+            });
+        }
+        for row in postgres
+            .query(
+                "SELECT entry_id, entry::text FROM ledger_carried_entries ORDER BY day, entry_id",
+                &[],
+            )
+            .await?
+        {
+            let entry_id: String = row.get(0);
+            let entry = LedgerEntry::parse(row.get::<_, &str>(1))
+                .map_err(|error| anyhow::anyhow!("carried entry {entry_id}: {error}"))?;
+            if scope.covers(&entry) {
+                carried_entries.push(entry);
+            }
+        }
+        Ok(Snapshot {
+            entries,
+            dropped_days,
+            carried_partitions,
             carried,
             carried_entries,
         })

@@ -9,12 +9,22 @@
 //!
 //! **The effect on a key** is the sum of the applied quantities of the
 //! import's entries on it (an entry's `qty` is what it changed on_hand by,
-//! for a count too) that came after the key's last physical count from any
-//! other source: such a count set on_hand to what was on the shelf, so the
-//! import's earlier entries no longer count. Compensation is a delta of
-//! minus that effect, from source `undo.<source>` with an event id made of
-//! the selection and the key, so applying twice applies once (the
-//! allocator deduplicates on source and event id).
+//! for a count too, buckets included) that came after the key's last
+//! physical count not in the import (from any source, the import's own
+//! later corrections too): such a count set on_hand to what was on the
+//! shelf, so the import's earlier entries no longer count. A key's adjust
+//! entries are all on its pool cell, so they are ordered by their stream
+//! ids (monotonic), never by their Redis times (which a failover can set
+//! back). Compensation is a delta of minus that effect, from source
+//! `undo.<source>` with an event id made of the selection and the key.
+//!
+//! **Once per key.** The plan reads the `undo.<source>` entries the ledger
+//! already has on each key: a key this selection compensated before is
+//! shown as already applied and skipped (the allocator's own dedupe of
+//! source and event id lasts only 24 hours); a key another selection of the
+//! same source compensated is shown and skipped, and the run exits 1, since
+//! adding both could undo the same entries twice. Whatever differs from
+//! what the plan expected is left to an operator, with the figures.
 //!
 //! **The blast radius**, printed by the dry run and again by `--apply`:
 //! keys touched, units the import added and removed there, reservations
@@ -23,8 +33,13 @@
 //! short (sellable below the backorder limit: the units are already
 //! promised, someone must make good).
 //!
-//! It reads PostgreSQL's ledger, and refuses while any entry of the source
-//! is still in the outbox unrelayed (the figures would be incomplete).
+//! It reads PostgreSQL's ledger, and refuses while an adjustment of the
+//! source, of its compensation, or of any key the import touched is still
+//! in the outbox unrelayed (the figures would be incomplete). It says which
+//! days retention dropped (their entries are not seen: replay them first),
+//! and the highest `source_seq` the import's counts carried: later counts
+//! from the source at or below it are refused as stale until it is passed,
+//! and a corrected file re-sent must use new event ids.
 
 use std::collections::BTreeMap;
 
@@ -52,10 +67,12 @@ pub enum Selection {
 }
 
 impl Selection {
+    /// The selection as text, the same for the same selection however it
+    /// was written (a time in any offset is its Unix ms).
     fn describe(&self) -> String {
         match self {
             Self::Events { first, last } => format!("events {first}..{last}"),
-            Self::Since(since) => format!("since {since}"),
+            Self::Since(since) => format!("since {}", since.unix_timestamp_nanos() / 1_000_000),
             Self::All => "all".to_owned(),
         }
     }
@@ -85,6 +102,12 @@ pub struct KeyEffect {
     /// Whether the ledger already has this compensation (an earlier
     /// `--apply` of the same selection).
     pub already_applied: bool,
+    /// The qty of that compensation, when it differs from the one now
+    /// planned (entries of the import arrived since): left to an operator.
+    pub applied_differs: Option<i64>,
+    /// Another selection's compensation of this source on the key (its
+    /// event id): this one is not applied.
+    pub compensated_by_other: Option<String>,
     /// The compensation's event id (of source `undo.<source>`).
     pub event_id: String,
 }
@@ -111,6 +134,10 @@ pub struct Report {
     pub applied: u64,
     /// See `applied`.
     pub duplicates: u64,
+    /// The highest `source_seq` of the import's counts, if any.
+    pub highest_source_seq: Option<u64>,
+    /// The first and last day retention dropped, if any.
+    pub dropped_days: Option<(time::Date, time::Date)>,
 }
 
 impl Report {
@@ -128,6 +155,19 @@ impl Report {
     pub fn reservations(&self) -> u64 {
         self.keys.iter().map(|key| key.reservations_since).sum()
     }
+
+    /// Keys that need an operator: compensated by another selection, or
+    /// compensated before by a different amount, or left short.
+    pub fn attention(&self) -> usize {
+        self.keys
+            .iter()
+            .filter(|key| {
+                key.would_be_short
+                    || key.compensated_by_other.is_some()
+                    || key.applied_differs.is_some()
+            })
+            .count()
+    }
 }
 
 /// The source the compensation of `source` is written under.
@@ -140,13 +180,21 @@ pub fn undo_source(source: &str) -> String {
     }
 }
 
-fn order(entry: &LedgerEntry) -> (u64, u64, u64) {
+/// An entry's place in its partition's stream: the true order of one
+/// key's adjustments (all on its pool cell).
+fn stream_order(entry: &LedgerEntry) -> (u64, u64) {
     let id = entry.id().unwrap_or(EntryId {
         partition: entry.partition,
         ms: 0,
         seq: 0,
     });
-    (entry.at_ms, id.ms, id.seq)
+    (id.ms, id.seq)
+}
+
+/// The order an import was applied in, across keys: Redis time, then the
+/// stream.
+fn applied_order(entry: &LedgerEntry) -> (u64, (u64, u64)) {
+    (entry.at_ms, stream_order(entry))
 }
 
 /// Works out the compensation of `source`'s import (`selection`) and, with
@@ -159,14 +207,7 @@ pub async fn compensate(
     selection: &Selection,
     apply: bool,
 ) -> anyhow::Result<Report> {
-    let mut unrelayed = 0;
-    for partition in 0..config.stock.partitions {
-        for entry in allocator.ledger_entries(partition, 0).await? {
-            if entry.source.as_deref() == Some(source) {
-                unrelayed += 1;
-            }
-        }
-    }
+    let undo = undo_source(source);
     let mut all: Vec<LedgerEntry> = Vec::new();
     for row in postgres
         .query(
@@ -180,29 +221,40 @@ pub async fn compensate(
             .map_err(|error| anyhow::anyhow!("ledger entry {entry_id}: {error}"))?;
         all.push(entry);
     }
-    if unrelayed > 0 {
-        // Only the ones PostgreSQL does not have yet matter.
-        let known: std::collections::HashSet<String> = all
-            .iter()
-            .filter_map(|entry| entry.entry_id.clone())
-            .collect();
-        let mut missing = 0;
-        for partition in 0..config.stock.partitions {
-            for entry in allocator.ledger_entries(partition, 0).await? {
-                if entry.source.as_deref() == Some(source)
-                    && !entry.entry_id.as_ref().is_some_and(|id| known.contains(id))
-                {
-                    missing += 1;
-                }
-            }
-        }
-        if missing > 0 {
-            anyhow::bail!(
-                "{missing} entries of source {source} are not relayed to postgresql yet; try again when the relay has caught up"
-            );
-        }
+    all.sort_by_key(applied_order);
+    // Adjustments still in the outbox that PostgreSQL does not have.
+    let mut outbox: Vec<LedgerEntry> = Vec::new();
+    for partition in 0..config.stock.partitions {
+        outbox.extend(
+            allocator
+                .ledger_entries(partition, 0)
+                .await?
+                .into_iter()
+                .filter(|entry| entry.op == allocator::LedgerOp::Adjust),
+        );
     }
-    all.sort_by_key(order);
+    let outbox_ids: Vec<String> = outbox
+        .iter()
+        .filter_map(|entry| entry.entry_id.clone())
+        .collect();
+    let relayed: std::collections::HashSet<String> = postgres
+        .query(
+            "SELECT entry_id FROM ledger WHERE entry_id = ANY($1)",
+            &[&outbox_ids],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let unrelayed: Vec<LedgerEntry> = outbox
+        .into_iter()
+        .filter(|entry| {
+            !entry
+                .entry_id
+                .as_ref()
+                .is_some_and(|id| relayed.contains(id))
+        })
+        .collect();
     let selected: Vec<LedgerEntry> = match selection {
         Selection::All => all,
         Selection::Since(since) => {
@@ -212,22 +264,35 @@ pub async fn compensate(
                 .collect()
         }
         Selection::Events { first, last } => {
-            let position = |id: &str| {
-                all.iter()
-                    .position(|entry| entry.source_event_id.as_deref() == Some(id))
-                    .with_context(|| format!("source {source} has no event {id} in the ledger"))
-            };
-            let (from, to) = (position(first)?, position(last)?);
+            // An event id may stand on many keys (one event, many lines):
+            // from the first entry of `first` to the last of `last`.
+            let from = all
+                .iter()
+                .position(|entry| entry.source_event_id.as_deref() == Some(first.as_str()))
+                .with_context(|| format!("source {source} has no event {first} in the ledger"))?;
+            let to = all
+                .iter()
+                .rposition(|entry| entry.source_event_id.as_deref() == Some(last.as_str()))
+                .with_context(|| format!("source {source} has no event {last} in the ledger"))?;
             if from > to {
                 anyhow::bail!("event {first} was applied after {last}");
             }
             all[from..=to].to_vec()
         }
     };
+    let dropped = postgres
+        .query_one("SELECT min(day), max(day) FROM ledger_carried", &[])
+        .await?;
     let mut report = Report {
         source: source.to_owned(),
-        undo_source: undo_source(source),
+        undo_source: undo.clone(),
         entries: selected.len() as u64,
+        highest_source_seq: selected
+            .iter()
+            .filter(|entry| entry.kind == Some(AdjustmentKind::Absolute))
+            .filter_map(|entry| entry.source_seq)
+            .max(),
+        dropped_days: dropped.get::<_, Option<time::Date>>(0).zip(dropped.get(1)),
         ..Report::default()
     };
     if selected.is_empty() {
@@ -237,6 +302,23 @@ pub async fn compensate(
     for entry in &selected {
         by_key.entry(entry.key()).or_default().push(entry);
     }
+    let waiting = unrelayed
+        .iter()
+        .filter(|entry| {
+            entry.source.as_deref() == Some(source)
+                || entry.source.as_deref() == Some(undo.as_str())
+                || by_key.contains_key(&entry.key())
+        })
+        .count();
+    if waiting > 0 {
+        anyhow::bail!(
+            "{waiting} adjustments of source {source}, of its compensation or of keys it touched are not relayed to postgresql yet; try again when the relay has caught up"
+        );
+    }
+    let selected_ids: std::collections::HashSet<&str> = selected
+        .iter()
+        .filter_map(|entry| entry.entry_id.as_deref())
+        .collect();
     // The touched keys with the Redis time of the import's first entry on
     // each: later counts from other sources, and reservations since.
     let (mut merchants, mut skus, mut locations, mut firsts) =
@@ -248,28 +330,32 @@ pub async fn compensate(
         let first_ms = entries.iter().map(|entry| entry.at_ms).min().unwrap_or(0);
         firsts.push(i64::try_from(first_ms)?);
     }
-    // `at` narrows by the index; the entry's own `at_ms` decides exactly.
+    // `at` narrows by the index (with an hour's slack: Redis time can step
+    // back); the entry's own time or stream position decides.
     const TOUCHED: &str = "WITH touched AS (
              SELECT merchant, sku, location, first_ms,
-                    to_timestamp(first_ms / 1000.0) - interval '1 second' AS near
+                    to_timestamp(first_ms / 1000.0) - interval '1 hour' AS near
              FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
                  AS t(merchant, sku, location, first_ms))";
-    let mut last_count: BTreeMap<StockKey, (u64, u64, u64)> = BTreeMap::new();
+    // The last physical count of each key that is not the import's.
+    let mut last_count: BTreeMap<StockKey, (u64, u64)> = BTreeMap::new();
     for row in postgres
         .query(
             &format!(
                 "{TOUCHED}
-                 SELECT l.entry::text FROM ledger l
+                 SELECT l.entry_id, l.entry::text FROM ledger l
                  JOIN touched t USING (merchant, sku, location)
-                 WHERE l.op = 'adjust' AND l.source <> $5 AND l.entry->>'kind' = 'absolute'
-                   AND l.at >= t.near AND (l.entry->>'at_ms')::bigint >= t.first_ms"
+                 WHERE l.op = 'adjust' AND l.entry->>'kind' = 'absolute' AND l.at >= t.near"
             ),
-            &[&merchants, &skus, &locations, &firsts, &source],
+            &[&merchants, &skus, &locations, &firsts],
         )
         .await?
     {
-        let entry = LedgerEntry::parse(row.get::<_, &str>(0)).map_err(anyhow::Error::msg)?;
-        let place = order(&entry);
+        if selected_ids.contains(row.get::<_, &str>(0)) {
+            continue;
+        }
+        let entry = LedgerEntry::parse(row.get::<_, &str>(1)).map_err(anyhow::Error::msg)?;
+        let place = stream_order(&entry);
         let slot = last_count.entry(entry.key()).or_insert(place);
         *slot = (*slot).max(place);
     }
@@ -295,15 +381,26 @@ pub async fn compensate(
         );
         reserves.insert(key, u64::try_from(row.get::<_, i64>(3)).unwrap_or(0));
     }
-    let applied_before: std::collections::HashSet<String> = postgres
+    // The compensations of this source the ledger has, per key.
+    let mut compensations: BTreeMap<StockKey, Vec<(String, i64)>> = BTreeMap::new();
+    for row in postgres
         .query(
-            "SELECT source_event_id FROM ledger WHERE op = 'adjust' AND source = $1",
+            "SELECT merchant, sku, location, source_event_id, qty FROM ledger
+             WHERE op = 'adjust' AND source = $1",
             &[&report.undo_source],
         )
         .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    {
+        let key = StockKey::new(
+            row.get::<_, &str>(0),
+            row.get::<_, &str>(1),
+            row.get::<_, &str>(2),
+        );
+        compensations
+            .entry(key)
+            .or_default()
+            .push((row.get(3), row.get(4)));
+    }
     let selection_id = crate::sha256_hex(selection.describe().as_bytes());
     let keys: Vec<StockKey> = by_key.keys().cloned().collect();
     let views = allocator.stock_views(&keys).await?;
@@ -311,7 +408,7 @@ pub async fn compensate(
         let counted = last_count.get(&key).copied();
         let (mut added, mut removed, mut overridden) = (0, 0, 0);
         for entry in &entries {
-            if counted.is_some_and(|count| count > order(entry)) {
+            if counted.is_some_and(|count| count > stream_order(entry)) {
                 overridden += 1;
             } else if entry.qty > 0 {
                 added += entry.qty;
@@ -325,10 +422,22 @@ pub async fn compensate(
         let effect = added + removed;
         let key_id = crate::sha256_hex(key.to_string().as_bytes());
         let event_id = format!("{}.{}", &selection_id[..16], &key_id[..32]);
-        let already_applied = applied_before.contains(&event_id);
+        let before = compensations.get(&key).map_or(&[][..], Vec::as_slice);
+        let ours = before
+            .iter()
+            .find(|(id, _)| *id == event_id)
+            .map(|(_, qty)| *qty);
+        let compensated_by_other = before
+            .iter()
+            .find(|(id, _)| *id != event_id)
+            .map(|(id, _)| id.clone());
+        let already_applied = ours.is_some();
+        let pending = !already_applied && compensated_by_other.is_none();
         report.keys.push(KeyEffect {
-            would_be_short: !already_applied && effect > 0 && sellable_now - effect < -backorder,
+            would_be_short: pending && effect > 0 && sellable_now - effect < -backorder,
             already_applied,
+            applied_differs: ours.filter(|qty| *qty != -effect),
+            compensated_by_other,
             event_id,
             key,
             entries: entries.len() as u64,
@@ -341,6 +450,10 @@ pub async fn compensate(
     }
     if apply {
         for key in &report.keys {
+            if key.already_applied || key.compensated_by_other.is_some() {
+                report.duplicates += 1;
+                continue;
+            }
             if key.effect() == 0 {
                 continue;
             }

@@ -120,7 +120,8 @@ enum Command {
     /// take out what the source's selected events still do to each key
     /// (holds and sales since stay), with the blast radius. A dry run
     /// unless --apply; applied as new entries of source `undo.<source>`,
-    /// once however often it runs. Exits 1 when a key would be left short.
+    /// once per key however often it runs. Exits 1 when a key would be
+    /// left short or was compensated otherwise before.
     Compensate {
         /// The import's source.
         #[arg(long)]
@@ -509,9 +510,20 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             .await?;
             let mut out = std::io::stdout().lock();
             for key in &report.keys {
+                let state = match (&key.compensated_by_other, key.applied_differs) {
+                    (Some(other), _) => {
+                        format!(" (NOT APPLIED: compensated before by event {other})")
+                    }
+                    (None, Some(qty)) => {
+                        format!(" (APPLIED BEFORE AS {qty:+}: the rest is left to you)")
+                    }
+                    (None, None) if key.already_applied => " (already applied)".to_owned(),
+                    (None, None) => String::new(),
+                };
+                let pending = !key.already_applied && key.compensated_by_other.is_none();
                 writeln!(
                     out,
-                    "compensate: {}: {} entries, effect {:+} (added {}, removed {}, {} overridden by later counts), compensation {:+}{}, {} reservations since, sellable {} -> {}{}",
+                    "compensate: {}: {} entries, effect {:+} (added {}, removed {}, {} overridden by later counts), compensation {:+}{state}, {} reservations since, sellable {} -> {}{}",
                     key.key,
                     key.entries,
                     key.effect(),
@@ -519,17 +531,12 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                     key.removed,
                     key.overridden,
                     -key.effect(),
-                    if key.already_applied {
-                        " (already applied)"
-                    } else {
-                        ""
-                    },
                     key.reservations_since,
                     key.sellable_now,
-                    if key.already_applied {
-                        key.sellable_now
-                    } else {
+                    if pending {
                         key.sellable_now - key.effect()
+                    } else {
+                        key.sellable_now
                     },
                     if key.would_be_short { " SHORT" } else { "" }
                 )?;
@@ -545,16 +552,31 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
                 -report.units_removed(),
                 report.reservations()
             )?;
+            if let Some(seq) = report.highest_source_seq {
+                writeln!(
+                    out,
+                    "compensate: the import's counts carried source_seq up to {seq}: later counts from {} at or below it are refused as stale, and a corrected file must use new event ids",
+                    report.source
+                )?;
+            }
+            if let Some((first, last)) = report.dropped_days {
+                writeln!(
+                    out,
+                    "compensate: retention dropped {} to {} from postgresql: entries of the import on those days are not seen (replay them first)",
+                    day_text(first),
+                    day_text(last)
+                )?;
+            }
             if apply {
                 writeln!(
                     out,
-                    "compensate: applied {} adjustments as source {} ({} were already applied)",
+                    "compensate: applied {} adjustments as source {} ({} were already applied or compensated otherwise)",
                     report.applied, report.undo_source, report.duplicates
                 )?;
             } else {
                 writeln!(out, "compensate: a dry run; --apply to apply")?;
             }
-            Ok(if short == 0 {
+            Ok(if report.attention() == 0 {
                 std::process::ExitCode::SUCCESS
             } else {
                 std::process::ExitCode::FAILURE

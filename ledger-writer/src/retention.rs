@@ -193,8 +193,10 @@ pub async fn take_carried(
     Ok(taken)
 }
 
-/// Whether the ledger now holds, for every cell in `carried`, at least the
-/// entries its carried row stood for, its last one among them; an error
+/// Whether the ledger now holds, for every cell in `carried`, exactly as
+/// many entries up to its carried row's last one as the row stood for, that
+/// last one among them (entries after it came later, and count apart); an
+/// error
 /// saying which cell falls short otherwise (an archive that is not the one
 /// the day was dropped on the word of, or lacks a partition).
 pub async fn check_covered(
@@ -205,7 +207,11 @@ pub async fn check_covered(
     for (partition, cell, entries, last_entry_id) in carried {
         let row = transaction
             .query_one(
-                "SELECT count(*), bool_or(entry_id = $4) FROM ledger
+                "SELECT count(*) FILTER (
+                            WHERE (split_part(stream_id, '-', 1)::bigint, split_part(stream_id, '-', 2)::bigint)
+                               <= (split_part($4, '-', 2)::bigint, split_part($4, '-', 3)::bigint)),
+                        bool_or(entry_id = $4)
+                 FROM ledger
                  WHERE at >= $1::date::timestamp AT TIME ZONE 'UTC'
                    AND at < ($1::date + 1)::timestamp AT TIME ZONE 'UTC'
                    AND partition = $2 AND cell = $3",
@@ -213,7 +219,7 @@ pub async fn check_covered(
             )
             .await?;
         let (present, has_last): (i64, Option<bool>) = (row.get(0), row.get(1));
-        if present < *entries || has_last != Some(true) {
+        if present != *entries || has_last != Some(true) {
             anyhow::bail!(
                 "cell {cell} had {entries} entries up to {last_entry_id} when the day was dropped; the archive gives {present}"
             );

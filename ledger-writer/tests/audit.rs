@@ -79,7 +79,21 @@ async fn replayed_defects_make_the_audit_fail_naming_each_key() {
     count.qty = 100 - pool.on_hand_after;
     count.counted = None;
     count.buckets_on_hand = None;
-    count.at_ms = pool.at_ms + 1;
+    // After the buckets' credits too (a loaded machine takes a few ms
+    // between debit and credit): the count must see what they hold.
+    let mut latest = pool.at_ms;
+    for partition in 0..common::PARTITIONS {
+        for entry in allocator
+            .ledger_entries(partition, 0)
+            .await
+            .expect("ledger")
+        {
+            if entry.key() == counted.key {
+                latest = latest.max(entry.at_ms);
+            }
+        }
+    }
+    count.at_ms = latest + 1;
     count.entry_id = None;
     count.stream_id = None;
     append(&redis, &count).await;

@@ -23,6 +23,9 @@ const RECOUNTED: usize = 10;
 const RECOUNT: i64 = 8;
 /// The key sold past its real stock while the import was in force.
 const OVERSOLD: usize = KEYS - 1;
+/// The key the import's own source counted again, correctly, afterwards
+/// (an event outside the selection: it wins too).
+const CORRECTED: usize = KEYS - 2;
 
 fn key(index: usize) -> StockKey {
     StockKey::new("m-import", format!("sku-{index:04}"), "dc1")
@@ -43,11 +46,16 @@ fn count(index: usize, source: &str, event_id: String, qty: i64, seq: u64) -> Ad
 }
 
 fn compensate(setup: &common::Setup, apply: bool) -> Output {
-    let mut command = common::writer_command(setup, "compensate");
-    command.args(["--source", "bad-import", "--events", "imp-0000..imp-0999"]);
+    let mut args = vec!["--events", "imp-0000..imp-0999"];
     if apply {
-        command.arg("--apply");
+        args.push("--apply");
     }
+    compensate_with(setup, &args)
+}
+
+fn compensate_with(setup: &common::Setup, args: &[&str]) -> Output {
+    let mut command = common::writer_command(setup, "compensate");
+    command.args(["--source", "bad-import"]).args(args);
     command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -95,7 +103,7 @@ async fn on_hand(allocator: &Allocator, index: usize) -> (i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_import_over_a_thousand_keys_is_undone_less_what_sold_meanwhile() {
     let (_redis, setup, allocator) = common::harness(&[]).await;
-    let _writer = common::start_writer(&setup);
+    let writer = common::start_writer(&setup);
     for index in 0..KEYS {
         let counted = count(index, "wms", format!("wms-{index}"), TRUE_COUNT, 1);
         allocator.adjust(&counted).await.expect("the true count");
@@ -170,6 +178,14 @@ async fn a_bad_import_over_a_thousand_keys_is_undone_less_what_sold_meanwhile() 
         let recount = count(index, "wms", format!("wms-recount-{index}"), RECOUNT, 2);
         allocator.adjust(&recount).await.expect("the recount");
     }
+    let correction = count(
+        CORRECTED,
+        "bad-import",
+        "fix-0998".to_owned(),
+        TRUE_COUNT,
+        8,
+    );
+    allocator.adjust(&correction).await.expect("the correction");
 
     // The dry run, once the relay has every entry.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -222,6 +238,8 @@ async fn a_bad_import_over_a_thousand_keys_is_undone_less_what_sold_meanwhile() 
         );
         let expected = if index < RECOUNTED {
             RECOUNT
+        } else if index == CORRECTED {
+            TRUE_COUNT
         } else {
             TRUE_COUNT - sold.get(&index).copied().unwrap_or(0)
         };
@@ -234,6 +252,19 @@ async fn a_bad_import_over_a_thousand_keys_is_undone_less_what_sold_meanwhile() 
     }
 
     // Again: nothing more changes, and the plan says it was applied.
+    let unchanged = |label: &'static str| {
+        let (allocator, after) = (Arc::clone(&allocator), after.clone());
+        async move {
+            for (index, cell) in after.iter().enumerate() {
+                assert_eq!(
+                    on_hand(&allocator, index).await,
+                    *cell,
+                    "{label}: key {index}"
+                );
+            }
+        }
+    };
+    let compensated = KEYS - RECOUNTED - 1;
     let again = compensate(&setup, true);
     assert!(again.status.success(), "{}", text(&again));
     assert!(
@@ -243,15 +274,54 @@ async fn a_bad_import_over_a_thousand_keys_is_undone_less_what_sold_meanwhile() 
     );
     assert!(
         text(&again).contains(&format!(
-            "applied 0 adjustments as source undo.bad-import ({} were already applied)",
-            KEYS - RECOUNTED
+            "applied 0 adjustments as source undo.bad-import ({compensated} were already applied or compensated otherwise)"
         )),
         "{}",
         text(&again)
     );
-    for (index, cell) in after.iter().enumerate() {
-        assert_eq!(on_hand(&allocator, index).await, *cell, "key {index}");
+    unchanged("applied twice").await;
+
+    // A day later the allocator has forgotten the compensations' event ids;
+    // the ledger has not.
+    let redis = common::raw_redis(&setup.redis_url).await;
+    let mut forgotten = 0;
+    for partition in 0..common::PARTITIONS {
+        let hash = format!("inv:{{{partition}}}:idem");
+        let fields: Vec<String> = fred::interfaces::HashesInterface::hkeys(&redis, &hash)
+            .await
+            .expect("hkeys");
+        for field in fields
+            .iter()
+            .filter(|field| field.contains("|undo.bad-import|"))
+        {
+            let _: i64 = fred::interfaces::HashesInterface::hdel(&redis, &hash, field)
+                .await
+                .expect("hdel");
+            forgotten += 1;
+        }
     }
+    assert_eq!(forgotten, compensated);
+    let later = compensate(&setup, true);
+    assert!(later.status.success(), "{}", text(&later));
+    unchanged("applied again a day later").await;
+
+    // Another selection of the same import: shown, not applied, exit 1.
+    let other = compensate_with(&setup, &["--events", "imp-0000..imp-0499", "--apply"]);
+    assert_eq!(other.status.code(), Some(1), "{}", text(&other));
+    assert!(
+        text(&other).contains("NOT APPLIED: compensated before by event"),
+        "{}",
+        text(&other)
+    );
+    unchanged("another selection").await;
+
+    // A recount not yet relayed: no plan until it is.
+    drop(writer);
+    let recount = count(500, "wms", "wms-late-500".to_owned(), 9, 3);
+    allocator.adjust(&recount).await.expect("the late recount");
+    let waiting = compensate(&setup, false);
+    assert!(!waiting.status.success(), "{}", text(&waiting));
+    assert!(text(&waiting).contains("not relayed"), "{}", text(&waiting));
 
     // The books balance, from the ledger alone.
     let (balanced, report) = common::audit(&setup);
