@@ -323,14 +323,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             let client = offline_postgres(&config).await?;
             let archive = open_archive(&config, to.as_deref())?;
             let today = ledger_writer::retention::today(&client).await?;
-            let days = match day {
-                Some(day) => vec![day],
-                None => ledger_writer::archive::postgres_days(&client)
-                    .await?
-                    .into_iter()
-                    .filter(|day| *day < today)
-                    .collect(),
-            };
+            let days = ledger_writer::retention::closed_days(&client, day).await?;
             let mut failed = 0;
             for day in days {
                 if day >= today {
@@ -367,15 +360,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Verify { day, archive } => {
             let client = offline_postgres(&config).await?;
             let archive = open_archive(&config, archive.as_deref())?;
-            let today = ledger_writer::retention::today(&client).await?;
-            let days = match day {
-                Some(day) => vec![day],
-                None => ledger_writer::archive::postgres_days(&client)
-                    .await?
-                    .into_iter()
-                    .filter(|day| *day < today)
-                    .collect(),
-            };
+            let days = ledger_writer::retention::closed_days(&client, day).await?;
             let mut failed = 0;
             for day in days {
                 let verified = ledger_writer::archive::verify_day(&client, &archive, day).await?;

@@ -145,19 +145,38 @@ pub async fn build_history(
         .await?)
 }
 
+/// Whether retention dropped `day` before (it has carried rows).
+async fn dropped_before(transaction: &Transaction<'_>, day: Date) -> anyhow::Result<bool> {
+    Ok(transaction
+        .query_opt(
+            "SELECT 1 FROM ledger_carried WHERE day = $1 LIMIT 1",
+            &[&day],
+        )
+        .await?
+        .is_some())
+}
+
+/// The closed days PostgreSQL holds (before today, UTC), or only `day`:
+/// what `archive` and `verify` go through.
+pub async fn closed_days(client: &Client, day: Option<Date>) -> anyhow::Result<Vec<Date>> {
+    let today = today(client).await?;
+    Ok(match day {
+        Some(day) => vec![day],
+        None => archive::postgres_days(client)
+            .await?
+            .into_iter()
+            .filter(|day| *day < today)
+            .collect(),
+    })
+}
+
 /// [`build_history`] of `day` in a transaction of its own, unless
 /// retention dropped the day before: its history already holds the
 /// dropped entries (and the ledger only later ones, which are added when
 /// the day is dropped again), so it is kept and `None` returned.
 pub async fn history(client: &mut Client, day: Date) -> anyhow::Result<Option<u64>> {
     let transaction = client.transaction().await?;
-    let dropped_before = transaction
-        .query_opt(
-            "SELECT 1 FROM ledger_carried WHERE day = $1 LIMIT 1",
-            &[&day],
-        )
-        .await?
-        .is_some();
+    let dropped_before = dropped_before(&transaction, day).await?;
     if dropped_before {
         return Ok(None);
     }
@@ -407,13 +426,7 @@ async fn drop_day_locked(
             "the entries of {breaks} cells do not chain within the day (ledger-writer audit shows where); dropping them would hide it"
         )));
     }
-    let dropped_before = transaction
-        .query_opt(
-            "SELECT 1 FROM ledger_carried WHERE day = $1 LIMIT 1",
-            &[&day],
-        )
-        .await?
-        .is_some();
+    let dropped_before = dropped_before(&transaction, day).await?;
     let history = build_history(&transaction, day, dropped_before).await?;
     transaction
         .execute(

@@ -6,29 +6,36 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use allocator::LedgerEntry;
 use ledger_writer::archive::{Archive, day_text};
 
-/// Runs a writer subcommand with `args`; its output.
-fn run(setup: &common::Setup, subcommand: &str, args: &[&str]) -> Output {
-    common::writer_command(setup, subcommand)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run ledger-writer")
-}
+use common::{output_text as text, run_writer as run};
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+/// The rows of `sql` as JSON arrays: its first `texts` columns text, the
+/// rest bigint (to compare with what DuckDB gives).
+async fn rows_as_json(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    texts: usize,
+) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = client
+        .query(sql, &[])
+        .await
+        .expect(sql)
+        .iter()
+        .map(|row| {
+            let mut values: Vec<serde_json::Value> =
+                (0..texts).map(|i| row.get::<_, String>(i).into()).collect();
+            values.extend((texts..row.len()).map(|i| row.get::<_, i64>(i).into()));
+            values.into()
+        })
+        .collect();
+    assert!(!rows.is_empty(), "{sql}: no rows");
+    rows.into()
 }
 
 /// Every ledger row's entry, by entry id.
@@ -447,50 +454,24 @@ async fn duckdb_reads_every_field_exactly_and_the_archive_works_on_s3() {
     // The documented DuckDB views over the archive (ops/duckdb/archive.sql)
     // give what PostgreSQL's views give over the same entries.
     let analyst = duckdb_views(archive_dir);
-    let reconciliation: Vec<serde_json::Value> = client
-        .query(
-            "SELECT merchant, sku, location, to_char(day, 'YYYY-MM-DD'), opening_on_hand, received,
-                 removed, sold, moved_in, moved_out, rebuilt, closing_on_hand, unexplained, cells, entries
-             FROM stock_reconciliation_daily ORDER BY 1, 2, 3, 4",
-            &[],
-        )
-        .await
-        .expect("reconciliation")
-        .iter()
-        .map(|row| {
-            let mut values: Vec<serde_json::Value> =
-                (0..4).map(|i| row.get::<_, String>(i).into()).collect();
-            values.extend((4..15).map(|i| row.get::<_, i64>(i).into()));
-            values.into()
-        })
-        .collect();
-    assert!(!reconciliation.is_empty());
-    assert_eq!(
-        analyst["stock_reconciliation_daily"],
-        serde_json::Value::from(reconciliation)
-    );
-    let funnel: Vec<serde_json::Value> = client
-        .query(
-            "SELECT merchant, sku, location, to_char(hour, 'YYYY-MM-DD HH24:00'), held, units_held,
-                 committed, released, expired, still_held
-             FROM reservation_funnel_hourly ORDER BY 1, 2, 3, 4",
-            &[],
-        )
-        .await
-        .expect("funnel")
-        .iter()
-        .map(|row| {
-            let mut values: Vec<serde_json::Value> =
-                (0..4).map(|i| row.get::<_, String>(i).into()).collect();
-            values.extend((4..10).map(|i| row.get::<_, i64>(i).into()));
-            values.into()
-        })
-        .collect();
-    assert!(!funnel.is_empty());
-    assert_eq!(
-        analyst["reservation_funnel_hourly"],
-        serde_json::Value::from(funnel)
-    );
+    let reconciliation = rows_as_json(
+        &client,
+        "SELECT merchant, sku, location, to_char(day, 'YYYY-MM-DD'), opening_on_hand, received,
+             removed, sold, moved_in, moved_out, rebuilt, closing_on_hand, unexplained, cells, entries
+         FROM stock_reconciliation_daily ORDER BY 1, 2, 3, 4",
+        4,
+    )
+    .await;
+    assert_eq!(analyst["stock_reconciliation_daily"], reconciliation);
+    let funnel = rows_as_json(
+        &client,
+        "SELECT merchant, sku, location, to_char(hour, 'YYYY-MM-DD HH24:00'), held, units_held,
+             committed, released, expired, still_held
+         FROM reservation_funnel_hourly ORDER BY 1, 2, 3, 4",
+        4,
+    )
+    .await;
+    assert_eq!(analyst["reservation_funnel_hourly"], funnel);
     let stockouts: i64 = client
         .query_one("SELECT count(*) FROM stockouts", &[])
         .await

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,22 +54,12 @@ fn compensate(setup: &common::Setup, apply: bool) -> Output {
 }
 
 fn compensate_with(setup: &common::Setup, args: &[&str]) -> Output {
-    let mut command = common::writer_command(setup, "compensate");
-    command.args(["--source", "bad-import"]).args(args);
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run compensate")
+    let mut all = vec!["--source", "bad-import"];
+    all.extend_from_slice(args);
+    common::run_writer(setup, "compensate", &all)
 }
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use common::output_text as text;
 
 /// The compensation the output lists per key, and its blast-radius line.
 fn plan(output: &Output) -> (BTreeMap<String, i64>, String) {

@@ -189,6 +189,25 @@ pub fn assert_no_failed_passes(setup: &Setup) {
     assert!(!log.contains("relay pass failed"), "{log}");
 }
 
+/// Runs writer subcommand `subcommand` with `args` to its end; its output.
+pub fn run_writer(setup: &Setup, subcommand: &str, args: &[&str]) -> std::process::Output {
+    writer_command(setup, subcommand)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run ledger-writer")
+}
+
+/// What a command printed: standard output, then standard error.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 /// Runs `ledger-writer audit`; its exit success and what it printed.
 pub fn audit(setup: &Setup) -> (bool, String) {
     let output = writer_command(setup, "audit")
