@@ -15,6 +15,42 @@ use ledger_writer::archive::{Archive, day_text};
 
 use common::{output_text as text, run_writer as run};
 
+/// `retention --day DAY --apply` against `archive`.
+fn drop_day(setup: &common::Setup, day: &str, archive: &str) -> std::process::Output {
+    run(
+        setup,
+        "retention",
+        &["--day", day, "--apply", "--archive", archive],
+    )
+}
+
+/// Runs `script` with `python` and `args`; its standard output (it must
+/// succeed).
+fn python(
+    python: std::path::PathBuf,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &std::path::Path)],
+) -> String {
+    let mut command = std::process::Command::new(&python);
+    command.args(["-c", script]).args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap_or_else(|error| {
+        panic!(
+            "{}: {error} (scripts/stack up installs it)",
+            python.display()
+        )
+    });
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// The rows of `sql` as JSON arrays: its first `texts` columns text, the
 /// rest bigint (to compare with what DuckDB gives).
 async fn rows_as_json(
@@ -125,11 +161,7 @@ async fn a_day_archived_dropped_and_replayed_loses_nothing_and_balances_througho
 
     // Dropped: the ledger holds nothing of the day, and the audit still
     // balances, from the carried balances.
-    let dropped = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", archive_dir],
-    );
+    let dropped = drop_day(&setup, &day, archive_dir);
     assert!(dropped.status.success(), "{}", text(&dropped));
     assert!(text(&dropped).contains(": dropped ("), "{}", text(&dropped));
     assert_eq!(count(&client, "ledger").await, 0);
@@ -195,20 +227,12 @@ async fn retention_never_drops_a_day_the_archive_does_not_hold_whole() {
     let blocked_path = blocked.path().to_str().expect("utf-8 path");
     let failed = run(&setup, "archive", &["--day", &day, "--to", blocked_path]);
     assert!(!failed.status.success(), "{}", text(&failed));
-    let refused = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", blocked_path],
-    );
+    let refused = drop_day(&setup, &day, blocked_path);
     assert!(!refused.status.success(), "{}", text(&refused));
     // An archive that holds nothing of the day: kept.
     let directory = tempfile::tempdir().expect("archive directory");
     let archive_dir = directory.path().to_str().expect("utf-8 path");
-    let refused = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", archive_dir],
-    );
+    let refused = drop_day(&setup, &day, archive_dir);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(
         text(&refused).contains("kept: not archived"),
@@ -236,11 +260,7 @@ async fn retention_never_drops_a_day_the_archive_does_not_hold_whole() {
     let verify = run(&setup, "verify", &["--day", &day, "--archive", archive_dir]);
     assert!(!verify.status.success(), "{}", text(&verify));
     assert!(text(&verify).contains("sha256"), "{}", text(&verify));
-    let refused = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", archive_dir],
-    );
+    let refused = drop_day(&setup, &day, archive_dir);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert_eq!(count(&client, "ledger").await, rows);
     let rebuilt_on_damage = run(&setup, "archive", &["--day", &day, "--to", archive_dir]);
@@ -254,11 +274,7 @@ async fn retention_never_drops_a_day_the_archive_does_not_hold_whole() {
     // Dropped; then the writer relays more of the same day (the partition
     // comes back): the audit chains the new entries onto the carried
     // balances, and the day cannot be dropped again until those are archived.
-    let dropped = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", archive_dir],
-    );
+    let dropped = drop_day(&setup, &day, archive_dir);
     assert!(dropped.status.success(), "{}", text(&dropped));
     assert_eq!(count(&client, "ledger").await, 0);
     let history_entries = || async {
@@ -276,11 +292,7 @@ async fn retention_never_drops_a_day_the_archive_does_not_hold_whole() {
     let late_rows = count(&client, "ledger").await;
     let (balanced, report) = common::audit(&setup);
     assert!(balanced, "{report}");
-    let refused = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", archive_dir],
-    );
+    let refused = drop_day(&setup, &day, archive_dir);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(
         text(&refused).contains("not archived"),
@@ -289,11 +301,7 @@ async fn retention_never_drops_a_day_the_archive_does_not_hold_whole() {
     );
     let extended = run(&setup, "archive", &["--day", &day, "--to", archive_dir]);
     assert!(text(&extended).contains("Extended"), "{}", text(&extended));
-    let dropped = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", archive_dir],
-    );
+    let dropped = drop_day(&setup, &day, archive_dir);
     assert!(dropped.status.success(), "{}", text(&dropped));
     // The day's history holds both drops' entries (the second added to,
     // not written over, the first).
@@ -355,16 +363,7 @@ names = [column[0] for column in rows.description]
 for row in rows.fetchall():
     print(json.dumps({name: value for name, value in zip(names, row) if value is not None}))
 "#;
-    let output = std::process::Command::new(data_python())
-        .args(["-c", SCRIPT, archive_dir])
-        .output()
-        .expect("run python with duckdb (scripts/stack up installs it)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
+    python(data_python(), SCRIPT, &[archive_dir.as_ref()], &[])
         .lines()
         .map(|line| serde_json::from_str(line).expect("a JSON row"))
         .collect()
@@ -392,17 +391,14 @@ con.execute("SELECT * FROM flash_sale_postmortem").fetchall()
 print(json.dumps({"stock_reconciliation_daily": reconciliation,
                   "reservation_funnel_hourly": funnel, "stockouts": stockouts}))
 "#;
-    let output = std::process::Command::new(data_python())
-        .args(["-c", SCRIPT, archive_dir])
-        .arg(testkit::repository_root().join("ops/duckdb/archive.sql"))
-        .output()
-        .expect("run python with duckdb");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let views = testkit::repository_root().join("ops/duckdb/archive.sql");
+    let stdout = python(
+        data_python(),
+        SCRIPT,
+        &[archive_dir.as_ref(), views.as_os_str()],
+        &[],
     );
-    serde_json::from_slice(&output.stdout).expect("the views")
+    serde_json::from_str(&stdout).expect("the views")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -551,11 +547,7 @@ async fn drops_hide_no_break_runs_of_a_day_take_turns_and_only_a_whole_archive_r
         .expect("delete");
     let archived = run(&setup, "archive", &["--day", &day, "--to", archive_dir]);
     assert!(archived.status.success(), "{}", text(&archived));
-    let refused = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", archive_dir],
-    );
+    let refused = drop_day(&setup, &day, archive_dir);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(
         text(&refused).contains("do not chain"),
@@ -604,11 +596,7 @@ async fn drops_hide_no_break_runs_of_a_day_take_turns_and_only_a_whole_archive_r
         "the entry put back joins the archive"
     );
 
-    let dropped = run(
-        &setup,
-        "retention",
-        &["--day", &day, "--apply", "--archive", archive_dir],
-    );
+    let dropped = drop_day(&setup, &day, archive_dir);
     assert!(dropped.status.success(), "{}", text(&dropped));
     let carried = count(&client, "ledger_carried").await;
     let archive = Archive::open(archive_dir).expect("archive");
@@ -699,22 +687,17 @@ print("TASKS " + json.dumps([[task.task_id, task.bash_command, sorted(task.downs
     let (_redis, setup, allocator) = common::harness(&[]).await;
     workload(&setup, &allocator, "f").await;
     let home = tempfile::tempdir().expect("airflow home");
-    let python = std::env::var_os("STACK_AIRFLOW_PYTHON")
+    let airflow_python = std::env::var_os("STACK_AIRFLOW_PYTHON")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| testkit::repository_root().join(".stack/py-airflow/bin/python"));
-    let parsed = std::process::Command::new(python)
-        .args(["-c", SCRIPT])
-        .arg(testkit::repository_root().join("ops/airflow"))
-        .env("AIRFLOW_HOME", home.path())
-        .output()
-        .expect("run python with airflow (scripts/stack up installs it)");
-    assert!(
-        parsed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&parsed.stderr)
-    );
+    let dags = testkit::repository_root().join("ops/airflow");
     // Airflow logs to standard output too.
-    let stdout = String::from_utf8_lossy(&parsed.stdout);
+    let stdout = python(
+        airflow_python,
+        SCRIPT,
+        &[dags.as_os_str()],
+        &[("AIRFLOW_HOME", home.path())],
+    );
     let tasks: Vec<(String, String, Vec<String>)> = stdout
         .lines()
         .find_map(|line| line.strip_prefix("TASKS "))

@@ -23,12 +23,7 @@ fn of_key(payload: &Value) -> bool {
 
 /// Runs `ledger-writer tail ARGS` to its end: its stdout lines and stderr.
 fn tail(setup: &Setup, args: &[&str]) -> (Vec<String>, String) {
-    let output = writer_command(setup, "tail")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run tail");
+    let output = common::run_writer(setup, "tail", args);
     assert!(
         output.status.success(),
         "{}",
