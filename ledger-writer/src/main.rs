@@ -675,13 +675,22 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             let client = offline_postgres(&config).await?;
             let settings = allocator::AllocatorSettings::from_config(&config);
             let allocator = allocator::Allocator::connect(&config.redis.url, settings, 2).await?;
-            let mut report =
-                ledger_writer::audit::audit(&client, &allocator, &config, merchant.as_deref())
-                    .await?;
+            let (mut report, passes) = ledger_writer::audit::audit_settled(
+                &client,
+                &allocator,
+                &config,
+                merchant.as_deref(),
+            )
+            .await?;
             println!(
                 "audit: {} entries in postgresql, {} not yet relayed; {} cells, {} stock keys",
                 report.entries_in_postgres, report.entries_not_relayed, report.cells, report.keys
             );
+            if passes > 1 {
+                println!(
+                    "audit: read {passes} times (an earlier read found drifts; stock moving while it reads can show one that is not)"
+                );
+            }
             if count_kafka {
                 let count = ledger_writer::audit::kafka_entry_ids(
                     &config,
