@@ -384,7 +384,7 @@ impl Ledger {
 const PASSES: u32 = 3;
 const PASS_PAUSE: Duration = Duration::from_secs(2);
 
-/// [`audit`], read again while it finds drifts, up to [`PASSES`] passes
+/// [`audit`], read again while it finds drifts, up to 3 passes
 /// 2 s apart; the last pass's report, and how many passes it took. On a
 /// live system stock moves while the audit reads: an entry relayed and
 /// trimmed from the outbox between the PostgreSQL read and the outbox
