@@ -150,9 +150,15 @@ impl Ledger {
         scope: &Scope,
         archive: Option<&crate::archive::Archive>,
     ) -> anyhow::Result<Self> {
+        // The outbox before PostgreSQL: an entry the relay moves (and
+        // trims) between the two reads is then in both, never in neither.
+        let mut outbox = Vec::new();
+        for partition in 0..config.stock.partitions {
+            outbox.extend(allocator.ledger_entries(partition, 0).await?);
+        }
         // Only PostgreSQL inside the snapshot: the transaction's locks would
         // otherwise hold a new day partition (and with it the relay) back
-        // while Redis and the archive are read.
+        // while the archive is read.
         postgres
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
@@ -225,22 +231,20 @@ impl Ledger {
             })
             .collect();
         let mut not_relayed = 0;
-        for partition in 0..config.stock.partitions {
-            for entry in allocator.ledger_entries(partition, 0).await? {
-                if !scope.covers(&entry) {
-                    continue;
-                }
-                if carried_up_to
-                    .get(&(entry.partition, entry.cell.as_str()))
-                    .is_some_and(|last| stream_order(&entry) <= *last)
-                {
-                    continue;
-                }
-                let entry_id = entry.entry_id.clone().unwrap_or_default();
-                if let std::collections::hash_map::Entry::Vacant(slot) = entries.entry(entry_id) {
-                    not_relayed += 1;
-                    slot.insert(entry);
-                }
+        for entry in outbox {
+            if !scope.covers(&entry) {
+                continue;
+            }
+            if carried_up_to
+                .get(&(entry.partition, entry.cell.as_str()))
+                .is_some_and(|last| stream_order(&entry) <= *last)
+            {
+                continue;
+            }
+            let entry_id = entry.entry_id.clone().unwrap_or_default();
+            if let std::collections::hash_map::Entry::Vacant(slot) = entries.entry(entry_id) {
+                not_relayed += 1;
+                slot.insert(entry);
             }
         }
         Ok(Self {

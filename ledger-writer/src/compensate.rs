@@ -208,6 +208,19 @@ pub async fn compensate(
     apply: bool,
 ) -> anyhow::Result<Report> {
     let undo = undo_source(source);
+    // The outbox first, PostgreSQL after: an entry the relay moves between
+    // the two reads is then in both (read the other way round, it would be
+    // in neither).
+    let mut outbox: Vec<LedgerEntry> = Vec::new();
+    for partition in 0..config.stock.partitions {
+        outbox.extend(
+            allocator
+                .ledger_entries(partition, 0)
+                .await?
+                .into_iter()
+                .filter(|entry| entry.op == allocator::LedgerOp::Adjust),
+        );
+    }
     let mut all: Vec<LedgerEntry> = Vec::new();
     for row in postgres
         .query(
@@ -222,17 +235,6 @@ pub async fn compensate(
         all.push(entry);
     }
     all.sort_by_key(applied_order);
-    // Adjustments still in the outbox that PostgreSQL does not have.
-    let mut outbox: Vec<LedgerEntry> = Vec::new();
-    for partition in 0..config.stock.partitions {
-        outbox.extend(
-            allocator
-                .ledger_entries(partition, 0)
-                .await?
-                .into_iter()
-                .filter(|entry| entry.op == allocator::LedgerOp::Adjust),
-        );
-    }
     let outbox_ids: Vec<String> = outbox
         .iter()
         .filter_map(|entry| entry.entry_id.clone())
