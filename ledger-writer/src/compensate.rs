@@ -208,9 +208,9 @@ pub async fn compensate(
     apply: bool,
 ) -> anyhow::Result<Report> {
     let undo = undo_source(source);
-    // The outbox first, PostgreSQL after: an entry the relay moves between
-    // the two reads is then in both (read the other way round, it would be
-    // in neither).
+    // The outbox first, then which of its entries PostgreSQL has, then the
+    // source's entries from PostgreSQL: an entry the relay moves in between
+    // is counted as waiting or read, never missed.
     let mut outbox: Vec<LedgerEntry> = Vec::new();
     for partition in 0..config.stock.partitions {
         outbox.extend(
@@ -221,20 +221,6 @@ pub async fn compensate(
                 .filter(|entry| entry.op == allocator::LedgerOp::Adjust),
         );
     }
-    let mut all: Vec<LedgerEntry> = Vec::new();
-    for row in postgres
-        .query(
-            "SELECT entry_id, entry::text FROM ledger WHERE op = 'adjust' AND source = $1",
-            &[&source],
-        )
-        .await?
-    {
-        let entry_id: String = row.get(0);
-        let entry = LedgerEntry::parse(row.get::<_, &str>(1))
-            .map_err(|error| anyhow::anyhow!("ledger entry {entry_id}: {error}"))?;
-        all.push(entry);
-    }
-    all.sort_by_key(applied_order);
     let outbox_ids: Vec<String> = outbox
         .iter()
         .filter_map(|entry| entry.entry_id.clone())
@@ -257,6 +243,37 @@ pub async fn compensate(
                 .is_some_and(|id| relayed.contains(id))
         })
         .collect();
+    // An entry still unrelayed when the relayed ones were read is waited
+    // for: the source's own and its compensation's at once (the selection
+    // would miss them), the touched keys' once the selection names them.
+    let own = unrelayed
+        .iter()
+        .filter(|entry| {
+            entry.source.as_deref() == Some(source)
+                || entry.source.as_deref() == Some(undo.as_str())
+        })
+        .count();
+    if own > 0 {
+        anyhow::bail!(
+            "{own} adjustments of source {source} or of its compensation are not relayed to postgresql yet; try again when the relay has caught up"
+        );
+    }
+    // PostgreSQL last: whatever was relayed when it was checked above is
+    // in this read (the relay only adds).
+    let mut all: Vec<LedgerEntry> = Vec::new();
+    for row in postgres
+        .query(
+            "SELECT entry_id, entry::text FROM ledger WHERE op = 'adjust' AND source = $1",
+            &[&source],
+        )
+        .await?
+    {
+        let entry_id: String = row.get(0);
+        let entry = LedgerEntry::parse(row.get::<_, &str>(1))
+            .map_err(|error| anyhow::anyhow!("ledger entry {entry_id}: {error}"))?;
+        all.push(entry);
+    }
+    all.sort_by_key(applied_order);
     let selected: Vec<LedgerEntry> = match selection {
         Selection::All => all,
         Selection::Since(since) => {
