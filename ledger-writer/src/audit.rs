@@ -106,6 +106,20 @@ pub struct Carried {
     pub received: i64,
 }
 
+/// Every entry still in the partitions' outbox streams (relayed or not:
+/// the relay trims them after PostgreSQL has them). Read it before
+/// PostgreSQL, so an entry the relay moves in between is in both.
+pub async fn outbox_entries(
+    allocator: &Allocator,
+    config: &config::Config,
+) -> anyhow::Result<Vec<LedgerEntry>> {
+    let mut outbox = Vec::new();
+    for partition in 0..config.stock.partitions {
+        outbox.extend(allocator.ledger_entries(partition, 0).await?);
+    }
+    Ok(outbox)
+}
+
 /// What [`Ledger::read`] reads from PostgreSQL in one snapshot.
 struct Snapshot {
     entries: HashMap<String, LedgerEntry>,
@@ -152,10 +166,7 @@ impl Ledger {
     ) -> anyhow::Result<Self> {
         // The outbox before PostgreSQL: an entry the relay moves (and
         // trims) between the two reads is then in both, never in neither.
-        let mut outbox = Vec::new();
-        for partition in 0..config.stock.partitions {
-            outbox.extend(allocator.ledger_entries(partition, 0).await?);
-        }
+        let outbox = outbox_entries(allocator, config).await?;
         // Only PostgreSQL inside the snapshot: the transaction's locks would
         // otherwise hold a new day partition (and with it the relay) back
         // while the archive is read.

@@ -211,16 +211,11 @@ pub async fn compensate(
     // The outbox first, then which of its entries PostgreSQL has, then the
     // source's entries from PostgreSQL: an entry the relay moves in between
     // is counted as waiting or read, never missed.
-    let mut outbox: Vec<LedgerEntry> = Vec::new();
-    for partition in 0..config.stock.partitions {
-        outbox.extend(
-            allocator
-                .ledger_entries(partition, 0)
-                .await?
-                .into_iter()
-                .filter(|entry| entry.op == allocator::LedgerOp::Adjust),
-        );
-    }
+    let outbox: Vec<LedgerEntry> = crate::audit::outbox_entries(allocator, config)
+        .await?
+        .into_iter()
+        .filter(|entry| entry.op == allocator::LedgerOp::Adjust)
+        .collect();
     let outbox_ids: Vec<String> = outbox
         .iter()
         .filter_map(|entry| entry.entry_id.clone())
