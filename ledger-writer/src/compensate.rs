@@ -67,6 +67,42 @@ pub enum Selection {
 }
 
 impl Selection {
+    /// The import among all of `source`'s adjust entries, in the order they
+    /// were applied.
+    fn pick(&self, source: &str, mut all: Vec<LedgerEntry>) -> anyhow::Result<Vec<LedgerEntry>> {
+        all.sort_by(|a, b| applied_order(a).cmp(&applied_order(b)));
+        Ok(match self {
+            Self::All => all,
+            Self::Since(since) => {
+                let since_ms = u64::try_from(since.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                all.into_iter()
+                    .filter(|entry| entry.at_ms >= since_ms)
+                    .collect()
+            }
+            Self::Events { first, last } => {
+                // An event id may stand on many keys (one event, many
+                // lines): from the first entry of `first` to the last of
+                // `last`.
+                let from = all
+                    .iter()
+                    .position(|entry| entry.source_event_id.as_deref() == Some(first.as_str()))
+                    .with_context(|| {
+                        format!("source {source} has no event {first} in the ledger")
+                    })?;
+                let to = all
+                    .iter()
+                    .rposition(|entry| entry.source_event_id.as_deref() == Some(last.as_str()))
+                    .with_context(|| {
+                        format!("source {source} has no event {last} in the ledger")
+                    })?;
+                if from > to {
+                    anyhow::bail!("event {first} was applied after {last}");
+                }
+                all.drain(from..=to).collect()
+            }
+        })
+    }
+
     /// The selection as text, the same for the same selection however it
     /// was written (a time in any offset is its Unix ms).
     fn describe(&self) -> String {
@@ -191,10 +227,18 @@ fn stream_order(entry: &LedgerEntry) -> (u64, u64) {
     (id.ms, id.seq)
 }
 
-/// The order an import was applied in, across keys: Redis time, then the
-/// stream.
-fn applied_order(entry: &LedgerEntry) -> (u64, (u64, u64)) {
-    (entry.at_ms, stream_order(entry))
+/// The order an import was applied in, across keys: Redis time, then, in
+/// one millisecond, the event id. Entries on different keys in the same
+/// millisecond are in different streams, whose ids say nothing of their
+/// order (and PostgreSQL returns rows in no order): an import's event ids
+/// are usually its file's order, so they decide. The stream breaks the last
+/// ties (one event id on many lines).
+fn applied_order(entry: &LedgerEntry) -> (u64, Option<&str>, (u64, u64)) {
+    (
+        entry.at_ms,
+        entry.source_event_id.as_deref(),
+        stream_order(entry),
+    )
 }
 
 /// Works out the compensation of `source`'s import (`selection`) and, with
@@ -268,32 +312,7 @@ pub async fn compensate(
             .map_err(|error| anyhow::anyhow!("ledger entry {entry_id}: {error}"))?;
         all.push(entry);
     }
-    all.sort_by_key(applied_order);
-    let selected: Vec<LedgerEntry> = match selection {
-        Selection::All => all,
-        Selection::Since(since) => {
-            let since_ms = u64::try_from(since.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-            all.into_iter()
-                .filter(|entry| entry.at_ms >= since_ms)
-                .collect()
-        }
-        Selection::Events { first, last } => {
-            // An event id may stand on many keys (one event, many lines):
-            // from the first entry of `first` to the last of `last`.
-            let from = all
-                .iter()
-                .position(|entry| entry.source_event_id.as_deref() == Some(first.as_str()))
-                .with_context(|| format!("source {source} has no event {first} in the ledger"))?;
-            let to = all
-                .iter()
-                .rposition(|entry| entry.source_event_id.as_deref() == Some(last.as_str()))
-                .with_context(|| format!("source {source} has no event {last} in the ledger"))?;
-            if from > to {
-                anyhow::bail!("event {first} was applied after {last}");
-            }
-            all[from..=to].to_vec()
-        }
-    };
+    let selected = selection.pick(source, all)?;
     let dropped = postgres
         .query_one("SELECT min(day), max(day) FROM ledger_carried", &[])
         .await?;
@@ -494,4 +513,61 @@ pub async fn compensate(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// An import entry on key `sku` as PostgreSQL returns it: its own
+    /// partition's stream, Redis time `at_ms`.
+    fn imported(sku: &str, event: &str, partition: u32, at_ms: u64) -> LedgerEntry {
+        LedgerEntry::from_value(json!({
+            "v": 1, "op": "adjust", "cell": format!("pool:{sku}"), "partition": partition,
+            "merchant": "m", "sku": sku, "location": "l", "at_ms": at_ms,
+            "stream_id": format!("{at_ms}-0"), "qty": 90, "version": 2, "node": "n",
+            "on_hand_before": 10, "on_hand_after": 100, "reserved_before": 0,
+            "reserved_after": 0, "kind": "absolute", "source": "bad-import",
+            "source_event_id": event, "shortfall": false,
+        }))
+        .expect("a valid entry")
+    }
+
+    fn events(entries: &[LedgerEntry]) -> Vec<&str> {
+        entries
+            .iter()
+            .filter_map(|entry| entry.source_event_id.as_deref())
+            .collect()
+    }
+
+    #[test]
+    fn a_range_keeps_its_ends_when_they_share_a_millisecond_with_their_neighbours() {
+        // Four entries in two milliseconds on four partitions; rows come
+        // back in no order (here, the worst).
+        let rows = vec![
+            imported("d", "imp-3", 4, 1_001),
+            imported("c", "imp-2", 3, 1_001),
+            imported("b", "imp-1", 2, 1_000),
+            imported("a", "imp-0", 1, 1_000),
+        ];
+        let range = Selection::Events {
+            first: "imp-0".to_owned(),
+            last: "imp-3".to_owned(),
+        };
+        let picked = range.pick("bad-import", rows.clone()).expect("a range");
+        assert_eq!(events(&picked), ["imp-0", "imp-1", "imp-2", "imp-3"]);
+        let inner = Selection::Events {
+            first: "imp-1".to_owned(),
+            last: "imp-2".to_owned(),
+        };
+        let picked = inner.pick("bad-import", rows.clone()).expect("a range");
+        assert_eq!(events(&picked), ["imp-1", "imp-2"]);
+        let backwards = Selection::Events {
+            first: "imp-3".to_owned(),
+            last: "imp-0".to_owned(),
+        };
+        let error = backwards.pick("bad-import", rows).expect_err("backwards");
+        assert!(error.to_string().contains("applied after"), "{error}");
+    }
 }
