@@ -159,6 +159,7 @@ pub mod outbox;
 pub mod reserve;
 mod scripts;
 mod store;
+mod throttle;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -182,6 +183,7 @@ pub use reserve::{
     CLAIM_CLOCK_MARGIN, Coalescer, Coalescing, Flushed, HoldRequest, HotKey, Reserver,
 };
 use scripts::{Op, Scripts};
+pub use throttle::{FAILURE_PAUSE, TOKEN_LIFE, Throttle};
 
 /// Why an allocator call did not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +231,15 @@ pub enum AllocatorError {
     /// (its lease has not lapsed): try again in a moment.
     #[error("a request with this idempotency key is in progress")]
     InProgress,
+    /// A flash sale's checkout throttle refused the attempt; nothing was
+    /// held or claimed.
+    #[error("{reason}")]
+    RateLimited {
+        /// What was over which budget.
+        reason: String,
+        /// How long until the budget has room again.
+        retry_after: Duration,
+    },
 }
 
 /// Most times an adjustment or a settings change of a key with buckets

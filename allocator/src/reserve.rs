@@ -62,7 +62,8 @@ use crate::keys::{self, CellRef, StockKey};
 use crate::scripts::Op;
 use crate::{
     Allocator, AllocatorError, CART_LINES_MAX, CartHold, FlashSale, Hold, HotOutcomes, RateMeter,
-    ReservationStatus, Result, ShortLine, check_refusal, decode_hold, derive_random, protocol,
+    ReservationStatus, Result, ShortLine, Throttle, check_refusal, decode_hold, derive_random,
+    protocol,
 };
 
 /// How long a claim's lease lasts: longer than any one attempt takes
@@ -1145,6 +1146,9 @@ pub struct Reserver {
     hot: RwLock<HashMap<StockKey, Arc<HotKey>>>,
     /// Coalesces concurrent holds on one cell.
     coalescer: Coalescer,
+    /// The checkout throttles of the sales active in the fleet, by key
+    /// (on every node, a bucket in the sale or not).
+    throttles: RwLock<HashMap<StockKey, Arc<Throttle>>>,
 }
 
 impl Reserver {
@@ -1154,6 +1158,7 @@ impl Reserver {
             allocator,
             hot: RwLock::default(),
             coalescer,
+            throttles: RwLock::default(),
         }
     }
 
@@ -1170,6 +1175,12 @@ impl Reserver {
     /// Holds `request` (one line or a cart), idempotent on its key on every
     /// node.
     pub async fn reserve(&self, request: &CartRequest) -> Result<CartHold> {
+        // A throttled key's attempt takes a token first: a refusal has
+        // claimed and held nothing.
+        let throttles = self.throttles_of(request);
+        for throttle in &throttles {
+            throttle.admit(&self.allocator).await?;
+        }
         let hot = match request.lines.as_slice() {
             [line] => self.hot_sale(&StockKey::new(&request.merchant, &line.sku, &line.location)),
             _ => None,
@@ -1179,6 +1190,55 @@ impl Reserver {
             coalescer: Some(&self.coalescer),
         };
         self.allocator.reserve_claimed(request, route).await
+    }
+
+    /// The throttles on `request`'s keys.
+    fn throttles_of(&self, request: &CartRequest) -> Vec<Arc<Throttle>> {
+        let throttles = self
+            .throttles
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if throttles.is_empty() {
+            return Vec::new();
+        }
+        request
+            .lines
+            .iter()
+            .filter_map(|line| {
+                throttles
+                    .get(&StockKey::new(&request.merchant, &line.sku, &line.location))
+                    .cloned()
+            })
+            .collect()
+    }
+
+    /// Puts in force exactly these throttles, `(sale, key, attempts per
+    /// second)`: one kept from before keeps its unspent tokens.
+    pub fn set_throttles(&self, wanted: &[(String, StockKey, u32)]) {
+        let mut throttles = self
+            .throttles
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let kept = std::mem::take(&mut *throttles);
+        for (sale, key, per_second) in wanted {
+            let throttle = match kept.get(key) {
+                Some(old) if old.sale() == sale && old.per_second() == *per_second => {
+                    Arc::clone(old)
+                }
+                _ => Arc::new(Throttle::new(sale, key.clone(), *per_second)),
+            };
+            throttles.insert(key.clone(), throttle);
+        }
+    }
+
+    /// Every throttle in force.
+    pub fn throttles(&self) -> Vec<Arc<Throttle>> {
+        self.throttles
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The sale in force here for `key`.

@@ -70,9 +70,11 @@ pub enum Op {
     Fence,
     /// `lua/claim.lua`
     Claim,
+    /// `lua/throttle.lua`
+    Throttle,
 }
 
-const OPS: [(Op, &str); 18] = [
+const OPS: [(Op, &str); 19] = [
     (
         Op::ReserveBatch,
         include_str!("../../lua/reserve_batch.lua"),
@@ -103,6 +105,7 @@ const OPS: [(Op, &str); 18] = [
     (Op::Drain, include_str!("../../lua/drain.lua")),
     (Op::Fence, include_str!("../../lua/fence.lua")),
     (Op::Claim, include_str!("../../lua/claim.lua")),
+    (Op::Throttle, include_str!("../../lua/throttle.lua")),
 ];
 
 /// The operation's function name in the library (its file's name).
@@ -126,6 +129,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Drain => "drain",
         Op::Fence => "fence",
         Op::Claim => "claim",
+        Op::Throttle => "throttle",
     }
 }
 

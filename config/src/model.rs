@@ -440,6 +440,13 @@ pub struct FlashSaleConfig {
     /// Largest refill a bucket takes from the pool.
     #[serde(default = "default_refill_chunk_units_max")]
     pub refill_chunk_units_max: u64,
+    /// Reservation attempts on the key the whole fleet admits per second
+    /// while the sale is active (a product-keyed throttle, one second of
+    /// burst); past it 429 `rate_limited` with `Retry-After`. Absent: no
+    /// throttle. Every node enforces it, with a bucket in the sale or not;
+    /// editing it does not reclaim the sale's buckets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout_attempts_per_second: Option<u32>,
 }
 
 impl FlashSaleConfig {

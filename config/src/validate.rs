@@ -27,6 +27,11 @@ impl fmt::Display for FieldError {
 /// Longest id the API accepts (`[A-Za-z0-9._:-]{1,128}`, shared/API.md).
 pub const ID_LENGTH_MAX: usize = 128;
 
+/// Most checkout attempts per second a flash sale's throttle may admit
+/// (`flash_sales[].checkout_attempts_per_second`): far above what one key
+/// takes, and small enough that its bucket's arithmetic stays exact.
+pub const CHECKOUT_ATTEMPTS_PER_SECOND_MAX: u32 = 10_000_000;
+
 /// Whether `id` is a valid API id: `[A-Za-z0-9._:-]{1,128}`.
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -470,6 +475,14 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             format!("{path}.refill_chunk_units_max"),
             "must not be below refill_chunk_units_min",
         );
+        if let Some(per_second) = sale.checkout_attempts_per_second {
+            c.range(
+                &format!("{path}.checkout_attempts_per_second"),
+                per_second,
+                1,
+                CHECKOUT_ATTEMPTS_PER_SECOND_MAX,
+            );
+        }
         if let (Some(start), Some(end)) = (sale.starts_at, sale.ends_at) {
             c.check(
                 start < end,

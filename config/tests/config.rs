@@ -69,6 +69,29 @@ fn a_flash_sale_without_nodes_is_rejected_with_its_field_path() {
 }
 
 #[test]
+fn a_flash_sale_throttle_of_zero_is_rejected_and_a_sane_one_parses() {
+    let with = |per_second: &str| {
+        example_text("flash-sale-3node.toml").replacen(
+            r#"nodes = ["node-a", "node-b", "node-c"]"#,
+            &format!(
+                "nodes = [\"node-a\", \"node-b\", \"node-c\"]\ncheckout_attempts_per_second = {per_second}"
+            ),
+            1,
+        )
+    };
+    let error = parse_text(&with("0")).expect_err("a throttle of 0 must be refused");
+    assert_eq!(
+        field_messages(&error),
+        ["flash_sales[0].checkout_attempts_per_second: must be between 1 and 10000000"]
+    );
+    let config = parse_text(&with("2500")).expect("a throttle of 2,500 a second");
+    assert_eq!(
+        config.flash_sales[0].checkout_attempts_per_second,
+        Some(2_500)
+    );
+}
+
+#[test]
 fn every_broken_field_is_reported_at_once() {
     let text = example_text("dev.toml")
         .replace("partitions = 64", "partitions = 0")

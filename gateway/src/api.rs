@@ -188,6 +188,13 @@ impl From<AllocatorError> for ApiError {
                 ApiError::StoreUnavailable
             }
             AllocatorError::InProgress => ApiError::RequestInProgress,
+            AllocatorError::RateLimited {
+                reason,
+                retry_after,
+            } => ApiError::RateLimited(
+                reason,
+                (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1),
+            ),
             // hold_hot handles a fenced bucket itself; reaching here is a bug.
             AllocatorError::Fenced => {
                 tracing::error!("fenced bucket answer reached the edge");

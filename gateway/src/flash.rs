@@ -5,7 +5,8 @@
 //! sale's buckets, once per epoch); a sale that ends has this node's bucket
 //! reclaimed to the pool. Buckets of nodes that died are reclaimed by the
 //! ledger writer's reconciler, not here. Reservations on a sale's key use this
-//! node's bucket through the reserver.
+//! node's bucket through the reserver. Every node, listed or not, puts an
+//! active sale's checkout throttle in force (`allocator::Throttle`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,9 +66,16 @@ impl FlashSales {
     }
 }
 
-/// Same on every node for the same sale config; changes when the sale is edited.
+/// Same on every node for the same sale config; changes when the sale's
+/// split is edited (a new epoch reclaims and splits again). The fleet-wide
+/// fairness limits are not part of it: editing them changes no bucket (and
+/// a sale without them hashes as it did before they existed).
 fn epoch_of(sale: &FlashSaleConfig) -> String {
-    let text = serde_json::to_string(sale).unwrap_or_default();
+    let split = FlashSaleConfig {
+        checkout_attempts_per_second: None,
+        ..sale.clone()
+    };
+    let text = serde_json::to_string(&split).unwrap_or_default();
     hex::encode(&Sha256::digest(text.as_bytes())[..6])
 }
 
@@ -83,6 +91,19 @@ impl FlashSales {
             .filter(|sale| sale.nodes.contains(node) && sale.is_active_at(now))
             .map(|sale| (sale.name.as_str(), sale))
             .collect();
+        // The throttles first, on every node: a node with no bucket in a
+        // sale still admits attempts on its key.
+        let throttles: Vec<(String, allocator::StockKey, u32)> = config
+            .flash_sales
+            .iter()
+            .filter(|sale| sale.is_active_at(now))
+            .filter_map(|sale| {
+                let per_second = sale.checkout_attempts_per_second?;
+                let key = allocator::StockKey::new(&sale.merchant, &sale.sku, &sale.location);
+                Some((sale.name.clone(), key, per_second))
+            })
+            .collect();
+        self.reserver.set_throttles(&throttles);
         let current = self.reserver.hot_sales();
 
         for active in &current {
@@ -232,6 +253,27 @@ mod tests {
                 .map(|(index, bucket)| (format!("node-{index}"), bucket))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_sales_throttle_is_not_part_of_its_epoch_and_a_sale_without_one_hashes_as_before() {
+        let sale: FlashSaleConfig = serde_json::from_value(json!({
+            "name": "drop", "merchant": "m", "sku": "s", "location": "l", "nodes": ["a", "b"],
+        }))
+        .expect("a sale");
+        let throttled = FlashSaleConfig {
+            checkout_attempts_per_second: Some(50),
+            ..sale.clone()
+        };
+        assert_eq!(epoch_of(&throttled), epoch_of(&sale));
+        // The text hashed is the one hashed before the field existed.
+        let text = serde_json::to_string(&sale).expect("json");
+        assert!(!text.contains("checkout_attempts"), "{text}");
+        let split_otherwise = FlashSaleConfig {
+            presplit_fraction: 0.25,
+            ..sale.clone()
+        };
+        assert_ne!(epoch_of(&split_otherwise), epoch_of(&sale));
     }
 
     #[test]

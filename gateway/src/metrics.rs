@@ -239,7 +239,7 @@ impl SaleOutcomes {
         let outcomes = IntCounterVec::new(
             Opts::new(
                 "sale_reservations_total",
-                "New holds and refusals on a flash sale's key made by this node's hot path",
+                "New holds and refusals on a flash sale's key made by this node's hot path, and attempts its checkout throttle refused here (outcome throttled)",
             ),
             &["sale", "outcome"],
         )
@@ -288,6 +288,11 @@ impl Collector for SaleOutcomes {
             units_left
                 .with_label_values(&[sale])
                 .inc_by(counts.insufficient_with_units_left);
+        }
+        for throttle in self.reserver.throttles() {
+            outcomes
+                .with_label_values(&[throttle.sale(), "throttled"])
+                .inc_by(throttle.refused());
         }
         let mut families = outcomes.collect();
         families.extend(units_left.collect());

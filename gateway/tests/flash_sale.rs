@@ -306,3 +306,86 @@ async fn a_reload_that_raises_the_hold_limit_reaches_the_reservations() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_sale_admits_at_most_its_budget_over_both_nodes_and_says_when_to_retry() {
+    const PER_SECOND: u32 = 5;
+    let throttle = format!("checkout_attempts_per_second = {PER_SECOND}\n");
+    let (_fleet, a, b, sku, name) = sale_with_extra(100_000, &throttle).await;
+    let run = testkit::unique_id("throttle");
+    let started = std::time::Instant::now();
+    let mut callers = Vec::new();
+    for (index, node) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let url = node.url("/v1/reservations");
+        let (run, sku) = (run.clone(), sku.clone());
+        callers.push(tokio::spawn(async move {
+            let (mut held, mut refused) = (0u64, 0u64);
+            let mut attempt = 0;
+            while started.elapsed() < std::time::Duration::from_secs(2) {
+                attempt += 1;
+                let response = client()
+                    .post(&url)
+                    .bearer_auth(CHECKOUT)
+                    .header("Idempotency-Key", format!("{run}-{index}-{attempt}"))
+                    .json(&reservation("m1", &sku, "dc1", 1))
+                    .send()
+                    .await
+                    .expect("send");
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.parse::<u64>().ok());
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                match status {
+                    201 => held += 1,
+                    429 => {
+                        assert_eq!(body["error"], "rate_limited", "{body}");
+                        assert!(
+                            body["message"]
+                                .as_str()
+                                .is_some_and(|m| m.contains("flash sale")),
+                            "{body}"
+                        );
+                        assert_eq!(retry_after, Some(1), "{body}");
+                        refused += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    other => panic!("{other}: {body}"),
+                }
+            }
+            (held, refused)
+        }));
+    }
+    let (mut held, mut refused) = (0, 0);
+    for caller in callers {
+        let (h, r) = caller.await.expect("caller");
+        held += h;
+        refused += r;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let most = (f64::from(PER_SECOND) * (seconds + 0.002)).floor() as u64 + u64::from(PER_SECOND);
+    assert!(
+        held <= most,
+        "{held} held in {seconds:.3} s (at most {most})"
+    );
+    assert!(
+        held >= u64::from(PER_SECOND),
+        "{held} held: the burst at least"
+    );
+    assert!(refused > 0);
+    // Each node counts what it refused, under the sale's name.
+    let mut counted = 0;
+    for node in [&a, &b] {
+        let metrics = node.metrics().await;
+        let series =
+            format!("invgw_sale_reservations_total{{outcome=\"throttled\",sale=\"{name}\",");
+        counted += metrics
+            .lines()
+            .filter(|row| row.starts_with(&series))
+            .filter_map(|row| row.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    assert_eq!(counted, refused);
+}

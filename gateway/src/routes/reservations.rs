@@ -90,6 +90,7 @@ pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, Ap
         Ok((_, false)) => "held",
         Err(AllocatorError::InsufficientStock { .. }) => "insufficient",
         Err(AllocatorError::StoreUnavailable(_)) => "store_unavailable",
+        Err(AllocatorError::RateLimited { .. }) => "throttled",
         Err(_) => "refused",
     };
     app.metrics.reservations.with_label_values(&[label]).inc();

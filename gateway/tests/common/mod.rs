@@ -301,9 +301,14 @@ where
 
 /// Two nodes with a sale of a fresh sku over both, in force, stocked.
 pub async fn sale_with(units: i64) -> (Fleet, Node, Node, String, String) {
+    sale_with_extra(units, "").await
+}
+
+/// [`sale_with`], the sale's TOML followed by `extra` (more of its fields).
+pub async fn sale_with_extra(units: i64, extra: &str) -> (Fleet, Node, Node, String, String) {
     let sku = testkit::unique_id("console");
     let name = testkit::unique_id("drop");
-    let fleet = Fleet::on_stack(&sale_toml(&name, &sku, true));
+    let fleet = Fleet::on_stack(&format!("{}{extra}", sale_toml(&name, &sku, true)));
     let a = fleet.node("node-a");
     let b = fleet.node("node-b");
     restock(&a, "m1", &sku, "dc1", units).await;
