@@ -281,7 +281,7 @@ async fn every_lua_operation_runs_on_a_cluster() {
     .await
     .expect("allocator");
     let library = library_functions(masters[0].port);
-    assert_eq!(library.len(), 18, "one function per operation: {library:?}");
+    assert_eq!(library.len(), 19, "one function per operation: {library:?}");
     let monitors: Vec<Monitor> = masters
         .iter()
         .map(|master| Monitor::start(master.port, directory.path()))
@@ -361,6 +361,21 @@ async fn every_lua_operation_runs_on_a_cluster() {
         customer_ref: None,
     };
     allocator.reserve_cart(&cart).await.expect("cart");
+
+    // throttle: a sale's checkout throttle on a key
+    let coalescing = allocator::Coalescing {
+        wait: Duration::ZERO,
+        batch_max: 64,
+    };
+    let reserver = allocator::Reserver::new(
+        allocator.clone(),
+        allocator::Coalescer::new(coalescing, std::sync::Arc::new(|_| {})),
+    );
+    reserver.set_throttles(&[(testkit::unique_id("sale"), shirt.clone(), 100)]);
+    reserver
+        .reserve(&common::reserve(&shirt, 1, &testkit::unique_id("r")).as_cart())
+        .await
+        .expect("throttled reserve");
 
     // activate, transfer_out, transfer_in, transfer_done, pending_transfers,
     // drain, fence: a sale's activation and refill, then a count of the key
