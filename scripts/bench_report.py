@@ -373,7 +373,23 @@ def main():
     flash = scenarios.get("flash-sale", {}).get("outcomes", {})
     before = snapshot(os.path.join(raw, "sales-flash-sale-before.txt"))
     after = snapshot(os.path.join(raw, "sales-flash-sale-after.txt"))
-    gateway_sale = {name: int(after.get(name, 0) - before.get(name, 0)) for name in ("held", "insufficient", "units_left")}
+    gateway_sale = {
+        name: int(after.get(name, 0) - before.get(name, 0))
+        for name in ("held", "insufficient", "units_left", "throttled", "throttle_admitted")
+    }
+    # The throttled key: attempts admitted over the scenario against the
+    # bucket's bound (budget x seconds + one second's burst).
+    throttle_rate = int(os.environ.get("THROTTLE_RATE", "0"))
+    throttle_seconds = after.get("at", 0.0) - before.get("at", 0.0)
+    throttle = {
+        "attempts_per_second": throttle_rate,
+        "seconds": throttle_seconds,
+        "admitted": gateway_sale["throttle_admitted"],
+        "bound": int(throttle_rate * throttle_seconds) + throttle_rate,
+        "refused_by_gateways": gateway_sale["throttled"],
+        "refused_seen_by_clients": flash.get("throttled", 0),
+    }
+    throttle["within_bound"] = throttle["admitted"] <= throttle["bound"]
     lock = read("Cargo.lock")
     goose_version = re.search(r'name = "goose"\nversion = "([^"]+)"', lock)
 
@@ -443,6 +459,7 @@ def main():
             "flash_sale_refusals": flash.get("refused", 0),
             "refused_while_units_remained": flash.get("refused_while_available", 0),
             "flash_sale_gateways": gateway_sale,
+            "flash_sale_throttle": throttle,
         },
     }
     os.makedirs(out, exist_ok=True)
@@ -503,6 +520,7 @@ def main():
         f"| units oversold (all scenarios) | {oversold} | | | 0 |",
         f"| units unaccounted for (all scenarios) | {unaccounted} | | | 0 |",
         f"| ledger entries lost (audit drifts) | {drifts} of {report['correctness']['ledger_entries_audited']:,} audited | | | 0 |",
+        f"| flash sale: checkout throttle of {throttle_rate}/s on one of its 3 keys | {throttle['admitted']:,} attempts admitted in {fmt(throttle_seconds, 1)} s (bound {throttle['bound']:,}); {throttle['refused_by_gateways']:,} refused 429 by the gateways, {throttle['refused_seen_by_clients']:,} seen by the clients | | | ≤ bound |",
         f"| flash sale: refused while units remained elsewhere | the gateways' count {gateway_sale['units_left']} of {gateway_sale['insufficient']} refusals ({gateway_sale['held']} holds); the clients' estimate {report['correctness']['refused_while_units_remained']} of {report['correctness']['flash_sale_refusals']} | | | (figure) |",
         "",
         "What k6 achieved against what was scheduled (when the load generator itself cannot keep the schedule, "

@@ -71,6 +71,8 @@ pub struct Outcomes {
     pub held: AtomicU64,
     /// Refused for stock (409 insufficient_stock).
     pub refused: AtomicU64,
+    /// Refused by a flash sale's checkout throttle (429).
+    pub throttled: AtomicU64,
     /// Refused while a read right after still showed units available.
     pub refused_while_available: AtomicU64,
     /// Units sold (holds committed, times their quantity).
@@ -101,6 +103,7 @@ impl Outcomes {
         OutcomeCounts {
             held: get(&self.held),
             refused: get(&self.refused),
+            throttled: get(&self.throttled),
             refused_while_available: get(&self.refused_while_available),
             sold_units: get(&self.sold_units),
             committed: get(&self.committed),
@@ -120,6 +123,8 @@ pub struct OutcomeCounts {
     pub held: u64,
     /// Refused for stock.
     pub refused: u64,
+    /// Refused by a checkout throttle.
+    pub throttled: u64,
     /// Refused while units still showed available.
     pub refused_while_available: u64,
     /// Units sold.

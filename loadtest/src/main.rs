@@ -174,9 +174,19 @@ fn state(user: &mut GooseUser) -> &mut UserState {
     user.get_session_data_unchecked_mut::<UserState>()
 }
 
+/// Whether an answer is a flash sale's checkout throttle refusing the
+/// attempt (429 with its message; a per-key limit's 429 is not).
+fn is_throttled(status: u16, body: &Value) -> bool {
+    status == 429
+        && body["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("flash sale"))
+}
+
 /// Sends one request named `name` (so ids in paths do not split the
-/// metrics); a 409 counts as a success (a refusal is an answer). Returns the
-/// status (0 when no response came) and the JSON body.
+/// metrics); a 409, or a 429 of a flash sale's checkout throttle, counts as
+/// a success (a refusal is an answer). Returns the status (0 when no
+/// response came) and the JSON body.
 async fn send(
     user: &mut GooseUser,
     method: GooseMethod,
@@ -208,12 +218,12 @@ async fn send(
     match response {
         Ok(response) => {
             let status = response.status().as_u16();
-            if status == 409 {
+            let body = response.json::<Value>().await.unwrap_or(Value::Null);
+            if status == 409 || is_throttled(status, &body) {
                 user.set_success(&mut request)?;
             } else if !(200..300).contains(&status) {
                 Outcomes::count(&shared().outcomes.unexpected);
             }
-            let body = response.json::<Value>().await.unwrap_or(Value::Null);
             Ok((status, body))
         }
         Err(_) => {
@@ -320,6 +330,7 @@ async fn reserve(
                 Outcomes::count(&shared.outcomes.left_to_expire);
             }
         }
+        429 if is_throttled(status, &reply) => Outcomes::count(&shared.outcomes.throttled),
         409 => {
             Outcomes::count(&shared.outcomes.refused);
             if let [(sku, _)] = lines {
