@@ -93,8 +93,13 @@ pub async fn partitions_ahead_forever(config: std::sync::Arc<config::Config>) {
 /// already dropped is counted from the first entry the ledger still has).
 /// With `merge` (the day was dropped before, and the ledger holds only
 /// entries that came after), the rows are added to what the day's history
-/// already says: flows and minutes summed, the opening kept, the closing
-/// replaced.
+/// already says: flows summed, the opening kept, the closing replaced, and
+/// minutes added only for the part of the day after the row was last
+/// built (the earlier build counted every episode up to then, an open one
+/// to its own time; a late entry that starts an episode again must not
+/// count those minutes twice). So a day dropped after it ended gains no
+/// minutes from late entries: where they fall among the dropped entries'
+/// episodes is not known any more.
 pub async fn build_history(
     transaction: &Transaction<'_>,
     day: Date,
@@ -115,6 +120,9 @@ pub async fn build_history(
          stockout_minutes = EXCLUDED.stockout_minutes, entries = EXCLUDED.entries,
          built_at = now()"
     };
+    // The part of the day an earlier build did not count (all of it
+    // without `merge`).
+    let counted_until = if merge { "p.built_at" } else { "NULL" };
     transaction
         .batch_execute("SET LOCAL TimeZone = 'UTC'")
         .await?;
@@ -124,9 +132,13 @@ pub async fn build_history(
                  SELECT $1::date::timestamptz AS day_start, ($1::date + 1)::timestamptz AS day_end
              ), minutes AS MATERIALIZED (
                  SELECT s.merchant, s.sku, s.location,
-                        SUM(EXTRACT(EPOCH FROM LEAST(COALESCE(s.ended_at, now()), b.day_end)
-                                             - GREATEST(s.started_at, b.day_start))) / 60 AS minutes
-                 FROM stockouts s, bounds b
+                        SUM(GREATEST(0, EXTRACT(EPOCH FROM LEAST(COALESCE(s.ended_at, now()), b.day_end)
+                            - GREATEST(s.started_at, b.day_start,
+                                       COALESCE({counted_until}, b.day_start))))) / 60 AS minutes
+                 FROM stockouts s CROSS JOIN bounds b
+                 LEFT JOIN stock_history_daily p
+                   ON p.merchant = s.merchant AND p.sku = s.sku AND p.location = s.location
+                  AND p.day = $1::date
                  WHERE s.started_at < b.day_end AND COALESCE(s.ended_at, now()) > b.day_start
                  GROUP BY s.merchant, s.sku, s.location
              )

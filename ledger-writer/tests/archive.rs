@@ -743,3 +743,84 @@ print("TASKS " + json.dumps([[task.task_id, task.bash_command, sorted(task.downs
     assert!(count(&client, "ledger").await > 0);
     assert!(!home.path().join("archive/ledger").exists());
 }
+
+/// The stockout minutes and entries of key m/s/l's history on `day`.
+async fn history_minutes(client: &tokio_postgres::Client, day: time::Date) -> (f64, i64) {
+    client
+        .query_one(
+            "SELECT stockout_minutes::float8, entries FROM stock_history_daily
+             WHERE merchant = 'm' AND sku = 's' AND location = 'l' AND day = $1",
+            &[&day],
+        )
+        .await
+        .map(|row| (row.get::<_, f64>(0), row.get::<_, i64>(1)))
+        .expect("the day's history")
+}
+
+/// A day's curated history, built when its ledger was dropped, takes late
+/// entries of the day when it is dropped again: an episode open at the
+/// day's end, which the first build counted to midnight, is not counted a
+/// second time from a late entry inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stockout_open_at_midnight_is_counted_once_when_late_entries_of_its_day_are_merged() {
+    let (_redis, setup, _allocator) = common::harness(&[]).await;
+    let migrated = run(&setup, "partitions", &[]);
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    let mut client = common::postgres(&setup).await;
+    let day: time::Date = client
+        .query_one("SELECT (now() AT TIME ZONE 'UTC')::date - 3", &[])
+        .await
+        .expect("a day")
+        .get(0);
+    client
+        .execute("SELECT ledger_day_partition($1)", &[&day])
+        .await
+        .expect("the day's partition");
+    // The pool of one key: stocked at 08:00, all of it held at 20:00 and
+    // nothing sellable until the day ends; then, late, a commit at 21:00.
+    let entry = |seq: i64, op: &str, hour: i32, on_hand: (i64, i64), reserved: (i64, i64)| {
+        format!(
+            "INSERT INTO ledger (entry_id, partition, stream_id, op, merchant, sku, location, cell,
+                 qty, on_hand_before, on_hand_after, reserved_before, reserved_after, version, node, at, entry)
+             VALUES ('1-{seq}-0', 1, '{seq}-0', '{op}', 'm', 's', 'l', 'm|s|l|pool', 1,
+                 {}, {}, {}, {}, {seq}, 'n', '{day} {hour}:00:00+00', '{{}}')",
+            on_hand.0, on_hand.1, reserved.0, reserved.1
+        )
+    };
+    client
+        .batch_execute(&format!(
+            "{}; {}",
+            entry(1, "adjust", 8, (0, 10), (0, 0)),
+            entry(2, "reserve", 20, (10, 10), (0, 10))
+        ))
+        .await
+        .expect("the day's entries");
+    let transaction = client.transaction().await.expect("transaction");
+    ledger_writer::retention::build_history(&transaction, day, false)
+        .await
+        .expect("history");
+    transaction.commit().await.expect("commit");
+    assert_eq!(
+        history_minutes(&client, day).await,
+        (240.0, 2),
+        "20:00 to midnight"
+    );
+
+    // Dropped (the history stays), then a late entry of the day arrives
+    // and the day is dropped again: the history gains the entry, not the
+    // minutes from 21:00 to midnight a second time.
+    client
+        .execute("DELETE FROM ledger WHERE at::date = $1", &[&day])
+        .await
+        .expect("drop the day's rows");
+    client
+        .batch_execute(&entry(3, "commit", 21, (10, 9), (10, 9)))
+        .await
+        .expect("a late entry");
+    let transaction = client.transaction().await.expect("transaction");
+    ledger_writer::retention::build_history(&transaction, day, true)
+        .await
+        .expect("history, merged");
+    transaction.commit().await.expect("commit");
+    assert_eq!(history_minutes(&client, day).await, (240.0, 3));
+}
