@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "partitioned_ledger",
         include_str!("../migrations/005_partitioned_ledger.sql"),
     ),
+    (
+        6,
+        "adjust_source_index",
+        include_str!("../migrations/006_adjust_source_index.sql"),
+    ),
 ];
 
 /// The analytics views, the one home of their definitions: applied whole
