@@ -69,8 +69,8 @@ pub enum Selection {
 impl Selection {
     /// The import among all of `source`'s adjust entries, in the order they
     /// were applied.
-    fn pick(&self, source: &str, mut all: Vec<LedgerEntry>) -> anyhow::Result<Vec<LedgerEntry>> {
-        all.sort_by(|a, b| applied_order(a).cmp(&applied_order(b)));
+    fn pick(&self, source: &str, all: Vec<LedgerEntry>) -> anyhow::Result<Vec<LedgerEntry>> {
+        let mut all = in_applied_order(all);
         Ok(match self {
             Self::All => all,
             Self::Since(since) => {
@@ -239,6 +239,30 @@ fn applied_order(entry: &LedgerEntry) -> (u64, Option<&str>, (u64, u64)) {
         entry.source_event_id.as_deref(),
         stream_order(entry),
     )
+}
+
+/// `entries` in [`applied_order`], except that each key's own entries,
+/// whose true order is their stream's, take the places the key has in that
+/// order in their stream's order (event ids compare as text: `e10` before
+/// `e9`).
+fn in_applied_order(mut entries: Vec<LedgerEntry>) -> Vec<LedgerEntry> {
+    entries.sort_by(|a, b| applied_order(a).cmp(&applied_order(b)));
+    let mut places: BTreeMap<StockKey, Vec<usize>> = BTreeMap::new();
+    for (place, entry) in entries.iter().enumerate() {
+        places.entry(entry.key()).or_default().push(place);
+    }
+    let mut slots: Vec<Option<LedgerEntry>> = entries.into_iter().map(Some).collect();
+    for places in places.values() {
+        let mut own: Vec<LedgerEntry> = places
+            .iter()
+            .filter_map(|&place| slots[place].take())
+            .collect();
+        own.sort_by_key(stream_order);
+        for (&place, entry) in places.iter().zip(own) {
+            slots[place] = Some(entry);
+        }
+    }
+    slots.into_iter().flatten().collect()
 }
 
 /// Works out the compensation of `source`'s import (`selection`) and, with
@@ -523,10 +547,15 @@ mod tests {
     /// An import entry on key `sku` as PostgreSQL returns it: its own
     /// partition's stream, Redis time `at_ms`.
     fn imported(sku: &str, event: &str, partition: u32, at_ms: u64) -> LedgerEntry {
+        imported_at(sku, event, partition, at_ms, 0)
+    }
+
+    /// [`imported`], `seq`-th in its stream's millisecond.
+    fn imported_at(sku: &str, event: &str, partition: u32, at_ms: u64, seq: u64) -> LedgerEntry {
         LedgerEntry::from_value(json!({
             "v": 1, "op": "adjust", "cell": format!("pool:{sku}"), "partition": partition,
             "merchant": "m", "sku": sku, "location": "l", "at_ms": at_ms,
-            "stream_id": format!("{at_ms}-0"), "qty": 90, "version": 2, "node": "n",
+            "stream_id": format!("{at_ms}-{seq}"), "qty": 90, "version": 2, "node": "n",
             "on_hand_before": 10, "on_hand_after": 100, "reserved_before": 0,
             "reserved_after": 0, "kind": "absolute", "source": "bad-import",
             "source_event_id": event, "shortfall": false,
@@ -569,5 +598,27 @@ mod tests {
         };
         let error = backwards.pick("bad-import", rows).expect_err("backwards");
         assert!(error.to_string().contains("applied after"), "{error}");
+    }
+
+    #[test]
+    fn one_keys_entries_in_one_millisecond_keep_their_stream_order_whatever_their_ids() {
+        // Key k: e9 then e10 in one millisecond (as text, "e10" < "e9");
+        // key j before them.
+        let rows = vec![
+            imported_at("k", "e10", 5, 1_000, 1),
+            imported_at("k", "e9", 5, 1_000, 0),
+            imported("j", "e1", 3, 999),
+        ];
+        let pick = |first: &str, last: &str| {
+            Selection::Events {
+                first: first.to_owned(),
+                last: last.to_owned(),
+            }
+            .pick("bad-import", rows.clone())
+        };
+        assert_eq!(events(&pick("e1", "e9").expect("a range")), ["e1", "e9"]);
+        assert_eq!(events(&pick("e10", "e10").expect("a range")), ["e10"]);
+        assert_eq!(events(&pick("e9", "e10").expect("a range")), ["e9", "e10"]);
+        assert!(pick("e10", "e9").is_err(), "e10 came after e9");
     }
 }

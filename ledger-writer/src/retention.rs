@@ -97,9 +97,10 @@ pub async fn partitions_ahead_forever(config: std::sync::Arc<config::Config>) {
 /// minutes added only for the part of the day after the row was last
 /// built (the earlier build counted every episode up to then, an open one
 /// to its own time; a late entry that starts an episode again must not
-/// count those minutes twice). So a day dropped after it ended gains no
-/// minutes from late entries: where they fall among the dropped entries'
-/// episodes is not known any more.
+/// count those minutes twice). So a key's row built after its day ended
+/// gains no minutes from late entries: where they fall among the dropped
+/// entries' episodes is not known any more (a key with no row yet gets
+/// them whole: nothing counted them before).
 pub async fn build_history(
     transaction: &Transaction<'_>,
     day: Date,
