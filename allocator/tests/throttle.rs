@@ -188,3 +188,55 @@ async fn a_throttle_kept_across_a_reload_keeps_its_tokens_and_a_changed_one_is_n
     assert!(!Arc::ptr_eq(&changed, &renamed));
     assert_eq!(renamed.sale(), "renamed");
 }
+
+/// Redis time that stepped back (a failover to a replica whose clock is
+/// behind) leaves the bucket's last time ahead of the clock: the bucket
+/// refills from the new time on, it does not refuse until the clock
+/// catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_whose_time_is_ahead_of_the_clock_refills_from_the_clock() {
+    use fred::prelude::*;
+    let sale = testkit::unique_id("stepped");
+    let key = StockKey::new("m-throttle", testkit::unique_id("sku"), "dc1");
+    let nodes = fleet(&sale, &key, 20).await;
+    common::stock(nodes[0].allocator(), &key, 100).await;
+    // The bucket as a clock a minute ahead left it: empty.
+    let redis = common::raw_redis().await;
+    // Redis runs on this machine: its clock is this one.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    let hash = allocator::keys::partition_keys(key.partition(common::PARTITIONS))[3].clone();
+    let _: i64 = redis
+        .hset(
+            &hash,
+            (
+                format!("t|{sale}"),
+                format!("{{\"tokens\":0,\"at_ms\":{}}}", now_ms + 60_000),
+            ),
+        )
+        .await
+        .expect("set the bucket");
+    // At 20 a second, a chunk is there within a second or so: the
+    // attempts are let through again well before the minute is over.
+    let started = Instant::now();
+    let run = testkit::unique_id("run");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let request = common::reserve(&key, 1, &format!("{run}-{attempt}")).as_cart();
+        match nodes[0].reserve(&request).await {
+            Ok(_) => break,
+            Err(AllocatorError::RateLimited { .. }) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "still refused after {:?}: the bucket waits for the clock",
+                    started.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+}
