@@ -96,12 +96,35 @@ pub fn unique_id(label: &str) -> String {
     )
 }
 
-/// A loopback TCP port nothing listens on right now.
+/// First of the ports [`free_port`] hands out.
+const TEST_PORTS_FIRST: u16 = 20_000;
+/// How many: up to 31,999, below Linux's default ephemeral range
+/// (32768–60999) and above the stack's and the bench's fixed ports.
+const TEST_PORTS: u16 = 12_000;
+
+/// A loopback TCP port nothing listens on right now, from below the
+/// kernel's ephemeral range. A port from that range (what binding port 0
+/// gives) can be taken by any outgoing connection between the moment it is
+/// chosen and the moment a test's server binds it, or while a killed server
+/// is down before its restart on the same port: a cluster test once failed
+/// with "port … did not open" that way. The kernel never picks a port below
+/// the range for a connection, so one found free here stays free for the
+/// test. Ports are tried in turn from a start that differs per process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = u64::from(std::process::id()).wrapping_mul(7_919);
+    for _ in 0..TEST_PORTS {
+        let offset =
+            start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % u64::from(TEST_PORTS);
+        let port = TEST_PORTS_FIRST + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free loopback port in {TEST_PORTS_FIRST}..{}",
+        TEST_PORTS_FIRST + TEST_PORTS
+    )
 }
 
 /// Waits (up to 10 s) until something listens on `port`.
@@ -329,5 +352,17 @@ mod tests {
     #[test]
     fn unique_ids_differ() {
         assert_ne!(unique_id("t"), unique_id("t"));
+    }
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_not_handed_out_twice() {
+        let ports: std::collections::HashSet<u16> = (0..200).map(|_| free_port()).collect();
+        assert_eq!(ports.len(), 200, "handed out twice");
+        for port in ports {
+            assert!(
+                (TEST_PORTS_FIRST..TEST_PORTS_FIRST + TEST_PORTS).contains(&port),
+                "{port}"
+            );
+        }
     }
 }
