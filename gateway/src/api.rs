@@ -191,10 +191,7 @@ impl From<AllocatorError> for ApiError {
             AllocatorError::RateLimited {
                 reason,
                 retry_after,
-            } => ApiError::RateLimited(
-                reason,
-                (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1),
-            ),
+            } => ApiError::RateLimited(reason, retry_after_seconds(retry_after)),
             // hold_hot handles a fenced bucket itself; reaching here is a bug.
             AllocatorError::Fenced => {
                 tracing::error!("fenced bucket answer reached the edge");
@@ -202,6 +199,12 @@ impl From<AllocatorError> for ApiError {
             }
         }
     }
+}
+
+/// Whole seconds (at least 1) a refused caller waits before trying again:
+/// the `Retry-After` of a wait.
+pub fn retry_after_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// Checks an id against `[A-Za-z0-9._:-]{1,128}`.

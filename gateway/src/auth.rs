@@ -150,8 +150,9 @@ fn retry_after(
     >,
 ) -> u64 {
     use governor::clock::Clock;
-    let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+    crate::api::retry_after_seconds(
+        not_until.wait_time_from(governor::clock::DefaultClock::default().now()),
+    )
 }
 
 fn rebuilt<K: std::hash::Hash + Eq + Clone>(

@@ -744,6 +744,15 @@ print("TASKS " + json.dumps([[task.task_id, task.bash_command, sorted(task.downs
     assert!(!home.path().join("archive/ledger").exists());
 }
 
+/// `build_history` of `day` in a transaction of its own.
+async fn build_history(client: &mut tokio_postgres::Client, day: time::Date, merge: bool) {
+    let transaction = client.transaction().await.expect("transaction");
+    ledger_writer::retention::build_history(&transaction, day, merge)
+        .await
+        .expect("history");
+    transaction.commit().await.expect("commit");
+}
+
 /// The stockout minutes and entries of key m/s/l's history on `day`.
 async fn history_minutes(client: &tokio_postgres::Client, day: time::Date) -> (f64, i64) {
     client
@@ -795,11 +804,7 @@ async fn a_stockout_open_at_midnight_is_counted_once_when_late_entries_of_its_da
         ))
         .await
         .expect("the day's entries");
-    let transaction = client.transaction().await.expect("transaction");
-    ledger_writer::retention::build_history(&transaction, day, false)
-        .await
-        .expect("history");
-    transaction.commit().await.expect("commit");
+    build_history(&mut client, day, false).await;
     assert_eq!(
         history_minutes(&client, day).await,
         (240.0, 2),
@@ -817,10 +822,6 @@ async fn a_stockout_open_at_midnight_is_counted_once_when_late_entries_of_its_da
         .batch_execute(&entry(3, "commit", 21, (10, 9), (10, 9)))
         .await
         .expect("a late entry");
-    let transaction = client.transaction().await.expect("transaction");
-    ledger_writer::retention::build_history(&transaction, day, true)
-        .await
-        .expect("history, merged");
-    transaction.commit().await.expect("commit");
+    build_history(&mut client, day, true).await;
     assert_eq!(history_minutes(&client, day).await, (240.0, 3));
 }
