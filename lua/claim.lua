@@ -101,7 +101,7 @@ if a.action == 'advance' then
   rec.attempt = rec.attempt + 1
   rec.lease_until_ms = NOW + a.lease_ms
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))
-  return reply({ status = 'ok', attempt = rec.attempt })
+  return reply({ status = 'ok', attempt = rec.attempt, lease_until_ms = rec.lease_until_ms })
 end
 
 if a.action == 'finish' then

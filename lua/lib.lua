@@ -271,6 +271,13 @@ local function finish_hold(r, op, extra)
   e.cart_id = r.cart_id
   ledger(op, r.cell, on_hand_before, reserved_before, c, e)
   notify(r.cell, c)
+  if r.allow_p then
+    -- A hold a customer's allowance paid for (allowance.lua): the note of
+    -- its end, settled in the allowance's partition by the caller that
+    -- ended it or by the reconciler, then deleted.
+    redis.call('HSET', K_XFER, 'allow|' .. r.reservation_id, string.format(
+      '{"grant":"%s","allow_p":%d,"op":"%s","at_ms":%d}', r.reservation_id, r.allow_p, op, NOW))
+  end
   return c
 end
 
@@ -393,7 +400,7 @@ local function reservation_view(r)
     sku = r.sku, location = r.location, cell = r.cell, qty = r.qty,
     backordered = r.backordered, expires_at_ms = r.expires_at_ms,
     hold_until_ms = r.hold_until_ms, cart_id = r.cart_id,
-    held_expires_at_ms = r.held_expires_at_ms,
+    held_expires_at_ms = r.held_expires_at_ms, allow_p = r.allow_p,
   }
 end
 
@@ -406,15 +413,17 @@ local function check_hold(h)
   if h.cart_id ~= nil and not is_id(h.cart_id) then return 'cart_id' end
   if h.customer_hash ~= nil and #h.customer_hash > 128 then return 'customer_hash' end
   if h.hold_by_ms ~= nil and not is_int(h.hold_by_ms, 0, 99999999999999) then return 'hold_by_ms' end
+  if h.allow_p ~= nil and not is_int(h.allow_p, 0, LIMITS.partition_max) then return 'allow_p' end
   return nil
 end
 
 -- Where a batch's requests start in ARGV, and how many fields each has:
 -- reservation id, qty, ttl_ms, grace_ms, customer hash, cart id, hold-by
--- time in ms (the last three empty when absent). Plain strings: no JSON to
--- decode per request.
+-- time in ms, the partition of the customer's allowance that paid for the
+-- hold (the last four empty when absent). Plain strings: no JSON to decode
+-- per request.
 local HOLD_ARGV_FIRST = 3
-local HOLD_FIELDS = 7
+local HOLD_FIELDS = 8
 
 -- The holds ARGS.count requests ask of cell ARGS.cell, from ARGV.
 local function hold_requests()
@@ -422,6 +431,7 @@ local function hold_requests()
   for i = 1, ARGS.count do
     local at = HOLD_ARGV_FIRST + (i - 1) * HOLD_FIELDS
     local customer_hash, cart_id, hold_by = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
+    local allow_p = ARGV[at + 7]
     holds[i] = {
       reservation_id = ARGV[at], qty = tonumber(ARGV[at + 1]), ttl_ms = tonumber(ARGV[at + 2]),
       grace_ms = tonumber(ARGV[at + 3]),
@@ -429,6 +439,7 @@ local function hold_requests()
       cart_id = (cart_id ~= nil and cart_id ~= '') and cart_id or nil,
       -- Text that is not a number stays text, for check_hold to refuse.
       hold_by_ms = (hold_by ~= nil and hold_by ~= '') and (tonumber(hold_by) or hold_by) or nil,
+      allow_p = (allow_p ~= nil and allow_p ~= '') and (tonumber(allow_p) or allow_p) or nil,
     }
   end
   return holds
@@ -531,6 +542,7 @@ local function reserve_many(holds)
           backordered = backordered, status = 'held', created_at_ms = NOW,
           expires_at_ms = NOW + h.ttl_ms, hold_until_ms = NOW + h.ttl_ms + h.grace_ms,
           node = ARGS.node, cart_id = h.cart_id, customer_hash = h.customer_hash,
+          allow_p = h.allow_p,
         }
         decided[h.reservation_id] = r
         held[#held + 1] = r
@@ -558,7 +570,8 @@ local function reserve_many(holds)
       ',"reservation_id":"%s","qty":%d,"backordered":%d,"expires_at_ms":%d,"hold_until_ms":%d',
       r.reservation_id, r.qty, r.backordered, r.expires_at_ms, r.hold_until_ms)
       .. json_id_field('cart_id', r.cart_id)
-      .. (r.customer_hash and (',"customer_hash":' .. cjson.encode(r.customer_hash)) or '') .. '}'
+      .. (r.customer_hash and (',"customer_hash":' .. cjson.encode(r.customer_hash)) or '')
+      .. (r.allow_p and string.format(',"allow_p":%d', r.allow_p) or '') .. '}'
     due[#due + 1] = int_text(r.hold_until_ms)
     due[#due + 1] = r.reservation_id
     due_cell[#due_cell + 1] = 0

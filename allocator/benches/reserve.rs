@@ -66,6 +66,7 @@ fn hold(key: &StockKey, cell: &allocator::CellRef) -> HoldRequest {
         customer_hash: None,
         cart_id: None,
         hold_by_ms: None,
+        allowance_partition: None,
     }
 }
 

@@ -218,6 +218,7 @@ impl Allocator {
             "fingerprint": fingerprint(&json!({ "op": name, "reservation_id": line.reservation_id })),
         });
         let reply = self.call(op, line.partition, args).await?;
+        self.settle_after(line.partition, &reply).await;
         crate::decode_reservation(reply)
     }
 

@@ -148,6 +148,7 @@
 //! | activation record | until the sale ends here, at most 7 days | node restarts during the sale |
 //! | drain lease | 2 s | one drain (a few round trips) |
 
+mod allowance;
 mod cart;
 pub mod changes;
 mod hot;
@@ -170,6 +171,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+pub use allowance::{Allowance, AllowancesFinished, CustomerLimit, Grant, NOTE_SETTLE_AFTER};
 pub use cart::{CART_LINES_MAX, CartHold, CartLine, CartLineView, CartRequest, CartView};
 pub use changes::{Change, ChangeEvent, ChangeFeed};
 pub use hot::{
@@ -239,6 +241,20 @@ pub enum AllocatorError {
         reason: String,
         /// How long until the budget has room again.
         retry_after: Duration,
+    },
+    /// A flash sale's customer limit refused the hold (409
+    /// `customer_limit`); nothing was held.
+    #[error("this customer's {counts} in the flash sale are at its limit of {limit}")]
+    CustomerLimit {
+        /// The sale whose limit it is.
+        sale: String,
+        /// The limit.
+        limit: u64,
+        /// What the customer has used of it.
+        used: u64,
+        /// What it counts: `units` (`customer_units_max`) or `holds`
+        /// (`customer_holds_max`).
+        counts: String,
     },
 }
 
@@ -682,6 +698,7 @@ impl Allocator {
             "fingerprint": fingerprint(&json!({ "op": name, "reservation_id": reservation_id })),
         });
         let reply = self.call(op, partition, args).await?;
+        self.settle_after(partition, &reply).await;
         decode_reservation(reply)
     }
 

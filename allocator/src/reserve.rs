@@ -57,6 +57,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
+use crate::allowance::{CustomerLimit, Grant};
 use crate::cart::{CartLine, CartRequest, CartView, StoredLine};
 use crate::keys::{self, CellRef, StockKey};
 use crate::scripts::Op;
@@ -112,6 +113,10 @@ pub struct HoldRequest {
     /// claim lease less [`CLAIM_CLOCK_MARGIN`]. After it another caller may
     /// have taken the claim over, and this caller's hold must not land.
     pub hold_by_ms: Option<u64>,
+    /// The partition of the customer's allowance that paid for the hold
+    /// (a flash sale's customer limits, `crate::allowance`): its end gives
+    /// the allowance back.
+    pub allowance_partition: Option<u32>,
 }
 
 impl HoldRequest {
@@ -125,6 +130,11 @@ impl HoldRequest {
         argv.push(self.customer_hash.clone().unwrap_or_default());
         argv.push(self.cart_id.clone().unwrap_or_default());
         argv.push(self.hold_by_ms.map(|ms| ms.to_string()).unwrap_or_default());
+        argv.push(
+            self.allowance_partition
+                .map(|partition| partition.to_string())
+                .unwrap_or_default(),
+        );
     }
 
     /// The answer `lua/reserve_batch.lua` gave this request (see
@@ -203,9 +213,19 @@ impl HotKey {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 enum Stored {
-    Held { cart: CartView },
-    InsufficientStock { lines: Vec<ShortLine> },
+    Held {
+        cart: CartView,
+    },
+    InsufficientStock {
+        lines: Vec<ShortLine>,
+    },
     NotFound,
+    CustomerLimit {
+        sale: String,
+        limit: u64,
+        used: u64,
+        counts: String,
+    },
 }
 
 impl Stored {
@@ -214,6 +234,17 @@ impl Stored {
             Stored::Held { cart } => Ok(CartHold { cart, replayed }),
             Stored::InsufficientStock { lines } => Err(AllocatorError::InsufficientStock { lines }),
             Stored::NotFound => Err(AllocatorError::NotFound),
+            Stored::CustomerLimit {
+                sale,
+                limit,
+                used,
+                counts,
+            } => Err(AllocatorError::CustomerLimit {
+                sale,
+                limit,
+                used,
+                counts,
+            }),
         }
     }
 }
@@ -256,6 +287,17 @@ enum OpenMode {
 struct Route<'a> {
     hot: Option<&'a HotKey>,
     coalescer: Option<&'a Coalescer>,
+    /// The customer limits of the flash sales on the request's keys.
+    limits: &'a [Arc<CustomerLimit>],
+}
+
+impl Route<'_> {
+    fn limit(&self, key: &StockKey) -> Option<&CustomerLimit> {
+        self.limits
+            .iter()
+            .find(|limit| limit.key == *key)
+            .map(|limit| &**limit)
+    }
 }
 
 impl Allocator {
@@ -390,6 +432,9 @@ impl Allocator {
         match reply["status"].as_str() {
             Some("ok") => {
                 claim.attempt = reply["attempt"].as_u64().unwrap_or(claim.attempt + 1);
+                if let Some(lease_until_ms) = reply["lease_until_ms"].as_u64() {
+                    claim.lease_until_ms = lease_until_ms;
+                }
                 Ok(true)
             }
             Some("lost") => Ok(false),
@@ -485,7 +530,7 @@ impl Allocator {
             // is moved and boxed per request, and each path's state would
             // otherwise be carried by all of them.
             [line] => Box::pin(self.hold_one(&claim, request, line, ttl_ms, &route)).await,
-            _ => Box::pin(self.hold_cart(&mut claim, request, ttl_ms)).await,
+            _ => Box::pin(self.hold_cart(&mut claim, request, ttl_ms, &route)).await,
         };
         let (answer, replayed) = match outcome {
             // A one-line hold is its request's answer: it lives with the
@@ -508,6 +553,20 @@ impl Allocator {
                 (Stored::InsufficientStock { lines }, false)
             }
             Err(AllocatorError::NotFound) => (Stored::NotFound, false),
+            Err(AllocatorError::CustomerLimit {
+                sale,
+                limit,
+                used,
+                counts,
+            }) => (
+                Stored::CustomerLimit {
+                    sale,
+                    limit,
+                    used,
+                    counts,
+                },
+                false,
+            ),
             // Nothing is known to be decided: the claim stays pending and a
             // retry after its lease runs this attempt again.
             Err(other) => return Err(other),
@@ -568,7 +627,7 @@ impl Allocator {
             AllocatorError::Protocol("a one-line claim without placement".to_owned())
         })?;
         let key = StockKey::new(&request.merchant, &line.sku, &line.location);
-        let hold = HoldRequest {
+        let mut hold = HoldRequest {
             key: key.clone(),
             qty: line.qty,
             ttl_ms,
@@ -584,13 +643,80 @@ impl Allocator {
                     .lease_until_ms
                     .saturating_sub(CLAIM_CLOCK_MARGIN.as_millis() as u64),
             ),
+            allowance_partition: None,
         };
+        let grant = self.take_grant(route.limit(&key), &mut hold, claim).await?;
+        let held = self.hold_one_cell(&cell, &hold, route).await;
+        if let Some(grant) = &grant {
+            self.give_back_if_refused(grant, &held).await;
+        }
+        let hold = held?;
+        Ok(CartHold {
+            cart: hold.reservation.answer(),
+            replayed: hold.replayed,
+        })
+    }
+
+    /// Takes the customer's grant for `hold` under `limit` (none without a
+    /// limit or a customer), before the hold: see `crate::allowance`.
+    async fn take_grant(
+        &self,
+        limit: Option<&CustomerLimit>,
+        hold: &mut HoldRequest,
+        claim: &Claim,
+    ) -> Result<Option<Grant>> {
+        let (Some(limit), Some(customer)) = (limit, hold.customer_hash.as_deref()) else {
+            return Ok(None);
+        };
+        let grant = self
+            .take_allowance(
+                limit,
+                customer,
+                &hold.reservation_id,
+                hold.qty,
+                claim.lease_until_ms,
+            )
+            .await?;
+        hold.allowance_partition = Some(grant.partition);
+        // A paid-for hold lands only while the claim's lease lasts (a cart
+        // line too): the reconciler's repair rests on it.
+        hold.hold_by_ms = Some(
+            claim
+                .lease_until_ms
+                .saturating_sub(CLAIM_CLOCK_MARGIN.as_millis() as u64),
+        );
+        Ok(Some(grant))
+    }
+
+    /// A hold that was refused holds nothing: its grant goes back at once.
+    /// Any other failure may have held (or may yet): the grant stays, and
+    /// the reconciler's repair decides once the claim's lease is over.
+    async fn give_back_if_refused<T>(&self, grant: &Grant, held: &Result<T>) {
+        if matches!(
+            held,
+            Err(AllocatorError::InsufficientStock { .. }
+                | AllocatorError::NotFound
+                | AllocatorError::InvalidRequest(_))
+        ) {
+            self.give_allowance(grant).await;
+        }
+    }
+
+    /// The hold of a one-line request on its claim's cell, with the hot
+    /// path behind it when the key's sale is in force here.
+    async fn hold_one_cell(
+        &self,
+        cell: &CellRef,
+        hold: &HoldRequest,
+        route: &Route<'_>,
+    ) -> Result<Hold> {
+        let key = &hold.key;
         let bucket_node = bucket_node_of(&cell.id);
         let first = match route.coalescer {
-            Some(coalescer) => coalescer.hold(self, &cell, hold.clone()).await,
-            None => self.hold(&cell, &hold).await,
+            Some(coalescer) => coalescer.hold(self, cell, hold.clone()).await,
+            None => self.hold(cell, hold).await,
         };
-        let hold = match (first, route.hot, bucket_node) {
+        match (first, route.hot, bucket_node) {
             (
                 Err(
                     AllocatorError::InsufficientStock { .. }
@@ -599,13 +725,13 @@ impl Allocator {
                 ),
                 Some(hot),
                 Some(node),
-            ) if hot.sale.key == key => {
+            ) if hot.sale.key == *key => {
                 // It counts what it answers in the sale's outcomes.
-                Box::pin(self.hold_hot(hot, node, &cell, &hold)).await
+                Box::pin(self.hold_hot(hot, node, cell, hold)).await
             }
             (Ok(held), Some(hot), _) => {
                 if !held.replayed {
-                    hot.meter.record(u64::from(line.qty));
+                    hot.meter.record(u64::from(hold.qty));
                 }
                 hot.outcomes.record_hold(&held);
                 Ok(held)
@@ -617,11 +743,7 @@ impl Allocator {
                 "the request's bucket is fenced and its sale is not in force here".to_owned(),
             )),
             (result, _, _) => result,
-        }?;
-        Ok(CartHold {
-            cart: hold.reservation.answer(),
-            replayed: hold.replayed,
-        })
+        }
     }
 
     async fn hold_cart(
@@ -629,6 +751,7 @@ impl Allocator {
         claim: &mut Claim,
         request: &CartRequest,
         ttl_ms: u64,
+        route: &Route<'_>,
     ) -> Result<CartHold> {
         let cart_id = keys::reservation_id(
             claim.partition,
@@ -680,7 +803,7 @@ impl Allocator {
                     qty: line.qty,
                     backordered,
                 };
-                let hold = HoldRequest {
+                let mut hold = HoldRequest {
                     key: key.clone(),
                     qty: line.qty,
                     ttl_ms,
@@ -690,10 +813,22 @@ impl Allocator {
                     cart_id: Some(cart_id.clone()),
                     // The cart's record decides it, under the claim's token.
                     hold_by_ms: None,
+                    allowance_partition: None,
+                };
+                let grant = match self.take_grant(route.limit(&key), &mut hold, claim).await {
+                    Ok(grant) => grant,
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
                 };
                 // Tried: a store error may still have applied it.
                 tried.push(stored(hold.reservation_id.clone(), 0));
-                match self.hold(&cell, &hold).await {
+                let result = self.hold(&cell, &hold).await;
+                if let Some(grant) = &grant {
+                    self.give_back_if_refused(grant, &result).await;
+                }
+                match result {
                     Ok(line_hold) => {
                         let reservation = &line_hold.reservation;
                         if reservation.status != ReservationStatus::Held {
@@ -835,6 +970,7 @@ impl Allocator {
                 Route {
                     hot: None,
                     coalescer: None,
+                    limits: &[],
                 },
             )
             .await?;
@@ -852,6 +988,7 @@ impl Allocator {
                 Route {
                     hot: Some(hot),
                     coalescer: None,
+                    limits: &[],
                 },
             )
             .await?;
@@ -866,6 +1003,7 @@ impl Allocator {
             Route {
                 hot: None,
                 coalescer: None,
+                limits: &[],
             },
         )
         .await
@@ -1149,6 +1287,11 @@ pub struct Reserver {
     /// The checkout throttles of the sales active in the fleet, by key
     /// (on every node, a bucket in the sale or not).
     throttles: RwLock<HashMap<StockKey, Arc<Throttle>>>,
+    /// The customer limits of the sales active in the fleet, by key (on
+    /// every node, likewise).
+    customer_limits: RwLock<HashMap<StockKey, Arc<CustomerLimit>>>,
+    /// Requests this node answered 409 `customer_limit`, by sale.
+    limit_refusals: Mutex<HashMap<String, u64>>,
 }
 
 impl Reserver {
@@ -1159,6 +1302,8 @@ impl Reserver {
             hot: RwLock::default(),
             coalescer,
             throttles: RwLock::default(),
+            customer_limits: RwLock::default(),
+            limit_refusals: Mutex::default(),
         }
     }
 
@@ -1181,6 +1326,13 @@ impl Reserver {
         for throttle in &throttles {
             throttle.admit(&self.allocator).await?;
         }
+        let limits = self.customer_limits_of(request);
+        if let (Some(limit), None) = (limits.first(), &request.customer_ref) {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "customer_ref is required: flash sale {} limits what one customer may reserve of {} at {}",
+                limit.sale, limit.key.sku, limit.key.location
+            )));
+        }
         let hot = match request.lines.as_slice() {
             [line] => self.hot_sale(&StockKey::new(&request.merchant, &line.sku, &line.location)),
             _ => None,
@@ -1188,8 +1340,71 @@ impl Reserver {
         let route = Route {
             hot: hot.as_deref(),
             coalescer: Some(&self.coalescer),
+            limits: &limits,
         };
-        self.allocator.reserve_claimed(request, route).await
+        let result = self.allocator.reserve_claimed(request, route).await;
+        if let Err(AllocatorError::CustomerLimit { sale, .. }) = &result {
+            *self
+                .limit_refusals
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(sale.clone())
+                .or_default() += 1;
+        }
+        result
+    }
+
+    /// Requests this node answered 409 `customer_limit`, by sale (since the
+    /// process started).
+    pub fn customer_limit_refusals(&self) -> Vec<(String, u64)> {
+        self.limit_refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(sale, count)| (sale.clone(), *count))
+            .collect()
+    }
+
+    /// The customer limits on `request`'s keys.
+    fn customer_limits_of(&self, request: &CartRequest) -> Vec<Arc<CustomerLimit>> {
+        let limits = self
+            .customer_limits
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if limits.is_empty() {
+            return Vec::new();
+        }
+        request
+            .lines
+            .iter()
+            .filter_map(|line| {
+                limits
+                    .get(&StockKey::new(&request.merchant, &line.sku, &line.location))
+                    .cloned()
+            })
+            .collect()
+    }
+
+    /// Puts in force exactly these customer limits (one per key).
+    pub fn set_customer_limits(&self, wanted: Vec<CustomerLimit>) {
+        let mut limits = self
+            .customer_limits
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *limits = wanted
+            .into_iter()
+            .map(|limit| (limit.key.clone(), Arc::new(limit)))
+            .collect();
+    }
+
+    /// Every customer limit in force.
+    pub fn customer_limits(&self) -> Vec<Arc<CustomerLimit>> {
+        self.customer_limits
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The throttles on `request`'s keys.

@@ -72,9 +72,11 @@ pub enum Op {
     Claim,
     /// `lua/throttle.lua`
     Throttle,
+    /// `lua/allowance.lua`
+    Allowance,
 }
 
-const OPS: [(Op, &str); 19] = [
+const OPS: [(Op, &str); 20] = [
     (
         Op::ReserveBatch,
         include_str!("../../lua/reserve_batch.lua"),
@@ -106,6 +108,7 @@ const OPS: [(Op, &str); 19] = [
     (Op::Fence, include_str!("../../lua/fence.lua")),
     (Op::Claim, include_str!("../../lua/claim.lua")),
     (Op::Throttle, include_str!("../../lua/throttle.lua")),
+    (Op::Allowance, include_str!("../../lua/allowance.lua")),
 ];
 
 /// The operation's function name in the library (its file's name).
@@ -130,6 +133,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Fence => "fence",
         Op::Claim => "claim",
         Op::Throttle => "throttle",
+        Op::Allowance => "allowance",
     }
 }
 

@@ -281,7 +281,7 @@ async fn every_lua_operation_runs_on_a_cluster() {
     .await
     .expect("allocator");
     let library = library_functions(masters[0].port);
-    assert_eq!(library.len(), 19, "one function per operation: {library:?}");
+    assert_eq!(library.len(), 20, "one function per operation: {library:?}");
     let monitors: Vec<Monitor> = masters
         .iter()
         .map(|master| Monitor::start(master.port, directory.path()))
@@ -376,6 +376,35 @@ async fn every_lua_operation_runs_on_a_cluster() {
         .reserve(&common::reserve(&shirt, 1, &testkit::unique_id("r")).as_cart())
         .await
         .expect("throttled reserve");
+
+    // allowance: a sale's customer limit (take before the hold; the release
+    // settles it in the allowance's partition, another master's or not)
+    let limit = allocator::CustomerLimit::new(
+        &testkit::unique_id("sale"),
+        hat.clone(),
+        0,
+        0,
+        Some(5),
+        None,
+    );
+    reserver.set_customer_limits(vec![limit.clone()]);
+    let limited = allocator::ReserveRequest {
+        customer_ref: Some("cluster-customer".to_owned()),
+        ..common::reserve(&hat, 1, &testkit::unique_id("r"))
+    };
+    let held = reserver
+        .reserve(&limited.as_cart())
+        .await
+        .expect("limited reserve");
+    allocator
+        .release(None, &held.cart.reservation_id, "release-limited")
+        .await
+        .expect("release");
+    let allowance = allocator
+        .customer_allowance(&limit, "cluster-customer")
+        .await
+        .expect("allowance");
+    assert_eq!((allowance.units, allowance.holds), (0, 0));
 
     // activate, transfer_out, transfer_in, transfer_done, pending_transfers,
     // drain, fence: a sale's activation and refill, then a count of the key

@@ -175,6 +175,7 @@ async fn refill_only(
         customer_hash: None,
         cart_id: None,
         hold_by_ms: None,
+        allowance_partition: None,
     };
     loop {
         match allocator.hold(&bucket, &hold).await {

@@ -852,6 +852,7 @@ async fn a_hot_hold_is_made_in_its_claims_cell_or_not_at_all() {
         customer_hash: None,
         cart_id: None,
         hold_by_ms: None,
+        allowance_partition: None,
     };
     let outcome = allocator
         .hold_hot(&hot_key(&sale), "node-a", &elsewhere, &request)

@@ -309,6 +309,7 @@ async fn a_hold_whose_claim_lease_ran_out_is_not_made() {
         cart_id: None,
         // Long past: another caller may have taken the claim over.
         hold_by_ms: Some(1),
+        allowance_partition: None,
     };
     let answer = allocator.hold(&cell, &hold).await;
     assert!(
@@ -622,6 +623,7 @@ async fn a_batch_answers_each_request_as_a_single_call_would() {
         customer_hash: None,
         cart_id: None,
         hold_by_ms: None,
+        allowance_partition: None,
     };
     // Eight claimed holds, a bad one among them, and the first one's
     // attempt run again.
@@ -922,12 +924,26 @@ async fn the_scripts_refuse_arguments_the_allocator_never_sends_and_change_nothi
         "reserve_batch",
         cell.partition,
         serde_json::json!({ "partition": cell.partition, "node": "test-node", "cell": cell.id, "count": 1 }),
-        &[&id, "1", "600000", "0", "", "", "soon"],
+        &[&id, "1", "600000", "0", "", "", "soon", ""],
     )
     .await;
     assert_eq!(
         reply["answers"],
         serde_json::json!([["b", "hold_by_ms"]]),
+        "{reply}"
+    );
+    // So is an allowance partition that is not one.
+    let reply = fcall_raw(
+        &allocator,
+        "reserve_batch",
+        cell.partition,
+        serde_json::json!({ "partition": cell.partition, "node": "test-node", "cell": cell.id, "count": 1 }),
+        &[&id, "1", "600000", "0", "", "", "", "p1"],
+    )
+    .await;
+    assert_eq!(
+        reply["answers"],
+        serde_json::json!([["b", "allow_p"]]),
         "{reply}"
     );
     assert_eq!(pool(&allocator, &key).await.reserved, 0);

@@ -447,6 +447,16 @@ pub struct FlashSaleConfig {
     /// editing it does not reclaim the sale's buckets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkout_attempts_per_second: Option<u32>,
+    /// Units one customer (by `customer_ref`, then required on the key) may
+    /// hold or buy over the sale, across the whole fleet; past it 409
+    /// `customer_limit`. Released and expired holds give their units back,
+    /// commits do not. Absent: no limit. Editing it reclaims no bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_units_max: Option<u32>,
+    /// Holds one customer may have on the key at once (hoarding), across
+    /// the whole fleet; past it 409 `customer_limit`. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_holds_max: Option<u32>,
 }
 
 impl FlashSaleConfig {

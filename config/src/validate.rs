@@ -32,6 +32,10 @@ pub const ID_LENGTH_MAX: usize = 128;
 /// takes, and small enough that its bucket's arithmetic stays exact.
 pub const CHECKOUT_ATTEMPTS_PER_SECOND_MAX: u32 = 10_000_000;
 
+/// Largest `flash_sales[].customer_units_max` and `customer_holds_max`
+/// (a request's largest quantity).
+pub const CUSTOMER_LIMIT_MAX: u32 = 1_000_000;
+
 /// Whether `id` is a valid API id: `[A-Za-z0-9._:-]{1,128}`.
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -482,6 +486,14 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
                 1,
                 CHECKOUT_ATTEMPTS_PER_SECOND_MAX,
             );
+        }
+        for (field, limit) in [
+            ("customer_units_max", sale.customer_units_max),
+            ("customer_holds_max", sale.customer_holds_max),
+        ] {
+            if let Some(limit) = limit {
+                c.range(&format!("{path}.{field}"), limit, 1, CUSTOMER_LIMIT_MAX);
+            }
         }
         if let (Some(start), Some(end)) = (sale.starts_at, sale.ends_at) {
             c.check(

@@ -92,6 +92,35 @@ fn a_flash_sale_throttle_of_zero_is_rejected_and_a_sane_one_parses() {
 }
 
 #[test]
+fn flash_sale_customer_limits_of_zero_are_rejected_and_sane_ones_parse() {
+    let with = |units: &str, holds: &str| {
+        example_text("flash-sale-3node.toml").replacen(
+            r#"nodes = ["node-a", "node-b", "node-c"]"#,
+            &format!(
+                "nodes = [\"node-a\", \"node-b\", \"node-c\"]\ncustomer_units_max = {units}\ncustomer_holds_max = {holds}"
+            ),
+            1,
+        )
+    };
+    let error = parse_text(&with("0", "2000000")).expect_err("limits out of range");
+    assert_eq!(
+        field_messages(&error),
+        [
+            "flash_sales[0].customer_units_max: must be between 1 and 1000000",
+            "flash_sales[0].customer_holds_max: must be between 1 and 1000000",
+        ]
+    );
+    let config = parse_text(&with("2", "1")).expect("two units, one hold at a time");
+    assert_eq!(
+        (
+            config.flash_sales[0].customer_units_max,
+            config.flash_sales[0].customer_holds_max
+        ),
+        (Some(2), Some(1))
+    );
+}
+
+#[test]
 fn every_broken_field_is_reported_at_once() {
     let text = example_text("dev.toml")
         .replace("partitions = 64", "partitions = 0")

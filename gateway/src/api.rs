@@ -100,6 +100,10 @@ pub enum ApiError {
     /// A request with the same Idempotency-Key is still being worked on.
     #[error("a request with this Idempotency-Key is in progress; retry shortly")]
     RequestInProgress,
+    /// A flash sale's customer limit: what it counts, the limit, what the
+    /// customer has used.
+    #[error("this customer's {0} in the flash sale are at its limit of {1}")]
+    CustomerLimit(String, u64, u64),
     /// A path under /v1 that does not exist.
     #[error("no route for {0}")]
     NoRoute(String),
@@ -141,6 +145,11 @@ impl ApiError {
             ApiError::RateLimited(..) => (429, "rate_limited", json!({})),
             ApiError::StoreUnavailable => (503, "store_unavailable", json!({})),
             ApiError::RequestInProgress => (409, "request_in_progress", json!({})),
+            ApiError::CustomerLimit(counts, limit, used) => (
+                409,
+                "customer_limit",
+                json!({ "limit": limit, "used": used, "counts": counts }),
+            ),
             ApiError::Internal(_) => (500, "internal", json!({})),
         };
         body["error"] = json!(code);
@@ -192,6 +201,12 @@ impl From<AllocatorError> for ApiError {
                 reason,
                 retry_after,
             } => ApiError::RateLimited(reason, retry_after_seconds(retry_after)),
+            AllocatorError::CustomerLimit {
+                limit,
+                used,
+                counts,
+                ..
+            } => ApiError::CustomerLimit(counts, limit, used),
             // hold_hot handles a fenced bucket itself; reaching here is a bug.
             AllocatorError::Fenced => {
                 tracing::error!("fenced bucket answer reached the edge");

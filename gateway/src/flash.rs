@@ -71,8 +71,12 @@ impl FlashSales {
 /// fairness limits are not part of it: editing them changes no bucket (and
 /// a sale without them hashes as it did before they existed).
 fn epoch_of(sale: &FlashSaleConfig) -> String {
+    // The fairness settings are not part of how the key is split: editing
+    // them reclaims no bucket.
     let split = FlashSaleConfig {
         checkout_attempts_per_second: None,
+        customer_units_max: None,
+        customer_holds_max: None,
         ..sale.clone()
     };
     let text = serde_json::to_string(&split).unwrap_or_default();
@@ -104,6 +108,14 @@ impl FlashSales {
             })
             .collect();
         self.reserver.set_throttles(&throttles);
+        self.reserver.set_customer_limits(
+            config
+                .flash_sales
+                .iter()
+                .filter(|sale| sale.is_active_at(now))
+                .filter_map(allocator::CustomerLimit::from_config)
+                .collect(),
+        );
         let current = self.reserver.hot_sales();
 
         for active in &current {
@@ -256,19 +268,25 @@ mod tests {
     }
 
     #[test]
-    fn a_sales_throttle_is_not_part_of_its_epoch_and_a_sale_without_one_hashes_as_before() {
+    fn a_sales_fairness_settings_are_not_part_of_its_epoch_and_a_sale_without_them_hashes_as_before()
+     {
         let sale: FlashSaleConfig = serde_json::from_value(json!({
             "name": "drop", "merchant": "m", "sku": "s", "location": "l", "nodes": ["a", "b"],
         }))
         .expect("a sale");
         let throttled = FlashSaleConfig {
             checkout_attempts_per_second: Some(50),
+            customer_units_max: Some(2),
+            customer_holds_max: Some(1),
             ..sale.clone()
         };
         assert_eq!(epoch_of(&throttled), epoch_of(&sale));
-        // The text hashed is the one hashed before the field existed.
+        // The text hashed is the one hashed before the fields existed.
         let text = serde_json::to_string(&sale).expect("json");
-        assert!(!text.contains("checkout_attempts"), "{text}");
+        assert!(
+            !text.contains("checkout_attempts") && !text.contains("customer_"),
+            "{text}"
+        );
         let split_otherwise = FlashSaleConfig {
             presplit_fraction: 0.25,
             ..sale.clone()

@@ -239,7 +239,7 @@ impl SaleOutcomes {
         let outcomes = IntCounterVec::new(
             Opts::new(
                 "sale_reservations_total",
-                "New holds and refusals on a flash sale's key made by this node's hot path, and attempts its checkout throttle refused here (outcome throttled)",
+                "New holds and refusals on a flash sale's key made by this node's hot path, and attempts its checkout throttle refused here (outcome throttled), and requests its customer limits refused here (outcome customer_limit)",
             ),
             &["sale", "outcome"],
         )
@@ -293,6 +293,11 @@ impl Collector for SaleOutcomes {
             outcomes
                 .with_label_values(&[throttle.sale(), "throttled"])
                 .inc_by(throttle.refused());
+        }
+        for (sale, refused) in self.reserver.customer_limit_refusals() {
+            outcomes
+                .with_label_values(&[&sale, "customer_limit"])
+                .inc_by(refused);
         }
         let mut families = outcomes.collect();
         families.extend(units_left.collect());

@@ -389,3 +389,120 @@ async fn a_throttled_sale_admits_at_most_its_budget_over_both_nodes_and_says_whe
     }
     assert_eq!(counted, refused);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_customer_racing_from_both_nodes_holds_at_most_the_sales_customer_limit() {
+    let limits = "customer_units_max = 2\n";
+    // The per-node rate limit per customer (a different guard) out of the way.
+    let (_fleet, a, b, sku, name) = sale_with_config(1_000, limits, |text| {
+        text.replace(
+            "customer_reservations_per_second = 5",
+            "customer_reservations_per_second = 10000",
+        )
+    })
+    .await;
+    let customer = testkit::unique_id("alice");
+    let mut body = reservation("m1", &sku, "dc1", 1);
+    body["customer_ref"] = json!(customer);
+
+    // Without customer_ref the sale's key is refused, and nothing is held.
+    let (status, reply) = reserve(
+        &a,
+        &testkit::unique_id("anon"),
+        &reservation("m1", &sku, "dc1", 1),
+    )
+    .await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (400, Some("bad_request")),
+        "{reply}"
+    );
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("customer_ref")),
+        "{reply}"
+    );
+
+    let run = testkit::unique_id("race");
+    let mut racers = Vec::new();
+    for index in 0..50 {
+        let node = if index % 2 == 0 {
+            a.url("/v1/reservations")
+        } else {
+            b.url("/v1/reservations")
+        };
+        let (body, key) = (body.clone(), format!("{run}-{index}"));
+        racers.push(tokio::spawn(async move {
+            post(&node, CHECKOUT, Some(&key), &body).await
+        }));
+    }
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for racer in racers {
+        let (status, reply) = racer.await.expect("racer");
+        match status {
+            201 => held.push(reply["reservation_id"].as_str().expect("id").to_owned()),
+            409 => {
+                assert_eq!(reply["error"], "customer_limit", "{reply}");
+                assert_eq!(reply["limit"], 2, "{reply}");
+                assert!(
+                    reply["used"].as_u64().is_some_and(|used| used <= 2),
+                    "{reply}"
+                );
+                refused += 1;
+            }
+            other => panic!("{other}: {reply}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (2, 48), "exactly the limit is held");
+    assert_eq!(available(&a, "m1", &sku).await, 998);
+
+    // Another customer still buys.
+    let mut bob = reservation("m1", &sku, "dc1", 2);
+    bob["customer_ref"] = json!("bob");
+    let (status, reply) = reserve(&b, &testkit::unique_id("bob"), &bob).await;
+    assert_eq!(status, 201, "{reply}");
+
+    // A commit keeps the units counted; a release gives them back.
+    let (status, reply) = act(&a, &held[0], "commit").await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply) = reserve(&b, &testkit::unique_id("more"), &body).await;
+    assert_eq!((status, reply["used"].as_u64()), (409, Some(2)), "{reply}");
+    let (status, reply) = act(&b, &held[1], "release").await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply) = reserve(&a, &testkit::unique_id("again"), &body).await;
+    assert_eq!(status, 201, "the released unit's place: {reply}");
+    let (status, reply) = reserve(&b, &testkit::unique_id("over"), &body).await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (409, Some("customer_limit")),
+        "{reply}"
+    );
+
+    // Each node counts what it refused, under the sale's name.
+    let mut counted = 0;
+    for node in [&a, &b] {
+        let metrics = node.metrics().await;
+        let series =
+            format!("invgw_sale_reservations_total{{outcome=\"customer_limit\",sale=\"{name}\",");
+        counted += metrics
+            .lines()
+            .filter(|row| row.starts_with(&series))
+            .filter_map(|row| row.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    assert_eq!(counted, 48 + 2);
+}
+
+/// `POST /v1/reservations/{id}/{action}` on `node`, with a fresh key.
+async fn act(node: &Node, id: &str, action: &str) -> (u16, Value) {
+    let url = node.url(&format!("/v1/reservations/{id}/{action}"));
+    post(
+        &url,
+        CHECKOUT,
+        Some(&testkit::unique_id(action)),
+        &json!({}),
+    )
+    .await
+}

@@ -61,7 +61,7 @@ pub struct Metrics {
     /// Messages sent to the dead-letter topic.
     pub dead_letters: IntCounter,
     /// Reconciler actions: expired, transfers_finished, carts_finished,
-    /// units_reclaimed.
+    /// allowances_settled, allowances_given_back, units_reclaimed.
     pub reconciler: IntCounterVec,
     /// Flash-sale buckets the reconciler took back, by
     /// [`crate::reconcile::ReclaimReason`].
@@ -239,7 +239,7 @@ impl Metrics {
             ),
             reconciler: counter_vec(
                 "reconciler_actions_total",
-                "reconciler actions: expired holds, finished transfers and carts, reclaimed units",
+                "reconciler actions: expired holds, finished transfers and carts, settled and given-back customer allowances, reclaimed units",
                 &["action"],
             ),
             bucket_reclaims: counter_vec(

@@ -71,6 +71,12 @@ pub struct PassReport {
     pub transfers_finished: u64,
     /// Carts finished.
     pub carts_finished: u64,
+    /// Ended holds whose customer allowance was settled (flash-sale
+    /// customer limits).
+    pub allowances_settled: u64,
+    /// Allowance grants given back whose holds never landed (a crash
+    /// between the grant and the hold).
+    pub allowances_given_back: u64,
     /// Buckets taken back, by why (indexed by [`ReclaimReason`]).
     pub buckets_reclaimed: [u64; ReclaimReason::ALL.len()],
     /// Units they held free.
@@ -241,6 +247,8 @@ impl Reconciler {
             ("expired", report.expired),
             ("transfers_finished", report.transfers_finished),
             ("carts_finished", report.carts_finished),
+            ("allowances_settled", report.allowances_settled),
+            ("allowances_given_back", report.allowances_given_back),
             ("units_reclaimed", report.units_reclaimed),
         ] {
             self.count(action, by);
@@ -320,6 +328,38 @@ impl Reconciler {
                 self.failed(
                     "cart",
                     &format!("cart:{id}"),
+                    Some(partition),
+                    &error,
+                    report,
+                );
+            }
+
+            let mut failed = Vec::new();
+            let skipping = self.skipping("allowance:");
+            let skip = |id: &str| skipping.iter().any(|skipped| skipped == id);
+            match self
+                .allocator
+                .finish_allowances_reporting(partition, transfer_after, &skip, &mut failed)
+                .await
+            {
+                Ok(finished) => {
+                    report.allowances_settled += finished.settled;
+                    report.allowances_given_back += finished.given_back;
+                }
+                Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
+                Err(error) => self.failed(
+                    "allowance",
+                    &format!("allowances:{partition}"),
+                    None,
+                    &error,
+                    report,
+                ),
+            }
+            self.settle("allowance:", partition, &skipping, &failed);
+            for (id, error) in failed {
+                self.failed(
+                    "allowance",
+                    &format!("allowance:{id}"),
                     Some(partition),
                     &error,
                     report,

@@ -164,3 +164,71 @@ async fn the_buckets_of_a_sale_removed_from_the_config_are_taken_back() {
         "forgotten once its buckets are empty"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_hold_gives_its_customer_allowance_back_through_the_reconciler() {
+    let (_redis, setup, allocator) = common::harness(&[]).await;
+    let config = Arc::new(config::load_file(&setup.config_path).expect("config"));
+    let key = StockKey::new(testkit::unique_id("m"), "limited", "dc1");
+    common::restock(&allocator, &key, 10).await;
+    let limit = allocator::CustomerLimit::new(
+        &testkit::unique_id("sale"),
+        key.clone(),
+        0,
+        0,
+        Some(1),
+        None,
+    );
+    let reserver = allocator::Reserver::new(
+        (*allocator).clone(),
+        allocator::Coalescer::new(
+            allocator::Coalescing {
+                wait: Duration::ZERO,
+                batch_max: 8,
+            },
+            Arc::new(|_| {}),
+        ),
+    );
+    reserver.set_customer_limits(vec![limit.clone()]);
+    let request = |ttl: Duration| CartRequest {
+        merchant: key.merchant.clone(),
+        lines: vec![CartLine {
+            sku: key.sku.clone(),
+            location: key.location.clone(),
+            qty: 1,
+        }],
+        ttl: Some(ttl),
+        idempotency_key: testkit::unique_id("order"),
+        customer_ref: Some("grace".to_owned()),
+    };
+    reserver
+        .reserve(&request(Duration::from_secs(1)))
+        .await
+        .expect("held");
+    let over = reserver.reserve(&request(Duration::from_secs(60))).await;
+    assert!(
+        matches!(over, Err(allocator::AllocatorError::CustomerLimit { .. })),
+        "{over:?}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let mut reconciler = Reconciler::new((*allocator).clone(), Arc::clone(&config), None);
+    let first = reconciler.pass().await.expect("pass");
+    assert!(first.expired >= 1, "{first:?}");
+    tokio::time::sleep(allocator::NOTE_SETTLE_AFTER).await;
+    let second = reconciler.pass().await.expect("pass");
+    assert_eq!(
+        first.allowances_settled + second.allowances_settled,
+        1,
+        "{first:?} {second:?}"
+    );
+    let allowance = allocator
+        .customer_allowance(&limit, "grace")
+        .await
+        .expect("allowance");
+    assert_eq!((allowance.units, allowance.holds), (0, 0));
+    reserver
+        .reserve(&request(Duration::from_secs(60)))
+        .await
+        .expect("the expired unit's place");
+}

@@ -91,6 +91,7 @@ pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, Ap
         Err(AllocatorError::InsufficientStock { .. }) => "insufficient",
         Err(AllocatorError::StoreUnavailable(_)) => "store_unavailable",
         Err(AllocatorError::RateLimited { .. }) => "throttled",
+        Err(AllocatorError::CustomerLimit { .. }) => "customer_limit",
         Err(_) => "refused",
     };
     app.metrics.reservations.with_label_values(&[label]).inc();

@@ -306,9 +306,20 @@ pub async fn sale_with(units: i64) -> (Fleet, Node, Node, String, String) {
 
 /// [`sale_with`], the sale's TOML followed by `extra` (more of its fields).
 pub async fn sale_with_extra(units: i64, extra: &str) -> (Fleet, Node, Node, String, String) {
+    sale_with_config(units, extra, |text| text).await
+}
+
+/// [`sale_with_extra`], with the fleet's whole config text edited by `edit`
+/// before its nodes start.
+pub async fn sale_with_config(
+    units: i64,
+    extra: &str,
+    edit: impl FnOnce(String) -> String,
+) -> (Fleet, Node, Node, String, String) {
     let sku = testkit::unique_id("console");
     let name = testkit::unique_id("drop");
     let fleet = Fleet::on_stack(&format!("{}{extra}", sale_toml(&name, &sku, true)));
+    fleet.write_config(&edit(fleet.config_text()));
     let a = fleet.node("node-a");
     let b = fleet.node("node-b");
     restock(&a, "m1", &sku, "dc1", units).await;
