@@ -6,27 +6,38 @@
 --                                   holds active, over the sale
 --   K_IDEM 'g|' .. grant            one hold's share {state, qty, allowance,
 --                                   takes, until_ms}; state 'taken' (counted,
---                                   its hold made or about to be) or 'ended'
---                                   (its hold ended and was settled)
---   K_XFER 'grant|' .. grant        a grant not yet known to have its hold
---                                   (for the reconciler's repair)
+--                                   its hold made or about to be), 'ended'
+--                                   (its hold ended and was settled) or
+--                                   'given' (given back: its hold was refused
+--                                   or never landed; a take counts it anew)
+--   K_XFER 'grant|' .. grant        {grant, until_ms, take}: a taken grant the
+--                                   reconciler looks at once until_ms is long
+--                                   past (its hold may not have landed, or
+--                                   may have ended without a note)
 -- A grant's id is the id of the hold it pays for. ARGS.action:
 --   take    before the hold: counts ARGS.qty units and one hold for grant
 --           ARGS.grant, unless that passes ARGS.units_max or ARGS.holds_max:
 --           customer_limit {limit, used, counts}. A grant taken before (the
 --           same attempt run again after a takeover) is answered as it is,
---           counting nothing again; a taken one gets ARGS.until_ms (the new
---           caller's lease, the later one kept) and a new take number.
---           Answers ok {take, units, holds}.
---   give    the hold was refused, or never landed (the reconciler's repair):
---           gives the grant's units and hold back and forgets it (the attempt
---           may run again and take anew), only if it is taken and its take
---           number is still ARGS.take (no caller took it over since).
+--           counting nothing again (also when it was taken under another
+--           allowance: a sale whose start moved); a taken one gets
+--           ARGS.until_ms (the new caller's lease, the later one kept) and a
+--           new take number. A given-back one is counted anew, with a new
+--           take number (take numbers of a grant never repeat, so a stale
+--           give cannot match a later take). Answers ok {take, state}.
+--   give    the hold was refused, or never landed, or is gone (the
+--           reconciler's repair): gives the grant's units and hold back and
+--           marks it given (the attempt may run again and take anew), only if
+--           it is taken and its take number is still ARGS.take (no caller
+--           took it over since).
 --   settle  the hold ended (ARGS.op release, expire or commit): gives the
 --           hold back, and the units unless it was a commit; the grant is
 --           kept as ended (a replay of its attempt takes nothing again) and
 --           deleted RETENTION_MS later. Idempotent.
---   confirm the grant's hold was found: the repair stops watching it.
+--   confirm the grant's hold was found held: the repair looks again at
+--           ARGS.check_at_ms (when the hold ends), unless ARGS.take is no
+--           longer the grant's take number (then the next take's lease
+--           decides).
 --   read    the allowance ARGS.allowance: ok {units, holds}.
 --   note_done in a hold's partition: the note its end left is settled.
 local a = ARGS
@@ -47,8 +58,12 @@ local gfield = 'g|' .. a.grant
 local raw = redis.call('HGET', K_IDEM, gfield)
 local g = raw and cjson.decode(raw) or nil
 
+-- A sale with no end keeps a customer's allowance this long after its last
+-- use (one with an end, RETENTION_MS past the end).
+local NO_END_KEEP_MS = 30 * 24 * 3600 * 1000
+
 -- The allowance of grant `g` with `units` and `holds` (negative: given
--- back) added. It is kept RETENTION_MS past the sale's end (g.keep_ms).
+-- back) added. Its deletion is put off, never brought forward (GT).
 local function add(g, units, holds)
   local field = 'a|' .. g.allowance
   local rawa = redis.call('HGET', K_IDEM, field)
@@ -56,8 +71,25 @@ local function add(g, units, holds)
   rec.units = math.max(0, rec.units + units)
   rec.holds = math.max(0, rec.holds + holds)
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))
-  redis.call('ZADD', K_GC, int_text(math.max(NOW, g.keep_ms or 0) + RETENTION_MS), 'i|' .. field)
+  local keep_until = NOW + NO_END_KEEP_MS
+  if (g.keep_ms or 0) > 0 then keep_until = math.max(NOW, g.keep_ms) + RETENTION_MS end
+  redis.call('ZADD', K_GC, 'GT', int_text(keep_until), 'i|' .. field)
   return rec
+end
+
+local function watch(g)
+  redis.call('HSET', K_XFER, 'grant|' .. a.grant,
+    cjson.encode({ grant = a.grant, until_ms = g.until_ms, take = g.takes }))
+end
+
+local function over_limit(rec)
+  if a.units_max ~= nil and rec.units + a.qty > a.units_max then
+    return refuse('customer_limit', { limit = a.units_max, used = rec.units, counts = 'units' })
+  end
+  if a.holds_max ~= nil and rec.holds + 1 > a.holds_max then
+    return refuse('customer_limit', { limit = a.holds_max, used = rec.holds, counts = 'holds' })
+  end
+  return nil
 end
 
 if a.action == 'take' then
@@ -68,35 +100,33 @@ if a.action == 'take' then
     or (a.holds_max ~= nil and not is_int(a.holds_max, 1, LIMITS.count_qty_max)) then
     return refuse('bad_argument', { reason = 'allowance, qty, until_ms, keep_ms and limits' })
   end
-  if g then
-    if g.allowance ~= a.allowance or g.qty ~= a.qty then
-      return refuse('bad_argument', { reason = 'grant already used' })
-    end
-    if g.state == 'taken' then
-      g.takes = g.takes + 1
-      g.until_ms = math.max(g.until_ms, a.until_ms)
-      redis.call('HSET', K_IDEM, gfield, cjson.encode(g))
-      redis.call('HSET', K_XFER, 'grant|' .. a.grant,
-        cjson.encode({ grant = a.grant, until_ms = g.until_ms, take = g.takes }))
-    end
+  if g and g.qty ~= a.qty then
+    return refuse('bad_argument', { reason = 'grant already used' })
+  end
+  if g and g.state == 'taken' and g.allowance == a.allowance then
+    g.takes = g.takes + 1
+    g.until_ms = math.max(g.until_ms, a.until_ms)
+    redis.call('HSET', K_IDEM, gfield, cjson.encode(g))
+    watch(g)
+    return reply({ status = 'ok', take = g.takes, state = g.state, replayed = true })
+  end
+  if g and g.state ~= 'given' then
+    -- Ended, or counted under another allowance: nothing to count again.
     return reply({ status = 'ok', take = g.takes, state = g.state, replayed = true })
   end
   housekeeping()
   local rawa = redis.call('HGET', K_IDEM, 'a|' .. a.allowance)
-  local rec = rawa and cjson.decode(rawa) or { units = 0, holds = 0 }
-  if a.units_max ~= nil and rec.units + a.qty > a.units_max then
-    return refuse('customer_limit', { limit = a.units_max, used = rec.units, counts = 'units' })
-  end
-  if a.holds_max ~= nil and rec.holds + 1 > a.holds_max then
-    return refuse('customer_limit', { limit = a.holds_max, used = rec.holds, counts = 'holds' })
-  end
-  g = { state = 'taken', qty = a.qty, allowance = a.allowance, takes = 1, until_ms = a.until_ms,
+  local refusal = over_limit(rawa and cjson.decode(rawa) or { units = 0, holds = 0 })
+  if refusal then return refusal end
+  local takes = g and (g.takes + 1) or 1
+  g = { state = 'taken', qty = a.qty, allowance = a.allowance, takes = takes, until_ms = a.until_ms,
     keep_ms = a.keep_ms }
-  rec = add(g, a.qty, 1)
+  add(g, a.qty, 1)
   redis.call('HSET', K_IDEM, gfield, cjson.encode(g))
-  redis.call('HSET', K_XFER, 'grant|' .. a.grant,
-    cjson.encode({ grant = a.grant, until_ms = g.until_ms, take = 1 }))
-  return reply({ status = 'ok', take = 1, state = 'taken', units = rec.units, holds = rec.holds })
+  -- A given-back grant's deletion was scheduled: it is live again.
+  redis.call('ZREM', K_GC, 'i|' .. gfield)
+  watch(g)
+  return reply({ status = 'ok', take = takes, state = 'taken' })
 end
 
 if a.action == 'give' then
@@ -105,7 +135,9 @@ if a.action == 'give' then
     return reply({ status = 'ok', given = false })
   end
   add(g, -g.qty, -1)
-  redis.call('HDEL', K_IDEM, gfield)
+  g.state = 'given'
+  redis.call('HSET', K_IDEM, gfield, cjson.encode(g))
+  gc_later('i|' .. gfield)
   redis.call('HDEL', K_XFER, 'grant|' .. a.grant)
   return reply({ status = 'ok', given = true })
 end
@@ -125,7 +157,15 @@ if a.action == 'settle' then
 end
 
 if a.action == 'confirm' then
-  redis.call('HDEL', K_XFER, 'grant|' .. a.grant)
+  if not is_int(a.take, 1, 99999999999999) or not is_int(a.check_at_ms, 0, 99999999999999) then
+    return refuse('bad_argument', { reason = 'take and check_at_ms' })
+  end
+  if not g or g.state ~= 'taken' then
+    redis.call('HDEL', K_XFER, 'grant|' .. a.grant)
+  elseif g.takes == a.take then
+    redis.call('HSET', K_XFER, 'grant|' .. a.grant,
+      cjson.encode({ grant = a.grant, until_ms = a.check_at_ms, take = g.takes }))
+  end
   return reply({ status = 'ok' })
 end
 

@@ -34,12 +34,26 @@
 //!    grant as ended, so settling twice, or the attempt running again,
 //!    counts nothing.
 //!
-//! **Crash repair.** A grant is watched (`grant|<id>` in its partition)
-//! until its hold is known. Once its caller's lease is over by more than
-//! the reconciler's delay, no hold of that attempt can land any more (a
-//! hold is made only before its claim's lease, less the clocks' margin), so
-//! the reconciler looks the hold up: found, it stops watching (its end will
-//! settle it); absent, it gives the grant back (the same compare-and-set).
+//! **Crash repair.** A taken grant is watched (`grant|<id>` in its
+//! partition) until it is settled or given back. Once its caller's lease is
+//! over by more than the reconciler's delay, no hold of that attempt can
+//! land any more (a hold is made only before its claim's lease, less the
+//! clocks' margin), so the reconciler looks the hold up:
+//! * held, and paid for by this grant: looked at again when the hold ends
+//!   (its end's note normally settles it first);
+//! * ended: settled as it ended, whether or not its end wrote a note (a
+//!   rebuild releases lost holds without one; so does a node of a release
+//!   before customer limits expiring a hold during a rolling deploy);
+//! * absent, or a hold this grant did not pay for (a retry that replayed a
+//!   hold made before the limit was in force): given back (the same
+//!   compare-and-set).
+//!
+//! Take numbers of a grant never repeat: a given-back grant is kept (as
+//! given) and a later take counts it anew under the next number, so a stale
+//! give-back cannot match a later caller's take.
+//!
+//! A retry that finds its hold already made (replayed) and not paid for by
+//! this grant gives the grant back at once.
 //!
 //! **Bound.** A customer's units held or committed on the key, plus units
 //! of grants taken whose holds are not made (or were refused and not yet
@@ -52,10 +66,17 @@
 //!
 //! **Scope.** An allowance is per sale name and start (`starts_at`), so a
 //! sale run again later under the same name starts everyone afresh; it is
-//! kept 24 h after the sale's end (or after its last use, for a sale with
-//! no end). Only nodes with the limit in their config take grants: while a
-//! config change rolls out, a node still without it admits holds the
-//! allowance does not count.
+//! kept 24 h after the sale's end (30 days after its last use, for a sale
+//! with no end). Each request asks whether the limits are in force now
+//! (the sale's window, on the node's clock), so the sale's first moment is
+//! limited whenever the node last read its config. Only nodes with the
+//! limit in their config take grants: while a config change rolls out, a
+//! node still without it admits holds the allowance does not count.
+//!
+//! **What it cannot survive.** The allowances are Redis data with no copy
+//! in the ledger: a master that loses writes (a failover without `WAIT`, a
+//! restart without persistence) forgets what its customers used, and they
+//! may buy up to the limit again.
 //!
 //! **Cost.** One script call on the allowance's master before each hold on
 //! a limited key (plus a give-back for a refused one), and two calls after
@@ -83,6 +104,10 @@ pub struct CustomerLimit {
     pub key: StockKey,
     /// Names the allowances of this run of the sale: its name and start.
     scope: String,
+    /// In force from this Unix time, ms (0: as soon as enabled).
+    starts_at_ms: u64,
+    /// In force until this Unix time, ms (0: no end).
+    ends_at_ms: u64,
     /// Units one customer may hold or buy over the sale.
     pub units_max: Option<u32>,
     /// Holds one customer may have at once on the key.
@@ -107,15 +132,25 @@ impl CustomerLimit {
             sale: sale.to_owned(),
             key,
             scope: format!("{sale}@{starts_at_ms}"),
+            starts_at_ms,
+            ends_at_ms,
             units_max,
             holds_max,
             keep_until_ms: ends_at_ms,
         }
     }
 
-    /// The limits of a configured sale, if it sets any.
+    /// Whether the limits are in force at Unix time `now_ms` (the sale's
+    /// window; each request asks, so a sale's first moment is limited too,
+    /// whenever the node last read its config).
+    pub fn in_force_at(&self, now_ms: u64) -> bool {
+        now_ms >= self.starts_at_ms && (self.ends_at_ms == 0 || now_ms < self.ends_at_ms)
+    }
+
+    /// The limits of a configured sale, if it sets any and is enabled.
     pub fn from_config(sale: &config::FlashSaleConfig) -> Option<Self> {
-        if sale.customer_units_max.is_none() && sale.customer_holds_max.is_none() {
+        if !sale.enabled || (sale.customer_units_max.is_none() && sale.customer_holds_max.is_none())
+        {
             return None;
         }
         let starts_at_ms = sale.starts_at.map_or(0, |at| {
@@ -320,9 +355,10 @@ impl Allocator {
         }
     }
 
-    /// [`Allocator::finish_allowances`] for the reconciler: grants `skip`
-    /// names are left alone, and one that cannot be finished is reported in
-    /// `failed` while the others go on. Only an unreachable store stops it.
+    /// [`Allocator::finish_allowances`] for the reconciler: items `skip`
+    /// names (`note:<grant>`, `grant:<grant>`) are left alone, and one that
+    /// cannot be finished is reported in `failed` under that name while the
+    /// others go on. Only an unreachable store stops it.
     pub async fn finish_allowances_reporting(
         &self,
         partition: u32,
@@ -341,27 +377,39 @@ impl Allocator {
             });
             let reply = self.call(Op::PendingTransfers, partition, args).await?;
             check_refusal(&reply)?;
-            for note in crate::hot::list::<Note>(&reply["notes"])? {
-                if skip(&note.grant) {
+            // Each item on its own: one that cannot be read or finished is
+            // reported and the others go on.
+            for raw in crate::hot::list::<Value>(&reply["notes"])? {
+                let id = format!("note:{}", raw["grant"].as_str().unwrap_or_default());
+                if skip(&id) {
                     continue;
                 }
-                match self
-                    .settle_allowance(partition, &note.grant, note.allow_p, &note.op)
-                    .await
-                {
+                let settled = match serde_json::from_value::<Note>(raw) {
+                    Ok(note) => {
+                        self.settle_allowance(partition, &note.grant, note.allow_p, &note.op)
+                            .await
+                    }
+                    Err(error) => Err(protocol(error)),
+                };
+                match settled {
                     Ok(settled) => finished.settled += u64::from(settled),
                     Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
-                    Err(error) => failed.push((note.grant, error)),
+                    Err(error) => failed.push((id, error)),
                 }
             }
-            for watched in crate::hot::list::<Watched>(&reply["grants"])? {
-                if skip(&watched.grant) {
+            for raw in crate::hot::list::<Value>(&reply["grants"])? {
+                let id = format!("grant:{}", raw["grant"].as_str().unwrap_or_default());
+                if skip(&id) {
                     continue;
                 }
-                match self.repair_grant(partition, &watched).await {
+                let repaired = match serde_json::from_value::<Watched>(raw) {
+                    Ok(watched) => self.repair_grant(partition, &watched).await,
+                    Err(error) => Err(protocol(error)),
+                };
+                match repaired {
                     Ok(given) => finished.given_back += u64::from(given),
                     Err(error @ AllocatorError::StoreUnavailable(_)) => return Err(error),
-                    Err(error) => failed.push((watched.grant, error)),
+                    Err(error) => failed.push((id, error)),
                 }
             }
             cursor = reply["cursor"].as_str().unwrap_or("0").to_owned();
@@ -371,23 +419,40 @@ impl Allocator {
         }
     }
 
-    /// A grant whose caller's lease is long over: its hold exists (stop
-    /// watching) or never will (give it back). True if given back.
+    /// A watched grant whose caller's lease (or whose hold's end) is long
+    /// past: a hold that paid with it and is still held is looked at again
+    /// when it ends; one that ended is settled as it ended (also when its end
+    /// wrote no note: a rebuild that released it, or a node of an older
+    /// release that expired it); none (never landed, gone, or a hold that
+    /// this grant did not pay for) gives it back. True if given back.
     async fn repair_grant(&self, partition: u32, watched: &Watched) -> Result<bool> {
-        match self.reservation(None, &watched.grant).await {
-            Ok(_) => {
-                let args = json!({ "action": "confirm", "grant": watched.grant });
+        let found = match self.reservation(None, &watched.grant).await {
+            Ok(reservation) if reservation.allow_p == Some(partition) => Some(reservation),
+            Ok(_) | Err(AllocatorError::NotFound) => None,
+            Err(error) => return Err(error),
+        };
+        let Some(reservation) = found else {
+            let args = json!({ "action": "give", "grant": watched.grant, "take": watched.take });
+            let reply = self.call(Op::Allowance, partition, args).await?;
+            check_refusal(&reply)?;
+            return Ok(reply["given"] == json!(true));
+        };
+        let op = match reservation.status {
+            crate::ReservationStatus::Held => {
+                let args = json!({
+                    "action": "confirm", "grant": watched.grant, "take": watched.take,
+                    "check_at_ms": reservation.hold_until_ms,
+                });
                 check_refusal(&self.call(Op::Allowance, partition, args).await?)?;
-                Ok(false)
+                return Ok(false);
             }
-            Err(AllocatorError::NotFound) => {
-                let args =
-                    json!({ "action": "give", "grant": watched.grant, "take": watched.take });
-                let reply = self.call(Op::Allowance, partition, args).await?;
-                check_refusal(&reply)?;
-                Ok(reply["given"] == json!(true))
-            }
-            Err(error) => Err(error),
-        }
+            crate::ReservationStatus::Released => "release",
+            crate::ReservationStatus::Expired => "expire",
+            crate::ReservationStatus::Committed => "commit",
+        };
+        let hold_partition = self.reservation_partition(&watched.grant)?;
+        self.settle_allowance(hold_partition, &watched.grant, partition, op)
+            .await?;
+        Ok(false)
     }
 }

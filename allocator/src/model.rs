@@ -150,6 +150,10 @@ pub struct Reservation {
     /// The expiry the hold was made with, once an extension changed it.
     #[serde(default)]
     pub held_expires_at_ms: Option<u64>,
+    /// The partition of the customer allowance that paid for the hold (a
+    /// flash sale's customer limits), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_p: Option<u32>,
 }
 
 impl Reservation {

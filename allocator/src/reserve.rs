@@ -159,6 +159,7 @@ impl HoldRequest {
                     hold_until_ms: now_ms + self.ttl_ms + self.grace_ms,
                     cart_id: self.cart_id.clone(),
                     held_expires_at_ms: None,
+                    allow_p: self.allowance_partition,
                 },
                 replayed: false,
             }),
@@ -281,6 +282,11 @@ enum OpenMode {
     /// only (its own hold may be what the caller that took over refused to
     /// store, when clocks are off by more than the margin).
     Reopen,
+    /// A request that may not make a claim (it lacks the `customer_ref` a
+    /// customer limit needs): as `First` when its claim exists (a retry of
+    /// a request made before the limit was in force gets its answer), and
+    /// `NotFound` when it does not.
+    Existing,
 }
 
 /// Where a one-line hold goes and how.
@@ -336,7 +342,7 @@ impl Allocator {
                 "action": "open", "digest": digest, "fingerprint": fingerprint,
                 "lease_ms": CLAIM_LEASE.as_millis() as u64, "life": life,
             });
-            if mode == OpenMode::Reopen {
+            if matches!(mode, OpenMode::Reopen | OpenMode::Existing) {
                 args["existing_only"] = json!(true);
             }
             if let Some((cell, reservation_id)) = &placement {
@@ -380,7 +386,9 @@ impl Allocator {
                 Some("in_progress") => {
                     // A one-line request is answered by its hold once that
                     // has landed: its holder does not store the answer.
-                    if let (Some(id), OpenMode::First) = (reply["reservation_id"].as_str(), mode) {
+                    if let (Some(id), OpenMode::First | OpenMode::Existing) =
+                        (reply["reservation_id"].as_str(), mode)
+                    {
                         match self.reservation(None, id).await {
                             Ok(reservation) => {
                                 return Ok(Opened::Done(Stored::Held {
@@ -518,10 +526,26 @@ impl Allocator {
             _ => None,
         };
         let opened_at = Instant::now();
-        let mut claim = match self
-            .open_claim(&digest, &fingerprint, &life, placement, OpenMode::First)
-            .await?
+        // A limited key needs the customer; a request without one may only
+        // be a retry of one made before the limit was in force.
+        let mode = match (route.limits.first(), &request.customer_ref) {
+            (Some(_), None) => OpenMode::Existing,
+            _ => OpenMode::First,
+        };
+        let opened = match self
+            .open_claim(&digest, &fingerprint, &life, placement, mode)
+            .await
         {
+            Err(AllocatorError::NotFound) if mode == OpenMode::Existing => {
+                let limit = &route.limits[0];
+                return Err(AllocatorError::InvalidRequest(format!(
+                    "customer_ref is required: flash sale {} limits what one customer may reserve of {} at {}",
+                    limit.sale, limit.key.sku, limit.key.location
+                )));
+            }
+            other => other?,
+        };
+        let mut claim = match opened {
             Opened::Claimed(claim) => claim,
             Opened::Done(stored) => return stored.into_result(true),
         };
@@ -648,7 +672,7 @@ impl Allocator {
         let grant = self.take_grant(route.limit(&key), &mut hold, claim).await?;
         let held = self.hold_one_cell(&cell, &hold, route).await;
         if let Some(grant) = &grant {
-            self.give_back_if_refused(grant, &held).await;
+            self.give_back_unless_paid(grant, &held).await;
         }
         let hold = held?;
         Ok(CartHold {
@@ -688,16 +712,22 @@ impl Allocator {
         Ok(Some(grant))
     }
 
-    /// A hold that was refused holds nothing: its grant goes back at once.
-    /// Any other failure may have held (or may yet): the grant stays, and
-    /// the reconciler's repair decides once the claim's lease is over.
-    async fn give_back_if_refused<T>(&self, grant: &Grant, held: &Result<T>) {
-        if matches!(
-            held,
-            Err(AllocatorError::InsufficientStock { .. }
+    /// A hold that was refused holds nothing, and one found made already
+    /// without this grant (a retry of a request held before the limit was
+    /// in force) was not paid for by it: either way the grant goes back at
+    /// once. Any other failure may have held (or may yet): the grant stays,
+    /// and the reconciler's repair decides once the claim's lease is over.
+    async fn give_back_unless_paid(&self, grant: &Grant, held: &Result<Hold>) {
+        let unpaid = match held {
+            Err(
+                AllocatorError::InsufficientStock { .. }
                 | AllocatorError::NotFound
-                | AllocatorError::InvalidRequest(_))
-        ) {
+                | AllocatorError::InvalidRequest(_),
+            ) => true,
+            Ok(hold) => hold.replayed && hold.reservation.allow_p != Some(grant.partition),
+            Err(_) => false,
+        };
+        if unpaid {
             self.give_allowance(grant).await;
         }
     }
@@ -826,7 +856,7 @@ impl Allocator {
                 tried.push(stored(hold.reservation_id.clone(), 0));
                 let result = self.hold(&cell, &hold).await;
                 if let Some(grant) = &grant {
-                    self.give_back_if_refused(grant, &result).await;
+                    self.give_back_unless_paid(grant, &result).await;
                 }
                 match result {
                     Ok(line_hold) => {
@@ -1327,12 +1357,6 @@ impl Reserver {
             throttle.admit(&self.allocator).await?;
         }
         let limits = self.customer_limits_of(request);
-        if let (Some(limit), None) = (limits.first(), &request.customer_ref) {
-            return Err(AllocatorError::InvalidRequest(format!(
-                "customer_ref is required: flash sale {} limits what one customer may reserve of {} at {}",
-                limit.sale, limit.key.sku, limit.key.location
-            )));
-        }
         let hot = match request.lines.as_slice() {
             [line] => self.hot_sale(&StockKey::new(&request.merchant, &line.sku, &line.location)),
             _ => None,
@@ -1365,7 +1389,7 @@ impl Reserver {
             .collect()
     }
 
-    /// The customer limits on `request`'s keys.
+    /// The customer limits in force now on `request`'s keys.
     fn customer_limits_of(&self, request: &CartRequest) -> Vec<Arc<CustomerLimit>> {
         let limits = self
             .customer_limits
@@ -1374,18 +1398,23 @@ impl Reserver {
         if limits.is_empty() {
             return Vec::new();
         }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
         request
             .lines
             .iter()
             .filter_map(|line| {
                 limits
                     .get(&StockKey::new(&request.merchant, &line.sku, &line.location))
+                    .filter(|limit| limit.in_force_at(now_ms))
                     .cloned()
             })
             .collect()
     }
 
-    /// Puts in force exactly these customer limits (one per key).
+    /// Sets the customer limits (one per key) of every enabled sale that
+    /// has not ended: each request checks the sale's window itself.
     pub fn set_customer_limits(&self, wanted: Vec<CustomerLimit>) {
         let mut limits = self
             .customer_limits

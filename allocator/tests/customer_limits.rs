@@ -403,3 +403,298 @@ async fn a_grant_whose_hold_never_came_is_given_back_and_one_whose_hold_landed_i
         .expect("allowance");
     assert_eq!((allowance.units, allowance.holds), (1, 1));
 }
+
+/// Calls the allowance function of the library directly (what a stalled
+/// caller's late call would be).
+async fn allowance_call(
+    allocator: &allocator::Allocator,
+    partition: u32,
+    mut args: serde_json::Value,
+) -> serde_json::Value {
+    use fred::interfaces::FunctionInterface;
+    args["partition"] = serde_json::json!(partition);
+    args["node"] = serde_json::json!("test-node");
+    let redis = common::raw_redis().await;
+    let name = allocator
+        .function_name("allowance")
+        .expect("the allowance function");
+    let reply: String = redis
+        .fcall(
+            name,
+            allocator::keys::partition_keys(partition),
+            vec![args.to_string(), "1".to_owned()],
+        )
+        .await
+        .expect("fcall");
+    serde_json::from_str(&reply).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_give_back_never_matches_a_later_take_of_the_same_grant() {
+    let limit = limit(Some(5), None);
+    let allocator = common::allocator_for("node-a").await;
+    let customer = testkit::unique_id("gina");
+    let hash = allocator.customer_hash(&customer);
+    let partition = allocator.allowance_partition(&limit, &customer);
+    let grant = allocator::keys::reservation_id(limit.key.pool(64).partition, [7; 12]);
+    let now_ms = allocator.redis_time_ms().await.expect("time");
+    let first = allocator
+        .take_allowance(&limit, &hash, &grant, 2, now_ms + 60_000)
+        .await
+        .expect("take");
+    // Given back (its hold was refused), then taken again by a retry.
+    let given = allowance_call(
+        &allocator,
+        partition,
+        serde_json::json!({ "action": "give", "grant": grant, "take": first.take }),
+    )
+    .await;
+    assert_eq!(given["given"], true, "{given}");
+    let again = allocator
+        .take_allowance(&limit, &hash, &grant, 2, now_ms + 60_000)
+        .await
+        .expect("take again");
+    assert!(again.take > first.take, "{again:?} after {first:?}");
+    // The first caller's late give-back matches nothing now.
+    let stale = allowance_call(
+        &allocator,
+        partition,
+        serde_json::json!({ "action": "give", "grant": grant, "take": first.take }),
+    )
+    .await;
+    assert_eq!(stale["given"], false, "{stale}");
+    let allowance = allocator
+        .customer_allowance(&limit, &customer)
+        .await
+        .expect("allowance");
+    assert_eq!((allowance.units, allowance.holds), (2, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_apply_from_the_sales_first_moment_whenever_the_config_was_read() {
+    let key = StockKey::new("m-limits", testkit::unique_id("sku"), "dc1");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let limit = CustomerLimit::new(
+        &testkit::unique_id("sale"),
+        key.clone(),
+        now_ms + 800,
+        0,
+        Some(2),
+        None,
+    );
+    let nodes = fleet(&limit).await;
+    let allocator = nodes[0].allocator().clone();
+    common::stock(&allocator, &key, 100).await;
+    // Before the start: not limited, no customer needed.
+    for _ in 0..3 {
+        nodes[0]
+            .reserve(&request(&key, 1, None, None))
+            .await
+            .expect("before the sale");
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    // The limits were set once, before; the sale has started since.
+    for _ in 0..2 {
+        nodes[1]
+            .reserve(&request(&key, 1, Some("hank"), None))
+            .await
+            .expect("within the limit");
+    }
+    let third = nodes[0]
+        .reserve(&request(&key, 1, Some("hank"), None))
+        .await;
+    assert!(
+        matches!(third, Err(AllocatorError::CustomerLimit { .. })),
+        "{third:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_made_before_the_limit_is_answered_as_it_was_and_pays_nothing() {
+    let limit = limit(Some(1), Some(1));
+    let nodes = fleet(&limit).await;
+    let allocator = nodes[0].allocator().clone();
+    common::stock(&allocator, &limit.key, 10).await;
+    let unlimited = Reserver::new(
+        allocator.clone(),
+        Coalescer::new(
+            Coalescing {
+                wait: Duration::ZERO,
+                batch_max: 8,
+            },
+            Arc::new(|_| {}),
+        ),
+    );
+    // Held before the limit, without a customer, then retried after it.
+    let anonymous = request(&limit.key, 2, None, None);
+    let first = unlimited.reserve(&anonymous).await.expect("held");
+    let retry = nodes[0].reserve(&anonymous).await.expect("its answer");
+    assert!(retry.replayed);
+    assert_eq!(retry.cart.reservation_id, first.cart.reservation_id);
+
+    // Held before the limit with a customer, retried after the claim's
+    // lease (a takeover runs the attempt again): the hold is replayed, and
+    // the grant the retry took goes back at once.
+    let customer = testkit::unique_id("ivan");
+    let known = request(&limit.key, 1, Some(&customer), None);
+    let held = unlimited.reserve(&known).await.expect("held");
+    lapse_claim_of(&held.cart.reservation_id).await;
+    let retry = nodes[1].reserve(&known).await.expect("its answer");
+    assert!(retry.replayed);
+    assert_eq!(retry.cart.reservation_id, held.cart.reservation_id);
+    let allowance = allocator
+        .customer_allowance(&limit, &customer)
+        .await
+        .expect("allowance");
+    assert_eq!(
+        (allowance.units, allowance.holds),
+        (0, 0),
+        "the old hold pays nothing"
+    );
+    // A new request of the same customer is counted as usual.
+    nodes[0]
+        .reserve(&request(&limit.key, 1, Some(&customer), None))
+        .await
+        .expect("within the limit");
+}
+
+/// Makes the claim that placed `reservation_id` look abandoned (its lease
+/// over), as if its caller had died: the next use takes it over.
+async fn lapse_claim_of(reservation_id: &str) {
+    use fred::interfaces::HashesInterface;
+    let redis = common::raw_redis().await;
+    for partition in 0..64 {
+        let hash = format!("inv:{{{partition}}}:idem");
+        let records: std::collections::HashMap<String, String> =
+            redis.hgetall(&hash).await.expect("claims");
+        for (field, record) in records {
+            if field.starts_with("c|") && record.contains(reservation_id) {
+                let mut claim: serde_json::Value = serde_json::from_str(&record).expect("claim");
+                claim["lease_until_ms"] = serde_json::json!(0);
+                let _: i64 = redis
+                    .hset(&hash, (field.as_str(), claim.to_string().as_str()))
+                    .await
+                    .expect("lapse");
+                return;
+            }
+        }
+    }
+    panic!("no claim placed {reservation_id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_that_ended_without_a_note_is_settled_from_its_status() {
+    let limit = limit(Some(2), None);
+    let nodes = fleet(&limit).await;
+    let allocator = nodes[0].allocator().clone();
+    common::stock(&allocator, &limit.key, 10).await;
+    let customer = testkit::unique_id("judy");
+    let held = nodes[0]
+        .reserve(&request(&limit.key, 2, Some(&customer), None))
+        .await
+        .expect("held");
+    let id = held.cart.reservation_id.clone();
+    let partition = allocator.allowance_partition(&limit, &customer);
+    let hold_partition = allocator::keys::reservation_partition(&id, 64).expect("partition");
+    // Released by something that wrote no note (a rebuild, or a node of an
+    // older release): staged as a release whose note is gone, and whose
+    // settling the releasing node never got to.
+    allocator
+        .release(None, &id, "release")
+        .await
+        .expect("release");
+    let redis = common::raw_redis().await;
+    {
+        use fred::interfaces::HashesInterface;
+        // Undo the settling the release did (as if it never ran) and drop
+        // the note.
+        let grant_field = format!("g|{id}");
+        let idem = format!("inv:{{{partition}}}:idem");
+        let record: String = redis.hget(&idem, &grant_field).await.expect("grant");
+        let mut grant: serde_json::Value = serde_json::from_str(&record).expect("grant json");
+        grant["state"] = serde_json::json!("taken");
+        let allowance_field = format!("a|{}", grant["allowance"].as_str().expect("allowance"));
+        let _: i64 = redis
+            .hset(
+                &idem,
+                [
+                    (grant_field.as_str(), grant.to_string()),
+                    (
+                        allowance_field.as_str(),
+                        r#"{"units":2,"holds":1}"#.to_owned(),
+                    ),
+                ],
+            )
+            .await
+            .expect("stage");
+        let _: i64 = redis
+            .hset(
+                format!("inv:{{{partition}}}:xfer"),
+                (
+                    format!("grant|{id}").as_str(),
+                    format!(r#"{{"grant":"{id}","until_ms":1,"take":1}}"#).as_str(),
+                ),
+            )
+            .await
+            .expect("watch");
+        let _: i64 = redis
+            .hdel(
+                format!("inv:{{{hold_partition}}}:xfer"),
+                format!("allow|{id}"),
+            )
+            .await
+            .expect("no note");
+    }
+    let before = allocator
+        .customer_allowance(&limit, &customer)
+        .await
+        .expect("allowance");
+    assert_eq!((before.units, before.holds), (2, 1), "staged");
+    allocator
+        .finish_allowances(partition, Duration::ZERO)
+        .await
+        .expect("finish");
+    let after = allocator
+        .customer_allowance(&limit, &customer)
+        .await
+        .expect("allowance");
+    assert_eq!((after.units, after.holds), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowance_of_a_sale_with_no_end_is_kept_a_month_past_its_last_use() {
+    use fred::interfaces::ClientLike;
+    use fred::types::{ClusterHash, CustomCommand};
+    let limit = limit(Some(2), None);
+    let allocator = common::allocator_for("node-a").await;
+    let customer = testkit::unique_id("kim");
+    let hash = allocator.customer_hash(&customer);
+    let partition = allocator.allowance_partition(&limit, &customer);
+    let now_ms = allocator.redis_time_ms().await.expect("time");
+    let grant = allocator::keys::reservation_id(limit.key.pool(64).partition, [5; 12]);
+    allocator
+        .take_allowance(&limit, &hash, &grant, 1, now_ms + 60_000)
+        .await
+        .expect("take");
+    let redis = common::raw_redis().await;
+    let member = format!("i|a|{}@0|{hash}", limit.sale);
+    let gc = format!("inv:{{{partition}}}:gc");
+    let score: Option<String> = redis
+        .custom(
+            CustomCommand::new_static("ZSCORE", ClusterHash::FirstKey, false),
+            vec![gc.as_str(), member.as_str()],
+        )
+        .await
+        .expect("score");
+    let score: f64 = score
+        .expect("its deletion is scheduled")
+        .parse()
+        .expect("a number");
+    assert!(
+        score >= (now_ms + 29 * 24 * 3600 * 1000) as f64,
+        "{score} vs now {now_ms}"
+    );
+}

@@ -108,11 +108,14 @@ impl FlashSales {
             })
             .collect();
         self.reserver.set_throttles(&throttles);
+        // The customer limits of every enabled sale not yet over: each
+        // request checks the sale's window itself (a sale's first moment is
+        // limited, whenever this node last got here).
         self.reserver.set_customer_limits(
             config
                 .flash_sales
                 .iter()
-                .filter(|sale| sale.is_active_at(now))
+                .filter(|sale| sale.ends_at.is_none_or(|end| now < end))
                 .filter_map(allocator::CustomerLimit::from_config)
                 .collect(),
         );
