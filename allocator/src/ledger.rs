@@ -235,6 +235,12 @@ pub struct LedgerEntry {
     /// settings: low-stock threshold (-1: the configured default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low_stock_threshold: Option<i64>,
+    /// settings: reorder point (-1: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reorder_point: Option<i64>,
+    /// settings: reorder quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reorder_qty: Option<i64>,
     /// rebuild: open holds whose records Redis had lost, released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Vec<String>>,

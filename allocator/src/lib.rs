@@ -42,6 +42,7 @@
 //! | `counted`, `buckets_on_hand`, `drain_epoch` | int? | absolute adjust: the count, what the fenced buckets held (set on keys with buckets), the drain it ran in |
 //! | `shortfall` | bool? | adjust: sellable fell below −backorder_limit |
 //! | `safety_stock`, `backorder_limit`, `low_stock_threshold` | int? | settings (`low_stock_threshold` since the rebuild command; older entries lack it) |
+//! | `reorder_point`, `reorder_qty` | int? | settings: the point (-1: none) and quantity of `reorder` signals (since signals; older entries lack them: none) |
 //! | `released` | array of strings? | rebuild: open holds whose records Redis had lost, released (their units are `qty`) |
 //! | `found_on_hand`, `found_reserved`, `found_version` | int? | rebuild: what Redis held before (absent when the cell was missing) |
 //! | `expires_at_ms` | int? | extend: the new expiry |
@@ -795,15 +796,17 @@ impl Allocator {
     }
 
     /// Sets safety stock, backorder limit and low-stock threshold of a key's
-    /// pool; while the key has buckets, settings that would leave the pool
+    /// pool (and records its reorder point and quantity in the ledger); while the key has buckets, settings that would leave the pool
     /// short drain them first, so the key stops selling everywhere.
     pub async fn settings_of(&self, key: &StockKey, settings: StockSettings) -> Result<Cell> {
         let cell = key.pool(self.settings.partitions);
         let threshold = settings.low_stock_threshold.map_or(-1, |t| t as i64);
+        let reorder_point = settings.reorder_point.map_or(-1, |point| point as i64);
         let args = json!({
             "merchant": key.merchant, "sku": key.sku, "location": key.location, "cell": cell.id,
             "safety_stock": settings.safety_stock, "backorder_limit": settings.backorder_limit,
             "low_stock_threshold": threshold,
+            "reorder_point": reorder_point, "reorder_qty": settings.reorder_qty,
         });
         self.index_location(key).await?;
         let mut reply = self

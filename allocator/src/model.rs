@@ -82,6 +82,18 @@ where
     }
 }
 
+/// A stock key's status as the API shows it and signals track it: `available`
+/// units (never below 0) against its low-stock `threshold`.
+pub fn stock_status(available: i64, threshold: i64) -> &'static str {
+    if available <= 0 {
+        "out_of_stock"
+    } else if available <= threshold {
+        "low"
+    } else {
+        "in_stock"
+    }
+}
+
 impl Cell {
     /// on_hand − reserved − safety_stock; negative while backordered or short.
     pub fn sellable(&self) -> i64 {
@@ -367,6 +379,12 @@ pub struct StockSettings {
     pub backorder_limit: u64,
     /// `low` at or under this; `None` means the configured default.
     pub low_stock_threshold: Option<u64>,
+    /// A `reorder` signal when available falls to this or below; `None`:
+    /// none. Not a stock decision: it is kept in the settings' ledger entry
+    /// (the writer's signals read it there), not in the cell.
+    pub reorder_point: Option<u64>,
+    /// The quantity a `reorder` signal suggests (kept likewise).
+    pub reorder_qty: u64,
 }
 
 /// One cell as the ledger says it should be, for [`crate::Allocator::rebuild_cell`].

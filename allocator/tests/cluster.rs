@@ -311,6 +311,8 @@ async fn every_lua_operation_runs_on_a_cluster() {
                 safety_stock: 1,
                 backorder_limit: 0,
                 low_stock_threshold: None,
+                reorder_point: None,
+                reorder_qty: 0,
             },
         )
         .await

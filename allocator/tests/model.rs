@@ -238,6 +238,8 @@ impl World {
                     safety_stock: units,
                     backorder_limit: 0,
                     low_stock_threshold: None,
+                    reorder_point: None,
+                    reorder_qty: 0,
                 };
                 self.allocator
                     .settings_of(&self.keys[key], settings)

@@ -465,6 +465,8 @@ async fn backorders_are_held_up_to_the_limit_and_reported() {
         safety_stock: 1,
         backorder_limit: 2,
         low_stock_threshold: Some(2),
+        reorder_point: None,
+        reorder_qty: 0,
     };
     let cell = allocator
         .settings_of(&key, settings)

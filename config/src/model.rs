@@ -179,6 +179,10 @@ pub struct KafkaConfig {
     /// Where malformed adjustment messages go, with their reason.
     #[serde(default = "default_dlq_topic")]
     pub dlq_topic: String,
+    /// Where stock signals go (`low_stock`, `out_of_stock`, `back_in_stock`,
+    /// `reorder`), keyed by stock key.
+    #[serde(default = "default_signals_topic")]
+    pub signals_topic: String,
     /// Partitions of each topic; ledger partition p maps onto p mod this.
     #[serde(default = "default_topic_partitions")]
     pub topic_partitions: u32,
@@ -537,6 +541,9 @@ fn default_events_topic() -> String {
 }
 fn default_dlq_topic() -> String {
     "inventory.events.dlq".to_owned()
+}
+fn default_signals_topic() -> String {
+    "inventory.signals".to_owned()
 }
 fn default_topic_partitions() -> u32 {
     8

@@ -198,6 +198,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         ("kafka.ledger_topic", &kafka.ledger_topic),
         ("kafka.events_topic", &kafka.events_topic),
         ("kafka.dlq_topic", &kafka.dlq_topic),
+        ("kafka.signals_topic", &kafka.signals_topic),
     ] {
         c.check(
             is_valid_topic(topic),
@@ -205,10 +206,19 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             "must match [A-Za-z0-9._-]{1,249}",
         );
     }
+    let topics = [
+        &kafka.ledger_topic,
+        &kafka.events_topic,
+        &kafka.dlq_topic,
+        &kafka.signals_topic,
+    ];
     c.check(
-        kafka.events_topic != kafka.dlq_topic && kafka.ledger_topic != kafka.events_topic,
+        topics
+            .iter()
+            .enumerate()
+            .all(|(i, topic)| !topics[..i].contains(topic)),
         "kafka.dlq_topic",
-        "ledger, events and dlq topics must be different",
+        "ledger, events, dlq and signals topics must be different",
     );
     c.range("kafka.topic_partitions", kafka.topic_partitions, 1, 1_024);
     c.range(

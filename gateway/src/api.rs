@@ -298,6 +298,12 @@ pub struct SettingsBody {
     /// `low` at or under this.
     #[serde(default)]
     pub low_stock_threshold: Option<u64>,
+    /// A `reorder` signal at or under this; none when absent.
+    #[serde(default)]
+    pub reorder_point: Option<u64>,
+    /// The quantity a `reorder` signal suggests.
+    #[serde(default)]
+    pub reorder_qty: u64,
 }
 
 /// `POST /v1/availability/batch` body.

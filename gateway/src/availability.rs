@@ -102,13 +102,7 @@ impl LocationAvailability {
         } else {
             low_default as i64
         };
-        let status = if available == 0 {
-            "out_of_stock"
-        } else if available <= threshold {
-            "low"
-        } else {
-            "in_stock"
-        };
+        let status = allocator::stock_status(available, threshold);
         Self {
             location: location.to_owned(),
             available,

@@ -456,11 +456,29 @@ async fn adjustments_dedupe_order_and_flag_shortfalls_and_settings_apply() {
     let settings = client()
         .put(node.url(&format!("/v1/stock/m1/{sku}/dc1/settings")))
         .bearer_auth(ADMIN)
-        .json(&json!({ "safety_stock": 0, "backorder_limit": 10, "low_stock_threshold": 2 }))
+        .json(
+            &json!({ "safety_stock": 0, "backorder_limit": 10, "low_stock_threshold": 2,
+                       "reorder_point": 7, "reorder_qty": 40 }),
+        )
         .send()
         .await
         .expect("send");
     assert_eq!(settings.status().as_u16(), 200);
+    let applied: serde_json::Value = settings.json().await.expect("json");
+    assert_eq!(
+        (&applied["reorder_point"], &applied["reorder_qty"]),
+        (&json!(7), &json!(40)),
+        "{applied}"
+    );
+    // Out of range: refused, and nothing changes.
+    let too_far = client()
+        .put(node.url(&format!("/v1/stock/m1/{sku}/dc1/settings")))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "reorder_point": 2_000_000_000u64 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(too_far.status().as_u16(), 400);
     let (status, backorder) = post(
         &node.url("/v1/reservations"),
         CHECKOUT,

@@ -376,6 +376,8 @@ pub fn fields() -> anyhow::Result<Vec<FieldRef>> {
         safety_stock: Some(0),
         backorder_limit: Some(0),
         low_stock_threshold: Some(0),
+        reorder_point: Some(0),
+        reorder_qty: Some(0),
         released: Some(vec![String::new()]),
         found_on_hand: Some(0),
         found_reserved: Some(0),
@@ -755,6 +757,27 @@ mod tests {
         let back = from_parquet(Bytes::from(bytes)).expect("read back");
         assert_eq!(back, entries);
         assert_eq!(back[0].source_seq, Some(9_007_199_254_740_993));
+    }
+
+    #[test]
+    fn a_file_written_before_the_reorder_fields_reads_as_entries_without_them() {
+        let entries: Vec<LedgerEntry> = [ADJUST, RESERVE, REBUILD]
+            .iter()
+            .map(|text| LedgerEntry::parse(text).expect("valid"))
+            .collect();
+        // The columns of the release before settings had reorder fields.
+        let older: Vec<FieldRef> = fields()
+            .expect("fields")
+            .into_iter()
+            .filter(|field| !field.name().starts_with("reorder_"))
+            .collect();
+        let batch = serde_arrow::to_record_batch(&older, &entries).expect("batch");
+        let mut bytes = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut bytes, batch.schema(), None).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        let back = from_parquet(Bytes::from(bytes)).expect("read back");
+        assert_eq!(back, entries);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! the rebuild of Redis from the ledger ([`rebuild`]), the ledger's life in
 //! PostgreSQL after the relay (day partitions, curated history and
 //! retention, [`retention`]; the Parquet archive and replay, [`archive`];
-//! undoing a bad import, [`compensate`]), the writer's metrics
+//! undoing a bad import, [`compensate`]), stock signals derived from the
+//! relayed ledger and published to Kafka ([`signals`]), the writer's metrics
 //! ([`metrics`]) and the reconciler loop. It never decides stock: everything
 //! the reconciler does is an idempotent allocator call (expire due holds,
 //! credit debited transfers, finish carts left half way, reclaim buckets),
@@ -28,6 +29,7 @@ pub mod reconcile;
 pub mod redrive;
 pub mod relay;
 pub mod retention;
+pub mod signals;
 pub mod tail;
 
 use std::future::Future;
@@ -215,6 +217,10 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
         .run(),
     );
     background.spawn(retention::partitions_ahead_forever(Arc::clone(&config)));
+    background.spawn(signals::publish_forever(
+        Arc::clone(&config),
+        Arc::clone(&metrics),
+    ));
     background.spawn(measure_lag_forever(
         allocator.clone(),
         Arc::clone(&metrics),

@@ -60,6 +60,13 @@ pub struct Metrics {
     pub events: IntCounterVec,
     /// Messages sent to the dead-letter topic.
     pub dead_letters: IntCounter,
+    /// Stock signals decided by this writer's relay, by kind.
+    pub signals_decided: IntCounterVec,
+    /// Stock signals this writer published to Kafka, by kind.
+    pub signals: IntCounterVec,
+    /// Signals waiting to be published when this writer last looked (0
+    /// while another writer publishes).
+    pub signals_unpublished: IntGauge,
     /// Reconciler actions: expired, transfers_finished, carts_finished,
     /// allowances_settled, allowances_given_back, units_reclaimed.
     pub reconciler: IntCounterVec,
@@ -237,6 +244,20 @@ impl Metrics {
                 "dead_letters_total",
                 "stock events sent to the dead-letter topic",
             ),
+            signals_decided: counter_vec(
+                "signals_decided_total",
+                "stock signals this writer's relay decided, by kind",
+                &["kind"],
+            ),
+            signals: counter_vec(
+                "signals_published_total",
+                "stock signals this writer published to kafka.signals_topic, by kind",
+                &["kind"],
+            ),
+            signals_unpublished: gauge(
+                "signals_unpublished",
+                "stock signals waiting to be published when this writer last looked (up to a batch of 500)",
+            ),
             reconciler: counter_vec(
                 "reconciler_actions_total",
                 "reconciler actions: expired holds, finished transfers and carts, settled and given-back customer allowances, reclaimed units",
@@ -258,6 +279,10 @@ impl Metrics {
         }
         for reason in crate::reconcile::ReclaimReason::ALL {
             metrics.bucket_reclaims.with_label_values(&[reason.label()]);
+        }
+        for kind in crate::signals::SignalKind::ALL {
+            metrics.signals_decided.with_label_values(&[kind.as_str()]);
+            metrics.signals.with_label_values(&[kind.as_str()]);
         }
         metrics
     }

@@ -33,6 +33,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "adjust_source_index",
         include_str!("../migrations/006_adjust_source_index.sql"),
     ),
+    (7, "signals", include_str!("../migrations/007_signals.sql")),
 ];
 
 /// The analytics views, the one home of their definitions: applied whole

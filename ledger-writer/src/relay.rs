@@ -451,8 +451,32 @@ impl Relay {
                 idle_ms: u64::try_from(row.get::<_, i64>(1)).unwrap_or_default(),
             });
         }
-        insert_rows(&transaction, &batch).await?;
+        let inserted = insert_new_rows(&transaction, &batch).await?;
+        // Signals from the entries new to the ledger only: a batch relayed
+        // again decides nothing again.
+        let new: Vec<&LedgerEntry> = entries
+            .iter()
+            .map(|(_, entry)| entry)
+            .filter(|entry| {
+                entry
+                    .entry_id
+                    .as_ref()
+                    .is_some_and(|id| inserted.contains(id))
+            })
+            .collect();
+        let decided = crate::signals::derive(
+            &transaction,
+            &new,
+            self.config.cache.low_stock_threshold_default,
+        )
+        .await?;
         transaction.commit().await?;
+        for (kind, count) in decided {
+            self.metrics
+                .signals_decided
+                .with_label_values(&[kind.as_str()])
+                .inc_by(count);
+        }
         Ok(())
     }
 }
@@ -574,8 +598,17 @@ pub async fn insert_rows(
     transaction: &tokio_postgres::Transaction<'_>,
     batch: &str,
 ) -> Result<u64, tokio_postgres::Error> {
+    Ok(insert_new_rows(transaction, batch).await?.len() as u64)
+}
+
+/// [`insert_rows`], answering the entry ids it inserted (those the ledger
+/// did not have).
+pub async fn insert_new_rows(
+    transaction: &tokio_postgres::Transaction<'_>,
+    batch: &str,
+) -> Result<HashSet<String>, tokio_postgres::Error> {
     let inserted = transaction
-        .execute(
+        .query(
             "INSERT INTO ledger (entry_id, partition, stream_id, op, merchant, sku, location, cell, qty,
                  on_hand_before, on_hand_after, reserved_before, reserved_after, version,
                  reservation_id, cart_id, transfer_id, idempotency_key, source, source_event_id,
@@ -598,10 +631,14 @@ pub async fn insert_rows(
                         split_part(c.last_entry_id, '-', 3)::bigint)
                        >= (split_part(e->>'stream_id', '-', 1)::bigint,
                            split_part(e->>'stream_id', '-', 2)::bigint))
-             ON CONFLICT (entry_id, at) DO NOTHING",
+             ON CONFLICT (entry_id, at) DO NOTHING
+             RETURNING entry_id",
             &[&batch],
         )
-        .await?;
+        .await?
+        .into_iter()
+        .map(|row| row.get(0))
+        .collect();
     transaction
         .execute(
             "INSERT INTO stock_snapshot (cell, merchant, sku, location, on_hand, reserved, version, updated_at)

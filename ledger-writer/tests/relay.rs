@@ -488,6 +488,8 @@ async fn rebuild_repairs_a_wiped_key_and_refuses_one_taking_writes() {
                 safety_stock: 1,
                 backorder_limit: 0,
                 low_stock_threshold: Some(2),
+                reorder_point: None,
+                reorder_qty: 0,
             },
         )
         .await

@@ -54,6 +54,8 @@ pub async fn stock(allocator: &Allocator, key: &StockKey, units: i64) {
             safety_stock: 0,
             backorder_limit: 0,
             low_stock_threshold: None,
+            reorder_point: None,
+            reorder_qty: 0,
         };
         allocator.settings_of(key, empty).await.expect("create key");
         return;

@@ -79,7 +79,13 @@ pub fn openapi_document(config: &Config) -> Bytes {
         kind["qty"]["maximum"] = json!(maximum);
         kind["source_seq"]["maximum"] = json!(SOURCE_SEQ_MAX);
     }
-    for field in ["safety_stock", "backorder_limit", "low_stock_threshold"] {
+    for field in [
+        "safety_stock",
+        "backorder_limit",
+        "low_stock_threshold",
+        "reorder_point",
+        "reorder_qty",
+    ] {
         schemas["Settings"]["properties"][field]["maximum"] = json!(COUNT_QTY_MAX);
     }
     let paths = &mut document["paths"];

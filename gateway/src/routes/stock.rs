@@ -71,6 +71,8 @@ pub(crate) async fn settings(
         ("safety_stock", Some(body.safety_stock)),
         ("backorder_limit", Some(body.backorder_limit)),
         ("low_stock_threshold", body.low_stock_threshold),
+        ("reorder_point", body.reorder_point),
+        ("reorder_qty", Some(body.reorder_qty)),
     ] {
         if value.is_some_and(|value| value > max) {
             return Err(ApiError::BadRequest(format!(
@@ -87,6 +89,8 @@ pub(crate) async fn settings(
                 safety_stock: body.safety_stock,
                 backorder_limit: body.backorder_limit,
                 low_stock_threshold: body.low_stock_threshold,
+                reorder_point: body.reorder_point,
+                reorder_qty: body.reorder_qty,
             },
         )
         .await?;
@@ -95,5 +99,7 @@ pub(crate) async fn settings(
     line["sku"] = json!(key.sku);
     line["backorder_limit"] = json!(cell.backorder_limit);
     line["low_stock_threshold"] = json!(body.low_stock_threshold);
+    line["reorder_point"] = json!(body.reorder_point);
+    line["reorder_qty"] = json!(body.reorder_qty);
     Ok(Reply::json(200, &line))
 }

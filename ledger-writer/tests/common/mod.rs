@@ -32,6 +32,7 @@ pub struct Setup {
     pub topic: String,
     pub events_topic: String,
     pub dlq_topic: String,
+    pub signals_topic: String,
     pub _directory: tempfile::TempDir,
     /// Where the writer started by [`start_writer`] serves `/metrics`.
     pub metrics_port: u16,
@@ -76,6 +77,7 @@ pub async fn setup_with(redis_url: &str, replacements: &[(&str, &str)]) -> Setup
     let topic = format!("ledger.{id}");
     let events_topic = format!("events.{id}");
     let dlq_topic = format!("events.dlq.{id}");
+    let signals_topic = format!("signals.{id}");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &stack.kafka_brokers)
         .create()
@@ -86,6 +88,7 @@ pub async fn setup_with(redis_url: &str, replacements: &[(&str, &str)]) -> Setup
                 NewTopic::new(&topic, TOPIC_PARTITIONS, TopicReplication::Fixed(1)),
                 NewTopic::new(&events_topic, 2, TopicReplication::Fixed(1)),
                 NewTopic::new(&dlq_topic, 1, TopicReplication::Fixed(1)),
+                NewTopic::new(&signals_topic, 2, TopicReplication::Fixed(1)),
             ],
             &AdminOptions::new(),
         )
@@ -110,6 +113,10 @@ pub async fn setup_with(redis_url: &str, replacements: &[(&str, &str)]) -> Setup
             &format!("dlq_topic = \"{dlq_topic}\""),
         )
         .replace(
+            "signals_topic = \"inventory.signals\"",
+            &format!("signals_topic = \"{signals_topic}\""),
+        )
+        .replace(
             "topic_partitions = 8",
             &format!("topic_partitions = {TOPIC_PARTITIONS}"),
         )
@@ -128,6 +135,7 @@ pub async fn setup_with(redis_url: &str, replacements: &[(&str, &str)]) -> Setup
         topic,
         events_topic,
         dlq_topic,
+        signals_topic,
         _directory: directory,
         metrics_port: testkit::free_port(),
     }

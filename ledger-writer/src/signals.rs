@@ -1,0 +1,697 @@
+//! Stock signals: `low_stock`, `out_of_stock`, `back_in_stock` and `reorder`
+//! on the Kafka topic `kafka.signals_topic` (`inventory.signals`), derived
+//! from the ledger the relay inserts.
+//!
+//! Owns deciding when a stock key crosses a threshold, from ledger entries
+//! alone, and publishing what it decided. It never decides stock, and adds
+//! no work to the reservation path: the flow is one way, Redis → outbox →
+//! relay → signals.
+//!
+//! **Where crossings are decided: in the relay's PostgreSQL transaction.**
+//! The relay inserts a batch's entries and, in the same transaction, for
+//! each stock key with *new* entries (the insert's own dedupe: a batch
+//! relayed again decides nothing again), locks the key's `signal_state`
+//! row, reads the key's other cells from `stock_snapshot`, applies the
+//! entries in stream order and records a signal in `signals` for each
+//! crossing, with the entry that caused it. A flash-sale key has cells in
+//! several partitions, relayed by different writers; the row lock makes
+//! their transactions decide the key's crossings one after another, each
+//! reading what the others committed. A transfer between two cells counts
+//! as units in flight from its debit to its credit (whichever half is
+//! relayed first), so a refill or a drain is no crossing.
+//!
+//! **What a key's level is.** `available` = max(0, Σ cells' on_hand −
+//! reserved + in flight − safety_stock): the availability API's figure for
+//! the key, with units moving between its cells counted where they are
+//! going. Its status is [`allocator::stock_status`], as the API shows it.
+//!
+//! **Once per crossing.** A change of status emits one signal: to
+//! `out_of_stock`, `out_of_stock`; from it, `back_in_stock`; from `in_stock`
+//! to `low`, `low_stock` (from `low` back to `in_stock`, none). `reorder`
+//! when available falls to the key's `reorder_point` or below from above
+//! it, or a settings change puts the point at or above what is available
+//! (again only after available rose above the point). A key's first entry after the
+//! writer starts tracking it sets its status from the cells before that
+//! entry, and emits nothing for what it was before.
+//!
+//! **Publishing.** One writer at a time (a PostgreSQL advisory lock held
+//! for a batch) publishes unpublished signals in the order they were
+//! decided, keyed by stock key (`merchant|sku|location`, so one key's
+//! signals share a Kafka partition and keep their order), waits for Kafka,
+//! then marks them published. A crash between the two publishes a batch
+//! again: consumers drop duplicates by `signal_id`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use allocator::{LedgerEntry, LedgerOp};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use tokio_postgres::Transaction;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+
+/// The signals' message schema version.
+pub const SIGNAL_VERSION: u32 = 1;
+
+/// The advisory lock one publisher at a time holds (an arbitrary constant).
+const PUBLISH_LOCK: i64 = 0x5167_4e41;
+
+/// Most signals published in one batch.
+const PUBLISH_BATCH: i64 = 500;
+
+/// How long the publisher rests when there was nothing to publish, or
+/// another writer publishes.
+const PUBLISH_IDLE: Duration = Duration::from_millis(100);
+
+/// How long it rests after a failure (Kafka or PostgreSQL down).
+const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_millis(500);
+
+/// What a signal says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SignalKind {
+    /// From `in_stock` to `low`.
+    LowStock,
+    /// To `out_of_stock`.
+    OutOfStock,
+    /// From `out_of_stock` to `low` or `in_stock`.
+    BackInStock,
+    /// Available fell to the reorder point or below.
+    Reorder,
+}
+
+impl SignalKind {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LowStock => "low_stock",
+            Self::OutOfStock => "out_of_stock",
+            Self::BackInStock => "back_in_stock",
+            Self::Reorder => "reorder",
+        }
+    }
+
+    /// Every kind.
+    pub const ALL: [Self; 4] = [
+        Self::LowStock,
+        Self::OutOfStock,
+        Self::BackInStock,
+        Self::Reorder,
+    ];
+}
+
+/// One key's signal state: what the last signals said, the settings the
+/// ledger gave it, and its cells as far as the relay has seen them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    /// Its status when last seen; `None` before its first entry.
+    pub status: Option<&'static str>,
+    /// Whether available was at or under the reorder point when last seen.
+    pub below_reorder: bool,
+    /// From its last settings entry.
+    pub safety_stock: i64,
+    /// From its last settings entry; -1: the configured default.
+    pub low_stock_threshold: i64,
+    /// From its last settings entry; -1: none.
+    pub reorder_point: i64,
+    /// From its last settings entry.
+    pub reorder_qty: i64,
+    /// Transfer units debited and not yet credited (as the ledger says).
+    pub in_flight: i64,
+    /// Each cell's `(on_hand, reserved)`.
+    pub cells: BTreeMap<String, (i64, i64)>,
+}
+
+/// A signal decided, before it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    /// What it says.
+    pub kind: SignalKind,
+    /// The entry that caused it.
+    pub entry_id: String,
+    /// The message.
+    pub payload: Value,
+}
+
+impl Default for KeyState {
+    /// A key the ledger has said nothing of: no settings (the configured
+    /// low-stock threshold, no reorder point), no cells.
+    fn default() -> Self {
+        Self {
+            status: None,
+            below_reorder: false,
+            safety_stock: 0,
+            low_stock_threshold: -1,
+            reorder_point: -1,
+            reorder_qty: 0,
+            in_flight: 0,
+            cells: BTreeMap::new(),
+        }
+    }
+}
+
+impl KeyState {
+    /// Units the key could sell now (never below 0).
+    pub fn available(&self) -> i64 {
+        let units: i64 = self
+            .cells
+            .values()
+            .map(|(on_hand, reserved)| on_hand - reserved)
+            .sum();
+        (units + self.in_flight - self.safety_stock).max(0)
+    }
+
+    fn threshold(&self, low_default: u64) -> i64 {
+        if self.low_stock_threshold >= 0 {
+            self.low_stock_threshold
+        } else {
+            low_default as i64
+        }
+    }
+
+    fn below(&self, available: i64) -> bool {
+        self.reorder_point >= 0 && available <= self.reorder_point
+    }
+
+    /// Applies one new entry of this key (in stream order) and returns the
+    /// signals it causes. `low_default` is `cache.low_stock_threshold_default`.
+    pub fn apply(&mut self, entry: &LedgerEntry, low_default: u64) -> Vec<Signal> {
+        if self.status.is_none() {
+            // The first entry seen: the status before it, from its cell's
+            // values before it. Nothing is emitted for it.
+            self.cells.insert(
+                entry.cell.clone(),
+                (entry.on_hand_before, entry.reserved_before),
+            );
+            let available = self.available();
+            self.status = Some(allocator::stock_status(
+                available,
+                self.threshold(low_default),
+            ));
+            self.below_reorder = self.below(available);
+        }
+        match entry.op {
+            LedgerOp::Settings => {
+                self.safety_stock = entry.safety_stock.unwrap_or(0);
+                self.low_stock_threshold = entry.low_stock_threshold.unwrap_or(-1);
+                self.reorder_point = entry.reorder_point.unwrap_or(-1);
+                self.reorder_qty = entry.reorder_qty.unwrap_or(0);
+            }
+            LedgerOp::TransferOut => self.in_flight += entry.qty,
+            LedgerOp::TransferIn => self.in_flight -= entry.qty,
+            _ => {}
+        }
+        self.cells.insert(
+            entry.cell.clone(),
+            (entry.on_hand_after, entry.reserved_after),
+        );
+        let available = self.available();
+        let threshold = self.threshold(low_default);
+        let status = allocator::stock_status(available, threshold);
+        let before = self.status.unwrap_or(status);
+        let mut kinds = Vec::new();
+        if status != before {
+            if status == "out_of_stock" {
+                kinds.push(SignalKind::OutOfStock);
+            } else if before == "out_of_stock" {
+                kinds.push(SignalKind::BackInStock);
+            } else if status == "low" {
+                kinds.push(SignalKind::LowStock);
+            }
+        }
+        let below = self.below(available);
+        if below && !self.below_reorder {
+            kinds.push(SignalKind::Reorder);
+        }
+        self.status = Some(status);
+        self.below_reorder = below;
+        let entry_id = entry.entry_id.clone().unwrap_or_default();
+        kinds
+            .into_iter()
+            .map(|kind| Signal {
+                kind,
+                entry_id: entry_id.clone(),
+                payload: json!({
+                    "v": SIGNAL_VERSION,
+                    "signal_id": format!("{entry_id}:{}", kind.as_str()),
+                    "kind": kind.as_str(),
+                    "merchant": entry.merchant, "sku": entry.sku, "location": entry.location,
+                    "available": available, "status": status, "previous_status": before,
+                    "low_stock_threshold": threshold,
+                    "reorder_point": (self.reorder_point >= 0).then_some(self.reorder_point),
+                    "reorder_qty": (self.reorder_point >= 0).then_some(self.reorder_qty),
+                    "entry_id": entry_id, "op": entry.op.as_str(), "at_ms": entry.at_ms,
+                }),
+            })
+            .collect()
+    }
+}
+
+/// A stock key as the tables name it.
+type Key = (String, String, String);
+
+/// Decides the signals of `entries` (the batch's entries the ledger insert
+/// found new, in stream order) inside the relay's transaction, and records
+/// them and the keys' states. Returns how many signals of each kind.
+pub async fn derive(
+    transaction: &Transaction<'_>,
+    entries: &[&LedgerEntry],
+    low_default: u64,
+) -> Result<HashMap<SignalKind, u64>, tokio_postgres::Error> {
+    let mut by_key: BTreeMap<Key, Vec<&LedgerEntry>> = BTreeMap::new();
+    for entry in entries {
+        by_key
+            .entry((
+                entry.merchant.clone(),
+                entry.sku.clone(),
+                entry.location.clone(),
+            ))
+            .or_default()
+            .push(entry);
+    }
+    let mut counts = HashMap::new();
+    if by_key.is_empty() {
+        return Ok(counts);
+    }
+    let (merchants, skus, locations): (Vec<&str>, Vec<&str>, Vec<&str>) = by_key.keys().fold(
+        (Vec::new(), Vec::new(), Vec::new()),
+        |(mut m, mut s, mut l), (merchant, sku, location)| {
+            m.push(merchant);
+            s.push(sku);
+            l.push(location);
+            (m, s, l)
+        },
+    );
+    // In key order (the map's), so two transactions lock shared keys in
+    // the same order: no deadlock.
+    transaction
+        .execute(
+            "INSERT INTO signal_state (merchant, sku, location)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+             ON CONFLICT DO NOTHING",
+            &[&merchants, &skus, &locations],
+        )
+        .await?;
+    let rows = transaction
+        .query(
+            "SELECT s.merchant, s.sku, s.location, s.status, s.below_reorder, s.safety_stock,
+                    s.low_stock_threshold, s.reorder_point, s.reorder_qty, s.in_flight
+             FROM signal_state s
+             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(merchant, sku, location)
+               USING (merchant, sku, location)
+             ORDER BY s.merchant, s.sku, s.location
+             FOR UPDATE OF s",
+            &[&merchants, &skus, &locations],
+        )
+        .await?;
+    let mut states: BTreeMap<Key, KeyState> = BTreeMap::new();
+    for row in rows {
+        let status: Option<String> = row.get(3);
+        states.insert(
+            (row.get(0), row.get(1), row.get(2)),
+            KeyState {
+                status: status.as_deref().map(known_status),
+                below_reorder: row.get(4),
+                safety_stock: row.get(5),
+                low_stock_threshold: row.get(6),
+                reorder_point: row.get(7),
+                reorder_qty: row.get(8),
+                in_flight: row.get(9),
+                cells: BTreeMap::new(),
+            },
+        );
+    }
+    // Read after the locks: what writers of the key's other cells committed.
+    let cells = transaction
+        .query(
+            "SELECT c.merchant, c.sku, c.location, c.cell, c.on_hand, c.reserved
+             FROM stock_snapshot c
+             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(merchant, sku, location)
+               USING (merchant, sku, location)",
+            &[&merchants, &skus, &locations],
+        )
+        .await?;
+    for row in cells {
+        let key: Key = (row.get(0), row.get(1), row.get(2));
+        if let Some(state) = states.get_mut(&key) {
+            state.cells.insert(row.get(3), (row.get(4), row.get(5)));
+        }
+    }
+    let mut signals = Vec::new();
+    for (key, entries) in &by_key {
+        let Some(state) = states.get_mut(key) else {
+            continue;
+        };
+        // This batch's cells start from their first new entry's values
+        // before it (the snapshot may already hold this batch's last).
+        let mut seen = std::collections::HashSet::new();
+        for entry in entries {
+            if seen.insert(entry.cell.as_str()) {
+                state.cells.insert(
+                    entry.cell.clone(),
+                    (entry.on_hand_before, entry.reserved_before),
+                );
+            }
+        }
+        for entry in entries {
+            signals.extend(state.apply(entry, low_default));
+        }
+    }
+    // One statement for every key (a batch may touch hundreds).
+    let mut columns = StateColumns::default();
+    for (key, state) in &states {
+        columns.push(
+            key,
+            state,
+            by_key
+                .get(key)
+                .and_then(|entries| entries.last())
+                .and_then(|entry| entry.entry_id.clone()),
+        );
+    }
+    transaction
+        .execute(
+            "UPDATE signal_state s SET status = u.status, below_reorder = u.below_reorder,
+                 safety_stock = u.safety_stock, low_stock_threshold = u.low_stock_threshold,
+                 reorder_point = u.reorder_point, reorder_qty = u.reorder_qty,
+                 in_flight = u.in_flight, last_entry_id = u.last_entry_id, updated_at = now()
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::int8[],
+                         $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[])
+                  AS u(merchant, sku, location, status, below_reorder, safety_stock,
+                       low_stock_threshold, reorder_point, reorder_qty, in_flight, last_entry_id)
+             WHERE s.merchant = u.merchant AND s.sku = u.sku AND s.location = u.location",
+            &[
+                &columns.merchants,
+                &columns.skus,
+                &columns.locations,
+                &columns.statuses,
+                &columns.below_reorder,
+                &columns.safety_stock,
+                &columns.low_stock_threshold,
+                &columns.reorder_point,
+                &columns.reorder_qty,
+                &columns.in_flight,
+                &columns.last_entry_id,
+            ],
+        )
+        .await?;
+    if !signals.is_empty() {
+        let payloads: Vec<Value> = signals
+            .iter()
+            .map(|signal| signal.payload.clone())
+            .collect();
+        transaction
+            .execute(
+                "INSERT INTO signals (signal_id, kind, merchant, sku, location, entry_id, payload)
+                 SELECT s->>'signal_id', s->>'kind', s->>'merchant', s->>'sku', s->>'location',
+                        s->>'entry_id', s
+                 FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS t(s, n)
+                 ORDER BY n
+                 ON CONFLICT (signal_id) DO NOTHING",
+                &[&Value::Array(payloads).to_string()],
+            )
+            .await?;
+        for signal in &signals {
+            *counts.entry(signal.kind).or_default() += 1;
+        }
+    }
+    Ok(counts)
+}
+
+/// Key states as the columns of one UPDATE.
+#[derive(Default)]
+struct StateColumns<'a> {
+    merchants: Vec<&'a str>,
+    skus: Vec<&'a str>,
+    locations: Vec<&'a str>,
+    statuses: Vec<Option<&'static str>>,
+    below_reorder: Vec<bool>,
+    safety_stock: Vec<i64>,
+    low_stock_threshold: Vec<i64>,
+    reorder_point: Vec<i64>,
+    reorder_qty: Vec<i64>,
+    in_flight: Vec<i64>,
+    last_entry_id: Vec<Option<String>>,
+}
+
+impl<'a> StateColumns<'a> {
+    fn push(&mut self, key: &'a Key, state: &KeyState, last_entry_id: Option<String>) {
+        self.merchants.push(&key.0);
+        self.skus.push(&key.1);
+        self.locations.push(&key.2);
+        self.statuses.push(state.status);
+        self.below_reorder.push(state.below_reorder);
+        self.safety_stock.push(state.safety_stock);
+        self.low_stock_threshold.push(state.low_stock_threshold);
+        self.reorder_point.push(state.reorder_point);
+        self.reorder_qty.push(state.reorder_qty);
+        self.in_flight.push(state.in_flight);
+        self.last_entry_id.push(last_entry_id);
+    }
+}
+
+/// The status text as a `'static` one (an unknown text, which no writer
+/// stores, reads as unknown: the next entry sets it afresh).
+fn known_status(text: &str) -> &'static str {
+    match text {
+        "in_stock" => "in_stock",
+        "low" => "low",
+        _ => "out_of_stock",
+    }
+}
+
+/// Publishes unpublished signals to Kafka in the order they were decided,
+/// while this writer holds the publishing lock; forever.
+pub async fn publish_forever(config: Arc<config::Config>, metrics: Arc<Metrics>) {
+    let mut client = None;
+    let mut producer = None;
+    loop {
+        let pause = match publish_once(&config, &metrics, &mut client, &mut producer).await {
+            Ok(0) => PUBLISH_IDLE,
+            Ok(published) => {
+                debug!(published, "signals published");
+                Duration::ZERO
+            }
+            Err(error) => {
+                warn!(error = %format!("{error:#}"), "publishing signals failed; retrying");
+                client = None;
+                producer = None;
+                PUBLISH_FAILURE_PAUSE
+            }
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One batch: how many signals it published (0 when none waited, or another
+/// writer publishes now).
+async fn publish_once(
+    config: &config::Config,
+    metrics: &Metrics,
+    client: &mut Option<tokio_postgres::Client>,
+    producer: &mut Option<FutureProducer>,
+) -> anyhow::Result<usize> {
+    if client
+        .as_ref()
+        .is_none_or(tokio_postgres::Client::is_closed)
+    {
+        *client = Some(crate::connect_postgres(config).await?);
+    }
+    if producer.is_none() {
+        *producer = Some(crate::producer(config)?);
+    }
+    let (Some(client), Some(producer)) = (client.as_mut(), producer.as_ref()) else {
+        return Ok(0);
+    };
+    let transaction = client.transaction().await?;
+    let locked: bool = transaction
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PUBLISH_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(0);
+    }
+    let rows = transaction
+        .query(
+            "SELECT id, kind, merchant || '|' || sku || '|' || location, payload::text
+             FROM signals WHERE published_at IS NULL ORDER BY id LIMIT $1",
+            &[&PUBLISH_BATCH],
+        )
+        .await?;
+    metrics.signals_unpublished.set(rows.len() as i64);
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let timeout = Duration::from_millis(config.kafka.request_timeout_ms);
+    let mut deliveries = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let key: String = row.get(2);
+        let payload: String = row.get(3);
+        let record = FutureRecord::to(&config.kafka.signals_topic)
+            .key(&key)
+            .payload(&payload);
+        let delivery = producer.send_result(record).map_err(|(error, _)| error)?;
+        deliveries.push(delivery);
+    }
+    for delivery in deliveries {
+        match tokio::time::timeout(timeout, delivery).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((error, _)))) => return Err(error.into()),
+            Ok(Err(_)) => anyhow::bail!("a signal's delivery was cancelled"),
+            Err(_) => anyhow::bail!("a signal's delivery timed out"),
+        }
+    }
+    let ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+    transaction
+        .execute(
+            "UPDATE signals SET published_at = now() WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    transaction.commit().await?;
+    for row in &rows {
+        let kind: String = row.get(1);
+        metrics.signals.with_label_values(&[&kind]).inc();
+    }
+    metrics.signals_unpublished.set(0);
+    Ok(rows.len())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The crossings, from entries alone (no services).
+    use super::*;
+
+    fn entry(op: &str, cell: &str, before: (i64, i64), after: (i64, i64), n: u64) -> LedgerEntry {
+        let mut value = json!({
+            "v": 1, "op": op, "partition": 1, "cell": cell, "merchant": "m", "sku": "s",
+            "location": "l", "on_hand_before": before.0, "on_hand_after": after.0,
+            "reserved_before": before.1, "reserved_after": after.1, "version": n,
+            "qty": (after.0 - before.0).abs().max((after.1 - before.1).abs()), "node": "n",
+            "at_ms": 1_000 + n,
+        });
+        match op {
+            "reserve" | "commit" | "release" | "expire" => {
+                value["reservation_id"] = json!(format!("r1.{n}"));
+            }
+            "transfer_out" | "transfer_in" => value["transfer_id"] = json!("t1"),
+            "adjust" => {
+                value["kind"] = json!("delta");
+                value["source"] = json!("test");
+                value["source_event_id"] = json!(format!("e{n}"));
+                value["shortfall"] = json!(false);
+            }
+            _ => {}
+        }
+        if op == "settings" {
+            value["safety_stock"] = json!(0);
+            value["backorder_limit"] = json!(0);
+            value["low_stock_threshold"] = json!(3);
+            value["reorder_point"] = json!(5);
+            value["reorder_qty"] = json!(40);
+        }
+        let mut entry = LedgerEntry::parse(&value.to_string()).expect("entry");
+        entry.entry_id = Some(format!("1-{n}-0"));
+        entry
+    }
+
+    fn kinds(signals: &[Signal]) -> Vec<&'static str> {
+        signals.iter().map(|signal| signal.kind.as_str()).collect()
+    }
+
+    #[test]
+    fn a_sale_to_zero_and_a_restock_cross_each_threshold_once() {
+        let mut state = KeyState::default();
+        let pool = "m|s|l|pool";
+        let mut out = Vec::new();
+        // Restocked to 10 (the first entry: the status before it was out of
+        // stock, so this is back in stock); settings: low at 3, reorder at 5.
+        out.push(kinds(
+            &state.apply(&entry("adjust", pool, (0, 0), (10, 0), 1), 5),
+        ));
+        out.push(kinds(
+            &state.apply(&entry("settings", pool, (10, 0), (10, 0), 2), 5),
+        ));
+        // Held one at a time down to 0.
+        for held in 1..=10 {
+            out.push(kinds(&state.apply(
+                &entry("reserve", pool, (10, held - 1), (10, held), 2 + held as u64),
+                5,
+            )));
+        }
+        // Two holds expire: back in stock (low).
+        out.push(kinds(
+            &state.apply(&entry("expire", pool, (10, 10), (10, 8), 20), 5),
+        ));
+        // A restock of 20: in stock, above the reorder point again.
+        out.push(kinds(
+            &state.apply(&entry("adjust", pool, (10, 8), (30, 8), 21), 5),
+        ));
+        // Sold down to the reorder point again: reorder once more.
+        out.push(kinds(
+            &state.apply(&entry("commit", pool, (30, 8), (13, 8), 22), 5),
+        ));
+        let expected: Vec<Vec<&str>> = vec![
+            vec!["back_in_stock"],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec!["reorder"],
+            vec![],
+            vec!["low_stock"],
+            vec![],
+            vec![],
+            vec!["out_of_stock"],
+            vec!["back_in_stock"],
+            vec![],
+            vec!["reorder"],
+        ];
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn a_transfer_between_cells_is_no_crossing_whichever_half_comes_first() {
+        for credit_first in [false, true] {
+            let mut state = KeyState::default();
+            state.apply(&entry("adjust", "pool", (0, 0), (4, 0), 1), 5);
+            state.status = Some("low");
+            let out = entry("transfer_out", "pool", (4, 0), (0, 0), 2);
+            let credit = entry("transfer_in", "bucket", (0, 0), (4, 0), 3);
+            let (first, second) = if credit_first {
+                (credit, out)
+            } else {
+                (out, credit)
+            };
+            assert!(state.apply(&first, 5).is_empty(), "{credit_first}");
+            assert!(state.apply(&second, 5).is_empty(), "{credit_first}");
+            assert_eq!((state.available(), state.in_flight), (4, 0));
+        }
+    }
+
+    #[test]
+    fn a_signal_names_its_entry_and_the_key() {
+        let mut state = KeyState {
+            status: Some("in_stock"),
+            cells: BTreeMap::from([("pool".to_owned(), (1, 0))]),
+            ..KeyState::default()
+        };
+        let signals = state.apply(&entry("commit", "pool", (1, 0), (0, 0), 7), 5);
+        assert_eq!(signals.len(), 1);
+        let payload = &signals[0].payload;
+        assert_eq!(payload["signal_id"], "1-7-0:out_of_stock");
+        assert_eq!(payload["entry_id"], "1-7-0");
+        assert_eq!(
+            (&payload["merchant"], &payload["sku"], &payload["location"]),
+            (&json!("m"), &json!("s"), &json!("l"))
+        );
+        assert_eq!(
+            (&payload["available"], &payload["previous_status"]),
+            (&json!(0), &json!("in_stock"))
+        );
+        assert_eq!(payload["reorder_point"], Value::Null);
+    }
+}
