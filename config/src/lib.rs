@@ -27,6 +27,7 @@
 //! | `INVGW_CUSTOMER_REF_KEY` | `auth.customer_ref_key` |
 //! | `INVGW_LEDGER_METRICS_LISTEN` | `ledger_writer.metrics_listen` |
 //! | `INVGW_LOG_FORMAT` | `log.format` (`text` or `json`) |
+//! | `INVGW_WEBHOOK_SECRET_KEY` | `webhooks.secret_key` |
 
 mod diff;
 mod model;
@@ -166,6 +167,9 @@ fn apply_env_overrides(
     }
     if let Some(value) = env("INVGW_CUSTOMER_REF_KEY") {
         config.auth.customer_ref_key = value;
+    }
+    if let Some(value) = env("INVGW_WEBHOOK_SECRET_KEY") {
+        config.webhooks.secret_key = value;
     }
     if let Some(value) = env("INVGW_LOG_FORMAT") {
         match value.trim() {

@@ -45,6 +45,75 @@ pub struct Config {
     /// How the process writes its log.
     #[serde(default)]
     pub log: LogConfig,
+    /// Partner webhooks: how deliveries are made and secrets kept.
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+}
+
+/// Partner webhooks (`/v1/webhooks`): the key that seals their secrets,
+/// and how the ledger writer delivers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// 64 hex digits: the key (XChaCha20-Poly1305) that seals webhook
+    /// secrets in PostgreSQL; the gateway seals with it, the writer opens.
+    /// Empty: webhooks are off (registering one is refused). Env override:
+    /// `INVGW_WEBHOOK_SECRET_KEY`.
+    #[serde(default)]
+    pub secret_key: String,
+    /// Bound on one delivery attempt (connect, send, answer).
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Attempts in flight to one endpoint at once (each of a different
+    /// stock key: one key's deliveries go one after another).
+    #[serde(default = "default_webhook_concurrency")]
+    pub concurrency_per_endpoint: u32,
+    /// The first retry's delay; each next one doubles, up to
+    /// `retry_max_ms`, with ±50% jitter.
+    #[serde(default = "default_webhook_retry_first_ms")]
+    pub retry_first_ms: u64,
+    /// The longest delay between two attempts.
+    #[serde(default = "default_webhook_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// A delivery not accepted this long after its signal is dead-lettered
+    /// (shown as failed, not retried).
+    #[serde(default = "default_webhook_give_up_after_seconds")]
+    pub give_up_after_seconds: u64,
+    /// Lets webhooks target loopback, private and link-local addresses and
+    /// plain `http`: for tests and development only (a partner URL that
+    /// resolves there could reach this network's services otherwise).
+    #[serde(default)]
+    pub allow_private_targets: bool,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            secret_key: String::new(),
+            timeout_ms: default_webhook_timeout_ms(),
+            concurrency_per_endpoint: default_webhook_concurrency(),
+            retry_first_ms: default_webhook_retry_first_ms(),
+            retry_max_ms: default_webhook_retry_max_ms(),
+            give_up_after_seconds: default_webhook_give_up_after_seconds(),
+            allow_private_targets: false,
+        }
+    }
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    5_000
+}
+fn default_webhook_concurrency() -> u32 {
+    4
+}
+fn default_webhook_retry_first_ms() -> u64 {
+    1_000
+}
+fn default_webhook_retry_max_ms() -> u64 {
+    3_600_000
+}
+fn default_webhook_give_up_after_seconds() -> u64 {
+    86_400
 }
 
 /// How a process writes its log lines (to stderr). Read at start: a reload

@@ -390,6 +390,40 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         }
     }
 
+    let webhooks = &config.webhooks;
+    c.check(
+        webhooks.secret_key.is_empty()
+            || (webhooks.secret_key.len() == 64
+                && webhooks.secret_key.bytes().all(|b| b.is_ascii_hexdigit())),
+        "webhooks.secret_key",
+        "must be empty (webhooks off) or 64 hex digits",
+    );
+    c.range("webhooks.timeout_ms", webhooks.timeout_ms, 100, 60_000);
+    c.range(
+        "webhooks.concurrency_per_endpoint",
+        webhooks.concurrency_per_endpoint,
+        1,
+        64,
+    );
+    c.range(
+        "webhooks.retry_first_ms",
+        webhooks.retry_first_ms,
+        10,
+        3_600_000,
+    );
+    c.range(
+        "webhooks.retry_max_ms",
+        webhooks.retry_max_ms,
+        webhooks.retry_first_ms.max(10),
+        86_400_000,
+    );
+    c.range(
+        "webhooks.give_up_after_seconds",
+        webhooks.give_up_after_seconds,
+        1,
+        7 * 86_400,
+    );
+
     let writer = &config.ledger_writer;
     c.range(
         "ledger_writer.relay_batch_entries_max",

@@ -107,9 +107,10 @@ pub enum ApiError {
     /// A path under /v1 that does not exist.
     #[error("no route for {0}")]
     NoRoute(String),
-    /// A known path with a method it does not take; the one it takes.
+    /// A known path with a method it does not take; the ones it takes
+    /// (`Allow`: methods joined by `, `).
     #[error("method not allowed: {0}")]
-    MethodNotAllowed(String, http::Method),
+    MethodNotAllowed(String, String),
     /// A bug; logged, never shown in detail.
     #[error("internal error")]
     Internal(String),
@@ -163,9 +164,9 @@ impl ApiError {
                 reply.with_header("retry-after", HeaderValue::from_static("1"))
             }
             ApiError::MethodNotAllowed(_, allowed) => {
-                // A method is a token: always a valid header value.
-                let allowed = HeaderValue::from_str(allowed.as_str())
-                    .unwrap_or(HeaderValue::from_static("GET"));
+                // Methods are tokens: always a valid header value.
+                let allowed =
+                    HeaderValue::from_str(allowed).unwrap_or(HeaderValue::from_static("GET"));
                 reply.with_header("allow", allowed)
             }
             _ => reply,

@@ -130,6 +130,9 @@ pub struct App {
     stopping: AtomicBool,
     /// Wakes background tasks on stop.
     stop: Notify,
+    /// PostgreSQL, for the webhook routes only: connected on first use,
+    /// again after it closed.
+    postgres: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
 }
 
 impl App {
@@ -214,6 +217,7 @@ impl App {
             subscribed,
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
+            postgres: tokio::sync::Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&app).follow_config());
         tokio::spawn(Arc::clone(&app).follow_changes());
@@ -226,6 +230,24 @@ impl App {
     /// The config in force.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// PostgreSQL (the webhook routes' store), connected on first use and
+    /// again once closed; 503 while it does not answer.
+    pub async fn postgres(&self) -> Result<Arc<tokio_postgres::Client>, crate::api::ApiError> {
+        let mut held = self.postgres.lock().await;
+        if let Some(client) = held.as_ref().filter(|client| !client.is_closed()) {
+            return Ok(Arc::clone(client));
+        }
+        let client = webhooks::store::connect(&self.config().postgres)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "cannot reach postgresql for the webhook routes");
+                crate::api::ApiError::StoreUnavailable
+            })?;
+        let client = Arc::new(client);
+        *held = Some(Arc::clone(&client));
+        Ok(client)
     }
 
     /// Origin addresses, in the configured order.

@@ -10,7 +10,8 @@
 //! PostgreSQL after the relay (day partitions, curated history and
 //! retention, [`retention`]; the Parquet archive and replay, [`archive`];
 //! undoing a bad import, [`compensate`]), stock signals derived from the
-//! relayed ledger and published to Kafka ([`signals`]), the writer's metrics
+//! relayed ledger and published to Kafka ([`signals`]) and delivered to
+//! partner webhooks ([`deliver`]), the writer's metrics
 //! ([`metrics`]) and the reconciler loop. It never decides stock: everything
 //! the reconciler does is an idempotent allocator call (expire due holds,
 //! credit debited transfers, finish carts left half way, reclaim buckets),
@@ -20,6 +21,7 @@
 pub mod archive;
 pub mod audit;
 pub mod compensate;
+pub mod deliver;
 pub mod ingest;
 pub mod lease;
 pub mod metrics;
@@ -62,25 +64,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Connects to PostgreSQL and spawns the connection task.
 pub async fn connect_postgres(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    let mut pg_config: tokio_postgres::Config =
-        config.postgres.url.parse().context("postgres url")?;
-    pg_config.connect_timeout(Duration::from_millis(config.postgres.connect_timeout_ms));
-    let (client, connection) = pg_config
-        .connect(tokio_postgres::NoTls)
+    let _: tokio_postgres::Config = config.postgres.url.parse().context("postgres url")?;
+    webhooks::store::connect(&config.postgres)
         .await
-        .context("connecting to postgresql")?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            warn!(%error, "postgresql connection closed");
-        }
-    });
-    client
-        .batch_execute(&format!(
-            "SET statement_timeout = {}",
-            config.postgres.statement_timeout_ms
-        ))
-        .await?;
-    Ok(client)
+        .context("connecting to postgresql")
 }
 
 /// The `acks=all` producer of the ledger topic: idempotent unless
@@ -218,6 +205,10 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
     );
     background.spawn(retention::partitions_ahead_forever(Arc::clone(&config)));
     background.spawn(signals::publish_forever(
+        Arc::clone(&config),
+        Arc::clone(&metrics),
+    ));
+    background.spawn(deliver::deliver_forever(
         Arc::clone(&config),
         Arc::clone(&metrics),
     ));

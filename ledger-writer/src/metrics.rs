@@ -67,6 +67,13 @@ pub struct Metrics {
     /// Signals waiting to be published when this writer last looked (0
     /// while another writer publishes).
     pub signals_unpublished: IntGauge,
+    /// Webhook attempts by outcome: delivered, retried, dead_lettered.
+    pub webhook_deliveries: IntCounterVec,
+    /// Seconds from a signal's decision to its delivery's 2xx.
+    pub webhook_delivery_seconds: Histogram,
+    /// Webhook deliveries not yet delivered or dead-lettered (as the
+    /// dispatching writer last counted them).
+    pub webhook_pending: IntGauge,
     /// Reconciler actions: expired, transfers_finished, carts_finished,
     /// allowances_settled, allowances_given_back, units_reclaimed.
     pub reconciler: IntCounterVec,
@@ -254,6 +261,22 @@ impl Metrics {
                 "stock signals this writer published to kafka.signals_topic, by kind",
                 &["kind"],
             ),
+            webhook_deliveries: counter_vec(
+                "webhook_deliveries_total",
+                "webhook delivery attempts by outcome: delivered (a 2xx), retried, dead_lettered (given up)",
+                &["outcome"],
+            ),
+            webhook_delivery_seconds: histogram(
+                "webhook_delivery_seconds",
+                "seconds from a signal's decision to its webhook delivery's 2xx",
+                vec![
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+                ],
+            ),
+            webhook_pending: gauge(
+                "webhook_pending_deliveries",
+                "webhook deliveries waiting for a 2xx, as the dispatching writer last counted them",
+            ),
             signals_unpublished: gauge(
                 "signals_unpublished",
                 "stock signals waiting to be published when this writer last looked (up to a batch of 500)",
@@ -279,6 +302,9 @@ impl Metrics {
         }
         for reason in crate::reconcile::ReclaimReason::ALL {
             metrics.bucket_reclaims.with_label_values(&[reason.label()]);
+        }
+        for outcome in ["delivered", "retried", "dead_lettered"] {
+            metrics.webhook_deliveries.with_label_values(&[outcome]);
         }
         for kind in crate::signals::SignalKind::ALL {
             metrics.signals_decided.with_label_values(&[kind.as_str()]);

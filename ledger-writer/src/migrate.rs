@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/006_adjust_source_index.sql"),
     ),
     (7, "signals", include_str!("../migrations/007_signals.sql")),
+    (
+        8,
+        "webhooks",
+        include_str!("../migrations/008_webhooks.sql"),
+    ),
 ];
 
 /// The analytics views, the one home of their definitions: applied whole

@@ -17,6 +17,7 @@ pub(crate) mod ops;
 pub(crate) mod request;
 pub(crate) mod reservations;
 pub(crate) mod stock;
+pub(crate) mod webhooks;
 
 use std::time::Instant;
 
@@ -57,15 +58,35 @@ enum Resource {
     StockSettings,
     Stream,
     FlashSales,
+    /// PUT, GET or DELETE of a webhook registration.
+    Webhook,
+    WebhookDeliveries,
 }
 
-/// One entry of the route table.
+/// One entry of the route table: a path template and what each method it
+/// takes addresses.
 struct Route {
     /// The path template: matched, and the metrics label (a bounded set).
     template: &'static str,
-    resource: Resource,
-    /// The one method it takes (`Allow` of a 405).
-    method: http::Method,
+    /// The methods it takes (`Allow` of a 405, in this order).
+    methods: Vec<(http::Method, Resource)>,
+}
+
+impl Route {
+    fn resource(&self, method: &http::Method) -> Option<Resource> {
+        self.methods
+            .iter()
+            .find(|(taken, _)| taken == method)
+            .map(|(_, resource)| *resource)
+    }
+
+    fn allowed(&self) -> String {
+        self.methods
+            .iter()
+            .map(|(method, _)| method.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// The route table, built once (`matchit`: a radix tree; a lookup borrows
@@ -76,6 +97,7 @@ fn table() -> &'static matchit::Router<Route> {
         use Resource::*;
         use http::Method;
         let mut table = matchit::Router::new();
+        let mut routes: Vec<Route> = Vec::new();
         for (method, template, resource) in [
             (Method::GET, "/health", Health),
             (Method::GET, "/ready", Ready),
@@ -112,16 +134,30 @@ fn table() -> &'static matchit::Router<Route> {
             ),
             (Method::GET, "/v1/stream", Stream),
             (Method::GET, "/v1/flash-sales", FlashSales),
+            (Method::PUT, "/v1/webhooks/{merchant}/{name}", Webhook),
+            (Method::GET, "/v1/webhooks/{merchant}/{name}", Webhook),
+            (Method::DELETE, "/v1/webhooks/{merchant}/{name}", Webhook),
+            (
+                Method::GET,
+                "/v1/webhooks/{merchant}/{name}/deliveries",
+                WebhookDeliveries,
+            ),
         ] {
+            let at = routes
+                .iter()
+                .position(|route: &Route| route.template == template)
+                .unwrap_or_else(|| {
+                    routes.push(Route {
+                        template,
+                        methods: Vec::new(),
+                    });
+                    routes.len() - 1
+                });
+            routes[at].methods.push((method, resource));
+        }
+        for route in routes {
             // The templates above are fixed and distinct: inserting cannot fail.
-            let _ = table.insert(
-                template,
-                Route {
-                    template,
-                    resource,
-                    method,
-                },
-            );
+            let _ = table.insert(route.template, route);
         }
         table
     })
@@ -154,8 +190,11 @@ pub async fn dispatch(app: &App, session: &mut Session) -> Outcome {
     let route = matched
         .as_ref()
         .map_or("other", |found| found.value.template);
-    let result = match &matched {
-        Some(found) if found.value.method == method && changes_stock(found.value.resource) => {
+    let resource = matched
+        .as_ref()
+        .and_then(|found| found.value.resource(&method));
+    let result = match (&matched, resource) {
+        (Some(found), Some(resource)) if changes_stock(resource) => {
             // Logged under the request's id: the lines written in the
             // request's own task (the handler's, the error it answers
             // with, the allocator's calls made there) carry `request_id`
@@ -168,18 +207,16 @@ pub async fn dispatch(app: &App, session: &mut Session) -> Outcome {
                 request_id = %request_id(app, session),
                 route = found.value.template
             );
-            route_request(app, session, found.value.resource, &found.params)
+            route_request(app, session, resource, &found.params)
                 .instrument(span)
                 .await
         }
-        Some(found) if found.value.method == method => {
-            route_request(app, session, found.value.resource, &found.params).await
-        }
-        Some(found) => Err(ApiError::MethodNotAllowed(
+        (Some(found), Some(resource)) => route_request(app, session, resource, &found.params).await,
+        (Some(found), None) => Err(ApiError::MethodNotAllowed(
             format!("{method} {}", uri.path()),
-            found.value.method.clone(),
+            found.value.allowed(),
         )),
-        None => Err(ApiError::NoRoute(format!("{method} {}", uri.path()))),
+        (None, _) => Err(ApiError::NoRoute(format!("{method} {}", uri.path()))),
     };
     let outcome = match result {
         Ok(outcome) => outcome,
@@ -281,6 +318,17 @@ async fn route_request(
         }
         Resource::Stream => return crate::sse::stream(app, session).await,
         Resource::FlashSales => flash_sales::list(app, session).await?,
+        Resource::Webhook => {
+            let (merchant, name) = (param("merchant"), param("name"));
+            match session.req_header().method {
+                http::Method::PUT => webhooks::put(app, session, &merchant, &name).await?,
+                http::Method::DELETE => webhooks::delete(app, session, &merchant, &name).await?,
+                _ => webhooks::get(app, session, &merchant, &name).await?,
+            }
+        }
+        Resource::WebhookDeliveries => {
+            webhooks::deliveries(app, session, &param("merchant"), &param("name")).await?
+        }
     };
     Ok(Outcome::Reply(reply))
 }

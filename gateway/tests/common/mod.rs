@@ -25,6 +25,8 @@ pub struct Fleet {
     pub directory: tempfile::TempDir,
     pub config: PathBuf,
     pub redis_url: String,
+    /// The PostgreSQL its nodes use (for the webhook routes only).
+    pub postgres_url: String,
     pub origin: String,
     _origin: Option<Process>,
 }
@@ -64,6 +66,7 @@ impl Fleet {
         Self {
             directory,
             config,
+            postgres_url: testkit::stack().postgres_url.clone(),
             redis_url: redis_url.to_owned(),
             origin,
             _origin: Some(Process(child)),
@@ -105,6 +108,8 @@ impl Fleet {
             .env("INVGW_LISTEN_HTTP", format!("127.0.0.1:{port}"))
             .env("INVGW_ORIGIN_UPSTREAMS", &self.origin)
             .env("INVGW_REDIS_URL", &self.redis_url)
+            // The config file names the PostgreSQL (a test's own schema).
+            .env("INVGW_POSTGRES_URL", &self.postgres_url)
             .env("RUST_LOG", "info,pingora=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

@@ -1,0 +1,152 @@
+//! `/v1/webhooks/{merchant}/{name}`: partner webhook registrations (PUT,
+//! GET, DELETE) and their recent deliveries (`.../deliveries`), scope
+//! `admin`, a key's own merchant only.
+//!
+//! Registrations live in PostgreSQL (the `webhooks` crate's tables), which
+//! the gateway reaches only for these routes: while PostgreSQL does not
+//! answer they answer 503 and every other route goes on. The secret is
+//! sealed here before it is stored and never shown again; the URL is
+//! checked (https, public addresses) before anything is stored.
+
+use config::Scope;
+use pingora::proxy::Session;
+use serde::Deserialize;
+use serde_json::json;
+use webhooks::{Sealer, Webhook};
+
+use super::request::{admit, read_json_body};
+use crate::api::{ApiError, Reply, check_id, parse_body};
+use crate::app::App;
+
+/// Deliveries `GET .../deliveries` shows, newest first.
+const DELIVERIES_SHOWN: i64 = 50;
+
+/// `PUT /v1/webhooks/{merchant}/{name}` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookBody {
+    url: String,
+    events: Vec<String>,
+    secret: String,
+}
+
+fn shown(webhook: &Webhook) -> serde_json::Value {
+    json!({
+        "merchant": webhook.merchant, "name": webhook.name, "url": webhook.url,
+        "events": webhook.events,
+    })
+}
+
+fn checked(app: &App, session: &Session, merchant: &str, name: &str) -> Result<(), ApiError> {
+    let caller = admit(app, session, Scope::Admin, false)?;
+    check_id("merchant", merchant)?;
+    check_id("name", name)?;
+    caller.require_merchant(merchant)
+}
+
+fn unavailable(error: tokio_postgres::Error) -> ApiError {
+    tracing::warn!(%error, "postgresql unavailable for webhooks");
+    ApiError::StoreUnavailable
+}
+
+pub(crate) async fn put(
+    app: &App,
+    session: &mut Session,
+    merchant: &str,
+    name: &str,
+) -> Result<Reply, ApiError> {
+    checked(app, session, merchant, name)?;
+    let body = read_json_body(app, session, false).await?;
+    let body: WebhookBody = parse_body(&body)?;
+    webhooks::check_events(&body.events).map_err(|refused| ApiError::BadRequest(refused.0))?;
+    if !webhooks::SECRET_BYTES.contains(&body.secret.len()) {
+        return Err(ApiError::BadRequest(format!(
+            "secret must be {} to {} bytes",
+            webhooks::SECRET_BYTES.start(),
+            webhooks::SECRET_BYTES.end()
+        )));
+    }
+    let config = app.config();
+    let sealer = Sealer::new(&config.webhooks.secret_key).ok_or_else(|| {
+        ApiError::BadRequest(
+            "webhooks are off on this deployment (webhooks.secret_key is not set)".to_owned(),
+        )
+    })?;
+    webhooks::check_target(&body.url, config.webhooks.allow_private_targets)
+        .await
+        .map_err(|refused| ApiError::BadRequest(refused.0))?;
+    let webhook = Webhook {
+        merchant: merchant.to_owned(),
+        name: name.to_owned(),
+        url: body.url,
+        events: body.events,
+    };
+    let sealed = sealer.seal(merchant, name, &body.secret);
+    let client = app.postgres().await?;
+    let created = webhooks::store::put(&client, &webhook, &sealed)
+        .await
+        .map_err(unavailable)?;
+    Ok(Reply::json(
+        if created { 201 } else { 200 },
+        &shown(&webhook),
+    ))
+}
+
+pub(crate) async fn get(
+    app: &App,
+    session: &mut Session,
+    merchant: &str,
+    name: &str,
+) -> Result<Reply, ApiError> {
+    checked(app, session, merchant, name)?;
+    let client = app.postgres().await?;
+    let webhook = webhooks::store::get(&client, merchant, name)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| ApiError::NotFound(format!("no webhook {merchant}/{name}")))?;
+    Ok(Reply::json(200, &shown(&webhook)))
+}
+
+pub(crate) async fn delete(
+    app: &App,
+    session: &mut Session,
+    merchant: &str,
+    name: &str,
+) -> Result<Reply, ApiError> {
+    checked(app, session, merchant, name)?;
+    let client = app.postgres().await?;
+    if !webhooks::store::delete(&client, merchant, name)
+        .await
+        .map_err(unavailable)?
+    {
+        return Err(ApiError::NotFound(format!("no webhook {merchant}/{name}")));
+    }
+    Ok(Reply::json(
+        200,
+        &json!({ "merchant": merchant, "name": name, "deleted": true }),
+    ))
+}
+
+pub(crate) async fn deliveries(
+    app: &App,
+    session: &mut Session,
+    merchant: &str,
+    name: &str,
+) -> Result<Reply, ApiError> {
+    checked(app, session, merchant, name)?;
+    let client = app.postgres().await?;
+    if webhooks::store::get(&client, merchant, name)
+        .await
+        .map_err(unavailable)?
+        .is_none()
+    {
+        return Err(ApiError::NotFound(format!("no webhook {merchant}/{name}")));
+    }
+    let deliveries = webhooks::store::deliveries(&client, merchant, name, DELIVERIES_SHOWN)
+        .await
+        .map_err(unavailable)?;
+    Ok(Reply::json(
+        200,
+        &json!({ "merchant": merchant, "name": name, "deliveries": deliveries }),
+    ))
+}
