@@ -36,10 +36,16 @@ c.backorder_limit = a.backorder_limit
 c.low_stock_threshold = a.low_stock_threshold
 c.version = c.version + 1
 cell_put(a.cell, c)
+-- A reorder point is written only when set: the entry of a key without one
+-- is the one a writer of the release before reorder points reads.
+local reorder_point, reorder_qty
+if (a.reorder_point or -1) >= 0 then
+  reorder_point, reorder_qty = a.reorder_point, a.reorder_qty or 0
+end
 ledger('settings', a.cell, c.on_hand, c.reserved, c, {
   qty = 0, safety_stock = a.safety_stock, backorder_limit = a.backorder_limit,
   low_stock_threshold = a.low_stock_threshold,
-  reorder_point = a.reorder_point or -1, reorder_qty = a.reorder_qty or 0,
+  reorder_point = reorder_point, reorder_qty = reorder_qty,
 })
 notify(a.cell, c)
 return reply({ status = 'ok', cell = c })

@@ -51,7 +51,7 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Signals fanned out per pass.
 const FAN_OUT_BATCH: i64 = 500;
 
-/// Finished deliveries and fanned, published signals are kept this long.
+/// Finished deliveries are kept this long.
 const KEEP_FINISHED: &str = "7 days";
 
 /// How often finished rows are deleted, and pending ones counted.
@@ -357,24 +357,14 @@ async fn post(
     Ok(response.status().as_u16())
 }
 
-/// Deletes finished deliveries and signals past [`KEEP_FINISHED`], and
-/// counts what is pending.
+/// Deletes finished deliveries past [`KEEP_FINISHED`], and counts what is
+/// pending.
 async fn housekeeping(client: &Client, metrics: &Metrics) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             &format!(
                 "DELETE FROM webhook_deliveries
                  WHERE status <> 'pending' AND created_at < now() - interval '{KEEP_FINISHED}'"
-            ),
-            &[],
-        )
-        .await?;
-    client
-        .execute(
-            &format!(
-                "DELETE FROM signals
-                 WHERE published_at IS NOT NULL AND fanned_at IS NOT NULL
-                   AND created_at < now() - interval '{KEEP_FINISHED}'"
             ),
             &[],
         )

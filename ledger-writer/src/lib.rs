@@ -70,6 +70,19 @@ pub async fn connect_postgres(config: &Config) -> anyhow::Result<tokio_postgres:
         .context("connecting to postgresql")
 }
 
+/// Bounds how long a session may sit inside a transaction doing nothing:
+/// for the relay's and the signal publisher's sessions, whose transactions
+/// hold locks other writers wait on (a stock key's signal state, the
+/// publishing lock). A writer frozen or cut off mid-transaction then frees
+/// them within this, not when TCP gives up hours later.
+pub async fn bound_idle_transactions(
+    client: &tokio_postgres::Client,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute("SET idle_in_transaction_session_timeout = 30000")
+        .await
+}
+
 /// The `acks=all` producer of the ledger topic: idempotent unless
 /// `kafka.idempotent_producer` is false.
 pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
@@ -179,6 +192,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
     let mut relays = (0..RELAY_WORKERS)
         .map(|_| Relay::new(Arc::clone(&config), allocator.clone(), Arc::clone(&metrics)))
         .collect::<anyhow::Result<Vec<Relay>>>()?;
+    bound_idle_transactions(&postgres).await?;
     relays[0].postgres = Some(postgres);
     let partitions = config.stock.partitions;
     let mut leases = Leases::new(

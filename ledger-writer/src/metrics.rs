@@ -279,7 +279,7 @@ impl Metrics {
             ),
             signals_unpublished: gauge(
                 "signals_unpublished",
-                "stock signals waiting to be published when this writer last looked (up to a batch of 500)",
+                "stock signals waiting to be published when this writer last looked",
             ),
             reconciler: counter_vec(
                 "reconciler_actions_total",

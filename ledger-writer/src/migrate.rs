@@ -39,6 +39,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhooks",
         include_str!("../migrations/008_webhooks.sql"),
     ),
+    (
+        9,
+        "signal_transfers",
+        include_str!("../migrations/009_signal_transfers.sql"),
+    ),
 ];
 
 /// The analytics views, the one home of their definitions: applied whole

@@ -29,8 +29,18 @@
 //! `out_of_stock`, `out_of_stock`; from it, `back_in_stock`; from `in_stock`
 //! to `low`, `low_stock` (from `low` back to `in_stock`, none). `reorder`
 //! when available falls to the key's `reorder_point` or below from above
-//! it, or a settings change puts the point at or above what is available
-//! (again only after available rose above the point). A key's first entry after the
+//! it, or a settings change puts the point at or above what is available;
+//! again only after stock received (a positive adjustment, a rebuild or new
+//! settings) took available above the point: holds released and taken
+//! again around the point ask for one reorder, not one per swing. Status
+//! signals have no such damping: at a sell-out, each expiry and hold again
+//! is a real `back_in_stock` and `out_of_stock`.
+//!
+//! **Where the relay's order is not the world's.** A flash-sale key's cells
+//! are relayed partition by partition: a bucket's release relayed after the
+//! pool's next hold shows the key at 0 for that moment (an `out_of_stock`
+//! and a `back_in_stock` the shelf never saw), and the other way round a
+//! brief 0 may go unseen. Signals follow the ledger as relayed. A key's first entry after the
 //! writer starts tracking it sets its status from the cells before that
 //! entry, and emits nothing for what it was before.
 //!
@@ -58,6 +68,12 @@ pub const SIGNAL_VERSION: u32 = 1;
 
 /// The advisory lock one publisher at a time holds (an arbitrary constant).
 const PUBLISH_LOCK: i64 = 0x5167_4e41;
+
+/// How long a transfer's half waits for its partner before its units stop
+/// counting as in flight: a credit comes within the allocator's credit
+/// window (12 h) or never (a void; a debit whose record or stream tail a
+/// failover lost).
+const IN_FLIGHT_WINDOW: &str = "12 hours";
 
 /// Most signals published in one batch.
 const PUBLISH_BATCH: i64 = 500;
@@ -226,7 +242,16 @@ impl KeyState {
             kinds.push(SignalKind::Reorder);
         }
         self.status = Some(status);
-        self.below_reorder = below;
+        // Armed again only by stock received (or new settings): a hold
+        // released and taken again around the point is one reorder.
+        let receipt = match entry.op {
+            LedgerOp::Adjust => entry.qty > 0,
+            LedgerOp::Settings | LedgerOp::Rebuild => true,
+            _ => false,
+        };
+        if below || receipt {
+            self.below_reorder = below;
+        }
         let entry_id = entry.entry_id.clone().unwrap_or_default();
         kinds
             .into_iter()
@@ -297,7 +322,7 @@ pub async fn derive(
     let rows = transaction
         .query(
             "SELECT s.merchant, s.sku, s.location, s.status, s.below_reorder, s.safety_stock,
-                    s.low_stock_threshold, s.reorder_point, s.reorder_qty, s.in_flight
+                    s.low_stock_threshold, s.reorder_point, s.reorder_qty
              FROM signal_state s
              JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(merchant, sku, location)
                USING (merchant, sku, location)
@@ -318,7 +343,7 @@ pub async fn derive(
                 low_stock_threshold: row.get(6),
                 reorder_point: row.get(7),
                 reorder_qty: row.get(8),
-                in_flight: row.get(9),
+                in_flight: 0,
                 cells: BTreeMap::new(),
             },
         );
@@ -337,6 +362,26 @@ pub async fn derive(
         let key: Key = (row.get(0), row.get(1), row.get(2));
         if let Some(state) = states.get_mut(&key) {
             state.cells.insert(row.get(3), (row.get(4), row.get(5)));
+        }
+    }
+    // Transfers whose other half is not seen yet, while it may still come.
+    let in_flight = transaction
+        .query(
+            &format!(
+                "SELECT t.merchant, t.sku, t.location, sum(t.qty)::int8
+                 FROM signal_transfers t
+                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(merchant, sku, location)
+                   USING (merchant, sku, location)
+                 WHERE t.at > now() - interval '{IN_FLIGHT_WINDOW}'
+                 GROUP BY t.merchant, t.sku, t.location"
+            ),
+            &[&merchants, &skus, &locations],
+        )
+        .await?;
+    for row in in_flight {
+        let key: Key = (row.get(0), row.get(1), row.get(2));
+        if let Some(state) = states.get_mut(&key) {
+            state.in_flight = row.get(3);
         }
     }
     let mut signals = Vec::new();
@@ -376,11 +421,11 @@ pub async fn derive(
             "UPDATE signal_state s SET status = u.status, below_reorder = u.below_reorder,
                  safety_stock = u.safety_stock, low_stock_threshold = u.low_stock_threshold,
                  reorder_point = u.reorder_point, reorder_qty = u.reorder_qty,
-                 in_flight = u.in_flight, last_entry_id = u.last_entry_id, updated_at = now()
+                 last_entry_id = u.last_entry_id, updated_at = now()
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::int8[],
-                         $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::text[])
+                         $7::int8[], $8::int8[], $9::int8[], $10::text[])
                   AS u(merchant, sku, location, status, below_reorder, safety_stock,
-                       low_stock_threshold, reorder_point, reorder_qty, in_flight, last_entry_id)
+                       low_stock_threshold, reorder_point, reorder_qty, last_entry_id)
              WHERE s.merchant = u.merchant AND s.sku = u.sku AND s.location = u.location",
             &[
                 &columns.merchants,
@@ -392,11 +437,55 @@ pub async fn derive(
                 &columns.low_stock_threshold,
                 &columns.reorder_point,
                 &columns.reorder_qty,
-                &columns.in_flight,
                 &columns.last_entry_id,
             ],
         )
         .await?;
+    // Each transfer half seen: it meets its partner (both forgotten) or
+    // waits for it.
+    // Both halves of one transfer may be in one batch (cells of one
+    // partition): summed first, an upsert touches each transfer once.
+    let mut by_transfer: BTreeMap<&str, (&LedgerEntry, i64)> = BTreeMap::new();
+    for entry in entries {
+        let qty = match entry.op {
+            LedgerOp::TransferOut => entry.qty,
+            LedgerOp::TransferIn => -entry.qty,
+            _ => continue,
+        };
+        let Some(id) = entry.transfer_id.as_deref() else {
+            continue;
+        };
+        by_transfer.entry(id).or_insert((entry, 0)).1 += qty;
+    }
+    let mut halves = Transfers::default();
+    for (entry, qty) in by_transfer.into_values() {
+        if qty != 0 {
+            halves.push(entry, qty);
+        }
+    }
+    if !halves.ids.is_empty() {
+        transaction
+            .execute(
+                "WITH half AS (
+                     INSERT INTO signal_transfers AS t (transfer_id, merchant, sku, location, qty, at)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                                          $5::int8[], $6::timestamptz[])
+                     ON CONFLICT (transfer_id) DO UPDATE SET qty = t.qty + EXCLUDED.qty
+                     RETURNING transfer_id, qty
+                 )
+                 DELETE FROM signal_transfers
+                 WHERE transfer_id IN (SELECT transfer_id FROM half WHERE qty = 0)",
+                &[
+                    &halves.ids,
+                    &halves.merchants,
+                    &halves.skus,
+                    &halves.locations,
+                    &halves.qty,
+                    &halves.at,
+                ],
+            )
+            .await?;
+    }
     if !signals.is_empty() {
         let payloads: Vec<Value> = signals
             .iter()
@@ -432,8 +521,33 @@ struct StateColumns<'a> {
     low_stock_threshold: Vec<i64>,
     reorder_point: Vec<i64>,
     reorder_qty: Vec<i64>,
-    in_flight: Vec<i64>,
     last_entry_id: Vec<Option<String>>,
+}
+
+/// Transfer halves as the columns of one upsert.
+#[derive(Default)]
+struct Transfers<'a> {
+    ids: Vec<&'a str>,
+    merchants: Vec<&'a str>,
+    skus: Vec<&'a str>,
+    locations: Vec<&'a str>,
+    qty: Vec<i64>,
+    at: Vec<time::OffsetDateTime>,
+}
+
+impl<'a> Transfers<'a> {
+    fn push(&mut self, entry: &'a LedgerEntry, qty: i64) {
+        let Some(id) = entry.transfer_id.as_deref() else {
+            return;
+        };
+        self.ids.push(id);
+        self.merchants.push(&entry.merchant);
+        self.skus.push(&entry.sku);
+        self.locations.push(&entry.location);
+        self.qty.push(qty);
+        self.at
+            .push(time::OffsetDateTime::UNIX_EPOCH + Duration::from_millis(entry.at_ms));
+    }
 }
 
 impl<'a> StateColumns<'a> {
@@ -447,13 +561,12 @@ impl<'a> StateColumns<'a> {
         self.low_stock_threshold.push(state.low_stock_threshold);
         self.reorder_point.push(state.reorder_point);
         self.reorder_qty.push(state.reorder_qty);
-        self.in_flight.push(state.in_flight);
         self.last_entry_id.push(last_entry_id);
     }
 }
 
 /// The status text as a `'static` one (an unknown text, which no writer
-/// stores, reads as unknown: the next entry sets it afresh).
+/// stores, reads as out of stock).
 fn known_status(text: &str) -> &'static str {
     match text {
         "in_stock" => "in_stock",
@@ -467,7 +580,16 @@ fn known_status(text: &str) -> &'static str {
 pub async fn publish_forever(config: Arc<config::Config>, metrics: Arc<Metrics>) {
     let mut client = None;
     let mut producer = None;
+    let mut cleaned = std::time::Instant::now();
     loop {
+        if cleaned.elapsed() >= CLEAN_EVERY {
+            if let Some(connected) = client.as_ref()
+                && let Err(error) = forget_old(connected, &config).await
+            {
+                warn!(%error, "deleting old signals failed; trying later");
+            }
+            cleaned = std::time::Instant::now();
+        }
         let pause = match publish_once(&config, &metrics, &mut client, &mut producer).await {
             Ok(0) => PUBLISH_IDLE,
             Ok(published) => {
@@ -485,6 +607,30 @@ pub async fn publish_forever(config: Arc<config::Config>, metrics: Arc<Metrics>)
     }
 }
 
+/// How often signals past [`KEEP_SIGNALS`] are deleted.
+const CLEAN_EVERY: Duration = Duration::from_secs(60);
+
+/// Signals are kept this long once published (and handed to webhooks, when
+/// webhooks are on).
+const KEEP_SIGNALS: &str = "7 days";
+
+async fn forget_old(
+    client: &tokio_postgres::Client,
+    config: &config::Config,
+) -> Result<u64, tokio_postgres::Error> {
+    let webhooks_off = config.webhooks.secret_key.is_empty();
+    client
+        .execute(
+            &format!(
+                "DELETE FROM signals WHERE published_at IS NOT NULL
+                   AND (fanned_at IS NOT NULL OR $1)
+                   AND created_at < now() - interval '{KEEP_SIGNALS}'"
+            ),
+            &[&webhooks_off],
+        )
+        .await
+}
+
 /// One batch: how many signals it published (0 when none waited, or another
 /// writer publishes now).
 async fn publish_once(
@@ -497,7 +643,9 @@ async fn publish_once(
         .as_ref()
         .is_none_or(tokio_postgres::Client::is_closed)
     {
-        *client = Some(crate::connect_postgres(config).await?);
+        let connected = crate::connect_postgres(config).await?;
+        crate::bound_idle_transactions(&connected).await?;
+        *client = Some(connected);
     }
     if producer.is_none() {
         *producer = Some(crate::producer(config)?);
@@ -520,8 +668,8 @@ async fn publish_once(
             &[&PUBLISH_BATCH],
         )
         .await?;
-    metrics.signals_unpublished.set(rows.len() as i64);
     if rows.is_empty() {
+        metrics.signals_unpublished.set(0);
         return Ok(0);
     }
     let timeout = Duration::from_millis(config.kafka.request_timeout_ms);
@@ -555,7 +703,14 @@ async fn publish_once(
         let kind: String = row.get(1);
         metrics.signals.with_label_values(&[&kind]).inc();
     }
-    metrics.signals_unpublished.set(0);
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM signals WHERE published_at IS NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    metrics.signals_unpublished.set(left);
     Ok(rows.len())
 }
 
@@ -647,6 +802,48 @@ mod tests {
             vec![],
             vec!["out_of_stock"],
             vec!["back_in_stock"],
+            vec![],
+            vec!["reorder"],
+        ];
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn holds_swinging_around_the_reorder_point_ask_for_one_reorder_until_stock_comes() {
+        let mut state = KeyState::default();
+        let pool = "pool";
+        state.apply(&entry("adjust", pool, (0, 0), (20, 0), 1), 5);
+        state.apply(&entry("settings", pool, (20, 0), (20, 0), 2), 5);
+        state.apply(&entry("reserve", pool, (20, 0), (20, 14), 3), 5);
+        let mut out = Vec::new();
+        // At the point, back above it (released), at it again, twice.
+        for n in 0..2 {
+            out.push(kinds(&state.apply(
+                &entry("reserve", pool, (20, 14), (20, 15), 4 + 3 * n),
+                5,
+            )));
+            out.push(kinds(&state.apply(
+                &entry("release", pool, (20, 15), (20, 14), 5 + 3 * n),
+                5,
+            )));
+            out.push(kinds(
+                &state.apply(&entry("expire", pool, (20, 14), (20, 14), 6 + 3 * n), 5),
+            ));
+        }
+        // A delivery of stock, then down to the point again: a new reorder.
+        out.push(kinds(
+            &state.apply(&entry("adjust", pool, (20, 14), (40, 14), 20), 5),
+        ));
+        out.push(kinds(
+            &state.apply(&entry("reserve", pool, (40, 14), (40, 35), 21), 5),
+        ));
+        let expected: Vec<Vec<&str>> = vec![
+            vec!["reorder"],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
             vec![],
             vec!["reorder"],
         ];

@@ -118,6 +118,11 @@ async fn a_scripted_day_yields_each_crossing_once_with_its_entry() {
         .expect("hold");
 
     let all = signals(&setup.signals_topic, 8);
+    assert!(
+        !all.is_empty(),
+        "no signals: {}",
+        common::writer_logs(&setup)
+    );
     let expected_key = format!("{}|{}|{}", key.merchant, key.sku, key.location);
     let (messages, others): (Vec<_>, Vec<_>) = all
         .into_iter()
@@ -236,6 +241,11 @@ async fn a_flash_sales_refills_and_reclaims_are_no_crossings() {
     // Then a real crossing, so the reader knows when it has read enough.
     common::restock(&allocator, &key, -8).await;
     let messages = signals(&setup.signals_topic, 2);
+    assert!(
+        !messages.is_empty(),
+        "no signals: {}",
+        common::writer_logs(&setup)
+    );
     let kinds: Vec<&str> = messages
         .iter()
         .map(|(_, payload)| payload["kind"].as_str().expect("kind"))
