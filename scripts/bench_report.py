@@ -375,7 +375,12 @@ def main():
     after = snapshot(os.path.join(raw, "sales-flash-sale-after.txt"))
     gateway_sale = {
         name: int(after.get(name, 0) - before.get(name, 0))
-        for name in ("held", "insufficient", "units_left", "throttled", "throttle_admitted")
+        for name in ("held", "insufficient", "units_left", "throttled", "throttle_admitted", "customer_limit")
+    }
+    customer_limit = {
+        "units_max": int(os.environ.get("CUSTOMER_UNITS_MAX", "0")),
+        "refused_by_gateways": gateway_sale["customer_limit"],
+        "refused_seen_by_clients": flash.get("customer_limited", 0),
     }
     # The throttled key: attempts admitted over the scenario against the
     # bucket's bound (budget x seconds + one second's burst).
@@ -460,6 +465,7 @@ def main():
             "refused_while_units_remained": flash.get("refused_while_available", 0),
             "flash_sale_gateways": gateway_sale,
             "flash_sale_throttle": throttle,
+            "flash_sale_customer_limit": customer_limit,
         },
     }
     os.makedirs(out, exist_ok=True)
@@ -521,6 +527,7 @@ def main():
         f"| units unaccounted for (all scenarios) | {unaccounted} | | | 0 |",
         f"| ledger entries lost (audit drifts) | {drifts} of {report['correctness']['ledger_entries_audited']:,} audited | | | 0 |",
         f"| flash sale: checkout throttle of {throttle_rate}/s on one of its 3 keys | {throttle['admitted']:,} attempts admitted in {fmt(throttle_seconds, 1)} s (bound {throttle['bound']:,}); {throttle['refused_by_gateways']:,} refused 429 by the gateways, {throttle['refused_seen_by_clients']:,} seen by the clients | | | ≤ bound |",
+        f"| flash sale: limit of {customer_limit['units_max']} units per customer on one of its 3 keys (10,000 buyers) | {customer_limit['refused_by_gateways']:,} refused 409 customer_limit by the gateways, {customer_limit['refused_seen_by_clients']:,} seen by the clients | | | (figure) |",
         f"| flash sale: refused while units remained elsewhere | the gateways' count {gateway_sale['units_left']} of {gateway_sale['insufficient']} refusals ({gateway_sale['held']} holds); the clients' estimate {report['correctness']['refused_while_units_remained']} of {report['correctness']['flash_sale_refusals']} | | | (figure) |",
         "",
         "What k6 achieved against what was scheduled (when the load generator itself cannot keep the schedule, "

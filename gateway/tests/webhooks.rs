@@ -125,11 +125,15 @@ async fn a_partner_registers_reads_and_deletes_a_webhook_whose_secret_is_never_s
         (json!({ "url": "http://93.184.216.34/hook" }), "https"),
         (
             json!({ "url": "https://127.0.0.1/hook" }),
-            "not a public address",
+            "public addresses only",
         ),
         (
             json!({ "url": "https://169.254.169.254/latest/meta-data" }),
-            "not a public address",
+            "public addresses only",
+        ),
+        (
+            json!({ "url": "https://[64:ff9b::a9fe:a9fe]/hook" }),
+            "public addresses only",
         ),
         (
             json!({ "url": "https://user:pw@93.184.216.34/" }),
@@ -185,6 +189,28 @@ async fn a_partner_registers_reads_and_deletes_a_webhook_whose_secret_is_never_s
             .get("allow")
             .and_then(|value| value.to_str().ok()),
         Some("PUT, GET, DELETE")
+    );
+
+    // At most 20 webhooks per merchant (this one and 19 more).
+    let sibling = |n: u32| node.url(&format!("/v1/webhooks/m1/{name}-{n}"));
+    for n in 0..19 {
+        let (status, reply) =
+            send(reqwest::Method::PUT, &sibling(n), ADMIN, Some(body.clone())).await;
+        assert_eq!(status, 201, "{n}: {reply}");
+    }
+    let (status, refused) = send(
+        reqwest::Method::PUT,
+        &sibling(20),
+        ADMIN,
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("at most 20")),
+        "{refused}"
     );
 
     let (status, deleted) = send(reqwest::Method::DELETE, &url, ADMIN, None).await;

@@ -60,6 +60,33 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 /// One webhook's attempts under way, by delivery id.
 type InFlight = Arc<Mutex<HashMap<(String, String), Vec<i64>>>>;
 
+/// Attempts under way at once over every webhook (a merchant with many
+/// endpoints at a hanging host holds at most these).
+const ATTEMPTS_MAX: usize = 256;
+
+/// How much longer than `webhooks.timeout_ms` a claimed attempt keeps its
+/// delivery from being attempted again (its writer may have died mid-way).
+const CLAIM_MARGIN_MS: u64 = 5_000;
+
+/// Frees a delivery's slot when its attempt ends, however it ends.
+struct Slot {
+    in_flight: InFlight,
+    endpoint: (String, String),
+    id: i64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut running = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(endpoint) = running.get_mut(&self.endpoint) {
+            endpoint.retain(|id| *id != self.id);
+        }
+    }
+}
+
 /// Dispatches deliveries while this writer holds the lock; forever. Does
 /// nothing (and says so once) when webhooks are off (no secret key).
 pub async fn deliver_forever(config: Arc<config::Config>, metrics: Arc<Metrics>) {
@@ -82,6 +109,14 @@ async fn dispatch(
     sealer: &Arc<Sealer>,
 ) -> anyhow::Result<()> {
     let client = Arc::new(crate::connect_postgres(config).await?);
+    // The lock lives as long as this session: a writer whose host vanishes
+    // must lose it in seconds, not when TCP gives up hours later.
+    client
+        .batch_execute(
+            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5;
+             SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000",
+        )
+        .await?;
     loop {
         let locked: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&DISPATCH_LOCK])
@@ -94,16 +129,18 @@ async fn dispatch(
     }
     info!("dispatching webhook deliveries");
     let in_flight: InFlight = Arc::default();
-    let mut housekept = Instant::now() - HOUSEKEEPING_EVERY;
+    let attempts = Arc::new(tokio::sync::Semaphore::new(ATTEMPTS_MAX));
+    let mut housekept: Option<Instant> = None;
     loop {
         if client.is_closed() {
             anyhow::bail!("the dispatcher's postgresql connection closed");
         }
         fan_out(&client).await?;
-        start_due(&client, config, metrics, sealer, &in_flight).await?;
-        if housekept.elapsed() >= HOUSEKEEPING_EVERY {
+        give_up_old(&client, config, metrics).await?;
+        start_due(&client, config, metrics, sealer, &in_flight, &attempts).await?;
+        if housekept.is_none_or(|at| at.elapsed() >= HOUSEKEEPING_EVERY) {
             housekeeping(&client, metrics).await?;
-            housekept = Instant::now();
+            housekept = Some(Instant::now());
         }
         tokio::time::sleep(PASS_EVERY).await;
     }
@@ -134,6 +171,36 @@ async fn fan_out(client: &Client) -> Result<u64, tokio_postgres::Error> {
         .await
 }
 
+/// Dead-letters every pending delivery whose signal is older than
+/// `give_up_after_seconds`, attempted or not (one waiting behind its key's
+/// head, or at an endpoint that never had a free slot, expires too).
+async fn give_up_old(
+    client: &Client,
+    config: &config::Config,
+    metrics: &Metrics,
+) -> Result<(), tokio_postgres::Error> {
+    let seconds = config.webhooks.give_up_after_seconds as f64;
+    let expired = client
+        .execute(
+            "UPDATE webhook_deliveries SET status = 'failed',
+                 last_error = coalesce(last_error || '; ', '') || 'given up: older than webhooks.give_up_after_seconds'
+             WHERE status = 'pending' AND created_at < now() - $1 * interval '1 second'",
+            &[&seconds],
+        )
+        .await?;
+    if expired > 0 {
+        warn!(
+            expired,
+            "webhook deliveries dead-lettered: not accepted in time"
+        );
+        metrics
+            .webhook_deliveries
+            .with_label_values(&["dead_lettered"])
+            .inc_by(expired);
+    }
+    Ok(())
+}
+
 /// One delivery about to be attempted.
 #[derive(Debug, Clone)]
 struct Delivery {
@@ -143,7 +210,6 @@ struct Delivery {
     webhook_id: String,
     payload: String,
     attempts: i32,
-    created_at: time::OffsetDateTime,
     url: String,
     secret_sealed: Vec<u8>,
 }
@@ -156,6 +222,7 @@ async fn start_due(
     metrics: &Arc<Metrics>,
     sealer: &Arc<Sealer>,
     in_flight: &InFlight,
+    attempts: &Arc<tokio::sync::Semaphore>,
 ) -> Result<(), tokio_postgres::Error> {
     let rows = client
         .query(
@@ -179,7 +246,6 @@ async fn start_due(
             webhook_id: row.get(3),
             payload: row.get(4),
             attempts: row.get(5),
-            created_at: row.get(6),
             url: row.get(7),
             secret_sealed: row.get(8),
         };
@@ -195,40 +261,72 @@ async fn start_due(
             }
             endpoint.push(delivery.id);
         }
-        let (client, config, metrics, sealer, in_flight) = (
+        let slot = Slot {
+            in_flight: Arc::clone(in_flight),
+            endpoint: (delivery.merchant.clone(), delivery.name.clone()),
+            id: delivery.id,
+        };
+        let Ok(permit) = Arc::clone(attempts).try_acquire_owned() else {
+            // Every attempt slot of the writer is taken: next pass.
+            break;
+        };
+        // Claimed in the database before it is made: the attempt counts,
+        // and the delivery is not due again until the attempt could have
+        // ended (a query answered before this claim, or a dispatcher after
+        // this one's death, cannot start it twice).
+        let hold_ms = (config.webhooks.timeout_ms + CLAIM_MARGIN_MS) as f64;
+        let claimed = client
+            .query_opt(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1,
+                     next_attempt_at = now() + $3 * interval '1 millisecond'
+                 WHERE id = $1 AND status = 'pending' AND attempts = $2
+                   AND next_attempt_at <= now()
+                 RETURNING attempts",
+                &[&delivery.id, &delivery.attempts, &hold_ms],
+            )
+            .await?;
+        let Some(claimed) = claimed else {
+            continue;
+        };
+        let attempt_number: i32 = claimed.get(0);
+        let (client, config, metrics, sealer) = (
             Arc::clone(client),
             Arc::clone(config),
             Arc::clone(metrics),
             Arc::clone(sealer),
-            Arc::clone(in_flight),
         );
         tokio::spawn(async move {
-            if let Err(error) = attempt(&client, &config, &metrics, &sealer, &delivery).await {
-                warn!(delivery = delivery.id, %error, "recording a webhook attempt failed; it is made again");
-            }
-            let mut running = in_flight
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(endpoint) = running.get_mut(&(delivery.merchant, delivery.name)) {
-                endpoint.retain(|id| *id != delivery.id);
+            let _slot = slot;
+            let _permit = permit;
+            if let Err(error) = attempt(
+                &client,
+                &config,
+                &metrics,
+                &sealer,
+                &delivery,
+                attempt_number,
+            )
+            .await
+            {
+                warn!(delivery = delivery.id, %error, "recording a webhook attempt failed; it is made again after its claim");
             }
         });
     }
     Ok(())
 }
 
-/// Makes one attempt and records it.
+/// Makes claimed attempt number `attempt` and records it.
 async fn attempt(
     client: &Client,
     config: &config::Config,
     metrics: &Metrics,
     sealer: &Sealer,
     delivery: &Delivery,
+    attempt: i32,
 ) -> Result<(), tokio_postgres::Error> {
     let started = Instant::now();
     let outcome = post(config, sealer, delivery).await;
     let duration_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
-    let attempt = delivery.attempts + 1;
     let (status_code, error) = match &outcome {
         Ok(code) => (Some(i32::from(*code)), None),
         Err(error) => (None, Some(error.clone())),
@@ -239,47 +337,58 @@ async fn attempt(
         (None, Some(code)) if !delivered => Some(format!("answered {code}")),
         _ => None,
     };
-    let now = time::OffsetDateTime::now_utc();
-    let give_up_at =
-        delivery.created_at + Duration::from_secs(config.webhooks.give_up_after_seconds);
-    let (status, next) = if delivered {
-        ("delivered", now)
+    // Times in PostgreSQL's clock (the signal's `created_at` is too): a
+    // writer's clock off by hours moves nothing.
+    let backoff_ms = if delivered {
+        0.0
     } else {
-        let next = now + backoff(&config.webhooks, attempt);
-        if next >= give_up_at {
-            ("failed", now)
-        } else {
-            ("pending", next)
-        }
+        backoff(&config.webhooks, attempt).as_millis() as f64
     };
-    client
-        .execute(
+    let give_up_seconds = config.webhooks.give_up_after_seconds as f64;
+    let recorded = client
+        .query_opt(
             "WITH updated AS (
-                 UPDATE webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4,
+                 UPDATE webhook_deliveries SET
+                     status = CASE
+                         WHEN $2 THEN 'delivered'
+                         WHEN created_at + $3 * interval '1 second'
+                              <= now() + $4 * interval '1 millisecond' THEN 'failed'
+                         ELSE 'pending' END,
+                     next_attempt_at = now() + $4 * interval '1 millisecond',
                      last_status_code = $5, last_error = $6,
-                     delivered_at = CASE WHEN $2 = 'delivered' THEN now() END
-                 WHERE id = $1 AND status = 'pending'
-                 RETURNING id
+                     delivered_at = CASE WHEN $2 THEN now() END
+                 WHERE id = $1 AND status = 'pending' AND attempts = $7
+                 RETURNING id, status, extract(epoch FROM now() - created_at)::float8 AS age
+             ), logged AS (
+                 INSERT INTO webhook_attempts (delivery_id, attempt, status_code, error, duration_ms)
+                 SELECT id, $7, $5, $6, $8 FROM updated
+                 ON CONFLICT DO NOTHING
              )
-             INSERT INTO webhook_attempts (delivery_id, attempt, status_code, error, duration_ms)
-             SELECT id, $3, $5, $6, $7 FROM updated
-             ON CONFLICT DO NOTHING",
+             SELECT status, age FROM updated",
             &[
                 &delivery.id,
-                &status,
-                &attempt,
-                &next,
+                &delivered,
+                &give_up_seconds,
+                &backoff_ms,
                 &status_code,
                 &error,
+                &attempt,
                 &duration_ms,
             ],
         )
         .await?;
-    let outcome = match status {
+    // A claim that lapsed (another pass made the attempt since) records
+    // nothing.
+    let Some(recorded) = recorded else {
+        return Ok(());
+    };
+    let status: String = recorded.get(0);
+    let age_seconds: f64 = recorded.get(1);
+    let outcome = match status.as_str() {
         "delivered" => {
             metrics
                 .webhook_delivery_seconds
-                .observe((now - delivery.created_at).as_seconds_f64().max(0.0));
+                .observe(age_seconds.max(0.0));
             "delivered"
         }
         "failed" => {
@@ -332,8 +441,11 @@ async fn post(
     let signature =
         webhooks::signature(&secret, &delivery.webhook_id, timestamp, &delivery.payload);
     // Connects to the checked addresses only, follows no redirect.
+    // No proxy from the environment either: a proxy would resolve the
+    // name again, past the check.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_millis(config.webhooks.timeout_ms))
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .resolve_to_addrs(&target.host, &target.addresses)
         .build()
@@ -351,7 +463,8 @@ async fn post(
             if error.is_timeout() {
                 format!("no answer within {} ms", config.webhooks.timeout_ms)
             } else {
-                format!("{error}")
+                // Without the URL: its query may hold a partner's token.
+                format!("{}", error.without_url())
             }
         })?;
     Ok(response.status().as_u16())

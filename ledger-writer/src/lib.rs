@@ -75,11 +75,17 @@ pub async fn connect_postgres(config: &Config) -> anyhow::Result<tokio_postgres:
 /// hold locks other writers wait on (a stock key's signal state, the
 /// publishing lock). A writer frozen or cut off mid-transaction then frees
 /// them within this, not when TCP gives up hours later.
+/// The bound is 30 s, or twice `kafka.request_timeout_ms` if longer (the
+/// publisher awaits Kafka inside its transaction).
 pub async fn bound_idle_transactions(
     client: &tokio_postgres::Client,
+    config: &Config,
 ) -> Result<(), tokio_postgres::Error> {
+    let bound_ms = (2 * config.kafka.request_timeout_ms).max(30_000);
     client
-        .batch_execute("SET idle_in_transaction_session_timeout = 30000")
+        .batch_execute(&format!(
+            "SET idle_in_transaction_session_timeout = {bound_ms}"
+        ))
         .await
 }
 
@@ -192,7 +198,7 @@ pub async fn run(config: Arc<Config>, shutdown: impl Future<Output = ()>) -> any
     let mut relays = (0..RELAY_WORKERS)
         .map(|_| Relay::new(Arc::clone(&config), allocator.clone(), Arc::clone(&metrics)))
         .collect::<anyhow::Result<Vec<Relay>>>()?;
-    bound_idle_transactions(&postgres).await?;
+    bound_idle_transactions(&postgres, &config).await?;
     relays[0].postgres = Some(postgres);
     let partitions = config.stock.partitions;
     let mut leases = Leases::new(

@@ -44,6 +44,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "signal_transfers",
         include_str!("../migrations/009_signal_transfers.sql"),
     ),
+    (
+        10,
+        "webhook_expiry",
+        include_str!("../migrations/010_webhook_expiry.sql"),
+    ),
 ];
 
 /// The analytics views, the one home of their definitions: applied whole

@@ -406,7 +406,7 @@ impl Relay {
             let client = crate::connect_postgres(&self.config)
                 .await
                 .map_err(|error| RelayError::Postgres(format!("{error:#}")))?;
-            crate::bound_idle_transactions(&client).await?;
+            crate::bound_idle_transactions(&client, &self.config).await?;
             info!("connected to postgresql");
             self.postgres = Some(client);
         }

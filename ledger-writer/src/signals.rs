@@ -644,7 +644,7 @@ async fn publish_once(
         .is_none_or(tokio_postgres::Client::is_closed)
     {
         let connected = crate::connect_postgres(config).await?;
-        crate::bound_idle_transactions(&connected).await?;
+        crate::bound_idle_transactions(&connected, config).await?;
         *client = Some(connected);
     }
     if producer.is_none() {

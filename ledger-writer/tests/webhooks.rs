@@ -173,7 +173,18 @@ async fn deliveries_are_signed_retried_in_order_isolated_and_survive_a_restart()
         "allow_private_targets = true\nretry_first_ms = 200\nretry_max_ms = 400\ntimeout_ms = 1000",
     )])
     .await;
-    let writer = common::start_writer(&setup);
+    // Proxies in its environment that go nowhere: a delivery that used one
+    // (and so let it resolve the partner's name again, past the address
+    // check) would never arrive.
+    let writer = testkit::KillOnDrop(
+        common::writer_command_as(&setup, "run", "writer-1", setup.metrics_port)
+            .env("HTTP_PROXY", "http://127.0.0.1:9")
+            .env("HTTPS_PROXY", "http://127.0.0.1:9")
+            .env("ALL_PROXY", "http://127.0.0.1:9")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start ledger-writer"),
+    );
     wait_for_schema(&setup).await;
 
     let healthy = receiver(Arc::new(|_| Answer::Status(204))).await;

@@ -73,6 +73,8 @@ pub struct Outcomes {
     pub refused: AtomicU64,
     /// Refused by a flash sale's checkout throttle (429).
     pub throttled: AtomicU64,
+    /// Refused by a flash sale's limit per customer (409 customer_limit).
+    pub customer_limited: AtomicU64,
     /// Refused while a read right after still showed units available.
     pub refused_while_available: AtomicU64,
     /// Units sold (holds committed, times their quantity).
@@ -104,6 +106,7 @@ impl Outcomes {
             held: get(&self.held),
             refused: get(&self.refused),
             throttled: get(&self.throttled),
+            customer_limited: get(&self.customer_limited),
             refused_while_available: get(&self.refused_while_available),
             sold_units: get(&self.sold_units),
             committed: get(&self.committed),
@@ -125,6 +128,8 @@ pub struct OutcomeCounts {
     pub refused: u64,
     /// Refused by a checkout throttle.
     pub throttled: u64,
+    /// Refused by a limit per customer.
+    pub customer_limited: u64,
     /// Refused while units still showed available.
     pub refused_while_available: u64,
     /// Units sold.

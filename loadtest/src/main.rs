@@ -267,23 +267,27 @@ async fn read_batch(user: &mut GooseUser) -> TransactionResult {
     Ok(())
 }
 
-/// Holds `lines` (sku, qty); on success commits, releases or leaves it as
-/// the roll says.
+/// Holds `lines` (sku, qty) for `customer` (a `customer_ref`, if any); on
+/// success commits, releases or leaves it as the roll says.
 async fn reserve(
     user: &mut GooseUser,
     lines: &[(String, u64)],
     ttl_seconds: u64,
     commit_share: f64,
     release_share: f64,
+    customer: Option<String>,
 ) -> TransactionResult {
     let shared = shared();
-    let body = json!({
+    let mut body = json!({
         "merchant": shared.common.merchant,
         "lines": lines.iter().map(|(sku, qty)| json!({
             "sku": sku, "location": shared.common.location, "qty": qty,
         })).collect::<Vec<_>>(),
         "ttl_seconds": ttl_seconds,
     });
+    if let Some(customer) = customer {
+        body["customer_ref"] = json!(customer);
+    }
     let index = state(user).index;
     let key = shared.unique("reserve", index);
     let (status, reply) = send(
@@ -331,6 +335,10 @@ async fn reserve(
             }
         }
         429 if is_throttled(status, &reply) => Outcomes::count(&shared.outcomes.throttled),
+        // A customer at its limit: an answer, and no sign of stock left.
+        409 if reply["error"] == "customer_limit" => {
+            Outcomes::count(&shared.outcomes.customer_limited)
+        }
         409 => {
             Outcomes::count(&shared.outcomes.refused);
             if let [(sku, _)] = lines {
@@ -357,16 +365,23 @@ async fn reserve(
     Ok(())
 }
 
+/// Buyers of a flash sale: few enough that each comes back several times in
+/// a scenario (a sale with a limit per customer refuses the ones at their
+/// limit), many enough to stay under the per-customer request rate.
+const FLASH_CUSTOMERS: u64 = 10_000;
+
 async fn flash_sale(user: &mut GooseUser) -> TransactionResult {
     let shared = shared();
     let hot = uniform(&mut state(user).rng, shared.common.hot_keys);
     let sku = format!("{}-{hot}", shared.common.hot_prefix);
+    let customer = uniform(&mut state(user).rng, FLASH_CUSTOMERS);
     reserve(
         user,
         &[(sku, 1)],
         shared.common.hold_ttl_seconds,
         0.60,
         0.25,
+        Some(format!("buyer-{customer}")),
     )
     .await
 }
@@ -382,7 +397,7 @@ async fn checkout(user: &mut GooseUser) -> TransactionResult {
             lines.push((sku, 1));
         }
     }
-    reserve(user, &lines, 600, 0.80, 0.20).await
+    reserve(user, &lines, 600, 0.80, 0.20, None).await
 }
 
 async fn ingest(user: &mut GooseUser) -> TransactionResult {

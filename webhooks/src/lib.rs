@@ -36,11 +36,18 @@ use tokio_postgres::Client;
 /// The events a webhook may ask for: the stock signals.
 pub const EVENTS: [&str; 4] = ["out_of_stock", "back_in_stock", "low_stock", "reorder"];
 
-/// Shortest and longest secret, in bytes.
-pub const SECRET_BYTES: std::ops::RangeInclusive<usize> = 16..=256;
+/// Shortest and longest secret, in characters.
+pub const SECRET_CHARS: std::ops::RangeInclusive<usize> = 16..=256;
 
 /// Longest URL.
 pub const URL_CHARS_MAX: usize = 2_048;
+
+/// Bound on resolving a webhook's host.
+pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Most webhooks one merchant may register (each is a delivery of every
+/// signal it asks for: a bound on what one merchant costs every partner).
+pub const WEBHOOKS_PER_MERCHANT_MAX: i64 = 20;
 
 /// A webhook as registered (its secret is not here: it stays sealed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +188,9 @@ pub async fn check_target(text: &str, allow_private: bool) -> Result<Target, Ref
             "url must be at most {URL_CHARS_MAX} characters"
         )));
     }
+    if text.chars().any(char::is_control) {
+        return Err(Refused("url must not hold control characters".to_owned()));
+    }
     let url = url::Url::parse(text).map_err(|error| Refused(format!("url: {error}")))?;
     match url.scheme() {
         "https" => {}
@@ -199,19 +209,24 @@ pub async fn check_target(text: &str, allow_private: bool) -> Result<Target, Ref
     let port = url
         .port_or_known_default()
         .ok_or_else(|| Refused("url has no port".to_owned()))?;
-    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|error| Refused(format!("url host {host} does not resolve: {error}")))?
-        .collect();
+    // Bounded, and said without the addresses (a refusal must not map a
+    // network's names for whoever registers a webhook).
+    let lookup = tokio::time::timeout(
+        LOOKUP_TIMEOUT,
+        tokio::net::lookup_host((host.as_str(), port)),
+    );
+    let addresses: Vec<SocketAddr> = match lookup.await {
+        Ok(Ok(addresses)) => addresses.collect(),
+        Ok(Err(_)) | Err(_) => {
+            return Err(Refused(format!("url host {host} does not resolve")));
+        }
+    };
     if addresses.is_empty() {
-        return Err(Refused(format!("url host {host} has no address")));
+        return Err(Refused(format!("url host {host} does not resolve")));
     }
-    if !allow_private
-        && let Some(address) = addresses.iter().find(|address| !is_public(address.ip()))
-    {
+    if !allow_private && addresses.iter().any(|address| !is_public(address.ip())) {
         return Err(Refused(format!(
-            "url host {host} resolves to {}, which is not a public address",
-            address.ip()
+            "url host {host} must resolve to public addresses only, which it does not"
         )));
     }
     Ok(Target {
@@ -221,11 +236,14 @@ pub async fn check_target(text: &str, allow_private: bool) -> Result<Target, Ref
     })
 }
 
-/// Whether `ip` is an address on the public internet.
+/// Whether `ip` is an address on the public internet: IPv4 outside the
+/// special ranges; IPv6 only global unicast (`2000::/3`) outside its
+/// special ranges, and forms that embed an IPv4 address (mapped, NAT64,
+/// 6to4) only when that address is.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -235,19 +253,38 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v4.is_documentation()
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
-                || (a == 192 && b == 0 && v4.octets()[2] == 0)
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (18..20).contains(&b))
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80)
+            let s = v6.segments();
+            let embedded = |high: u16, low: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    (high >> 8) as u8,
+                    high as u8,
+                    (low >> 8) as u8,
+                    low as u8,
+                ))
+            };
+            // NAT64 (64:ff9b::/96: the IPv4 address it reaches; the local
+            // 64:ff9b:1::/48 never).
+            if s[0] == 0x64 && s[1] == 0xff9b {
+                return s[2..6] == [0, 0, 0, 0] && is_public(embedded(s[6], s[7]));
+            }
+            // 6to4 (2002::/16): the IPv4 address in its next 32 bits.
+            if s[0] == 0x2002 {
+                return is_public(embedded(s[1], s[2]));
+            }
+            (s[0] & 0xe000) == 0x2000
+                // Teredo, benchmarking, ORCHID, documentation.
+                && !(s[0] == 0x2001 && s[1] == 0)
+                && !(s[0] == 0x2001 && s[1] == 0x2)
+                && !(s[0] == 0x2001 && (0x10..0x30).contains(&s[1]))
+                && !(s[0] == 0x2001 && s[1] == 0xdb8)
         }
     }
 }
@@ -331,6 +368,21 @@ pub mod store {
             )
             .await?;
         Ok(row.get(0))
+    }
+
+    /// How many webhooks `merchant` has besides `name`.
+    pub async fn count_others(
+        client: &Client,
+        merchant: &str,
+        name: &str,
+    ) -> Result<i64, tokio_postgres::Error> {
+        Ok(client
+            .query_one(
+                "SELECT count(*) FROM webhooks WHERE merchant = $1 AND name <> $2",
+                &[&merchant, &name],
+            )
+            .await?
+            .get(0))
     }
 
     /// A registration.
@@ -451,14 +503,28 @@ mod tests {
             "169.254.169.254",
             "100.64.0.1",
             "0.0.0.0",
+            "198.18.0.1",
             "::1",
             "fe80::1",
             "fd00::1",
+            "fec0::1",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::1",
+            "2002:7f00:1::1",
+            "2001::1",
+            "2001:db8::1",
+            "100::1",
         ] {
             assert!(!is_public(private.parse().expect("ip")), "{private}");
         }
-        for public in ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"] {
+        for public in [
+            "93.184.216.34",
+            "2606:2800:220:1:248:1893:25c8:1946",
+            "64:ff9b::5db8:d822",
+            "2002:5db8:d822::1",
+        ] {
             assert!(is_public(public.parse().expect("ip")), "{public}");
         }
     }
@@ -479,8 +545,16 @@ mod tests {
         assert!(
             local
                 .as_ref()
-                .is_err_and(|refused| refused.0.contains("not a public address")),
+                .is_err_and(|refused| refused.0.contains("public addresses only")
+                    && !refused.0.contains("127.0.0.1:")),
             "{local:?}"
+        );
+        let named = check_target("https://localhost/hook", false).await;
+        assert!(
+            named
+                .as_ref()
+                .is_err_and(|refused| !refused.0.contains("127.0.0.1")),
+            "{named:?}"
         );
         let allowed = check_target("http://127.0.0.1:9/hook", true)
             .await

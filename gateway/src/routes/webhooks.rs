@@ -44,9 +44,19 @@ fn checked(app: &App, session: &Session, merchant: &str, name: &str) -> Result<(
     caller.require_merchant(merchant)
 }
 
+/// A PostgreSQL failure as an answer: 503 when it did not answer (or
+/// timed out), 500 when it refused a statement (a bug, or a schema the
+/// writer has not migrated yet).
 fn unavailable(error: tokio_postgres::Error) -> ApiError {
-    tracing::warn!(%error, "postgresql unavailable for webhooks");
-    ApiError::StoreUnavailable
+    match error.as_db_error() {
+        Some(refused) if refused.code() != &tokio_postgres::error::SqlState::QUERY_CANCELED => {
+            ApiError::Internal(format!("postgresql refused a webhook statement: {refused}"))
+        }
+        _ => {
+            tracing::warn!(%error, "postgresql unavailable for webhooks");
+            ApiError::StoreUnavailable
+        }
+    }
 }
 
 pub(crate) async fn put(
@@ -59,11 +69,11 @@ pub(crate) async fn put(
     let body = read_json_body(app, session, false).await?;
     let body: WebhookBody = parse_body(&body)?;
     webhooks::check_events(&body.events).map_err(|refused| ApiError::BadRequest(refused.0))?;
-    if !webhooks::SECRET_BYTES.contains(&body.secret.len()) {
+    if !webhooks::SECRET_CHARS.contains(&body.secret.chars().count()) {
         return Err(ApiError::BadRequest(format!(
-            "secret must be {} to {} bytes",
-            webhooks::SECRET_BYTES.start(),
-            webhooks::SECRET_BYTES.end()
+            "secret must be {} to {} characters",
+            webhooks::SECRET_CHARS.start(),
+            webhooks::SECRET_CHARS.end()
         )));
     }
     let config = app.config();
@@ -72,17 +82,27 @@ pub(crate) async fn put(
             "webhooks are off on this deployment (webhooks.secret_key is not set)".to_owned(),
         )
     })?;
-    webhooks::check_target(&body.url, config.webhooks.allow_private_targets)
+    let target = webhooks::check_target(&body.url, config.webhooks.allow_private_targets)
         .await
         .map_err(|refused| ApiError::BadRequest(refused.0))?;
+    // Kept as parsed (normalised, percent-encoded): what is delivered to.
     let webhook = Webhook {
         merchant: merchant.to_owned(),
         name: name.to_owned(),
-        url: body.url,
+        url: target.url.to_string(),
         events: body.events,
     };
     let sealed = sealer.seal(merchant, name, &body.secret);
     let client = app.postgres().await?;
+    let others = webhooks::store::count_others(&client, merchant, name)
+        .await
+        .map_err(unavailable)?;
+    if others >= webhooks::WEBHOOKS_PER_MERCHANT_MAX {
+        return Err(ApiError::BadRequest(format!(
+            "a merchant may register at most {} webhooks",
+            webhooks::WEBHOOKS_PER_MERCHANT_MAX
+        )));
+    }
     let created = webhooks::store::put(&client, &webhook, &sealed)
         .await
         .map_err(unavailable)?;
