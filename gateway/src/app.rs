@@ -235,10 +235,17 @@ impl App {
     /// PostgreSQL (the webhook routes' store), connected on first use and
     /// again once closed; 503 while it does not answer.
     pub async fn postgres(&self) -> Result<Arc<tokio_postgres::Client>, crate::api::ApiError> {
-        let mut held = self.postgres.lock().await;
-        if let Some(client) = held.as_ref().filter(|client| !client.is_closed()) {
+        if let Some(client) = self
+            .postgres
+            .lock()
+            .await
+            .as_ref()
+            .filter(|client| !client.is_closed())
+        {
             return Ok(Arc::clone(client));
         }
+        // Connected outside the lock: requests do not queue behind one
+        // another's connect timeouts.
         let client = webhooks::store::connect(&self.config().postgres)
             .await
             .map_err(|error| {
@@ -246,8 +253,27 @@ impl App {
                 crate::api::ApiError::StoreUnavailable
             })?;
         let client = Arc::new(client);
-        *held = Some(Arc::clone(&client));
+        *self.postgres.lock().await = Some(Arc::clone(&client));
         Ok(client)
+    }
+
+    /// Runs a PostgreSQL call of the webhook routes, bounded by the
+    /// statement timeout and a second (a connection that stopped answering
+    /// without closing is dropped, and the call answers 503).
+    pub async fn in_postgres<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<Result<T, tokio_postgres::Error>, crate::api::ApiError> {
+        let bound =
+            std::time::Duration::from_millis(self.config().postgres.statement_timeout_ms + 1_000);
+        match tokio::time::timeout(bound, call).await {
+            Ok(result) => Ok(result),
+            Err(_) => {
+                tracing::warn!("postgresql did not answer a webhook route in time");
+                *self.postgres.lock().await = None;
+                Err(crate::api::ApiError::StoreUnavailable)
+            }
+        }
     }
 
     /// Origin addresses, in the configured order.

@@ -263,7 +263,8 @@ async fn deliveries_are_signed_retried_in_order_isolated_and_survive_a_restart()
         || {
             let got = flaky.got();
             let ids: std::collections::HashSet<&str> = got.iter().map(|r| r.id.as_str()).collect();
-            ids.len() >= 4
+            let first_tries = got.iter().filter(|r| r.id == got[0].id).count();
+            ids.len() >= 4 && first_tries >= 4
         },
     )
     .await;
@@ -278,11 +279,9 @@ async fn deliveries_are_signed_retried_in_order_isolated_and_survive_a_restart()
         by_id[first], 4,
         "three failures then the one success, same Webhook-Id: {got:#?}"
     );
-    for (id, count) in &by_id {
-        if *id != first {
-            assert_eq!(*count, 1, "{id}: once after the receiver recovered");
-        }
-    }
+    // The others at least once (an attempt answered just as its writer was
+    // killed is made again: at least once, same Webhook-Id).
+    assert_eq!(by_id.len(), 4, "{got:#?}");
     // In order per key, also across the failures and the restart: the
     // key's next delivery came only after the one before it succeeded.
     let successes: Vec<Received> = {
@@ -306,25 +305,31 @@ async fn deliveries_are_signed_retried_in_order_isolated_and_survive_a_restart()
         started.elapsed()
     );
 
-    // The deliveries log says so.
+    // The deliveries log says so (an attempt the killed writer made but
+    // did not record is made again once its claim lapses).
     let client = common::postgres(&setup).await;
-    let rows = client
-        .query(
-            "SELECT name, status, count(*)::int FROM webhook_deliveries GROUP BY name, status ORDER BY name, status",
-            &[],
-        )
-        .await
-        .expect("deliveries");
-    let summary: Vec<(String, String, i32)> = rows
-        .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .collect();
-    assert!(
-        summary.contains(&("flaky".to_owned(), "delivered".to_owned(), 4))
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = client
+            .query(
+                "SELECT name, status, count(*)::int FROM webhook_deliveries GROUP BY name, status ORDER BY name, status",
+                &[],
+            )
+            .await
+            .expect("deliveries");
+        let summary: Vec<(String, String, i32)> = rows
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+        let settled = summary.contains(&("flaky".to_owned(), "delivered".to_owned(), 4))
             && summary.contains(&("healthy".to_owned(), "delivered".to_owned(), 4))
             && summary
                 .iter()
-                .any(|(name, status, _)| name == "dead" && status == "pending"),
-        "{summary:?}"
-    );
+                .any(|(name, status, _)| name == "dead" && status == "pending");
+        if settled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{summary:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -94,8 +94,9 @@ pub(crate) async fn put(
     };
     let sealed = sealer.seal(merchant, name, &body.secret);
     let client = app.postgres().await?;
-    let others = webhooks::store::count_others(&client, merchant, name)
-        .await
+    let others = app
+        .in_postgres(webhooks::store::count_others(&client, merchant, name))
+        .await?
         .map_err(unavailable)?;
     if others >= webhooks::WEBHOOKS_PER_MERCHANT_MAX {
         return Err(ApiError::BadRequest(format!(
@@ -103,8 +104,9 @@ pub(crate) async fn put(
             webhooks::WEBHOOKS_PER_MERCHANT_MAX
         )));
     }
-    let created = webhooks::store::put(&client, &webhook, &sealed)
-        .await
+    let created = app
+        .in_postgres(webhooks::store::put(&client, &webhook, &sealed))
+        .await?
         .map_err(unavailable)?;
     Ok(Reply::json(
         if created { 201 } else { 200 },
@@ -120,8 +122,9 @@ pub(crate) async fn get(
 ) -> Result<Reply, ApiError> {
     checked(app, session, merchant, name)?;
     let client = app.postgres().await?;
-    let webhook = webhooks::store::get(&client, merchant, name)
-        .await
+    let webhook = app
+        .in_postgres(webhooks::store::get(&client, merchant, name))
+        .await?
         .map_err(unavailable)?
         .ok_or_else(|| ApiError::NotFound(format!("no webhook {merchant}/{name}")))?;
     Ok(Reply::json(200, &shown(&webhook)))
@@ -135,8 +138,9 @@ pub(crate) async fn delete(
 ) -> Result<Reply, ApiError> {
     checked(app, session, merchant, name)?;
     let client = app.postgres().await?;
-    if !webhooks::store::delete(&client, merchant, name)
-        .await
+    if !app
+        .in_postgres(webhooks::store::delete(&client, merchant, name))
+        .await?
         .map_err(unavailable)?
     {
         return Err(ApiError::NotFound(format!("no webhook {merchant}/{name}")));
@@ -155,15 +159,22 @@ pub(crate) async fn deliveries(
 ) -> Result<Reply, ApiError> {
     checked(app, session, merchant, name)?;
     let client = app.postgres().await?;
-    if webhooks::store::get(&client, merchant, name)
-        .await
+    if app
+        .in_postgres(webhooks::store::get(&client, merchant, name))
+        .await?
         .map_err(unavailable)?
         .is_none()
     {
         return Err(ApiError::NotFound(format!("no webhook {merchant}/{name}")));
     }
-    let deliveries = webhooks::store::deliveries(&client, merchant, name, DELIVERIES_SHOWN)
-        .await
+    let deliveries = app
+        .in_postgres(webhooks::store::deliveries(
+            &client,
+            merchant,
+            name,
+            DELIVERIES_SHOWN,
+        ))
+        .await?
         .map_err(unavailable)?;
     Ok(Reply::json(
         200,
