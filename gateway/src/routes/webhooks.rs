@@ -37,6 +37,19 @@ fn shown(webhook: &Webhook) -> serde_json::Value {
     })
 }
 
+/// A webhook-table call: bounded ([`App::in_postgres`]) and its failure
+/// answered ([`unavailable`]).
+async fn stored<T>(
+    app: &App,
+    call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, ApiError> {
+    app.in_postgres(call).await?.map_err(unavailable)
+}
+
+fn missing(merchant: &str, name: &str) -> ApiError {
+    ApiError::NotFound(format!("no webhook {merchant}/{name}"))
+}
+
 fn checked(app: &App, session: &Session, merchant: &str, name: &str) -> Result<(), ApiError> {
     let caller = admit(app, session, Scope::Admin, false)?;
     check_id("merchant", merchant)?;
@@ -94,20 +107,14 @@ pub(crate) async fn put(
     };
     let sealed = sealer.seal(merchant, name, &body.secret);
     let client = app.postgres().await?;
-    let others = app
-        .in_postgres(webhooks::store::count_others(&client, merchant, name))
-        .await?
-        .map_err(unavailable)?;
+    let others = stored(app, webhooks::store::count_others(&client, merchant, name)).await?;
     if others >= webhooks::WEBHOOKS_PER_MERCHANT_MAX {
         return Err(ApiError::BadRequest(format!(
             "a merchant may register at most {} webhooks",
             webhooks::WEBHOOKS_PER_MERCHANT_MAX
         )));
     }
-    let created = app
-        .in_postgres(webhooks::store::put(&client, &webhook, &sealed))
-        .await?
-        .map_err(unavailable)?;
+    let created = stored(app, webhooks::store::put(&client, &webhook, &sealed)).await?;
     Ok(Reply::json(
         if created { 201 } else { 200 },
         &shown(&webhook),
@@ -122,11 +129,9 @@ pub(crate) async fn get(
 ) -> Result<Reply, ApiError> {
     checked(app, session, merchant, name)?;
     let client = app.postgres().await?;
-    let webhook = app
-        .in_postgres(webhooks::store::get(&client, merchant, name))
+    let webhook = stored(app, webhooks::store::get(&client, merchant, name))
         .await?
-        .map_err(unavailable)?
-        .ok_or_else(|| ApiError::NotFound(format!("no webhook {merchant}/{name}")))?;
+        .ok_or_else(|| missing(merchant, name))?;
     Ok(Reply::json(200, &shown(&webhook)))
 }
 
@@ -138,12 +143,8 @@ pub(crate) async fn delete(
 ) -> Result<Reply, ApiError> {
     checked(app, session, merchant, name)?;
     let client = app.postgres().await?;
-    if !app
-        .in_postgres(webhooks::store::delete(&client, merchant, name))
-        .await?
-        .map_err(unavailable)?
-    {
-        return Err(ApiError::NotFound(format!("no webhook {merchant}/{name}")));
+    if !stored(app, webhooks::store::delete(&client, merchant, name)).await? {
+        return Err(missing(merchant, name));
     }
     Ok(Reply::json(
         200,
@@ -159,23 +160,17 @@ pub(crate) async fn deliveries(
 ) -> Result<Reply, ApiError> {
     checked(app, session, merchant, name)?;
     let client = app.postgres().await?;
-    if app
-        .in_postgres(webhooks::store::get(&client, merchant, name))
+    if stored(app, webhooks::store::get(&client, merchant, name))
         .await?
-        .map_err(unavailable)?
         .is_none()
     {
-        return Err(ApiError::NotFound(format!("no webhook {merchant}/{name}")));
+        return Err(missing(merchant, name));
     }
-    let deliveries = app
-        .in_postgres(webhooks::store::deliveries(
-            &client,
-            merchant,
-            name,
-            DELIVERIES_SHOWN,
-        ))
-        .await?
-        .map_err(unavailable)?;
+    let deliveries = stored(
+        app,
+        webhooks::store::deliveries(&client, merchant, name, DELIVERIES_SHOWN),
+    )
+    .await?;
     Ok(Reply::json(
         200,
         &json!({ "merchant": merchant, "name": name, "deliveries": deliveries }),
