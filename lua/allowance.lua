@@ -82,6 +82,16 @@ local function watch(g)
     cjson.encode({ grant = a.grant, until_ms = g.until_ms, take = g.takes }))
 end
 
+-- Ends taken grant `g` as `state` ('given' or 'ended'), giving back
+-- `units` and its hold; the record goes RETENTION_MS later, the watch now.
+local function close(g, state, units)
+  add(g, -units, -1)
+  g.state = state
+  redis.call('HSET', K_IDEM, gfield, cjson.encode(g))
+  gc_later('i|' .. gfield)
+  redis.call('HDEL', K_XFER, 'grant|' .. a.grant)
+end
+
 local function over_limit(rec)
   if a.units_max ~= nil and rec.units + a.qty > a.units_max then
     return refuse('customer_limit', { limit = a.units_max, used = rec.units, counts = 'units' })
@@ -134,11 +144,7 @@ if a.action == 'give' then
   if not g or g.state ~= 'taken' or g.takes ~= a.take then
     return reply({ status = 'ok', given = false })
   end
-  add(g, -g.qty, -1)
-  g.state = 'given'
-  redis.call('HSET', K_IDEM, gfield, cjson.encode(g))
-  gc_later('i|' .. gfield)
-  redis.call('HDEL', K_XFER, 'grant|' .. a.grant)
+  close(g, 'given', g.qty)
   return reply({ status = 'ok', given = true })
 end
 
@@ -147,12 +153,9 @@ if a.action == 'settle' then
     return refuse('bad_argument', { reason = 'op' })
   end
   if not g or g.state ~= 'taken' then return reply({ status = 'ok', settled = false }) end
-  if a.op == 'commit' then add(g, 0, -1) else add(g, -g.qty, -1) end
-  g.state = 'ended'
   g.ended = a.op
-  redis.call('HSET', K_IDEM, gfield, cjson.encode(g))
-  gc_later('i|' .. gfield)
-  redis.call('HDEL', K_XFER, 'grant|' .. a.grant)
+  -- A commit keeps its units counted: bought is bought.
+  close(g, 'ended', a.op == 'commit' and 0 or g.qty)
   return reply({ status = 'ok', settled = true })
 end
 

@@ -1391,26 +1391,12 @@ impl Reserver {
 
     /// The customer limits in force now on `request`'s keys.
     fn customer_limits_of(&self, request: &CartRequest) -> Vec<Arc<CustomerLimit>> {
-        let limits = self
-            .customer_limits
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if limits.is_empty() {
-            return Vec::new();
-        }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_millis() as u64);
-        request
-            .lines
-            .iter()
-            .filter_map(|line| {
-                limits
-                    .get(&StockKey::new(&request.merchant, &line.sku, &line.location))
-                    .filter(|limit| limit.in_force_at(now_ms))
-                    .cloned()
-            })
-            .collect()
+        on_lines(&self.customer_limits, request, |limit| {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as u64);
+            limit.in_force_at(now_ms)
+        })
     }
 
     /// Sets the customer limits (one per key) of every enabled sale that
@@ -1426,34 +1412,9 @@ impl Reserver {
             .collect();
     }
 
-    /// Every customer limit in force.
-    pub fn customer_limits(&self) -> Vec<Arc<CustomerLimit>> {
-        self.customer_limits
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect()
-    }
-
     /// The throttles on `request`'s keys.
     fn throttles_of(&self, request: &CartRequest) -> Vec<Arc<Throttle>> {
-        let throttles = self
-            .throttles
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if throttles.is_empty() {
-            return Vec::new();
-        }
-        request
-            .lines
-            .iter()
-            .filter_map(|line| {
-                throttles
-                    .get(&StockKey::new(&request.merchant, &line.sku, &line.location))
-                    .cloned()
-            })
-            .collect()
+        on_lines(&self.throttles, request, |_| true)
     }
 
     /// Puts in force exactly these throttles, `(sale, key, attempts per
@@ -1519,6 +1480,32 @@ impl Reserver {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
     }
+}
+
+/// What `by_key` (a sale's throttle or limits, by stock key) holds for
+/// `request`'s lines and `keep` accepts; nothing is built for a request
+/// when no sale has any (the common case).
+fn on_lines<T>(
+    by_key: &RwLock<HashMap<StockKey, Arc<T>>>,
+    request: &CartRequest,
+    keep: impl Fn(&T) -> bool,
+) -> Vec<Arc<T>> {
+    let by_key = by_key
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if by_key.is_empty() {
+        return Vec::new();
+    }
+    request
+        .lines
+        .iter()
+        .filter_map(|line| {
+            by_key
+                .get(&StockKey::new(&request.merchant, &line.sku, &line.location))
+                .filter(|found| keep(found))
+                .cloned()
+        })
+        .collect()
 }
 
 impl crate::ReserveRequest {

@@ -9,20 +9,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use allocator::{
-    AllocatorError, CartLine, CartRequest, Coalescer, Coalescing, CustomerLimit, Reserver, StockKey,
-};
+use allocator::{AllocatorError, CartLine, CartRequest, CustomerLimit, Reserver, StockKey};
 
 /// Two reservers ("nodes") with `limit` in force.
 async fn fleet(limit: &CustomerLimit) -> Vec<Arc<Reserver>> {
     let mut nodes = Vec::new();
     for node in ["node-a", "node-b"] {
-        let allocator = common::allocator_for(node).await;
-        let settings = Coalescing {
-            wait: Duration::ZERO,
-            batch_max: 64,
-        };
-        let reserver = Reserver::new(allocator, Coalescer::new(settings, Arc::new(|_| {})));
+        let reserver = common::reserver(common::allocator_for(node).await);
         reserver.set_customer_limits(vec![limit.clone()]);
         nodes.push(Arc::new(reserver));
     }
@@ -518,16 +511,7 @@ async fn a_request_made_before_the_limit_is_answered_as_it_was_and_pays_nothing(
     let nodes = fleet(&limit).await;
     let allocator = nodes[0].allocator().clone();
     common::stock(&allocator, &limit.key, 10).await;
-    let unlimited = Reserver::new(
-        allocator.clone(),
-        Coalescer::new(
-            Coalescing {
-                wait: Duration::ZERO,
-                batch_max: 8,
-            },
-            Arc::new(|_| {}),
-        ),
-    );
+    let unlimited = common::reserver(allocator.clone());
     // Held before the limit, without a customer, then retried after it.
     let anonymous = request(&limit.key, 2, None, None);
     let first = unlimited.reserve(&anonymous).await.expect("held");

@@ -8,19 +8,13 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allocator::{AllocatorError, Coalescer, Coalescing, Reserver, StockKey};
+use allocator::{AllocatorError, Reserver, StockKey};
 
 /// Two reservers ("nodes") with the same throttle in force on `key`.
 async fn fleet(sale: &str, key: &StockKey, per_second: u32) -> Vec<Arc<Reserver>> {
     let mut nodes = Vec::new();
     for node in ["node-a", "node-b"] {
-        let allocator = common::allocator_for(node).await;
-        let settings = Coalescing {
-            wait: Duration::ZERO,
-            batch_max: 64,
-        };
-        let coalescer = Coalescer::new(settings, Arc::new(|_| {}));
-        let reserver = Reserver::new(allocator, coalescer);
+        let reserver = common::reserver(common::allocator_for(node).await);
         reserver.set_throttles(&[(sale.to_owned(), key.clone(), per_second)]);
         nodes.push(Arc::new(reserver));
     }

@@ -81,6 +81,19 @@ pub fn reserve(key: &StockKey, qty: u32, idempotency_key: &str) -> ReserveReques
     }
 }
 
+/// A reserver ("node") over `allocator`, holding at once (no coalescing
+/// wait), with no throttle or customer limit in force.
+pub fn reserver(allocator: allocator::Allocator) -> allocator::Reserver {
+    let settings = allocator::Coalescing {
+        wait: std::time::Duration::ZERO,
+        batch_max: 64,
+    };
+    allocator::Reserver::new(
+        allocator,
+        allocator::Coalescer::new(settings, std::sync::Arc::new(|_| {})),
+    )
+}
+
 /// A plain Redis client on the stack's Redis, for tests that stage what the
 /// stock engine never does itself (its records' housekeeping, by hand).
 pub async fn raw_redis() -> fred::clients::Client {
