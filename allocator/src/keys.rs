@@ -24,7 +24,9 @@
 //! Reservation records in `inv:{p}:res` are either one line (a hold in one
 //! cell of this partition) or a cart (its lines' ids and partitions; the
 //! lines live in their own keys' partitions). Node heartbeats are plain keys
-//! `inv:node:<node>:heartbeat` with a TTL, outside the partitions.
+//! `inv:node:<node>:heartbeat` with a TTL, outside the partitions, as is
+//! the record of when stock-reporting sources were last heard from
+//! ([`SOURCES_SEEN`]).
 //!
 //! A stock key `(merchant, sku, location)` lives in partition
 //! `fnv1a64(merchant 0x1F sku 0x1F location) mod P`; its pool cell id is
@@ -224,6 +226,10 @@ pub fn hot_keys_set(partition: u32) -> String {
 /// to move its members to their partitions' sets
 /// (`Allocator::hot_keys`).
 pub const LEGACY_HOT_KEYS: &str = "inv:hotkeys";
+
+/// When each stock-reporting source was last heard from: a sorted set,
+/// source → ms (`crate::sources`), outside the partitions.
+pub const SOURCES_SEEN: &str = "inv:sources:seen";
 
 /// A node's heartbeat (a plain key with a TTL, outside the partitions).
 pub fn heartbeat_key(node: &str) -> String {

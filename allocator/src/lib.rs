@@ -160,6 +160,7 @@ mod model;
 pub mod outbox;
 pub mod reserve;
 mod scripts;
+pub mod sources;
 mod store;
 mod throttle;
 
@@ -186,6 +187,7 @@ pub use reserve::{
     CLAIM_CLOCK_MARGIN, Coalescer, Coalescing, Flushed, HoldRequest, HotKey, Reserver,
 };
 use scripts::{Op, Scripts};
+pub use sources::SourcesSeen;
 pub use throttle::{FAILURE_PAUSE, TOKEN_LIFE, Throttle};
 
 /// Why an allocator call did not do what was asked.

@@ -48,6 +48,45 @@ pub struct Config {
     /// Partner webhooks: how deliveries are made and secrets kept.
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    /// Systems that report stock (POS, WMS): how long one may stay quiet
+    /// before the locations it feeds are shown as `source_offline`.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// Per-location settings of a merchant: which source feeds it and what
+    /// is held back from shown availability while that source is offline.
+    #[serde(default)]
+    pub locations: Vec<LocationConfig>,
+}
+
+/// A system that reports stock: the `source` of its adjustments and the
+/// sender of its `heartbeat` events on `kafka.events_topic`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The `source` its events carry.
+    pub name: String,
+    /// Quiet longer than this (no event of any kind, heartbeat or
+    /// adjustment, applied from it), it is offline: the locations it feeds
+    /// show `source_offline: true` and hold back their buffer.
+    pub offline_after_seconds: u64,
+}
+
+/// One location of a merchant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocationConfig {
+    /// The merchant.
+    pub merchant: String,
+    /// The location id.
+    pub location: String,
+    /// The source (a `sources[].name`) whose reports keep this location's
+    /// counts current, typically its store's POS. Absent: none is watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Units taken off each SKU's shown `available` here while its source
+    /// is offline (sales it may be making that have not reached us).
+    #[serde(default)]
+    pub offline_buffer_units: u32,
 }
 
 /// Partner webhooks (`/v1/webhooks`): the key that seals their secrets,

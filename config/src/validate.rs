@@ -36,6 +36,14 @@ pub const CHECKOUT_ATTEMPTS_PER_SECOND_MAX: u32 = 10_000_000;
 /// (a request's largest quantity).
 pub const CUSTOMER_LIMIT_MAX: u32 = 1_000_000;
 
+/// Shortest `sources[].offline_after_seconds`: well above the second a
+/// writer takes to record what it applied, and clock skew between hosts.
+pub const OFFLINE_AFTER_SECONDS_MIN: u64 = 10;
+
+/// Largest `locations[].offline_buffer_units` (the largest count a POS
+/// may report).
+pub const OFFLINE_BUFFER_UNITS_MAX: u32 = 1_000_000_000;
+
 /// Whether `id` is a valid API id: `[A-Za-z0-9._:-]{1,128}`.
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -546,6 +554,47 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
                 "must be after starts_at",
             );
         }
+    }
+
+    let mut source_names = HashSet::new();
+    for (i, source) in config.sources.iter().enumerate() {
+        let path = format!("sources[{i}]");
+        c.id(format!("{path}.name"), &source.name);
+        c.check(
+            source_names.insert(source.name.as_str()),
+            format!("{path}.name"),
+            "duplicate source name",
+        );
+        c.range(
+            &format!("{path}.offline_after_seconds"),
+            source.offline_after_seconds,
+            OFFLINE_AFTER_SECONDS_MIN,
+            86_400 * 7,
+        );
+    }
+    let mut location_keys = HashSet::new();
+    for (i, location) in config.locations.iter().enumerate() {
+        let path = format!("locations[{i}]");
+        c.id(format!("{path}.merchant"), &location.merchant);
+        c.id(format!("{path}.location"), &location.location);
+        c.check(
+            location_keys.insert((&location.merchant, &location.location)),
+            format!("{path}.location"),
+            "this merchant's location is listed already",
+        );
+        if let Some(source) = &location.source {
+            c.check(
+                source_names.contains(source.as_str()),
+                format!("{path}.source"),
+                "names no source in sources[]",
+            );
+        }
+        c.range(
+            &format!("{path}.offline_buffer_units"),
+            location.offline_buffer_units,
+            0,
+            OFFLINE_BUFFER_UNITS_MAX,
+        );
     }
 
     if c.errors.is_empty() {

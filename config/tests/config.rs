@@ -121,6 +121,40 @@ fn flash_sale_customer_limits_of_zero_are_rejected_and_sane_ones_parse() {
 }
 
 #[test]
+fn sources_and_locations_are_checked_and_name_each_other() {
+    let text = |extra: &str| example_text("dev.toml") + extra;
+    let error = parse_text(&text(
+        "\n[[sources]]\nname = \"pos\"\noffline_after_seconds = 1\n\
+         \n[[sources]]\nname = \"pos\"\noffline_after_seconds = 60\n\
+         \n[[locations]]\nmerchant = \"m1\"\nlocation = \"s1\"\nsource = \"nobody\"\n\
+         \n[[locations]]\nmerchant = \"m1\"\nlocation = \"s1\"\n",
+    ))
+    .expect_err("refused");
+    assert_eq!(
+        field_messages(&error),
+        [
+            "sources[0].offline_after_seconds: must be between 10 and 604800",
+            "sources[1].name: duplicate source name",
+            "locations[0].source: names no source in sources[]",
+            "locations[1].location: this merchant's location is listed already",
+        ]
+    );
+    let config = parse_text(&text(
+        "\n[[sources]]\nname = \"pos-12\"\noffline_after_seconds = 120\n\
+         \n[[locations]]\nmerchant = \"m1\"\nlocation = \"store-12\"\nsource = \"pos-12\"\noffline_buffer_units = 2\n",
+    ))
+    .expect("a POS feeding one store");
+    assert_eq!(
+        (
+            config.sources[0].offline_after_seconds,
+            config.locations[0].source.as_deref(),
+            config.locations[0].offline_buffer_units
+        ),
+        (120, Some("pos-12"), 2)
+    );
+}
+
+#[test]
 fn every_broken_field_is_reported_at_once() {
     let text = example_text("dev.toml")
         .replace("partitions = 64", "partitions = 0")

@@ -130,6 +130,9 @@ pub struct App {
     stopping: AtomicBool,
     /// Wakes background tasks on stop.
     stop: Notify,
+    /// Which locations' stock sources are offline, and the sources this
+    /// node heard from over HTTP.
+    pub sources: Arc<crate::sources::SourceHealth>,
     /// PostgreSQL, for the webhook routes only: connected on first use,
     /// again after it closed.
     postgres: tokio::sync::Mutex<Option<Arc<tokio_postgres::Client>>>,
@@ -183,10 +186,11 @@ impl App {
             )
         }));
         metrics.serve_sales(Arc::clone(&reserver));
+        let sources = Arc::new(crate::sources::SourceHealth::default());
         let app = Arc::new(Self {
             cache: AvailabilityCache::new(
                 &config,
-                crate::availability::redis_loader(allocator.clone()),
+                crate::availability::redis_loader(allocator.clone(), Arc::clone(&sources)),
                 Arc::clone(&subscribed),
                 CacheCounters {
                     results: metrics.cache.clone(),
@@ -218,12 +222,14 @@ impl App {
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
             postgres: tokio::sync::Mutex::new(None),
+            sources,
         });
         tokio::spawn(Arc::clone(&app).follow_config());
         tokio::spawn(Arc::clone(&app).follow_changes());
         tokio::spawn(Arc::clone(&app).heartbeat());
         tokio::spawn(Arc::clone(&app).run_flash_sales());
         tokio::spawn(Arc::clone(&app).forget_idle_limits());
+        tokio::spawn(Arc::clone(&app).watch_sources());
         Ok(app)
     }
 
@@ -445,6 +451,55 @@ impl App {
     async fn forget_idle_limits(self: Arc<Self>) {
         while self.pause(Duration::from_secs(30)).await {
             self.limiter.forget_idle();
+        }
+    }
+
+    /// Once a second: writes the sources this node heard from, reads when
+    /// every configured source was last heard from, and puts the locations
+    /// of quiet ones offline ([`crate::sources`]). A flip makes nothing
+    /// cached fresh and wakes every stream. Redis unreachable: what is shown
+    /// stays as last judged.
+    async fn watch_sources(self: Arc<Self>) {
+        loop {
+            let seen = self.sources.seen.take();
+            let now = crate::sources::now_ms();
+            if let Err(error) = self.allocator.record_sources_seen(&seen, now).await {
+                warn!(%error, "recording the sources heard from failed; retrying");
+                self.metrics.redis_errors.inc();
+                self.sources.seen.restore(seen);
+            }
+            let config = self.config();
+            let names: Vec<String> = config
+                .sources
+                .iter()
+                .map(|source| source.name.clone())
+                .collect();
+            match self.allocator.sources_seen(&names).await {
+                Ok(seen) => {
+                    let (states, offline) =
+                        crate::sources::judge(&config, &seen, crate::sources::now_ms());
+                    self.metrics.show_sources(&states);
+                    if self.sources.set(offline) {
+                        let offline: Vec<&str> = states
+                            .iter()
+                            .filter(|state| state.offline)
+                            .map(|state| state.name.as_str())
+                            .collect();
+                        info!(
+                            ?offline,
+                            "sources offline changed; their locations' availability is shown with their buffers"
+                        );
+                        self.may_have_missed_changes();
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, "reading when sources were heard from failed");
+                    self.metrics.redis_errors.inc();
+                }
+            }
+            if !self.pause(Duration::from_secs(1)).await {
+                return;
+            }
         }
     }
 

@@ -45,13 +45,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::api::{ApiError, Headers, Reply};
+use crate::sources::SourceHealth;
 
 /// One location of a SKU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocationAvailability {
     /// The location id.
     pub location: String,
-    /// Sellable units shown to buyers (never below 0).
+    /// Sellable units shown to buyers (never below 0; less the location's
+    /// offline buffer while its source is offline).
     pub available: i64,
     /// Physical units (pool plus flash-sale buckets).
     pub on_hand: i64,
@@ -65,6 +67,9 @@ pub struct LocationAvailability {
     pub status: &'static str,
     /// Sum of the versions of the key's cells: grows with every change.
     pub version: u64,
+    /// Whether the source that reports this location's stock is quiet
+    /// ([`crate::sources`]).
+    pub source_offline: bool,
 }
 
 impl LocationAvailability {
@@ -74,6 +79,7 @@ impl LocationAvailability {
             "location": self.location, "available": self.available, "on_hand": self.on_hand,
             "reserved": self.reserved, "safety_stock": self.safety_stock,
             "backorderable": self.backorderable, "status": self.status, "version": self.version,
+            "source_offline": self.source_offline,
         })
     }
 
@@ -89,14 +95,23 @@ impl LocationAvailability {
             backorderable: 0,
             status: "in_stock",
             version,
+            source_offline: false,
         }
     }
 
-    /// Builds a location's view from its pool and (in a flash sale) buckets.
-    pub fn from_cells(location: &str, pool: &Cell, buckets: &[Cell], low_default: u64) -> Self {
+    /// Builds a location's view from its pool and (in a flash sale)
+    /// buckets; `offline_buffer` is the location's buffer while its source
+    /// is offline ([`crate::sources::SourceHealth::offline_buffer`]).
+    pub fn from_cells(
+        location: &str,
+        pool: &Cell,
+        buckets: &[Cell],
+        low_default: u64,
+        offline_buffer: Option<u32>,
+    ) -> Self {
         let bucket_free: i64 = buckets.iter().map(|bucket| bucket.sellable().max(0)).sum();
         let sellable = pool.sellable() + bucket_free;
-        let available = sellable.max(0);
+        let available = (sellable - i64::from(offline_buffer.unwrap_or(0))).max(0);
         let threshold = if pool.low_stock_threshold >= 0 {
             pool.low_stock_threshold
         } else {
@@ -112,6 +127,7 @@ impl LocationAvailability {
             backorderable: (pool.backorder_limit + pool.sellable().min(0)).max(0),
             status,
             version: pool.version + buckets.iter().map(|bucket| bucket.version).sum::<u64>(),
+            source_offline: offline_buffer.is_some(),
         }
     }
 }
@@ -151,13 +167,17 @@ impl SkuAvailability {
         }))
     }
 
-    /// A strong ETag over the shown locations' versions.
+    /// A strong ETag over the shown locations' versions and whether their
+    /// sources are offline (which changes what is shown, not the version).
     pub fn etag(&self, only: Option<&str>) -> String {
         let mut hash = Sha256::new();
         for location in self.shown(only) {
             hash.update(location.location.as_bytes());
             hash.update(b"=");
             hash.update(location.version.to_string().as_bytes());
+            if location.source_offline {
+                hash.update(b"~offline");
+            }
             hash.update(b";");
         }
         format!("\"{}\"", &hex::encode(hash.finalize())[..20])
@@ -351,10 +371,14 @@ pub type LoadFuture =
 pub type Loader = Arc<dyn Fn(String, String, u64) -> LoadFuture + Send + Sync>;
 
 /// The loader of a running node: every location's pool and buckets, in
-/// three pipelined round trips ([`Allocator::sku_views`]).
-pub fn redis_loader(allocator: Allocator) -> Loader {
+/// three pipelined round trips ([`Allocator::sku_views`]), shown with the
+/// buffers of locations whose source is offline (`health` as the fill
+/// finds it: a flip marks the cache dirty after it is in force, so a fill
+/// that saw the old health never lands as fresh).
+pub fn redis_loader(allocator: Allocator, health: Arc<SourceHealth>) -> Loader {
     Arc::new(move |merchant, sku, low_default| {
         let allocator = allocator.clone();
+        let health = Arc::clone(&health);
         Box::pin(async move {
             let locations: Vec<LocationAvailability> = allocator
                 .sku_views(&merchant, &sku)
@@ -369,6 +393,7 @@ pub fn redis_loader(allocator: Allocator) -> Loader {
                         pool,
                         &buckets,
                         low_default,
+                        health.offline_buffer(&merchant, &location),
                     ))
                 })
                 .collect();
@@ -779,6 +804,44 @@ mod tests {
             sku: "s".to_owned(),
             locations: vec![LocationAvailability::on_shelf("dc1", units, units as u64)],
         }
+    }
+
+    #[test]
+    fn an_offline_source_holds_back_its_buffer_never_below_zero_and_changes_the_etag() {
+        let pool: Cell = serde_json::from_value(json!({
+            "merchant": "m", "sku": "s", "location": "store-12", "kind": "pool",
+            "on_hand": 12, "reserved": 2, "safety_stock": 1, "backorder_limit": 0,
+            "low_stock_threshold": 5, "version": 7, "out_in_flight": 0,
+        }))
+        .expect("a cell");
+        let online = LocationAvailability::from_cells("store-12", &pool, &[], 3, None);
+        assert_eq!(
+            (online.available, online.status, online.source_offline),
+            (9, "in_stock", false)
+        );
+        let offline = LocationAvailability::from_cells("store-12", &pool, &[], 3, Some(4));
+        assert_eq!(
+            (
+                offline.available,
+                offline.status,
+                offline.source_offline,
+                offline.on_hand
+            ),
+            (5, "low", true, 12),
+            "shown less the buffer, status from what is shown; the shelf as it is"
+        );
+        let emptied = LocationAvailability::from_cells("store-12", &pool, &[], 3, Some(40));
+        assert_eq!((emptied.available, emptied.status), (0, "out_of_stock"));
+        let sku = |line: LocationAvailability| SkuAvailability {
+            merchant: "m".to_owned(),
+            sku: "s".to_owned(),
+            locations: vec![line],
+        };
+        assert_eq!(
+            sku(offline.clone()).version(None),
+            sku(online.clone()).version(None)
+        );
+        assert_ne!(sku(offline).etag(None), sku(online).etag(None));
     }
 
     fn cache(shelf: &Arc<Shelf>, config: &Config) -> AvailabilityCache {

@@ -53,6 +53,7 @@ mod flash;
 mod metrics;
 mod proxy;
 mod routes;
+pub mod sources;
 mod sse;
 
 use std::path::Path;

@@ -55,6 +55,13 @@ pub struct Metrics {
     pub streams_dropped: IntCounter,
     /// Accepted config reloads.
     pub config_reloads: IntCounter,
+    /// 1 while a configured stock source is offline, per source.
+    pub source_offline: IntGaugeVec,
+    /// Seconds since a configured source was last heard from, per source
+    /// (absent for one never heard from).
+    pub source_quiet: IntGaugeVec,
+    /// The sources the two gauges above show.
+    sources_shown: std::sync::Mutex<Vec<String>>,
 }
 
 /// `metric`, registered in `registry`.
@@ -171,6 +178,16 @@ impl Metrics {
             "Units a flash sale's cells hold for reservations beyond their on-hand units and backorder limit",
             &["sale"],
         );
+        let source_offline = gauge_vec(
+            "source_offline",
+            "1 while a configured stock source (POS, WMS) is quiet past its offline_after_seconds or was never heard from",
+            &["source"],
+        );
+        let source_quiet = gauge_vec(
+            "source_quiet_seconds",
+            "Seconds since a configured stock source was last heard from",
+            &["source"],
+        );
         let streams = registered(
             &registry,
             IntGauge::new("sse_streams", "Open server-sent event streams").expect("valid metric"),
@@ -195,8 +212,42 @@ impl Metrics {
                 "SSE streams dropped as too slow",
             ),
             config_reloads: counter("config_reloads_total", "Accepted config reloads"),
+            source_offline,
+            source_quiet,
+            sources_shown: Default::default(),
             registry,
             process,
+        }
+    }
+
+    /// Shows the configured sources as last judged (only those: a source
+    /// removed from the config leaves the series).
+    pub fn show_sources(&self, states: &[crate::sources::SourceState]) {
+        let mut shown = self
+            .sources_shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in shown
+            .iter()
+            .filter(|name| !states.iter().any(|state| &state.name == *name))
+        {
+            let _ = self.source_offline.remove_label_values(&[gone]);
+            let _ = self.source_quiet.remove_label_values(&[gone]);
+        }
+        *shown = states.iter().map(|state| state.name.clone()).collect();
+        for state in states {
+            self.source_offline
+                .with_label_values(&[&state.name])
+                .set(i64::from(state.offline));
+            match state.quiet_seconds {
+                Some(quiet) => self
+                    .source_quiet
+                    .with_label_values(&[&state.name])
+                    .set(quiet as i64),
+                None => {
+                    let _ = self.source_quiet.remove_label_values(&[&state.name]);
+                }
+            }
         }
     }
 

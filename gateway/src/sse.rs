@@ -113,10 +113,11 @@ enum Wake {
 /// What a stream has sent, and what it still owes.
 #[derive(Default)]
 struct Sent {
-    /// The version last sent per SKU, and whether it was sent stale: many
-    /// notifications often settle into one state, which is sent once (and
-    /// once more when a stale copy is confirmed fresh).
-    versions: HashMap<String, (u64, bool)>,
+    /// The ETag of the view last sent per SKU (its versions, and which
+    /// locations' sources were offline), and whether it was sent stale:
+    /// many notifications often settle into one state, which is sent once
+    /// (and once more when a stale copy is confirmed fresh).
+    versions: HashMap<String, (http::HeaderValue, bool)>,
     /// SKUs read while Redis was unreachable (nothing, or a stale copy):
     /// read again every [`RETRY`] until a fresh read, so the last event is
     /// the state the SKU settled in.
@@ -145,11 +146,15 @@ impl Sent {
         } else {
             self.pending.remove(sku);
         }
-        let version = rendered.view(None)?.version;
-        if self.versions.get(sku) == Some(&(version, stale)) {
+        let etag = rendered.view(None)?.etag.clone();
+        if self
+            .versions
+            .get(sku)
+            .is_some_and(|(sent, sent_stale)| *sent == etag && *sent_stale == stale)
+        {
             return None;
         }
-        self.versions.insert(sku.to_owned(), (version, stale));
+        self.versions.insert(sku.to_owned(), (etag, stale));
         Some(sse_event(&rendered, stale))
     }
 }

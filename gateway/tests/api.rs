@@ -733,7 +733,12 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
     let run = testkit::unique_id("metrics");
     let sku = testkit::unique_id("linted");
     let sale = testkit::unique_id("linted-drop");
-    let fleet = Fleet::on_stack(&sale_toml(&sale, &sku, true));
+    // A source never heard from: its gauge, which an alert reads, is served.
+    let fleet = Fleet::on_stack(&format!(
+        "{}\n[[sources]]\nname = \"{}\"\noffline_after_seconds = 60\n",
+        sale_toml(&sale, &sku, true),
+        testkit::unique_id("linted-pos")
+    ));
     let node = fleet.node("node-a");
     restock(&node, "m1", &sku, "dc1", 1).await;
     wait_until("the sale in force", || async {

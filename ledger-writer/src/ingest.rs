@@ -14,16 +14,29 @@
 //! dead-letter topic with its reason and its origin, and the partition moves
 //! on; a store that cannot be reached is retried, never skipped.
 //!
+//! A `heartbeat` event (`{"kind":"heartbeat","source":"pos-store-12"}`)
+//! changes no stock: like every event a source sends, it records that the
+//! source was heard from at the message's timestamp ([`allocator::sources`],
+//! which explains the choice of clock; written once a second). A gateway
+//! shows the locations of a source quiet past its `offline_after_seconds`
+//! as `source_offline`. The backlog a source sends when it reconnects is
+//! applied like any event: deltas are facts (dedupe on `(source,
+//! event_id)`, any order), and a loss past what is sellable is flagged
+//! `shortfall` in the ledger, from which the writer signals it.
+//!
 //! The consumer runs on a thread of its own (rdkafka's poll can block during
 //! rebalances) and calls the async allocator through the runtime's handle.
 
 use std::time::Duration;
 
-use allocator::{Adjustment, AdjustmentOutcome, AdjustmentRequest, Allocator, AllocatorError};
+use allocator::{
+    Adjustment, AdjustmentOutcome, AdjustmentRequest, Allocator, AllocatorError, SourcesSeen,
+};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -46,11 +59,94 @@ const ATTEMPTS_BEFORE_DEAD_LETTER: u32 = 20;
 /// Pause before retrying a message whose effect could not be stored.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
-/// Checks a message into an adjustment, or says why it is refused: the
-/// body and the rules of `POST /v1/stock/adjustments`
+/// How often what was heard from sources is written to Redis.
+const SOURCES_SEEN_EVERY: Duration = Duration::from_secs(1);
+
+/// One message of the events topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A stock change.
+    Adjustment(Adjustment),
+    /// A source saying it is there.
+    Heartbeat {
+        /// Who.
+        source: String,
+    },
+}
+
+impl Event {
+    /// The source that sent it.
+    pub fn source(&self) -> &str {
+        match self {
+            Self::Adjustment(adjustment) => &adjustment.source,
+            Self::Heartbeat { source } => source,
+        }
+    }
+}
+
+/// `{"kind":"heartbeat","source":…}`, nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // `kind` is read before, from the JSON value.
+struct HeartbeatRequest {
+    kind: String,
+    source: String,
+}
+
+/// Checks a message into an event, or says why it is refused: a heartbeat,
+/// or the body and the rules of `POST /v1/stock/adjustments`
 /// ([`AdjustmentRequest::check`], their one home).
-pub fn parse_event(payload: &[u8]) -> Result<Adjustment, String> {
-    allocator::from_json_object::<AdjustmentRequest>(payload)?.check()
+pub fn parse_event(payload: &[u8]) -> Result<Event, String> {
+    // Only a message naming a heartbeat pays for a second parse.
+    if payload.windows(11).any(|window| window == b"\"heartbeat\"") {
+        let value: serde_json::Value = allocator::from_json_object(payload)?;
+        if value.get("kind").and_then(serde_json::Value::as_str) == Some("heartbeat") {
+            let heartbeat: HeartbeatRequest = serde_json::from_value(value)
+                .map_err(|error| format!("malformed heartbeat: {error}"))?;
+            if !config::is_valid_id(&heartbeat.source) {
+                return Err("source must match [A-Za-z0-9._:-]{1,128}".to_owned());
+            }
+            return Ok(Event::Heartbeat {
+                source: heartbeat.source,
+            });
+        }
+    }
+    allocator::from_json_object::<AdjustmentRequest>(payload)?
+        .check()
+        .map(Event::Adjustment)
+}
+
+/// When a message says its source reported it (its Kafka timestamp), never
+/// later than `now_ms`; `now_ms` for a message without one.
+fn reported_at(message: &BorrowedMessage<'_>, now_ms: u64) -> u64 {
+    message
+        .timestamp()
+        .to_millis()
+        .map_or(now_ms, |at| (at.max(0) as u64).min(now_ms))
+}
+
+/// Writes what was heard from sources since the last write; on failure
+/// keeps it for the next.
+pub fn record_sources_seen(
+    allocator: &Allocator,
+    seen: &SourcesSeen,
+    runtime: &tokio::runtime::Handle,
+) {
+    let taken = seen.take();
+    if taken.is_empty() {
+        return;
+    }
+    if let Err(error) = runtime.block_on(allocator.record_sources_seen(&taken, now_ms())) {
+        warn!(%error, "recording when sources were heard from failed; retrying");
+        seen.restore(taken);
+    }
+}
+
+/// The writer's clock, ms since the epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
 /// Consumes the events topic until `stop` is set. Blocking: run it on its own
@@ -75,7 +171,13 @@ pub fn consume(
     consumer.subscribe(&[config.kafka.events_topic.as_str()])?;
     info!(topic = %config.kafka.events_topic, dlq = %config.kafka.dlq_topic, "ingesting stock events");
     let timeout = Duration::from_millis(config.kafka.request_timeout_ms);
+    let seen = SourcesSeen::default();
+    let mut last_recorded = std::time::Instant::now();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if last_recorded.elapsed() >= SOURCES_SEEN_EVERY {
+            record_sources_seen(allocator, &seen, runtime);
+            last_recorded = std::time::Instant::now();
+        }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
@@ -99,6 +201,7 @@ pub fn consume(
                 runtime,
                 timeout,
                 &mut failures,
+                &seen,
             ) {
                 Ok(outcome) => {
                     metrics.events.with_label_values(&[outcome]).inc();
@@ -119,6 +222,7 @@ pub fn consume(
         // Stored only now: the effect (or the dead letter) is stored.
         consumer.store_offset_from_message(&message)?;
     }
+    record_sources_seen(allocator, &seen, runtime);
     if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
         warn!(%error, "committing ingestion offsets on stop failed; they are re-delivered");
     }
@@ -126,8 +230,10 @@ pub fn consume(
 }
 
 /// Applies one message, or sends it to the dead-letter topic, and says which
-/// (`applied`, `shortfall`, `duplicate`, `stale`, `dead_lettered`); an error
-/// means nothing may be committed yet (the store or the broker did not answer).
+/// (`applied`, `shortfall`, `duplicate`, `stale`, `heartbeat`,
+/// `dead_lettered`), noting its source in `seen` unless dead-lettered; an
+/// error means nothing may be committed yet (the store or the broker did not
+/// answer).
 #[allow(clippy::too_many_arguments)]
 fn handle(
     message: &BorrowedMessage<'_>,
@@ -137,31 +243,44 @@ fn handle(
     runtime: &tokio::runtime::Handle,
     timeout: Duration,
     failures: &mut u32,
+    seen: &SourcesSeen,
 ) -> anyhow::Result<&'static str> {
     let payload = message.payload().unwrap_or_default();
+    let heard = |source: &str, outcome: &'static str| {
+        seen.note(source, reported_at(message, now_ms()));
+        Ok(outcome)
+    };
     let reason = match parse_event(payload) {
-        Ok(adjustment) => match runtime.block_on(allocator.adjust(&adjustment)) {
-            Ok(AdjustmentOutcome::Applied { shortfall, .. }) => {
-                return Ok(if shortfall { "shortfall" } else { "applied" });
-            }
-            Ok(AdjustmentOutcome::Duplicate) => return Ok("duplicate"),
-            Ok(AdjustmentOutcome::Stale { .. }) => return Ok("stale"),
-            Err(AllocatorError::InvalidRequest(reason)) => reason,
-            // An unreachable store, or a drain of the key by someone else,
-            // is waited for, never skipped; anything else that keeps failing
-            // would block the partition for ever.
-            Err(error @ (AllocatorError::StoreUnavailable(_) | AllocatorError::Conflict(_))) => {
-                *failures = 0;
-                return Err(error.into());
-            }
-            Err(error) => {
-                *failures += 1;
-                if *failures < ATTEMPTS_BEFORE_DEAD_LETTER {
+        Ok(Event::Heartbeat { source }) => return heard(&source, "heartbeat"),
+        Ok(Event::Adjustment(adjustment)) => {
+            match runtime.block_on(allocator.adjust(&adjustment)) {
+                Ok(AdjustmentOutcome::Applied { shortfall, .. }) => {
+                    return heard(
+                        &adjustment.source,
+                        if shortfall { "shortfall" } else { "applied" },
+                    );
+                }
+                Ok(AdjustmentOutcome::Duplicate) => return heard(&adjustment.source, "duplicate"),
+                Ok(AdjustmentOutcome::Stale { .. }) => return heard(&adjustment.source, "stale"),
+                Err(AllocatorError::InvalidRequest(reason)) => reason,
+                // An unreachable store, or a drain of the key by someone else,
+                // is waited for, never skipped; anything else that keeps failing
+                // would block the partition for ever.
+                Err(
+                    error @ (AllocatorError::StoreUnavailable(_) | AllocatorError::Conflict(_)),
+                ) => {
+                    *failures = 0;
                     return Err(error.into());
                 }
-                format!("not applied after {failures} failures in a row: {error}")
+                Err(error) => {
+                    *failures += 1;
+                    if *failures < ATTEMPTS_BEFORE_DEAD_LETTER {
+                        return Err(error.into());
+                    }
+                    format!("not applied after {failures} failures in a row: {error}")
+                }
             }
-        },
+        }
         Err(reason) => reason,
     };
     let letter = json!({
@@ -188,14 +307,23 @@ fn handle(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_event;
+    use super::{Event, parse_event};
 
     #[test]
     fn events_are_checked_like_the_http_body() {
         let good = br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":-3,"source":"pos-1","event_id":"e1"}"#;
         assert!(parse_event(good).is_ok());
         let count = br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"absolute","qty":7,"source":"pos-1","event_id":"e2","source_seq":4}"#;
-        assert_eq!(parse_event(count).map(|a| a.source_seq), Ok(Some(4)));
+        assert!(matches!(
+            parse_event(count),
+            Ok(Event::Adjustment(adjustment)) if adjustment.source_seq == Some(4)
+        ));
+        assert_eq!(
+            parse_event(br#"{"kind":"heartbeat","source":"pos-1"}"#),
+            Ok(Event::Heartbeat {
+                source: "pos-1".to_owned()
+            })
+        );
         for (bad, why) in [
             (&b"{not json"[..], "malformed JSON"),
             (br#"{"merchant":"m 1","sku":"s1","location":"dc1","kind":"delta","qty":1,"source":"p","event_id":"e"}"#, "merchant"),
@@ -204,6 +332,10 @@ mod tests {
             (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":0,"source":"p","event_id":"e"}"#, "non-zero"),
             (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"absolute","qty":1,"source":"p","event_id":"e"}"#, "source_seq"),
             (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":1,"source":"p","event_id":"e","extra":1}"#, "unknown field"),
+            // A heartbeat is its kind and its source, nothing more.
+            (br#"{"kind":"heartbeat","source":"p","at":1}"#, "unknown field"),
+            (br#"{"kind":"heartbeat","source":"p 1"}"#, "source must match"),
+            (br#"{"kind":"heartbeat"}"#, "missing field"),
         ] {
             let reason = parse_event(bad).expect_err("refused");
             assert!(reason.contains(why), "{reason} should mention {why}");

@@ -49,6 +49,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook_expiry",
         include_str!("../migrations/010_webhook_expiry.sql"),
     ),
+    (
+        11,
+        "signal_shortfall",
+        include_str!("../migrations/011_signal_shortfall.sql"),
+    ),
 ];
 
 /// The analytics views, the one home of their definitions: applied whole

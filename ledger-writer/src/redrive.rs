@@ -93,10 +93,12 @@ pub struct Outcome {
     /// The event's id, when it parsed.
     pub event_id: Option<String>,
     /// `applied`, `shortfall`, `duplicate`, `stale`, `invalid` (the payload
-    /// still does not parse or check) or `refused` (the allocator refused
-    /// it); the first four mean the event is now applied, once.
+    /// still does not parse or check), `refused` (the allocator refused
+    /// it) or `ignored` (a heartbeat: news only when it arrives); the first
+    /// four mean the event is now applied, once, and `ignored` that there
+    /// is nothing to apply.
     pub outcome: &'static str,
-    /// Why, for `invalid` and `refused`.
+    /// Why, for `invalid`, `refused` and `ignored`.
     pub reason: Option<String>,
 }
 
@@ -143,7 +145,15 @@ pub async fn redrive(
         let (origin, payload) = event_of(line);
         let (event_id, key, outcome, reason) = match crate::ingest::parse_event(&payload) {
             Err(reason) => (None, String::new(), "invalid", Some(reason)),
-            Ok(adjustment) => {
+            // A heartbeat is news only when it arrives: redriven, it says
+            // nothing about the source now.
+            Ok(crate::ingest::Event::Heartbeat { .. }) => (
+                None,
+                String::new(),
+                "ignored",
+                Some("a heartbeat is not redriven".to_owned()),
+            ),
+            Ok(crate::ingest::Event::Adjustment(adjustment)) => {
                 let key = format!(
                     "{}/{}/{}",
                     adjustment.merchant, adjustment.sku, adjustment.location

@@ -1,5 +1,5 @@
-//! Stock signals: `low_stock`, `out_of_stock`, `back_in_stock` and `reorder`
-//! on the Kafka topic `kafka.signals_topic` (`inventory.signals`), derived
+//! Stock signals: `low_stock`, `out_of_stock`, `back_in_stock`, `reorder`
+//! and `shortfall` on the Kafka topic `kafka.signals_topic` (`inventory.signals`), derived
 //! from the ledger the relay inserts.
 //!
 //! Owns deciding when a stock key crosses a threshold, from ledger entries
@@ -34,7 +34,14 @@
 //! settings) took available above the point: holds released and taken
 //! again around the point ask for one reorder, not one per swing. Status
 //! signals have no such damping: at a sell-out, each expiry and hold again
-//! is a real `back_in_stock` and `out_of_stock`.
+//! is a real `back_in_stock` and `out_of_stock`. `shortfall` when the key
+//! becomes short: Σ cells' on_hand − reserved + in flight − safety_stock
+//! below −backorder_limit (the allocator's own test for flagging an
+//! adjustment `shortfall`, over the key's cells): the shelf holds fewer
+//! units than the key promised or sold, typically a loss, or an offline
+//! POS's backlog of sales arriving late. Once per crossing: again only
+//! after the key stopped being short. Its payload's `short_by` says by how
+//! many units (every signal carries it, 0 when not short).
 //!
 //! **Where the relay's order is not the world's.** A flash-sale key's cells
 //! are relayed partition by partition: a bucket's release relayed after the
@@ -96,6 +103,8 @@ pub enum SignalKind {
     BackInStock,
     /// Available fell to the reorder point or below.
     Reorder,
+    /// The key holds fewer units than it promised or sold.
+    Shortfall,
 }
 
 impl SignalKind {
@@ -106,15 +115,17 @@ impl SignalKind {
             Self::OutOfStock => "out_of_stock",
             Self::BackInStock => "back_in_stock",
             Self::Reorder => "reorder",
+            Self::Shortfall => "shortfall",
         }
     }
 
     /// Every kind.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::LowStock,
         Self::OutOfStock,
         Self::BackInStock,
         Self::Reorder,
+        Self::Shortfall,
     ];
 }
 
@@ -126,8 +137,13 @@ pub struct KeyState {
     pub status: Option<&'static str>,
     /// Whether available was at or under the reorder point when last seen.
     pub below_reorder: bool,
+    /// Whether it was short when last seen; `None` before its first entry
+    /// (and for a key tracked before shortfalls were).
+    pub short: Option<bool>,
     /// From its last settings entry.
     pub safety_stock: i64,
+    /// From its last settings entry.
+    pub backorder_limit: i64,
     /// From its last settings entry; -1: the configured default.
     pub low_stock_threshold: i64,
     /// From its last settings entry; -1: none.
@@ -158,7 +174,9 @@ impl Default for KeyState {
         Self {
             status: None,
             below_reorder: false,
+            short: None,
             safety_stock: 0,
+            backorder_limit: 0,
             low_stock_threshold: -1,
             reorder_point: -1,
             reorder_qty: 0,
@@ -169,14 +187,26 @@ impl Default for KeyState {
 }
 
 impl KeyState {
-    /// Units the key could sell now (never below 0).
-    pub fn available(&self) -> i64 {
+    /// Units the key could sell now, below 0 when it promised more than
+    /// it holds.
+    fn sellable(&self) -> i64 {
         let units: i64 = self
             .cells
             .values()
             .map(|(on_hand, reserved)| on_hand - reserved)
             .sum();
-        (units + self.in_flight - self.safety_stock).max(0)
+        units + self.in_flight - self.safety_stock
+    }
+
+    /// Units the key could sell now (never below 0).
+    pub fn available(&self) -> i64 {
+        self.sellable().max(0)
+    }
+
+    /// Units the key is short by: promised or sold beyond its shelf and
+    /// backorder limit (0 when not short).
+    pub fn short_by(&self) -> i64 {
+        (-self.backorder_limit - self.sellable()).max(0)
     }
 
     fn threshold(&self, low_default: u64) -> i64 {
@@ -208,9 +238,19 @@ impl KeyState {
             ));
             self.below_reorder = self.below(available);
         }
+        if self.short.is_none() {
+            // Likewise for a key tracked before shortfalls were.
+            let mut before = self.clone();
+            before.cells.insert(
+                entry.cell.clone(),
+                (entry.on_hand_before, entry.reserved_before),
+            );
+            self.short = Some(before.short_by() > 0);
+        }
         match entry.op {
             LedgerOp::Settings => {
                 self.safety_stock = entry.safety_stock.unwrap_or(0);
+                self.backorder_limit = entry.backorder_limit.unwrap_or(0);
                 self.low_stock_threshold = entry.low_stock_threshold.unwrap_or(-1);
                 self.reorder_point = entry.reorder_point.unwrap_or(-1);
                 self.reorder_qty = entry.reorder_qty.unwrap_or(0);
@@ -252,6 +292,11 @@ impl KeyState {
         if below || receipt {
             self.below_reorder = below;
         }
+        let short_by = self.short_by();
+        if short_by > 0 && self.short != Some(true) {
+            kinds.push(SignalKind::Shortfall);
+        }
+        self.short = Some(short_by > 0);
         let entry_id = entry.entry_id.clone().unwrap_or_default();
         kinds
             .into_iter()
@@ -267,6 +312,7 @@ impl KeyState {
                     "low_stock_threshold": threshold,
                     "reorder_point": (self.reorder_point >= 0).then_some(self.reorder_point),
                     "reorder_qty": (self.reorder_point >= 0).then_some(self.reorder_qty),
+                    "short_by": short_by,
                     "entry_id": entry_id, "op": entry.op.as_str(), "at_ms": entry.at_ms,
                 }),
             })
@@ -322,7 +368,8 @@ pub async fn derive(
     let rows = transaction
         .query(
             "SELECT s.merchant, s.sku, s.location, s.status, s.below_reorder, s.safety_stock,
-                    s.low_stock_threshold, s.reorder_point, s.reorder_qty
+                    s.low_stock_threshold, s.reorder_point, s.reorder_qty, s.short,
+                    s.backorder_limit
              FROM signal_state s
              JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(merchant, sku, location)
                USING (merchant, sku, location)
@@ -339,7 +386,9 @@ pub async fn derive(
             KeyState {
                 status: status.as_deref().map(known_status),
                 below_reorder: row.get(4),
+                short: row.get(9),
                 safety_stock: row.get(5),
+                backorder_limit: row.get(10),
                 low_stock_threshold: row.get(6),
                 reorder_point: row.get(7),
                 reorder_qty: row.get(8),
@@ -421,11 +470,14 @@ pub async fn derive(
             "UPDATE signal_state s SET status = u.status, below_reorder = u.below_reorder,
                  safety_stock = u.safety_stock, low_stock_threshold = u.low_stock_threshold,
                  reorder_point = u.reorder_point, reorder_qty = u.reorder_qty,
-                 last_entry_id = u.last_entry_id, updated_at = now()
+                 last_entry_id = u.last_entry_id, short = u.short,
+                 backorder_limit = u.backorder_limit, updated_at = now()
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::int8[],
-                         $7::int8[], $8::int8[], $9::int8[], $10::text[])
+                         $7::int8[], $8::int8[], $9::int8[], $10::text[], $11::bool[],
+                         $12::int8[])
                   AS u(merchant, sku, location, status, below_reorder, safety_stock,
-                       low_stock_threshold, reorder_point, reorder_qty, last_entry_id)
+                       low_stock_threshold, reorder_point, reorder_qty, last_entry_id, short,
+                       backorder_limit)
              WHERE s.merchant = u.merchant AND s.sku = u.sku AND s.location = u.location",
             &[
                 &columns.merchants,
@@ -438,6 +490,8 @@ pub async fn derive(
                 &columns.reorder_point,
                 &columns.reorder_qty,
                 &columns.last_entry_id,
+                &columns.short,
+                &columns.backorder_limit,
             ],
         )
         .await?;
@@ -522,6 +576,8 @@ struct StateColumns<'a> {
     reorder_point: Vec<i64>,
     reorder_qty: Vec<i64>,
     last_entry_id: Vec<Option<String>>,
+    short: Vec<Option<bool>>,
+    backorder_limit: Vec<i64>,
 }
 
 /// Transfer halves as the columns of one upsert.
@@ -558,6 +614,8 @@ impl<'a> StateColumns<'a> {
         self.statuses.push(state.status);
         self.below_reorder.push(state.below_reorder);
         self.safety_stock.push(state.safety_stock);
+        self.short.push(state.short);
+        self.backorder_limit.push(state.backorder_limit);
         self.low_stock_threshold.push(state.low_stock_threshold);
         self.reorder_point.push(state.reorder_point);
         self.reorder_qty.push(state.reorder_qty);
@@ -754,6 +812,63 @@ mod tests {
 
     fn kinds(signals: &[Signal]) -> Vec<&'static str> {
         signals.iter().map(|signal| signal.kind.as_str()).collect()
+    }
+
+    #[test]
+    fn a_backlog_of_sales_past_the_shelf_is_one_shortfall_until_restored() {
+        let mut state = KeyState::default();
+        let pool = "m|s|l|pool";
+        // 5 on the shelf, 3 of them held online.
+        state.apply(&entry("adjust", pool, (0, 0), (5, 0), 1), 0);
+        state.apply(&entry("reserve", pool, (5, 0), (5, 3), 2), 0);
+        // The offline store's sales arrive: 2 leave it at 0 sellable (out
+        // of stock, not short), 2 more take it short: one shortfall.
+        let mut out = Vec::new();
+        for (n, on_hand) in [(3, 4), (4, 3), (5, 2), (6, 1)] {
+            out.push(kinds(&state.apply(
+                &entry("adjust", pool, (on_hand + 1, 3), (on_hand, 3), n),
+                0,
+            )));
+        }
+        assert_eq!(
+            out,
+            vec![vec![], vec!["out_of_stock"], vec!["shortfall"], vec![]]
+        );
+        assert_eq!(state.short_by(), 2);
+        // A commit is no new crossing; releasing the holds restores it (no
+        // signal: still out of stock at 0); a later loss is a new shortfall.
+        assert!(
+            state
+                .apply(&entry("release", pool, (1, 3), (1, 1), 7), 0)
+                .is_empty()
+        );
+        assert_eq!(state.short_by(), 0);
+        let again = state.apply(&entry("adjust", pool, (1, 1), (0, 1), 8), 0);
+        assert_eq!(kinds(&again), vec!["shortfall"]);
+        assert_eq!(again[0].payload["short_by"], json!(1));
+    }
+
+    #[test]
+    fn a_backorder_limit_is_not_a_shortfall_and_a_key_already_short_is_not_signalled() {
+        let mut state = KeyState::default();
+        let pool = "m|s|l|pool";
+        let mut settings = entry("settings", pool, (2, 0), (2, 0), 1);
+        settings.backorder_limit = Some(3);
+        state.apply(&settings, 0);
+        // 3 sold past the shelf on backorder: within the limit.
+        let sold = state.apply(&entry("reserve", pool, (2, 0), (2, 5), 2), 0);
+        assert!(!kinds(&sold).contains(&"shortfall"), "{:?}", kinds(&sold));
+        // A loss of 1 more: short by 1.
+        let lost = state.apply(&entry("adjust", pool, (2, 5), (1, 5), 3), 0);
+        assert_eq!(kinds(&lost), vec!["shortfall"]);
+        // A key first seen already short (tracked before shortfalls, or
+        // new to this writer) says nothing for being so.
+        let mut late = KeyState::default();
+        assert!(
+            late.apply(&entry("adjust", pool, (1, 4), (0, 4), 1), 0)
+                .iter()
+                .all(|signal| signal.kind != SignalKind::Shortfall)
+        );
     }
 
     #[test]

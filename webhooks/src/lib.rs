@@ -34,7 +34,13 @@ use sha2::Sha256;
 use tokio_postgres::Client;
 
 /// The events a webhook may ask for: the stock signals.
-pub const EVENTS: [&str; 4] = ["out_of_stock", "back_in_stock", "low_stock", "reorder"];
+pub const EVENTS: [&str; 5] = [
+    "out_of_stock",
+    "back_in_stock",
+    "low_stock",
+    "reorder",
+    "shortfall",
+];
 
 /// Shortest and longest secret, in characters.
 pub const SECRET_CHARS: std::ops::RangeInclusive<usize> = 16..=256;
@@ -81,9 +87,10 @@ pub fn check_events(events: &[String]) -> Result<(), Refused> {
     }
     for (index, event) in events.iter().enumerate() {
         if event == "availability" {
-            return Err(Refused(
-                "event availability is not delivered yet: ask for out_of_stock, back_in_stock, low_stock or reorder".to_owned(),
-            ));
+            return Err(Refused(format!(
+                "event availability is not delivered yet: ask for {}",
+                EVENTS.join(", ")
+            )));
         }
         if !EVENTS.contains(&event.as_str()) {
             return Err(Refused(format!(

@@ -24,6 +24,7 @@ pub(crate) async fn location_line(
         pool,
         &buckets,
         app.config().cache.low_stock_threshold_default,
+        app.sources.offline_buffer(&key.merchant, &key.location),
     ))
 }
 
@@ -37,6 +38,10 @@ pub(crate) async fn adjust(app: &App, session: &mut Session) -> Result<Reply, Ap
     caller.require_merchant(&adjustment.merchant)?;
     let key = StockKey::new(&adjustment.merchant, &adjustment.sku, &adjustment.location);
     let outcome = app.allocator.adjust(&adjustment).await?;
+    // Any answer says the source is there (a duplicate too: it resends).
+    app.sources
+        .seen
+        .note(&adjustment.source, crate::sources::now_ms());
     let json = match outcome {
         AdjustmentOutcome::Applied { shortfall, cell } => {
             let mut line = location_line(app, &key, &cell).await?.to_json();
