@@ -1,28 +1,34 @@
-//! Source health: when each system that reports stock (a POS, a WMS) was
-//! last heard from.
+//! Source health: when each system that reports a merchant's stock (a POS,
+//! a WMS) was last heard from.
 //!
 //! Owns the one record of it, the sorted set [`keys::SOURCES_SEEN`]
-//! (`source` → ms since the epoch), and the batch a process fills between
-//! two writes of it. Who writes: the ledger writer for every event of a
-//! source it applies from `kafka.events_topic` (a `heartbeat`, or an
-//! adjustment applied, found a duplicate or stale: any event says the
-//! source is there), at the time the source *reported* it (the message's
-//! timestamp, never later than the writer's clock); a gateway for every
-//! adjustment it takes over HTTP, at its arrival. Who reads: every gateway,
-//! about once a second, to show the locations a quiet source feeds as
-//! `source_offline` (the rule is the gateway's; this module only records).
+//! (member `merchant|source`, score: Redis time in ms), and the set of
+//! sources a process heard from between two writes of it. Who writes: the
+//! ledger writer for the events of a source it takes from
+//! `kafka.events_topic` (a `heartbeat`, or an adjustment applied, found a
+//! duplicate or stale: any event says the source is there), and a gateway
+//! for every adjustment it takes over HTTP. Who reads: every gateway, about
+//! once a second, to show the locations a quiet source feeds as
+//! `source_offline` (the rule is the gateway's; this module records, and
+//! answers Redis time to judge against).
 //!
-//! **Choices.** Writes use `ZADD GT`, so whatever order writers flush in,
-//! the record only moves forward; a process batches what it saw and writes
-//! it once a second (one call, whatever the event rate), so a crash forgets
-//! at most a second of sightings: a source then looks quiet a second early,
-//! never online when it is not. Event time, not arrival time, for Kafka
-//! events: a writer working through a backlog has not applied what the
-//! source reported since, and shown counts still miss those sales. Entries
-//! untouched for [`FORGET_AFTER`] are removed with each write (sources
-//! that were retired).
+//! **Choices.**
+//! * *Per merchant.* A source is named by its merchant and its `source`:
+//!   two merchants' tills both called `pos-1` are two sources, and a
+//!   merchant's admin key cannot keep another merchant's store online.
+//! * *One clock.* Sightings are recorded at Redis time when written, and
+//!   judged against Redis time: no host's clock (a till's, a gateway's)
+//!   decides whether a source is online. A write comes at most a second
+//!   after the sighting, so a source may look online a second longer.
+//! * *Forward only.* `ZADD GT`: whatever order writers flush in, a
+//!   source's time never moves back.
+//! * *Batched.* A process writes what it heard once a second (one call,
+//!   whatever the event rate); a crash forgets at most that second: the
+//!   source then looks quiet a second early, never online when it is not.
+//! * Entries untouched for [`FORGET_AFTER`] are removed with each write
+//!   (sources that were retired).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -35,36 +41,37 @@ use crate::{Allocator, Result};
 /// How long a source nobody heard from stays in the record.
 pub const FORGET_AFTER: Duration = Duration::from_secs(30 * 86_400);
 
-/// What a process saw since its last write: source → latest ms.
+/// A source's member in the record: `merchant|source` (`|` is in no id).
+pub fn source_member(merchant: &str, source: &str) -> String {
+    format!("{merchant}|{source}")
+}
+
+/// The sources a process heard from since its last write, as members.
 #[derive(Debug, Default)]
 pub struct SourcesSeen {
-    seen: Mutex<HashMap<String, u64>>,
+    seen: Mutex<HashSet<String>>,
 }
 
 impl SourcesSeen {
-    /// `source` reported at `at_ms` (keeps the latest).
-    pub fn note(&self, source: &str, at_ms: u64) {
+    /// `source` of `merchant` was heard from.
+    pub fn note(&self, merchant: &str, source: &str) {
+        let member = source_member(merchant, source);
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        match seen.get_mut(source) {
-            Some(latest) => *latest = (*latest).max(at_ms),
-            None => {
-                seen.insert(source.to_owned(), at_ms);
-            }
+        if !seen.contains(&member) {
+            seen.insert(member);
         }
     }
 
     /// Everything noted since the last take.
-    pub fn take(&self) -> Vec<(String, u64)> {
+    pub fn take(&self) -> Vec<String> {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         std::mem::take(&mut *seen).into_iter().collect()
     }
 
-    /// Notes again what a failed write did not store (never moves a
-    /// source back: a later sighting wins).
-    pub fn restore(&self, taken: Vec<(String, u64)>) {
-        for (source, at_ms) in taken {
-            self.note(&source, at_ms);
-        }
+    /// Notes again what a failed write did not store.
+    pub fn restore(&self, taken: Vec<String>) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.extend(taken);
     }
 }
 
@@ -74,17 +81,19 @@ fn command(name: &'static str) -> CustomCommand {
 }
 
 impl Allocator {
-    /// Records sightings (`ZADD GT`: a source's time only moves forward)
-    /// and forgets sources unheard of for [`FORGET_AFTER`] before `now_ms`.
-    pub async fn record_sources_seen(&self, seen: &[(String, u64)], now_ms: u64) -> Result<()> {
-        if seen.is_empty() {
-            return Ok(());
-        }
+    /// Records that the sources `members` ([`source_member`]) were heard
+    /// from now (Redis time of the record's master; `ZADD GT`), and forgets
+    /// sources unheard of for [`FORGET_AFTER`]. Answers that time.
+    pub async fn record_sources_seen(&self, members: &[String]) -> Result<u64> {
         let client = self.store.for_key(keys::SOURCES_SEEN)?;
+        let now_ms = self.time_on(&client).await?;
+        if members.is_empty() {
+            return Ok(now_ms);
+        }
         let mut zadd = vec![keys::SOURCES_SEEN.to_owned(), "GT".to_owned()];
-        for (source, at_ms) in seen {
-            zadd.push(at_ms.to_string());
-            zadd.push(source.clone());
+        for member in members {
+            zadd.push(now_ms.to_string());
+            zadd.push(member.clone());
         }
         let _: i64 = self
             .with_timeout(client.custom(command("ZADD"), zadd))
@@ -100,29 +109,42 @@ impl Allocator {
                 ],
             ))
             .await?;
-        Ok(())
+        Ok(now_ms)
     }
 
-    /// When each of `sources` was last heard from (ms), `None` for one
-    /// never heard from (or forgotten).
-    pub async fn sources_seen(&self, sources: &[String]) -> Result<Vec<Option<u64>>> {
-        if sources.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// When each of `members` ([`source_member`]) was last heard from (ms,
+    /// Redis time), `None` for one never heard from (or forgotten), and
+    /// Redis time now on the record's master, to judge them against.
+    pub async fn sources_seen(&self, members: &[String]) -> Result<(Vec<Option<u64>>, u64)> {
         let client = self.store.for_key(keys::SOURCES_SEEN)?;
+        let now_ms = self.time_on(&client).await?;
+        if members.is_empty() {
+            return Ok((Vec::new(), now_ms));
+        }
         let mut args = vec![keys::SOURCES_SEEN.to_owned()];
-        args.extend(sources.iter().cloned());
+        args.extend(members.iter().cloned());
         // ZMSCORE answers an array even for one member (Redis >= 6.2).
         let scores: Vec<Option<String>> = self
             .with_timeout(client.custom(command("ZMSCORE"), args))
             .await?;
-        Ok(scores
+        let seen = scores
             .into_iter()
             .map(|score| {
                 score
                     .and_then(|ms| ms.parse::<f64>().ok())
                     .map(|ms| ms.max(0.0) as u64)
             })
-            .collect())
+            .collect();
+        Ok((seen, now_ms))
+    }
+
+    /// Redis time (ms) on `client`'s master (each client of the store is
+    /// one master's).
+    async fn time_on(&self, client: &fred::clients::Client) -> Result<u64> {
+        let time = CustomCommand::new_static("TIME", ClusterHash::Random, false);
+        let (seconds, micros): (u64, u64) = self
+            .with_timeout(client.custom(time, Vec::<String>::new()))
+            .await?;
+        Ok(seconds * 1000 + micros / 1000)
     }
 }

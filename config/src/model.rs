@@ -58,11 +58,15 @@ pub struct Config {
     pub locations: Vec<LocationConfig>,
 }
 
-/// A system that reports stock: the `source` of its adjustments and the
-/// sender of its `heartbeat` events on `kafka.events_topic`.
+/// A system that reports a merchant's stock: the `source` of its
+/// adjustments and the sender of its `heartbeat` events on
+/// `kafka.events_topic`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
+    /// The merchant whose stock it reports (two merchants' sources of one
+    /// name are two sources).
+    pub merchant: String,
     /// The `source` its events carry.
     pub name: String,
     /// Quiet longer than this (no event of any kind, heartbeat or
@@ -79,8 +83,9 @@ pub struct LocationConfig {
     pub merchant: String,
     /// The location id.
     pub location: String,
-    /// The source (a `sources[].name`) whose reports keep this location's
-    /// counts current, typically its store's POS. Absent: none is watched.
+    /// The source (a `sources[].name` of the same merchant) whose reports
+    /// keep this location's counts current, typically its store's POS.
+    /// Absent: none is watched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// Units taken off each SKU's shown `available` here while its source

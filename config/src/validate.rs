@@ -559,11 +559,12 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
     let mut source_names = HashSet::new();
     for (i, source) in config.sources.iter().enumerate() {
         let path = format!("sources[{i}]");
+        c.id(format!("{path}.merchant"), &source.merchant);
         c.id(format!("{path}.name"), &source.name);
         c.check(
-            source_names.insert(source.name.as_str()),
+            source_names.insert((source.merchant.as_str(), source.name.as_str())),
             format!("{path}.name"),
-            "duplicate source name",
+            "this merchant has a source of this name already",
         );
         c.range(
             &format!("{path}.offline_after_seconds"),
@@ -584,9 +585,9 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         );
         if let Some(source) = &location.source {
             c.check(
-                source_names.contains(source.as_str()),
+                source_names.contains(&(location.merchant.as_str(), source.as_str())),
                 format!("{path}.source"),
-                "names no source in sources[]",
+                "names no source of this merchant in sources[]",
             );
         }
         c.range(

@@ -124,23 +124,26 @@ fn flash_sale_customer_limits_of_zero_are_rejected_and_sane_ones_parse() {
 fn sources_and_locations_are_checked_and_name_each_other() {
     let text = |extra: &str| example_text("dev.toml") + extra;
     let error = parse_text(&text(
-        "\n[[sources]]\nname = \"pos\"\noffline_after_seconds = 1\n\
-         \n[[sources]]\nname = \"pos\"\noffline_after_seconds = 60\n\
+        "\n[[sources]]\nmerchant = \"m1\"\nname = \"pos\"\noffline_after_seconds = 1\n\
+         \n[[sources]]\nmerchant = \"m1\"\nname = \"pos\"\noffline_after_seconds = 60\n\
+         \n[[sources]]\nmerchant = \"m2\"\nname = \"pos\"\noffline_after_seconds = 60\n\
          \n[[locations]]\nmerchant = \"m1\"\nlocation = \"s1\"\nsource = \"nobody\"\n\
-         \n[[locations]]\nmerchant = \"m1\"\nlocation = \"s1\"\n",
+         \n[[locations]]\nmerchant = \"m1\"\nlocation = \"s1\"\n\
+         \n[[locations]]\nmerchant = \"m3\"\nlocation = \"s1\"\nsource = \"pos\"\n",
     ))
     .expect_err("refused");
     assert_eq!(
         field_messages(&error),
         [
             "sources[0].offline_after_seconds: must be between 10 and 604800",
-            "sources[1].name: duplicate source name",
-            "locations[0].source: names no source in sources[]",
+            "sources[1].name: this merchant has a source of this name already",
+            "locations[0].source: names no source of this merchant in sources[]",
             "locations[1].location: this merchant's location is listed already",
+            "locations[2].source: names no source of this merchant in sources[]",
         ]
     );
     let config = parse_text(&text(
-        "\n[[sources]]\nname = \"pos-12\"\noffline_after_seconds = 120\n\
+        "\n[[sources]]\nmerchant = \"m1\"\nname = \"pos-12\"\noffline_after_seconds = 120\n\
          \n[[locations]]\nmerchant = \"m1\"\nlocation = \"store-12\"\nsource = \"pos-12\"\noffline_buffer_units = 2\n",
     ))
     .expect("a POS feeding one store");

@@ -186,7 +186,10 @@ impl App {
             )
         }));
         metrics.serve_sales(Arc::clone(&reserver));
+        // Every watched location offline until the first look at the
+        // record (nothing says its counts are current yet).
         let sources = Arc::new(crate::sources::SourceHealth::default());
+        sources.set(crate::sources::judge(&config, &[], 0).1);
         let app = Arc::new(Self {
             cache: AvailabilityCache::new(
                 &config,
@@ -461,29 +464,28 @@ impl App {
     /// stays as last judged.
     async fn watch_sources(self: Arc<Self>) {
         loop {
-            let seen = self.sources.seen.take();
-            let now = crate::sources::now_ms();
-            if let Err(error) = self.allocator.record_sources_seen(&seen, now).await {
+            let heard = self.sources.seen.take();
+            if !heard.is_empty()
+                && let Err(error) = self.allocator.record_sources_seen(&heard).await
+            {
                 warn!(%error, "recording the sources heard from failed; retrying");
                 self.metrics.redis_errors.inc();
-                self.sources.seen.restore(seen);
+                self.sources.seen.restore(heard);
             }
             let config = self.config();
-            let names: Vec<String> = config
-                .sources
-                .iter()
-                .map(|source| source.name.clone())
-                .collect();
-            match self.allocator.sources_seen(&names).await {
-                Ok(seen) => {
-                    let (states, offline) =
-                        crate::sources::judge(&config, &seen, crate::sources::now_ms());
+            match self
+                .allocator
+                .sources_seen(&crate::sources::members(&config))
+                .await
+            {
+                Ok((seen, now_ms)) => {
+                    let (states, offline) = crate::sources::judge(&config, &seen, now_ms);
                     self.metrics.show_sources(&states);
                     if self.sources.set(offline) {
-                        let offline: Vec<&str> = states
+                        let offline: Vec<String> = states
                             .iter()
                             .filter(|state| state.offline)
-                            .map(|state| state.name.as_str())
+                            .map(|state| format!("{}/{}", state.merchant, state.name))
                             .collect();
                         info!(
                             ?offline,

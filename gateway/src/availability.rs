@@ -176,7 +176,9 @@ impl SkuAvailability {
             hash.update(b"=");
             hash.update(location.version.to_string().as_bytes());
             if location.source_offline {
-                hash.update(b"~offline");
+                // What is shown then depends on the buffer too.
+                hash.update(b"~offline=");
+                hash.update(location.available.to_string().as_bytes());
             }
             hash.update(b";");
         }

@@ -1,9 +1,9 @@
 //! Source health as availability shows it: which locations are fed by a
 //! source that has gone quiet, and what they hold back meanwhile.
 //!
-//! Owns the rule (a source is offline when nothing from it was applied for
-//! longer than its `sources[].offline_after_seconds`, or it was never heard
-//! from) and the node's current answer. The record of when each source was
+//! Owns the rule (a source is offline when nothing current from it was
+//! taken for longer than its `sources[].offline_after_seconds`, or it was
+//! never heard from) and the node's current answer. The record of when each source was
 //! last heard from is the allocator's ([`allocator::sources`]): the ledger
 //! writer fills it from `kafka.events_topic`, and this node from the
 //! adjustments it takes over HTTP ([`SourceHealth::seen`], written by the
@@ -21,14 +21,15 @@
 //!
 //! **Choices.** A source never heard from is offline: nothing says its
 //! counts are current (after a fresh start, its first event puts it right
-//! within a second). Quiet is judged on this node's clock against the time
-//! the source reported (its Kafka message's timestamp): hosts are kept in
-//! step by NTP, and `offline_after_seconds` is at least
-//! [`config::OFFLINE_AFTER_SECONDS_MIN`] so skew does not matter. Each
-//! node decides for itself once a second from the shared record, so nodes
-//! agree within a second. A flip marks the whole cache dirty and wakes
-//! every stream (flips are rare; a per-location index of cached SKUs would
-//! cost every fill).
+//! within a second); a node starts with every watched location offline
+//! until its first look at the record. Quiet is judged against Redis time
+//! (the record's clock), never a host's. Each node decides for itself once
+//! a second from the shared record, so nodes agree within a second; with
+//! Redis unreachable a node keeps what it last decided. A flip marks the
+//! whole cache dirty and wakes every stream: each cached SKU is read again
+//! once, on its next read (flips are rare, minutes apart per source; a
+//! per-merchant generation would spare other merchants' SKUs at the cost of
+//! a lookup on every hit).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,11 +37,13 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use config::{Config, LocationConfig, SourceConfig};
 
-/// This node's clock, ms since the epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64)
+/// The record's members of `config`'s sources, in `config.sources` order.
+pub fn members(config: &Config) -> Vec<String> {
+    config
+        .sources
+        .iter()
+        .map(|source| allocator::sources::source_member(&source.merchant, &source.name))
+        .collect()
 }
 
 /// merchant → location → units held back, for locations whose source is
@@ -50,6 +53,8 @@ pub type OfflineLocations = HashMap<String, HashMap<String, u32>>;
 /// One configured source as last judged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceState {
+    /// Its merchant.
+    pub merchant: String,
     /// Its name.
     pub name: String,
     /// Whether it is offline.
@@ -58,9 +63,10 @@ pub struct SourceState {
     pub quiet_seconds: Option<u64>,
 }
 
-/// Judges every source of `config` at `now_ms`, given when each was last
-/// heard from (`seen[i]` for `config.sources[i]`), and lists the locations
-/// the offline ones feed with their buffers.
+/// Judges every source of `config` at `now_ms` (Redis time), given when
+/// each was last heard from (`seen[i]` for `config.sources[i]`; missing:
+/// never), and lists the locations the offline ones feed with their
+/// buffers.
 pub fn judge(
     config: &Config,
     seen: &[Option<u64>],
@@ -81,21 +87,24 @@ fn judge_sources(
         .map(|(source, seen)| {
             let quiet_ms = seen.map(|at| now_ms.saturating_sub(at));
             SourceState {
+                merchant: source.merchant.clone(),
                 name: source.name.clone(),
                 offline: quiet_ms.is_none_or(|quiet| quiet > source.offline_after_seconds * 1000),
                 quiet_seconds: quiet_ms.map(|quiet| quiet / 1000),
             }
         })
         .collect();
+    let quiet: std::collections::HashSet<(&str, &str)> = states
+        .iter()
+        .filter(|state| state.offline)
+        .map(|state| (state.merchant.as_str(), state.name.as_str()))
+        .collect();
     let mut offline = OfflineLocations::new();
     for location in locations {
         let Some(source) = &location.source else {
             continue;
         };
-        if states
-            .iter()
-            .any(|state| state.offline && &state.name == source)
-        {
+        if quiet.contains(&(location.merchant.as_str(), source.as_str())) {
             offline
                 .entry(location.merchant.clone())
                 .or_default()
@@ -155,12 +164,20 @@ mod tests {
     fn config() -> Setup {
         let sources = vec![
             SourceConfig {
+                merchant: "m1".to_owned(),
                 name: "pos-12".to_owned(),
                 offline_after_seconds: 60,
             },
             SourceConfig {
+                merchant: "m1".to_owned(),
                 name: "wms".to_owned(),
                 offline_after_seconds: 300,
+            },
+            // Another merchant's source of the same name feeds nothing of m1.
+            SourceConfig {
+                merchant: "m2".to_owned(),
+                name: "pos-12".to_owned(),
+                offline_after_seconds: 60,
             },
         ];
         let location = |location: &str, source: Option<&str>, buffer| LocationConfig {
@@ -183,19 +200,22 @@ mod tests {
     fn a_source_is_offline_once_quiet_past_its_limit_or_never_heard_from() {
         let config = config();
         let now = 1_000_000_000;
-        let (states, offline) = judge(&config, &[Some(now - 60_000), Some(now - 10)], now);
-        assert!(states.iter().all(|state| !state.offline), "{states:?}");
-        assert!(offline.is_empty());
-        let (states, offline) = judge(&config, &[Some(now - 60_001), None], now);
+        let (states, offline) = judge(&config, &[Some(now - 60_000), Some(now - 10), None], now);
+        assert!(states[..2].iter().all(|state| !state.offline), "{states:?}");
+        assert!(states[2].offline, "m2's pos-12, never heard from");
+        assert!(offline.is_empty(), "m2 lists no location: {offline:?}");
+        let (states, offline) = judge(&config, &[Some(now - 60_001), None, Some(now)], now);
         assert_eq!(
-            states,
-            vec![
+            states[..2],
+            [
                 SourceState {
+                    merchant: "m1".to_owned(),
                     name: "pos-12".to_owned(),
                     offline: true,
                     quiet_seconds: Some(60)
                 },
                 SourceState {
+                    merchant: "m1".to_owned(),
                     name: "wms".to_owned(),
                     offline: true,
                     quiet_seconds: None
@@ -208,7 +228,7 @@ mod tests {
         assert_eq!(offline["m1"].get("dc1"), Some(&0));
         assert_eq!(offline["m1"].get("dc2"), None);
         // A report from the future (a skewed clock) is not quiet.
-        let (states, _) = judge(&config, &[Some(now + 5_000), Some(now)], now);
+        let (states, _) = judge(&config, &[Some(now + 5_000), Some(now), Some(now)], now);
         assert!(states.iter().all(|state| !state.offline));
     }
 
@@ -217,7 +237,7 @@ mod tests {
         let health = SourceHealth::default();
         let config = config();
         let now = 10_000_000;
-        let (_, offline) = judge(&config, &[None, Some(now)], now);
+        let (_, offline) = judge(&config, &[None, Some(now), Some(now)], now);
         assert!(health.set(offline.clone()));
         assert!(!health.set(offline), "the same set again is no change");
         assert_eq!(health.offline_buffer("m1", "store-12"), Some(3));

@@ -735,7 +735,7 @@ async fn metrics_pass_promtool_and_have_every_series_the_alerts_use() {
     let sale = testkit::unique_id("linted-drop");
     // A source never heard from: its gauge, which an alert reads, is served.
     let fleet = Fleet::on_stack(&format!(
-        "{}\n[[sources]]\nname = \"{}\"\noffline_after_seconds = 60\n",
+        "{}\n[[sources]]\nmerchant = \"m1\"\nname = \"{}\"\noffline_after_seconds = 60\n",
         sale_toml(&sale, &sku, true),
         testkit::unique_id("linted-pos")
     ));

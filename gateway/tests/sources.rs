@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 /// and goes offline after 10 s; dc1 has no source.
 fn sources_toml(pos: &str) -> String {
     format!(
-        "\n[[sources]]\nname = \"{pos}\"\noffline_after_seconds = 10\n\
+        "\n[[sources]]\nmerchant = \"m1\"\nname = \"{pos}\"\noffline_after_seconds = 10\n\
          \n[[locations]]\nmerchant = \"m1\"\nlocation = \"store-12\"\nsource = \"{pos}\"\noffline_buffer_units = 2\n\
          \n[[locations]]\nmerchant = \"m1\"\nlocation = \"dc1\"\noffline_buffer_units = 5\n"
     )
@@ -107,8 +107,9 @@ async fn a_quiet_pos_shows_its_locations_offline_less_their_buffer_until_it_repo
     let (online, online_etag) = read(&b, &sku).await;
     assert_eq!(online["available"], 30, "{online}");
 
-    // A stream on node b, before the POS goes quiet.
-    let mut stream = client()
+    // A stream on node b, before the POS goes quiet (on a client without
+    // the helpers' 10 s bound on a whole response).
+    let mut stream = reqwest::Client::new()
         .get(b.url(&format!("/v1/stream?merchant=m1&sku={sku}")))
         .bearer_auth(READ)
         .send()
@@ -174,8 +175,12 @@ async fn a_quiet_pos_shows_its_locations_offline_less_their_buffer_until_it_repo
     {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(!left.is_zero(), "no offline event: {events:?}");
-        let Ok(Ok(Some(chunk))) = tokio::time::timeout(left, stream.chunk()).await else {
-            panic!("stream ended or timed out: {events:?}")
+        let chunk = match tokio::time::timeout(left, stream.chunk()).await {
+            Ok(Ok(Some(chunk))) => chunk,
+            other => panic!(
+                "stream ended or timed out ({other:?}): {events:?}\n{}",
+                log_tail(&b.log)
+            ),
         };
         seen.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = seen.find("\n\n") {
@@ -186,6 +191,43 @@ async fn a_quiet_pos_shows_its_locations_offline_less_their_buffer_until_it_repo
         }
     }
     assert_eq!(store(&events[0])["source_offline"], false, "{events:?}");
+
+    // Another merchant's till of the same name reporting keeps nothing of
+    // m1 online.
+    let (status, body) = post(
+        &b.url("/v1/stock/adjustments"),
+        OTHER_MERCHANT,
+        None,
+        &json!({
+            "merchant": "m2", "sku": sku, "location": "store-12", "kind": "delta", "qty": 4,
+            "source": pos, "event_id": testkit::unique_id("m2-sale"),
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // A larger buffer while offline: what is shown changes, and so does the
+    // ETag (a client revalidating is not told its copy is current).
+    let (_, offline_etag) = read(&a, &sku).await;
+    fleet.write_config(
+        &fleet
+            .config_text()
+            .replace("offline_buffer_units = 2", "offline_buffer_units = 5"),
+    );
+    wait_both(
+        [&a, &b],
+        &sku,
+        Duration::from_secs(5),
+        "the larger buffer",
+        |line| line["available"] == 5,
+    )
+    .await;
+    let (body, etag) = read(&a, &sku).await;
+    assert_eq!(
+        store(&body)["source_offline"],
+        true,
+        "m2's till kept m1's store offline: {body}"
+    );
+    assert_ne!(etag, offline_etag);
 
     // It reports again (a sale of 1): online within a second or two, the
     // buffer no longer held back.

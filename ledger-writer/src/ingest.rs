@@ -14,19 +14,29 @@
 //! dead-letter topic with its reason and its origin, and the partition moves
 //! on; a store that cannot be reached is retried, never skipped.
 //!
-//! A `heartbeat` event (`{"kind":"heartbeat","source":"pos-store-12"}`)
-//! changes no stock: like every event a source sends, it records that the
-//! source was heard from at the message's timestamp ([`allocator::sources`],
-//! which explains the choice of clock; written once a second). A gateway
-//! shows the locations of a source quiet past its `offline_after_seconds`
-//! as `source_offline`. The backlog a source sends when it reconnects is
-//! applied like any event: deltas are facts (dedupe on `(source,
-//! event_id)`, any order), and a loss past what is sellable is flagged
-//! `shortfall` in the ledger, from which the writer signals it.
+//! A `heartbeat` event (`{"kind":"heartbeat","merchant":"m1","source":"pos-store-12"}`)
+//! changes no stock: like every event a source sends, it says that the
+//! source is there ([`allocator::sources`] records it, at Redis time, once a
+//! second). A message counts as such a sighting only while it is current:
+//! no older (its Kafka timestamp against the writer's clock) than its
+//! source's `offline_after_seconds` ([`UNCONFIGURED_CURRENT_FOR`] for a
+//! source the config does not list). A backlog a source sends on reconnect,
+//! or one the writer is working through, is applied but says nothing of the
+//! source *now*; a till whose clock is off by more than that never counts,
+//! and the writer warns about it. A gateway shows the locations of a source
+//! quiet past its `offline_after_seconds` as `source_offline`. The backlog
+//! itself is applied like any event: deltas are facts (dedupe on
+//! `(source, event_id)`, any order), and a loss past what is sellable is
+//! flagged `shortfall` in the ledger, from which the writer signals it.
+//! Sources should key their events by their name: one partition then
+//! carries them in order, and a heartbeat is taken only after every sale
+//! sent before it.
 //!
 //! The consumer runs on a thread of its own (rdkafka's poll can block during
 //! rebalances) and calls the async allocator through the runtime's handle.
 
+use std::collections::HashMap;
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use allocator::{
@@ -62,6 +72,10 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// How often what was heard from sources is written to Redis.
 const SOURCES_SEEN_EVERY: Duration = Duration::from_secs(1);
 
+/// How old a message of a source the config does not list may be and still
+/// say that the source is there (a listed one's `offline_after_seconds`).
+pub const UNCONFIGURED_CURRENT_FOR: Duration = Duration::from_secs(300);
+
 /// One message of the events topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -69,27 +83,20 @@ pub enum Event {
     Adjustment(Adjustment),
     /// A source saying it is there.
     Heartbeat {
+        /// Whose stock it reports.
+        merchant: String,
         /// Who.
         source: String,
     },
 }
 
-impl Event {
-    /// The source that sent it.
-    pub fn source(&self) -> &str {
-        match self {
-            Self::Adjustment(adjustment) => &adjustment.source,
-            Self::Heartbeat { source } => source,
-        }
-    }
-}
-
-/// `{"kind":"heartbeat","source":…}`, nothing else.
+/// `{"kind":"heartbeat","merchant":…,"source":…}`, nothing else.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // `kind` is read before, from the JSON value.
 struct HeartbeatRequest {
     kind: String,
+    merchant: String,
     source: String,
 }
 
@@ -103,10 +110,16 @@ pub fn parse_event(payload: &[u8]) -> Result<Event, String> {
         if value.get("kind").and_then(serde_json::Value::as_str) == Some("heartbeat") {
             let heartbeat: HeartbeatRequest = serde_json::from_value(value)
                 .map_err(|error| format!("malformed heartbeat: {error}"))?;
-            if !config::is_valid_id(&heartbeat.source) {
-                return Err("source must match [A-Za-z0-9._:-]{1,128}".to_owned());
+            for (field, value) in [
+                ("merchant", &heartbeat.merchant),
+                ("source", &heartbeat.source),
+            ] {
+                if !config::is_valid_id(value) {
+                    return Err(format!("{field} must match [A-Za-z0-9._:-]{{1,128}}"));
+                }
             }
             return Ok(Event::Heartbeat {
+                merchant: heartbeat.merchant,
                 source: heartbeat.source,
             });
         }
@@ -116,33 +129,90 @@ pub fn parse_event(payload: &[u8]) -> Result<Event, String> {
         .map(Event::Adjustment)
 }
 
-/// When a message says its source reported it (its Kafka timestamp), never
-/// later than `now_ms`; `now_ms` for a message without one.
-fn reported_at(message: &BorrowedMessage<'_>, now_ms: u64) -> u64 {
-    message
-        .timestamp()
-        .to_millis()
-        .map_or(now_ms, |at| (at.max(0) as u64).min(now_ms))
+/// The sources heard from since the last write, and the messages that
+/// came too late to say so.
+#[derive(Default)]
+struct Heard {
+    seen: SourcesSeen,
+    /// `merchant|source` → (messages too old to count, the oldest's age).
+    late: std::sync::Mutex<HashMap<String, (u64, Duration)>>,
 }
 
-/// Writes what was heard from sources since the last write; on failure
-/// keeps it for the next.
-pub fn record_sources_seen(
-    allocator: &Allocator,
-    seen: &SourcesSeen,
-    runtime: &tokio::runtime::Handle,
-) {
-    let taken = seen.take();
-    if taken.is_empty() {
-        return;
+impl Heard {
+    /// A message of `source` of `merchant` was taken: a sighting if it is
+    /// current for that source (`currency`), else counted as late.
+    fn take_message(
+        &self,
+        message: &BorrowedMessage<'_>,
+        merchant: &str,
+        source: &str,
+        currency: &Currency,
+    ) {
+        let current_for = currency.of(merchant, source);
+        let age = message
+            .timestamp()
+            .to_millis()
+            .map_or(Duration::ZERO, |at| {
+                Duration::from_millis(now_ms().saturating_sub(at.max(0) as u64))
+            });
+        if age <= current_for {
+            self.seen.note(merchant, source);
+            return;
+        }
+        let mut late = self.late.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = late
+            .entry(allocator::sources::source_member(merchant, source))
+            .or_insert((0, Duration::ZERO));
+        entry.0 += 1;
+        entry.1 = entry.1.max(age);
     }
-    if let Err(error) = runtime.block_on(allocator.record_sources_seen(&taken, now_ms())) {
-        warn!(%error, "recording when sources were heard from failed; retrying");
-        seen.restore(taken);
+
+    /// Writes the sightings (kept for the next write if Redis does not take
+    /// them) and reports the late messages.
+    fn record(&self, allocator: &Allocator, runtime: &tokio::runtime::Handle) {
+        let taken = self.seen.take();
+        if !taken.is_empty()
+            && let Err(error) = runtime.block_on(allocator.record_sources_seen(&taken))
+        {
+            warn!(%error, "recording the sources heard from failed; retrying");
+            self.seen.restore(taken);
+        }
+        let late = std::mem::take(&mut *self.late.lock().unwrap_or_else(PoisonError::into_inner));
+        for (source, (messages, oldest)) in late {
+            warn!(%source, messages, oldest_seconds = oldest.as_secs(), "messages of a source too old to say it is there now (a backlog, a writer behind, or the source's clock off): applied, not counted as a sighting");
+        }
     }
 }
 
-/// The writer's clock, ms since the epoch.
+/// How long each source's messages count as current: its
+/// `offline_after_seconds`, or [`UNCONFIGURED_CURRENT_FOR`].
+struct Currency(HashMap<String, Duration>);
+
+impl Currency {
+    fn new(config: &config::Config) -> Self {
+        Self(
+            config
+                .sources
+                .iter()
+                .map(|source| {
+                    (
+                        allocator::sources::source_member(&source.merchant, &source.name),
+                        Duration::from_secs(source.offline_after_seconds),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn of(&self, merchant: &str, source: &str) -> Duration {
+        self.0
+            .get(&allocator::sources::source_member(merchant, source))
+            .copied()
+            .unwrap_or(UNCONFIGURED_CURRENT_FOR)
+    }
+}
+
+/// The writer's clock, ms since the epoch (only to age messages).
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -171,11 +241,12 @@ pub fn consume(
     consumer.subscribe(&[config.kafka.events_topic.as_str()])?;
     info!(topic = %config.kafka.events_topic, dlq = %config.kafka.dlq_topic, "ingesting stock events");
     let timeout = Duration::from_millis(config.kafka.request_timeout_ms);
-    let seen = SourcesSeen::default();
+    let heard = Heard::default();
+    let currency = Currency::new(config);
     let mut last_recorded = std::time::Instant::now();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         if last_recorded.elapsed() >= SOURCES_SEEN_EVERY {
-            record_sources_seen(allocator, &seen, runtime);
+            heard.record(allocator, runtime);
             last_recorded = std::time::Instant::now();
         }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
@@ -201,7 +272,9 @@ pub fn consume(
                 runtime,
                 timeout,
                 &mut failures,
-                &seen,
+                &|merchant: &str, source: &str| {
+                    heard.take_message(&message, merchant, source, &currency)
+                },
             ) {
                 Ok(outcome) => {
                     metrics.events.with_label_values(&[outcome]).inc();
@@ -222,7 +295,7 @@ pub fn consume(
         // Stored only now: the effect (or the dead letter) is stored.
         consumer.store_offset_from_message(&message)?;
     }
-    record_sources_seen(allocator, &seen, runtime);
+    heard.record(allocator, runtime);
     if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
         warn!(%error, "committing ingestion offsets on stop failed; they are re-delivered");
     }
@@ -231,7 +304,8 @@ pub fn consume(
 
 /// Applies one message, or sends it to the dead-letter topic, and says which
 /// (`applied`, `shortfall`, `duplicate`, `stale`, `heartbeat`,
-/// `dead_lettered`), noting its source in `seen` unless dead-lettered; an
+/// `dead_lettered`), telling `heard` its merchant and source unless
+/// dead-lettered; an
 /// error means nothing may be committed yet (the store or the broker did not
 /// answer).
 #[allow(clippy::too_many_arguments)]
@@ -243,25 +317,25 @@ fn handle(
     runtime: &tokio::runtime::Handle,
     timeout: Duration,
     failures: &mut u32,
-    seen: &SourcesSeen,
+    heard_from: &dyn Fn(&str, &str),
 ) -> anyhow::Result<&'static str> {
     let payload = message.payload().unwrap_or_default();
-    let heard = |source: &str, outcome: &'static str| {
-        seen.note(source, reported_at(message, now_ms()));
+    let heard = |adjustment: &Adjustment, outcome: &'static str| {
+        heard_from(&adjustment.merchant, &adjustment.source);
         Ok(outcome)
     };
     let reason = match parse_event(payload) {
-        Ok(Event::Heartbeat { source }) => return heard(&source, "heartbeat"),
+        Ok(Event::Heartbeat { merchant, source }) => {
+            heard_from(&merchant, &source);
+            return Ok("heartbeat");
+        }
         Ok(Event::Adjustment(adjustment)) => {
             match runtime.block_on(allocator.adjust(&adjustment)) {
                 Ok(AdjustmentOutcome::Applied { shortfall, .. }) => {
-                    return heard(
-                        &adjustment.source,
-                        if shortfall { "shortfall" } else { "applied" },
-                    );
+                    return heard(&adjustment, if shortfall { "shortfall" } else { "applied" });
                 }
-                Ok(AdjustmentOutcome::Duplicate) => return heard(&adjustment.source, "duplicate"),
-                Ok(AdjustmentOutcome::Stale { .. }) => return heard(&adjustment.source, "stale"),
+                Ok(AdjustmentOutcome::Duplicate) => return heard(&adjustment, "duplicate"),
+                Ok(AdjustmentOutcome::Stale { .. }) => return heard(&adjustment, "stale"),
                 Err(AllocatorError::InvalidRequest(reason)) => reason,
                 // An unreachable store, or a drain of the key by someone else,
                 // is waited for, never skipped; anything else that keeps failing
@@ -319,8 +393,9 @@ mod tests {
             Ok(Event::Adjustment(adjustment)) if adjustment.source_seq == Some(4)
         ));
         assert_eq!(
-            parse_event(br#"{"kind":"heartbeat","source":"pos-1"}"#),
+            parse_event(br#"{"kind":"heartbeat","merchant":"m1","source":"pos-1"}"#),
             Ok(Event::Heartbeat {
+                merchant: "m1".to_owned(),
                 source: "pos-1".to_owned()
             })
         );
@@ -333,9 +408,10 @@ mod tests {
             (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"absolute","qty":1,"source":"p","event_id":"e"}"#, "source_seq"),
             (br#"{"merchant":"m1","sku":"s1","location":"dc1","kind":"delta","qty":1,"source":"p","event_id":"e","extra":1}"#, "unknown field"),
             // A heartbeat is its kind and its source, nothing more.
-            (br#"{"kind":"heartbeat","source":"p","at":1}"#, "unknown field"),
-            (br#"{"kind":"heartbeat","source":"p 1"}"#, "source must match"),
-            (br#"{"kind":"heartbeat"}"#, "missing field"),
+            (br#"{"kind":"heartbeat","merchant":"m1","source":"p","at":1}"#, "unknown field"),
+            (br#"{"kind":"heartbeat","merchant":"m1","source":"p 1"}"#, "source must match"),
+            (br#"{"kind":"heartbeat","merchant":"m 1","source":"p"}"#, "merchant must match"),
+            (br#"{"kind":"heartbeat","source":"p"}"#, "missing field"),
         ] {
             let reason = parse_event(bad).expect_err("refused");
             assert!(reason.contains(why), "{reason} should mention {why}");

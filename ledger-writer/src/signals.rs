@@ -40,7 +40,10 @@
 //! adjustment `shortfall`, over the key's cells): the shelf holds fewer
 //! units than the key promised or sold, typically a loss, or an offline
 //! POS's backlog of sales arriving late. Once per crossing: again only
-//! after the key stopped being short. Its payload's `short_by` says by how
+//! after the key stopped being short. Settings changes (safety stock
+//! raised past the shelf, a lower backorder limit) are policy, not a loss:
+//! they signal no shortfall, and the next stock movement that leaves the
+//! key short does. Its payload's `short_by` says by how
 //! many units (every signal carries it, 0 when not short).
 //!
 //! **Where the relay's order is not the world's.** A flash-sale key's cells
@@ -292,11 +295,16 @@ impl KeyState {
         if below || receipt {
             self.below_reorder = below;
         }
+        // A settings change is a policy, not a loss: it neither signals a
+        // shortfall nor changes what the last stock movement left, so a
+        // loss after settings that made the key short is still signalled.
         let short_by = self.short_by();
-        if short_by > 0 && self.short != Some(true) {
-            kinds.push(SignalKind::Shortfall);
+        if entry.op != LedgerOp::Settings {
+            if short_by > 0 && self.short != Some(true) {
+                kinds.push(SignalKind::Shortfall);
+            }
+            self.short = Some(short_by > 0);
         }
-        self.short = Some(short_by > 0);
         let entry_id = entry.entry_id.clone().unwrap_or_default();
         kinds
             .into_iter()
@@ -846,6 +854,25 @@ mod tests {
         let again = state.apply(&entry("adjust", pool, (1, 1), (0, 1), 8), 0);
         assert_eq!(kinds(&again), vec!["shortfall"]);
         assert_eq!(again[0].payload["short_by"], json!(1));
+    }
+
+    #[test]
+    fn settings_signal_no_shortfall_and_the_loss_after_them_does() {
+        let mut state = KeyState::default();
+        let pool = "m|s|l|pool";
+        state.apply(&entry("adjust", pool, (0, 0), (3, 0), 1), 0);
+        // Safety stock raised to 10 with 3 on the shelf.
+        let mut settings = entry("settings", pool, (3, 0), (3, 0), 2);
+        settings.safety_stock = Some(10);
+        let raised = state.apply(&settings, 0);
+        assert!(
+            !kinds(&raised).contains(&"shortfall"),
+            "{:?}",
+            kinds(&raised)
+        );
+        // A loss of 2: the key is short (of what it holds back), signalled.
+        let lost = state.apply(&entry("adjust", pool, (3, 0), (1, 0), 3), 0);
+        assert_eq!(kinds(&lost), vec!["shortfall"]);
     }
 
     #[test]

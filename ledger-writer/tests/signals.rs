@@ -253,3 +253,48 @@ async fn a_flash_sales_refills_and_reclaims_are_no_crossings() {
     assert_eq!(kinds, ["back_in_stock", "out_of_stock"], "{messages:#?}");
     assert_eq!(messages[1].1["op"], "adjust");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shortfall_migration_takes_backorder_limits_from_carried_settings_too() {
+    let setup = common::setup(&testkit::stack().redis_url).await;
+    let migrate = || {
+        let output = common::run_writer(&setup, "migrate", &[]);
+        assert!(output.status.success(), "{}", common::output_text(&output));
+    };
+    migrate();
+    // The schema as the release before 011 left it: keys tracked, and a
+    // backorder limit whose settings entry is in a day retention dropped.
+    let postgres = common::postgres(&setup).await;
+    postgres
+        .batch_execute(
+            r#"ALTER TABLE signal_state DROP COLUMN backorder_limit, DROP COLUMN short;
+               DELETE FROM schema_migrations WHERE version = 11;
+               INSERT INTO signal_state (merchant, sku, location, status)
+               VALUES ('m1', 'carried', 'dc1', 'in_stock'), ('m1', 'plain', 'dc1', 'low');
+               INSERT INTO ledger_carried_entries (day, entry_id, entry) VALUES
+                 ('2026-01-01', '1-1000-0', '{"op":"settings","merchant":"m1","sku":"carried","location":"dc1","backorder_limit":4,"at_ms":1000}'),
+                 ('2026-01-02', '1-2000-0', '{"op":"settings","merchant":"m1","sku":"carried","location":"dc1","backorder_limit":10,"at_ms":2000}');"#,
+        )
+        .await
+        .expect("the schema before 011");
+    migrate();
+    let rows = postgres
+        .query(
+            "SELECT sku, backorder_limit, short FROM signal_state ORDER BY sku",
+            &[],
+        )
+        .await
+        .expect("signal state");
+    let got: Vec<(String, i64, Option<bool>)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("carried".to_owned(), 10, None),
+            ("plain".to_owned(), 0, None)
+        ],
+        "the last carried settings' limit; shortness unknown until seen"
+    );
+}

@@ -78,33 +78,53 @@ async fn a_pos_heard_from_at_its_reports_and_its_shuffled_duplicated_backlog_lea
         .expect("producer");
     let pos = "pos-store-12";
     let skewed = "pos-fast-clock";
+    let behind = "pos-backlog";
+    let heartbeat =
+        |source: &str| json!({"kind": "heartbeat", "merchant": "m1", "source": source}).to_string();
 
-    // Heartbeats: the POS's, sent 40 s ago (its message's timestamp), and
-    // one from a till whose clock runs an hour ahead.
-    let sent_at = now_ms() - 40_000;
+    // Heartbeats: the POS's, sent 40 s ago (current: an unlisted source's
+    // messages count for 5 minutes); one from a till whose clock runs an
+    // hour ahead; and one sent 10 minutes ago (a backlog: applied, but it
+    // says nothing of the till now). m2's till of the same name is
+    // another source.
     send(
         &producer,
         &setup.events_topic,
         pos,
-        &json!({"kind": "heartbeat", "source": pos}).to_string(),
-        Some(sent_at),
+        &heartbeat(pos),
+        Some(now_ms() - 40_000),
     )
     .await;
     send(
         &producer,
         &setup.events_topic,
         skewed,
-        &json!({"kind": "heartbeat", "source": skewed}).to_string(),
+        &heartbeat(skewed),
         Some(now_ms() + 3_600_000),
     )
     .await;
+    send(
+        &producer,
+        &setup.events_topic,
+        behind,
+        &heartbeat(behind),
+        Some(now_ms() - 600_000),
+    )
+    .await;
+    let (_, before) = allocator.sources_seen(&[]).await.expect("redis time");
     let _writer = common::start_writer(&setup);
-    let names = vec![pos.to_owned(), skewed.to_owned(), "never".to_owned()];
+    let members: Vec<String> = [("m1", pos), ("m1", skewed), ("m1", behind), ("m2", pos)]
+        .iter()
+        .map(|(merchant, source)| allocator::sources::source_member(merchant, source))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let seen = loop {
-        let seen = allocator.sources_seen(&names).await.expect("sources seen");
+    let (seen, after) = loop {
+        let (seen, now) = allocator
+            .sources_seen(&members)
+            .await
+            .expect("sources seen");
         if seen[0].is_some() && seen[1].is_some() {
-            break seen;
+            break (seen, now);
         }
         assert!(
             Instant::now() < deadline,
@@ -113,17 +133,27 @@ async fn a_pos_heard_from_at_its_reports_and_its_shuffled_duplicated_backlog_lea
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let recorded_by = now_ms();
+    for at in &seen[..2] {
+        assert!(
+            at.is_some_and(|at| (before..=after).contains(&at)),
+            "heard from at Redis time when taken, whatever the till's clock: {seen:?} not in {before}..={after}"
+        );
+    }
+    // A second for the late one to have been written, were it counted.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (seen, _) = allocator
+        .sources_seen(&members)
+        .await
+        .expect("sources seen");
     assert_eq!(
-        seen[0],
-        Some(sent_at),
-        "heard from when it reported, not when the writer read it"
+        seen[2], None,
+        "a 10-minute-old heartbeat says nothing of now"
     );
+    assert_eq!(seen[3], None, "another merchant's till of the same name");
     assert!(
-        seen[1].is_some_and(|at| at <= recorded_by),
-        "a report from the future counts as now at most: {seen:?}"
+        common::writer_logs(&setup).contains("too old to say it is there now"),
+        "the writer says why it did not count"
     );
-    assert_eq!(seen[2], None, "a source never heard from has no record");
 
     // The store: 1,005 on the shelf; 8 promised online (held) while the
     // POS was offline selling 1,000 over the counter.
@@ -252,6 +282,6 @@ async fn a_pos_heard_from_at_its_reports_and_its_shuffled_duplicated_backlog_lea
             "invgw_writer_events_total{outcome=\"heartbeat\""
         )
         .await,
-        Some(2.0)
+        Some(3.0)
     );
 }

@@ -41,7 +41,7 @@ pub(crate) async fn adjust(app: &App, session: &mut Session) -> Result<Reply, Ap
     // Any answer says the source is there (a duplicate too: it resends).
     app.sources
         .seen
-        .note(&adjustment.source, crate::sources::now_ms());
+        .note(&adjustment.merchant, &adjustment.source);
     let json = match outcome {
         AdjustmentOutcome::Applied { shortfall, cell } => {
             let mut line = location_line(app, &key, &cell).await?.to_json();
