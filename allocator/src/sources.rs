@@ -16,10 +16,15 @@
 //! * *Per merchant.* A source is named by its merchant and its `source`:
 //!   two merchants' tills both called `pos-1` are two sources, and a
 //!   merchant's admin key cannot keep another merchant's store online.
-//! * *One clock.* Sightings are recorded at Redis time when written, and
-//!   judged against Redis time: no host's clock (a till's, a gateway's)
-//!   decides whether a source is online. A write comes at most a second
-//!   after the sighting, so a source may look online a second longer.
+//! * *When it reported, on Redis's clock.* A sighting is noted with how
+//!   long ago the source reported (for a Kafka event, the writer's clock
+//!   against the message's timestamp; for an HTTP adjustment, nothing), and
+//!   recorded as Redis time less that age (less the time it waited to be
+//!   written). So a writer behind on its partitions, or a sighting kept
+//!   through a Redis outage, records when the source spoke, not when we
+//!   got to it; and the gateways judge against the same Redis clock. The
+//!   one host clock left is the till's (or the broker's, for a topic with
+//!   `message.timestamp.type=LogAppendTime`), against the writer's.
 //! * *Forward only.* `ZADD GT`: whatever order writers flush in, a
 //!   source's time never moves back.
 //! * *Batched.* A process writes what it heard once a second (one call,
@@ -28,9 +33,9 @@
 //! * Entries untouched for [`FORGET_AFTER`] are removed with each write
 //!   (sources that were retired).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
@@ -46,32 +51,41 @@ pub fn source_member(merchant: &str, source: &str) -> String {
     format!("{merchant}|{source}")
 }
 
-/// The sources a process heard from since its last write, as members.
+/// The sources a process heard from since its last write: member → when
+/// it last reported (this process's monotonic clock).
 #[derive(Debug, Default)]
 pub struct SourcesSeen {
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<HashMap<String, Instant>>,
 }
 
 impl SourcesSeen {
-    /// `source` of `merchant` was heard from.
-    pub fn note(&self, merchant: &str, source: &str) {
-        let member = source_member(merchant, source);
+    /// `source` of `merchant` reported `age` ago (keeps the latest report;
+    /// one from before this process started is dropped).
+    pub fn note(&self, merchant: &str, source: &str, age: Duration) {
+        let Some(reported) = Instant::now().checked_sub(age) else {
+            return;
+        };
+        self.keep(source_member(merchant, source), reported);
+    }
+
+    fn keep(&self, member: String, reported: Instant) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if !seen.contains(&member) {
-            seen.insert(member);
-        }
+        let latest = seen.entry(member).or_insert(reported);
+        *latest = (*latest).max(reported);
     }
 
     /// Everything noted since the last take.
-    pub fn take(&self) -> Vec<String> {
+    pub fn take(&self) -> Vec<(String, Instant)> {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         std::mem::take(&mut *seen).into_iter().collect()
     }
 
-    /// Notes again what a failed write did not store.
-    pub fn restore(&self, taken: Vec<String>) {
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        seen.extend(taken);
+    /// Notes again what a failed write did not store (a later report of
+    /// the same source wins).
+    pub fn restore(&self, taken: Vec<(String, Instant)>) {
+        for (member, reported) in taken {
+            self.keep(member, reported);
+        }
     }
 }
 
@@ -81,18 +95,19 @@ fn command(name: &'static str) -> CustomCommand {
 }
 
 impl Allocator {
-    /// Records that the sources `members` ([`source_member`]) were heard
-    /// from now (Redis time of the record's master; `ZADD GT`), and forgets
-    /// sources unheard of for [`FORGET_AFTER`]. Answers that time.
-    pub async fn record_sources_seen(&self, members: &[String]) -> Result<u64> {
+    /// Records when the sources `sightings` ([`SourcesSeen::take`])
+    /// reported: Redis time of the record's master less how long ago each
+    /// did (`ZADD GT`); forgets sources unheard of for [`FORGET_AFTER`].
+    pub async fn record_sources_seen(&self, sightings: &[(String, Instant)]) -> Result<()> {
+        if sightings.is_empty() {
+            return Ok(());
+        }
         let client = self.store.for_key(keys::SOURCES_SEEN)?;
         let now_ms = self.time_on(&client).await?;
-        if members.is_empty() {
-            return Ok(now_ms);
-        }
         let mut zadd = vec![keys::SOURCES_SEEN.to_owned(), "GT".to_owned()];
-        for member in members {
-            zadd.push(now_ms.to_string());
+        for (member, reported) in sightings {
+            let age_ms = reported.elapsed().as_millis() as u64;
+            zadd.push(now_ms.saturating_sub(age_ms).to_string());
             zadd.push(member.clone());
         }
         let _: i64 = self
@@ -109,18 +124,19 @@ impl Allocator {
                 ],
             ))
             .await?;
-        Ok(now_ms)
+        Ok(())
     }
 
     /// When each of `members` ([`source_member`]) was last heard from (ms,
     /// Redis time), `None` for one never heard from (or forgotten), and
-    /// Redis time now on the record's master, to judge them against.
+    /// Redis time now on the record's master, to judge them against (0
+    /// when `members` is empty: nothing is asked).
     pub async fn sources_seen(&self, members: &[String]) -> Result<(Vec<Option<u64>>, u64)> {
+        if members.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
         let client = self.store.for_key(keys::SOURCES_SEEN)?;
         let now_ms = self.time_on(&client).await?;
-        if members.is_empty() {
-            return Ok((Vec::new(), now_ms));
-        }
         let mut args = vec![keys::SOURCES_SEEN.to_owned()];
         args.extend(members.iter().cloned());
         // ZMSCORE answers an array even for one member (Redis >= 6.2).

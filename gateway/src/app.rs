@@ -465,9 +465,7 @@ impl App {
     async fn watch_sources(self: Arc<Self>) {
         loop {
             let heard = self.sources.seen.take();
-            if !heard.is_empty()
-                && let Err(error) = self.allocator.record_sources_seen(&heard).await
-            {
+            if let Err(error) = self.allocator.record_sources_seen(&heard).await {
                 warn!(%error, "recording the sources heard from failed; retrying");
                 self.metrics.redis_errors.inc();
                 self.sources.seen.restore(heard);

@@ -60,8 +60,8 @@ pub struct Metrics {
     /// Seconds since a configured source was last heard from, per source
     /// (absent for one never heard from).
     pub source_quiet: IntGaugeVec,
-    /// The sources the two gauges above show.
-    sources_shown: std::sync::Mutex<Vec<String>>,
+    /// The sources (merchant, name) the two gauges above show.
+    sources_shown: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 /// `metric`, registered in `registry`.
@@ -181,12 +181,12 @@ impl Metrics {
         let source_offline = gauge_vec(
             "source_offline",
             "1 while a configured stock source (POS, WMS) is quiet past its offline_after_seconds or was never heard from",
-            &["source"],
+            &["merchant", "source"],
         );
         let source_quiet = gauge_vec(
             "source_quiet_seconds",
             "Seconds since a configured stock source was last heard from",
-            &["source"],
+            &["merchant", "source"],
         );
         let streams = registered(
             &registry,
@@ -227,25 +227,30 @@ impl Metrics {
             .sources_shown
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for gone in shown
-            .iter()
-            .filter(|name| !states.iter().any(|state| &state.name == *name))
-        {
-            let _ = self.source_offline.remove_label_values(&[gone]);
-            let _ = self.source_quiet.remove_label_values(&[gone]);
+        for (merchant, name) in shown.iter().filter(|(merchant, name)| {
+            !states
+                .iter()
+                .any(|state| &state.merchant == merchant && &state.name == name)
+        }) {
+            let _ = self.source_offline.remove_label_values(&[merchant, name]);
+            let _ = self.source_quiet.remove_label_values(&[merchant, name]);
         }
-        *shown = states.iter().map(|state| state.name.clone()).collect();
+        *shown = states
+            .iter()
+            .map(|state| (state.merchant.clone(), state.name.clone()))
+            .collect();
         for state in states {
+            let labels = [state.merchant.as_str(), state.name.as_str()];
             self.source_offline
-                .with_label_values(&[&state.name])
+                .with_label_values(&labels)
                 .set(i64::from(state.offline));
             match state.quiet_seconds {
                 Some(quiet) => self
                     .source_quiet
-                    .with_label_values(&[&state.name])
+                    .with_label_values(&labels)
                     .set(quiet as i64),
                 None => {
-                    let _ = self.source_quiet.remove_label_values(&[&state.name]);
+                    let _ = self.source_quiet.remove_label_values(&labels);
                 }
             }
         }

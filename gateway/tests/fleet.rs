@@ -134,29 +134,17 @@ async fn a_stream_on_one_node_sees_a_reservation_made_on_the_other() {
         Some("text/event-stream")
     );
 
-    let mut seen = String::new();
+    let mut stream = Events::new(stream);
     let mut events = Vec::new();
     let mut reserved = false;
     let deadline = Instant::now() + Duration::from_secs(2);
     while events.iter().all(|event: &Value| event["available"] != 6) {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "no event with the reservation within 2 s: {events:?}"
-        );
-        let chunk = tokio::time::timeout(left, stream.chunk()).await;
-        let Ok(Ok(Some(chunk))) = chunk else {
-            panic!("stream ended or timed out: {events:?}")
+        let Some(event) = stream.next(left).await else {
+            panic!("no event with the reservation within 2 s: {events:?}")
         };
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = seen.find("\n\n") {
-            let block: String = seen.drain(..end + 2).collect();
-            if let Some(data) = block.lines().find_map(|line| line.strip_prefix("data: ")) {
-                assert!(block.starts_with("event: availability\nid: "), "{block}");
-                events.push(serde_json::from_str(data).expect("event json"));
-            }
-        }
-        if !reserved && !events.is_empty() {
+        events.push(event);
+        if !reserved {
             assert_eq!(events[0]["available"], 8, "the current state comes first");
             let key = testkit::unique_id("sse");
             let (status, body) = post(
@@ -241,13 +229,7 @@ async fn a_streams_last_event_is_the_state_a_burst_of_changes_settled_in() {
     let b = fleet.node("node-b");
     let sku = testkit::unique_id("burst");
     restock(&a, "m1", &sku, "dc1", 100).await;
-    let mut stream = client()
-        .get(b.url(&format!("/v1/stream?merchant=m1&sku={sku}")))
-        .bearer_auth(READ)
-        .send()
-        .await
-        .expect("stream");
-    assert_eq!(stream.status().as_u16(), 200);
+    let mut stream = Events::open(&b, &sku).await;
     // 40 holds at once on the other node: many notifications, coalesced
     // into fewer events, the last of which must be the settled state.
     let holds: Vec<_> = (0..40)
@@ -263,18 +245,10 @@ async fn a_streams_last_event_is_the_state_a_burst_of_changes_settled_in() {
     for hold in holds {
         assert_eq!(hold.await.expect("hold"), 201);
     }
-    let (mut seen, mut last) = (String::new(), None::<Value>);
+    let mut last = None::<Value>;
     // Events until the stream has been quiet for a second.
-    while let Ok(Ok(Some(chunk))) =
-        tokio::time::timeout(Duration::from_secs(1), stream.chunk()).await
-    {
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = seen.find("\n\n") {
-            let block: String = seen.drain(..end + 2).collect();
-            if let Some(data) = block.lines().find_map(|line| line.strip_prefix("data: ")) {
-                last = Some(serde_json::from_str(data).expect("event json"));
-            }
-        }
+    while let Some(event) = stream.next(Duration::from_secs(1)).await {
+        last = Some(event);
     }
     let last = last.expect("events");
     assert_eq!(last["available"], 60, "{last}");

@@ -17,7 +17,8 @@ fn sources_toml(pos: &str) -> String {
     format!(
         "\n[[sources]]\nmerchant = \"m1\"\nname = \"{pos}\"\noffline_after_seconds = 10\n\
          \n[[locations]]\nmerchant = \"m1\"\nlocation = \"store-12\"\nsource = \"{pos}\"\noffline_buffer_units = 2\n\
-         \n[[locations]]\nmerchant = \"m1\"\nlocation = \"dc1\"\noffline_buffer_units = 5\n"
+         \n[[locations]]\nmerchant = \"m1\"\nlocation = \"dc1\"\noffline_buffer_units = 5\n\
+         \n[[sources]]\nmerchant = \"m2\"\nname = \"{pos}\"\noffline_after_seconds = 10\n"
     )
 }
 
@@ -106,16 +107,21 @@ async fn a_quiet_pos_shows_its_locations_offline_less_their_buffer_until_it_repo
     .await;
     let (online, online_etag) = read(&b, &sku).await;
     assert_eq!(online["available"], 30, "{online}");
+    // Each merchant's source of that name has its own series: m2's never
+    // reported.
+    let gauge = |merchant: &str, value: &str| {
+        format!(
+            "invgw_source_offline{{merchant=\"{merchant}\",source=\"{pos}\",node=\"node-b\"}} {value}"
+        )
+    };
+    let metrics = b.metrics().await;
+    assert!(
+        metrics.contains(&gauge("m1", "0")) && metrics.contains(&gauge("m2", "1")),
+        "{metrics}"
+    );
 
-    // A stream on node b, before the POS goes quiet (on a client without
-    // the helpers' 10 s bound on a whole response).
-    let mut stream = reqwest::Client::new()
-        .get(b.url(&format!("/v1/stream?merchant=m1&sku={sku}")))
-        .bearer_auth(READ)
-        .send()
-        .await
-        .expect("stream");
-    assert_eq!(stream.status().as_u16(), 200);
+    // A stream on node b, before the POS goes quiet.
+    let mut stream = Events::open(&b, &sku).await;
 
     // Quiet past 10 s: both nodes show store-12 offline with 2 held back;
     // dc1, fed by no source, is untouched.
@@ -156,17 +162,16 @@ async fn a_quiet_pos_shows_its_locations_offline_less_their_buffer_until_it_repo
         assert_eq!(revalidated.status().as_u16(), 200);
         let metrics = node.metrics().await;
         assert!(
-            metrics
-                .lines()
-                .any(|line| line.starts_with("invgw_source_offline{")
+            metrics.lines().any(
+                |line| line.starts_with("invgw_source_offline{merchant=\"m1\"")
                     && line.contains(&pos)
-                    && line.ends_with(" 1")),
+                    && line.ends_with(" 1")
+            ),
             "{metrics}"
         );
     }
 
     // The stream was told, though no stock changed.
-    let mut seen = String::new();
     let mut events: Vec<Value> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !events
@@ -174,21 +179,10 @@ async fn a_quiet_pos_shows_its_locations_offline_less_their_buffer_until_it_repo
         .any(|event| store(event)["source_offline"] == true)
     {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no offline event: {events:?}");
-        let chunk = match tokio::time::timeout(left, stream.chunk()).await {
-            Ok(Ok(Some(chunk))) => chunk,
-            other => panic!(
-                "stream ended or timed out ({other:?}): {events:?}\n{}",
-                log_tail(&b.log)
-            ),
+        let Some(event) = stream.next(left).await else {
+            panic!("no offline event: {events:?}\n{}", log_tail(&b.log))
         };
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = seen.find("\n\n") {
-            let block: String = seen.drain(..end + 2).collect();
-            if let Some(data) = block.lines().find_map(|line| line.strip_prefix("data: ")) {
-                events.push(serde_json::from_str(data).expect("event json"));
-            }
-        }
+        events.push(event);
     }
     assert_eq!(store(&events[0])["source_offline"], false, "{events:?}");
 

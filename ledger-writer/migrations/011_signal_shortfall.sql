@@ -17,17 +17,17 @@
 CREATE TEMP TABLE backorder_limits ON COMMIT DROP AS
 SELECT DISTINCT ON (merchant, sku, location) merchant, sku, location, backorder_limit
 FROM (
-    SELECT merchant, sku, location, (entry->>'at_ms')::bigint AS at_ms,
+    SELECT merchant, sku, location, (entry->>'at_ms')::bigint AS at_ms, entry_id,
            COALESCE((entry->>'backorder_limit')::bigint, 0) AS backorder_limit
     FROM ledger
     WHERE op = 'settings'
     UNION ALL
     SELECT entry->>'merchant', entry->>'sku', entry->>'location', (entry->>'at_ms')::bigint,
-           COALESCE((entry->>'backorder_limit')::bigint, 0)
+           entry_id, COALESCE((entry->>'backorder_limit')::bigint, 0)
     FROM ledger_carried_entries
     WHERE entry->>'op' = 'settings'
 ) settings
-ORDER BY merchant, sku, location, at_ms DESC;
+ORDER BY merchant, sku, location, at_ms DESC, entry_id DESC;
 
 ALTER TABLE signal_state
     ADD COLUMN backorder_limit bigint NOT NULL DEFAULT 0,

@@ -16,14 +16,14 @@
 //!
 //! A `heartbeat` event (`{"kind":"heartbeat","merchant":"m1","source":"pos-store-12"}`)
 //! changes no stock: like every event a source sends, it says that the
-//! source is there ([`allocator::sources`] records it, at Redis time, once a
-//! second). A message counts as such a sighting only while it is current:
+//! source is there ([`allocator::sources`] records when it reported, on
+//! Redis's clock, once a second). A message counts as such a sighting only while it is current:
 //! no older (its Kafka timestamp against the writer's clock) than its
 //! source's `offline_after_seconds` ([`UNCONFIGURED_CURRENT_FOR`] for a
 //! source the config does not list). A backlog a source sends on reconnect,
 //! or one the writer is working through, is applied but says nothing of the
 //! source *now*; a till whose clock is off by more than that never counts,
-//! and the writer warns about it. A gateway shows the locations of a source
+//! and the writer warns about it. The writer reads `sources[]` at start. A gateway shows the locations of a source
 //! quiet past its `offline_after_seconds` as `source_offline`. The backlog
 //! itself is applied like any event: deltas are facts (dedupe on
 //! `(source, event_id)`, any order), and a loss past what is sellable is
@@ -156,7 +156,7 @@ impl Heard {
                 Duration::from_millis(now_ms().saturating_sub(at.max(0) as u64))
             });
         if age <= current_for {
-            self.seen.note(merchant, source);
+            self.seen.note(merchant, source, age);
             return;
         }
         let mut late = self.late.lock().unwrap_or_else(PoisonError::into_inner);
@@ -171,9 +171,7 @@ impl Heard {
     /// them) and reports the late messages.
     fn record(&self, allocator: &Allocator, runtime: &tokio::runtime::Handle) {
         let taken = self.seen.take();
-        if !taken.is_empty()
-            && let Err(error) = runtime.block_on(allocator.record_sources_seen(&taken))
-        {
+        if let Err(error) = runtime.block_on(allocator.record_sources_seen(&taken)) {
             warn!(%error, "recording the sources heard from failed; retrying");
             self.seen.restore(taken);
         }

@@ -40,10 +40,11 @@
 //! adjustment `shortfall`, over the key's cells): the shelf holds fewer
 //! units than the key promised or sold, typically a loss, or an offline
 //! POS's backlog of sales arriving late. Once per crossing: again only
-//! after the key stopped being short. Settings changes (safety stock
-//! raised past the shelf, a lower backorder limit) are policy, not a loss:
-//! they signal no shortfall, and the next stock movement that leaves the
-//! key short does. Its payload's `short_by` says by how
+//! after the key stopped being short (a settings change may end one).
+//! Only a movement that takes the key further short signals: settings
+//! changes (safety stock raised past the shelf, a lower backorder limit)
+//! are policy, not a loss, and a receipt that leaves the key short is no
+//! new loss; the next movement that deepens it signals. Its payload's `short_by` says by how
 //! many units (every signal carries it, 0 when not short).
 //!
 //! **Where the relay's order is not the world's.** A flash-sale key's cells
@@ -250,6 +251,7 @@ impl KeyState {
             );
             self.short = Some(before.short_by() > 0);
         }
+        let short_before = self.short_by();
         match entry.op {
             LedgerOp::Settings => {
                 self.safety_stock = entry.safety_stock.unwrap_or(0);
@@ -295,15 +297,19 @@ impl KeyState {
         if below || receipt {
             self.below_reorder = below;
         }
-        // A settings change is a policy, not a loss: it neither signals a
-        // shortfall nor changes what the last stock movement left, so a
-        // loss after settings that made the key short is still signalled.
+        // A shortfall is a movement that takes the key (further) short
+        // while no shortfall is signalled and standing. A settings change
+        // is policy, not a loss: it may end a shortfall, never start one;
+        // and a receipt that leaves the key short is no new loss.
         let short_by = self.short_by();
-        if entry.op != LedgerOp::Settings {
-            if short_by > 0 && self.short != Some(true) {
-                kinds.push(SignalKind::Shortfall);
-            }
-            self.short = Some(short_by > 0);
+        if short_by == 0 {
+            self.short = Some(false);
+        } else if entry.op != LedgerOp::Settings
+            && short_by > short_before
+            && self.short != Some(true)
+        {
+            kinds.push(SignalKind::Shortfall);
+            self.short = Some(true);
         }
         let entry_id = entry.entry_id.clone().unwrap_or_default();
         kinds
@@ -873,6 +879,36 @@ mod tests {
         // A loss of 2: the key is short (of what it holds back), signalled.
         let lost = state.apply(&entry("adjust", pool, (3, 0), (1, 0), 3), 0);
         assert_eq!(kinds(&lost), vec!["shortfall"]);
+    }
+
+    #[test]
+    fn a_receipt_is_no_shortfall_and_settings_that_end_one_let_the_next_be_signalled() {
+        let pool = "m|s|l|pool";
+        // Safety stock raised past the shelf, then a receipt of 2: no loss.
+        let mut state = KeyState::default();
+        state.apply(&entry("adjust", pool, (0, 0), (3, 0), 1), 0);
+        let mut settings = entry("settings", pool, (3, 0), (3, 0), 2);
+        settings.safety_stock = Some(10);
+        state.apply(&settings, 0);
+        let receipt = state.apply(&entry("adjust", pool, (3, 0), (5, 0), 3), 0);
+        assert!(
+            !kinds(&receipt).contains(&"shortfall"),
+            "{:?}",
+            kinds(&receipt)
+        );
+        // A shortfall, ended by a higher backorder limit, then a loss past
+        // the new limit: signalled again.
+        let mut state = KeyState::default();
+        state.apply(&entry("adjust", pool, (0, 0), (20, 0), 1), 0);
+        state.apply(&entry("reserve", pool, (20, 0), (20, 20), 2), 0);
+        let first = state.apply(&entry("adjust", pool, (20, 20), (17, 20), 3), 0);
+        assert_eq!(kinds(&first), vec!["shortfall"]);
+        let mut settings = entry("settings", pool, (17, 20), (17, 20), 4);
+        settings.backorder_limit = Some(5);
+        assert!(!kinds(&state.apply(&settings, 0)).contains(&"shortfall"));
+        let again = state.apply(&entry("adjust", pool, (17, 20), (10, 20), 5), 0);
+        assert_eq!(kinds(&again), vec!["shortfall"]);
+        assert_eq!(again[0].payload["short_by"], json!(5));
     }
 
     #[test]

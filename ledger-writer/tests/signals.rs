@@ -7,46 +7,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use allocator::{ReserveRequest, StockKey, StockSettings};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use serde_json::Value;
-
-/// The signals topic's messages, read from the start until `expected`
-/// distinct signal ids arrived (or 60 s passed), then until it is quiet
-/// for a second (so a wrong extra one is read too): `(key, payload)`.
-fn signals(topic: &str, expected: usize) -> Vec<(String, Value)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &testkit::stack().kafka_brokers)
-        .set("group.id", testkit::unique_id("signals"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[topic]).expect("subscribe");
-    let mut ids = std::collections::HashSet::new();
-    let mut messages = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut quiet_since = Instant::now();
-    loop {
-        let polled = consumer.poll(Duration::from_millis(200));
-        if let Some(Ok(message)) = &polled {
-            let payload: Value = serde_json::from_slice(message.payload().unwrap_or_default())
-                .expect("json payload");
-            ids.insert(payload["signal_id"].as_str().expect("signal_id").to_owned());
-            let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
-            messages.push((key, payload));
-            quiet_since = Instant::now();
-        }
-        let quiet = quiet_since.elapsed() > Duration::from_secs(1);
-        if (ids.len() >= expected && quiet) || Instant::now() > deadline {
-            return messages;
-        }
-    }
-}
 
 fn hold(key: &StockKey, qty: u32, ttl: Option<Duration>) -> ReserveRequest {
     ReserveRequest {
@@ -117,7 +80,7 @@ async fn a_scripted_day_yields_each_crossing_once_with_its_entry() {
         .await
         .expect("hold");
 
-    let all = signals(&setup.signals_topic, 8);
+    let all = common::signals(&setup.signals_topic, 8);
     assert!(
         !all.is_empty(),
         "no signals: {}",
@@ -240,7 +203,7 @@ async fn a_flash_sales_refills_and_reclaims_are_no_crossings() {
     allocator.end_activation(&sale, "e1").await.expect("end");
     // Then a real crossing, so the reader knows when it has read enough.
     common::restock(&allocator, &key, -8).await;
-    let messages = signals(&setup.signals_topic, 2);
+    let messages = common::signals(&setup.signals_topic, 2);
     assert!(
         !messages.is_empty(),
         "no signals: {}",

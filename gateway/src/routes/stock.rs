@@ -1,5 +1,7 @@
 //! `/v1/stock`: adjustments and settings.
 
+use std::time::Duration;
+
 use allocator::{AdjustmentOutcome, AdjustmentRequest, StockKey, StockSettings};
 use config::Scope;
 use pingora::proxy::Session;
@@ -41,7 +43,7 @@ pub(crate) async fn adjust(app: &App, session: &mut Session) -> Result<Reply, Ap
     // Any answer says the source is there (a duplicate too: it resends).
     app.sources
         .seen
-        .note(&adjustment.merchant, &adjustment.source);
+        .note(&adjustment.merchant, &adjustment.source, Duration::ZERO);
     let json = match outcome {
         AdjustmentOutcome::Applied { shortfall, cell } => {
             let mut line = location_line(app, &key, &cell).await?.to_json();

@@ -217,6 +217,55 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// A stream's availability events (`GET /v1/stream`), parsed as they come.
+pub struct Events {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Events {
+    /// Follows `response`, a stream answered 200.
+    pub fn new(response: reqwest::Response) -> Self {
+        assert_eq!(response.status().as_u16(), 200);
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// A stream of m1's `sku` on `node` with the read key, on a client
+    /// without [`client`]'s bound on a whole response (a stream lives on).
+    pub async fn open(node: &Node, sku: &str) -> Self {
+        let response = reqwest::Client::new()
+            .get(node.url(&format!("/v1/stream?merchant=m1&sku={sku}")))
+            .bearer_auth(READ)
+            .send()
+            .await
+            .expect("stream");
+        Self::new(response)
+    }
+
+    /// The next event's data, or `None` when none comes within `limit` (or
+    /// the stream ends).
+    pub async fn next(&mut self, limit: Duration) -> Option<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                if let Some(data) = block.lines().find_map(|line| line.strip_prefix("data: ")) {
+                    assert!(block.starts_with("event: availability\nid: "), "{block}");
+                    return Some(serde_json::from_str(data).expect("event json"));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+}
+
 /// POST JSON with a bearer key and optional idempotency key.
 pub async fn post(
     url: &str,

@@ -493,3 +493,37 @@ pub async fn postgres(setup: &Setup) -> tokio_postgres::Client {
     tokio::spawn(connection);
     client
 }
+
+/// The signals topic's messages, read from the start until `expected`
+/// distinct signal ids arrived (or 60 s passed), then until it is quiet
+/// for a second (so a wrong extra one is read too): `(key, payload)`.
+pub fn signals(topic: &str, expected: usize) -> Vec<(String, serde_json::Value)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &testkit::stack().kafka_brokers)
+        .set("group.id", testkit::unique_id("signals"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut ids = std::collections::HashSet::new();
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet_since = Instant::now();
+    loop {
+        let polled = consumer.poll(Duration::from_millis(200));
+        if let Some(Ok(message)) = &polled {
+            let payload: serde_json::Value =
+                serde_json::from_slice(message.payload().unwrap_or_default())
+                    .expect("json payload");
+            ids.insert(payload["signal_id"].as_str().expect("signal_id").to_owned());
+            let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+            messages.push((key, payload));
+            quiet_since = Instant::now();
+        }
+        let quiet = quiet_since.elapsed() > Duration::from_secs(1);
+        if (ids.len() >= expected && quiet) || Instant::now() > deadline {
+            return messages;
+        }
+    }
+}
