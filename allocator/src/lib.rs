@@ -158,6 +158,7 @@ pub mod ledger;
 pub mod limits;
 mod model;
 pub mod outbox;
+pub mod placement;
 pub mod reserve;
 mod scripts;
 pub mod sources;
