@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use allocator::{Allocator, Cell};
+use allocator::{Allocator, StockView};
 use bytes::{BufMut, Bytes, BytesMut};
 use config::Config;
 use http::HeaderValue;
@@ -99,36 +99,37 @@ impl LocationAvailability {
         }
     }
 
-    /// Builds a location's view from its pool and (in a flash sale)
-    /// buckets; `offline_buffer` is the location's buffer while its source
-    /// is offline ([`crate::sources::SourceHealth::offline_buffer`]).
-    pub fn from_cells(
+    /// Builds a location's view from its cells (the pool and, in a flash
+    /// sale, buckets; `None` without a pool); `offline_buffer` is the
+    /// location's buffer while its source is offline
+    /// ([`crate::sources::SourceHealth::offline_buffer`]). What is sellable
+    /// is [`StockView::sellable`]'s, the allocator's one home of it.
+    pub fn from_view(
         location: &str,
-        pool: &Cell,
-        buckets: &[Cell],
+        view: &StockView,
         low_default: u64,
         offline_buffer: Option<u32>,
-    ) -> Self {
-        let bucket_free: i64 = buckets.iter().map(|bucket| bucket.sellable().max(0)).sum();
-        let sellable = pool.sellable() + bucket_free;
-        let available = (sellable - i64::from(offline_buffer.unwrap_or(0))).max(0);
+    ) -> Option<Self> {
+        let pool = view.pool.as_ref()?;
+        let buckets = view.buckets.iter().map(|(_, bucket)| bucket);
+        let available = (view.sellable() - i64::from(offline_buffer.unwrap_or(0))).max(0);
         let threshold = if pool.low_stock_threshold >= 0 {
             pool.low_stock_threshold
         } else {
             low_default as i64
         };
         let status = allocator::stock_status(available, threshold);
-        Self {
+        Some(Self {
             location: location.to_owned(),
             available,
-            on_hand: pool.on_hand + buckets.iter().map(|bucket| bucket.on_hand).sum::<i64>(),
-            reserved: pool.reserved + buckets.iter().map(|bucket| bucket.reserved).sum::<i64>(),
+            on_hand: view.on_hand(),
+            reserved: pool.reserved + buckets.clone().map(|bucket| bucket.reserved).sum::<i64>(),
             safety_stock: pool.safety_stock,
             backorderable: (pool.backorder_limit + pool.sellable().min(0)).max(0),
             status,
-            version: pool.version + buckets.iter().map(|bucket| bucket.version).sum::<u64>(),
+            version: pool.version + buckets.map(|bucket| bucket.version).sum::<u64>(),
             source_offline: offline_buffer.is_some(),
-        }
+        })
     }
 }
 
@@ -387,16 +388,12 @@ pub fn redis_loader(allocator: Allocator, health: Arc<SourceHealth>) -> Loader {
                 .await?
                 .into_iter()
                 .filter_map(|(location, view)| {
-                    let pool = view.pool.as_ref()?;
-                    let buckets: Vec<Cell> =
-                        view.buckets.into_iter().map(|(_, cell)| cell).collect();
-                    Some(LocationAvailability::from_cells(
+                    LocationAvailability::from_view(
                         &location,
-                        pool,
-                        &buckets,
+                        &view,
                         low_default,
                         health.offline_buffer(&merchant, &location),
-                    ))
+                    )
                 })
                 .collect();
             Ok((!locations.is_empty()).then_some(SkuAvailability {
@@ -810,18 +807,24 @@ mod tests {
 
     #[test]
     fn an_offline_source_holds_back_its_buffer_never_below_zero_and_changes_the_etag() {
-        let pool: Cell = serde_json::from_value(json!({
+        let pool: allocator::Cell = serde_json::from_value(json!({
             "merchant": "m", "sku": "s", "location": "store-12", "kind": "pool",
             "on_hand": 12, "reserved": 2, "safety_stock": 1, "backorder_limit": 0,
             "low_stock_threshold": 5, "version": 7, "out_in_flight": 0,
         }))
         .expect("a cell");
-        let online = LocationAvailability::from_cells("store-12", &pool, &[], 3, None);
+        let view = StockView {
+            pool: Some(pool),
+            buckets: Vec::new(),
+        };
+        let line =
+            |buffer| LocationAvailability::from_view("store-12", &view, 3, buffer).expect("a pool");
+        let online = line(None);
         assert_eq!(
             (online.available, online.status, online.source_offline),
             (9, "in_stock", false)
         );
-        let offline = LocationAvailability::from_cells("store-12", &pool, &[], 3, Some(4));
+        let offline = line(Some(4));
         assert_eq!(
             (
                 offline.available,
@@ -832,7 +835,7 @@ mod tests {
             (5, "low", true, 12),
             "shown less the buffer, status from what is shown; the shelf as it is"
         );
-        let emptied = LocationAvailability::from_cells("store-12", &pool, &[], 3, Some(40));
+        let emptied = line(Some(40));
         assert_eq!((emptied.available, emptied.status), (0, "out_of_stock"));
         let sku = |line: LocationAvailability| SkuAvailability {
             merchant: "m".to_owned(),

@@ -19,15 +19,17 @@ pub(crate) async fn location_line(
     key: &StockKey,
     pool: &allocator::Cell,
 ) -> Result<LocationAvailability, ApiError> {
-    let view = app.allocator.stock_view(key).await?;
-    let buckets: Vec<allocator::Cell> = view.buckets.into_iter().map(|(_, cell)| cell).collect();
-    Ok(LocationAvailability::from_cells(
+    let view = allocator::StockView {
+        pool: Some(pool.clone()),
+        buckets: app.allocator.stock_view(key).await?.buckets,
+    };
+    LocationAvailability::from_view(
         &key.location,
-        pool,
-        &buckets,
+        &view,
         app.config().cache.low_stock_threshold_default,
         app.sources.offline_buffer(&key.merchant, &key.location),
-    ))
+    )
+    .ok_or_else(|| ApiError::Internal("the adjusted key has no pool".to_owned()))
 }
 
 pub(crate) async fn adjust(app: &App, session: &mut Session) -> Result<Reply, ApiError> {
