@@ -161,6 +161,35 @@ pub fn place(ask: &Ask<'_>, candidates: &[Candidate]) -> Plan {
     plan
 }
 
+impl crate::Allocator {
+    /// The locations `sku` of `merchant` may be held at, as one read sees
+    /// them (every location's cells in pipelined round trips,
+    /// [`crate::Allocator::sku_views`]): each with its available units
+    /// ([`crate::StockView::sellable`], the availability API's figure) and
+    /// the merchant's `settings` for it, `(priority, ship_from)`.
+    pub async fn candidates(
+        &self,
+        merchant: &str,
+        sku: &str,
+        settings: &dyn Fn(&str) -> (i64, bool),
+    ) -> crate::Result<Vec<Candidate>> {
+        Ok(self
+            .sku_views(merchant, sku)
+            .await?
+            .into_iter()
+            .map(|(location, view)| {
+                let (priority, ship_from) = settings(&location);
+                Candidate {
+                    available: view.sellable().max(0),
+                    location,
+                    priority,
+                    ship_from,
+                }
+            })
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -976,3 +976,58 @@ async fn the_scripts_refuse_arguments_the_allocator_never_sends_and_change_nothi
         assert_eq!(record, None, "{partial}: nothing is recorded");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skus_candidates_are_every_location_with_what_it_has_available_now() {
+    let allocator = common::allocator_for("node-a").await;
+    let sku = testkit::unique_id("candidates");
+    let store = StockKey::new("m1", &sku, "store-12");
+    let dc = StockKey::new("m1", &sku, "dc1");
+    common::stock(&allocator, &store, 3).await;
+    common::stock(&allocator, &dc, 40).await;
+    allocator
+        .reserve(&common::reserve(&dc, 5, &testkit::unique_id("hold")))
+        .await
+        .expect("hold");
+    let settings = |location: &str| {
+        if location == "store-12" {
+            (10, false)
+        } else {
+            (0, true)
+        }
+    };
+    let mut candidates = allocator
+        .candidates("m1", &sku, &settings)
+        .await
+        .expect("candidates");
+    candidates.sort_by(|a, b| a.location.cmp(&b.location));
+    assert_eq!(
+        candidates,
+        vec![
+            allocator::placement::Candidate {
+                location: "dc1".to_owned(),
+                available: 35,
+                priority: 0,
+                ship_from: true,
+            },
+            allocator::placement::Candidate {
+                location: "store-12".to_owned(),
+                available: 3,
+                priority: 10,
+                ship_from: false,
+            },
+        ]
+    );
+    // The rules over them: store-12 may not ship unless named.
+    let prefer: Vec<String> = Vec::new();
+    let plan = allocator::placement::place(
+        &allocator::placement::Ask {
+            qty: 2,
+            prefer: &prefer,
+            allow_split: false,
+            allow_partial: false,
+        },
+        &candidates,
+    );
+    assert_eq!(plan.holds, vec![("dc1".to_owned(), 2)]);
+}
