@@ -37,6 +37,15 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use config::{Config, LocationConfig, SourceConfig};
 
+/// The source that feeds `location` of `merchant` (`locations[].source`).
+pub fn source_of<'c>(config: &'c Config, merchant: &str, location: &str) -> Option<&'c str> {
+    config
+        .locations
+        .iter()
+        .find(|entry| entry.merchant == merchant && entry.location == location)
+        .and_then(|entry| entry.source.as_deref())
+}
+
 /// The record's members of `config`'s sources, in `config.sources` order.
 pub fn members(config: &Config) -> Vec<String> {
     config

@@ -22,8 +22,8 @@ fn sources_toml(pos: &str) -> String {
     )
 }
 
-/// A sale at store-12 as the POS reports it over HTTP.
-async fn pos_sale(node: &Node, pos: &str, sku: &str, qty: i64) {
+/// A sale at store-12 as the POS reports it over HTTP: the answer.
+async fn pos_sale(node: &Node, pos: &str, sku: &str, qty: i64) -> Value {
     let (status, body) = post(
         &node.url("/v1/stock/adjustments"),
         PLATFORM,
@@ -35,6 +35,7 @@ async fn pos_sale(node: &Node, pos: &str, sku: &str, qty: i64) {
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// The SKU's availability on `node`, and its ETag.
@@ -225,7 +226,13 @@ async fn a_quiet_pos_shows_its_locations_offline_less_their_buffer_until_it_repo
 
     // It reports again (a sale of 1): online within a second or two, the
     // buffer no longer held back.
-    pos_sale(&b, &pos, &sku, -1).await;
+    // Its own answer shows it online: it just reported.
+    let answer = pos_sale(&b, &pos, &sku, -1).await;
+    assert_eq!(
+        (&answer["source_offline"], &answer["available"]),
+        (&json!(false), &json!(9)),
+        "{answer}"
+    );
     wait_both(
         [&a, &b],
         &sku,

@@ -13,12 +13,20 @@ use crate::app::App;
 use crate::availability::LocationAvailability;
 
 /// The location's availability line after a change to its pool `pool`
-/// (the buckets are read as they stand).
+/// (the buckets are read as they stand). `reported_by`: the source whose
+/// report made the change; when it is the one that feeds the location, the
+/// location is shown online (it just reported; the node's judgement
+/// catches up within a second).
 pub(crate) async fn location_line(
     app: &App,
     key: &StockKey,
     pool: &allocator::Cell,
+    reported_by: Option<&str>,
 ) -> Result<LocationAvailability, ApiError> {
+    let config = app.config();
+    let just_reported = reported_by.is_some_and(|source| {
+        crate::sources::source_of(&config, &key.merchant, &key.location) == Some(source)
+    });
     let view = allocator::StockView {
         pool: Some(pool.clone()),
         buckets: app.allocator.stock_view(key).await?.buckets,
@@ -26,8 +34,10 @@ pub(crate) async fn location_line(
     LocationAvailability::from_view(
         &key.location,
         &view,
-        app.config().cache.low_stock_threshold_default,
-        app.sources.offline_buffer(&key.merchant, &key.location),
+        config.cache.low_stock_threshold_default,
+        app.sources
+            .offline_buffer(&key.merchant, &key.location)
+            .filter(|_| !just_reported),
     )
     .ok_or_else(|| ApiError::Internal("the adjusted key has no pool".to_owned()))
 }
@@ -48,7 +58,9 @@ pub(crate) async fn adjust(app: &App, session: &mut Session) -> Result<Reply, Ap
         .note(&adjustment.merchant, &adjustment.source, Duration::ZERO);
     let json = match outcome {
         AdjustmentOutcome::Applied { shortfall, cell } => {
-            let mut line = location_line(app, &key, &cell).await?.to_json();
+            let mut line = location_line(app, &key, &cell, Some(&adjustment.source))
+                .await?
+                .to_json();
             line["applied"] = json!(true);
             line["version"] = json!(cell.version);
             line["shortfall"] = json!(shortfall);
@@ -103,7 +115,7 @@ pub(crate) async fn settings(
             },
         )
         .await?;
-    let mut line = location_line(app, &key, &cell).await?.to_json();
+    let mut line = location_line(app, &key, &cell, None).await?.to_json();
     line["merchant"] = json!(key.merchant);
     line["sku"] = json!(key.sku);
     line["backorder_limit"] = json!(cell.backorder_limit);
