@@ -1197,10 +1197,16 @@ impl Allocator {
 
     /// Redis time in ms since the epoch (the one clock stock decisions use).
     pub async fn redis_time_ms(&self) -> Result<u64> {
+        self.redis_time_ms_on(&self.store.any()).await
+    }
+
+    /// Redis time in ms on `client`'s master (each client of the store is
+    /// one master's).
+    pub(crate) async fn redis_time_ms_on(&self, client: &fred::clients::Client) -> Result<u64> {
         let time =
             fred::types::CustomCommand::new_static("TIME", fred::types::ClusterHash::Random, false);
         let (seconds, micros): (u64, u64) = self
-            .with_timeout(self.store.any().custom(time, Vec::<String>::new()))
+            .with_timeout(client.custom(time, Vec::<String>::new()))
             .await?;
         Ok(seconds * 1000 + micros / 1000)
     }

@@ -103,7 +103,7 @@ impl Allocator {
             return Ok(());
         }
         let client = self.store.for_key(keys::SOURCES_SEEN)?;
-        let now_ms = self.time_on(&client).await?;
+        let now_ms = self.redis_time_ms_on(&client).await?;
         let mut zadd = vec![keys::SOURCES_SEEN.to_owned(), "GT".to_owned()];
         for (member, reported) in sightings {
             let age_ms = reported.elapsed().as_millis() as u64;
@@ -136,7 +136,7 @@ impl Allocator {
             return Ok((Vec::new(), 0));
         }
         let client = self.store.for_key(keys::SOURCES_SEEN)?;
-        let now_ms = self.time_on(&client).await?;
+        let now_ms = self.redis_time_ms_on(&client).await?;
         let mut args = vec![keys::SOURCES_SEEN.to_owned()];
         args.extend(members.iter().cloned());
         // ZMSCORE answers an array even for one member (Redis >= 6.2).
@@ -152,15 +152,5 @@ impl Allocator {
             })
             .collect();
         Ok((seen, now_ms))
-    }
-
-    /// Redis time (ms) on `client`'s master (each client of the store is
-    /// one master's).
-    async fn time_on(&self, client: &fred::clients::Client) -> Result<u64> {
-        let time = CustomCommand::new_static("TIME", ClusterHash::Random, false);
-        let (seconds, micros): (u64, u64) = self
-            .with_timeout(client.custom(time, Vec::<String>::new()))
-            .await?;
-        Ok(seconds * 1000 + micros / 1000)
     }
 }

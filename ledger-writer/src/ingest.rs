@@ -149,11 +149,12 @@ impl Heard {
         currency: &Currency,
     ) {
         let current_for = currency.of(merchant, source);
+        // The writer's clock against the message's timestamp.
         let age = message
             .timestamp()
             .to_millis()
             .map_or(Duration::ZERO, |at| {
-                Duration::from_millis(now_ms().saturating_sub(at.max(0) as u64))
+                Duration::from_millis((crate::relay::local_ms() - at).max(0) as u64)
             });
         if age <= current_for {
             self.seen.note(merchant, source, age);
@@ -208,13 +209,6 @@ impl Currency {
             .copied()
             .unwrap_or(UNCONFIGURED_CURRENT_FOR)
     }
-}
-
-/// The writer's clock, ms since the epoch (only to age messages).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64)
 }
 
 /// Consumes the events topic until `stop` is set. Blocking: run it on its own

@@ -106,7 +106,7 @@ fn seconds_since(now_ms: i64, operation_ms: u64) -> f64 {
 }
 
 /// The local wall clock in ms since the epoch.
-fn local_ms() -> i64 {
+pub(crate) fn local_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_millis() as i64)
