@@ -1,7 +1,10 @@
--- cart: the record of a multi-line reservation, in the partition of its id.
+-- cart: the record of a reservation of several holds (a cart of lines, a
+-- line split across locations, a line whose location the allocator chose),
+-- in the partition of its id. Its `lines` are its holds (one or more).
 -- It alone decides the cart's status; the allocator applies the lines one by
 -- one (each idempotent) around these steps. ARGS.action:
---   create   store the held cart (ARGS.lines); idempotent on its id
+--   create   store the held cart (ARGS.lines; ARGS.partial, ARGS.unfilled
+--            for a partial reservation); idempotent on its id
 --   begin    held -> committing | releasing (ARGS.to); refuses if expired or
 --            finished otherwise; records the cart for the finisher
 --   finish   committing -> committed, releasing -> released; idempotent
@@ -29,7 +32,7 @@ if a.action == 'create' then
   if not claim or claim.state ~= 'pending' or claim.token ~= a.token or claim.attempt ~= a.attempt then
     return reply({ status = 'lost' })
   end
-  if type(a.lines) ~= 'table' or #a.lines < 2 or #a.lines > LIMITS.cart_lines_max or not is_id(a.merchant)
+  if type(a.lines) ~= 'table' or #a.lines < 1 or #a.lines > LIMITS.cart_lines_max or not is_id(a.merchant)
     or not is_int(a.ttl_ms, 1, LIMITS.ttl_ms_max) then
     return refuse('bad_argument', { reason = 'lines, merchant and ttl_ms' })
   end
@@ -44,6 +47,15 @@ if a.action == 'create' then
     created_at_ms = NOW, expires_at_ms = NOW + a.ttl_ms, hold_until_ms = NOW + a.ttl_ms,
     lines = a.lines, node = ARGS.node, customer_hash = a.customer_hash,
   }
+  -- A partial reservation (allow_partial) keeps what its request lines
+  -- asked for and got, as the allocator states it.
+  if a.partial == true then
+    r.partial = true
+    if type(a.unfilled) == 'table' and #a.unfilled > 0 then
+      if #a.unfilled > LIMITS.cart_lines_max then return refuse('bad_argument', { reason = 'unfilled' }) end
+      r.unfilled = a.unfilled
+    end
+  end
   res_put(r)
   redis.call('ZADD', K_DUE, r.expires_at_ms, r.reservation_id)
   return reply(reservation_view(r))

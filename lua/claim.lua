@@ -5,7 +5,8 @@
 -- ARGS.action:
 --   open     first use: records ARGS.fingerprint, ARGS.life, the placement (ARGS.cell,
 --            ARGS.cell_partition, ARGS.reservation_id: where and as what
---            the first attempt holds) and a lease of ARGS.lease_ms for this
+--            the first attempt holds; or ARGS.plan, JSON text: the holds
+--            of a request of several, each with its cell and id) and a lease of ARGS.lease_ms for this
 --            node; answers claimed {attempt 0, token, lease_until_ms}. Later uses: done
 --            {reply} once finished (the stored answer, success or refusal);
 --            in_progress {until_ms, placement} while another caller's
@@ -15,7 +16,14 @@
 --            Another fingerprint: idempotency_key_reused. With
 --            ARGS.existing_only, no claim is made: not_found.
 --   advance  the attempt with ARGS.token was abandoned (a cart rolled back):
---            the next one uses fresh line ids. lost if the token is stale.
+--            the next one uses fresh line ids, and holds ARGS.plan (the
+--            holds it will make, recorded before any lands). lost if the
+--            token is stale.
+--   plan     records ARGS.plan as the holds of the current attempt
+--            (ARGS.attempt) of the caller with ARGS.token, before it makes
+--            them: a plan grown after a refusal, or made by a caller that
+--            took over a claim recorded without one. lost if the token or
+--            the attempt is stale.
 --   finish   stores ARGS.reply (JSON text) as the answer; done {reply}; a
 --            claim finished before answers its stored reply; lost if
 --            ARGS.token is stale.
@@ -52,6 +60,9 @@ if a.action == 'open' then
     return refuse('bad_argument', { reason = 'placement' })
   end
   if not is_id(a.life) then return refuse('bad_argument', { reason = 'life' }) end
+  if a.plan ~= nil and (type(a.plan) ~= 'string' or #a.plan > 65536) then
+    return refuse('bad_argument', { reason = 'plan' })
+  end
   if not rec and a.existing_only then return refuse('not_found') end
   if not rec then
     -- The first use, once per request: the record and the reply are built
@@ -65,6 +76,8 @@ if a.action == 'open' then
       placement = string.format(',"cell":"%s","cell_partition":%d,"reservation_id":"%s"',
         a.cell, a.cell_partition, a.reservation_id)
     end
+    -- A plan is recorded (and answered) as the text the caller sent.
+    if a.plan ~= nil then placement = placement .. ',"plan":' .. cjson.encode(a.plan) end
     redis.call('HSET', K_IDEM, field, string.format(
       '{"fp":%s,"state":"pending","attempt":0,"token":1,"owner":"%s","lease_until_ms":%d,"created_at_ms":%d,"life":"%s"',
       cjson.encode(a.fingerprint), ARGS.node, lease_until_ms, NOW, a.life) .. placement .. '}')
@@ -85,7 +98,8 @@ if a.action == 'open' then
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))
   return reply({ status = 'claimed', attempt = rec.attempt, token = rec.token, taken_over = true,
     lease_until_ms = rec.lease_until_ms, life = rec.life,
-    cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id })
+    cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id,
+    plan = rec.plan })
 end
 
 -- A claim past its life was another request's: this caller's token is stale.
@@ -98,10 +112,24 @@ if not is_int(a.token, 1, 99999999999999) then return refuse('bad_argument', { r
 if a.action == 'advance' then
   if rec.state ~= 'pending' or rec.token ~= a.token then return reply({ status = 'lost' }) end
   if not is_int(a.lease_ms, 1, 600000) then return refuse('bad_argument', { reason = 'lease_ms' }) end
+  if a.plan ~= nil and (type(a.plan) ~= 'string' or #a.plan > 65536) then
+    return refuse('bad_argument', { reason = 'plan' })
+  end
   rec.attempt = rec.attempt + 1
+  rec.plan = a.plan
   rec.lease_until_ms = NOW + a.lease_ms
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))
   return reply({ status = 'ok', attempt = rec.attempt, lease_until_ms = rec.lease_until_ms })
+end
+
+if a.action == 'plan' then
+  if rec.state ~= 'pending' or rec.token ~= a.token or rec.attempt ~= a.attempt then
+    return reply({ status = 'lost' })
+  end
+  if type(a.plan) ~= 'string' or #a.plan > 65536 then return refuse('bad_argument', { reason = 'plan' }) end
+  rec.plan = a.plan
+  redis.call('HSET', K_IDEM, field, cjson.encode(rec))
+  return reply({ status = 'ok' })
 end
 
 if a.action == 'finish' then

@@ -393,6 +393,7 @@ local function reservation_view(r)
     return {
       status = r.status, reservation_id = r.reservation_id, merchant = r.merchant,
       expires_at_ms = r.expires_at_ms, lines = r.lines, kind = 'cart',
+      partial = r.partial, unfilled = r.unfilled,
     }
   end
   return {

@@ -35,10 +35,42 @@ pub use crate::limits::CART_LINES_MAX;
 pub struct CartLine {
     /// SKU to hold.
     pub sku: String,
-    /// Location to hold at.
-    pub location: String,
+    /// Location to hold at; `None`: the allocator chooses
+    /// ([`crate::placement`]).
+    pub location: Option<String>,
     /// Units, 1..=1,000,000.
     pub qty: u32,
+    /// Locations in the buyer's order of preference (a line without a
+    /// location).
+    pub prefer: Vec<String>,
+    /// Whether the line may be held across several locations (a line
+    /// without a location).
+    pub allow_split: bool,
+}
+
+impl CartLine {
+    /// `qty` of `sku` at `location`: a line as the API had it before
+    /// allocation.
+    pub fn at(sku: &str, location: &str, qty: u32) -> Self {
+        Self {
+            sku: sku.to_owned(),
+            location: Some(location.to_owned()),
+            qty,
+            prefer: Vec::new(),
+            allow_split: false,
+        }
+    }
+
+    /// `qty` of `sku` wherever the allocator places it.
+    pub fn anywhere(sku: &str, qty: u32) -> Self {
+        Self {
+            sku: sku.to_owned(),
+            location: None,
+            qty,
+            prefer: Vec::new(),
+            allow_split: false,
+        }
+    }
 }
 
 /// A reservation request of one merchant for one or more lines.
@@ -54,9 +86,11 @@ pub struct CartRequest {
     pub idempotency_key: String,
     /// Opaque customer reference; stored only as a keyed hash.
     pub customer_ref: Option<String>,
+    /// Hold what can be held rather than all or nothing.
+    pub allow_partial: bool,
 }
 
-/// A line of a reservation as the API shows it.
+/// A hold of a reservation as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub struct CartLineView {
     /// SKU held.
@@ -67,6 +101,22 @@ pub struct CartLineView {
     pub qty: u32,
     /// Units beyond sellable, on backorder.
     pub backordered: u32,
+    /// The index of the request line this hold serves.
+    pub line: u32,
+}
+
+/// A request line of a partial reservation (`allow_partial`) that holds
+/// less than it asked.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Unfilled {
+    /// The request line's index.
+    pub line: u32,
+    /// Its SKU.
+    pub sku: String,
+    /// Units it asked for.
+    pub requested: u32,
+    /// Units its holds hold (0 when none could be held).
+    pub held: u32,
 }
 
 /// A reservation as the API shows it, one line or many.
@@ -80,8 +130,15 @@ pub struct CartView {
     pub status: ReservationStatus,
     /// Advertised expiry, Redis time in ms.
     pub expires_at_ms: u64,
-    /// Its lines.
+    /// Its holds, in the order they were placed.
     pub lines: Vec<CartLineView>,
+    /// Whether it was asked for with `allow_partial` (its lines then show
+    /// what each request line asked for and got).
+    #[serde(default)]
+    pub partial: bool,
+    /// The request lines of a partial reservation holding less than asked.
+    #[serde(default)]
+    pub unfilled: Vec<Unfilled>,
 }
 
 /// A successful cart reservation.
@@ -93,7 +150,7 @@ pub struct CartHold {
     pub replayed: bool,
 }
 
-/// A cart record's line, with the ids the allocator needs.
+/// A cart record's line (one hold), with the ids the allocator needs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub(crate) struct StoredLine {
     pub(crate) reservation_id: String,
@@ -102,6 +159,10 @@ pub(crate) struct StoredLine {
     pub(crate) location: String,
     pub(crate) qty: u32,
     pub(crate) backordered: u32,
+    /// The request line it serves (records made before allocation have
+    /// one hold per line, in order, and no index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) line: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +172,10 @@ pub(crate) struct StoredCart {
     status: String,
     expires_at_ms: u64,
     lines: Vec<StoredLine>,
+    #[serde(default)]
+    partial: bool,
+    #[serde(default)]
+    unfilled: Vec<Unfilled>,
 }
 
 impl StoredCart {
@@ -140,13 +205,17 @@ impl StoredCart {
             lines: self
                 .lines
                 .iter()
-                .map(|line| CartLineView {
+                .enumerate()
+                .map(|(index, line)| CartLineView {
                     sku: line.sku.clone(),
                     location: line.location.clone(),
                     qty: line.qty,
                     backordered: line.backordered,
+                    line: line.line.unwrap_or(index as u32),
                 })
                 .collect(),
+            partial: self.partial,
+            unfilled: self.unfilled.clone(),
         })
     }
 }
@@ -163,7 +232,10 @@ impl From<&Reservation> for CartView {
                 location: reservation.location.clone(),
                 qty: reservation.qty,
                 backordered: reservation.backordered,
+                line: 0,
             }],
+            partial: false,
+            unfilled: Vec::new(),
         }
     }
 }

@@ -428,12 +428,11 @@ impl Allocator {
             .await?;
         if reply["status"] == json!("insufficient_stock") {
             return Err(AllocatorError::InsufficientStock {
-                lines: vec![crate::ShortLine {
-                    sku: transfer.key.sku.clone(),
-                    location: transfer.key.location.clone(),
-                    requested: qty.min(u64::from(u32::MAX)) as u32,
-                    available: reply["available"].as_i64().unwrap_or_default(),
-                }],
+                lines: vec![crate::ShortLine::at(
+                    transfer.key,
+                    qty.min(u64::from(u32::MAX)) as u32,
+                    reply["available"].as_i64().unwrap_or_default(),
+                )],
             });
         }
         check_refusal(&reply)?;

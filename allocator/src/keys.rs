@@ -211,6 +211,14 @@ pub fn locations_key(merchant: &str, sku: &str) -> String {
     format!("inv:locations:{{{merchant}|{sku}}}")
 }
 
+/// A merchant's location settings set through the admin API (location →
+/// JSON `{"priority","ship_from"}`, `crate::placement`): they override the
+/// config's for the location. One hash per merchant, outside the
+/// partitions; read by every placement of a line without a location.
+pub fn location_settings_key(merchant: &str) -> String {
+    format!("inv:location-settings:{{{merchant}}}")
+}
+
 /// The stock keys of `partition` (their pools' partition) that have had
 /// flash-sale buckets: a set of `merchant|sku|location`. Added before every
 /// activation and refill, so the reconciler finds buckets whose sale is

@@ -149,6 +149,7 @@
 //! | activation record | until the sale ends here, at most 7 days | node restarts during the sale |
 //! | drain lease | 2 s | one drain (a few round trips) |
 
+mod allocate;
 mod allowance;
 mod cart;
 pub mod changes;
@@ -175,7 +176,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 pub use allowance::{Allowance, AllowancesFinished, CustomerLimit, Grant, NOTE_SETTLE_AFTER};
-pub use cart::{CART_LINES_MAX, CartHold, CartLine, CartLineView, CartRequest, CartView};
+pub use cart::{CART_LINES_MAX, CartHold, CartLine, CartLineView, CartRequest, CartView, Unfilled};
 pub use changes::{Change, ChangeEvent, ChangeFeed};
 pub use hot::{
     Debit, Drained, FlashSale, HotOutcomeCounts, HotOutcomes, PendingTransfer,
@@ -184,6 +185,7 @@ pub use hot::{
 pub use keys::{CellRef, StockKey};
 pub use ledger::{EntryId, LEDGER_VERSION, LedgerEntry, LedgerOp};
 pub use model::*;
+pub use placement::{LocationDefaults, LocationSettings};
 pub use reserve::{
     CLAIM_CLOCK_MARGIN, Coalescer, Coalescing, Flushed, HoldRequest, HotKey, Reserver,
 };
@@ -1122,12 +1124,11 @@ pub(crate) fn decode_hold(key: &StockKey, qty: u32, reply: Value) -> Result<Hold
     }
     if reply["status"] == json!("insufficient_stock") {
         return Err(AllocatorError::InsufficientStock {
-            lines: vec![ShortLine {
-                sku: key.sku.clone(),
-                location: key.location.clone(),
-                requested: qty,
-                available: reply["available"].as_i64().unwrap_or_default(),
-            }],
+            lines: vec![ShortLine::at(
+                key,
+                qty,
+                reply["available"].as_i64().unwrap_or_default(),
+            )],
         });
     }
     let replayed = reply["replayed"] == json!(true);

@@ -29,6 +29,13 @@ pub const ID_LENGTH_MAX: usize = 128;
 /// (`limits.reservation_lines_max`) may only be lower.
 pub const CART_LINES_MAX: usize = 256;
 
+/// Holds one reservation may make in all (its lines, split across
+/// locations): the cart record's limit, like its lines.
+pub const RESERVATION_HOLDS_MAX: usize = CART_LINES_MAX;
+
+/// Locations one line may name in `prefer`.
+pub const PREFER_MAX: usize = 50;
+
 /// Longest `customer_ref`, in characters (it is only ever stored as a
 /// keyed hash; the bound keeps a request's size sane).
 pub const CUSTOMER_REF_CHARS_MAX: usize = 256;

@@ -194,12 +194,32 @@ pub struct Hold {
 pub struct ShortLine {
     /// SKU asked for.
     pub sku: String,
-    /// Location asked at.
-    pub location: String,
+    /// Location asked at; `None` for a line that named none (its
+    /// `available` is then what the allocator could place: the best
+    /// location's units, or every eligible location's for a split line).
+    pub location: Option<String>,
+    /// The index of the request line (`None` in answers stored before
+    /// allocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
     /// Units asked for.
     pub requested: u32,
     /// Sellable units there were (never below 0).
     pub available: i64,
+}
+
+impl ShortLine {
+    /// `requested` units of `key` refused with `available` there: a hold's
+    /// refusal (the line it serves is the caller's to say).
+    pub fn at(key: &crate::StockKey, requested: u32, available: i64) -> Self {
+        Self {
+            sku: key.sku.clone(),
+            location: Some(key.location.clone()),
+            line: None,
+            requested,
+            available,
+        }
+    }
 }
 
 /// What an adjustment did.

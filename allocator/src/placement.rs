@@ -37,6 +37,55 @@
 //! merchant raises the locations it wants to ship from.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use fred::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::keys;
+
+/// How a merchant ranks one of its locations for lines that name none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocationSettings {
+    /// Higher is tried first (rule 3).
+    pub priority: i64,
+    /// Whether the location may be chosen when a line does not name it.
+    pub ship_from: bool,
+}
+
+impl Default for LocationSettings {
+    /// Priority 0, may ship.
+    fn default() -> Self {
+        Self {
+            priority: 0,
+            ship_from: true,
+        }
+    }
+}
+
+/// The settings of every location the config names, by `(merchant,
+/// location)`: the defaults that the admin API's settings override.
+pub type LocationDefaults = HashMap<(String, String), LocationSettings>;
+
+/// Largest priority the API accepts (either sign): the config's bound.
+pub const PRIORITY_MAX: i64 = config::LOCATION_PRIORITY_MAX;
+
+/// The config's `locations[]` settings.
+pub fn location_defaults(config: &config::Config) -> LocationDefaults {
+    config
+        .locations
+        .iter()
+        .map(|location| {
+            (
+                (location.merchant.clone(), location.location.clone()),
+                LocationSettings {
+                    priority: location.priority,
+                    ship_from: location.ship_from,
+                },
+            )
+        })
+        .collect()
+}
 
 /// One location a line may be held at, as one read of the SKU saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,23 +211,69 @@ pub fn place(ask: &Ask<'_>, candidates: &[Candidate]) -> Plan {
 }
 
 impl crate::Allocator {
+    /// The location settings set for `merchant` through the admin API
+    /// ([`crate::Allocator::set_location_settings`]), by location.
+    pub async fn location_settings(
+        &self,
+        merchant: &str,
+    ) -> crate::Result<HashMap<String, LocationSettings>> {
+        let key = keys::location_settings_key(merchant);
+        let client = self.store.for_key(&key)?;
+        let stored: HashMap<String, String> = self.with_timeout(client.hgetall(key)).await?;
+        Ok(stored
+            .into_iter()
+            .filter_map(|(location, text)| match serde_json::from_str(&text) {
+                Ok(settings) => Some((location, settings)),
+                Err(error) => {
+                    tracing::warn!(merchant, location, %error, "unreadable location settings; the config's apply");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Sets `merchant`'s settings for `location` (they override the
+    /// config's), for every node's next placement.
+    pub async fn set_location_settings(
+        &self,
+        merchant: &str,
+        location: &str,
+        settings: LocationSettings,
+    ) -> crate::Result<()> {
+        if !(-PRIORITY_MAX..=PRIORITY_MAX).contains(&settings.priority) {
+            return Err(crate::AllocatorError::InvalidRequest(format!(
+                "priority must be between -{PRIORITY_MAX} and {PRIORITY_MAX}"
+            )));
+        }
+        let key = keys::location_settings_key(merchant);
+        let client = self.store.for_key(&key)?;
+        let text = serde_json::to_string(&settings).map_err(crate::protocol)?;
+        let _: i64 = self
+            .with_timeout(client.hset(key, (location.to_owned(), text)))
+            .await?;
+        Ok(())
+    }
+
     /// The locations `sku` of `merchant` may be held at, as one read sees
     /// them (every location's cells in pipelined round trips,
     /// [`crate::Allocator::sku_views`]): each with its available units
     /// ([`crate::StockView::sellable`], the availability API's figure) and
-    /// the merchant's `settings` for it, `(priority, ship_from)`.
+    /// the merchant's `settings` for it.
     pub async fn candidates(
         &self,
         merchant: &str,
         sku: &str,
-        settings: &dyn Fn(&str) -> (i64, bool),
+        settings: &(dyn Fn(&str) -> LocationSettings + Sync),
     ) -> crate::Result<Vec<Candidate>> {
         Ok(self
             .sku_views(merchant, sku)
             .await?
             .into_iter()
             .map(|(location, view)| {
-                let (priority, ship_from) = settings(&location);
+                let LocationSettings {
+                    priority,
+                    ship_from,
+                } = settings(&location);
                 Candidate {
                     available: view.sellable().max(0),
                     location,

@@ -58,8 +58,9 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::allowance::{CustomerLimit, Grant};
-use crate::cart::{CartLine, CartRequest, CartView, StoredLine};
+use crate::cart::{CartLine, CartRequest, CartView};
 use crate::keys::{self, CellRef, StockKey};
+use crate::placement::LocationDefaults;
 use crate::scripts::Op;
 use crate::{
     Allocator, AllocatorError, CART_LINES_MAX, CartHold, FlashSale, Hold, HotOutcomes, RateMeter,
@@ -87,9 +88,6 @@ const ANSWER_IN_CLAIM_AFTER: Duration = Duration::from_secs(5);
 /// How long a second caller waits for a claim another caller holds.
 const CLAIM_WAIT_MAX: Duration = Duration::from_secs(3);
 const CLAIM_POLL: Duration = Duration::from_millis(20);
-
-/// Attempts of a cart one request makes before giving up.
-const CART_ATTEMPTS_MAX: u64 = 3;
 
 /// One hold of one cell whose request is already claimed: the cell and the
 /// reservation id come from the claim.
@@ -165,12 +163,11 @@ impl HoldRequest {
             }),
             "p" => decode_hold(&self.key, self.qty, answer[1].clone()),
             "s" => Err(AllocatorError::InsufficientStock {
-                lines: vec![ShortLine {
-                    sku: self.key.sku.clone(),
-                    location: self.key.location.clone(),
-                    requested: self.qty,
-                    available: answer[1].as_i64().ok_or_else(unexpected)?,
-                }],
+                lines: vec![ShortLine::at(
+                    &self.key,
+                    self.qty,
+                    answer[1].as_i64().ok_or_else(unexpected)?,
+                )],
             }),
             "f" => Err(AllocatorError::Fenced),
             "n" => Err(AllocatorError::NotFound),
@@ -213,7 +210,7 @@ impl HotKey {
 /// The answer stored in a claim: what every use of the key gets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
-enum Stored {
+pub(crate) enum Stored {
     Held {
         cart: CartView,
     },
@@ -252,19 +249,22 @@ impl Stored {
 
 /// A claim this caller holds.
 #[derive(Debug, Clone)]
-struct Claim {
-    partition: u32,
-    digest: String,
-    token: u64,
-    attempt: u64,
-    taken_over: bool,
+pub(crate) struct Claim {
+    pub(crate) partition: u32,
+    pub(crate) digest: String,
+    pub(crate) token: u64,
+    pub(crate) attempt: u64,
+    pub(crate) taken_over: bool,
     /// When this caller's lease ends (Redis time of the claim's shard, ms).
-    lease_until_ms: u64,
+    pub(crate) lease_until_ms: u64,
     /// The claim's life: every id the request makes derives from it and the
     /// digest (empty for claims made before lives were kept).
-    life: String,
+    pub(crate) life: String,
     /// Where a one-line request's attempt holds (fixed at the first use).
     placement: Option<(CellRef, String)>,
+    /// The holds the current attempt of a request of several makes (JSON
+    /// text, `crate::allocate`), recorded before any of them.
+    pub(crate) plan: Option<String>,
 }
 
 enum Opened {
@@ -289,21 +289,46 @@ enum OpenMode {
     Existing,
 }
 
-/// Where a one-line hold goes and how.
-struct Route<'a> {
-    hot: Option<&'a HotKey>,
-    coalescer: Option<&'a Coalescer>,
+/// Where a request's holds go and how.
+pub(crate) struct Route<'a> {
+    /// The flash sales in force on this node on the request's SKUs.
+    pub(crate) hot: Vec<&'a HotKey>,
+    pub(crate) coalescer: Option<&'a Coalescer>,
     /// The customer limits of the flash sales on the request's keys.
-    limits: &'a [Arc<CustomerLimit>],
+    pub(crate) limits: &'a [Arc<CustomerLimit>],
+    /// The config's location settings (placement of lines without a
+    /// location).
+    pub(crate) locations: &'a LocationDefaults,
 }
 
-impl Route<'_> {
-    fn limit(&self, key: &StockKey) -> Option<&CustomerLimit> {
+impl<'a> Route<'a> {
+    /// A route with no sale, limit, coalescing or configured location.
+    fn plain(hot: Option<&'a HotKey>) -> Self {
+        Route {
+            hot: hot.into_iter().collect(),
+            coalescer: None,
+            limits: &[],
+            locations: no_locations(),
+        }
+    }
+
+    pub(crate) fn limit(&self, key: &StockKey) -> Option<&CustomerLimit> {
         self.limits
             .iter()
             .find(|limit| limit.key == *key)
             .map(|limit| &**limit)
     }
+
+    /// The sale in force here on `key`.
+    pub(crate) fn hot_of(&self, key: &StockKey) -> Option<&'a HotKey> {
+        self.hot.iter().copied().find(|hot| hot.sale.key == *key)
+    }
+}
+
+/// The empty location defaults (requests made without a config).
+fn no_locations() -> &'static LocationDefaults {
+    static NONE: std::sync::OnceLock<LocationDefaults> = std::sync::OnceLock::new();
+    NONE.get_or_init(LocationDefaults::new)
 }
 
 impl Allocator {
@@ -333,6 +358,7 @@ impl Allocator {
         fingerprint: &str,
         life: &str,
         placement: Option<(CellRef, String)>,
+        plan: Option<&str>,
         mode: OpenMode,
     ) -> Result<Opened> {
         let partition = self.claim_partition(digest);
@@ -349,6 +375,9 @@ impl Allocator {
                 args["cell"] = json!(cell.id);
                 args["cell_partition"] = json!(cell.partition);
                 args["reservation_id"] = json!(reservation_id);
+            }
+            if let Some(plan) = plan {
+                args["plan"] = json!(plan);
             }
             let reply = self.call(Op::Claim, partition, args).await?;
             match reply["status"].as_str() {
@@ -380,6 +409,7 @@ impl Allocator {
                         })?,
                         life: reply["life"].as_str().unwrap_or_default().to_owned(),
                         placement,
+                        plan: reply["plan"].as_str().map(str::to_owned),
                     }));
                 }
                 Some("done") => return Ok(Opened::Done(stored(&reply)?)),
@@ -417,7 +447,11 @@ impl Allocator {
         }
     }
 
-    async fn finish_claim(&self, claim: &Claim, answer: &Stored) -> Result<Option<Stored>> {
+    pub(crate) async fn finish_claim(
+        &self,
+        claim: &Claim,
+        answer: &Stored,
+    ) -> Result<Option<Stored>> {
         let text = serde_json::to_string(answer).map_err(protocol)?;
         let args = json!({ "action": "finish", "digest": claim.digest, "token": claim.token, "reply": text });
         let reply = self.call(Op::Claim, claim.partition, args).await?;
@@ -431,11 +465,21 @@ impl Allocator {
         }
     }
 
-    async fn advance_claim(&self, claim: &mut Claim) -> Result<bool> {
-        let args = json!({
+    /// Abandons the claim's current attempt; the next one holds `plan`
+    /// (recorded before any of its holds). False when another caller holds
+    /// the claim now.
+    pub(crate) async fn advance_claim(
+        &self,
+        claim: &mut Claim,
+        plan: Option<&str>,
+    ) -> Result<bool> {
+        let mut args = json!({
             "action": "advance", "digest": claim.digest, "token": claim.token,
             "lease_ms": CLAIM_LEASE.as_millis() as u64,
         });
+        if let Some(plan) = plan {
+            args["plan"] = json!(plan);
+        }
         let reply = self.call(Op::Claim, claim.partition, args).await?;
         match reply["status"].as_str() {
             Some("ok") => {
@@ -453,23 +497,31 @@ impl Allocator {
         }
     }
 
-    /// The request's fingerprint: SHA-256 of its canonical JSON.
+    /// The request's fingerprint: SHA-256 of its canonical JSON, the
+    /// request as sent (a line's location, or its preferences and split).
+    /// A request of fixed locations has the form it had before allocation,
+    /// so a claim made before an upgrade still matches its retries.
     fn request_fingerprint(&self, request: &CartRequest) -> String {
         let lines: Vec<Value> = request
             .lines
             .iter()
-            .map(|line| json!([line.sku, line.location, line.qty]))
+            .map(|line| match &line.location {
+                Some(location) => json!([line.sku, location, line.qty]),
+                None => json!({
+                    "sku": line.sku, "qty": line.qty, "prefer": line.prefer, "split": line.allow_split,
+                }),
+            })
             .collect();
         let customer = request
             .customer_ref
             .as_deref()
             .map(|reference| self.customer_hash(reference));
         let ttl_ms = request.ttl.map(|ttl| ttl.as_millis() as u64);
-        hex::encode(Sha256::digest(
-            json!({ "merchant": request.merchant, "lines": lines, "ttl_ms": ttl_ms, "customer": customer })
-                .to_string()
-                .as_bytes(),
-        ))
+        let mut canonical = json!({ "merchant": request.merchant, "lines": lines, "ttl_ms": ttl_ms, "customer": customer });
+        if request.allow_partial {
+            canonical["partial"] = json!(true);
+        }
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
     }
 
     fn check_cart(request: &CartRequest) -> Result<()> {
@@ -484,10 +536,30 @@ impl Allocator {
             .find(|line| !(1..=crate::limits::QTY_MAX).contains(&line.qty))
         {
             return Err(AllocatorError::InvalidRequest(format!(
-                "qty of {} at {} must be between 1 and {}",
+                "qty of {} must be between 1 and {}",
                 line.sku,
-                line.location,
                 crate::limits::QTY_MAX
+            )));
+        }
+        if let Some(line) = request
+            .lines
+            .iter()
+            .find(|line| line.location.is_some() && (line.allow_split || !line.prefer.is_empty()))
+        {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "the line of {} names its location: prefer and allow_split are for lines without one",
+                line.sku
+            )));
+        }
+        if let Some(line) = request
+            .lines
+            .iter()
+            .find(|line| line.prefer.len() > crate::limits::PREFER_MAX)
+        {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "the line of {} prefers more than {} locations",
+                line.sku,
+                crate::limits::PREFER_MAX
             )));
         }
         let mut seen = HashSet::new();
@@ -497,33 +569,58 @@ impl Allocator {
             .all(|line| seen.insert((&line.sku, &line.location)))
         {
             return Err(AllocatorError::InvalidRequest(
-                "a sku and location may appear once per cart".to_owned(),
+                "a sku may appear once per cart at each location, and once without one".to_owned(),
             ));
         }
         Ok(())
     }
 
+    /// The one line of a request that is a single hold at a named
+    /// location (the path of one script call), if it is one.
+    fn single_hold(request: &CartRequest) -> Option<(&CartLine, &str)> {
+        match request.lines.as_slice() {
+            [line] if !request.allow_partial => {
+                line.location.as_deref().map(|location| (line, location))
+            }
+            _ => None,
+        }
+    }
+
+    /// The cell a hold of `key` lands in: this node's bucket while a sale
+    /// of the key is in force here, else the key's pool.
+    pub(crate) fn cell_for(&self, key: &StockKey, hot: Option<&HotKey>) -> CellRef {
+        match hot {
+            Some(hot) => hot
+                .sale
+                .bucket(&self.settings.node, self.settings.partitions),
+            None => key.pool(self.settings.partitions),
+        }
+    }
+
     /// The whole flow of one request: claim, hold, store the answer.
-    async fn reserve_claimed(&self, request: &CartRequest, route: Route<'_>) -> Result<CartHold> {
+    pub(crate) async fn reserve_claimed(
+        &self,
+        request: &CartRequest,
+        route: Route<'_>,
+    ) -> Result<CartHold> {
         Self::check_cart(request)?;
         let ttl_ms = self.ttl_ms(request.ttl)?;
         let digest = self.request_digest(&request.merchant, &request.idempotency_key);
         let fingerprint = self.request_fingerprint(request);
         // The life a claim made now records (unique to this attempt).
         let life = claim_life(&self.settings.node);
-        let placement = match request.lines.as_slice() {
-            [line] => {
-                let key = StockKey::new(&request.merchant, &line.sku, &line.location);
-                let cell = match route.hot {
-                    Some(hot) => hot
-                        .sale
-                        .bucket(&self.settings.node, self.settings.partitions),
-                    None => key.pool(self.settings.partitions),
-                };
-                let id = one_line_id(cell.partition, &digest, &life, 0);
-                Some((cell, id))
-            }
-            _ => None,
+        let single = Self::single_hold(request);
+        let placement = single.map(|(line, location)| {
+            let key = StockKey::new(&request.merchant, &line.sku, location);
+            let cell = self.cell_for(&key, route.hot_of(&key));
+            let id = one_line_id(cell.partition, &digest, &life, 0);
+            (cell, id)
+        });
+        // A request of several holds plans its first attempt before its
+        // claim is made, so the claim records the plan before any hold.
+        let plan = match single {
+            Some(_) => None,
+            None => Some(Box::pin(self.first_plan(request, &route, &lived(&digest, &life))).await?),
         };
         let opened_at = Instant::now();
         // A limited key needs the customer; a request without one may only
@@ -532,8 +629,16 @@ impl Allocator {
             (Some(_), None) => OpenMode::Existing,
             _ => OpenMode::First,
         };
+        let plan_text = plan.as_ref().and_then(|plan| plan.text());
         let opened = match self
-            .open_claim(&digest, &fingerprint, &life, placement, mode)
+            .open_claim(
+                &digest,
+                &fingerprint,
+                &life,
+                placement,
+                plan_text.as_deref(),
+                mode,
+            )
             .await
         {
             Err(AllocatorError::NotFound) if mode == OpenMode::Existing => {
@@ -549,12 +654,16 @@ impl Allocator {
             Opened::Claimed(claim) => claim,
             Opened::Done(stored) => return stored.into_result(true),
         };
-        let outcome = match request.lines.as_slice() {
+        let outcome = match (single, plan) {
             // Boxed, like the rarer paths below: the future of a request
             // is moved and boxed per request, and each path's state would
             // otherwise be carried by all of them.
-            [line] => Box::pin(self.hold_one(&claim, request, line, ttl_ms, &route)).await,
-            _ => Box::pin(self.hold_cart(&mut claim, request, ttl_ms, &route)).await,
+            (Some((line, location)), _) => {
+                Box::pin(self.hold_one(&claim, request, line, location, ttl_ms, &route)).await
+            }
+            (None, plan) => {
+                Box::pin(self.hold_planned(&mut claim, request, plan, ttl_ms, &route)).await
+            }
         };
         let (answer, replayed) = match outcome {
             // A one-line hold is its request's answer: it lives with the
@@ -563,7 +672,7 @@ impl Allocator {
             // except after a takeover (retries of this request: the claim
             // answers the next ones without the cell) or a slow attempt.
             Ok(hold)
-                if request.lines.len() == 1
+                if single.is_some()
                     && !claim.taken_over
                     && opened_at.elapsed() < ANSWER_IN_CLAIM_AFTER =>
             {
@@ -607,6 +716,7 @@ impl Allocator {
                 &fingerprint,
                 &life,
                 None,
+                None,
                 OpenMode::Reopen,
             ))
             .await?
@@ -644,13 +754,14 @@ impl Allocator {
         claim: &Claim,
         request: &CartRequest,
         line: &CartLine,
+        location: &str,
         ttl_ms: u64,
         route: &Route<'_>,
     ) -> Result<CartHold> {
         let (cell, reservation_id) = claim.placement.clone().ok_or_else(|| {
             AllocatorError::Protocol("a one-line claim without placement".to_owned())
         })?;
-        let key = StockKey::new(&request.merchant, &line.sku, &line.location);
+        let key = StockKey::new(&request.merchant, &line.sku, location);
         let mut hold = HoldRequest {
             key: key.clone(),
             qty: line.qty,
@@ -683,7 +794,7 @@ impl Allocator {
 
     /// Takes the customer's grant for `hold` under `limit` (none without a
     /// limit or a customer), before the hold: see `crate::allowance`.
-    async fn take_grant(
+    pub(crate) async fn take_grant(
         &self,
         limit: Option<&CustomerLimit>,
         hold: &mut HoldRequest,
@@ -717,7 +828,7 @@ impl Allocator {
     /// in force) was not paid for by it: either way the grant goes back at
     /// once. Any other failure may have held (or may yet): the grant stays,
     /// and the reconciler's repair decides once the claim's lease is over.
-    async fn give_back_unless_paid(&self, grant: &Grant, held: &Result<Hold>) {
+    pub(crate) async fn give_back_unless_paid(&self, grant: &Grant, held: &Result<Hold>) {
         let unpaid = match held {
             Err(
                 AllocatorError::InsufficientStock { .. }
@@ -732,9 +843,9 @@ impl Allocator {
         }
     }
 
-    /// The hold of a one-line request on its claim's cell, with the hot
-    /// path behind it when the key's sale is in force here.
-    async fn hold_one_cell(
+    /// A hold on the cell its claim fixed, with the hot path behind it
+    /// when the key's sale is in force here.
+    pub(crate) async fn hold_one_cell(
         &self,
         cell: &CellRef,
         hold: &HoldRequest,
@@ -746,7 +857,7 @@ impl Allocator {
             Some(coalescer) => coalescer.hold(self, cell, hold.clone()).await,
             None => self.hold(cell, hold).await,
         };
-        match (first, route.hot, bucket_node) {
+        match (first, route.hot_of(key), bucket_node) {
             (
                 Err(
                     AllocatorError::InsufficientStock { .. }
@@ -755,7 +866,7 @@ impl Allocator {
                 ),
                 Some(hot),
                 Some(node),
-            ) if hot.sale.key == *key => {
+            ) => {
                 // It counts what it answers in the sale's outcomes.
                 Box::pin(self.hold_hot(hot, node, cell, hold)).await
             }
@@ -774,167 +885,6 @@ impl Allocator {
             )),
             (result, _, _) => result,
         }
-    }
-
-    async fn hold_cart(
-        &self,
-        claim: &mut Claim,
-        request: &CartRequest,
-        ttl_ms: u64,
-        route: &Route<'_>,
-    ) -> Result<CartHold> {
-        let cart_id = keys::reservation_id(
-            claim.partition,
-            derive_random(&format!("cart|{}", lived(&claim.digest, &claim.life))),
-        );
-        if claim.taken_over {
-            // An earlier holder of the claim may have made the cart and died
-            // before storing the answer: that cart is the answer.
-            let args = json!({ "reservation_id": cart_id });
-            let reply = self.call(Op::GetReservation, claim.partition, args).await?;
-            if reply["status"] != json!("not_found") {
-                let cart = crate::cart::StoredCart::from_reply(reply)?;
-                return Ok(CartHold {
-                    cart: cart.view()?,
-                    replayed: true,
-                });
-            }
-        }
-        let grace_ms = self.hold_limits().cart_line_grace.as_millis() as u64;
-        let customer_hash = request
-            .customer_ref
-            .as_deref()
-            .map(|reference| self.customer_hash(reference));
-        for _ in 0..CART_ATTEMPTS_MAX {
-            let line_id = |index: usize, partition: u32| {
-                keys::reservation_id(
-                    partition,
-                    derive_random(&format!(
-                        "line|{}|{}|{index}",
-                        lived(&claim.digest, &claim.life),
-                        claim.attempt
-                    )),
-                )
-            };
-            let mut held: Vec<StoredLine> = Vec::new();
-            let mut tried: Vec<StoredLine> = Vec::new();
-            let mut again: Vec<StoredLine> = Vec::new();
-            let mut short = Vec::new();
-            let mut void = false;
-            let mut failure = None;
-            for (index, line) in request.lines.iter().enumerate() {
-                let key = StockKey::new(&request.merchant, &line.sku, &line.location);
-                let cell = key.pool(self.settings.partitions);
-                let stored = |reservation_id: String, backordered: u32| StoredLine {
-                    reservation_id,
-                    partition: cell.partition,
-                    sku: line.sku.clone(),
-                    location: line.location.clone(),
-                    qty: line.qty,
-                    backordered,
-                };
-                let mut hold = HoldRequest {
-                    key: key.clone(),
-                    qty: line.qty,
-                    ttl_ms,
-                    grace_ms,
-                    reservation_id: line_id(index, cell.partition),
-                    customer_hash: customer_hash.clone(),
-                    cart_id: Some(cart_id.clone()),
-                    // The cart's record decides it, under the claim's token.
-                    hold_by_ms: None,
-                    allowance_partition: None,
-                };
-                let grant = match self.take_grant(route.limit(&key), &mut hold, claim).await {
-                    Ok(grant) => grant,
-                    Err(error) => {
-                        failure = Some(error);
-                        break;
-                    }
-                };
-                // Tried: a store error may still have applied it.
-                tried.push(stored(hold.reservation_id.clone(), 0));
-                let result = self.hold(&cell, &hold).await;
-                if let Some(grant) = &grant {
-                    self.give_back_unless_paid(grant, &result).await;
-                }
-                match result {
-                    Ok(line_hold) => {
-                        let reservation = &line_hold.reservation;
-                        if reservation.status != ReservationStatus::Held {
-                            // This attempt ran before and one of its lines
-                            // ended since: the attempt cannot be the cart.
-                            void = true;
-                        } else {
-                            let line =
-                                stored(reservation.reservation_id.clone(), reservation.backordered);
-                            if line_hold.replayed {
-                                again.push(line.clone());
-                            }
-                            held.push(line);
-                        }
-                    }
-                    Err(AllocatorError::InsufficientStock { lines }) => short.extend(lines),
-                    Err(error) => {
-                        failure = Some(error);
-                        break;
-                    }
-                }
-            }
-            if failure.is_none() && !void && short.is_empty() {
-                // Lines held by an earlier run of this attempt must outlive
-                // the cart about to be made (its expiry is from now).
-                for line in &again {
-                    let args = json!({
-                        "reservation_id": line.reservation_id, "cart_flow": true,
-                        "ttl_ms": ttl_ms, "grace_ms": grace_ms,
-                    });
-                    match crate::decode_reservation(
-                        self.call(Op::Extend, line.partition, args).await?,
-                    ) {
-                        Ok(_) => {}
-                        Err(AllocatorError::NotHeld { .. }) => void = true,
-                        Err(error) => failure = Some(error),
-                    }
-                }
-            }
-            if failure.is_none() && !void && short.is_empty() {
-                let args = json!({
-                    "action": "create", "reservation_id": cart_id, "merchant": request.merchant,
-                    "ttl_ms": ttl_ms, "lines": serde_json::to_value(&held).map_err(protocol)?,
-                    "customer_hash": customer_hash,
-                    "digest": claim.digest, "token": claim.token, "attempt": claim.attempt,
-                });
-                let reply = self.call(Op::Cart, claim.partition, args).await?;
-                if reply["status"] == json!("lost") {
-                    // Another caller holds the claim now: its answer counts.
-                    return Err(AllocatorError::InProgress);
-                }
-                check_refusal(&reply)?;
-                let replayed = reply["replayed"] == json!(true);
-                let cart = crate::cart::StoredCart::from_reply(reply)?;
-                return Ok(CartHold {
-                    cart: cart.view()?,
-                    replayed,
-                });
-            }
-            // Abandon this attempt before touching its lines: only the caller
-            // still holding the claim may release them (a caller that took
-            // the claim over may be making the cart from them right now).
-            if !self.advance_claim(claim).await? {
-                return Err(AllocatorError::InProgress);
-            }
-            self.release_lines(&cart_id, tried.iter()).await;
-            if let Some(error) = failure {
-                return Err(error);
-            }
-            if !short.is_empty() && !void {
-                return Err(AllocatorError::InsufficientStock { lines: short });
-            }
-        }
-        Err(AllocatorError::StoreUnavailable(
-            "the cart's lines kept ending before it could be held; try again".to_owned(),
-        ))
     }
 
     /// Holds one cell for a request already claimed (a pool, or a bucket).
@@ -994,16 +944,7 @@ impl Allocator {
     /// idempotent on `request.idempotency_key` on every node.
     pub async fn reserve(&self, request: &crate::ReserveRequest) -> Result<Hold> {
         let cart = request.as_cart();
-        let hold = self
-            .reserve_claimed(
-                &cart,
-                Route {
-                    hot: None,
-                    coalescer: None,
-                    limits: &[],
-                },
-            )
-            .await?;
+        let hold = self.reserve_claimed(&cart, Route::plain(None)).await?;
         self.line_of(hold).await
     }
 
@@ -1012,31 +953,28 @@ impl Allocator {
     /// other buckets as needed; see [`Allocator::hold_hot`].
     pub async fn reserve_hot(&self, hot: &HotKey, request: &crate::ReserveRequest) -> Result<Hold> {
         let cart = request.as_cart();
-        let hold = self
-            .reserve_claimed(
-                &cart,
-                Route {
-                    hot: Some(hot),
-                    coalescer: None,
-                    limits: &[],
-                },
-            )
-            .await?;
+        let hold = self.reserve_claimed(&cart, Route::plain(Some(hot))).await?;
         self.line_of(hold).await
     }
 
-    /// Holds every line of `request` or none, idempotent on
-    /// `request.idempotency_key` on every node; one line holds at its pool.
+    /// Holds every line of `request` or none (or what it can, with
+    /// `allow_partial`), idempotent on `request.idempotency_key` on every
+    /// node; holds land in pools.
     pub async fn reserve_cart(&self, request: &CartRequest) -> Result<CartHold> {
-        self.reserve_claimed(
-            request,
-            Route {
-                hot: None,
-                coalescer: None,
-                limits: &[],
-            },
-        )
-        .await
+        self.reserve_claimed(request, Route::plain(None)).await
+    }
+
+    /// [`Allocator::reserve_cart`] on a node where the sales `hot` are in
+    /// force (this allocator's node): holds of their keys land in this
+    /// node's buckets, through the hot path.
+    pub async fn reserve_cart_hot(
+        &self,
+        hot: &[&HotKey],
+        request: &CartRequest,
+    ) -> Result<CartHold> {
+        let mut route = Route::plain(None);
+        route.hot = hot.to_vec();
+        self.reserve_claimed(request, route).await
     }
 
     async fn line_of(&self, hold: CartHold) -> Result<Hold> {
@@ -1066,7 +1004,7 @@ fn one_line_id(partition: u32, digest: &str, life: &str, attempt: u64) -> String
 
 /// The digest scoped to a claim's life (claims made before lives were kept
 /// have none, and their ids derive from the digest alone, as they did).
-fn lived(digest: &str, life: &str) -> String {
+pub(crate) fn lived(digest: &str, life: &str) -> String {
     if life.is_empty() {
         digest.to_owned()
     } else {
@@ -1322,6 +1260,8 @@ pub struct Reserver {
     customer_limits: RwLock<HashMap<StockKey, Arc<CustomerLimit>>>,
     /// Requests this node answered 409 `customer_limit`, by sale.
     limit_refusals: Mutex<HashMap<String, u64>>,
+    /// The config's location settings (priority, ship_from).
+    locations: RwLock<Arc<LocationDefaults>>,
 }
 
 impl Reserver {
@@ -1334,7 +1274,26 @@ impl Reserver {
             throttles: RwLock::default(),
             customer_limits: RwLock::default(),
             limit_refusals: Mutex::default(),
+            locations: RwLock::default(),
         }
+    }
+
+    /// Puts the config's location settings in force (placement of lines
+    /// without a location; the admin API's settings override them).
+    pub fn set_location_defaults(&self, defaults: LocationDefaults) {
+        *self
+            .locations
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(defaults);
+    }
+
+    fn location_defaults(&self) -> Arc<LocationDefaults> {
+        Arc::clone(
+            &self
+                .locations
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// The allocator underneath.
@@ -1357,14 +1316,13 @@ impl Reserver {
             throttle.admit(&self.allocator).await?;
         }
         let limits = self.customer_limits_of(request);
-        let hot = match request.lines.as_slice() {
-            [line] => self.hot_sale(&StockKey::new(&request.merchant, &line.sku, &line.location)),
-            _ => None,
-        };
+        let hot = on_lines(&self.hot, request, |_| true);
+        let locations = self.location_defaults();
         let route = Route {
-            hot: hot.as_deref(),
+            hot: hot.iter().map(|hot| &**hot).collect(),
             coalescer: Some(&self.coalescer),
             limits: &limits,
+            locations: &locations,
         };
         let result = self.allocator.reserve_claimed(request, route).await;
         if let Err(AllocatorError::CustomerLimit { sale, .. }) = &result {
@@ -1482,8 +1440,9 @@ impl Reserver {
     }
 }
 
-/// What `by_key` (a sale's throttle or limits, by stock key) holds for
-/// `request`'s lines and `keep` accepts; nothing is built for a request
+/// What `by_key` (a sale's throttle, limits or buckets, by stock key)
+/// holds for `request`'s lines and `keep` accepts (for a line without a
+/// location, every location of its SKU); nothing is built for a request
 /// when no sale has any (the common case).
 fn on_lines<T>(
     by_key: &RwLock<HashMap<StockKey, Arc<T>>>,
@@ -1496,16 +1455,26 @@ fn on_lines<T>(
     if by_key.is_empty() {
         return Vec::new();
     }
-    request
-        .lines
-        .iter()
-        .filter_map(|line| {
-            by_key
-                .get(&StockKey::new(&request.merchant, &line.sku, &line.location))
-                .filter(|found| keep(found))
-                .cloned()
-        })
-        .collect()
+    let mut found: Vec<Arc<T>> = Vec::new();
+    for line in &request.lines {
+        match &line.location {
+            Some(location) => found.extend(
+                by_key
+                    .get(&StockKey::new(&request.merchant, &line.sku, location))
+                    .filter(|found| keep(found))
+                    .cloned(),
+            ),
+            None => found.extend(
+                by_key
+                    .iter()
+                    .filter(|(key, value)| {
+                        key.merchant == request.merchant && key.sku == line.sku && keep(value)
+                    })
+                    .map(|(_, value)| Arc::clone(value)),
+            ),
+        }
+    }
+    found
 }
 
 impl crate::ReserveRequest {
@@ -1514,14 +1483,11 @@ impl crate::ReserveRequest {
     pub fn as_cart(&self) -> CartRequest {
         CartRequest {
             merchant: self.key.merchant.clone(),
-            lines: vec![CartLine {
-                sku: self.key.sku.clone(),
-                location: self.key.location.clone(),
-                qty: self.qty,
-            }],
+            lines: vec![CartLine::at(&self.key.sku, &self.key.location, self.qty)],
             ttl: self.ttl,
             idempotency_key: self.idempotency_key.clone(),
             customer_ref: self.customer_ref.clone(),
+            allow_partial: false,
         }
     }
 }

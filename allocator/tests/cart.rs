@@ -43,15 +43,12 @@ fn cart(shop: &Shop, lines: &[(&StockKey, u32)], key: &str) -> CartRequest {
         merchant: shop.merchant.clone(),
         lines: lines
             .iter()
-            .map(|(stock_key, qty)| CartLine {
-                sku: stock_key.sku.clone(),
-                location: stock_key.location.clone(),
-                qty: *qty,
-            })
+            .map(|(stock_key, qty)| CartLine::at(&stock_key.sku, &stock_key.location, *qty))
             .collect(),
         ttl: None,
         idempotency_key: key.to_owned(),
         customer_ref: Some("customer-42".to_owned()),
+        allow_partial: false,
     }
 }
 

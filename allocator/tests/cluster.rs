@@ -352,15 +352,12 @@ async fn every_lua_operation_runs_on_a_cluster() {
         merchant: merchant.clone(),
         lines: [&shirt, &hat]
             .iter()
-            .map(|stock_key| allocator::CartLine {
-                sku: stock_key.sku.clone(),
-                location: stock_key.location.clone(),
-                qty: 1,
-            })
+            .map(|stock_key| allocator::CartLine::at(&stock_key.sku, &stock_key.location, 1))
             .collect(),
         ttl: None,
         idempotency_key: testkit::unique_id("cart"),
         customer_ref: None,
+        allow_partial: false,
     };
     allocator.reserve_cart(&cart).await.expect("cart");
 

@@ -30,14 +30,11 @@ fn limit(units_max: Option<u32>, holds_max: Option<u32>) -> CustomerLimit {
 fn request(key: &StockKey, qty: u32, customer: Option<&str>, ttl: Option<Duration>) -> CartRequest {
     CartRequest {
         merchant: key.merchant.clone(),
-        lines: vec![CartLine {
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            qty,
-        }],
+        lines: vec![CartLine::at(&key.sku, &key.location, qty)],
         ttl,
         idempotency_key: testkit::unique_id("order"),
         customer_ref: customer.map(str::to_owned),
+        allow_partial: false,
     }
 }
 
@@ -290,11 +287,8 @@ async fn holds_at_once_are_limited_and_a_customer_ref_is_required() {
     let other = StockKey::new("m-limits", testkit::unique_id("sku"), "dc1");
     common::stock(&allocator, &other, 10).await;
     let mut cart = request(&limit.key, 1, Some("dave"), None);
-    cart.lines.push(CartLine {
-        sku: other.sku.clone(),
-        location: other.location.clone(),
-        qty: 1,
-    });
+    cart.lines
+        .push(CartLine::at(&other.sku, &other.location, 1));
     let refused = nodes[0].reserve(&cart).await;
     assert!(
         matches!(refused, Err(AllocatorError::CustomerLimit { .. })),

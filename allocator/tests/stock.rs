@@ -27,14 +27,11 @@ fn one_line(
 ) -> allocator::CartRequest {
     allocator::CartRequest {
         merchant: key.merchant.clone(),
-        lines: vec![allocator::CartLine {
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            qty,
-        }],
+        lines: vec![allocator::CartLine::at(&key.sku, &key.location, qty)],
         ttl: Some(Duration::from_secs(ttl_seconds)),
         idempotency_key: idempotency_key.to_owned(),
         customer_ref: None,
+        allow_partial: false,
     }
 }
 
@@ -991,9 +988,12 @@ async fn a_skus_candidates_are_every_location_with_what_it_has_available_now() {
         .expect("hold");
     let settings = |location: &str| {
         if location == "store-12" {
-            (10, false)
+            allocator::LocationSettings {
+                priority: 10,
+                ship_from: false,
+            }
         } else {
-            (0, true)
+            allocator::LocationSettings::default()
         }
     };
     let mut candidates = allocator

@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 
 pub use diff::changed_paths;
 pub use model::*;
-pub use validate::{FieldError, ID_LENGTH_MAX, is_valid_id, validate};
+pub use validate::{FieldError, ID_LENGTH_MAX, LOCATION_PRIORITY_MAX, is_valid_id, validate};
 pub use watch::{ConfigUpdate, ConfigWatcher};
 
 /// Why a configuration could not be used.

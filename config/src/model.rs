@@ -92,6 +92,17 @@ pub struct LocationConfig {
     /// is offline (sales it may be making that have not reached us).
     #[serde(default)]
     pub offline_buffer_units: u32,
+    /// Rank among the merchant's locations when a reservation line names
+    /// none: higher is chosen first (after the line's own preferences and
+    /// whether a location can hold the whole line). The admin API's
+    /// `PUT /v1/locations/{merchant}/{location}` overrides it.
+    #[serde(default)]
+    pub priority: i64,
+    /// Whether a line that names no location may be held here (false: only
+    /// when the line names it, in `location` or `prefer`). Overridden like
+    /// `priority`.
+    #[serde(default = "default_true")]
+    pub ship_from: bool,
 }
 
 /// Partner webhooks (`/v1/webhooks`): the key that seals their secrets,

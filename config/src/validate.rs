@@ -40,6 +40,9 @@ pub const CUSTOMER_LIMIT_MAX: u32 = 1_000_000;
 /// writer takes to record what it applied, and clock skew between hosts.
 pub const OFFLINE_AFTER_SECONDS_MIN: u64 = 10;
 
+/// Largest `locations[].priority`, either sign (the admin API's bound too).
+pub const LOCATION_PRIORITY_MAX: i64 = 1_000_000;
+
 /// Largest `locations[].offline_buffer_units` (the largest count a POS
 /// may report).
 pub const OFFLINE_BUFFER_UNITS_MAX: u32 = 1_000_000_000;
@@ -595,6 +598,12 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             location.offline_buffer_units,
             0,
             OFFLINE_BUFFER_UNITS_MAX,
+        );
+        c.range(
+            &format!("{path}.priority"),
+            location.priority,
+            -LOCATION_PRIORITY_MAX,
+            LOCATION_PRIORITY_MAX,
         );
     }
 

@@ -128,10 +128,16 @@ impl ApiError {
             ApiError::InsufficientStock(lines) => (
                 409,
                 "insufficient_stock",
-                json!({ "lines": lines.iter().map(|line| json!({
-                    "sku": line.sku, "location": line.location,
-                    "requested": line.requested, "available": line.available.max(0),
-                })).collect::<Vec<_>>() }),
+                json!({ "lines": lines.iter().map(|line| {
+                    let mut shown = json!({
+                        "sku": line.sku, "location": line.location,
+                        "requested": line.requested, "available": line.available.max(0),
+                    });
+                    if let Some(index) = line.line {
+                        shown["line"] = json!(index);
+                    }
+                    shown
+                }).collect::<Vec<_>>() }),
             ),
             ApiError::NotHeld(status) => (
                 409,
@@ -264,6 +270,10 @@ pub struct ReservationBody {
     /// Opaque customer reference, used only hashed.
     #[serde(default)]
     pub customer_ref: Option<String>,
+    /// Hold what can be held (201 with each line's `requested` and `held`)
+    /// rather than all or nothing.
+    #[serde(default)]
+    pub allow_partial: bool,
 }
 
 /// One reservation line.
@@ -272,10 +282,34 @@ pub struct ReservationBody {
 pub struct LineBody {
     /// SKU.
     pub sku: String,
-    /// Location.
-    pub location: String,
+    /// Location; absent: the allocator chooses.
+    #[serde(default)]
+    pub location: Option<String>,
     /// Units.
     pub qty: i64,
+    /// Locations in order of preference (a line without a location).
+    #[serde(default)]
+    pub prefer: Vec<String>,
+    /// Whether the line may be held across locations (a line without a
+    /// location).
+    #[serde(default)]
+    pub allow_split: bool,
+}
+
+/// `PUT /v1/locations/{merchant}/{location}` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocationBody {
+    /// Rank for lines without a location, higher first; 0 when absent.
+    #[serde(default)]
+    pub priority: i64,
+    /// Whether such lines may be held here; true when absent.
+    #[serde(default = "yes")]
+    pub ship_from: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /v1/reservations/{id}/extend` body.

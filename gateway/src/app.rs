@@ -185,6 +185,7 @@ impl App {
                 }),
             )
         }));
+        reserver.set_location_defaults(allocator::placement::location_defaults(&config));
         metrics.serve_sales(Arc::clone(&reserver));
         // Every watched location offline until the first look at the
         // record (nothing says its counts are current yet).
@@ -366,6 +367,10 @@ impl App {
             }
             if update.touches("limits") {
                 self.reserver.coalescer().reconfigure(coalescing(&config));
+            }
+            if update.touches("locations") {
+                self.reserver
+                    .set_location_defaults(allocator::placement::location_defaults(&config));
             }
             self.config.store(config);
             self.metrics.config_reloads.inc();

@@ -194,6 +194,8 @@ mod tests {
             location: location.to_owned(),
             source: source.map(str::to_owned),
             offline_buffer_units: buffer,
+            priority: 0,
+            ship_from: true,
         };
         Setup {
             sources,

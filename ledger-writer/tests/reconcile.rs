@@ -31,15 +31,12 @@ async fn a_poisoned_cart_does_not_stop_the_reconciler_finishing_everything_else(
             merchant: merchant.clone(),
             lines: keys
                 .iter()
-                .map(|key| CartLine {
-                    sku: key.sku.clone(),
-                    location: key.location.clone(),
-                    qty: 1,
-                })
+                .map(|key| CartLine::at(&key.sku, &key.location, 1))
                 .collect(),
             ttl: None,
             idempotency_key: testkit::unique_id("cart"),
             customer_ref: None,
+            allow_partial: false,
         })
         .await
         .expect("cart")
@@ -192,14 +189,11 @@ async fn an_expired_hold_gives_its_customer_allowance_back_through_the_reconcile
     reserver.set_customer_limits(vec![limit.clone()]);
     let request = |ttl: Duration| CartRequest {
         merchant: key.merchant.clone(),
-        lines: vec![CartLine {
-            sku: key.sku.clone(),
-            location: key.location.clone(),
-            qty: 1,
-        }],
+        lines: vec![CartLine::at(&key.sku, &key.location, 1)],
         ttl: Some(ttl),
         idempotency_key: testkit::unique_id("order"),
         customer_ref: Some("grace".to_owned()),
+        allow_partial: false,
     };
     reserver
         .reserve(&request(Duration::from_secs(1)))

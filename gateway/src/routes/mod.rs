@@ -6,13 +6,14 @@
 //! module of its resource) and the request
 //! plumbing ([`request`]: authentication and rate limits, bodies within the
 //! limit, Idempotency-Keys, query strings). Handlers live in one module per
-//! resource: [`availability`], [`reservations`], [`stock`], [`flash_sales`],
+//! resource: [`availability`], [`reservations`], [`stock`], [`locations`], [`flash_sales`],
 //! [`ops`] (and SSE in `crate::sse`); a new route goes into the table and the
 //! module of its resource. Every check happens before the first change: a
 //! refused request changes nothing.
 
 pub(crate) mod availability;
 pub(crate) mod flash_sales;
+pub(crate) mod locations;
 pub(crate) mod ops;
 pub(crate) mod request;
 pub(crate) mod reservations;
@@ -60,6 +61,8 @@ enum Resource {
     FlashSales,
     /// PUT, GET or DELETE of a webhook registration.
     Webhook,
+    /// PUT or GET of a location's allocation settings.
+    Location,
     WebhookDeliveries,
 }
 
@@ -134,6 +137,8 @@ fn table() -> &'static matchit::Router<Route> {
             ),
             (Method::GET, "/v1/stream", Stream),
             (Method::GET, "/v1/flash-sales", FlashSales),
+            (Method::PUT, "/v1/locations/{merchant}/{location}", Location),
+            (Method::GET, "/v1/locations/{merchant}/{location}", Location),
             (Method::PUT, "/v1/webhooks/{merchant}/{name}", Webhook),
             (Method::GET, "/v1/webhooks/{merchant}/{name}", Webhook),
             (Method::DELETE, "/v1/webhooks/{merchant}/{name}", Webhook),
@@ -324,6 +329,13 @@ async fn route_request(
                 http::Method::PUT => webhooks::put(app, session, &merchant, &name).await?,
                 http::Method::DELETE => webhooks::delete(app, session, &merchant, &name).await?,
                 _ => webhooks::get(app, session, &merchant, &name).await?,
+            }
+        }
+        Resource::Location => {
+            let (merchant, location) = (param("merchant"), param("location"));
+            match session.req_header().method {
+                http::Method::PUT => locations::put(app, session, &merchant, &location).await?,
+                _ => locations::get(app, session, &merchant, &location).await?,
             }
         }
         Resource::WebhookDeliveries => {

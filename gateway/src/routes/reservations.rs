@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use allocator::limits::CUSTOMER_REF_CHARS_MAX;
+use allocator::limits::{CUSTOMER_REF_CHARS_MAX, PREFER_MAX};
 use allocator::{AllocatorError, CartLine, CartRequest, CartView};
 use config::Scope;
 use pingora::proxy::Session;
@@ -14,16 +14,57 @@ use crate::api::{
 };
 use crate::app::App;
 
+/// A reservation as the API shows it: every hold with the index of the
+/// request line it serves; a partial one (`allow_partial`) adds to each
+/// hold its line's `requested` and `held`, and lists in `unfilled` every
+/// line holding less than asked (none at all included).
 pub(crate) fn cart_json(cart: &CartView) -> Value {
-    json!({
+    let held = |line: u32| -> u32 {
+        cart.lines
+            .iter()
+            .filter(|hold| hold.line == line)
+            .map(|hold| hold.qty)
+            .sum()
+    };
+    let lines: Vec<Value> = cart
+        .lines
+        .iter()
+        .map(|hold| {
+            let mut shown = json!({
+                "sku": hold.sku, "location": hold.location, "qty": hold.qty,
+                "backordered": hold.backordered, "line": hold.line,
+            });
+            if cart.partial {
+                let requested = cart
+                    .unfilled
+                    .iter()
+                    .find(|unfilled| unfilled.line == hold.line)
+                    .map_or_else(|| held(hold.line), |unfilled| unfilled.requested);
+                shown["requested"] = json!(requested);
+                shown["held"] = json!(held(hold.line));
+            }
+            shown
+        })
+        .collect();
+    let mut body = json!({
         "reservation_id": cart.reservation_id,
         "merchant": cart.merchant,
         "status": cart.status.as_str(),
         "expires_at": rfc3339_ms(cart.expires_at_ms),
-        "lines": cart.lines.iter().map(|line| json!({
-            "sku": line.sku, "location": line.location, "qty": line.qty, "backordered": line.backordered,
-        })).collect::<Vec<_>>(),
-    })
+        "lines": lines,
+    });
+    if cart.partial {
+        body["unfilled"] = json!(
+            cart.unfilled
+                .iter()
+                .map(|unfilled| json!({
+                    "line": unfilled.line, "sku": unfilled.sku,
+                    "requested": unfilled.requested, "held": unfilled.held,
+                }))
+                .collect::<Vec<_>>()
+        );
+    }
+    body
 }
 
 pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, ApiError> {
@@ -42,11 +83,28 @@ pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, Ap
     let mut lines = Vec::with_capacity(body.lines.len());
     for (index, line) in body.lines.iter().enumerate() {
         check_id(&format!("lines[{index}].sku"), &line.sku)?;
-        check_id(&format!("lines[{index}].location"), &line.location)?;
+        if let Some(location) = &line.location {
+            check_id(&format!("lines[{index}].location"), location)?;
+            if !line.prefer.is_empty() || line.allow_split {
+                return Err(ApiError::BadRequest(format!(
+                    "lines[{index}] names its location: prefer and allow_split are for lines without one"
+                )));
+            }
+        }
+        if line.prefer.len() > PREFER_MAX {
+            return Err(ApiError::BadRequest(format!(
+                "lines[{index}].prefer names at most {PREFER_MAX} locations"
+            )));
+        }
+        for (at, preferred) in line.prefer.iter().enumerate() {
+            check_id(&format!("lines[{index}].prefer[{at}]"), preferred)?;
+        }
         lines.push(CartLine {
             sku: line.sku.clone(),
             location: line.location.clone(),
             qty: check_qty(&format!("lines[{index}].qty"), line.qty)?,
+            prefer: line.prefer.clone(),
+            allow_split: line.allow_split,
         });
     }
     let ttl_max = config.stock.reservation_ttl_seconds_max;
@@ -79,6 +137,7 @@ pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, Ap
         ttl,
         idempotency_key,
         customer_ref: body.customer_ref,
+        allow_partial: body.allow_partial,
     };
     let outcome = app
         .reserver

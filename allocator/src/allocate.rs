@@ -1,0 +1,634 @@
+//! Reservations of several holds: carts, lines whose location the
+//! allocator chooses, lines split across locations, partial holds.
+//!
+//! Owns turning a request into holds and holding them as one reservation.
+//! Every hold is still one atomic script on one cell (the pool, or this
+//! node's bucket while a sale of the key is in force here, through the hot
+//! path); the reservation is a cart record that alone decides its status
+//! (`crate::cart`). Where a line without a location goes is
+//! [`crate::placement`]'s rules on one read of its SKU's locations.
+//!
+//! **A plan is recorded before it is held.** An attempt's holds (each with
+//! its cell and reservation id) are its *plan*, recorded in the request's
+//! claim (`lua/claim.lua`) before any of them is made: the first plan when
+//! the claim is made, a plan grown after a refusal with the `plan` action,
+//! the next attempt's with `advance`. A caller that takes a claim over runs
+//! the recorded plan again (same cells, same ids, which the scripts answer
+//! as they stand), so a request never holds twice, whatever a read would
+//! say now; it plans afresh only when the claim recorded none (then nothing
+//! of the attempt was held).
+//!
+//! **A refused plan is planned again, never trusted.** Two checkouts may
+//! plan the same last units; the scripts hold them for one, and refuse the
+//! other, whose missing units are planned again from a fresh read (at most
+//! [`REPLANS_MAX`] times per attempt). A line with nothing left to plan is
+//! short: without `allow_partial` the attempt is abandoned (its holds
+//! released, `advance`) and the request refused with every short line;
+//! with it, what was held is the reservation, and each line that holds
+//! less than asked is listed as `unfilled`. A line that names its
+//! location holds there or not at all, as before allocation; under
+//! `allow_partial` it takes what the location had when its hold was
+//! refused (the script's figure). A partial line that is not split stays at
+//! the one location it got units from.
+//!
+//! **Ids.** Hold `i` of an attempt's plan is `line|<digest.life>|<attempt>|<i>`
+//! in its cell's partition: a fixed-location cart's plan is its lines in
+//! order at their pools, the ids it had before allocation, so a claim made
+//! before an upgrade is taken over onto the same holds.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::cart::{CartHold, CartRequest, StoredCart, StoredLine, Unfilled};
+use crate::keys::{self, CellRef, StockKey};
+use crate::placement::{Ask, Candidate, LocationSettings, place};
+use crate::reserve::{Claim, HoldRequest, Route};
+use crate::scripts::Op;
+use crate::{
+    Allocator, AllocatorError, ReservationStatus, Result, ShortLine, check_refusal, derive_random,
+    protocol,
+};
+
+/// Attempts one request makes before giving up (an attempt is abandoned
+/// when a line it held before a takeover has ended since).
+const ATTEMPTS_MAX: u64 = 3;
+
+/// Times one attempt plans refused units again before the lines still
+/// missing are short.
+pub const REPLANS_MAX: usize = 3;
+
+/// One hold of a plan: where, what, and as what reservation id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PlannedHold {
+    /// The index of the request line it serves.
+    pub(crate) line: u32,
+    pub(crate) sku: String,
+    pub(crate) location: String,
+    pub(crate) qty: u32,
+    /// The cell's id and partition.
+    pub(crate) cell: String,
+    pub(crate) partition: u32,
+    pub(crate) reservation_id: String,
+}
+
+/// The holds planned for some of a request's lines, and for each line
+/// without a location what the read could place of it (its `available`
+/// should it be short).
+#[derive(Debug, Default)]
+pub(crate) struct Planned {
+    pub(crate) holds: Vec<PlannedHold>,
+    pub(crate) placeable: HashMap<u32, i64>,
+}
+
+impl Planned {
+    /// The plan as the claim records it; `None` when it holds nothing.
+    pub(crate) fn text(&self) -> Option<String> {
+        if self.holds.is_empty() {
+            None
+        } else {
+            serde_json::to_string(&self.holds).ok()
+        }
+    }
+}
+
+/// How one planned hold ended.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Held(StoredLine),
+    /// Refused; the units its location had then.
+    Refused(i64),
+}
+
+/// The id of hold `index` of `attempt`, in `partition`.
+fn hold_id(lived: &str, attempt: u64, index: usize, partition: u32) -> String {
+    keys::reservation_id(
+        partition,
+        derive_random(&format!("line|{lived}|{attempt}|{index}")),
+    )
+}
+
+impl Allocator {
+    /// The first attempt's plan, made before the request's claim (ids of
+    /// attempt 0 of the life `lived`).
+    pub(crate) async fn first_plan(
+        &self,
+        request: &CartRequest,
+        route: &Route<'_>,
+        lived: &str,
+    ) -> Result<Planned> {
+        let wanted: Vec<(u32, u32)> = request
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(index, line)| (index as u32, line.qty))
+            .collect();
+        self.plan_lines(request, route, &wanted, lived, 0, 0).await
+    }
+
+    /// Plans `wanted` (request line, units) as holds `first_index..` of
+    /// `attempt`, from one read of the SKUs of the lines without a location.
+    async fn plan_lines(
+        &self,
+        request: &CartRequest,
+        route: &Route<'_>,
+        wanted: &[(u32, u32)],
+        lived: &str,
+        attempt: u64,
+        first_index: usize,
+    ) -> Result<Planned> {
+        let mut planned = Planned::default();
+        // The SKUs to read, once each; and the merchant's settings.
+        let mut skus: Vec<&str> = wanted
+            .iter()
+            .map(|(line, _)| &request.lines[*line as usize])
+            .filter(|line| line.location.is_none())
+            .map(|line| line.sku.as_str())
+            .collect();
+        skus.sort_unstable();
+        skus.dedup();
+        let mut candidates: HashMap<&str, Vec<Candidate>> = HashMap::new();
+        if !skus.is_empty() {
+            let overrides = self.location_settings(&request.merchant).await?;
+            let settings = |location: &str| -> LocationSettings {
+                overrides.get(location).copied().unwrap_or_else(|| {
+                    route
+                        .locations
+                        .get(&(request.merchant.clone(), location.to_owned()))
+                        .copied()
+                        .unwrap_or_default()
+                })
+            };
+            let reads = futures::future::try_join_all(
+                skus.iter()
+                    .map(|sku| self.candidates(&request.merchant, sku, &settings)),
+            )
+            .await?;
+            candidates = skus.into_iter().zip(reads).collect();
+        }
+        let mut push = |line: u32, sku: &str, location: &str, qty: u32| {
+            let key = StockKey::new(&request.merchant, sku, location);
+            let cell = self.cell_for(&key, route.hot_of(&key));
+            let index = first_index + planned.holds.len();
+            planned.holds.push(PlannedHold {
+                line,
+                sku: sku.to_owned(),
+                location: location.to_owned(),
+                qty,
+                reservation_id: hold_id(lived, attempt, index, cell.partition),
+                cell: cell.id,
+                partition: cell.partition,
+            });
+        };
+        for &(index, qty) in wanted {
+            let line = &request.lines[index as usize];
+            if let Some(location) = &line.location {
+                push(index, &line.sku, location, qty);
+                // What this plan takes there is not there for the next line.
+                if let Some(found) = candidates.get_mut(line.sku.as_str()) {
+                    for candidate in found.iter_mut().filter(|c| c.location == *location) {
+                        candidate.available -= i64::from(qty);
+                    }
+                }
+                continue;
+            }
+            let found = candidates.entry(line.sku.as_str()).or_default();
+            let ask = Ask {
+                qty,
+                prefer: &line.prefer,
+                allow_split: line.allow_split,
+                allow_partial: request.allow_partial,
+            };
+            let plan = place(&ask, found);
+            let placeable = place(
+                &Ask {
+                    allow_partial: true,
+                    ..ask
+                },
+                found,
+            )
+            .held();
+            planned.placeable.insert(index, i64::from(placeable));
+            for (location, units) in plan.holds.into_iter().filter(|(_, units)| *units > 0) {
+                for candidate in found.iter_mut().filter(|c| c.location == location) {
+                    candidate.available -= i64::from(units);
+                }
+                push(index, &line.sku, &location, units);
+            }
+        }
+        if first_index + planned.holds.len() > crate::limits::RESERVATION_HOLDS_MAX {
+            return Err(AllocatorError::InvalidRequest(format!(
+                "a reservation makes at most {} holds; split fewer lines",
+                crate::limits::RESERVATION_HOLDS_MAX
+            )));
+        }
+        Ok(planned)
+    }
+
+    /// Records `plan` as the holds of the claim's current attempt. False
+    /// when another caller holds the claim now.
+    async fn record_plan(&self, claim: &Claim, plan: &[PlannedHold]) -> Result<bool> {
+        let text = serde_json::to_string(plan).map_err(protocol)?;
+        let args = json!({
+            "action": "plan", "digest": claim.digest, "token": claim.token,
+            "attempt": claim.attempt, "plan": text,
+        });
+        let reply = self.call(Op::Claim, claim.partition, args).await?;
+        match reply["status"].as_str() {
+            Some("ok") => Ok(true),
+            Some("lost") => Ok(false),
+            _ => {
+                check_refusal(&reply)?;
+                Err(AllocatorError::Protocol(format!("claim plan: {reply}")))
+            }
+        }
+    }
+
+    /// Holds a request of several holds under its claim (see the module
+    /// docs); `first` is the plan made before the claim, when this caller
+    /// made it.
+    pub(crate) async fn hold_planned(
+        &self,
+        claim: &mut Claim,
+        request: &CartRequest,
+        first: Option<Planned>,
+        ttl_ms: u64,
+        route: &Route<'_>,
+    ) -> Result<CartHold> {
+        let lived = crate::reserve::lived(&claim.digest, &claim.life);
+        let cart_id =
+            keys::reservation_id(claim.partition, derive_random(&format!("cart|{lived}")));
+        if claim.taken_over {
+            // An earlier holder of the claim may have made the cart and died
+            // before storing the answer: that cart is the answer.
+            let args = json!({ "reservation_id": cart_id });
+            let reply = self.call(Op::GetReservation, claim.partition, args).await?;
+            if reply["status"] != json!("not_found") {
+                let cart = StoredCart::from_reply(reply)?;
+                return Ok(CartHold {
+                    cart: cart.view()?,
+                    replayed: true,
+                });
+            }
+        }
+        let mut placeable = HashMap::new();
+        let mut plan: Vec<PlannedHold> = match (claim.taken_over, first, &claim.plan) {
+            // This caller made the claim, with its plan.
+            (false, Some(first), _) => {
+                placeable = first.placeable;
+                first.holds
+            }
+            (_, _, Some(text)) => serde_json::from_str(text).map_err(protocol)?,
+            // Taken over from a caller that recorded no plan: it held
+            // nothing of this attempt. Planned now, recorded first.
+            (_, _, None) => {
+                let fresh = self.plan_all(request, route, &lived, claim.attempt).await?;
+                placeable = fresh.placeable;
+                if !fresh.holds.is_empty() && !self.record_plan(claim, &fresh.holds).await? {
+                    return Err(AllocatorError::InProgress);
+                }
+                fresh.holds
+            }
+        };
+        let grace_ms = self.hold_limits().cart_line_grace.as_millis() as u64;
+        let customer_hash = request
+            .customer_ref
+            .as_deref()
+            .map(|reference| self.customer_hash(reference));
+        for _ in 0..ATTEMPTS_MAX {
+            let mut outcomes: Vec<Outcome> = Vec::new();
+            let mut tried: Vec<StoredLine> = Vec::new();
+            let mut again: Vec<StoredLine> = Vec::new();
+            let mut void = false;
+            let mut failure = None;
+            let mut replans = 0;
+            loop {
+                // All or nothing, and a line the read could not place: no
+                // hold is made only to be released.
+                if outcomes.is_empty() && !request.allow_partial && !placed_whole(request, &plan) {
+                    break;
+                }
+                while outcomes.len() < plan.len() && failure.is_none() && !void {
+                    let planned = &plan[outcomes.len()];
+                    let key = StockKey::new(&request.merchant, &planned.sku, &planned.location);
+                    let cell = CellRef {
+                        partition: planned.partition,
+                        id: planned.cell.clone(),
+                    };
+                    let stored = |reservation_id: String, backordered: u32| StoredLine {
+                        reservation_id,
+                        partition: planned.partition,
+                        sku: planned.sku.clone(),
+                        location: planned.location.clone(),
+                        qty: planned.qty,
+                        backordered,
+                        line: Some(planned.line),
+                    };
+                    let mut hold = HoldRequest {
+                        key: key.clone(),
+                        qty: planned.qty,
+                        ttl_ms,
+                        grace_ms,
+                        reservation_id: planned.reservation_id.clone(),
+                        customer_hash: customer_hash.clone(),
+                        cart_id: Some(cart_id.clone()),
+                        // The cart's record decides it, under the claim's token.
+                        hold_by_ms: None,
+                        allowance_partition: None,
+                    };
+                    let grant = match self.take_grant(route.limit(&key), &mut hold, claim).await {
+                        Ok(grant) => grant,
+                        Err(error) => {
+                            failure = Some(error);
+                            break;
+                        }
+                    };
+                    // Tried: a store error may still have applied it.
+                    tried.push(stored(hold.reservation_id.clone(), 0));
+                    let result = self.hold_one_cell(&cell, &hold, route).await;
+                    if let Some(grant) = &grant {
+                        self.give_back_unless_paid(grant, &result).await;
+                    }
+                    match result {
+                        Ok(line_hold) => {
+                            let reservation = &line_hold.reservation;
+                            if reservation.status != ReservationStatus::Held {
+                                // This attempt ran before and one of its
+                                // holds ended since: it cannot be the cart.
+                                void = true;
+                            } else {
+                                let line = stored(
+                                    reservation.reservation_id.clone(),
+                                    reservation.backordered,
+                                );
+                                if line_hold.replayed {
+                                    again.push(line.clone());
+                                }
+                                outcomes.push(Outcome::Held(line));
+                            }
+                        }
+                        Err(AllocatorError::InsufficientStock { lines }) => outcomes.push(
+                            Outcome::Refused(lines.first().map_or(0, |line| line.available)),
+                        ),
+                        Err(error) => failure = Some(error),
+                    }
+                }
+                if failure.is_some() || void || replans >= REPLANS_MAX {
+                    break;
+                }
+                let wanted = Self::replan_wanted(request, &plan, &outcomes);
+                if wanted.is_empty() {
+                    break;
+                }
+                let extra = self
+                    .plan_lines(request, route, &wanted, &lived, claim.attempt, plan.len())
+                    .await?;
+                placeable.extend(extra.placeable);
+                if extra.holds.is_empty() {
+                    break;
+                }
+                let mut grown = plan.clone();
+                grown.extend(extra.holds);
+                if !self.record_plan(claim, &grown).await? {
+                    // Another caller holds the claim now: its answer counts.
+                    return Err(AllocatorError::InProgress);
+                }
+                plan = grown;
+                replans += 1;
+            }
+            let held = held_by_line(&outcomes);
+            let missing: Vec<u32> = (0..request.lines.len() as u32)
+                .filter(|line| {
+                    held.get(line).copied().unwrap_or(0) < request.lines[*line as usize].qty
+                })
+                .collect();
+            let acceptable = missing.is_empty() || (request.allow_partial && !held.is_empty());
+            if failure.is_none() && !void && acceptable {
+                // Lines held by an earlier run of this attempt must outlive
+                // the cart about to be made (its expiry is from now).
+                for line in &again {
+                    let args = json!({
+                        "reservation_id": line.reservation_id, "cart_flow": true,
+                        "ttl_ms": ttl_ms, "grace_ms": grace_ms,
+                    });
+                    match crate::decode_reservation(
+                        self.call(Op::Extend, line.partition, args).await?,
+                    ) {
+                        Ok(_) => {}
+                        Err(AllocatorError::NotHeld { .. }) => void = true,
+                        Err(error) => failure = Some(error),
+                    }
+                }
+            }
+            if failure.is_none() && !void && acceptable {
+                let lines: Vec<&StoredLine> = outcomes
+                    .iter()
+                    .filter_map(|outcome| match outcome {
+                        Outcome::Held(line) => Some(line),
+                        Outcome::Refused(_) => None,
+                    })
+                    .collect();
+                let unfilled: Vec<Unfilled> = missing
+                    .iter()
+                    .map(|&line| Unfilled {
+                        line,
+                        sku: request.lines[line as usize].sku.clone(),
+                        requested: request.lines[line as usize].qty,
+                        held: held.get(&line).copied().unwrap_or(0),
+                    })
+                    .collect();
+                let mut args = json!({
+                    "action": "create", "reservation_id": cart_id, "merchant": request.merchant,
+                    "ttl_ms": ttl_ms, "lines": serde_json::to_value(&lines).map_err(protocol)?,
+                    "customer_hash": customer_hash,
+                    "digest": claim.digest, "token": claim.token, "attempt": claim.attempt,
+                });
+                if request.allow_partial {
+                    args["partial"] = json!(true);
+                    args["unfilled"] = serde_json::to_value(&unfilled).map_err(protocol)?;
+                }
+                let reply = self.call(Op::Cart, claim.partition, args).await?;
+                if reply["status"] == json!("lost") {
+                    // Another caller holds the claim now: its answer counts.
+                    return Err(AllocatorError::InProgress);
+                }
+                check_refusal(&reply)?;
+                let replayed = reply["replayed"] == json!(true);
+                let cart = StoredCart::from_reply(reply)?;
+                return Ok(CartHold {
+                    cart: cart.view()?,
+                    replayed,
+                });
+            }
+            // Abandon this attempt before touching its holds: only the
+            // caller still holding the claim may release them (a caller
+            // that took the claim over may be making the cart from them
+            // right now). A void attempt is followed by another, planned
+            // now and recorded with the abandonment.
+            let next = if void && failure.is_none() {
+                Some(
+                    self.plan_all(request, route, &lived, claim.attempt + 1)
+                        .await?,
+                )
+            } else {
+                None
+            };
+            let next_text = next.as_ref().and_then(Planned::text);
+            if !self.advance_claim(claim, next_text.as_deref()).await? {
+                return Err(AllocatorError::InProgress);
+            }
+            self.release_lines(&cart_id, tried.iter()).await;
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            match next {
+                Some(next) => {
+                    placeable = next.placeable;
+                    plan = next.holds;
+                }
+                None => {
+                    return Err(AllocatorError::InsufficientStock {
+                        lines: short_lines(request, &plan, &outcomes, &held, &placeable),
+                    });
+                }
+            }
+        }
+        Err(AllocatorError::StoreUnavailable(
+            "the reservation's holds kept ending before it could be made; try again".to_owned(),
+        ))
+    }
+
+    /// A plan of every line of `request` for `attempt`.
+    async fn plan_all(
+        &self,
+        request: &CartRequest,
+        route: &Route<'_>,
+        lived: &str,
+        attempt: u64,
+    ) -> Result<Planned> {
+        let wanted: Vec<(u32, u32)> = request
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(index, line)| (index as u32, line.qty))
+            .collect();
+        self.plan_lines(request, route, &wanted, lived, attempt, 0)
+            .await
+    }
+
+    /// The units to plan again after a round of holds: for each line still
+    /// missing units whose last hold was refused, what may be asked of a
+    /// fresh read (see the module docs).
+    fn replan_wanted(
+        request: &CartRequest,
+        plan: &[PlannedHold],
+        outcomes: &[Outcome],
+    ) -> Vec<(u32, u32)> {
+        let held = held_by_line(outcomes);
+        let mut wanted = Vec::new();
+        for (index, line) in request.lines.iter().enumerate() {
+            let index = index as u32;
+            let got = held.get(&index).copied().unwrap_or(0);
+            let missing = line.qty.saturating_sub(got);
+            // Only a line whose last hold was refused this round is planned
+            // again: one the read could not place stays short.
+            let last_refused = plan
+                .iter()
+                .zip(outcomes)
+                .rev()
+                .find(|(planned, _)| planned.line == index)
+                .and_then(|(_, outcome)| match outcome {
+                    Outcome::Refused(available) => Some(*available),
+                    Outcome::Held(_) => None,
+                });
+            let Some(available) = last_refused else {
+                continue;
+            };
+            if missing == 0 {
+                continue;
+            }
+            let ask = match &line.location {
+                // A named line takes what its location had, only when
+                // partial; else it is short.
+                Some(_) if request.allow_partial && available > 0 => {
+                    (available.min(i64::from(missing))) as u32
+                }
+                Some(_) => continue,
+                None if line.allow_split => missing,
+                // A line that is not split stays where it got units.
+                None if got == 0 => line.qty,
+                None => continue,
+            };
+            wanted.push((index, ask));
+        }
+        wanted
+    }
+}
+
+/// Whether `plan` places every unit of every line without a location.
+fn placed_whole(request: &CartRequest, plan: &[PlannedHold]) -> bool {
+    request.lines.iter().enumerate().all(|(index, line)| {
+        line.location.is_some()
+            || plan
+                .iter()
+                .filter(|planned| planned.line == index as u32)
+                .map(|planned| planned.qty)
+                .sum::<u32>()
+                >= line.qty
+    })
+}
+
+/// Units held so far, by request line.
+fn held_by_line(outcomes: &[Outcome]) -> HashMap<u32, u32> {
+    let mut held: HashMap<u32, u32> = HashMap::new();
+    for outcome in outcomes {
+        if let Outcome::Held(line) = outcome {
+            *held.entry(line.line.unwrap_or_default()).or_default() += line.qty;
+        }
+    }
+    held
+}
+
+/// The request's lines that are short, as the 409 lists them: a named
+/// line whose hold was refused, with what its location had then; a line
+/// without a location, with what the allocator could place of it.
+fn short_lines(
+    request: &CartRequest,
+    plan: &[PlannedHold],
+    outcomes: &[Outcome],
+    held: &HashMap<u32, u32>,
+    placeable: &HashMap<u32, i64>,
+) -> Vec<ShortLine> {
+    request
+        .lines
+        .iter()
+        .enumerate()
+        .filter(|(index, line)| held.get(&(*index as u32)).copied().unwrap_or(0) < line.qty)
+        .filter_map(|(index, line)| {
+            let index = index as u32;
+            let refused = plan
+                .iter()
+                .zip(outcomes)
+                .rev()
+                .find(|(planned, _)| planned.line == index)
+                .and_then(|(_, outcome)| match outcome {
+                    Outcome::Refused(available) => Some(*available),
+                    Outcome::Held(_) => None,
+                });
+            let available = match &line.location {
+                // A named line not tried (another line was short first)
+                // is not known to be short.
+                Some(_) => refused?,
+                None => placeable.get(&index).copied().unwrap_or(0),
+            };
+            Some(ShortLine {
+                sku: line.sku.clone(),
+                location: line.location.clone(),
+                line: Some(index),
+                requested: line.qty,
+                available: available.max(0),
+            })
+        })
+        .collect()
+}
