@@ -165,6 +165,10 @@ impl Allocator {
                     .map(|sku| self.candidates(&request.merchant, sku, &settings)),
             )
             .await?;
+            // A SKU with no location at all is unknown, as a key is.
+            if reads.iter().any(Vec::is_empty) {
+                return Err(AllocatorError::NotFound);
+            }
             candidates = skus.into_iter().zip(reads).collect();
         }
         let mut push = |line: u32, sku: &str, location: &str, qty: u32| {
