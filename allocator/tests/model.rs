@@ -6,7 +6,10 @@
 //! deltas of both signs, physical counts and settings during and after the
 //! sale, activation and activation replays after the scripts' records of
 //! the first split are gone (their 24 h housekeeping, done by hand here),
-//! node death and sale end (their buckets reclaimed).
+//! node death and sale end (their buckets reclaimed). The two keys are one
+//! SKU at two locations, so reservations that name no location (the
+//! allocator places them, splits them, holds them partially) take part:
+//! the model says which location the rules choose and how much each gets.
 //!
 //! After every step:
 //! * every cell of a key together holds exactly the shelf (Σ on_hand + in
@@ -30,15 +33,19 @@ use std::time::Duration;
 
 use allocator::{
     Adjustment, AdjustmentKind, AdjustmentOutcome, Allocator, AllocatorError, AllocatorSettings,
-    FlashSale, HotKey, LedgerOp, ReservationStatus, ReserveRequest, StockKey, StockSettings,
+    CartLine, CartRequest, FlashSale, HotKey, LedgerOp, ReservationStatus, ReserveRequest,
+    StockKey, StockSettings,
 };
 use fred::prelude::*;
 use proptest::prelude::*;
 
 const NODES: [&str; 2] = ["node-a", "node-b"];
 const SHORT_TTL: Duration = Duration::from_secs(1);
-/// Key 0 is the flash-sale key, key 1 an ordinary one.
+/// Key 0 is the flash-sale key, key 1 an ordinary one: one SKU at two
+/// locations (in location order).
 const HOT: usize = 0;
+const SKU: &str = "tee";
+const LOCATIONS: [&str; 2] = ["dc1", "dc2"];
 
 #[derive(Debug, Clone)]
 enum Step {
@@ -59,6 +66,13 @@ enum Step {
         node: usize,
         qty: u32,
         short: bool,
+    },
+    /// A reservation that names no location, through either node.
+    ReserveAnywhere {
+        node: usize,
+        qty: u32,
+        split: bool,
+        partial: bool,
     },
     Commit {
         pick: usize,
@@ -100,6 +114,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..2usize, 0..4u64).prop_map(|(key, units)| Step::Safety { key, units }),
         6 => (0..2usize, 0..2usize, 1..5u32, any::<bool>())
             .prop_map(|(key, node, qty, short)| Step::Reserve { key, node, qty, short }),
+        3 => (0..2usize, 1..9u32, any::<bool>(), any::<bool>())
+            .prop_map(|(node, qty, split, partial)| Step::ReserveAnywhere { node, qty, split, partial }),
         2 => any::<usize>().prop_map(|pick| Step::Commit { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Release { pick }),
         1 => any::<usize>().prop_map(|pick| Step::Extend { pick }),
@@ -113,15 +129,24 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// What a client asked for.
+#[derive(Debug, Clone)]
+enum Asked {
+    /// One line at a named location.
+    One(ReserveRequest),
+    /// Lines the allocator placed.
+    Placed(CartRequest),
+}
+
 #[derive(Debug, Clone)]
 struct Promise {
     id: String,
-    key: usize,
-    qty: i64,
+    /// `(key, units)` of each hold.
+    holds: Vec<(usize, i64)>,
     status: ReservationStatus,
     short: bool,
     /// The request that made it, and the node it went to.
-    request: ReserveRequest,
+    request: Asked,
     node: usize,
 }
 
@@ -140,8 +165,10 @@ impl Shelves {
     fn held(&self, key: usize) -> i64 {
         self.promises
             .iter()
-            .filter(|promise| promise.key == key && promise.status == ReservationStatus::Held)
-            .map(|promise| promise.qty)
+            .filter(|promise| promise.status == ReservationStatus::Held)
+            .flat_map(|promise| &promise.holds)
+            .filter(|(held_at, _)| *held_at == key)
+            .map(|(_, units)| units)
             .sum()
     }
     fn free(&self, key: usize) -> i64 {
@@ -277,11 +304,10 @@ impl World {
                 match answer {
                     Ok(hold) if fits => self.world.promises.push(Promise {
                         id: hold.reservation.reservation_id,
-                        key,
-                        qty: i64::from(qty),
+                        holds: vec![(key, i64::from(qty))],
                         status: ReservationStatus::Held,
                         short,
-                        request,
+                        request: Asked::One(request),
                         node,
                     }),
                     Err(AllocatorError::InsufficientStock { .. }) if !fits => {}
@@ -296,6 +322,12 @@ impl World {
                     ),
                 }
             }
+            Step::ReserveAnywhere {
+                node,
+                qty,
+                split,
+                partial,
+            } => self.reserve_anywhere(node, qty, split, partial).await?,
             Step::Commit { pick } | Step::Release { pick } | Step::Extend { pick } => {
                 if self.world.promises.is_empty() {
                     return Ok(());
@@ -303,22 +335,32 @@ impl World {
                 let index = pick % self.world.promises.len();
                 let promise = self.world.promises[index].clone();
                 let idempotency_key = self.fresh("op");
-                let answer = match step {
-                    Step::Commit { .. } => {
-                        self.allocator
-                            .commit(None, &promise.id, &idempotency_key)
-                            .await
-                    }
-                    Step::Release { .. } => {
-                        self.allocator
-                            .release(None, &promise.id, &idempotency_key)
-                            .await
-                    }
-                    _ => {
-                        self.allocator
-                            .extend(None, &promise.id, Duration::from_secs(600))
-                            .await
-                    }
+                let (id, allocator) = (&promise.id, &self.allocator);
+                let answer = match (step, &promise.request) {
+                    (Step::Commit { .. }, Asked::One(_)) => allocator
+                        .commit(None, id, &idempotency_key)
+                        .await
+                        .map(|line| line.status),
+                    (Step::Release { .. }, Asked::One(_)) => allocator
+                        .release(None, id, &idempotency_key)
+                        .await
+                        .map(|line| line.status),
+                    (_, Asked::One(_)) => allocator
+                        .extend(None, id, Duration::from_secs(600))
+                        .await
+                        .map(|line| line.status),
+                    (Step::Commit { .. }, Asked::Placed(_)) => allocator
+                        .commit_cart(None, id, &idempotency_key)
+                        .await
+                        .map(|cart| cart.status),
+                    (Step::Release { .. }, Asked::Placed(_)) => allocator
+                        .release_cart(None, id, &idempotency_key)
+                        .await
+                        .map(|cart| cart.status),
+                    (_, Asked::Placed(_)) => allocator
+                        .extend_cart(None, id, Duration::from_secs(600))
+                        .await
+                        .map(|cart| cart.status),
                 };
                 let expected = match (step, promise.status) {
                     (_, ReservationStatus::Held) => Ok(match step {
@@ -334,7 +376,7 @@ impl World {
                     (_, status) => Err(status),
                 };
                 match (&answer, expected) {
-                    (Ok(reservation), Ok(status)) => prop_assert_eq!(reservation.status, status),
+                    (Ok(shown), Ok(status)) => prop_assert_eq!(*shown, status),
                     (Err(AllocatorError::NotHeld { status }), Err(expected)) => {
                         prop_assert_eq!(*status, expected)
                     }
@@ -349,8 +391,10 @@ impl World {
                         Step::Commit { .. } => {
                             entry.status = ReservationStatus::Committed;
                             // The units leave the shelf: sold.
-                            let units = self.world.units[promise.key].as_mut().expect("shelf");
-                            *units -= promise.qty;
+                            for (key, units) in &promise.holds {
+                                let shelf = self.world.units[*key].as_mut().expect("shelf");
+                                *shelf -= units;
+                            }
                         }
                         Step::Release { .. } => entry.status = ReservationStatus::Released,
                         _ => entry.short = false,
@@ -363,19 +407,26 @@ impl World {
                 }
                 let promise = self.world.promises[pick % self.world.promises.len()].clone();
                 let other = 1 - promise.node;
-                let answer = if promise.key == HOT {
-                    self.nodes[other]
-                        .reserve_hot(&self.hot[other], &promise.request)
+                let answer = match &promise.request {
+                    Asked::One(request) if promise.holds[0].0 == HOT => self.nodes[other]
+                        .reserve_hot(&self.hot[other], request)
                         .await
-                } else {
-                    self.nodes[other].reserve(&promise.request).await
+                        .map(|hold| (hold.replayed, hold.reservation.reservation_id)),
+                    Asked::One(request) => self.nodes[other]
+                        .reserve(request)
+                        .await
+                        .map(|hold| (hold.replayed, hold.reservation.reservation_id)),
+                    Asked::Placed(request) => self.nodes[other]
+                        .reserve_cart_hot(&[&self.hot[other]], request)
+                        .await
+                        .map(|hold| (hold.replayed, hold.cart.reservation_id)),
                 };
                 // The first answer again, whatever happened to the hold
                 // since; nothing more is promised.
                 match answer {
-                    Ok(hold) => {
-                        prop_assert!(hold.replayed, "retry of {promise:?}: {hold:?}");
-                        prop_assert_eq!(hold.reservation.reservation_id, promise.id);
+                    Ok((replayed, id)) => {
+                        prop_assert!(replayed, "retry of {promise:?}");
+                        prop_assert_eq!(id, promise.id);
                     }
                     answer => prop_assert!(false, "retry of {promise:?}: {answer:?}"),
                 }
@@ -453,6 +504,115 @@ impl World {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A line of `qty` that names no location, through `node`: the model
+    /// says which locations hold how much by API.md's rules (no
+    /// preferences, equal priorities: whole first, then most free, then
+    /// location id), from the shelves alone.
+    async fn reserve_anywhere(
+        &mut self,
+        node: usize,
+        qty: u32,
+        split: bool,
+        partial: bool,
+    ) -> Result<(), TestCaseError> {
+        let request = CartRequest {
+            merchant: self.keys[0].merchant.clone(),
+            lines: vec![CartLine {
+                allow_split: split,
+                ..CartLine::anywhere(SKU, qty)
+            }],
+            ttl: None,
+            idempotency_key: self.fresh("anywhere"),
+            customer_ref: None,
+            allow_partial: partial,
+        };
+        let answer = self.nodes[node]
+            .reserve_cart_hot(&[&self.hot[node]], &request)
+            .await;
+        // The locations in the order the rules try them, with their free
+        // units (a key that does not exist is no location).
+        let wanted = i64::from(qty);
+        let mut order: Vec<(usize, i64)> = (0..2)
+            .filter(|key| self.world.units[*key].is_some())
+            .map(|key| (key, self.world.free(key).max(0)))
+            .filter(|(_, free)| *free > 0)
+            .collect();
+        order.sort_by(|(a, a_free), (b, b_free)| {
+            (*b_free >= wanted)
+                .cmp(&(*a_free >= wanted))
+                .then(b_free.cmp(a_free))
+                .then(a.cmp(b))
+        });
+        let mut expected: Vec<(usize, i64)> = Vec::new();
+        if split {
+            let mut left = wanted;
+            for (key, free) in &order {
+                if left > 0 {
+                    expected.push((*key, left.min(*free)));
+                    left -= left.min(*free);
+                }
+            }
+            if left > 0 && !partial {
+                expected.clear();
+            }
+        } else if let Some((key, free)) = order.first() {
+            if *free >= wanted {
+                expected.push((*key, wanted));
+            } else if partial {
+                expected.push((*key, *free));
+            }
+        }
+        let exists = self.world.units.iter().any(Option::is_some);
+        match answer {
+            Ok(hold) => {
+                let holds: Vec<(usize, i64)> = hold
+                    .cart
+                    .lines
+                    .iter()
+                    .map(|line| {
+                        let key = LOCATIONS
+                            .iter()
+                            .position(|location| *location == line.location)
+                            .expect("a known location");
+                        (key, i64::from(line.qty))
+                    })
+                    .collect();
+                prop_assert_eq!(
+                    &holds,
+                    &expected,
+                    "{} of {} (split {}, partial {}) on {}: shelves {:?} held {:?} safety {:?}",
+                    qty,
+                    SKU,
+                    split,
+                    partial,
+                    NODES[node],
+                    self.world.units,
+                    [self.world.held(0), self.world.held(1)],
+                    self.world.safety
+                );
+                self.world.promises.push(Promise {
+                    id: hold.cart.reservation_id,
+                    holds,
+                    status: ReservationStatus::Held,
+                    short: false,
+                    request: Asked::Placed(request),
+                    node,
+                });
+            }
+            Err(AllocatorError::InsufficientStock { .. }) if exists && expected.is_empty() => {}
+            Err(AllocatorError::NotFound) if !exists => {}
+            answer => prop_assert!(
+                false,
+                "{qty} of {SKU} anywhere (split {split}, partial {partial}) on {}: {answer:?}, expected {expected:?}, shelves {:?} held {:?} safety {:?}",
+                NODES[node],
+                self.world.units,
+                [self.world.held(0), self.world.held(1)],
+                self.world.safety
+            ),
         }
         Ok(())
     }
@@ -603,10 +763,7 @@ async fn run_case(steps: Vec<Step>) -> Result<(), TestCaseError> {
             .map_err(fail)?,
     ];
     let merchant = testkit::unique_id("model");
-    let keys = [
-        StockKey::new(&merchant, "hot", "dc1"),
-        StockKey::new(&merchant, "calm", "dc2"),
-    ];
+    let keys = LOCATIONS.map(|location| StockKey::new(&merchant, SKU, location));
     let sale = FlashSale {
         name: testkit::unique_id("sale"),
         key: keys[HOT].clone(),
