@@ -16,12 +16,12 @@
 --            Another fingerprint: idempotency_key_reused. With
 --            ARGS.existing_only, no claim is made: not_found.
 --   advance  the attempt with ARGS.token was abandoned (a cart rolled back):
---            the next one uses fresh line ids, and holds ARGS.plan (the
---            holds it will make, recorded before any lands). lost if the
---            token is stale.
+--            the next one uses fresh line ids, and has no plan until the
+--            `plan` action records one. lost if the token is stale.
 --   plan     records ARGS.plan as the holds of the current attempt
 --            (ARGS.attempt) of the caller with ARGS.token, before it makes
---            them: a plan grown after a refusal, or made by a caller that
+--            them: a plan grown after a refusal, the plan of the attempt
+--            after an abandoned one, or one made by a caller that
 --            took over a claim recorded without one. lost if the token or
 --            the attempt is stale.
 --   finish   stores ARGS.reply (JSON text) as the answer; done {reply}; a
@@ -41,6 +41,9 @@ local rec = raw and cjson.decode(raw) or nil
 -- one-line request is kept RETENTION_MS after it ends, by its own shard's
 -- clock, so it outlives every claim that may answer from it.
 local CLAIM_LIFE_MS = RETENTION_MS - 10 * 60 * 1000
+-- A plan of the most holds a reservation makes (256), each with ids of the
+-- longest (128 characters), fits.
+local PLAN_BYTES_MAX = 262144
 if rec and NOW >= (rec.created_at_ms or 0) + CLAIM_LIFE_MS then rec = nil end
 -- Every id a request makes derives from its digest and its claim's life
 -- (ARGS.life, proposed by the caller that creates the claim, kept in it):
@@ -60,7 +63,7 @@ if a.action == 'open' then
     return refuse('bad_argument', { reason = 'placement' })
   end
   if not is_id(a.life) then return refuse('bad_argument', { reason = 'life' }) end
-  if a.plan ~= nil and (type(a.plan) ~= 'string' or #a.plan > 65536) then
+  if a.plan ~= nil and (type(a.plan) ~= 'string' or #a.plan > PLAN_BYTES_MAX) then
     return refuse('bad_argument', { reason = 'plan' })
   end
   if not rec and a.existing_only then return refuse('not_found') end
@@ -112,11 +115,8 @@ if not is_int(a.token, 1, 99999999999999) then return refuse('bad_argument', { r
 if a.action == 'advance' then
   if rec.state ~= 'pending' or rec.token ~= a.token then return reply({ status = 'lost' }) end
   if not is_int(a.lease_ms, 1, 600000) then return refuse('bad_argument', { reason = 'lease_ms' }) end
-  if a.plan ~= nil and (type(a.plan) ~= 'string' or #a.plan > 65536) then
-    return refuse('bad_argument', { reason = 'plan' })
-  end
   rec.attempt = rec.attempt + 1
-  rec.plan = a.plan
+  rec.plan = nil
   rec.lease_until_ms = NOW + a.lease_ms
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))
   return reply({ status = 'ok', attempt = rec.attempt, lease_until_ms = rec.lease_until_ms })
@@ -126,7 +126,7 @@ if a.action == 'plan' then
   if rec.state ~= 'pending' or rec.token ~= a.token or rec.attempt ~= a.attempt then
     return reply({ status = 'lost' })
   end
-  if type(a.plan) ~= 'string' or #a.plan > 65536 then return refuse('bad_argument', { reason = 'plan' }) end
+  if type(a.plan) ~= 'string' or #a.plan > PLAN_BYTES_MAX then return refuse('bad_argument', { reason = 'plan' }) end
   rec.plan = a.plan
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))
   return reply({ status = 'ok' })

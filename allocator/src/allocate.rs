@@ -11,19 +11,30 @@
 //! **A plan is recorded before it is held.** An attempt's holds (each with
 //! its cell and reservation id) are its *plan*, recorded in the request's
 //! claim (`lua/claim.lua`) before any of them is made: the first plan when
-//! the claim is made, a plan grown after a refusal with the `plan` action,
-//! the next attempt's with `advance`. A caller that takes a claim over runs
+//! the claim is made; a plan grown after a refusal, and the next attempt's
+//! once the one before is abandoned (`advance`) and its holds released,
+//! with the `plan` action. A caller that takes a claim over runs
 //! the recorded plan again (same cells, same ids, which the scripts answer
 //! as they stand), so a request never holds twice, whatever a read would
 //! say now; it plans afresh only when the claim recorded none (then nothing
-//! of the attempt was held).
+//! of the attempt was held, or the claim was made before plans were
+//! recorded: its cart's lines named their locations and held at their
+//! pools, where the fresh plan puts them again). A hold refused and planned
+//! again elsewhere is marked `refused` in the plan that grows from it, and
+//! never run again (it could hold by then, on top of its replacement).
+//! Every hold carries its claim's lease end less the clocks' margin
+//! (`hold_by_ms`), as a one-line hold does: a caller whose lease lapsed
+//! makes no new hold beside the plan of the caller that took over. An
+//! abandoned attempt releases every hold of its plan, made by this caller
+//! or by an earlier one.
 //!
 //! **A refused plan is planned again, never trusted.** Two checkouts may
 //! plan the same last units; the scripts hold them for one, and refuse the
 //! other, whose missing units are planned again from a fresh read (at most
 //! [`REPLANS_MAX`] times per attempt). A line with nothing left to plan is
 //! short: without `allow_partial` the attempt is abandoned (its holds
-//! released, `advance`) and the request refused with every short line;
+//! released, `advance`) and the request refused with every line known to
+//! be short;
 //! with it, what was held is the reservation, and each line that holds
 //! less than asked is listed as `unfilled`. A line that names its
 //! location holds there or not at all, as before allocation; under
@@ -71,6 +82,31 @@ pub(crate) struct PlannedHold {
     pub(crate) cell: String,
     pub(crate) partition: u32,
     pub(crate) reservation_id: String,
+    /// Refused when run, and planned again since: never run again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) refused: bool,
+}
+
+impl PlannedHold {
+    fn cell_ref(&self) -> CellRef {
+        CellRef {
+            partition: self.partition,
+            id: self.cell.clone(),
+        }
+    }
+
+    /// The cart record's line for this hold.
+    fn stored(&self, backordered: u32) -> StoredLine {
+        StoredLine {
+            reservation_id: self.reservation_id.clone(),
+            partition: self.partition,
+            sku: self.sku.clone(),
+            location: self.location.clone(),
+            qty: self.qty,
+            backordered,
+            line: Some(self.line),
+        }
+    }
 }
 
 /// The holds planned for some of a request's lines, and for each line
@@ -183,6 +219,7 @@ impl Allocator {
                 reservation_id: hold_id(lived, attempt, index, cell.partition),
                 cell: cell.id,
                 partition: cell.partition,
+                refused: false,
             });
         };
         for &(index, qty) in wanted {
@@ -285,9 +322,20 @@ impl Allocator {
             }
             (_, _, Some(text)) => serde_json::from_str(text).map_err(protocol)?,
             // Taken over from a caller that recorded no plan: it held
-            // nothing of this attempt. Planned now, recorded first.
+            // nothing of this attempt (a plan that placed nothing), or it
+            // ran before plans were recorded, when a cart's lines named
+            // their locations and held at their pools: planned now so
+            // (pools for named lines), and recorded first.
             (_, _, None) => {
-                let fresh = self.plan_all(request, route, &lived, claim.attempt).await?;
+                let pools = Route {
+                    hot: Vec::new(),
+                    coalescer: route.coalescer,
+                    limits: route.limits,
+                    locations: route.locations,
+                };
+                let fresh = self
+                    .plan_all(request, &pools, &lived, claim.attempt)
+                    .await?;
                 placeable = fresh.placeable;
                 if !fresh.holds.is_empty() && !self.record_plan(claim, &fresh.holds).await? {
                     return Err(AllocatorError::InProgress);
@@ -302,11 +350,12 @@ impl Allocator {
             .map(|reference| self.customer_hash(reference));
         for _ in 0..ATTEMPTS_MAX {
             let mut outcomes: Vec<Outcome> = Vec::new();
-            let mut tried: Vec<StoredLine> = Vec::new();
             let mut again: Vec<StoredLine> = Vec::new();
             let mut void = false;
             let mut failure = None;
             let mut replans = 0;
+            // Where this round of holds started in the plan.
+            let mut round = 0;
             loop {
                 // All or nothing, and a line the read could not place: no
                 // hold is made only to be released.
@@ -315,32 +364,31 @@ impl Allocator {
                 }
                 while outcomes.len() < plan.len() && failure.is_none() && !void {
                     let planned = &plan[outcomes.len()];
+                    if planned.refused {
+                        // Refused when first run, and planned again since:
+                        // never run again (it could hold now, on top of what
+                        // was planned in its place).
+                        outcomes.push(Outcome::Refused(0));
+                        continue;
+                    }
                     let key = StockKey::new(&request.merchant, &planned.sku, &planned.location);
-                    let cell = CellRef {
-                        partition: planned.partition,
-                        id: planned.cell.clone(),
-                    };
-                    let stored = |reservation_id: String, backordered: u32| StoredLine {
-                        reservation_id,
-                        partition: planned.partition,
-                        sku: planned.sku.clone(),
-                        location: planned.location.clone(),
-                        qty: planned.qty,
-                        backordered,
-                        line: Some(planned.line),
-                    };
-                    let mut hold = HoldRequest {
-                        key: key.clone(),
-                        qty: planned.qty,
-                        ttl_ms,
-                        grace_ms,
-                        reservation_id: planned.reservation_id.clone(),
-                        customer_hash: customer_hash.clone(),
-                        cart_id: Some(cart_id.clone()),
-                        // The cart's record decides it, under the claim's token.
-                        hold_by_ms: None,
-                        allowance_partition: None,
-                    };
+                    let mut hold =
+                        HoldRequest {
+                            key: key.clone(),
+                            qty: planned.qty,
+                            ttl_ms,
+                            grace_ms,
+                            reservation_id: planned.reservation_id.clone(),
+                            customer_hash: customer_hash.clone(),
+                            cart_id: Some(cart_id.clone()),
+                            // A caller whose lease lapsed makes no new hold: the
+                            // one that took the claim over may have planned in
+                            // its place.
+                            hold_by_ms: Some(claim.lease_until_ms.saturating_sub(
+                                crate::reserve::CLAIM_CLOCK_MARGIN.as_millis() as u64,
+                            )),
+                            allowance_partition: None,
+                        };
                     let grant = match self.take_grant(route.limit(&key), &mut hold, claim).await {
                         Ok(grant) => grant,
                         Err(error) => {
@@ -348,9 +396,7 @@ impl Allocator {
                             break;
                         }
                     };
-                    // Tried: a store error may still have applied it.
-                    tried.push(stored(hold.reservation_id.clone(), 0));
-                    let result = self.hold_one_cell(&cell, &hold, route).await;
+                    let result = self.hold_one_cell(&planned.cell_ref(), &hold, route).await;
                     if let Some(grant) = &grant {
                         self.give_back_unless_paid(grant, &result).await;
                     }
@@ -362,10 +408,7 @@ impl Allocator {
                                 // holds ended since: it cannot be the cart.
                                 void = true;
                             } else {
-                                let line = stored(
-                                    reservation.reservation_id.clone(),
-                                    reservation.backordered,
-                                );
+                                let line = planned.stored(reservation.backordered);
                                 if line_hold.replayed {
                                     again.push(line.clone());
                                 }
@@ -381,24 +424,42 @@ impl Allocator {
                 if failure.is_some() || void || replans >= REPLANS_MAX {
                     break;
                 }
-                let wanted = Self::replan_wanted(request, &plan, &outcomes);
+                let wanted = Self::replan_wanted(request, &plan, &outcomes, round);
                 if wanted.is_empty() {
                     break;
                 }
-                let extra = self
+                let extra = match self
                     .plan_lines(request, route, &wanted, &lived, claim.attempt, plan.len())
-                    .await?;
+                    .await
+                {
+                    Ok(extra) => extra,
+                    // Past the holds one reservation may make: the lines
+                    // still missing units are short.
+                    Err(AllocatorError::InvalidRequest(_)) => break,
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                };
                 placeable.extend(extra.placeable);
                 if extra.holds.is_empty() {
                     break;
                 }
+                // The refused holds are marked so in the plan it grows into,
+                // recorded before any of the new holds.
                 let mut grown = plan.clone();
+                for (planned, outcome) in grown.iter_mut().zip(&outcomes) {
+                    if matches!(outcome, Outcome::Refused(_)) {
+                        planned.refused = true;
+                    }
+                }
                 grown.extend(extra.holds);
                 if !self.record_plan(claim, &grown).await? {
                     // Another caller holds the claim now: its answer counts.
                     return Err(AllocatorError::InProgress);
                 }
                 plan = grown;
+                round = outcomes.len();
                 replans += 1;
             }
             let held = held_by_line(&outcomes);
@@ -468,35 +529,33 @@ impl Allocator {
             // Abandon this attempt before touching its holds: only the
             // caller still holding the claim may release them (a caller
             // that took the claim over may be making the cart from them
-            // right now). A void attempt is followed by another, planned
-            // now and recorded with the abandonment.
-            let next = if void && failure.is_none() {
-                Some(
-                    self.plan_all(request, route, &lived, claim.attempt + 1)
-                        .await?,
-                )
-            } else {
-                None
-            };
-            let next_text = next.as_ref().and_then(Planned::text);
-            if !self.advance_claim(claim, next_text.as_deref()).await? {
+            // right now). Every hold of its plan is released, tried here or
+            // not (an earlier run of the attempt may have made it).
+            if !self.advance_claim(claim).await? {
                 return Err(AllocatorError::InProgress);
             }
-            self.release_lines(&cart_id, tried.iter()).await;
+            let planned: Vec<StoredLine> = plan
+                .iter()
+                .filter(|planned| !planned.refused)
+                .map(|planned| planned.stored(0))
+                .collect();
+            self.release_lines(&cart_id, planned.iter()).await;
             if let Some(error) = failure {
                 return Err(error);
             }
-            match next {
-                Some(next) => {
-                    placeable = next.placeable;
-                    plan = next.holds;
-                }
-                None => {
-                    return Err(AllocatorError::InsufficientStock {
-                        lines: short_lines(request, &plan, &outcomes, &held, &placeable),
-                    });
-                }
+            if !void {
+                return Err(AllocatorError::InsufficientStock {
+                    lines: short_lines(request, &plan, &outcomes, &held, &placeable),
+                });
             }
+            // A void attempt is followed by another, planned now that its
+            // holds are back, and recorded before any of its own.
+            let next = self.plan_all(request, route, &lived, claim.attempt).await?;
+            if !next.holds.is_empty() && !self.record_plan(claim, &next.holds).await? {
+                return Err(AllocatorError::InProgress);
+            }
+            placeable = next.placeable;
+            plan = next.holds;
         }
         Err(AllocatorError::StoreUnavailable(
             "the reservation's holds kept ending before it could be made; try again".to_owned(),
@@ -528,6 +587,7 @@ impl Allocator {
         request: &CartRequest,
         plan: &[PlannedHold],
         outcomes: &[Outcome],
+        round: usize,
     ) -> Vec<(u32, u32)> {
         let held = held_by_line(outcomes);
         let mut wanted = Vec::new();
@@ -535,18 +595,19 @@ impl Allocator {
             let index = index as u32;
             let got = held.get(&index).copied().unwrap_or(0);
             let missing = line.qty.saturating_sub(got);
-            // Only a line whose last hold was refused this round is planned
+            // Only a line a hold of which was refused this round is planned
             // again: one the read could not place stays short.
-            let last_refused = plan
+            let refused = plan
                 .iter()
                 .zip(outcomes)
-                .rev()
-                .find(|(planned, _)| planned.line == index)
-                .and_then(|(_, outcome)| match outcome {
+                .skip(round)
+                .filter(|(planned, _)| planned.line == index)
+                .filter_map(|(_, outcome)| match outcome {
                     Outcome::Refused(available) => Some(*available),
                     Outcome::Held(_) => None,
-                });
-            let Some(available) = last_refused else {
+                })
+                .last();
+            let Some(available) = refused else {
                 continue;
             };
             if missing == 0 {
@@ -620,11 +681,18 @@ fn short_lines(
                     Outcome::Refused(available) => Some(*available),
                     Outcome::Held(_) => None,
                 });
-            let available = match &line.location {
+            let available = match (&line.location, refused) {
                 // A named line not tried (another line was short first)
                 // is not known to be short.
-                Some(_) => refused?,
-                None => placeable.get(&index).copied().unwrap_or(0),
+                (Some(_), refused) => refused?,
+                (None, refused) => {
+                    let could = placeable.get(&index).copied().unwrap_or(0);
+                    // Nor is a line the read could place whole, not tried.
+                    if refused.is_none() && could >= i64::from(line.qty) {
+                        return None;
+                    }
+                    could
+                }
             };
             Some(ShortLine {
                 sku: line.sku.clone(),

@@ -102,7 +102,14 @@ pub struct CartLineView {
     /// Units beyond sellable, on backorder.
     pub backordered: u32,
     /// The index of the request line this hold serves.
+    #[serde(default = "line_unknown")]
     pub line: u32,
+}
+
+/// What a hold stored before allocation (one hold per line, in order)
+/// reads as until [`CartView::number_lines`] numbers it.
+fn line_unknown() -> u32 {
+    u32::MAX
 }
 
 /// A request line of a partial reservation (`allow_partial`) that holds
@@ -139,6 +146,19 @@ pub struct CartView {
     /// The request lines of a partial reservation holding less than asked.
     #[serde(default)]
     pub unfilled: Vec<Unfilled>,
+}
+
+impl CartView {
+    /// Numbers the holds of an answer stored before allocation (one hold
+    /// per request line, in order) by their position.
+    pub(crate) fn number_lines(mut self) -> Self {
+        for (index, hold) in self.lines.iter_mut().enumerate() {
+            if hold.line == line_unknown() {
+                hold.line = index as u32;
+            }
+        }
+        self
+    }
 }
 
 /// A successful cart reservation.

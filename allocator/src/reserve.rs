@@ -229,7 +229,10 @@ pub(crate) enum Stored {
 impl Stored {
     fn into_result(self, replayed: bool) -> Result<CartHold> {
         match self {
-            Stored::Held { cart } => Ok(CartHold { cart, replayed }),
+            Stored::Held { cart } => Ok(CartHold {
+                cart: cart.number_lines(),
+                replayed,
+            }),
             Stored::InsufficientStock { lines } => Err(AllocatorError::InsufficientStock { lines }),
             Stored::NotFound => Err(AllocatorError::NotFound),
             Stored::CustomerLimit {
@@ -465,21 +468,14 @@ impl Allocator {
         }
     }
 
-    /// Abandons the claim's current attempt; the next one holds `plan`
-    /// (recorded before any of its holds). False when another caller holds
-    /// the claim now.
-    pub(crate) async fn advance_claim(
-        &self,
-        claim: &mut Claim,
-        plan: Option<&str>,
-    ) -> Result<bool> {
-        let mut args = json!({
+    /// Abandons the claim's current attempt (the next one has no plan
+    /// until one is recorded). False when another caller holds the claim
+    /// now.
+    pub(crate) async fn advance_claim(&self, claim: &mut Claim) -> Result<bool> {
+        let args = json!({
             "action": "advance", "digest": claim.digest, "token": claim.token,
             "lease_ms": CLAIM_LEASE.as_millis() as u64,
         });
-        if let Some(plan) = plan {
-            args["plan"] = json!(plan);
-        }
         let reply = self.call(Op::Claim, claim.partition, args).await?;
         match reply["status"].as_str() {
             Some("ok") => {
@@ -618,9 +614,34 @@ impl Allocator {
         });
         // A request of several holds plans its first attempt before its
         // claim is made, so the claim records the plan before any hold.
+        // A plan that cannot be made (its read failed, or it places more
+        // holds than one reservation makes) refuses the request, unless the
+        // request has its claim already: a retry gets its answer whatever
+        // a read says now.
+        let mut opened_already = None;
         let plan = match single {
             Some(_) => None,
-            None => Some(Box::pin(self.first_plan(request, &route, &lived(&digest, &life))).await?),
+            None => {
+                match Box::pin(self.first_plan(request, &route, &lived(&digest, &life))).await {
+                    Ok(plan) => Some(plan),
+                    Err(error) => {
+                        match Box::pin(self.open_claim(
+                            &digest,
+                            &fingerprint,
+                            &life,
+                            None,
+                            None,
+                            OpenMode::Existing,
+                        ))
+                        .await
+                        {
+                            Ok(opened) => opened_already = Some(opened),
+                            Err(_) => return Err(error),
+                        }
+                        None
+                    }
+                }
+            }
         };
         let opened_at = Instant::now();
         // A limited key needs the customer; a request without one may only
@@ -630,17 +651,21 @@ impl Allocator {
             _ => OpenMode::First,
         };
         let plan_text = plan.as_ref().and_then(|plan| plan.text());
-        let opened = match self
-            .open_claim(
-                &digest,
-                &fingerprint,
-                &life,
-                placement,
-                plan_text.as_deref(),
-                mode,
-            )
-            .await
-        {
+        let opening = match opened_already {
+            Some(opened) => Ok(opened),
+            None => {
+                self.open_claim(
+                    &digest,
+                    &fingerprint,
+                    &life,
+                    placement,
+                    plan_text.as_deref(),
+                    mode,
+                )
+                .await
+            }
+        };
+        let opened = match opening {
             Err(AllocatorError::NotFound) if mode == OpenMode::Existing => {
                 let limit = &route.limits[0];
                 return Err(AllocatorError::InvalidRequest(format!(

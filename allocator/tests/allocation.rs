@@ -453,7 +453,6 @@ async fn a_flash_sale_location_is_chosen_by_its_buckets_and_held_in_them() {
 /// line elsewhere. Without the recorded plan the line would be held twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_runs_the_recorded_plan_and_never_holds_twice() {
-    use fred::prelude::*;
     let allocator = allocator_for("alloc-node").await;
     let (merchant, sku) = sku_at(&allocator, &[("dc1", 3), ("dc2", 4)]).await;
     let split = request(&merchant, vec![line(&sku, 6, &[], true)], false);
@@ -462,41 +461,11 @@ async fn a_takeover_runs_the_recorded_plan_and_never_holds_twice() {
 
     // Undo the end of the request: its claim pending with a lapsed lease,
     // its cart record gone (the caller died between its holds and its cart).
-    let redis = raw_redis().await;
-    let partition = allocator.request_partition(&merchant, &split.idempotency_key);
-    let claims = format!("inv:{{{partition}}}:idem");
-    let records: std::collections::HashMap<String, String> =
-        redis.hgetall(&claims).await.expect("claims");
-    let (field, mut claim) = records
-        .into_iter()
-        .filter(|(field, _)| field.starts_with("c|"))
-        .map(|(field, text)| {
-            (
-                field,
-                serde_json::from_str::<serde_json::Value>(&text).expect("json"),
-            )
-        })
-        .find(|(_, claim)| {
-            claim["reply"]
-                .as_str()
-                .is_some_and(|reply| reply.contains(&cart_id))
-        })
-        .expect("the request's claim");
+    let claim = undo_the_end(&allocator, &split, &cart_id, |_| {}).await;
     assert!(
         claim["plan"].is_string(),
         "the claim records the plan: {claim}"
     );
-    claim["state"] = "pending".into();
-    claim["lease_until_ms"] = 0.into();
-    claim.as_object_mut().expect("object").remove("reply");
-    let _: i64 = redis
-        .hset(&claims, (field.as_str(), claim.to_string()))
-        .await
-        .expect("edit the claim");
-    let _: i64 = redis
-        .hdel(format!("inv:{{{partition}}}:res"), &cart_id)
-        .await
-        .expect("lose the cart");
     // A fresh read would now place the whole line at dc3.
     stock(&allocator, &StockKey::new(&merchant, &sku, "dc3"), 50).await;
 
@@ -514,4 +483,143 @@ async fn a_takeover_runs_the_recorded_plan_and_never_holds_twice() {
     );
     let again = allocator.reserve_cart(&split).await.expect("replay");
     assert_eq!(again.cart, retry.cart);
+}
+
+/// Undoes the end of `request`, answered as `cart_id`: its claim pending
+/// with a lapsed lease (after `edit` of its plan), its cart record gone, as
+/// a caller that died between its holds and its cart leaves them. The
+/// claim as it was.
+async fn undo_the_end(
+    allocator: &Allocator,
+    request: &CartRequest,
+    cart_id: &str,
+    edit: impl FnOnce(&mut Vec<serde_json::Value>),
+) -> serde_json::Value {
+    use fred::prelude::*;
+    let redis = raw_redis().await;
+    let partition = allocator.request_partition(&request.merchant, &request.idempotency_key);
+    let claims = format!("inv:{{{partition}}}:idem");
+    let records: std::collections::HashMap<String, String> =
+        redis.hgetall(&claims).await.expect("claims");
+    let (field, claim) = records
+        .into_iter()
+        .filter(|(field, _)| field.starts_with("c|"))
+        .map(|(field, text)| {
+            (
+                field,
+                serde_json::from_str::<serde_json::Value>(&text).expect("json"),
+            )
+        })
+        .find(|(_, claim)| {
+            claim["reply"]
+                .as_str()
+                .is_some_and(|reply| reply.contains(cart_id))
+        })
+        .expect("the request's claim");
+    let mut edited = claim.clone();
+    let mut plan: Vec<serde_json::Value> =
+        serde_json::from_str(claim["plan"].as_str().unwrap_or("[]")).expect("plan");
+    edit(&mut plan);
+    edited["plan"] = serde_json::Value::String(serde_json::to_string(&plan).expect("plan"));
+    edited["state"] = "pending".into();
+    edited["lease_until_ms"] = 0.into();
+    edited.as_object_mut().expect("object").remove("reply");
+    let _: i64 = redis
+        .hset(&claims, (field.as_str(), edited.to_string()))
+        .await
+        .expect("edit the claim");
+    let _: i64 = redis
+        .hdel(format!("inv:{{{partition}}}:res"), cart_id)
+        .await
+        .expect("lose the cart");
+    claim
+}
+
+/// A hold refused when first run and planned again elsewhere is marked so
+/// in the plan the claim records; a caller that takes the claim over does
+/// not run it again (it could hold now, on top of what replaced it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_does_not_run_again_a_hold_that_was_refused_and_replaced() {
+    let allocator = allocator_for("alloc-node").await;
+    let (merchant, sku) = sku_at(&allocator, &[("dc1", 3), ("dc2", 4)]).await;
+    let split = request(&merchant, vec![line(&sku, 6, &[], true)], false);
+    let first = allocator.reserve_cart(&split).await.expect("held");
+    let cart_id = first.cart.reservation_id.clone();
+    // The dead caller's plan began with 6 at dc3, refused then (dc3 had
+    // none), replaced by the two holds it made; dc3 has 50 now.
+    let dc3 = StockKey::new(&merchant, &sku, "dc3").pool(PARTITIONS);
+    undo_the_end(&allocator, &split, &cart_id, |plan| {
+        let mut refused = plan[0].clone();
+        refused["location"] = "dc3".into();
+        refused["cell"] = dc3.id.clone().into();
+        refused["partition"] = dc3.partition.into();
+        refused["qty"] = 6.into();
+        refused["reservation_id"] = allocator::keys::reservation_id(dc3.partition, [7; 12]).into();
+        refused["refused"] = true.into();
+        plan.insert(0, refused);
+    })
+    .await;
+    stock(&allocator, &StockKey::new(&merchant, &sku, "dc3"), 50).await;
+
+    let retry = allocator.reserve_cart(&split).await.expect("taken over");
+    assert_eq!(holds(&retry.cart), holds(&first.cart));
+    assert_eq!(
+        reserved(&allocator, &merchant, &sku).await,
+        BTreeMap::from([
+            ("dc1".to_owned(), 2),
+            ("dc2".to_owned(), 4),
+            ("dc3".to_owned(), 0)
+        ]),
+        "the refused hold was not run again"
+    );
+}
+
+/// An answer stored before allocation (its holds without `line`) is
+/// replayed, its holds numbered by their request lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_stored_before_allocation_is_replayed_with_its_lines_numbered() {
+    use fred::prelude::*;
+    let allocator = allocator_for("alloc-node").await;
+    let (merchant, sku) = sku_at(&allocator, &[("dc1", 3), ("dc2", 4)]).await;
+    let cart = request(
+        &merchant,
+        vec![CartLine::at(&sku, "dc1", 1), CartLine::at(&sku, "dc2", 2)],
+        false,
+    );
+    let first = allocator.reserve_cart(&cart).await.expect("held");
+    let redis = raw_redis().await;
+    let partition = allocator.request_partition(&merchant, &cart.idempotency_key);
+    let claims = format!("inv:{{{partition}}}:idem");
+    let records: std::collections::HashMap<String, String> =
+        redis.hgetall(&claims).await.expect("claims");
+    let (field, mut claim) = records
+        .into_iter()
+        .map(|(field, text)| {
+            (
+                field,
+                serde_json::from_str::<serde_json::Value>(&text).expect("json"),
+            )
+        })
+        .find(|(_, claim)| {
+            claim["reply"]
+                .as_str()
+                .is_some_and(|reply| reply.contains(&first.cart.reservation_id))
+        })
+        .expect("the request's claim");
+    let mut reply: serde_json::Value =
+        serde_json::from_str(claim["reply"].as_str().expect("reply")).expect("json");
+    for hold in reply["cart"]["lines"].as_array_mut().expect("lines") {
+        hold.as_object_mut().expect("hold").remove("line");
+    }
+    for field in ["partial", "unfilled"] {
+        reply["cart"].as_object_mut().expect("cart").remove(field);
+    }
+    claim["reply"] = reply.to_string().into();
+    let _: i64 = redis
+        .hset(&claims, (field.as_str(), claim.to_string()))
+        .await
+        .expect("edit the claim");
+    let replay = allocator.reserve_cart(&cart).await.expect("replay");
+    assert!(replay.replayed);
+    assert_eq!(replay.cart, first.cart);
 }
