@@ -371,6 +371,20 @@ def main():
     oversold = sum(s["check"]["units_oversold"] for s in scenarios.values())
     unaccounted = sum(s["check"]["units_unaccounted"] for s in scenarios.values())
     flash = scenarios.get("flash-sale", {}).get("outcomes", {})
+    # Checkout carts by how their lines say where to hold (the allocator's
+    # placement and split beside carts of fixed locations), p99 ms.
+    checkout = scenarios.get("checkout", {})
+    checkout_outcomes = checkout.get("outcomes", {})
+    placing = {
+        request["name"]: request["p99_ms"]
+        for request in checkout.get("requests", [])
+        if request["name"] in ("reserve", "reserve_anywhere", "reserve_split")
+    }
+    for name in ("reserve", "reserve_anywhere", "reserve_split"):
+        placing.setdefault(name, None)
+    for name, key in (("reserve_anywhere", "anywhere_ratio"), ("reserve_split", "split_ratio")):
+        fixed, other = placing["reserve"], placing[name]
+        placing[key] = other / fixed if fixed and other is not None else None
     before = snapshot(os.path.join(raw, "sales-flash-sale-before.txt"))
     after = snapshot(os.path.join(raw, "sales-flash-sale-after.txt"))
     gateway_sale = {
@@ -452,6 +466,7 @@ def main():
             "at_60pct": at_60,
             "engine": engine,
             "carts_3_lines": carts,
+            "checkout_p99_ms_by_placing": placing,
         },
         "scenarios": scenarios,
         "freshness_at_reservation_ceiling": fresh,
@@ -521,6 +536,7 @@ def main():
         f"| reservations p99 at 60% of ceiling (k6) | {fmt(k6_reserve.get('p99_ms'), 3)} ms (p50 {fmt(k6_reserve.get('p50_ms'), 3)} ms) | | | ≤ 25 ms |",
         f"| reservations p99 at a common {fmt(reserve_common_rate, 0)} req/s (k6) | {fmt(common_reserve.get('p99_ms'), 3)} ms (p50 {fmt(common_reserve.get('p50_ms'), 3)} ms) | | | ≤ 25 ms |",
         f"| 3-line carts over 2 nodes, carts/s (wrk) | {fmt(carts['requests_per_second'])} (p99 {fmt(carts['p99_ms_worst_node'], 2)} ms, {carts['non_2xx']:,} non-2xx) | | | no regression |",
+        f"| checkout carts p99 (goose): lines naming their location / none / one line split | {fmt(placing['reserve'], 2)} / {fmt(placing['reserve_anywhere'], 2)} / {fmt(placing['reserve_split'], 2)} ms ({checkout_outcomes.get('split_lines', 0):,} carts held a line across locations) | fixed-location carts | {fmt(placing['anywhere_ratio'], 2)} / {fmt(placing['split_ratio'], 2)} | (figure) |",
         f"| writer lag p99 at the reservation ceiling | {fmt(ceiling_lag['oldest_ms_p99'] / 1000.0, 2)} s (max {fmt(ceiling_lag['oldest_ms_max'] / 1000.0, 2)} s, {ceiling_lag['entries_max']:,} entries) | | | < 1 s |",
         f"| freshness at the reservation ceiling: operation → PostgreSQL row, p50 / p99 | {fmt(fresh_pg.get('p50_s'), 2)} / {fmt(fresh_pg.get('p99_s'), 2)} s ({fresh_pg.get('entries', 0):,} entries; → Kafka {fmt(fresh_kafka.get('p50_s'), 2)} / {fmt(fresh_kafka.get('p99_s'), 2)} s) | | | p99 < 2 s |",
         f"| units oversold (all scenarios) | {oversold} | | | 0 |",

@@ -16,7 +16,12 @@
 //!   right after the refusal: the figure of "sold out while units remained
 //!   elsewhere", an upper bound since the read is a moment later).
 //! * `checkout`: carts of 2 to 4 lines on catalog keys, committed (80%) or
-//!   released.
+//!   released; a third name each line's location (`reserve`), a third
+//!   leave it to the allocator (`reserve_anywhere`), and a third have one
+//!   line of 3 that prefers the split location (`--split-location`, where
+//!   the working keys are seeded with few units) and may be split
+//!   (`reserve_split`). Each kind is its own request name, so its
+//!   percentiles stand beside the others'.
 //! * `ingest`: stock adjustments (+1 deltas with unique event ids), half
 //!   through `POST /v1/stock/adjustments`, half as Kafka messages.
 //!
@@ -91,6 +96,8 @@ pub struct Outcomes {
     pub adjustments_kafka: AtomicU64,
     /// Responses that were neither success nor an expected refusal.
     pub unexpected: AtomicU64,
+    /// Reservations granted with a line held across several locations.
+    pub split_lines: AtomicU64,
 }
 
 impl Outcomes {
@@ -115,6 +122,7 @@ impl Outcomes {
             adjustments_http: get(&self.adjustments_http),
             adjustments_kafka: get(&self.adjustments_kafka),
             unexpected: get(&self.unexpected),
+            split_lines: get(&self.split_lines),
         }
     }
 }
@@ -146,6 +154,8 @@ pub struct OutcomeCounts {
     pub adjustments_kafka: u64,
     /// Unexpected responses.
     pub unexpected: u64,
+    /// Reservations granted with a line held across several locations.
+    pub split_lines: u64,
 }
 
 /// Latency and throughput of one request kind, from goose's metrics.
@@ -215,21 +225,19 @@ pub struct KeyLevels {
     pub available: i64,
 }
 
-/// Reads `sku`'s levels at `location`. Reads may be served from the node's
-/// cache, so a caller comparing before and after waits out the cache TTL
-/// first.
+/// Reads `sku`'s levels over every location it has (a reservation that
+/// names no location may hold at any). Reads may be served from the
+/// node's cache, so a caller comparing before and after waits out the
+/// cache TTL first.
 pub async fn key_levels(
     client: &reqwest::Client,
     host: &str,
     api_key: &str,
     merchant: &str,
     sku: &str,
-    location: &str,
 ) -> anyhow::Result<KeyLevels> {
     let response = client
-        .get(format!(
-            "{host}/v1/availability/{merchant}/{sku}?location={location}"
-        ))
+        .get(format!("{host}/v1/availability/{merchant}/{sku}"))
         .bearer_auth(api_key)
         .send()
         .await?;

@@ -51,6 +51,11 @@ struct Common {
     /// Location of the seeded catalog.
     #[arg(long, global = true, default_value = "dc1")]
     location: String,
+    /// Second location of the working keys (seeded with a hundredth of
+    /// `--units`, at least 1): the checkout scenario's split lines prefer
+    /// it, and take the rest from `--location`.
+    #[arg(long, global = true, default_value = "dc2")]
+    split_location: String,
     /// Catalog keys (`sku-000000` …).
     #[arg(long, global = true, default_value_t = 100_000)]
     keys: u64,
@@ -269,20 +274,54 @@ async fn read_batch(user: &mut GooseUser) -> TransactionResult {
 
 /// Holds `lines` (sku, qty) for `customer` (a `customer_ref`, if any); on
 /// success commits, releases or leaves it as the roll says.
+/// How a reservation's lines say where to hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Placing {
+    /// Every line names `--location`.
+    Fixed,
+    /// No line names a location: the allocator places them.
+    Anywhere,
+    /// As `Anywhere`, and the first line prefers `--split-location` and
+    /// may be split.
+    Split,
+}
+
+impl Placing {
+    /// The request name its reservations are measured under.
+    fn name(self) -> &'static str {
+        match self {
+            Placing::Fixed => "reserve",
+            Placing::Anywhere => "reserve_anywhere",
+            Placing::Split => "reserve_split",
+        }
+    }
+}
+
 async fn reserve(
     user: &mut GooseUser,
     lines: &[(String, u64)],
+    placing: Placing,
     ttl_seconds: u64,
     commit_share: f64,
     release_share: f64,
     customer: Option<String>,
 ) -> TransactionResult {
     let shared = shared();
+    let common = &shared.common;
+    let body_lines: Vec<Value> = lines
+        .iter()
+        .enumerate()
+        .map(|(index, (sku, qty))| match placing {
+            Placing::Fixed => json!({ "sku": sku, "location": common.location, "qty": qty }),
+            Placing::Split if index == 0 => json!({
+                "sku": sku, "qty": qty, "prefer": [common.split_location], "allow_split": true,
+            }),
+            _ => json!({ "sku": sku, "qty": qty }),
+        })
+        .collect();
     let mut body = json!({
-        "merchant": shared.common.merchant,
-        "lines": lines.iter().map(|(sku, qty)| json!({
-            "sku": sku, "location": shared.common.location, "qty": qty,
-        })).collect::<Vec<_>>(),
+        "merchant": common.merchant,
+        "lines": body_lines,
         "ttl_seconds": ttl_seconds,
     });
     if let Some(customer) = customer {
@@ -294,7 +333,7 @@ async fn reserve(
         user,
         GooseMethod::Post,
         "/v1/reservations",
-        "reserve",
+        placing.name(),
         Some(&body),
         Some(key),
     )
@@ -302,6 +341,10 @@ async fn reserve(
     match status {
         201 => {
             Outcomes::count(&shared.outcomes.held);
+            let holds = reply["lines"].as_array().map_or(0, Vec::len);
+            if holds > lines.len() {
+                Outcomes::count(&shared.outcomes.split_lines);
+            }
             let id = reply["reservation_id"]
                 .as_str()
                 .unwrap_or_default()
@@ -378,6 +421,7 @@ async fn flash_sale(user: &mut GooseUser) -> TransactionResult {
     reserve(
         user,
         &[(sku, 1)],
+        Placing::Fixed,
         shared.common.hold_ttl_seconds,
         0.60,
         0.25,
@@ -390,14 +434,22 @@ async fn checkout(user: &mut GooseUser) -> TransactionResult {
     let shared = shared();
     let rng = &mut state(user).rng;
     let count = rng.random_range(2..=4);
+    let placing = [Placing::Fixed, Placing::Anywhere, Placing::Split][rng.random_range(0..3)];
     let mut lines: Vec<(String, u64)> = Vec::with_capacity(count);
     while lines.len() < count {
         let sku = catalog_sku(shared.catalog.pick(rng) % shared.common.working_keys.max(1));
         if !lines.iter().any(|(taken, _)| *taken == sku) {
-            lines.push((sku, 1));
+            // A split line asks for more than its preferred location
+            // usually has left.
+            let qty = if placing == Placing::Split && lines.is_empty() {
+                3
+            } else {
+                1
+            };
+            lines.push((sku, qty));
         }
     }
-    reserve(user, &lines, 600, 0.80, 0.20, None).await
+    reserve(user, &lines, placing, 600, 0.80, 0.20, None).await
 }
 
 async fn ingest(user: &mut GooseUser) -> TransactionResult {
@@ -489,13 +541,9 @@ async fn levels_of(
         let mut reads = tokio::task::JoinSet::new();
         for sku in chunk {
             let (client, host, sku) = (client.clone(), host.to_owned(), sku.clone());
-            let (api_key, merchant, location) = (
-                common.api_key.clone(),
-                common.merchant.clone(),
-                common.location.clone(),
-            );
+            let (api_key, merchant) = (common.api_key.clone(), common.merchant.clone());
             reads.spawn(async move {
-                let read = key_levels(&client, &host, &api_key, &merchant, &sku, &location).await;
+                let read = key_levels(&client, &host, &api_key, &merchant, &sku).await;
                 (sku, read)
             });
         }
@@ -531,6 +579,12 @@ async fn seed(
                    "event_id": format!("seed-{sku}-{run}")})
         })
         .collect();
+    bodies.extend((0..common.working_keys.min(common.keys)).map(|index| {
+        let sku = catalog_sku(index);
+        json!({"merchant": common.merchant, "sku": sku, "location": common.split_location,
+               "kind": "delta", "qty": (units / 100).max(1), "source": "loadtest-seed",
+               "event_id": format!("seed-{sku}-{}-{run}", common.split_location)})
+    }));
     bodies.extend((0..common.hot_keys).map(|index| {
         json!({"merchant": common.merchant, "sku": format!("{}-{index}", common.hot_prefix),
                "location": common.location, "kind": "absolute", "qty": hot_units,
