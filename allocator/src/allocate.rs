@@ -85,6 +85,141 @@ pub(crate) struct PlannedHold {
     /// Refused when run, and planned again since: never run again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) refused: bool,
+    /// The line's SKU, when this holds a substitute for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) substitute_for: Option<String>,
+    /// Units of the line's SKU a substitute hold stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) stands_for: Option<u32>,
+}
+
+/// A hold to plan.
+struct Hold<'a> {
+    line: u32,
+    sku: &'a str,
+    location: &'a str,
+    qty: u32,
+    substitute_for: Option<&'a str>,
+    stands_for: Option<u32>,
+}
+
+impl<'a> Hold<'a> {
+    /// A hold of the line's own SKU.
+    fn own(line: u32, sku: &'a str, location: &'a str, qty: u32) -> Self {
+        Self {
+            line,
+            sku,
+            location,
+            qty,
+            substitute_for: None,
+            stands_for: None,
+        }
+    }
+}
+
+/// One hold of a line's fill.
+struct Filled {
+    sku: String,
+    location: String,
+    qty: u32,
+    /// A substitute's hold (else the line's own SKU).
+    substitute: bool,
+    /// Units of the line's SKU it stands for.
+    stands_for: u32,
+}
+
+/// A line's fill: its holds, and how many units of it they make up.
+struct Fill {
+    holds: Vec<Filled>,
+    filled: u32,
+}
+
+/// `qty` units of `line` (which allows substitutes) from `candidates`: what
+/// the placement rules give of its own SKU, then whole groups of
+/// `substitutes` in order, each at one location (see
+/// `crate::substitutes`). An inexact fill holds nothing unless `partial`.
+fn fill_line(
+    line: &crate::CartLine,
+    qty: u32,
+    partial: bool,
+    candidates: &HashMap<&str, Vec<Candidate>>,
+    substitutes: &[crate::substitutes::Substitute],
+) -> Fill {
+    let named: Vec<String> = line.location.iter().cloned().collect();
+    let prefer = if named.is_empty() {
+        &line.prefer
+    } else {
+        &named
+    };
+    // A named line holds at its location only, substitutes too.
+    let at = |sku: &str| -> Vec<Candidate> {
+        candidates
+            .get(sku)
+            .into_iter()
+            .flatten()
+            .filter(|candidate| {
+                line.location
+                    .as_ref()
+                    .is_none_or(|location| candidate.location == *location)
+            })
+            .cloned()
+            .collect()
+    };
+    let mut holds: Vec<Filled> = Vec::new();
+    let own = place(
+        &Ask {
+            qty,
+            prefer,
+            allow_split: line.allow_split,
+            allow_partial: true,
+        },
+        &at(&line.sku),
+    );
+    for (location, units) in own.holds.into_iter().filter(|(_, units)| *units > 0) {
+        holds.push(Filled {
+            sku: line.sku.clone(),
+            location,
+            qty: units,
+            substitute: false,
+            stands_for: units,
+        });
+    }
+    let mut rest = qty - holds.iter().map(|hold| hold.qty).sum::<u32>();
+    for substitute in substitutes {
+        if rest == 0 {
+            break;
+        }
+        let wanted = (rest / substitute.replaces).saturating_mul(substitute.units);
+        if wanted == 0 {
+            continue;
+        }
+        let found = at(&substitute.sku);
+        let ask = Ask {
+            qty: wanted,
+            prefer,
+            allow_split: false,
+            allow_partial: true,
+        };
+        // The best location's units, in whole groups.
+        let best = place(&ask, &found);
+        let (groups, stands_for) = crate::substitutes::groups(substitute, rest, best.held());
+        let Some((location, _)) = best.holds.into_iter().next().filter(|_| groups > 0) else {
+            continue;
+        };
+        holds.push(Filled {
+            sku: substitute.sku.clone(),
+            location,
+            qty: groups * substitute.units,
+            substitute: true,
+            stands_for,
+        });
+        rest -= stands_for;
+    }
+    let filled = qty - rest;
+    if rest > 0 && !partial {
+        holds.clear();
+    }
+    Fill { holds, filled }
 }
 
 impl PlannedHold {
@@ -105,6 +240,8 @@ impl PlannedHold {
             qty: self.qty,
             backordered,
             line: Some(self.line),
+            substitute_for: self.substitute_for.clone(),
+            stands_for: self.stands_for,
         }
     }
 }
@@ -175,12 +312,31 @@ impl Allocator {
         first_index: usize,
     ) -> Result<Planned> {
         let mut planned = Planned::default();
-        // The SKUs to read, once each; and the merchant's settings.
+        let line_of = |index: u32| &request.lines[index as usize];
+        // The substitutes of the lines that allow them.
+        let mut substituted: Vec<&str> = wanted
+            .iter()
+            .map(|(index, _)| line_of(*index))
+            .filter(|line| line.substitutes)
+            .map(|line| line.sku.as_str())
+            .collect();
+        substituted.sort_unstable();
+        substituted.dedup();
+        let definitions = self.substitutes_of(&request.merchant, &substituted).await?;
+        // The SKUs to read, once each: every line placed from a read (one
+        // without a location, or one that allows substitutes), and every
+        // substitute of theirs.
         let mut skus: Vec<&str> = wanted
             .iter()
-            .map(|(line, _)| &request.lines[*line as usize])
-            .filter(|line| line.location.is_none())
+            .map(|(index, _)| line_of(*index))
+            .filter(|line| line.location.is_none() || line.substitutes)
             .map(|line| line.sku.as_str())
+            .chain(
+                definitions
+                    .values()
+                    .flatten()
+                    .map(|substitute| substitute.sku.as_str()),
+            )
             .collect();
         skus.sort_unstable();
         skus.dedup();
@@ -201,37 +357,71 @@ impl Allocator {
                     .map(|sku| self.candidates(&request.merchant, sku, &settings)),
             )
             .await?;
-            // A SKU with no location at all is unknown, as a key is.
-            if reads.iter().any(Vec::is_empty) {
+            candidates = skus.into_iter().zip(reads).collect();
+            // A line's SKU with no location at all is unknown, as a key is.
+            if wanted.iter().any(|(index, _)| {
+                let line = line_of(*index);
+                line.location.is_none()
+                    && candidates.get(line.sku.as_str()).is_none_or(Vec::is_empty)
+            }) {
                 return Err(AllocatorError::NotFound);
             }
-            candidates = skus.into_iter().zip(reads).collect();
         }
-        let mut push = |line: u32, sku: &str, location: &str, qty: u32| {
-            let key = StockKey::new(&request.merchant, sku, location);
+        let mut push = |hold: Hold<'_>| {
+            let key = StockKey::new(&request.merchant, hold.sku, hold.location);
             let cell = self.cell_for(&key, route.hot_of(&key));
             let index = first_index + planned.holds.len();
             planned.holds.push(PlannedHold {
-                line,
-                sku: sku.to_owned(),
-                location: location.to_owned(),
-                qty,
+                line: hold.line,
+                sku: hold.sku.to_owned(),
+                location: hold.location.to_owned(),
+                qty: hold.qty,
                 reservation_id: hold_id(lived, attempt, index, cell.partition),
                 cell: cell.id,
                 partition: cell.partition,
                 refused: false,
+                substitute_for: hold.substitute_for.map(str::to_owned),
+                stands_for: hold.stands_for,
             });
         };
-        for &(index, qty) in wanted {
-            let line = &request.lines[index as usize];
-            if let Some(location) = &line.location {
-                push(index, &line.sku, location, qty);
-                // What this plan takes there is not there for the next line.
-                if let Some(found) = candidates.get_mut(line.sku.as_str()) {
-                    for candidate in found.iter_mut().filter(|c| c.location == *location) {
-                        candidate.available -= i64::from(qty);
-                    }
+        // What a planned hold takes is not there for the next line.
+        let take = |candidates: &mut HashMap<&str, Vec<Candidate>>,
+                    sku: &str,
+                    location: &str,
+                    units: u32| {
+            if let Some(found) = candidates.get_mut(sku) {
+                for candidate in found.iter_mut().filter(|c| c.location == location) {
+                    candidate.available -= i64::from(units);
                 }
+            }
+        };
+        for &(index, qty) in wanted {
+            let line = line_of(index);
+            if line.substitutes {
+                let fill = fill_line(
+                    line,
+                    qty,
+                    request.allow_partial,
+                    &candidates,
+                    definitions.get(&line.sku).map_or(&[][..], Vec::as_slice),
+                );
+                planned.placeable.insert(index, i64::from(fill.filled));
+                for hold in fill.holds {
+                    take(&mut candidates, &hold.sku, &hold.location, hold.qty);
+                    push(Hold {
+                        line: index,
+                        sku: &hold.sku,
+                        location: &hold.location,
+                        qty: hold.qty,
+                        substitute_for: hold.substitute.then_some(line.sku.as_str()),
+                        stands_for: hold.substitute.then_some(hold.stands_for),
+                    });
+                }
+                continue;
+            }
+            if let Some(location) = &line.location {
+                push(Hold::own(index, &line.sku, location, qty));
+                take(&mut candidates, &line.sku, location, qty);
                 continue;
             }
             let found = candidates.entry(line.sku.as_str()).or_default();
@@ -252,10 +442,8 @@ impl Allocator {
             .held();
             planned.placeable.insert(index, i64::from(placeable));
             for (location, units) in plan.holds.into_iter().filter(|(_, units)| *units > 0) {
-                for candidate in found.iter_mut().filter(|c| c.location == location) {
-                    candidate.available -= i64::from(units);
-                }
-                push(index, &line.sku, &location, units);
+                take(&mut candidates, &line.sku, &location, units);
+                push(Hold::own(index, &line.sku, &location, units));
             }
         }
         if first_index + planned.holds.len() > crate::limits::RESERVATION_HOLDS_MAX {
@@ -606,7 +794,7 @@ impl Allocator {
                     Outcome::Refused(available) => Some(*available),
                     Outcome::Held(_) => None,
                 })
-                .last();
+                .next_back();
             let Some(available) = refused else {
                 continue;
             };
@@ -614,6 +802,9 @@ impl Allocator {
                 continue;
             }
             let ask = match &line.location {
+                // A line that allows substitutes is filled again, from its
+                // own SKU and its substitutes.
+                _ if line.substitutes => missing,
                 // A named line takes what its location had, only when
                 // partial; else it is short.
                 Some(_) if request.allow_partial && available > 0 => {
@@ -631,14 +822,15 @@ impl Allocator {
     }
 }
 
-/// Whether `plan` places every unit of every line without a location.
+/// Whether `plan` places every unit of every line placed from a read (one
+/// without a location, or one that allows substitutes).
 fn placed_whole(request: &CartRequest, plan: &[PlannedHold]) -> bool {
     request.lines.iter().enumerate().all(|(index, line)| {
-        line.location.is_some()
+        (line.location.is_some() && !line.substitutes)
             || plan
                 .iter()
                 .filter(|planned| planned.line == index as u32)
-                .map(|planned| planned.qty)
+                .map(|planned| planned.stands_for.unwrap_or(planned.qty))
                 .sum::<u32>()
                 >= line.qty
     })
@@ -649,7 +841,8 @@ fn held_by_line(outcomes: &[Outcome]) -> HashMap<u32, u32> {
     let mut held: HashMap<u32, u32> = HashMap::new();
     for outcome in outcomes {
         if let Outcome::Held(line) = outcome {
-            *held.entry(line.line.unwrap_or_default()).or_default() += line.qty;
+            *held.entry(line.line.unwrap_or_default()).or_default() +=
+                line.stands_for.unwrap_or(line.qty);
         }
     }
     held
@@ -684,8 +877,8 @@ fn short_lines(
             let available = match (&line.location, refused) {
                 // A named line not tried (another line was short first)
                 // is not known to be short.
-                (Some(_), refused) => refused?,
-                (None, refused) => {
+                (Some(_), refused) if !line.substitutes => refused?,
+                (_, refused) => {
                     let could = placeable.get(&index).copied().unwrap_or(0);
                     // Nor is a line the read could place whole, not tried.
                     if refused.is_none() && could >= i64::from(line.qty) {

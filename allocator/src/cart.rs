@@ -46,6 +46,9 @@ pub struct CartLine {
     /// Whether the line may be held across several locations (a line
     /// without a location).
     pub allow_split: bool,
+    /// Whether a short line is filled with its SKU's substitutes
+    /// ([`crate::substitutes`]).
+    pub substitutes: bool,
 }
 
 impl CartLine {
@@ -58,6 +61,7 @@ impl CartLine {
             qty,
             prefer: Vec::new(),
             allow_split: false,
+            substitutes: false,
         }
     }
 
@@ -69,6 +73,7 @@ impl CartLine {
             qty,
             prefer: Vec::new(),
             allow_split: false,
+            substitutes: false,
         }
     }
 }
@@ -104,6 +109,19 @@ pub struct CartLineView {
     /// The index of the request line this hold serves.
     #[serde(default = "line_unknown")]
     pub line: u32,
+    /// The line's SKU, when this holds a substitute for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substitute_for: Option<String>,
+    /// Units of the line's SKU a substitute hold stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stands_for: Option<u32>,
+}
+
+impl CartLineView {
+    /// Units of its request line's SKU this hold makes up.
+    pub fn counts_for(&self) -> u32 {
+        self.stands_for.unwrap_or(self.qty)
+    }
 }
 
 /// What a hold stored before allocation (one hold per line, in order)
@@ -183,6 +201,12 @@ pub(crate) struct StoredLine {
     /// one hold per line, in order, and no index).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) line: Option<u32>,
+    /// The line's SKU, when this holds a substitute for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) substitute_for: Option<String>,
+    /// Units of the line's SKU a substitute hold stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) stands_for: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +256,8 @@ impl StoredCart {
                     qty: line.qty,
                     backordered: line.backordered,
                     line: line.line.unwrap_or(index as u32),
+                    substitute_for: line.substitute_for.clone(),
+                    stands_for: line.stands_for,
                 })
                 .collect(),
             partial: self.partial,
@@ -253,6 +279,8 @@ impl From<&Reservation> for CartView {
                 qty: reservation.qty,
                 backordered: reservation.backordered,
                 line: 0,
+                substitute_for: None,
+                stands_for: None,
             }],
             partial: false,
             unfilled: Vec::new(),

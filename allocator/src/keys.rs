@@ -219,6 +219,13 @@ pub fn location_settings_key(merchant: &str) -> String {
     format!("inv:location-settings:{{{merchant}}}")
 }
 
+/// A merchant's substitutes (SKU → JSON list of `{"sku","units","replaces"}`
+/// in order of preference, `crate::substitutes`): one hash per merchant,
+/// outside the partitions.
+pub fn substitutes_key(merchant: &str) -> String {
+    format!("inv:substitutes:{{{merchant}}}")
+}
+
 /// The stock keys of `partition` (their pools' partition) that have had
 /// flash-sale buckets: a set of `merchant|sku|location`. Added before every
 /// activation and refill, so the reconciler finds buckets whose sale is

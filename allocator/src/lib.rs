@@ -164,6 +164,7 @@ pub mod reserve;
 mod scripts;
 pub mod sources;
 mod store;
+pub mod substitutes;
 mod throttle;
 
 use std::sync::{Arc, RwLock};

@@ -502,9 +502,10 @@ impl Allocator {
             .lines
             .iter()
             .map(|line| match &line.location {
-                Some(location) => json!([line.sku, location, line.qty]),
-                None => json!({
-                    "sku": line.sku, "qty": line.qty, "prefer": line.prefer, "split": line.allow_split,
+                Some(location) if !line.substitutes => json!([line.sku, location, line.qty]),
+                location => json!({
+                    "sku": line.sku, "location": location, "qty": line.qty, "prefer": line.prefer,
+                    "split": line.allow_split, "substitutes": line.substitutes,
                 }),
             })
             .collect();
@@ -575,7 +576,7 @@ impl Allocator {
     /// location (the path of one script call), if it is one.
     fn single_hold(request: &CartRequest) -> Option<(&CartLine, &str)> {
         match request.lines.as_slice() {
-            [line] if !request.allow_partial => {
+            [line] if !request.allow_partial && !line.substitutes => {
                 line.location.as_deref().map(|location| (line, location))
             }
             _ => None,

@@ -623,3 +623,162 @@ async fn an_answer_stored_before_allocation_is_replayed_with_its_lines_numbered(
     assert!(replay.replayed);
     assert_eq!(replay.cart, first.cart);
 }
+
+/// Substitutes fill a short line with whole groups, in the merchant's
+/// order, exactly or not at all (unless partial), and each hold says what
+/// it stands in for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn substitutes_fill_whole_groups_in_order_and_never_less_than_asked() {
+    use allocator::substitutes::Substitute;
+    let allocator = allocator_for("alloc-node").await;
+    let merchant = testkit::unique_id("subs");
+    for (sku, units) in [("six-pack", 3), ("twelve-pack", 1), ("can", 20)] {
+        stock(&allocator, &StockKey::new(&merchant, sku, "dc1"), units).await;
+    }
+    let substitute = |sku: &str, units, replaces| Substitute {
+        sku: sku.to_owned(),
+        units,
+        replaces,
+    };
+    // Checked: not itself, not twice, groups of 1 to 1000.
+    for bad in [
+        vec![substitute("six-pack", 1, 1)],
+        vec![substitute("can", 6, 1), substitute("can", 1, 1)],
+        vec![substitute("can", 0, 1)],
+        vec![],
+    ] {
+        assert!(matches!(
+            allocator.set_substitutes(&merchant, "six-pack", &bad).await,
+            Err(AllocatorError::InvalidRequest(_))
+        ));
+    }
+    allocator
+        .set_substitutes(
+            &merchant,
+            "six-pack",
+            &[substitute("twelve-pack", 1, 2), substitute("can", 6, 1)],
+        )
+        .await
+        .expect("set");
+    assert_eq!(
+        allocator
+            .substitutes(&merchant, "six-pack")
+            .await
+            .expect("get")
+            .map(|list| list.len()),
+        Some(2)
+    );
+    let with_substitutes = |qty, location: Option<&str>| CartLine {
+        location: location.map(str::to_owned),
+        substitutes: true,
+        ..CartLine::anywhere("six-pack", qty)
+    };
+    let shown = |cart: &CartView| -> Vec<(String, u32, Option<String>, Option<u32>)> {
+        cart.lines
+            .iter()
+            .map(|hold| {
+                (
+                    hold.sku.clone(),
+                    hold.qty,
+                    hold.substitute_for.clone(),
+                    hold.stands_for,
+                )
+            })
+            .collect()
+    };
+
+    // Without substitutes, 6 is short.
+    assert!(matches!(
+        allocator
+            .reserve_cart(&request(
+                &merchant,
+                vec![CartLine::at("six-pack", "dc1", 6)],
+                false
+            ))
+            .await,
+        Err(AllocatorError::InsufficientStock { .. })
+    ));
+    // With them: its own 3, one twelve-pack for 2, six cans for the last 1.
+    let hold = allocator
+        .reserve_cart(&request(
+            &merchant,
+            vec![with_substitutes(6, Some("dc1"))],
+            false,
+        ))
+        .await
+        .expect("filled");
+    let six = Some("six-pack".to_owned());
+    assert_eq!(
+        shown(&hold.cart),
+        vec![
+            ("six-pack".to_owned(), 3, None, None),
+            ("twelve-pack".to_owned(), 1, six.clone(), Some(2)),
+            ("can".to_owned(), 6, six.clone(), Some(1)),
+        ]
+    );
+
+    // 4 more: only 14 cans left, two groups of six for 2: not exact, so
+    // short, with what could be filled; nothing held.
+    let refused = allocator
+        .reserve_cart(&request(&merchant, vec![with_substitutes(4, None)], false))
+        .await;
+    let Err(AllocatorError::InsufficientStock { lines }) = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!((lines[0].requested, lines[0].available), (4, 2));
+    let cans = allocator
+        .cell(&StockKey::new(&merchant, "can", "dc1").pool(PARTITIONS))
+        .await
+        .expect("read")
+        .expect("cell");
+    assert_eq!(cans.reserved, 6, "nothing more held");
+    // Partial: the two whole groups.
+    let partial = allocator
+        .reserve_cart(&request(&merchant, vec![with_substitutes(4, None)], true))
+        .await
+        .expect("partial");
+    assert_eq!(
+        shown(&partial.cart),
+        vec![("can".to_owned(), 12, six.clone(), Some(2))]
+    );
+    assert_eq!(
+        partial
+            .cart
+            .unfilled
+            .iter()
+            .map(|line| (line.requested, line.held))
+            .collect::<Vec<_>>(),
+        vec![(4, 2)]
+    );
+
+    // Commit sells every hold of the fill.
+    allocator
+        .commit_cart(
+            Some(&merchant),
+            &hold.cart.reservation_id,
+            &testkit::unique_id("c"),
+        )
+        .await
+        .expect("commit");
+    for (sku, on_hand) in [("six-pack", 0), ("twelve-pack", 0), ("can", 14)] {
+        let cell = allocator
+            .cell(&StockKey::new(&merchant, sku, "dc1").pool(PARTITIONS))
+            .await
+            .expect("read")
+            .expect("cell");
+        assert_eq!(cell.on_hand, on_hand, "{sku}");
+    }
+    assert!(
+        allocator
+            .delete_substitutes(&merchant, "six-pack")
+            .await
+            .expect("delete")
+    );
+    assert_eq!(
+        allocator
+            .substitutes(&merchant, "six-pack")
+            .await
+            .expect("get"),
+        None
+    );
+}

@@ -294,6 +294,30 @@ pub struct LineBody {
     /// location).
     #[serde(default)]
     pub allow_split: bool,
+    /// `"allow"`: a short line is filled with its SKU's substitutes;
+    /// `"none"` (the default): it is not.
+    #[serde(default)]
+    pub substitutes: Option<String>,
+}
+
+/// `PUT /v1/substitutes/{merchant}/{sku}` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubstitutesBody {
+    /// In order of preference.
+    pub substitutes: Vec<SubstituteBody>,
+}
+
+/// One substitute.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubstituteBody {
+    /// The substitute SKU.
+    pub sku: String,
+    /// Units of it in one group.
+    pub units: i64,
+    /// Units of the original one group stands in for.
+    pub replaces: i64,
 }
 
 /// `PUT /v1/locations/{merchant}/{location}` body.

@@ -282,3 +282,105 @@ async fn checkouts_racing_for_the_last_units_over_two_locations_never_hold_more(
     assert!(held <= 3, "held {held} of 3");
     assert_eq!(available(&nodes[1], "m1", &sku).await, 3 - held);
 }
+
+async fn send_substitutes(
+    node: &Node,
+    method: reqwest::Method,
+    key: &str,
+    sku: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut request = client()
+        .request(method, node.url(&format!("/v1/substitutes/m1/{sku}")))
+        .bearer_auth(key);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_line_is_filled_with_its_substitutes_through_the_api() {
+    let run = testkit::unique_id("run");
+    let fleet = Fleet::on_stack("");
+    let (one, two) = (fleet.node("node-a"), fleet.node("node-b"));
+    let (six, twelve) = (format!("six-{run}"), format!("twelve-{run}"));
+    let store = format!("s-{run}");
+    restock(&one, "m1", &six, &store, 3).await;
+    restock(&one, "m1", &twelve, &store, 5).await;
+    let definition = json!({ "substitutes": [{ "sku": twelve, "units": 1, "replaces": 2 }] });
+
+    let (status, body) = send_substitutes(
+        &one,
+        reqwest::Method::PUT,
+        CHECKOUT,
+        &six,
+        Some(&definition),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    let bad = json!({ "substitutes": [{ "sku": twelve, "units": 0, "replaces": 2 }] });
+    let (status, body) =
+        send_substitutes(&one, reqwest::Method::PUT, ADMIN, &six, Some(&bad)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+    let (status, body) =
+        send_substitutes(&one, reqwest::Method::PUT, ADMIN, &six, Some(&definition)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, read) = send_substitutes(&two, reqwest::Method::GET, ADMIN, &six, None).await;
+    assert_eq!((status, &read), (200, &body));
+
+    // 7 six-packs: its own 3, and two twelve-packs for the 4 missing: exact.
+    let line = json!({ "sku": six, "location": store, "qty": 7, "substitutes": "allow" });
+    let (status, held) = reserve(
+        &two,
+        &format!("{run}-1"),
+        &json!({ "merchant": "m1", "lines": [line] }),
+    )
+    .await;
+    assert_eq!(status, 201, "{held}");
+    assert_eq!(
+        held["lines"],
+        json!([
+            { "sku": six, "location": store, "qty": 3, "backordered": 0, "line": 0 },
+            { "sku": twelve, "location": store, "qty": 2, "backordered": 0, "line": 0,
+              "substitute_for": six, "stands_for": 4 },
+        ])
+    );
+    // 1 more, none of its own left: a twelve-pack stands for 2, more than
+    // asked, so no exact fill: short.
+    let line = json!({ "sku": six, "location": store, "qty": 1, "substitutes": "allow" });
+    let (status, refused) = reserve(
+        &one,
+        &format!("{run}-2"),
+        &json!({ "merchant": "m1", "lines": [line] }),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    let line = json!({ "sku": six, "location": store, "qty": 1, "substitutes": "maybe" });
+    let (status, body) = reserve(
+        &one,
+        &format!("{run}-3"),
+        &json!({ "merchant": "m1", "lines": [line] }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+
+    let (status, _) = send_substitutes(&one, reqwest::Method::DELETE, ADMIN, &six, None).await;
+    assert_eq!(status, 200);
+    let (status, _) = send_substitutes(&one, reqwest::Method::GET, ADMIN, &six, None).await;
+    assert_eq!(status, 404);
+}

@@ -6,7 +6,7 @@
 //! module of its resource) and the request
 //! plumbing ([`request`]: authentication and rate limits, bodies within the
 //! limit, Idempotency-Keys, query strings). Handlers live in one module per
-//! resource: [`availability`], [`reservations`], [`stock`], [`locations`], [`flash_sales`],
+//! resource: [`availability`], [`reservations`], [`stock`], [`locations`], [`substitutes`], [`flash_sales`],
 //! [`ops`] (and SSE in `crate::sse`); a new route goes into the table and the
 //! module of its resource. Every check happens before the first change: a
 //! refused request changes nothing.
@@ -18,6 +18,7 @@ pub(crate) mod ops;
 pub(crate) mod request;
 pub(crate) mod reservations;
 pub(crate) mod stock;
+pub(crate) mod substitutes;
 pub(crate) mod webhooks;
 
 use std::time::Instant;
@@ -63,6 +64,8 @@ enum Resource {
     Webhook,
     /// PUT or GET of a location's allocation settings.
     Location,
+    /// PUT, GET or DELETE of a SKU's substitutes.
+    Substitutes,
     WebhookDeliveries,
 }
 
@@ -139,6 +142,13 @@ fn table() -> &'static matchit::Router<Route> {
             (Method::GET, "/v1/flash-sales", FlashSales),
             (Method::PUT, "/v1/locations/{merchant}/{location}", Location),
             (Method::GET, "/v1/locations/{merchant}/{location}", Location),
+            (Method::PUT, "/v1/substitutes/{merchant}/{sku}", Substitutes),
+            (Method::GET, "/v1/substitutes/{merchant}/{sku}", Substitutes),
+            (
+                Method::DELETE,
+                "/v1/substitutes/{merchant}/{sku}",
+                Substitutes,
+            ),
             (Method::PUT, "/v1/webhooks/{merchant}/{name}", Webhook),
             (Method::GET, "/v1/webhooks/{merchant}/{name}", Webhook),
             (Method::DELETE, "/v1/webhooks/{merchant}/{name}", Webhook),
@@ -336,6 +346,14 @@ async fn route_request(
             match session.req_header().method {
                 http::Method::PUT => locations::put(app, session, &merchant, &location).await?,
                 _ => locations::get(app, session, &merchant, &location).await?,
+            }
+        }
+        Resource::Substitutes => {
+            let (merchant, sku) = (param("merchant"), param("sku"));
+            match session.req_header().method {
+                http::Method::PUT => substitutes::put(app, session, &merchant, &sku).await?,
+                http::Method::DELETE => substitutes::delete(app, session, &merchant, &sku).await?,
+                _ => substitutes::get(app, session, &merchant, &sku).await?,
             }
         }
         Resource::WebhookDeliveries => {

@@ -23,7 +23,7 @@ pub(crate) fn cart_json(cart: &CartView) -> Value {
         cart.lines
             .iter()
             .filter(|hold| hold.line == line)
-            .map(|hold| hold.qty)
+            .map(allocator::CartLineView::counts_for)
             .sum()
     };
     let lines: Vec<Value> = cart
@@ -34,6 +34,10 @@ pub(crate) fn cart_json(cart: &CartView) -> Value {
                 "sku": hold.sku, "location": hold.location, "qty": hold.qty,
                 "backordered": hold.backordered, "line": hold.line,
             });
+            if let (Some(original), Some(stands_for)) = (&hold.substitute_for, hold.stands_for) {
+                shown["substitute_for"] = json!(original);
+                shown["stands_for"] = json!(stands_for);
+            }
             if cart.partial {
                 let requested = cart
                     .unfilled
@@ -99,12 +103,22 @@ pub(crate) async fn create(app: &App, session: &mut Session) -> Result<Reply, Ap
         for (at, preferred) in line.prefer.iter().enumerate() {
             check_id(&format!("lines[{index}].prefer[{at}]"), preferred)?;
         }
+        let substitutes = match line.substitutes.as_deref() {
+            None | Some("none") => false,
+            Some("allow") => true,
+            Some(_) => {
+                return Err(ApiError::BadRequest(format!(
+                    "lines[{index}].substitutes is \"allow\" or \"none\""
+                )));
+            }
+        };
         lines.push(CartLine {
             sku: line.sku.clone(),
             location: line.location.clone(),
             qty: check_qty(&format!("lines[{index}].qty"), line.qty)?,
             prefer: line.prefer.clone(),
             allow_split: line.allow_split,
+            substitutes,
         });
     }
     let ttl_max = config.stock.reservation_ttl_seconds_max;
