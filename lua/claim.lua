@@ -17,7 +17,9 @@
 --            ARGS.existing_only, no claim is made: not_found.
 --   advance  the attempt with ARGS.token was abandoned (a cart rolled back):
 --            the next one uses fresh line ids, and has no plan until the
---            `plan` action records one. lost if the token is stale.
+--            `plan` action records one; the abandoned plan is kept as
+--            `abandoned` (answered to a caller taking over, which
+--            releases its holds). lost if the token is stale.
 --   plan     records ARGS.plan as the holds of the current attempt
 --            (ARGS.attempt) of the caller with ARGS.token, before it makes
 --            them: a plan grown after a refusal, the plan of the attempt
@@ -79,8 +81,11 @@ if a.action == 'open' then
       placement = string.format(',"cell":"%s","cell_partition":%d,"reservation_id":"%s"',
         a.cell, a.cell_partition, a.reservation_id)
     end
-    -- A plan is recorded (and answered) as the text the caller sent.
+    -- A plan is recorded (and answered) as the text the caller sent. A
+    -- request of several holds is marked planned, with its first plan or
+    -- none (a plan that placed nothing).
     if a.plan ~= nil then placement = placement .. ',"plan":' .. cjson.encode(a.plan) end
+    if a.planned == true then placement = placement .. ',"planned":true' end
     redis.call('HSET', K_IDEM, field, string.format(
       '{"fp":%s,"state":"pending","attempt":0,"token":1,"owner":"%s","lease_until_ms":%d,"created_at_ms":%d,"life":"%s"',
       cjson.encode(a.fingerprint), ARGS.node, lease_until_ms, NOW, a.life) .. placement .. '}')
@@ -102,7 +107,7 @@ if a.action == 'open' then
   return reply({ status = 'claimed', attempt = rec.attempt, token = rec.token, taken_over = true,
     lease_until_ms = rec.lease_until_ms, life = rec.life,
     cell = rec.cell, cell_partition = rec.cell_partition, reservation_id = rec.reservation_id,
-    plan = rec.plan })
+    plan = rec.plan, planned = rec.planned, abandoned = rec.abandoned })
 end
 
 -- A claim past its life was another request's: this caller's token is stale.
@@ -116,6 +121,9 @@ if a.action == 'advance' then
   if rec.state ~= 'pending' or rec.token ~= a.token then return reply({ status = 'lost' }) end
   if not is_int(a.lease_ms, 1, 600000) then return refuse('bad_argument', { reason = 'lease_ms' }) end
   rec.attempt = rec.attempt + 1
+  -- Kept until the next abandonment: a caller that takes the claim over
+  -- releases its holds (the caller that abandoned it may have died first).
+  rec.abandoned = rec.plan
   rec.plan = nil
   rec.lease_until_ms = NOW + a.lease_ms
   redis.call('HSET', K_IDEM, field, cjson.encode(rec))

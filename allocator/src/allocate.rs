@@ -135,13 +135,15 @@ struct Fill {
 }
 
 /// `qty` units of `line` (which allows substitutes) from `candidates`: what
-/// the placement rules give of its own SKU, then whole groups of
-/// `substitutes` in order, each at one location (see
-/// `crate::substitutes`). An inexact fill holds nothing unless `partial`.
+/// the placement rules give of its own SKU (only at `own_at` when set: a
+/// line that is not split stays where it holds), then whole groups of
+/// `substitutes`, each at one location (see `crate::substitutes`). An
+/// inexact fill holds nothing unless `partial`.
 fn fill_line(
     line: &crate::CartLine,
     qty: u32,
     partial: bool,
+    own_at: Option<&str>,
     candidates: &HashMap<&str, Vec<Candidate>>,
     substitutes: &[crate::substitutes::Substitute],
 ) -> Fill {
@@ -152,15 +154,16 @@ fn fill_line(
         &named
     };
     // A named line holds at its location only, substitutes too.
-    let at = |sku: &str| -> Vec<Candidate> {
+    let at = |sku: &str, only: Option<&str>| -> Vec<Candidate> {
         candidates
             .get(sku)
             .into_iter()
             .flatten()
             .filter(|candidate| {
                 line.location
-                    .as_ref()
-                    .is_none_or(|location| candidate.location == *location)
+                    .as_deref()
+                    .or(only)
+                    .is_none_or(|location| candidate.location == location)
             })
             .cloned()
             .collect()
@@ -173,7 +176,7 @@ fn fill_line(
             allow_split: line.allow_split,
             allow_partial: true,
         },
-        &at(&line.sku),
+        &at(&line.sku, own_at),
     );
     for (location, units) in own.holds.into_iter().filter(|(_, units)| *units > 0) {
         holds.push(Filled {
@@ -184,28 +187,45 @@ fn fill_line(
             stands_for: units,
         });
     }
-    let mut rest = qty - holds.iter().map(|hold| hold.qty).sum::<u32>();
-    for substitute in substitutes {
-        if rest == 0 {
-            break;
-        }
-        let wanted = (rest / substitute.replaces).saturating_mul(substitute.units);
-        if wanted == 0 {
+    let rest = qty - holds.iter().map(|hold| hold.qty).sum::<u32>();
+    // Each substitute's location: by the rules, the first that gives the
+    // most whole groups of what the rest needs; and how many it gives.
+    let options: Vec<(String, u32)> = substitutes
+        .iter()
+        .map(|substitute| {
+            let needed =
+                (rest / substitute.replaces).min(crate::limits::QTY_MAX / substitute.units.max(1));
+            let ask = Ask {
+                qty: needed.saturating_mul(substitute.units).max(1),
+                prefer,
+                allow_split: false,
+                allow_partial: true,
+            };
+            let found = at(&substitute.sku, None);
+            let mut best: (String, u32) = (String::new(), 0);
+            for candidate in crate::placement::order(&ask, &found) {
+                let available = u32::try_from(candidate.available.max(0)).unwrap_or(u32::MAX);
+                let groups = needed.min(available / substitute.units.max(1));
+                if groups > best.1 {
+                    best = (candidate.location.clone(), groups);
+                }
+            }
+            best
+        })
+        .collect();
+    let caps: Vec<(u32, u32)> = substitutes
+        .iter()
+        .zip(&options)
+        .map(|(substitute, (_, groups))| (*groups, substitute.replaces))
+        .collect();
+    let groups = crate::substitutes::exact_fill(rest, &caps)
+        .unwrap_or_else(|| crate::substitutes::greedy_fill(rest, &caps));
+    let mut filled = qty - rest;
+    for ((substitute, (location, _)), groups) in substitutes.iter().zip(options).zip(groups) {
+        if groups == 0 {
             continue;
         }
-        let found = at(&substitute.sku);
-        let ask = Ask {
-            qty: wanted,
-            prefer,
-            allow_split: false,
-            allow_partial: true,
-        };
-        // The best location's units, in whole groups.
-        let best = place(&ask, &found);
-        let (groups, stands_for) = crate::substitutes::groups(substitute, rest, best.held());
-        let Some((location, _)) = best.holds.into_iter().next().filter(|_| groups > 0) else {
-            continue;
-        };
+        let stands_for = groups * substitute.replaces;
         holds.push(Filled {
             sku: substitute.sku.clone(),
             location,
@@ -213,10 +233,9 @@ fn fill_line(
             substitute: true,
             stands_for,
         });
-        rest -= stands_for;
+        filled += stands_for;
     }
-    let filled = qty - rest;
-    if rest > 0 && !partial {
+    if filled < qty && !partial {
         holds.clear();
     }
     Fill { holds, filled }
@@ -274,6 +293,26 @@ enum Outcome {
     Refused(i64),
 }
 
+/// What the ids of planned holds derive from: the claim's digest and life,
+/// the attempt, and the index of the first hold planned.
+#[derive(Clone, Copy)]
+struct Ids<'a> {
+    lived: &'a str,
+    attempt: u64,
+    first_index: usize,
+}
+
+impl<'a> Ids<'a> {
+    /// The ids of a whole plan of `attempt`.
+    fn first(lived: &'a str, attempt: u64) -> Self {
+        Self {
+            lived,
+            attempt,
+            first_index: 0,
+        }
+    }
+}
+
 /// The id of hold `index` of `attempt`, in `partition`.
 fn hold_id(lived: &str, attempt: u64, index: usize, partition: u32) -> String {
     keys::reservation_id(
@@ -297,7 +336,14 @@ impl Allocator {
             .enumerate()
             .map(|(index, line)| (index as u32, line.qty))
             .collect();
-        self.plan_lines(request, route, &wanted, lived, 0, 0).await
+        self.plan_lines(
+            request,
+            route,
+            &wanted,
+            Ids::first(lived, 0),
+            &HashMap::new(),
+        )
+        .await
     }
 
     /// Plans `wanted` (request line, units) as holds `first_index..` of
@@ -307,10 +353,14 @@ impl Allocator {
         request: &CartRequest,
         route: &Route<'_>,
         wanted: &[(u32, u32)],
-        lived: &str,
-        attempt: u64,
-        first_index: usize,
+        ids: Ids<'_>,
+        pins: &HashMap<u32, String>,
     ) -> Result<Planned> {
+        let Ids {
+            lived,
+            attempt,
+            first_index,
+        } = ids;
         let mut planned = Planned::default();
         let line_of = |index: u32| &request.lines[index as usize];
         // The substitutes of the lines that allow them.
@@ -358,11 +408,17 @@ impl Allocator {
             )
             .await?;
             candidates = skus.into_iter().zip(reads).collect();
-            // A line's SKU with no location at all is unknown, as a key is.
+            // A line without a location whose SKU (and every substitute it
+            // may take) has no location at all is unknown, as a key is.
+            let nowhere = |sku: &str| candidates.get(sku).is_none_or(Vec::is_empty);
             if wanted.iter().any(|(index, _)| {
                 let line = line_of(*index);
                 line.location.is_none()
-                    && candidates.get(line.sku.as_str()).is_none_or(Vec::is_empty)
+                    && nowhere(&line.sku)
+                    && (!line.substitutes
+                        || definitions
+                            .get(&line.sku)
+                            .is_none_or(|list| list.iter().all(|other| nowhere(&other.sku))))
             }) {
                 return Err(AllocatorError::NotFound);
             }
@@ -395,6 +451,14 @@ impl Allocator {
                 }
             }
         };
+        // Lines that name their location hold there whatever the read says:
+        // what they take is not there for the lines placed from the read.
+        for &(index, qty) in wanted {
+            let line = line_of(index);
+            if let (Some(location), false) = (&line.location, line.substitutes) {
+                take(&mut candidates, &line.sku, location, qty);
+            }
+        }
         for &(index, qty) in wanted {
             let line = line_of(index);
             if line.substitutes {
@@ -402,6 +466,7 @@ impl Allocator {
                     line,
                     qty,
                     request.allow_partial,
+                    pins.get(&index).map(String::as_str),
                     &candidates,
                     definitions.get(&line.sku).map_or(&[][..], Vec::as_slice),
                 );
@@ -421,7 +486,6 @@ impl Allocator {
             }
             if let Some(location) = &line.location {
                 push(Hold::own(index, &line.sku, location, qty));
-                take(&mut candidates, &line.sku, location, qty);
                 continue;
             }
             let found = candidates.entry(line.sku.as_str()).or_default();
@@ -500,6 +564,17 @@ impl Allocator {
                     replayed: true,
                 });
             }
+            // The holds of an attempt abandoned by a caller that may have
+            // died before releasing them: no cart can ever have them.
+            if let Some(text) = &claim.abandoned {
+                let abandoned: Vec<PlannedHold> = serde_json::from_str(text).map_err(protocol)?;
+                let lines: Vec<StoredLine> = abandoned
+                    .iter()
+                    .filter(|planned| !planned.refused)
+                    .map(|planned| planned.stored(0))
+                    .collect();
+                self.release_lines(&cart_id, lines.iter()).await;
+            }
         }
         let mut placeable = HashMap::new();
         let mut plan: Vec<PlannedHold> = match (claim.taken_over, first, &claim.plan) {
@@ -510,10 +585,11 @@ impl Allocator {
             }
             (_, _, Some(text)) => serde_json::from_str(text).map_err(protocol)?,
             // Taken over from a caller that recorded no plan: it held
-            // nothing of this attempt (a plan that placed nothing), or it
-            // ran before plans were recorded, when a cart's lines named
-            // their locations and held at their pools: planned now so
-            // (pools for named lines), and recorded first.
+            // nothing of this attempt (a plan that placed nothing, or an
+            // attempt abandoned before its next plan), or it ran before
+            // plans were recorded (the claim is not marked planned), when
+            // a cart's lines named their locations and held at their
+            // pools: planned now so (pools then), and recorded first.
             (_, _, None) => {
                 let pools = Route {
                     hot: Vec::new(),
@@ -521,8 +597,9 @@ impl Allocator {
                     limits: route.limits,
                     locations: route.locations,
                 };
+                let planning = if claim.planned { route } else { &pools };
                 let fresh = self
-                    .plan_all(request, &pools, &lived, claim.attempt)
+                    .plan_all(request, planning, &lived, claim.attempt)
                     .await?;
                 placeable = fresh.placeable;
                 if !fresh.holds.is_empty() && !self.record_plan(claim, &fresh.holds).await? {
@@ -616,8 +693,19 @@ impl Allocator {
                 if wanted.is_empty() {
                     break;
                 }
+                let pins = own_locations(request, &outcomes);
                 let extra = match self
-                    .plan_lines(request, route, &wanted, &lived, claim.attempt, plan.len())
+                    .plan_lines(
+                        request,
+                        route,
+                        &wanted,
+                        Ids {
+                            lived: &lived,
+                            attempt: claim.attempt,
+                            first_index: plan.len(),
+                        },
+                        &pins,
+                    )
                     .await
                 {
                     Ok(extra) => extra,
@@ -629,7 +717,13 @@ impl Allocator {
                         break;
                     }
                 };
-                placeable.extend(extra.placeable);
+                // What a line could have: what it holds, and what the
+                // fresh read could place of the rest.
+                let held = held_by_line(&outcomes);
+                for (line, more) in extra.placeable {
+                    let got = held.get(&line).copied().unwrap_or(0);
+                    placeable.insert(line, i64::from(got) + more);
+                }
                 if extra.holds.is_empty() {
                     break;
                 }
@@ -764,8 +858,14 @@ impl Allocator {
             .enumerate()
             .map(|(index, line)| (index as u32, line.qty))
             .collect();
-        self.plan_lines(request, route, &wanted, lived, attempt, 0)
-            .await
+        self.plan_lines(
+            request,
+            route,
+            &wanted,
+            Ids::first(lived, attempt),
+            &HashMap::new(),
+        )
+        .await
     }
 
     /// The units to plan again after a round of holds: for each line still
@@ -820,6 +920,24 @@ impl Allocator {
         }
         wanted
     }
+}
+
+/// Where each line that is not split and allows substitutes holds its own
+/// SKU so far: a replan of it places its own SKU there only.
+fn own_locations(request: &CartRequest, outcomes: &[Outcome]) -> HashMap<u32, String> {
+    let mut pins = HashMap::new();
+    for outcome in outcomes {
+        if let Outcome::Held(line) = outcome
+            && line.substitute_for.is_none()
+            && let Some(index) = line.line
+        {
+            let asked = &request.lines[index as usize];
+            if asked.substitutes && !asked.allow_split {
+                pins.insert(index, line.location.clone());
+            }
+        }
+    }
+    pins
 }
 
 /// Whether `plan` places every unit of every line placed from a read (one
@@ -896,4 +1014,153 @@ fn short_lines(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::substitutes::Substitute;
+
+    fn at(location: &str, available: i64, priority: i64) -> Candidate {
+        Candidate {
+            location: location.to_owned(),
+            available,
+            priority,
+            ship_from: true,
+        }
+    }
+
+    fn substitute(sku: &str, units: u32, replaces: u32) -> Substitute {
+        Substitute {
+            sku: sku.to_owned(),
+            units,
+            replaces,
+        }
+    }
+
+    fn shown(fill: &Fill) -> Vec<(String, String, u32, bool, u32)> {
+        fill.holds
+            .iter()
+            .map(|hold| {
+                (
+                    hold.sku.clone(),
+                    hold.location.clone(),
+                    hold.qty,
+                    hold.substitute,
+                    hold.stands_for,
+                )
+            })
+            .collect()
+    }
+
+    fn line(sku: &str) -> crate::CartLine {
+        crate::CartLine {
+            substitutes: true,
+            ..crate::CartLine::anywhere(sku, 1)
+        }
+    }
+
+    /// A substitute is held where it gives the most whole groups, not
+    /// where the rules would put its raw units (a location with stock but
+    /// less than one group gives none).
+    #[test]
+    fn a_substitute_goes_where_it_gives_whole_groups() {
+        let candidates: HashMap<&str, Vec<Candidate>> = HashMap::from([
+            ("own", vec![]),
+            ("single", vec![at("dc2", 5, 10), at("dc1", 6, 0)]),
+            ("half", vec![at("dc1", 1, 0)]),
+        ]);
+        let fill = fill_line(
+            &line("own"),
+            2,
+            false,
+            None,
+            &candidates,
+            &[substitute("single", 6, 1), substitute("half", 1, 1)],
+        );
+        assert_eq!(
+            shown(&fill),
+            vec![
+                ("single".to_owned(), "dc1".to_owned(), 6, true, 1),
+                ("half".to_owned(), "dc1".to_owned(), 1, true, 1),
+            ]
+        );
+        assert_eq!(fill.filled, 2);
+    }
+
+    /// An exact fill that taking the most of the first substitute would
+    /// miss is found; none at all leaves the line short (nothing held
+    /// unless partial).
+    #[test]
+    fn the_fill_is_exact_or_nothing() {
+        let candidates: HashMap<&str, Vec<Candidate>> = HashMap::from([
+            ("own", vec![]),
+            ("pair", vec![at("dc1", 5, 0)]),
+            ("triple", vec![at("dc1", 5, 0)]),
+        ]);
+        let subs = [substitute("pair", 1, 2), substitute("triple", 1, 3)];
+        let fill = fill_line(&line("own"), 3, false, None, &candidates, &subs);
+        assert_eq!(
+            shown(&fill),
+            vec![("triple".to_owned(), "dc1".to_owned(), 1, true, 3)]
+        );
+        let only_pairs = [substitute("pair", 1, 2)];
+        let fill = fill_line(&line("own"), 3, false, None, &candidates, &only_pairs);
+        assert!(fill.holds.is_empty());
+        assert_eq!(fill.filled, 2, "what could be made up is reported");
+        let fill = fill_line(&line("own"), 3, true, None, &candidates, &only_pairs);
+        assert_eq!(
+            shown(&fill),
+            vec![("pair".to_owned(), "dc1".to_owned(), 1, true, 2)]
+        );
+    }
+
+    /// A line that is not split and already holds its own SKU somewhere
+    /// takes no more of it elsewhere on a replan.
+    #[test]
+    fn a_pinned_line_takes_its_own_sku_only_where_it_holds() {
+        let candidates: HashMap<&str, Vec<Candidate>> = HashMap::from([
+            ("own", vec![at("dc1", 0, 0), at("dc2", 10, 0)]),
+            ("pair", vec![at("dc1", 5, 0)]),
+        ]);
+        let fill = fill_line(
+            &line("own"),
+            4,
+            false,
+            Some("dc1"),
+            &candidates,
+            &[substitute("pair", 1, 2)],
+        );
+        assert_eq!(
+            shown(&fill),
+            vec![("pair".to_owned(), "dc1".to_owned(), 2, true, 4)]
+        );
+    }
+
+    /// A substitute hold never asks more than one hold may.
+    #[test]
+    fn a_substitute_hold_stays_within_the_units_one_hold_may_ask() {
+        let candidates: HashMap<&str, Vec<Candidate>> = HashMap::from([
+            ("own", vec![]),
+            ("crate", vec![at("dc1", 2_000_000_000, 0)]),
+        ]);
+        let fill = fill_line(
+            &crate::CartLine {
+                substitutes: true,
+                ..crate::CartLine::anywhere("own", 1_000_000)
+            },
+            1_000_000,
+            true,
+            None,
+            &candidates,
+            &[substitute("crate", 1000, 1)],
+        );
+        assert!(
+            fill.holds
+                .iter()
+                .all(|hold| hold.qty <= crate::limits::QTY_MAX),
+            "{:?}",
+            shown(&fill)
+        );
+    }
 }

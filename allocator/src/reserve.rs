@@ -268,11 +268,28 @@ pub(crate) struct Claim {
     /// The holds the current attempt of a request of several makes (JSON
     /// text, `crate::allocate`), recorded before any of them.
     pub(crate) plan: Option<String>,
+    /// Whether the claim was made for a request of several holds (claims
+    /// made before plans were recorded are not).
+    pub(crate) planned: bool,
+    /// The plan of the last attempt abandoned (its holds released, unless
+    /// the caller that abandoned it died first).
+    pub(crate) abandoned: Option<String>,
 }
 
 enum Opened {
     Claimed(Claim),
     Done(Stored),
+}
+
+/// What a claim made now records besides the request's fingerprint and
+/// life: where a one-line request holds, or a request of several holds'
+/// first plan.
+#[derive(Default)]
+struct Proposal<'a> {
+    placement: Option<(CellRef, String)>,
+    plan: Option<&'a str>,
+    /// A request of several holds (its claim is marked so).
+    planned: bool,
 }
 
 /// How a caller opens a claim.
@@ -360,10 +377,14 @@ impl Allocator {
         digest: &str,
         fingerprint: &str,
         life: &str,
-        placement: Option<(CellRef, String)>,
-        plan: Option<&str>,
+        proposal: Proposal<'_>,
         mode: OpenMode,
     ) -> Result<Opened> {
+        let Proposal {
+            placement,
+            plan,
+            planned,
+        } = proposal;
         let partition = self.claim_partition(digest);
         let started = Instant::now();
         loop {
@@ -381,6 +402,9 @@ impl Allocator {
             }
             if let Some(plan) = plan {
                 args["plan"] = json!(plan);
+            }
+            if planned {
+                args["planned"] = json!(true);
             }
             let reply = self.call(Op::Claim, partition, args).await?;
             match reply["status"].as_str() {
@@ -413,6 +437,8 @@ impl Allocator {
                         life: reply["life"].as_str().unwrap_or_default().to_owned(),
                         placement,
                         plan: reply["plan"].as_str().map(str::to_owned),
+                        planned: reply["planned"] == json!(true),
+                        abandoned: reply["abandoned"].as_str().map(str::to_owned),
                     }));
                 }
                 Some("done") => return Ok(Opened::Done(stored(&reply)?)),
@@ -630,13 +656,18 @@ impl Allocator {
                             &digest,
                             &fingerprint,
                             &life,
-                            None,
-                            None,
+                            Proposal {
+                                planned: true,
+                                ..Proposal::default()
+                            },
                             OpenMode::Existing,
                         ))
                         .await
                         {
                             Ok(opened) => opened_already = Some(opened),
+                            Err(reused @ AllocatorError::IdempotencyKeyReused) => {
+                                return Err(reused);
+                            }
                             Err(_) => return Err(error),
                         }
                         None
@@ -659,8 +690,11 @@ impl Allocator {
                     &digest,
                     &fingerprint,
                     &life,
-                    placement,
-                    plan_text.as_deref(),
+                    Proposal {
+                        placement,
+                        plan: plan_text.as_deref(),
+                        planned: single.is_none(),
+                    },
                     mode,
                 )
                 .await
@@ -741,8 +775,7 @@ impl Allocator {
                 &digest,
                 &fingerprint,
                 &life,
-                None,
-                None,
+                Proposal::default(),
                 OpenMode::Reopen,
             ))
             .await?
@@ -1335,14 +1368,35 @@ impl Reserver {
     /// Holds `request` (one line or a cart), idempotent on its key on every
     /// node.
     pub async fn reserve(&self, request: &CartRequest) -> Result<CartHold> {
+        // The SKUs a line may hold besides its own (its substitutes): a
+        // sale on one of them applies as on the line's own SKU.
+        let mut substituted: Vec<&str> = request
+            .lines
+            .iter()
+            .filter(|line| line.substitutes)
+            .map(|line| line.sku.as_str())
+            .collect();
+        substituted.sort_unstable();
+        substituted.dedup();
+        let substitutes: Vec<String> = if substituted.is_empty() || !self.any_sale() {
+            Vec::new()
+        } else {
+            self.allocator
+                .substitutes_of(&request.merchant, &substituted)
+                .await?
+                .into_values()
+                .flatten()
+                .map(|substitute| substitute.sku)
+                .collect()
+        };
         // A throttled key's attempt takes a token first: a refusal has
         // claimed and held nothing.
-        let throttles = self.throttles_of(request);
+        let throttles = on_lines(&self.throttles, request, &substitutes, |_| true);
         for throttle in &throttles {
             throttle.admit(&self.allocator).await?;
         }
-        let limits = self.customer_limits_of(request);
-        let hot = on_lines(&self.hot, request, |_| true);
+        let limits = self.customer_limits_of(request, &substitutes);
+        let hot = on_lines(&self.hot, request, &substitutes, |_| true);
         let locations = self.location_defaults();
         let route = Route {
             hot: hot.iter().map(|hot| &**hot).collect(),
@@ -1373,9 +1427,36 @@ impl Reserver {
             .collect()
     }
 
-    /// The customer limits in force now on `request`'s keys.
-    fn customer_limits_of(&self, request: &CartRequest) -> Vec<Arc<CustomerLimit>> {
-        on_lines(&self.customer_limits, request, |limit| {
+    /// Whether any sale (buckets, throttle or customer limit) is known
+    /// here.
+    fn any_sale(&self) -> bool {
+        let known = |empty: bool| !empty;
+        known(
+            self.hot
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_empty(),
+        ) || known(
+            self.throttles
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_empty(),
+        ) || known(
+            self.customer_limits
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_empty(),
+        )
+    }
+
+    /// The customer limits in force now on `request`'s keys (and every
+    /// location of `also`, SKUs its lines may hold as substitutes).
+    fn customer_limits_of(
+        &self,
+        request: &CartRequest,
+        also: &[String],
+    ) -> Vec<Arc<CustomerLimit>> {
+        on_lines(&self.customer_limits, request, also, |limit| {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |since| since.as_millis() as u64);
@@ -1394,11 +1475,6 @@ impl Reserver {
             .into_iter()
             .map(|limit| (limit.key.clone(), Arc::new(limit)))
             .collect();
-    }
-
-    /// The throttles on `request`'s keys.
-    fn throttles_of(&self, request: &CartRequest) -> Vec<Arc<Throttle>> {
-        on_lines(&self.throttles, request, |_| true)
     }
 
     /// Puts in force exactly these throttles, `(sale, key, attempts per
@@ -1468,11 +1544,15 @@ impl Reserver {
 
 /// What `by_key` (a sale's throttle, limits or buckets, by stock key)
 /// holds for `request`'s lines and `keep` accepts (for a line without a
-/// location, every location of its SKU); nothing is built for a request
-/// when no sale has any (the common case).
+/// location, every location of its SKU, and every location of each SKU in
+/// `also`, the substitutes its lines may hold: where a hold lands is
+/// decided later, so it is throttled, and needs a `customer_ref`, as if it
+/// might land at any sale's key of those SKUs); nothing is built for a
+/// request when no sale has any (the common case).
 fn on_lines<T>(
     by_key: &RwLock<HashMap<StockKey, Arc<T>>>,
     request: &CartRequest,
+    also: &[String],
     keep: impl Fn(&T) -> bool,
 ) -> Vec<Arc<T>> {
     let by_key = by_key
@@ -1500,6 +1580,19 @@ fn on_lines<T>(
             ),
         }
     }
+    for sku in also {
+        found.extend(
+            by_key
+                .iter()
+                .filter(|(key, value)| {
+                    key.merchant == request.merchant && key.sku == *sku && keep(value)
+                })
+                .map(|(_, value)| Arc::clone(value)),
+        );
+    }
+    // One sale's throttle or limit counts once, however many lines reach it.
+    found.sort_by_key(|value| Arc::as_ptr(value) as *const () as usize);
+    found.dedup_by(|a, b| Arc::ptr_eq(a, b));
     found
 }
 

@@ -5,20 +5,20 @@
 //! [`keys::substitutes_key`]: SKU → its substitutes in order of
 //! preference) and the fill rule, a pure function of what a read placed.
 //! Where each hold lands is [`crate::placement`]'s; holding is
-//! [`crate::allocate`]'s.
+//! `crate::allocate`'s.
 //!
 //! **The fill.** A line that allows substitutes holds what it can of its
 //! own SKU (by the placement rules, as a partial line would), and fills the
-//! rest with whole *groups* of its substitutes in order: a group is `units`
-//! of the substitute standing in for `replaces` units of the original, and
-//! each substitute takes as many groups as the rest needs and one location
-//! can give (a substitute's groups are never split across locations). The
-//! fill must be exact: if the rest is not made up exactly (a group too
-//! large for what is left, or not enough of any substitute), the line is
-//! short, as without substitutes, and holds no substitute; a partial
-//! reservation keeps what was filled. Greedy in the merchant's order,
-//! by design: an earlier substitute is preferred even when a later one
-//! would fill more exactly.
+//! rest with whole *groups* of its substitutes: a group is `units` of the
+//! substitute standing in for `replaces` units of the original. Each
+//! substitute is held at one location (its groups are never split): by the
+//! placement rules, the first that gives the most groups the rest needs.
+//! The fill must be exact: among the exact ones, the one that takes the
+//! most groups of the earliest substitute, then of the next (the
+//! merchant's order), found by a search bounded at [`FILL_SEARCH_MAX`]
+//! choices. If no exact fill is found the line is short, as without
+//! substitutes, and holds no substitute; a partial reservation keeps its
+//! own units and as many groups as fit, in order.
 
 use std::collections::HashMap;
 
@@ -44,15 +44,64 @@ pub struct Substitute {
     pub replaces: u32,
 }
 
-/// How many groups of `substitute` fill `rest` units of the original, given
-/// `placeable` units of it at one location: `(groups, units of the original
-/// they stand for)`.
-pub fn groups(substitute: &Substitute, rest: u32, placeable: u32) -> (u32, u32) {
-    if substitute.units == 0 || substitute.replaces == 0 {
-        return (0, 0);
+/// Most choices [`exact_fill`] tries before it gives up.
+pub const FILL_SEARCH_MAX: usize = 10_000;
+
+/// Groups of each substitute that make up `rest` exactly, given each one's
+/// `(most groups it can give, units of the original one group stands
+/// for)`, in the merchant's order: the fill that takes the most of the
+/// earliest substitutes (then of the next, ...) among exact ones, found by
+/// trying counts from the most down; `None` when none is exact (or none
+/// was found in [`FILL_SEARCH_MAX`] tries).
+pub fn exact_fill(rest: u32, options: &[(u32, u32)]) -> Option<Vec<u32>> {
+    fn search(
+        rest: u32,
+        options: &[(u32, u32)],
+        chosen: &mut Vec<u32>,
+        budget: &mut usize,
+    ) -> bool {
+        let Some(((most, replaces), later)) = options.split_first() else {
+            return rest == 0;
+        };
+        let most = if *replaces == 0 {
+            0
+        } else {
+            (*most).min(rest / replaces)
+        };
+        for groups in (0..=most).rev() {
+            if *budget == 0 {
+                return false;
+            }
+            *budget -= 1;
+            chosen.push(groups);
+            if search(rest - groups * replaces, later, chosen, budget) {
+                return true;
+            }
+            chosen.pop();
+        }
+        false
     }
-    let groups = (rest / substitute.replaces).min(placeable / substitute.units);
-    (groups, groups * substitute.replaces)
+    let mut chosen = Vec::with_capacity(options.len());
+    let mut budget = FILL_SEARCH_MAX;
+    search(rest, options, &mut chosen, &mut budget).then_some(chosen)
+}
+
+/// The fill that takes as many groups as fit of each substitute in order
+/// (what a partial line keeps when no fill is exact).
+pub fn greedy_fill(rest: u32, options: &[(u32, u32)]) -> Vec<u32> {
+    let mut rest = rest;
+    options
+        .iter()
+        .map(|(most, replaces)| {
+            let groups = if *replaces == 0 {
+                0
+            } else {
+                (*most).min(rest / replaces)
+            };
+            rest -= groups * replaces;
+            groups
+        })
+        .collect()
 }
 
 impl crate::Allocator {
@@ -148,28 +197,29 @@ impl crate::Allocator {
 mod tests {
     use super::*;
 
-    fn twelve() -> Substitute {
-        Substitute {
-            sku: "twelve-pack".to_owned(),
-            units: 1,
-            replaces: 2,
-        }
+    #[test]
+    fn an_exact_fill_takes_the_most_of_the_earliest_substitutes() {
+        // (most groups, replaces): pairs, then singles.
+        assert_eq!(exact_fill(5, &[(10, 2), (10, 1)]), Some(vec![2, 1]));
+        // Greedy would take one pair and be stuck at 1 of triples; the
+        // exact fill takes no pair.
+        assert_eq!(exact_fill(3, &[(5, 2), (5, 3)]), Some(vec![0, 1]));
+        assert_eq!(greedy_fill(3, &[(5, 2), (5, 3)]), vec![1, 0]);
+        // Bounded by what each can give.
+        assert_eq!(exact_fill(6, &[(1, 2), (10, 1)]), Some(vec![1, 4]));
+        // No exact fill: a group larger than the rest, or too few.
+        assert_eq!(exact_fill(1, &[(10, 2)]), None);
+        assert_eq!(exact_fill(4, &[(1, 2)]), None);
+        assert_eq!(greedy_fill(4, &[(1, 2)]), vec![1]);
+        // Nothing to fill.
+        assert_eq!(exact_fill(0, &[(3, 2)]), Some(vec![0]));
     }
 
     #[test]
-    fn groups_are_whole_and_bounded_by_the_rest_and_the_shelf() {
-        // 5 six-packs short: two twelve-packs stand for 4, 1 is left.
-        assert_eq!(groups(&twelve(), 5, 10), (2, 4));
-        // Only one twelve-pack there.
-        assert_eq!(groups(&twelve(), 4, 1), (1, 2));
-        // A group larger than the rest fills nothing.
-        assert_eq!(groups(&twelve(), 1, 10), (0, 0));
-        let three_for_two = Substitute {
-            sku: "three-pack".to_owned(),
-            units: 3,
-            replaces: 2,
-        };
-        // 8 units of three-pack make 2 groups (6 units) for 4 originals.
-        assert_eq!(groups(&three_for_two, 6, 8), (2, 4));
+    fn the_search_is_bounded() {
+        // Ten substitutes of a million groups each, none able to end the
+        // rest exactly: the search stops at its budget.
+        let options = vec![(1_000_000, 2); 10];
+        assert_eq!(exact_fill(1_000_001, &options), None);
     }
 }

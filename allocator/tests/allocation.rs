@@ -782,3 +782,43 @@ async fn substitutes_fill_whole_groups_in_order_and_never_less_than_asked() {
         None
     );
 }
+
+/// Lines that name their location are planned first: a substitute never
+/// takes the units another line of the cart names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_substitute_leaves_what_a_named_line_of_the_cart_takes() {
+    use allocator::substitutes::Substitute;
+    let allocator = allocator_for("alloc-node").await;
+    let merchant = testkit::unique_id("subs");
+    for (sku, units) in [("a", 0), ("b", 2), ("c", 2)] {
+        stock(&allocator, &StockKey::new(&merchant, sku, "dc1"), units).await;
+    }
+    let one_for_one = |sku: &str| Substitute {
+        sku: sku.to_owned(),
+        units: 1,
+        replaces: 1,
+    };
+    allocator
+        .set_substitutes(&merchant, "a", &[one_for_one("b"), one_for_one("c")])
+        .await
+        .expect("set");
+    let cart = request(
+        &merchant,
+        vec![
+            CartLine {
+                substitutes: true,
+                ..CartLine::at("a", "dc1", 2)
+            },
+            CartLine::at("b", "dc1", 2),
+        ],
+        false,
+    );
+    let hold = allocator.reserve_cart(&cart).await.expect("held");
+    let held: Vec<(String, u32)> = hold
+        .cart
+        .lines
+        .iter()
+        .map(|hold| (hold.sku.clone(), hold.qty))
+        .collect();
+    assert_eq!(held, vec![("c".to_owned(), 2), ("b".to_owned(), 2)]);
+}

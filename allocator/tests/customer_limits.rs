@@ -676,3 +676,54 @@ async fn an_allowance_of_a_sale_with_no_end_is_kept_a_month_past_its_last_use() 
         "{score} vs now {now_ms}"
     );
 }
+
+/// A flash sale's limit on a SKU applies when it is held as a substitute
+/// for another: without a customer the request is refused, and a customer
+/// gets no more than the limit through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_sku_held_as_a_substitute_is_limited_too() {
+    let limit = limit(Some(1), None);
+    let nodes = fleet(&limit).await;
+    let key = &limit.key;
+    common::stock(nodes[0].allocator(), key, 50).await;
+    let short = StockKey::new(&key.merchant, testkit::unique_id("short"), "dc1");
+    common::stock(nodes[0].allocator(), &short, 0).await;
+    nodes[0]
+        .allocator()
+        .set_substitutes(
+            &short.merchant,
+            &short.sku,
+            &[allocator::substitutes::Substitute {
+                sku: key.sku.clone(),
+                units: 1,
+                replaces: 1,
+            }],
+        )
+        .await
+        .expect("substitutes");
+    let line = |qty| CartLine {
+        substitutes: true,
+        ..CartLine::at(&short.sku, &short.location, qty)
+    };
+    let mut asked = request(&short, 5, None, None);
+    asked.lines = vec![line(5)];
+    let refused = nodes[0].reserve(&asked).await;
+    assert!(
+        matches!(&refused, Err(AllocatorError::InvalidRequest(reason)) if reason.contains("customer_ref")),
+        "{refused:?}"
+    );
+    let mut asked = request(&short, 5, Some("buyer-1"), None);
+    asked.lines = vec![line(5)];
+    let limited = nodes[1].reserve(&asked).await;
+    assert!(
+        matches!(limited, Err(AllocatorError::CustomerLimit { .. })),
+        "{limited:?}"
+    );
+    let mut asked = request(&short, 1, Some("buyer-1"), None);
+    asked.lines = vec![line(1)];
+    let held = nodes[0].reserve(&asked).await.expect("within the limit");
+    assert_eq!(
+        held.cart.lines[0].substitute_for.as_deref(),
+        Some(short.sku.as_str())
+    );
+}

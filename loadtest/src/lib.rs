@@ -216,26 +216,28 @@ pub struct Summary {
     pub check: StockCheck,
 }
 
-/// Availability of one key as the gateway answers it.
+/// Availability of one stock key (a SKU at a location) as the gateway
+/// answers it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeyLevels {
-    /// Σ on_hand over the key's locations (pool and buckets).
+    /// on_hand (pool and buckets).
     pub on_hand: i64,
     /// What the gateway says can be sold.
     pub available: i64,
 }
 
-/// Reads `sku`'s levels over every location it has (a reservation that
-/// names no location may hold at any). Reads may be served from the
-/// node's cache, so a caller comparing before and after waits out the
-/// cache TTL first.
+/// Reads `sku`'s levels at every location it has, by location (a
+/// reservation that names no location may hold at any; each location is
+/// checked on its own, so units oversold at one are never hidden by units
+/// left at another). Reads may be served from the node's cache, so a
+/// caller comparing before and after waits out the cache TTL first.
 pub async fn key_levels(
     client: &reqwest::Client,
     host: &str,
     api_key: &str,
     merchant: &str,
     sku: &str,
-) -> anyhow::Result<KeyLevels> {
+) -> anyhow::Result<std::collections::HashMap<String, KeyLevels>> {
     let response = client
         .get(format!("{host}/v1/availability/{merchant}/{sku}"))
         .bearer_auth(api_key)
@@ -247,16 +249,20 @@ pub async fn key_levels(
         response.status()
     );
     let body: serde_json::Value = response.json().await?;
-    let on_hand = body["locations"]
+    Ok(body["locations"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|line| line["on_hand"].as_i64())
-        .sum();
-    Ok(KeyLevels {
-        on_hand,
-        available: body["available"].as_i64().unwrap_or_default(),
-    })
+        .filter_map(|line| {
+            Some((
+                line["location"].as_str()?.to_owned(),
+                KeyLevels {
+                    on_hand: line["on_hand"].as_i64()?,
+                    available: line["available"].as_i64()?,
+                },
+            ))
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ struct Shared {
     catalog: Catalog,
     outcomes: Outcomes,
     /// Units sold and added per SKU, for the end-of-run check.
-    moved: Mutex<HashMap<String, (i64, i64)>>,
+    moved: Mutex<HashMap<(String, String), (i64, i64)>>,
     producer: Option<FutureProducer>,
     /// Makes idempotency keys and event ids unique per run.
     run_id: u64,
@@ -146,14 +146,20 @@ impl Shared {
         format!("lt-{kind}-{}-{user}-{n}", self.run_id)
     }
 
-    fn sold(&self, sku: &str, units: i64) {
+    fn sold(&self, sku: &str, location: &str, units: i64) {
         let mut moved = self.moved.lock().expect("not poisoned");
-        moved.entry(sku.to_owned()).or_default().0 += units;
+        moved
+            .entry((sku.to_owned(), location.to_owned()))
+            .or_default()
+            .0 += units;
     }
 
-    fn added(&self, sku: &str, units: i64) {
+    fn added(&self, sku: &str, location: &str, units: i64) {
         let mut moved = self.moved.lock().expect("not poisoned");
-        moved.entry(sku.to_owned()).or_default().1 += units;
+        moved
+            .entry((sku.to_owned(), location.to_owned()))
+            .or_default()
+            .1 += units;
     }
 }
 
@@ -357,12 +363,17 @@ async fn reserve(
                     send(user, GooseMethod::Post, &path, "commit", None, Some(key)).await?;
                 if status == 200 {
                     Outcomes::count(&shared.outcomes.committed);
-                    for (sku, qty) in lines {
-                        shared.sold(sku, *qty as i64);
-                        shared
-                            .outcomes
-                            .sold_units
-                            .fetch_add(*qty, Ordering::Relaxed);
+                    // Sold where each hold was placed.
+                    for hold in reply["lines"].as_array().into_iter().flatten() {
+                        let (Some(sku), Some(location), Some(qty)) = (
+                            hold["sku"].as_str(),
+                            hold["location"].as_str(),
+                            hold["qty"].as_u64(),
+                        ) else {
+                            continue;
+                        };
+                        shared.sold(sku, location, qty as i64);
+                        shared.outcomes.sold_units.fetch_add(qty, Ordering::Relaxed);
                     }
                 }
             } else if roll < commit_share + release_share {
@@ -475,7 +486,7 @@ async fn ingest(user: &mut GooseUser) -> TransactionResult {
         match producer.send(record, Duration::from_secs(5)).await {
             Ok(_) => {
                 Outcomes::count(&shared.outcomes.adjustments_kafka);
-                shared.added(&sku, 1);
+                shared.added(&sku, &shared.common.location, 1);
             }
             Err(_) => Outcomes::count(&shared.outcomes.unexpected),
         }
@@ -492,7 +503,7 @@ async fn ingest(user: &mut GooseUser) -> TransactionResult {
     .await?;
     if status == 200 && reply["applied"] == json!(true) {
         Outcomes::count(&shared.outcomes.adjustments_http);
-        shared.added(&sku, 1);
+        shared.added(&sku, &shared.common.location, 1);
     }
     Ok(())
 }
@@ -535,7 +546,7 @@ async fn levels_of(
     common: &Common,
     host: &str,
     skus: &[String],
-) -> anyhow::Result<HashMap<String, KeyLevels>> {
+) -> anyhow::Result<HashMap<(String, String), KeyLevels>> {
     let mut levels = HashMap::new();
     for chunk in skus.chunks(32) {
         let mut reads = tokio::task::JoinSet::new();
@@ -549,7 +560,9 @@ async fn levels_of(
         }
         while let Some(joined) = reads.join_next().await {
             let (sku, read) = joined?;
-            levels.insert(sku, read?);
+            for (location, at) in read? {
+                levels.insert((sku.clone(), location), at);
+            }
         }
     }
     Ok(levels)
@@ -731,10 +744,18 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         tokio::time::sleep(Duration::from_secs(if attempt == 0 { 3 } else { 2 })).await;
         let after = levels_of(&client, &common, &hosts[0], &checked).await?;
         let (mut oversold, mut unaccounted) = (0, 0);
-        for sku in &checked {
-            let (sold, added) = moved.get(sku).copied().unwrap_or_default();
-            let start = before.get(sku).copied().unwrap_or_default();
-            let end = after.get(sku).copied().unwrap_or_default();
+        // Every stock key seen or moved: each location on its own.
+        let mut keys: Vec<&(String, String)> = before
+            .keys()
+            .chain(after.keys())
+            .chain(moved.keys())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            let (sold, added) = moved.get(key).copied().unwrap_or_default();
+            let start = before.get(key).copied().unwrap_or_default();
+            let end = after.get(key).copied().unwrap_or_default();
             oversold += (sold - start.available.max(0) - added).max(0);
             unaccounted += start.on_hand + added - sold - end.on_hand;
         }
