@@ -322,30 +322,6 @@ fn hold_id(lived: &str, attempt: u64, index: usize, partition: u32) -> String {
 }
 
 impl Allocator {
-    /// The first attempt's plan, made before the request's claim (ids of
-    /// attempt 0 of the life `lived`).
-    pub(crate) async fn first_plan(
-        &self,
-        request: &CartRequest,
-        route: &Route<'_>,
-        lived: &str,
-    ) -> Result<Planned> {
-        let wanted: Vec<(u32, u32)> = request
-            .lines
-            .iter()
-            .enumerate()
-            .map(|(index, line)| (index as u32, line.qty))
-            .collect();
-        self.plan_lines(
-            request,
-            route,
-            &wanted,
-            Ids::first(lived, 0),
-            &HashMap::new(),
-        )
-        .await
-    }
-
     /// Plans `wanted` (request line, units) as holds `first_index..` of
     /// `attempt`, from one read of the SKUs of the lines without a location.
     async fn plan_lines(
@@ -844,8 +820,9 @@ impl Allocator {
         ))
     }
 
-    /// A plan of every line of `request` for `attempt`.
-    async fn plan_all(
+    /// A plan of every line of `request` for `attempt` (the first, made
+    /// before the request's claim, is attempt 0's).
+    pub(crate) async fn plan_all(
         &self,
         request: &CartRequest,
         route: &Route<'_>,

@@ -649,7 +649,7 @@ impl Allocator {
         let plan = match single {
             Some(_) => None,
             None => {
-                match Box::pin(self.first_plan(request, &route, &lived(&digest, &life))).await {
+                match Box::pin(self.plan_all(request, &route, &lived(&digest, &life), 0)).await {
                     Ok(plan) => Some(plan),
                     Err(error) => {
                         match Box::pin(self.open_claim(

@@ -77,6 +77,13 @@ async fn reserved(allocator: &Allocator, merchant: &str, sku: &str) -> BTreeMap<
         .collect()
 }
 
+async fn release(allocator: &Allocator, merchant: &str, id: &str) {
+    allocator
+        .release_cart(Some(merchant), id, &testkit::unique_id("r"))
+        .await
+        .expect("release");
+}
+
 async fn place_one(
     allocator: &Allocator,
     merchant: &str,
@@ -87,14 +94,7 @@ async fn place_one(
         .await
         .expect("held");
     let placed = holds(&hold.cart);
-    allocator
-        .release_cart(
-            Some(merchant),
-            &hold.cart.reservation_id,
-            &testkit::unique_id("r"),
-        )
-        .await
-        .expect("release");
+    release(allocator, merchant, &hold.cart.reservation_id).await;
     placed
 }
 
@@ -311,14 +311,7 @@ async fn partial_holds_what_can_be_held_and_refuses_only_when_nothing_can() {
         "{refused:?}"
     );
     // Release returns every hold.
-    allocator
-        .release_cart(
-            Some(&merchant),
-            &hold.cart.reservation_id,
-            &testkit::unique_id("r"),
-        )
-        .await
-        .expect("release");
+    release(&allocator, &merchant, &hold.cart.reservation_id).await;
     assert_eq!(
         reserved(&allocator, &merchant, &sku).await,
         BTreeMap::from([("dc1".to_owned(), 0), ("dc2".to_owned(), 4)])
@@ -434,13 +427,7 @@ async fn a_flash_sale_location_is_chosen_by_its_buckets_and_held_in_them() {
         .expect("view");
     let in_buckets: i64 = view.buckets.iter().map(|(_, bucket)| bucket.reserved).sum();
     assert_eq!(in_buckets, 12, "held in the buckets: {view:?}");
-    node.release_cart(
-        Some(&merchant),
-        &hold.cart.reservation_id,
-        &testkit::unique_id("r"),
-    )
-    .await
-    .expect("release");
+    release(&node, &merchant, &hold.cart.reservation_id).await;
     assert_eq!(
         reserved(&node, &merchant, &sku).await,
         BTreeMap::from([("dc1".to_owned(), 0), ("dc2".to_owned(), 0)])
