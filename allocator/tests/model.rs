@@ -42,10 +42,14 @@ use proptest::prelude::*;
 const NODES: [&str; 2] = ["node-a", "node-b"];
 const SHORT_TTL: Duration = Duration::from_secs(1);
 /// Key 0 is the flash-sale key, key 1 an ordinary one: one SKU at two
-/// locations (in location order).
+/// locations (in location order). Key 2 is another SKU at dc1 that may
+/// stand in for it: one pack for two tees.
 const HOT: usize = 0;
 const SKU: &str = "tee";
-const LOCATIONS: [&str; 2] = ["dc1", "dc2"];
+const PACK: usize = 2;
+const KEYS: [(&str, &str); 3] = [("tee", "dc1"), ("tee", "dc2"), ("pack", "dc1")];
+/// Units of tee one pack stands for.
+const PACK_REPLACES: i64 = 2;
 
 #[derive(Debug, Clone)]
 enum Step {
@@ -73,6 +77,8 @@ enum Step {
         qty: u32,
         split: bool,
         partial: bool,
+        /// Packs may fill what tees cannot.
+        substitutes: bool,
     },
     Commit {
         pick: usize,
@@ -107,15 +113,17 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0..2usize, -8..12i64)
+        3 => (0..3usize, -8..12i64)
             .prop_filter("a delta moves units", |(_, delta)| *delta != 0)
             .prop_map(|(key, delta)| Step::Adjust { key, delta }),
-        2 => (0..2usize, 0..20i64).prop_map(|(key, qty)| Step::Count { key, qty }),
-        1 => (0..2usize, 0..4u64).prop_map(|(key, units)| Step::Safety { key, units }),
-        6 => (0..2usize, 0..2usize, 1..5u32, any::<bool>())
+        2 => (0..3usize, 0..20i64).prop_map(|(key, qty)| Step::Count { key, qty }),
+        1 => (0..3usize, 0..4u64).prop_map(|(key, units)| Step::Safety { key, units }),
+        6 => (0..3usize, 0..2usize, 1..5u32, any::<bool>())
             .prop_map(|(key, node, qty, short)| Step::Reserve { key, node, qty, short }),
-        3 => (0..2usize, 1..9u32, any::<bool>(), any::<bool>())
-            .prop_map(|(node, qty, split, partial)| Step::ReserveAnywhere { node, qty, split, partial }),
+        3 => (0..2usize, 1..9u32, any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(node, qty, split, partial, substitutes)| Step::ReserveAnywhere {
+                node, qty, split, partial, substitutes,
+            }),
         2 => any::<usize>().prop_map(|pick| Step::Commit { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Release { pick }),
         1 => any::<usize>().prop_map(|pick| Step::Extend { pick }),
@@ -154,11 +162,11 @@ struct Promise {
 #[derive(Default)]
 struct Shelves {
     /// Units on the shelf; `None` until the key exists.
-    units: [Option<i64>; 2],
+    units: [Option<i64>; 3],
     /// Units never offered.
-    safety: [i64; 2],
+    safety: [i64; 3],
     promises: Vec<Promise>,
-    last_count_seq: [u64; 2],
+    last_count_seq: [u64; 3],
 }
 
 impl Shelves {
@@ -184,7 +192,7 @@ struct World {
     hot: [HotKey; 2],
     /// Redis time at the start of the case: its ledger entries come after.
     since_ms: u64,
-    keys: [StockKey; 2],
+    keys: [StockKey; 3],
     sale: FlashSale,
     /// The sale's activation epoch; a new one after the sale ends.
     epoch: u32,
@@ -327,7 +335,11 @@ impl World {
                 qty,
                 split,
                 partial,
-            } => self.reserve_anywhere(node, qty, split, partial).await?,
+                substitutes,
+            } => {
+                self.reserve_anywhere(node, qty, split, partial, substitutes)
+                    .await?
+            }
             Step::Commit { pick } | Step::Release { pick } | Step::Extend { pick } => {
                 if self.world.promises.is_empty() {
                     return Ok(());
@@ -518,11 +530,13 @@ impl World {
         qty: u32,
         split: bool,
         partial: bool,
+        substitutes: bool,
     ) -> Result<(), TestCaseError> {
         let request = CartRequest {
             merchant: self.keys[0].merchant.clone(),
             lines: vec![CartLine {
                 allow_split: split,
+                substitutes,
                 ..CartLine::anywhere(SKU, qty)
             }],
             ttl: None,
@@ -548,6 +562,9 @@ impl World {
                 .then(a.cmp(b))
         });
         let mut expected: Vec<(usize, i64)> = Vec::new();
+        // With substitutes, tees are taken as a partial line would take
+        // them, and whole packs (one for two tees) fill the rest exactly.
+        let partial_tees = partial || substitutes;
         if split {
             let mut left = wanted;
             for (key, free) in &order {
@@ -556,17 +573,33 @@ impl World {
                     left -= left.min(*free);
                 }
             }
-            if left > 0 && !partial {
+            if left > 0 && !partial_tees {
                 expected.clear();
             }
         } else if let Some((key, free)) = order.first() {
             if *free >= wanted {
                 expected.push((*key, wanted));
-            } else if partial {
+            } else if partial_tees {
                 expected.push((*key, *free));
             }
         }
-        let exists = self.world.units.iter().any(Option::is_some);
+        if substitutes {
+            let rest = wanted - expected.iter().map(|(_, units)| units).sum::<i64>();
+            let packs_free = if self.world.units[PACK].is_some() {
+                self.world.free(PACK).max(0)
+            } else {
+                0
+            };
+            let packs = (rest / PACK_REPLACES).min(packs_free);
+            if packs > 0 {
+                expected.push((PACK, packs));
+            }
+            if rest - packs * PACK_REPLACES > 0 && !partial {
+                expected.clear();
+            }
+        }
+        let exists = self.world.units[..2].iter().any(Option::is_some)
+            || (substitutes && self.world.units[PACK].is_some());
         match answer {
             Ok(hold) => {
                 let holds: Vec<(usize, i64)> = hold
@@ -574,10 +607,12 @@ impl World {
                     .lines
                     .iter()
                     .map(|line| {
-                        let key = LOCATIONS
+                        let key = KEYS
                             .iter()
-                            .position(|location| *location == line.location)
-                            .expect("a known location");
+                            .position(|(sku, location)| {
+                                *sku == line.sku && *location == line.location
+                            })
+                            .expect("a known key");
                         (key, i64::from(line.qty))
                     })
                     .collect();
@@ -591,7 +626,11 @@ impl World {
                     partial,
                     NODES[node],
                     self.world.units,
-                    [self.world.held(0), self.world.held(1)],
+                    [
+                        self.world.held(0),
+                        self.world.held(1),
+                        self.world.held(PACK)
+                    ],
                     self.world.safety
                 );
                 self.world.promises.push(Promise {
@@ -610,7 +649,11 @@ impl World {
                 "{qty} of {SKU} anywhere (split {split}, partial {partial}) on {}: {answer:?}, expected {expected:?}, shelves {:?} held {:?} safety {:?}",
                 NODES[node],
                 self.world.units,
-                [self.world.held(0), self.world.held(1)],
+                [
+                    self.world.held(0),
+                    self.world.held(1),
+                    self.world.held(PACK)
+                ],
                 self.world.safety
             ),
         }
@@ -763,7 +806,7 @@ async fn run_case(steps: Vec<Step>) -> Result<(), TestCaseError> {
             .map_err(fail)?,
     ];
     let merchant = testkit::unique_id("model");
-    let keys = LOCATIONS.map(|location| StockKey::new(&merchant, SKU, location));
+    let keys = KEYS.map(|(sku, location)| StockKey::new(&merchant, sku, location));
     let sale = FlashSale {
         name: testkit::unique_id("sale"),
         key: keys[HOT].clone(),
@@ -773,6 +816,18 @@ async fn run_case(steps: Vec<Step>) -> Result<(), TestCaseError> {
         refill_chunk_units_max: 10,
         buckets: Default::default(),
     };
+    allocator
+        .set_substitutes(
+            &merchant,
+            SKU,
+            &[allocator::substitutes::Substitute {
+                sku: KEYS[PACK].0.to_owned(),
+                units: 1,
+                replaces: PACK_REPLACES as u32,
+            }],
+        )
+        .await
+        .map_err(fail)?;
     let since_ms = allocator.redis_time_ms().await.map_err(fail)?;
     let hot = |_| HotKey::new(sale.clone(), "e1".to_owned());
     let mut world = World {
