@@ -348,32 +348,20 @@ impl World {
                 let promise = self.world.promises[index].clone();
                 let idempotency_key = self.fresh("op");
                 let (id, allocator) = (&promise.id, &self.allocator);
-                let answer = match (step, &promise.request) {
-                    (Step::Commit { .. }, Asked::One(_)) => allocator
-                        .commit(None, id, &idempotency_key)
-                        .await
-                        .map(|line| line.status),
-                    (Step::Release { .. }, Asked::One(_)) => allocator
-                        .release(None, id, &idempotency_key)
-                        .await
-                        .map(|line| line.status),
-                    (_, Asked::One(_)) => allocator
-                        .extend(None, id, Duration::from_secs(600))
-                        .await
-                        .map(|line| line.status),
-                    (Step::Commit { .. }, Asked::Placed(_)) => allocator
-                        .commit_cart(None, id, &idempotency_key)
-                        .await
-                        .map(|cart| cart.status),
-                    (Step::Release { .. }, Asked::Placed(_)) => allocator
-                        .release_cart(None, id, &idempotency_key)
-                        .await
-                        .map(|cart| cart.status),
-                    (_, Asked::Placed(_)) => allocator
-                        .extend_cart(None, id, Duration::from_secs(600))
-                        .await
-                        .map(|cart| cart.status),
-                };
+                // The API's forms, as the gateway calls them: one line or
+                // a reservation of several holds alike.
+                let answer = match step {
+                    Step::Commit { .. } => allocator.commit_cart(None, id, &idempotency_key).await,
+                    Step::Release { .. } => {
+                        allocator.release_cart(None, id, &idempotency_key).await
+                    }
+                    _ => {
+                        allocator
+                            .extend_cart(None, id, Duration::from_secs(600))
+                            .await
+                    }
+                }
+                .map(|shown| shown.status);
                 let expected = match (step, promise.status) {
                     (_, ReservationStatus::Held) => Ok(match step {
                         Step::Commit { .. } => ReservationStatus::Committed,

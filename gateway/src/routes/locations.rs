@@ -26,7 +26,8 @@ fn shown(merchant: &str, location: &str, settings: LocationSettings, from: &str)
     )
 }
 
-/// `PUT`: sets the location's settings (scope `admin`).
+/// `PUT`: sets the location's settings (scope `admin`; the allocator
+/// bounds the priority, a 400 past it).
 pub(crate) async fn put(
     app: &App,
     session: &mut Session,
@@ -38,12 +39,6 @@ pub(crate) async fn put(
     check_id("merchant", merchant)?;
     check_id("location", location)?;
     let body: LocationBody = parse_body(&body)?;
-    let max = allocator::placement::PRIORITY_MAX;
-    if !(-max..=max).contains(&body.priority) {
-        return Err(ApiError::BadRequest(format!(
-            "priority must be between -{max} and {max}"
-        )));
-    }
     caller.require_merchant(merchant)?;
     let settings = LocationSettings {
         priority: body.priority,
